@@ -29,7 +29,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2
-from huggingface_hub import HfApi, RepoFile, constants, hf_hub_download, snapshot_download
+from huggingface_hub import (
+    HfApi,
+    RepoFile,
+    constants,
+    get_hf_file_metadata,
+    hf_hub_download,
+    hf_hub_url,
+    snapshot_download,
+)
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -90,7 +98,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def fetch_lora(repo_id: str, filename: str, revision: str, local_dir: Path, force: bool) -> Path:
-    """Download `filename` to `<local_dir>/<filename>`; unchanged files (same ETag) are not transferred again."""
+    """Download `filename` to `<local_dir>/<filename>`; a file whose ETag is unchanged is not transferred again.
+
+    The Hub is asked about the file first: left to itself, hf_hub_download would quietly keep a local copy
+    when the Hub answers "no such repo" or "not authorized", and retry a dead network for half a minute.
+    Only when the Hub cannot be reached at all is an existing file used as it is.
+    """
+    target = local_dir / filename
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision))
+    except (OfflineModeIsEnabled, httpx2.TransportError):
+        if force or not target.is_file():
+            raise
+        print(f"download.py: cannot reach {constants.ENDPOINT}; using {target} without checking for updates",
+              file=sys.stderr)
+        return target
     return Path(hf_hub_download(repo_id, filename, revision=revision, local_dir=local_dir, force_download=force))
 
 
