@@ -11,7 +11,8 @@ The LoRA lands at `<local_dir>/<filename>`, which with the defaults is
 `./checkpoints/lora30k/pytorch_lora_weights.safetensors`, the path `generate.py` reads. After the download the
 file must parse as safetensors and hold LoRA weights for both the UNet and the text encoder; a file that does
 not is deleted, so nothing invalid stays where `generate.py` would read it. A second run only asks the Hub
-whether the file changed (by ETag) and transfers nothing; a dropped connection resumes where it stopped.
+whether the file changed (by ETag) and transfers nothing. A connection that drops mid-download is resumed with
+a Range request; a run that is killed leaves no partial file and the next one starts the file over.
 
 `--base_model` fetches only what `StableDiffusionPipeline.from_pretrained` loads -- `model_index.json`, each
 component's configs and tokenizer files, and its `.safetensors` weights -- into the Hugging Face cache
@@ -161,10 +162,17 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def human_size(size: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
 def print_lora_summary(path: Path, components: dict):
     size = path.stat().st_size
     print(f"LoRA      {path}")
-    print(f"size      {size / 2**20:.1f} MiB ({size:,} bytes)")
+    print(f"size      {human_size(size)} ({size:,} bytes)")
     print(f"sha256    {sha256_of(path)}")
     for name, (count, ranks) in components.items():
         print(f"{name:<13} {count} LoRA modules, rank {', '.join(map(str, ranks))}")
@@ -220,10 +228,10 @@ def explain(error: Exception, repo_id: str, filename: str, revision: str) -> str
     if isinstance(error, HfHubHTTPError) and error.response.status_code in (401, 403):
         return f"not authorized to download {repo_id} (HTTP {error.response.status_code}): {login}"
     if constants.is_offline_mode():
-        return f"{repo_id}/{filename} is not downloaded yet and HF_HUB_OFFLINE=1 forbids it: unset HF_HUB_OFFLINE"
+        return f"HF_HUB_OFFLINE=1 is set, so nothing can be fetched from {repo_id}: unset it to download"
     if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError)):
-        return (f"cannot reach {constants.ENDPOINT} to download {repo_id}/{filename}: check the network; once "
-                f"the files are downloaded, set HF_HUB_OFFLINE=1 to run without it")
+        return (f"cannot reach {constants.ENDPOINT} to fetch {repo_id}: check the network; once the files are "
+                f"downloaded, set HF_HUB_OFFLINE=1 to run without it")
     return f"downloading {repo_id}/{filename} failed: {str(error).splitlines()[0]}"
 
 
@@ -245,7 +253,7 @@ def main(argv=None) -> int:
         if args.base_model is not None:
             with hub_errors(args.base_model, "model_index.json", "main"):
                 folder, files, size, skipped = fetch_base_model(args.base_model, args.variant, args.force)
-            print(f"base model {args.base_model}: {len(files)} files, {size / 2**30:.2f} GiB in {folder} "
+            print(f"base model {args.base_model}: {len(files)} files, {human_size(size)} in {folder} "
                   f"({skipped} other files in the repo left on the Hub)")
     except DownloadError as error:
         print(f"download.py: error: {error}", file=sys.stderr)

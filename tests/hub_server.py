@@ -61,7 +61,7 @@ class HubHandler(BaseHTTPRequestHandler):
         repo = self.server.repos.get(repo_id)
         if repo is None:
             self.send_error_code(404, "RepoNotFound", f"Repository {repo_id} not found")
-        elif repo["gated"] and "authorization" not in {k.lower() for k in self.headers}:
+        elif repo["gated"] and self.headers.get("Authorization") is None:
             self.send_error_code(401, "GatedRepo", f"Access to model {repo_id} is restricted. Please log in.")
         elif self.canonical_revision(repo, revision) is None:
             self.send_error_code(404, "RevisionNotFound", f"Invalid rev id: {revision}")

