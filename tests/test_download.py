@@ -66,7 +66,8 @@ def run_download(hub_url: str, workdir: Path, *args: str, offline: bool = False)
     """`python download.py ARGS` in `workdir`, with its own HF_HOME there and the Hub at `hub_url`."""
     env = dict(os.environ, HF_ENDPOINT=hub_url, HF_HUB_OFFLINE="1" if offline else "0",
                HF_HOME=str(workdir / "hf-home"))
-    env.pop("HF_TOKEN", None)
+    for name in ("HF_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):  # a developer's own token or cache
+        env.pop(name, None)
     workdir.mkdir(exist_ok=True)
     return subprocess.run([sys.executable, str(DOWNLOAD_PY), *args], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=180)
