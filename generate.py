@@ -286,9 +286,8 @@ def load_lora(pipe, state_dict, source: str):
             raise GenerateError(f"LoRA {source} has {count} {component} modules but only {found} matched the base model's layers: it was trained for another model")
 
 
-def apply_lora(pipe, state_dict, source: str, scale: float):
-    """Load the LoRA, then fuse it into the weights at `scale` so sampling costs no more than the base model."""
-    load_lora(pipe, state_dict, source)
+def fuse_lora(pipe, scale: float):
+    """Fold the loaded LoRA into the weights at `scale` and drop the adapters: sampling then costs what the base model costs."""
     pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=scale, adapter_names=[ADAPTER_NAME])
     pipe.unload_lora_weights()
 
@@ -507,6 +506,8 @@ def main(argv=None) -> int:
             lora_file = lora_sha256 = None
 
         pipe = load_pipeline(args, device, dtype)
+        if not args.no_lora:
+            load_lora(pipe, lora_state_dict, str(lora_file))
         warn_long_prompts(pipe.tokenizer, prompts)
         args.output_dir.mkdir(parents=True, exist_ok=True)
         jobs = [(prompt, args.seed + i) for prompt in prompts for i in range(args.num_images)]
@@ -516,10 +517,12 @@ def main(argv=None) -> int:
         progress = tqdm(total=total, desc="images", unit="image", position=0)
         start = time.perf_counter()
         if args.compare:
-            # The base images come first, from the pipeline before the LoRA is fused into it.
+            # The base images come first, while the LoRA is still a set of adapters that can be switched off.
+            pipe.disable_lora()
             base_images = sample(pipe, jobs, args, progress)
+            pipe.enable_lora()
         if not args.no_lora:
-            apply_lora(pipe, lora_state_dict, str(lora_file), args.lora_scale)
+            fuse_lora(pipe, args.lora_scale)
         images = sample(pipe, jobs, args, progress)
         elapsed = time.perf_counter() - start
         progress.close()
