@@ -1,5 +1,6 @@
 """generate.py against the tiny SD2.1-shaped pipeline: real LoRA files, real PNGs, real pixels compared."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -253,3 +254,74 @@ def test_command_line_errors_print_no_traceback(tiny_model, tmp_path, flags, mes
     assert "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "outputs").exists()
+
+
+class FakeHub:
+    """A Hugging Face Hub on 127.0.0.1 that serves one file of one repo, as huggingface_hub downloads it."""
+
+    def __init__(self, files):
+        import hashlib
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        hub = self
+        self.requests = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                self.respond(with_body=False)
+
+            def do_GET(self):
+                self.respond(with_body=True)
+
+            def respond(self, with_body):
+                hub.requests.append((self.command, self.path))
+                body = files.get(self.path.split("?")[0])
+                if body is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
+                self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if with_body:
+                    self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("published", [True, False])
+def test_default_lora_is_fetched_from_the_hub_on_first_use(tiny_model, lora_file, tmp_path, published):
+    route = "/michaeltrs/text2face/resolve/main/checkpoints/lora30k/pytorch_lora_weights.safetensors"
+    hub = FakeHub({route: lora_file.read_bytes()} if published else {})
+    try:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
+        result = subprocess.run([sys.executable, str(REPO / "generate.py"), "--base_model", str(tiny_model), "--prompt", PROMPT,
+                                 "--steps", "2", "--height", "64", "--width", "64"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        hub.close()
+    assert any(path == route for _, path in hub.requests)
+    fetched = tmp_path / "checkpoints" / "lora30k" / "pytorch_lora_weights.safetensors"
+    if published:
+        assert result.returncode == 0, result.stderr
+        assert fetched.read_bytes() == lora_file.read_bytes()
+        (image,) = (tmp_path / "outputs").glob("*.png")
+        settings = json.loads(Image.open(image).text["text2face"])
+        assert settings["lora"] == "checkpoints/lora30k" and settings["lora_sha256"] == generate.read_lora(lora_file)[1]
+    else:
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert "run `python download.py`" in result.stderr.strip().splitlines()[-1]
+        assert not fetched.exists() and not (tmp_path / "outputs").exists()
