@@ -33,8 +33,8 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -413,8 +413,8 @@ def save_png(image, output_dir: Path, index: int, name: str, info) -> tuple:
     The PNG is written under a temporary name and hard-linked into place, which fails rather than
     replaces if another run took the name meanwhile; an interrupted write leaves no partial image.
     """
-    with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".", suffix=".png.tmp", delete=False) as file:
-        temporary = Path(file.name)
+    temporary = output_dir / f".{uuid.uuid4().hex}.png.tmp"
+    with open(temporary, "xb") as file:
         image.save(file, format="PNG", pnginfo=info)
     try:
         while True:
@@ -433,7 +433,7 @@ def caption_font(width: int):
 
 
 def grid_layout(count: int, width: int, height: int) -> dict:
-    """Geometry of the --compare grid: pairs of width x height images with a caption band beneath each."""
+    """Geometry of the --compare grid: cells of two width x height images and a caption band, `margin` apart."""
     font = caption_font(width)
     line_height = math.ceil(font.size * 1.25)
     margin = max(4, width // 64)
@@ -444,8 +444,8 @@ def grid_layout(count: int, width: int, height: int) -> dict:
         "margin": margin,
         "columns": columns,
         "rows": math.ceil(count / columns),
-        "cell_width": 2 * width,
-        "cell_height": height + CAPTION_LINES * line_height + 2 * margin,
+        "cell_width": 2 * width + 2 * margin,
+        "cell_height": margin + height + margin + CAPTION_LINES * line_height + margin,
     }
 
 
@@ -475,14 +475,13 @@ def compare_grid(base_images, lora_images, prompts) -> Image.Image:
     grid = Image.new("RGB", (layout["columns"] * layout["cell_width"], layout["rows"] * layout["cell_height"]), "white")
     draw = ImageDraw.Draw(grid)
     for number, (base, lora, prompt) in enumerate(zip(base_images, lora_images, prompts)):
-        left = (number % layout["columns"]) * layout["cell_width"]
-        top = (number // layout["columns"]) * layout["cell_height"]
+        left = (number % layout["columns"]) * layout["cell_width"] + layout["margin"]
+        top = (number // layout["columns"]) * layout["cell_height"] + layout["margin"]
         grid.paste(base, (left, top))
         grid.paste(lora, (left + width, top))
-        lines = wrap(prompt, layout["font"], layout["cell_width"] - 2 * layout["margin"])
-        for line_number, line in enumerate(lines):
+        for line_number, line in enumerate(wrap(prompt, layout["font"], 2 * width)):
             y = top + height + layout["margin"] + line_number * layout["line_height"]
-            draw.text((left + layout["margin"], y), line, fill="black", font=layout["font"])
+            draw.text((left, y), line, fill="black", font=layout["font"])
     return grid
 
 

@@ -156,19 +156,21 @@ def test_compare_grid_puts_base_left_and_lora_right(tiny_model, lora_file, tmp_p
     grid = pixels(grid_path)
 
     layout = generate.grid_layout(3, 64, 64)
+    margin, cell_width, cell_height = layout["margin"], layout["cell_width"], layout["cell_height"]
     assert (layout["columns"], layout["rows"]) == (2, 2)
-    assert grid.shape == (2 * layout["cell_height"], 2 * 2 * 64, 3)
-    assert layout["cell_height"] > 64 + 3 * 11  # room for a few caption lines beneath the pair
+    assert cell_width == 2 * 64 + 2 * margin and cell_height > 64 + 3 * 11  # room for a few caption lines
+    assert grid.shape == (2 * cell_height, 2 * cell_width, 3)
 
     _, base = run(tiny_model, tmp_path / "base", "--prompts_file", prompts, "--no_lora")
     _, lora = run(tiny_model, tmp_path / "lora", "--prompts_file", prompts, "--lora", lora_file)
     for number, (base_path, lora_path) in enumerate(zip(base, lora)):
-        top, left = (number // 2) * layout["cell_height"], (number % 2) * 128
+        top = (number // 2) * cell_height + margin
+        left = (number % 2) * cell_width + margin
         assert np.abs(grid[top:top + 64, left:left + 64] - pixels(base_path)).mean() < 1.0
         assert np.abs(grid[top:top + 64, left + 64:left + 128] - pixels(lora_path)).mean() < 1.0
-        caption = grid[top + 64:top + layout["cell_height"], left:left + 128]
+        caption = grid[top + 64:top - margin + cell_height, left:left + 128]
         assert caption.min() < 128  # dark text drawn on the white band
-    assert (grid[layout["cell_height"]:, 128:] == 255).all()  # the fourth cell stays empty
+    assert (grid[cell_height:, cell_width:] == 255).all()  # the fourth cell stays empty
 
 
 def test_prompt_with_path_characters_stays_inside_output_dir(tiny_model, tmp_path):
@@ -186,6 +188,7 @@ def test_second_run_adds_a_file_instead_of_replacing(tiny_model, tmp_path):
     assert code == 0
     assert [p.name for p in images] == [first.name, first.name.replace("00000", "00001")]
     assert first.read_bytes() == before
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
     assert np.array_equal(pixels(images[0]), pixels(images[1]))  # same prompt and seed: the same face
 
 
