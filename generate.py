@@ -52,7 +52,6 @@ PNG_SETTINGS_KEY = "text2face"  # PNG text entry holding the JSON settings; "par
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}, "DDIM"),
     "pndm": ("PNDMScheduler", {}, "PLMS"),
-    "lms": ("LMSDiscreteScheduler", {}, "LMS"),
     "euler": ("EulerDiscreteScheduler", {}, "Euler"),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
     "dpm++": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
@@ -108,7 +107,8 @@ def parse_args(argv=None):
         parser.set_defaults(**settings_to_defaults(settings))
         args = parser.parse_args(argv)
         args.prompt = [settings["prompt"]]
-        args.expected_lora_sha256 = settings["lora_sha256"]
+        same_lora = not args.no_lora and (args.lora, args.lora_weight_name) == (settings["lora"], settings["lora_weight_name"])
+        args.expected_lora_sha256 = settings["lora_sha256"] if same_lora else None
     else:
         args.expected_lora_sha256 = None
     check_args(args)
@@ -143,14 +143,14 @@ def read_prompts(args) -> list:
     return [prompt.strip() for prompt in prompts]
 
 
-def warn_long_prompts(tokenizer, prompts):
+def warn_long_prompts(tokenizer, prompts, negative_prompt):
     """CLIP reads 77 tokens (start and end included); say which words of a longer prompt it never sees."""
     limit = tokenizer.model_max_length
-    for prompt in prompts:
+    for kind, prompt in [("prompt", prompt) for prompt in prompts] + [("negative prompt", negative_prompt)]:
         ids = tokenizer(prompt).input_ids
         if len(ids) > limit:
             cut = tokenizer.decode(ids[limit - 1:-1])
-            print(f'warning: prompt is {len(ids)} CLIP tokens but CLIP reads only the first {limit}, so its end is cut: "...{cut}"', file=sys.stderr)
+            print(f'warning: {kind} is {len(ids)} CLIP tokens but CLIP reads only the first {limit}, so its end is cut: "...{cut}"', file=sys.stderr)
 
 
 def pick_device(name: str) -> torch.device:
@@ -507,7 +507,7 @@ def main(argv=None) -> int:
         pipe = load_pipeline(args, device, dtype)
         if not args.no_lora:
             load_lora(pipe, lora_state_dict, str(lora_file))
-        warn_long_prompts(pipe.tokenizer, prompts)
+        warn_long_prompts(pipe.tokenizer, prompts, args.negative_prompt)
         args.output_dir.mkdir(parents=True, exist_ok=True)
         jobs = [(prompt, args.seed + i) for prompt in prompts for i in range(args.num_images)]
         total = len(jobs) * (2 if args.compare else 1)

@@ -147,6 +147,18 @@ def test_from_png_reproduces_the_pixels(tiny_model, lora_file, tmp_path):
     assert np.array_equal(pixels(again), pixels(first))
     assert json.loads(Image.open(again).text["text2face"]) == settings
 
+    assert generate.main(["--from_png", str(first), "--steps", "3", "--output_dir", str(tmp_path / "c")]) == 0
+    (tweaked,) = (tmp_path / "c").glob("*.png")
+    assert json.loads(Image.open(tweaked).text["text2face"]) == {**settings, "steps": 3}
+    assert np.abs(pixels(tweaked) - pixels(first)).mean() > 1
+
+
+@pytest.mark.parametrize("scheduler", sorted(generate.SCHEDULERS))
+def test_every_scheduler_samples_and_is_named_in_the_png(tiny_model, tmp_path, scheduler):
+    code, (image,) = run(tiny_model, tmp_path, "--prompt", PROMPT, "--no_lora", "--scheduler", scheduler)
+    assert code == 0 and np.asarray(Image.open(image)).std() > 0
+    assert f"Sampler: {generate.SCHEDULERS[scheduler][2]}," in Image.open(image).text["parameters"]
+
 
 def test_compare_grid_puts_base_left_and_lora_right(tiny_model, lora_file, tmp_path):
     prompts = tmp_path / "prompts.txt"
