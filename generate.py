@@ -46,6 +46,7 @@ DEFAULT_LORA = "checkpoints/lora30k"
 DEFAULT_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_HUB_REPO = "michaeltrs/text2face"  # holds DEFAULT_LORA/DEFAULT_LORA_WEIGHT_NAME at the same relative path
 ADAPTER_NAME = "text2face"
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name; anything else given as a model must be a local path
 PNG_SETTINGS_KEY = "text2face"  # PNG text entry holding the JSON settings; "parameters" holds the A1111 line
 
 # --scheduler name -> (scheduler class in diffusers, config overrides, AUTOMATIC1111 sampler name)
@@ -184,13 +185,15 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
     from diffusers.models.attention_processor import AttnProcessor2_0
 
+    if not Path(args.base_model).exists() and not HUB_ID.fullmatch(args.base_model):
+        raise GenerateError(f"--base_model {args.base_model} is neither a local folder nor a Hub id like {DEFAULT_BASE_MODEL}")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(args.base_model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError) as error:
         raise GenerateError(f"cannot load --base_model {args.base_model}: {first_line(error)}") from None
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
-    # SDPA is today's default; set it explicitly so a model folder or an installed xformers cannot change it.
+    # SDPA is what diffusers and transformers pick today; set it explicitly so speed does not hang on their defaults.
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.vae.set_attn_processor(AttnProcessor2_0())
     pipe.text_encoder.set_attn_implementation("sdpa")
@@ -233,7 +236,7 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
             raise GenerateError(f"the LoRA is not in {DEFAULT_LORA} and fetching it from {LORA_HUB_REPO} failed ({first_line(error)}): run `python download.py`") from None
     if path.is_dir():
         raise GenerateError(f"--lora folder {lora} has no {weight_name}: pass --lora_weight_name, or run `python download.py` for the published LoRA")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", lora) and not lora.endswith(".safetensors"):
+    if HUB_ID.fullmatch(lora) and not lora.endswith(".safetensors"):
         try:
             return Path(hf_hub_download(lora, weight_name))
         except Exception as error:  # offline, no such repo or no such file: the same remedy
@@ -241,8 +244,20 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
     raise GenerateError(f"--lora {lora} does not exist: run `python download.py` to fetch the published LoRA, or fix the path")
 
 
+def lora_module_counts(state_dict) -> dict:
+    """How many layers the LoRA adapts in the UNet and in the text encoder, after diffusers' key conversion."""
+    from diffusers import StableDiffusionPipeline
+
+    converted, _ = StableDiffusionPipeline.lora_state_dict(state_dict)
+    up_weight = re.compile(r"lora_B\.|lora\.up\.|lora_up\.")
+    return {
+        component: sum(1 for key in converted if key.startswith(f"{component}.") and up_weight.search(key))
+        for component in ("unet", "text_encoder")
+    }
+
+
 def read_lora(path: Path):
-    """The LoRA state dict and the sha256 of its file; an unreadable file is an error."""
+    """The LoRA state dict and the sha256 of its file; an unreadable file or one that is no SD LoRA is an error."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -250,6 +265,8 @@ def read_lora(path: Path):
         state_dict = load_file(path)
     except (SafetensorError, OSError) as error:
         raise GenerateError(f"LoRA file {path} is not a readable safetensors file ({first_line(error)}): download it again with `python download.py`") from None
+    if not any(lora_module_counts(state_dict).values()):
+        raise GenerateError(f"none of the {len(state_dict)} keys in LoRA {path} belong to a UNet or text-encoder LoRA (expected keys like unet.<module>.lora_A.weight)")
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -269,13 +286,7 @@ def load_lora(pipe, state_dict, source: str):
     diffusers skips a component whose keys match nothing with only a log line, which would silently
     sample the base model; here that is an error.
     """
-    converted, _ = pipe.lora_state_dict(state_dict)
-    expected = {
-        component: sum(1 for key in converted if key.startswith(f"{component}.") and re.search(r"lora_B\.|lora\.up\.|lora_up\.", key))
-        for component in ("unet", "text_encoder")
-    }
-    if not any(expected.values()):
-        raise GenerateError(f"none of the {len(state_dict)} keys in LoRA {source} belong to a UNet or text-encoder LoRA (expected keys like unet.<module>.lora_A.weight)")
+    expected = lora_module_counts(state_dict)
     try:
         pipe.load_lora_weights(state_dict, adapter_name=ADAPTER_NAME)
     except (ValueError, RuntimeError, KeyError) as error:

@@ -240,6 +240,7 @@ BAD_INPUTS = {
     "corrupt LoRA": (lambda tmp: ["--prompt", PROMPT, "--lora", str(corrupt_lora(tmp))], "not a readable safetensors file"),
     "LoRA keys for no component": (lambda tmp: ["--prompt", PROMPT, "--lora", str(unmatched_lora(tmp, "model.layer"))], "none of the 2 keys"),
     "LoRA keys for no module": (lambda tmp: ["--prompt", PROMPT, "--lora", str(unmatched_lora(tmp, "unet.no.such.module"))], "does not fit"),
+    "missing base model": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--base_model", str(tmp / "no-model")], "neither a local folder nor a Hub id"),
     "unknown device": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--device", "tpu"], "unknown --device"),
     "absent device": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--device", "cuda:7"], "no such CUDA device"),
     "PNG without settings": (lambda tmp: ["--from_png", str(plain_png(tmp))], "carries no complete text2face settings"),
