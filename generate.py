@@ -9,18 +9,19 @@ Several prompts, four images each, in batches of four, with a negative prompt an
     python generate.py --prompts_file prompts.txt --num_images 4 --batch_size 4 \
         --negative_prompt "blurry, low quality" --scheduler dpm++ --steps 25
 
-Your own LoRA from finetune_lora.py, half strength; the base model alone for comparison:
+Your own LoRA (the --output_dir of finetune_lora.py) at half strength; the base model alone:
 
-    python generate.py --prompt "..." --lora runs/my-lora --lora_scale 0.5
+    python generate.py --prompt "..." --lora my-lora --lora_scale 0.5
     python generate.py --prompt "..." --no_lora
 
-The base model and the LoRA side by side for every prompt, tiled into one grid (the README figure):
+The base model and the LoRA side by side for every prompt, tiled into one grid: the README figure,
+written to outputs/examples/00000-compare-s42.png (copy it over examples.png):
 
     python generate.py --compare --prompts_file example_prompts.txt --output_dir outputs/examples
 
 Render an image again from the settings stored in its PNG (other flags given override them):
 
-    python generate.py --from_png outputs/00000-s42-a-happy-55-year-old-male.png
+    python generate.py --from_png outputs/00000-s42-a-happy-55-year-old-male-with-blond-hair-and-a-goatee-smiles.png
 
 Image i of a prompt is sampled from torch.Generator("cpu").manual_seed(seed + i), so a seed gives the same
 faces as diffusers' StableDiffusionPipeline with the same LoRA, scale and settings. Files are named
