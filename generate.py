@@ -520,7 +520,10 @@ def main(argv=None) -> int:
         if not args.no_lora:
             load_lora(pipe, lora_state_dict, str(lora_file))
         warn_long_prompts(pipe.tokenizer, prompts, args.negative_prompt)
-        args.output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise GenerateError(f"cannot create --output_dir {args.output_dir}: {error.strerror}") from None
         jobs = [(prompt, args.seed + i) for prompt in prompts for i in range(args.num_images)]
         total = len(jobs) * (2 if args.compare else 1)
         print(f"{len(prompts)} prompt(s) x {args.num_images} image(s) on {device} ({str(dtype).removeprefix('torch.')}), batch size {args.batch_size}")

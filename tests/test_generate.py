@@ -94,6 +94,16 @@ def test_images_equal_diffusers_reference_for_the_same_generator_and_lora(tiny_m
     assert np.abs(pixels(images[0]) - pixels(images[1])).mean() > 5  # image i has its own seed
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
+def test_an_image_does_not_depend_on_the_batch_it_was_sampled_in(tiny_model, tmp_path, scheduler):
+    flags = ["--prompt", PROMPT, "--prompt", "an old man with gray hair", "--num_images", "2", "--no_lora", "--scheduler", scheduler]
+    _, alone = run(tiny_model, tmp_path / "alone", *flags, "--batch_size", "1")
+    _, together = run(tiny_model, tmp_path / "together", *flags, "--batch_size", "3")
+    assert [p.name for p in alone] == [p.name for p in together] and len(alone) == 4
+    for one, other in zip(alone, together):
+        assert np.abs(pixels(one) - pixels(other)).mean() < 1.0
+
+
 def component_outputs(pipe):
     """Text-encoder output for a fixed prompt and UNet output for fixed latents and conditioning."""
     ids = pipe.tokenizer([PROMPT], padding="max_length", return_tensors="pt").input_ids
@@ -241,6 +251,7 @@ BAD_INPUTS = {
     "LoRA keys for no component": (lambda tmp: ["--prompt", PROMPT, "--lora", str(unmatched_lora(tmp, "model.layer"))], "none of the 2 keys"),
     "LoRA keys for no module": (lambda tmp: ["--prompt", PROMPT, "--lora", str(unmatched_lora(tmp, "unet.no.such.module"))], "does not fit"),
     "missing base model": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--base_model", str(tmp / "no-model")], "neither a local folder nor a Hub id"),
+    "output_dir is a file": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--output_dir", str(plain_png(tmp))], "cannot create --output_dir"),
     "unknown device": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--device", "tpu"], "unknown --device"),
     "absent device": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--device", "cuda:7"], "no such CUDA device"),
     "PNG without settings": (lambda tmp: ["--from_png", str(plain_png(tmp))], "carries no complete text2face settings"),
