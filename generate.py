@@ -37,6 +37,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
@@ -305,11 +306,10 @@ def fuse_lora(pipe, scale: float):
 
 
 def sample(pipe, jobs, args, progress):
-    """Images for `jobs` [(prompt, seed)], sampled `--batch_size` at a time; `progress` counts images."""
-    images = []
+    """Yield the images for `jobs` [(prompt, seed)] in order, sampled `--batch_size` at a time; `progress` counts them."""
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
-        images += pipe(
+        images = pipe(
             prompt=[prompt for prompt, _ in batch],
             negative_prompt=[args.negative_prompt] * len(batch),
             num_inference_steps=args.steps,
@@ -319,7 +319,7 @@ def sample(pipe, jobs, args, progress):
             generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in batch],
         ).images
         progress.update(len(batch))
-    return images
+        yield from images
 
 
 def image_settings(args, pipe, prompt, seed, lora_file, lora_sha256, dtype):
@@ -502,56 +502,76 @@ def first_line(error) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+class Lora(NamedTuple):
+    file: Path
+    state_dict: dict
+    sha256: str
+
+
+def prepare_lora(args) -> Lora:
+    """The LoRA to apply, read and checked; with --from_png it must be the very file the image was made with."""
+    lora_file = resolve_lora(args.lora, args.lora_weight_name)
+    state_dict, sha256 = read_lora(lora_file)
+    if args.expected_lora_sha256 not in (None, sha256):
+        raise GenerateError(f"LoRA {lora_file} has sha256 {sha256[:12]}..., but the PNG was made with {args.expected_lora_sha256[:12]}...: use the LoRA it names")
+    return Lora(lora_file, state_dict, sha256)
+
+
+def make_output_dir(output_dir: Path):
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise GenerateError(f"cannot create --output_dir {output_dir}: {error.strerror}") from None
+
+
+def write_images(pipe, jobs, args, lora, dtype) -> int:
+    """Sample every job with the LoRA fused in and save each batch as soon as it is done; return the image count."""
+    lora_file, lora_sha256 = (lora.file, lora.sha256) if lora is not None else (None, None)
+    if lora is not None:
+        fuse_lora(pipe, args.lora_scale)
+    index = next_index(args.output_dir)
+    with tqdm(total=len(jobs), desc="images", unit="image", position=0) as progress:
+        for image, (prompt, seed) in zip(sample(pipe, jobs, args, progress), jobs):
+            settings = image_settings(args, pipe, prompt, seed, lora_file, lora_sha256, dtype)
+            path, index = save_png(image, args.output_dir, index, f"s{seed}-{slugify(prompt)}", png_info(settings))
+            tqdm.write(f"wrote {path}")
+    return len(jobs)
+
+
+def write_compare_grid(pipe, jobs, args, lora) -> int:
+    """Sample every job with the LoRA switched off, then fused in; save both side by side in one grid."""
+    with tqdm(total=2 * len(jobs), desc="images", unit="image", position=0) as progress:
+        # The base images come first, while the LoRA is still a set of adapters that can be switched off.
+        pipe.disable_lora()
+        base_images = list(sample(pipe, jobs, args, progress))
+        pipe.enable_lora()
+        fuse_lora(pipe, args.lora_scale)
+        lora_images = list(sample(pipe, jobs, args, progress))
+    grid = compare_grid(base_images, lora_images, [prompt for prompt, _ in jobs])
+    path, _ = save_png(grid, args.output_dir, next_index(args.output_dir), f"compare-s{args.seed}", None)
+    print(f"wrote {path} (left: {args.base_model}, right: + LoRA {lora.file} at scale {args.lora_scale})")
+    return 2 * len(jobs)
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         prompts = read_prompts(args)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
-        if not args.no_lora:
-            lora_file = resolve_lora(args.lora, args.lora_weight_name)
-            lora_state_dict, lora_sha256 = read_lora(lora_file)
-            if args.expected_lora_sha256 not in (None, lora_sha256):
-                raise GenerateError(f"LoRA {lora_file} has sha256 {lora_sha256[:12]}..., but the PNG was made with {args.expected_lora_sha256[:12]}...: use the LoRA it names")
-        else:
-            lora_file = lora_sha256 = None
-
+        lora = None if args.no_lora else prepare_lora(args)
         pipe = load_pipeline(args, device, dtype)
-        if not args.no_lora:
-            load_lora(pipe, lora_state_dict, str(lora_file))
+        if lora is not None:
+            load_lora(pipe, lora.state_dict, str(lora.file))
         warn_long_prompts(pipe.tokenizer, prompts, args.negative_prompt)
-        try:
-            args.output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise GenerateError(f"cannot create --output_dir {args.output_dir}: {error.strerror}") from None
+        make_output_dir(args.output_dir)
+
         jobs = [(prompt, args.seed + i) for prompt in prompts for i in range(args.num_images)]
-        total = len(jobs) * (2 if args.compare else 1)
         print(f"{len(prompts)} prompt(s) x {args.num_images} image(s) on {device} ({str(dtype).removeprefix('torch.')}), batch size {args.batch_size}")
-
-        progress = tqdm(total=total, desc="images", unit="image", position=0)
         start = time.perf_counter()
-        if args.compare:
-            # The base images come first, while the LoRA is still a set of adapters that can be switched off.
-            pipe.disable_lora()
-            base_images = sample(pipe, jobs, args, progress)
-            pipe.enable_lora()
-        if not args.no_lora:
-            fuse_lora(pipe, args.lora_scale)
-        images = sample(pipe, jobs, args, progress)
+        count = write_compare_grid(pipe, jobs, args, lora) if args.compare else write_images(pipe, jobs, args, lora, dtype)
         elapsed = time.perf_counter() - start
-        progress.close()
-
-        index = next_index(args.output_dir)
-        if args.compare:
-            grid = compare_grid(base_images, images, [prompt for prompt, _ in jobs])
-            path, index = save_png(grid, args.output_dir, index, f"compare-s{args.seed}", None)
-            print(f"wrote {path} (left: {args.base_model}, right: + LoRA {lora_file} at scale {args.lora_scale})")
-        else:
-            for image, (prompt, seed) in zip(images, jobs):
-                settings = image_settings(args, pipe, prompt, seed, lora_file, lora_sha256, dtype)
-                path, index = save_png(image, args.output_dir, index, f"s{seed}-{slugify(prompt)}", png_info(settings))
-                print(f"wrote {path}")
-        print(f"{total} image(s) in {elapsed:.1f} s: {total / elapsed:.2f} images/s")
+        print(f"{count} image(s) in {elapsed:.1f} s: {count / elapsed:.2f} images/s")
         return 0
     except GenerateError as error:
         print(f"error: {error}", file=sys.stderr)
