@@ -32,10 +32,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def accelerate_launch(script_args, *launcher_args, **popen):
+def accelerate_launch(script_args, *launcher_args):
     """The command line of `accelerate launch` on CPU, one thread per process, no user config."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1", *launcher_args,
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1", *map(str, launcher_args),
             str(SCRIPT), *map(str, script_args)]
 
 
