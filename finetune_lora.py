@@ -786,8 +786,8 @@ def stop_on_signals():
 # Validation, model card, Hub
 # ----------------------------------------------------------------------------------------------
 
-def validation_grid(args, accelerator, models: Models, step: int) -> Image.Image:
-    """Sample the validation prompts with the models in memory: rows are repetitions, columns prompts."""
+def validation_grid(args, accelerator, models: Models) -> Image.Image:
+    """Sample the validation prompts with the models in memory: rows are repetitions (seed, seed+1, ...), columns prompts."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline(
@@ -796,35 +796,43 @@ def validation_grid(args, accelerator, models: Models, step: int) -> Image.Image
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipeline.set_progress_bar_config(disable=True)
-    rows = []
+    size, rows = args.resolution, []
     with torch.no_grad(), accelerator.autocast():
         for repetition in range(args.num_validation_images):
             generator = torch.Generator("cpu").manual_seed(args.seed + repetition)
             rows.append(pipeline(args.validation_prompts, num_inference_steps=VALIDATION_INFERENCE_STEPS,
-                                 height=args.resolution, width=args.resolution, generator=generator).images)
-    size = args.resolution
+                                 height=size, width=size, generator=generator).images)
     grid = Image.new("RGB", (size * len(args.validation_prompts), size * len(rows)))
     for row, images in enumerate(rows):
         for column, image in enumerate(images):
             grid.paste(image, (column * size, row * size))
-    logger.info(f"Validation grid at step {step}: {len(rows)} x {len(args.validation_prompts)} images")
     return grid
 
 
-def save_grid(grid: Image.Image, path: Path, prompts: list, step: int, seed: int, repetitions: int):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    path.with_suffix(".json").write_text(json.dumps(
-        {"step": step, "columns (prompts)": prompts, "rows (seeds)": [seed + r for r in range(repetitions)]}, indent=2) + "\n")
+class Validation:
+    """Validation grids, sampled at most once per step, saved where asked and logged to the trackers."""
 
+    def __init__(self, args, accelerator, models: Models):
+        self.args, self.accelerator, self.models = args, accelerator, models
+        self.step, self.grid = None, None
 
-def log_grid(accelerator, grid: Image.Image, step: int):
-    array = np.asarray(grid)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.log_images({"validation": array[None]}, step=step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            tracker.log_images({"validation": [array]}, step=step)
+    def save(self, path: Path, step: int) -> Path:
+        """Write the grid of `step` to `path` (a PNG) with the prompts and seeds beside it in a JSON file."""
+        if self.step != step:
+            self.step, self.grid = step, validation_grid(self.args, self.accelerator, self.models)
+            logger.info(f"Validation grid at step {step}: {self.args.num_validation_images} x {len(self.args.validation_prompts)} images")
+            array = np.asarray(self.grid)
+            for tracker in self.accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.log_images({"validation": array[None]}, step=step, dataformats="NHWC")
+                elif tracker.name == "wandb":
+                    tracker.log_images({"validation": [array]}, step=step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.grid.save(path)
+        seeds = [self.args.seed + r for r in range(self.args.num_validation_images)]
+        path.with_suffix(".json").write_text(json.dumps(
+            {"step": step, "columns (prompts)": self.args.validation_prompts, "rows (seeds)": seeds}, indent=2) + "\n")
+        return path
 
 
 def tracker_config(args) -> dict:
@@ -1013,12 +1021,26 @@ def run_settings(args, accelerator, plan: Plan, records: Records) -> dict:
     }
 
 
-def train(args, accelerator, models: Models, records: Records, stop: StopRequest) -> int:
-    """The training loop; returns the exit code (0 done, 128+signal when stopped to be resumed)."""
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
+@dataclass
+class Run:
+    """What the training loop works on, built once by prepare_run()."""
+    plan: Plan
+    optimizer: object
+    lr_scheduler: object
+    trainable: list
+    unet: torch.nn.Module  # unwrapped: the modules whose LoRA is saved
+    text_encoder: torch.nn.Module
+    settings: dict
+    global_step: int = 0
 
-    output_dir = Path(args.output_dir)
+    def lora_settings(self) -> dict:
+        return {**self.settings, "global_step": self.global_step}
+
+
+def prepare_run(args, accelerator, models: Models, records: Records) -> Run:
+    """Optimizer, LR schedule and accelerate wrapping, in the canonical order; the models are wrapped in place."""
+    from diffusers.optimization import get_scheduler
+
     plan = make_plan(args, len(records), accelerator.num_processes)
     optimizer, trainable = make_optimizer(args, models, plan.total_batch_size)
     # accelerate steps a prepared scheduler once per process per optimizer step.
@@ -1030,25 +1052,58 @@ def train(args, accelerator, models: Models, records: Records, stop: StopRequest
             models.unet, models.text_encoder, optimizer, lr_scheduler)
     else:
         models.unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
-    unet, text_encoder = accelerator.unwrap_model(models.unet), accelerator.unwrap_model(models.text_encoder)
-    settings = run_settings(args, accelerator, plan, records)
-    state = {"global_step": 0}
+    run = Run(plan, optimizer, lr_scheduler, trainable, accelerator.unwrap_model(models.unet),
+              accelerator.unwrap_model(models.text_encoder), {})
+    run.settings = run_settings(args, accelerator, plan, records)
+    logger.info(f"Training: {len(records)} images, {plan.num_epochs} epochs of {plan.steps_per_epoch} steps, "
+                f"{plan.max_train_steps} steps in all; total batch size {plan.total_batch_size} "
+                f"({args.train_batch_size} per process x {accelerator.num_processes} processes x "
+                f"{args.gradient_accumulation_steps} accumulation steps)")
+    return run
 
+
+def register_lora_hooks(accelerator, run: Run, train_text_encoder: bool):
+    """Make accelerate's save_state/load_state handle only the LoRA weights, never the frozen base model."""
     def save_model_hook(hooked_models, weights, directory):
         if accelerator.is_main_process:
-            save_lora(Path(directory), unet, text_encoder, args.train_text_encoder, {**settings, **state})
-        weights.clear()  # the base weights never enter a checkpoint
+            save_lora(Path(directory), run.unet, run.text_encoder, train_text_encoder, run.lora_settings())
+        weights.clear()
 
     def load_model_hook(hooked_models, directory):
-        load_lora(Path(directory), unet, text_encoder, args.train_text_encoder)
+        load_lora(Path(directory), run.unet, run.text_encoder, train_text_encoder)
         hooked_models.clear()
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
+
+def train_micro_batch(batch, args, accelerator, models: Models, run: Run, generator, text_cache, output_dir) -> float:
+    """Forward and backward of one micro-batch, and the optimizer step when accumulation is complete."""
+    with accelerator.accumulate(models.unet, models.text_encoder):
+        loss = diffusion_loss(batch, models, args, accelerator, generator, text_cache)
+        mean_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean().item()
+        if not math.isfinite(mean_loss):
+            good = complete_checkpoints(output_dir)
+            raise TrainingError(f"the loss became {mean_loss} at step {run.global_step + 1}; stopped without saving. "
+                                f"Last good checkpoint: {good[-1] if good else 'none'}. Lower the learning rate")
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(run.trainable, args.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad()
+    return mean_loss
+
+
+def train(args, accelerator, models: Models, records: Records, stop: StopRequest) -> int:
+    """The training loop; returns the exit code (0 done, 128+signal when stopped to be resumed)."""
+    from tqdm.auto import tqdm
+
+    output_dir = Path(args.output_dir)
+    run = prepare_run(args, accelerator, models, records)
+    register_lora_hooks(accelerator, run, args.train_text_encoder)
     checkpoint = find_resume_checkpoint(args)
-    global_step = resume(accelerator, checkpoint, settings) if checkpoint else 0
-    state["global_step"] = global_step
+    run.global_step = resume(accelerator, checkpoint, run.settings) if checkpoint else 0
 
     dataset = CaptionedImages(records, args.resolution, args.center_crop, args.random_flip)
     if args.cache_latents:
@@ -1056,115 +1111,84 @@ def train(args, accelerator, models: Models, records: Records, stop: StopRequest
     text_cache = {} if args.cache_text_embeddings else None
     sampler = EpochBatches(len(records), args.train_batch_size, args.gradient_accumulation_steps,
                            accelerator.num_processes, accelerator.process_index, args.seed)
-
     if accelerator.is_main_process:
         accelerator.init_trackers("text2face-lora", config=tracker_config(args))
-    logger.info(f"Training: {len(records)} images, {plan.num_epochs} epochs of {plan.steps_per_epoch} steps, "
-                f"{plan.max_train_steps} steps in all; total batch size {plan.total_batch_size} "
-                f"({args.train_batch_size} per process x {accelerator.num_processes} processes x "
-                f"{args.gradient_accumulation_steps} accumulation steps)")
+    # Validation runs on the main process only; the others wait for it at the next collective.
+    validation = Validation(args, accelerator, models) if args.validation_prompts and accelerator.is_main_process else None
+    grid_path = validation.save(output_dir / "validation" / "step-000000.png", 0) if validation and run.global_step == 0 else None
 
-    last_grid = {}
-
-    def validate(step):
-        if step not in last_grid:
-            last_grid.clear()
-            last_grid[step] = validation_grid(args, accelerator, models, step)
-            log_grid(accelerator, last_grid[step], step)
-        return last_grid[step]
-
-    def save_validation_to(folder: Path, step: int) -> Path:
-        path = folder / "validation.png" if folder.name.startswith("checkpoint-") else folder / f"step-{step:06d}.png"
-        save_grid(validate(step), path, args.validation_prompts, step, args.seed, args.num_validation_images)
-        return path
-
-    grid_path = None
-    if args.validation_prompts and global_step == 0 and accelerator.is_main_process:
-        grid_path = save_validation_to(output_dir / "validation", 0)
-
-    def write_checkpoint(step, with_validation):
+    def checkpoint_now(with_validation: bool) -> Path:
         def extra_files(staging):
-            if with_validation and args.validation_prompts:
-                save_validation_to(staging, step)
-        return save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit, extra_files)
+            if with_validation and validation:
+                validation.save(staging / "validation.png", run.global_step)
+        return save_checkpoint(accelerator, output_dir, run.global_step, args.checkpoints_total_limit, extra_files)
 
-    progress = tqdm(total=plan.max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    plan = run.plan
+    progress = tqdm(total=plan.max_train_steps, initial=run.global_step, desc="steps", disable=not accelerator.is_local_main_process)
     generator = torch.Generator("cpu")
-    first_epoch, first_step_in_epoch = divmod(global_step, plan.steps_per_epoch)
+    first_epoch, first_step_in_epoch = divmod(run.global_step, plan.steps_per_epoch)
     models.unet.train()
     models.text_encoder.train(args.train_text_encoder)
-    step_started = time.perf_counter()
-    images_per_second = 0.0
+    step_started, accumulated_loss = time.perf_counter(), 0.0
     for epoch in range(first_epoch, plan.num_epochs):
-        if global_step >= plan.max_train_steps:
+        if run.global_step >= plan.max_train_steps:
             break
         first_step = first_step_in_epoch if epoch == first_epoch else 0
-        micro_offset = first_step * args.gradient_accumulation_steps
-        batches = sampler.batches(epoch, first_step)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler.batches(epoch, first_step), collate_fn=collate,
                                              num_workers=args.dataloader_num_workers,
                                              generator=torch.Generator().manual_seed(derived_seed(args.seed, "loader", epoch)))
-        accumulated_loss = 0.0
-        for micro, batch in enumerate(loader):
-            if epoch == first_epoch and micro == 0:
+        for micro, batch in enumerate(loader, start=first_step * args.gradient_accumulation_steps):
+            if epoch == first_epoch and micro == first_step * args.gradient_accumulation_steps:
                 print(f"process {accelerator.process_index}/{accelerator.num_processes} first batch: "
                       + ", ".join(records.source.name(i) for i in batch["indices"]), file=sys.stderr, flush=True)
-            generator.manual_seed(derived_seed(args.seed, "noise", accelerator.process_index, epoch, micro_offset + micro))
-            with accelerator.accumulate(models.unet, models.text_encoder):
-                loss = diffusion_loss(batch, models, args, accelerator, generator, text_cache)
-                mean_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean().item()
-                if not math.isfinite(mean_loss):
-                    good = complete_checkpoints(output_dir)
-                    raise TrainingError(f"the loss became {mean_loss} at step {global_step + 1}; stopped without saving. "
-                                        f"Last good checkpoint: {good[-1] if good else 'none'}. Lower the learning rate")
-                accumulated_loss += mean_loss / args.gradient_accumulation_steps
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+            # All randomness of a micro-batch follows from (seed, process, epoch, position): resuming needs no RNG replay.
+            generator.manual_seed(derived_seed(args.seed, "noise", accelerator.process_index, epoch, micro))
+            mean_loss = train_micro_batch(batch, args, accelerator, models, run, generator, text_cache, output_dir)
+            accumulated_loss += mean_loss / args.gradient_accumulation_steps
             if not accelerator.sync_gradients:
                 continue
 
-            global_step += 1
-            state["global_step"] = global_step
+            run.global_step += 1
             now = time.perf_counter()
-            images_per_second = plan.total_batch_size / max(now - step_started, 1e-9)
-            step_started = now
-            logs = {"loss": accumulated_loss, "lr": lr_scheduler.get_last_lr()[0], "img/s": images_per_second}
-            accumulated_loss = 0.0
+            logs = {"loss": accumulated_loss, "lr": run.lr_scheduler.get_last_lr()[0],
+                    "img/s": plan.total_batch_size / max(now - step_started, 1e-9)}
+            step_started, accumulated_loss = now, 0.0
             progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}")
-            accelerator.log(logs, step=global_step)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['img/s']:.1f}")
+            accelerator.log(logs, step=run.global_step)
 
-            stopping = accelerator.reduce(torch.tensor(float(stop.requested()), device=accelerator.device), "max").item() > 0
-            if stopping:
-                path = write_checkpoint(global_step, with_validation=False)
+            # Every process must agree to stop, or the others would wait forever at the next collective.
+            if accelerator.reduce(torch.tensor(float(stop.requested()), device=accelerator.device), "max").item() > 0:
+                path = checkpoint_now(with_validation=False)
                 progress.close()
                 if accelerator.is_main_process:
-                    print(f"Stopped by {stop.reason or 'another process'} after step {global_step}; saved {path}. "
+                    print(f"Stopped by {stop.reason or 'another process'} after step {run.global_step}; saved {path}. "
                           "Resume with the same command and --resume_from_checkpoint latest", file=sys.stderr)
                 return 128 + (signal.SIGINT if stop.reason == "SIGINT" else signal.SIGTERM)
-            if global_step % args.checkpointing_steps == 0:
-                write_checkpoint(global_step, with_validation=True)
-            if global_step >= plan.max_train_steps:
+            if run.global_step % args.checkpointing_steps == 0:
+                checkpoint_now(with_validation=True)
+            if run.global_step >= plan.max_train_steps:
                 break
-        if args.validation_prompts and (epoch + 1) % args.validation_epochs == 0 and accelerator.is_main_process:
-            grid_path = save_validation_to(output_dir / "validation", global_step)
+        if validation and (epoch + 1) % args.validation_epochs == 0:
+            grid_path = validation.save(output_dir / "validation" / f"step-{run.global_step:06d}.png", run.global_step)
     progress.close()
+    finish(args, accelerator, run, records, validation, grid_path)
+    return 0
 
+
+def finish(args, accelerator, run: Run, records: Records, validation, grid_path):
+    """Save the final LoRA, its last validation grid and the model card (main process); report the weights' checksum."""
+    output_dir = Path(args.output_dir)
     accelerator.wait_for_everyone()
     print(f"process {accelerator.process_index}/{accelerator.num_processes} final LoRA checksum: "
-          f"{lora_checksum(unet, text_encoder, args.train_text_encoder)}", file=sys.stderr, flush=True)
+          f"{lora_checksum(run.unet, run.text_encoder, args.train_text_encoder)}", file=sys.stderr, flush=True)
     if accelerator.is_main_process:
-        if args.validation_prompts:
-            grid_path = save_validation_to(output_dir / "validation", global_step)
-        save_final_lora(output_dir, unet, text_encoder, args.train_text_encoder, {**settings, **state})
-        write_model_card(output_dir, args, records, {**settings, **state}, grid_path)
-        logger.info(f"Saved the LoRA to {output_dir / LORA_WEIGHTS_NAME} after {global_step} steps")
+        if validation:
+            grid_path = validation.save(output_dir / "validation" / f"step-{run.global_step:06d}.png", run.global_step)
+        save_final_lora(output_dir, run.unet, run.text_encoder, args.train_text_encoder, run.lora_settings())
+        write_model_card(output_dir, args, records, run.lora_settings(), grid_path)
+        logger.info(f"Saved the LoRA to {output_dir / LORA_WEIGHTS_NAME} after {run.global_step} steps")
     accelerator.wait_for_everyone()
-    return 0
 
 
 def save_final_lora(output_dir: Path, unet, text_encoder, train_text_encoder: bool, settings: dict):

@@ -5,7 +5,6 @@ Runs where the launcher is the point go through a real `accelerate launch` subpr
 """
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -92,9 +91,10 @@ def test_two_processes_split_the_batches_and_end_with_the_same_weights(tiny_mode
 
 def test_a_run_killed_after_its_second_checkpoint_resumes_to_the_same_weights(tiny_model, face_folder, tmp_path):
     def command(output):
-        # 8 images / batch 2 = 4 steps per epoch; 4 epochs = 16 steps, a checkpoint every 2.
+        # 8 images / batch 2 = 4 steps per epoch; 4 epochs = 16 steps; a checkpoint every 3 steps, so the
+        # second one (step 6) falls in the middle of an epoch.
         return accelerate_launch(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--random_flip",
-                                            "--num_train_epochs", "4", "--checkpointing_steps", "2",
+                                            "--num_train_epochs", "4", "--checkpointing_steps", "3",
                                             "--learning_rate", "1e-3", "--resume_from_checkpoint", "latest"),
                                  "--num_processes", "1")
 
@@ -104,12 +104,12 @@ def test_a_run_killed_after_its_second_checkpoint_resumes_to_the_same_weights(ti
     output = tmp_path / "killed"
     process = start(command(output))
     try:
-        read_until(process, f"Saved {output / 'checkpoint-4'}")
+        read_until(process, f"Saved {output / 'checkpoint-6'}")
         os.killpg(process.pid, signal.SIGKILL)
     finally:
         process.wait()
     assert not (output / "pytorch_lora_weights.safetensors").exists(), "the run finished before it was killed"
-    assert (output / "checkpoint-4").is_dir()
+    assert (output / "checkpoint-6").is_dir()
 
     resumed = subprocess.run(command(output), capture_output=True, text=True, env=cpu_env(), timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
