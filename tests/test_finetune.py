@@ -5,6 +5,7 @@ Runs where the launcher is the point go through a real `accelerate launch` subpr
 """
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,9 @@ def test_readme_command_runs_under_accelerate_launch_and_its_lora_changes_the_im
         "--lr_warmup_steps", "0", "--output_dir", output, "--resume_from_checkpoint", "latest",
         "--validation_prompts", *PROMPTS,
     ]
-    run = subprocess.run(accelerate_launch(readme_command, "--num_processes", "1"), capture_output=True, text=True, timeout=300)
+    secret = "hf_NotARealTokenButItMustNotLeak"
+    run = subprocess.run(accelerate_launch(readme_command, "--num_processes", "1"), capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "HF_TOKEN": secret})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "8 images found" in run.stderr and "8 with captions" in run.stderr
 
@@ -89,6 +92,8 @@ def test_readme_command_runs_under_accelerate_launch_and_its_lora_changes_the_im
     assert grid.shape == (2 * 64, 2 * 64, 3)
     assert np.abs(grid[:64] - grid[64:]).mean() > 1
     assert json.loads((output / "checkpoint-8" / "validation.json").read_text())["columns (prompts)"] == PROMPTS
+    assert list((output / "logs").rglob("events.out.tfevents.*")), "no TensorBoard log"
+    assert not [p for p in output.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     card = (output / "README.md").read_text()
     assert f"base_model: {tiny_model}" in card and "rank 4" in card and "8 steps" in card and "validation/step-000008.png" in card
 
@@ -241,7 +246,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_model
 
 
 @pytest.mark.parametrize("problem", ["missing folder", "empty folder", "no captions", "unknown column",
-                                     "resolution", "named checkpoint missing"])
+                                     "resolution", "named checkpoint missing", "hub unreachable"])
 def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_model, face_folder, tmp_path, capfd, problem):
     data, extra = face_folder, []
     if problem == "missing folder":
@@ -255,8 +260,10 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_model, face_folder, tm
         extra = ["--caption_column", "caption"]
     elif problem == "resolution":
         extra = ["--resolution", "60"]
-    else:
+    elif problem == "named checkpoint missing":
         extra = ["--resume_from_checkpoint", "checkpoint-7"]
+    else:
+        extra = ["--push_to_hub"]  # the tests run with HF_HUB_OFFLINE=1: it must fail before training, not after
     assert finetune_lora.main(train_args(tiny_model, data, tmp_path / "run", *extra)) == 1
     err_lines = capfd.readouterr().err.strip().splitlines()
     errors = [line for line in err_lines if line.startswith("error: ")]
@@ -264,6 +271,6 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_model, face_folder, tm
     assert not any("Traceback" in line for line in err_lines)
     expected = {"missing folder": "is not a folder", "empty folder": "no images", "no captions": "no captions",
                 "unknown column": "no column 'caption'", "resolution": "not a positive multiple of 8",
-                "named checkpoint missing": "checkpoint-7 does not exist"}[problem]
+                "named checkpoint missing": "checkpoint-7 does not exist", "hub unreachable": "cannot create Hub repo"}[problem]
     assert expected in errors[0]
     assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
