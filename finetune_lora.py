@@ -20,16 +20,19 @@ Hugging Face imagefolder convention), or in a captions file anywhere:
     accelerate launch finetune_lora.py --train_data_dir=ffhq/images --captions_file=ffhq_captions.json \\
       --output_dir=outputs/ffhq --resolution=512 --center_crop --cache_latents
 
-Several GPUs or machines (run `accelerate config` once, or pass the topology on the command line):
+Several GPUs or machines (run `accelerate config` once, or pass the topology on the command line);
+on CPUs, several processes need `--multi_gpu` too (plain `--cpu --num_processes N` runs one process):
 
     accelerate launch --multi_gpu --num_processes 4 finetune_lora.py ...
     accelerate launch --multi_gpu --num_machines 2 --machine_rank 0 --main_process_ip $HOST \\
-      --num_processes 8 finetune_lora.py ...
+      --main_process_port 29500 --num_processes 16 finetune_lora.py ...
+    accelerate launch --config_file deepspeed_zero2.yaml finetune_lora.py ...   # UNet LoRA only
 
 A run stopped by SIGTERM or SIGINT (Slurm pre-emption, Ctrl-C) finishes its step, writes a
 checkpoint and exits; run the same command with `--resume_from_checkpoint latest` to continue
 exactly where it stopped. The LoRA ends up in `<output_dir>/pytorch_lora_weights.safetensors`
-(and in every `checkpoint-N/`), which `generate.py --lora_path <output_dir>` loads.
+(and in every `checkpoint-N/`), in the layout `StableDiffusionPipeline.load_lora_weights` and
+generate.py read; `training_settings.json` beside it names the base model, ranks and steps.
 """
 import argparse
 import contextlib
@@ -177,8 +180,9 @@ def check_args(args):
                  "num_validation_images", "validation_epochs", "num_train_epochs"):
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name} must be at least 1")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise TrainingError("--max_train_steps must be at least 1")
+    for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise TrainingError(f"--{name} must be at least 1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -597,20 +601,14 @@ def no_accelerator_device() -> bool:
                 or torch.backends.mps.is_available())
 
 
-def tensorboard_installed() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def make_accelerator(args):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
 
     log_with = None if args.report_to == "none" else args.report_to
-    if args.report_to == "tensorboard" and not tensorboard_installed():
+    if args.report_to == "wandb" and not is_wandb_available():
+        raise TrainingError("--report_to wandb needs wandb: pip install wandb (or use --report_to tensorboard)")
+    if args.report_to == "tensorboard" and not is_tensorboard_available():
         log_with = None
         print("note: TensorBoard is not installed, so metrics go only to the progress bar "
               "(pip install tensorboard to log them)", file=sys.stderr)
@@ -638,8 +636,9 @@ def configure_logging(accelerator):
 
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
     logger.setLevel(logging.INFO if accelerator.is_local_main_process else logging.WARNING)
-    transformers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.set_verbosity_error()
+    if not accelerator.is_local_main_process:  # one copy of the libraries' warnings is enough
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
 
 
 def checkpoint_step(path: Path):
