@@ -496,24 +496,23 @@ def load_models(args, accelerator) -> Models:
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    source = dict(revision=args.revision, cache_dir=args.cache_dir)
+    # Frozen weights are only read, so they load straight in the mixed-precision dtype; the LoRA stays fp32.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    base, source = args.pretrained_model_name_or_path, dict(revision=args.revision, cache_dir=args.cache_dir)
     try:
-        noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", **source)
-        tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **source)
-        text_encoder = CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder",
-                                                     variant=args.variant, attn_implementation="sdpa", **source)
-        vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant, **source)
-        unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", variant=args.variant, **source)
+        noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **source)
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **source)
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant, dtype=weight_dtype,
+                                                     attn_implementation="sdpa", **source)
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, torch_dtype=weight_dtype, **source)
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, torch_dtype=weight_dtype, **source)
     except OSError as error:
-        raise TrainingError(f"cannot load base model {args.pretrained_model_name_or_path}: {str(error).splitlines()[0]}") from error
+        raise TrainingError(f"cannot load base model {base}: {str(error).splitlines()[0]}") from error
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-
     for model in (text_encoder, vae, unet):
         model.requires_grad_(False)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for model in (text_encoder, vae, unet):
-        model.to(accelerator.device, dtype=weight_dtype)
+        model.to(accelerator.device)
 
     if args.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available

@@ -274,3 +274,17 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_model, face_folder, tm
                 "named checkpoint missing": "checkpoint-7 does not exist", "hub unreachable": "cannot create Hub repo"}[problem]
     assert expected in errors[0]
     assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_under_bf16_mixed_precision_the_lora_trains_and_is_saved_in_fp32(tiny_model, face_folder, tmp_path):
+    # A fresh process: accelerate's precision is fixed per process, and the other tests run in fp32.
+    output = tmp_path / "run"
+    run = subprocess.run([sys.executable, str(SCRIPT), *train_args(
+        tiny_model, face_folder, output, "--train_text_encoder", "--mixed_precision", "bf16", "--max_train_steps", "2",
+        "--checkpointing_steps", "1", "--learning_rate", "1e-2", "--validation_prompts", PROMPTS[0], "--num_validation_images", "1")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 0, run.stderr[-3000:]
+    after_one, final = lora(output / "checkpoint-1"), lora(output)
+    assert {t.dtype for t in final.values()} == {torch.float32}
+    assert all(not torch.equal(final[k], after_one[k]) for k in final if ".lora_B." in k)
+    assert Image.open(output / "checkpoint-1" / "validation.png").size == (64, 64)
