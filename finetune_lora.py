@@ -458,13 +458,18 @@ class CaptionedImages(torch.utils.data.Dataset):
         for offset in range(len(self)):
             candidate = (index + offset) % len(self)
             caption, flip, rng = self.draw(candidate, sample_seed)
-            if self.latent_cache is not None:
-                return {"latents": self.latent_cache[candidate, flip], "caption": caption, "index": candidate}
             try:
-                return {"pixel_values": self.pixels(candidate, flip, rng), "caption": caption, "index": candidate}
+                return {**self.model_input(candidate, flip, rng), "caption": caption, "index": candidate}
             except (OSError, SyntaxError, ValueError) as error:
                 logger.warning(f"skipping unreadable image {self.records.source.name(candidate)}: {error}")
         raise TrainingError("no training image could be decoded")
+
+    def model_input(self, index: int, flip: bool, rng: random.Random) -> dict:
+        if self.latent_cache is None:
+            return {"pixel_values": self.pixels(index, flip, rng)}
+        if (index, flip) not in self.latent_cache:
+            raise OSError("it could not be decoded when the latents were cached")
+        return {"latents": self.latent_cache[index, flip]}
 
 
 def collate(examples):
@@ -953,7 +958,9 @@ def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_s
             try:
                 chunk.append(((index, flip), dataset.pixels(index, flip, random.Random(0))))
             except (OSError, SyntaxError, ValueError) as error:
-                raise TrainingError(f"cannot decode {dataset.records.source.name(index)} ({error}); remove it") from error
+                logger.warning(f"skipping unreadable image {dataset.records.source.name(index)}: {error}")
+        if not chunk:
+            continue
         pixels = torch.stack([p for _, p in chunk]).to(accelerator.device, dtype=models.weight_dtype)
         parameters = models.vae.encode(pixels).latent_dist.parameters.cpu()
         cache.update({key: parameters[i] for i, (key, _) in enumerate(chunk)})

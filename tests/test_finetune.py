@@ -213,7 +213,8 @@ def test_every_captions_file_format_is_read(face_folder, tmp_path, caplog, kind,
         assert drawn == {"first caption", "second caption"}
 
 
-def test_a_corrupt_and_a_truncated_image_are_skipped_and_named(tiny_model, face_folder, tmp_path, caplog):
+@pytest.mark.parametrize("cache", [[], ["--cache_latents"]], ids=["decoded-per-step", "cache-latents"])
+def test_a_corrupt_and_a_truncated_image_are_skipped_and_named(tiny_model, face_folder, tmp_path, caplog, cache):
     records = [json.loads(line) for line in (face_folder / "metadata.jsonl").read_text().splitlines()]
     (face_folder / "00000" / "broken.png").write_bytes(b"this is not an image")
     whole = (face_folder / records[0]["file_name"]).read_bytes()
@@ -224,7 +225,7 @@ def test_a_corrupt_and_a_truncated_image_are_skipped_and_named(tiny_model, face_
     output = tmp_path / "run"
     # 9 readable headers, batch 2: one epoch of 5 steps draws every record, the truncated one included.
     assert finetune_lora.main(train_args(tiny_model, face_folder, output, "--captions_file", captions,
-                                         "--num_train_epochs", "1", "--checkpointing_steps", "100")) == 0
+                                         "--num_train_epochs", "1", "--checkpointing_steps", "100", *cache)) == 0
     assert "10 images found" in caplog.text and "1 unreadable images (skipped)" in caplog.text
     assert "unreadable images: 00000/broken.png" in caplog.text
     assert "skipping unreadable image 00001/truncated.png" in caplog.text
