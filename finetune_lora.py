@@ -49,6 +49,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,10 +273,10 @@ def match_captions(names: list, table: dict) -> tuple:
     """Match caption keys to images by relative path, else by unique file name, else by unique stem."""
     by_key = {name: name for name in names}
     for key_of in (lambda n: n.rsplit("/", 1)[-1], lambda n: Path(n).stem):
-        keys = [key_of(name) for name in names]
-        for key, name in zip(keys, names):
-            if keys.count(key) == 1:
-                by_key.setdefault(key, name)
+        counts = Counter(key_of(name) for name in names)
+        for name in names:
+            if counts[key_of(name)] == 1:
+                by_key.setdefault(key_of(name), name)
     captions, unmatched = {}, []
     for key, caption_list in table.items():
         name = by_key.get(key.replace("\\", "/").removeprefix("./"))
@@ -323,7 +324,7 @@ def load_folder_records(args, show_progress: bool) -> Records:
     captions, unmatched = match_captions(names, table)
     uncaptioned = [name for name in names if name not in captions]
     unreadable = unreadable_images(root, sorted(captions), show_progress)
-    usable = [name for name in sorted(captions) if name not in set(unreadable)]
+    usable = sorted(set(captions) - set(unreadable))
     logger.info(f"Data: {len(names)} images found under {root}, {len(captions)} with captions from {captions_path}, "
                 f"{len(uncaptioned)} images without captions (skipped), {len(unmatched)} captions without an image, "
                 f"{len(unreadable)} unreadable images (skipped).")
