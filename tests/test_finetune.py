@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import finetune_lora
+import generate
 
 SCRIPT = Path(__file__).resolve().parents[1] / "finetune_lora.py"
 PROMPTS = ["a young woman with long red hair smiles", "an old man with gray hair and a beard"]
@@ -97,25 +98,16 @@ def test_readme_command_runs_under_accelerate_launch_and_its_lora_changes_the_im
     card = (output / "README.md").read_text()
     assert f"base_model: {tiny_model}" in card and "rank 4" in card and "8 steps" in card and "validation/step-000008.png" in card
 
-    # The final LoRA is the last checkpoint's, and loads into the pipeline the way generate.py loads it.
+    # The final LoRA is the last checkpoint's, and generate.py loads it and changes the image with it.
     final = lora(output)
     assert final.keys() == lora(output / "checkpoint-8").keys()
     assert all(torch.equal(final[k], lora(output / "checkpoint-8")[k]) for k in final)
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
-    pipe.set_progress_bar_config(disable=True)
-
-    def sample():
-        return pipe(PROMPTS[0], num_inference_steps=4, height=64, width=64, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images
-
-    before = sample()
-    pipe.load_lora_weights(output)
-    after = sample()
-    assert np.abs(before - after).max() > 1e-3
-    loaded = pipe.text_encoder.state_dict()["encoder.layers.0.self_attn.q_proj.lora_B.default_0.weight"]
-    assert torch.equal(loaded, final["text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight"])
+    images = {}
+    for name, lora_flags in (("base", ["--no_lora"]), ("lora", ["--lora", str(output)])):
+        assert generate.main(["--prompt", PROMPTS[0], "--base_model", str(tiny_model), *lora_flags, "--steps", "4",
+                              "--height", "64", "--width", "64", "--output_dir", str(tmp_path / name)]) == 0
+        images[name] = np.asarray(Image.open(next((tmp_path / name).glob("*.png")))).astype(int)
+    assert np.abs(images["base"] - images["lora"]).mean() > 1
 
 
 def test_checkpoints_hold_only_lora_weights(tiny_model, face_folder, tmp_path):
