@@ -726,7 +726,7 @@ def lora_alphas(state_dict, file_metadata: dict) -> dict:
                 raise GenerateError(f"LoRA {component} uses rsLoRA scaling (alpha / sqrt(rank)), which kohya files cannot express")
             pattern = adapter.get(f"{component}.alpha_pattern") or {}
             # PEFT matches a pattern against the end of the module name, whole names apart.
-            matched = next((key for key in pattern if re.fullmatch(rf"(.*\.)?({key})", name)), None)
+            matched = next((pattern_key for pattern_key in pattern if re.fullmatch(rf"(.*\.)?({pattern_key})", name)), None)
             alphas[module] = pattern[matched] if matched else adapter.get(f"{component}.lora_alpha", down.shape[0])
     return alphas
 
@@ -779,7 +779,10 @@ def kohya_metadata(lora: Lora, kohya, base_model: str) -> dict:
     The base model and step count come from finetune_lora.py's settings beside the LoRA when it has them.
     """
     settings_file = lora.file.parent / TRAINING_SETTINGS_NAME
-    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    try:
+        settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    except (OSError, ValueError) as error:
+        raise GenerateError(f"cannot read {settings_file} beside the LoRA ({first_line(error)}): fix or remove it") from None
     ranks = collections.Counter(value.shape[0] for key, value in kohya.items() if key.endswith(".lora_down.weight"))
     alphas = collections.Counter(float(value) for key, value in kohya.items() if key.endswith(".alpha"))
     metadata = {
