@@ -14,6 +14,8 @@ os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests compare pixels against CPU fp32 references; a GPU would switch the scripts to fp16.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 from tiny_sd21 import build_tiny_sd21, make_face_folder  # noqa: E402
 
