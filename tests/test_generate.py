@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import generate
+from hub_server import FakeHub
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a young woman with long red hair smiles"
@@ -61,9 +62,9 @@ def lora_file(tiny_model, tmp_path_factory):
 
 
 def run(tiny_model, output_dir, *flags):
-    """generate.main in this process on the tiny model (2 steps, 64x64); returns (exit code, PNG paths)."""
+    """generate.main in this process on the tiny model (2 steps, 64x64, CPU); returns (exit code, PNG paths)."""
     code = generate.main(["--base_model", str(tiny_model), "--steps", "2", "--height", "64", "--width", "64",
-                          "--output_dir", str(output_dir), *map(str, flags)])
+                          "--device", "cpu", "--output_dir", str(output_dir), *map(str, flags)])
     return code, sorted(Path(output_dir).glob("*.png")) if Path(output_dir).exists() else []
 
 
@@ -151,13 +152,13 @@ def test_from_png_reproduces_the_pixels(tiny_model, lora_file, tmp_path):
         f"Lora: {lora_file}, Lora hash: {settings['loras'][0]['sha256'][:12]}, Lora scale: 0.8",
     ]
 
-    assert generate.main(["--from_png", str(first), "--output_dir", str(tmp_path / "b")]) == 0
+    assert generate.main(["--from_png", str(first), "--device", "cpu", "--output_dir", str(tmp_path / "b")]) == 0
     (again,) = (tmp_path / "b").glob("*.png")
     assert again.name == first.name
     assert np.array_equal(pixels(again), pixels(first))
     assert json.loads(Image.open(again).text["text2face"]) == settings
 
-    assert generate.main(["--from_png", str(first), "--steps", "3", "--output_dir", str(tmp_path / "c")]) == 0
+    assert generate.main(["--from_png", str(first), "--steps", "3", "--device", "cpu", "--output_dir", str(tmp_path / "c")]) == 0
     (tweaked,) = (tmp_path / "c").glob("*.png")
     assert json.loads(Image.open(tweaked).text["text2face"]) == {**settings, "steps": 3}
     assert np.abs(pixels(tweaked) - pixels(first)).mean() > 1
@@ -275,7 +276,7 @@ def test_bad_input_gets_one_line_and_nonzero_exit(tiny_model, tmp_path, capsys, 
 ])
 def test_command_line_errors_print_no_traceback(tiny_model, tmp_path, flags, message):
     corrupt_lora(tmp_path)
-    result = subprocess.run([sys.executable, str(REPO / "generate.py"), "--base_model", str(tiny_model), *flags],
+    result = subprocess.run([sys.executable, str(REPO / "generate.py"), "--base_model", str(tiny_model), "--device", "cpu", *flags],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -283,64 +284,20 @@ def test_command_line_errors_print_no_traceback(tiny_model, tmp_path, flags, mes
     assert not (tmp_path / "outputs").exists()
 
 
-class FakeHub:
-    """A Hugging Face Hub on 127.0.0.1 that serves one file of one repo, as huggingface_hub downloads it."""
-
-    def __init__(self, files):
-        import hashlib
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        hub = self
-        self.requests = []
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_HEAD(self):
-                self.respond(with_body=False)
-
-            def do_GET(self):
-                self.respond(with_body=True)
-
-            def respond(self, with_body):
-                hub.requests.append((self.command, self.path))
-                body = files.get(self.path.split("?")[0])
-                if body is None:
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
-                self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if with_body:
-                    self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.mark.parametrize("published", [True, False])
 def test_default_lora_is_fetched_from_the_hub_on_first_use(tiny_model, lora_file, tmp_path, published):
-    route = "/michaeltrs/text2face/resolve/main/checkpoints/lora30k/pytorch_lora_weights.safetensors"
-    hub = FakeHub({route: lora_file.read_bytes()} if published else {})
+    lora_path = "checkpoints/lora30k/pytorch_lora_weights.safetensors"
+    hub = FakeHub()
+    if published:
+        hub.add_repo("michaeltrs/text2face", {lora_path: lora_file.read_bytes()})
     try:
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
         result = subprocess.run([sys.executable, str(REPO / "generate.py"), "--base_model", str(tiny_model), "--prompt", PROMPT,
-                                 "--steps", "2", "--height", "64", "--width", "64"],
+                                 "--steps", "2", "--height", "64", "--width", "64", "--device", "cpu"],
                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     finally:
         hub.close()
-    assert any(path == route for _, path in hub.requests)
+    assert any(request["path"] == f"/michaeltrs/text2face/resolve/main/{lora_path}" for request in hub.requests)
     fetched = tmp_path / "checkpoints" / "lora30k" / "pytorch_lora_weights.safetensors"
     if published:
         assert result.returncode == 0, result.stderr

@@ -151,7 +151,7 @@ def test_two_loras_at_once_equal_diffusers_with_both_adapters(tiny_model, loras,
     assert [(lora["lora"], lora["sha256"], lora["scale"]) for lora in settings["loras"]] == [
         (a, generate.read_lora(loras["published"])[1], 1.0), (b, generate.read_lora(loras["alpha"])[1], 0.5)]
     assert f"Lora: {a}, " in text["parameters"] and f"Lora 2: {b}, " in text["parameters"] and "Lora 2 scale: 0.5" in text["parameters"]
-    assert generate.main(["--from_png", str(both), "--output_dir", str(tmp_path / "again")]) == 0
+    assert generate.main(["--from_png", str(both), "--device", "cpu", "--output_dir", str(tmp_path / "again")]) == 0
     (again,) = (tmp_path / "again").glob("*.png")
     assert np.array_equal(pixels(again), pixels(both))
 
@@ -166,7 +166,7 @@ def test_from_png_reads_a_png_with_the_single_lora_entries_of_before(tiny_model,
     info = generate.PngImagePlugin.PngInfo()
     info.add_text("text2face", json.dumps(settings))
     Image.open(image).save(old, pnginfo=info)
-    assert generate.main(["--from_png", str(old), "--output_dir", str(tmp_path / "again")]) == 0
+    assert generate.main(["--from_png", str(old), "--device", "cpu", "--output_dir", str(tmp_path / "again")]) == 0
     (again,) = (tmp_path / "again").glob("*.png")
     assert np.array_equal(pixels(again), pixels(image))
 
@@ -283,7 +283,7 @@ def test_finetune_save_kohya_writes_a_lora_that_gives_the_same_image(tiny_model,
     images = {}
     for name, lora_flags in (("base", ["--no_lora"]), ("diffusers", ["--lora", str(output)]), ("kohya", ["--lora", str(kohya_file)])):
         assert generate.main(["--prompt", PROMPT, "--base_model", str(tiny_model), *lora_flags, "--steps", "2",
-                              "--height", "64", "--width", "64", "--output_dir", str(tmp_path / name)]) == 0
+                              "--height", "64", "--width", "64", "--device", "cpu", "--output_dir", str(tmp_path / name)]) == 0
         images[name] = pixels(next((tmp_path / name).glob("*.png")))
     assert np.abs(images["diffusers"] - images["base"]).mean() > 1
     assert np.abs(images["kohya"] - images["diffusers"]).mean() <= 1.0  # 1/255 per pixel on average
