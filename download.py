@@ -29,7 +29,6 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx2
 from huggingface_hub import (
     HfApi,
     RepoFile,
@@ -48,6 +47,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import httpx  # the HTTP library huggingface_hub uses, under the name it exports across versions
 from safetensors import SafetensorError, safe_open
 
 DEFAULT_REPO_ID = "michaeltrs/text2face"
@@ -108,7 +108,7 @@ def fetch_lora(repo_id: str, filename: str, revision: str, local_dir: Path, forc
     target = local_dir / filename
     try:
         get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision))
-    except (OfflineModeIsEnabled, httpx2.TransportError):
+    except (OfflineModeIsEnabled, httpx.TransportError):
         if force or not target.is_file():
             raise
         print(f"download.py: cannot reach {constants.ENDPOINT}; using {target} without checking for updates",
@@ -229,7 +229,7 @@ def explain(error: Exception, repo_id: str, filename: str, revision: str) -> str
         return f"not authorized to download {repo_id} (HTTP {error.response.status_code}): {login}"
     if constants.is_offline_mode():
         return f"HF_HUB_OFFLINE=1 is set, so nothing can be fetched from {repo_id}: unset it to download"
-    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError)):
+    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.TransportError)):
         return (f"cannot reach {constants.ENDPOINT} to fetch {repo_id}: check the network; once the files are "
                 f"downloaded, set HF_HUB_OFFLINE=1 to run without it")
     return f"downloading {repo_id}/{filename} failed: {str(error).splitlines()[0]}"
@@ -240,7 +240,7 @@ def hub_errors(repo_id: str, filename: str, revision: str):
     """Turn the errors of the huggingface_hub calls inside into a one-line DownloadError."""
     try:
         yield
-    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError, OSError) as error:
+    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.TransportError, OSError) as error:
         raise DownloadError(explain(error, repo_id, filename, revision)) from None
 
 
