@@ -70,8 +70,15 @@ class DownloadError(Exception):
     """A problem the user can fix; printed as one line by `main`."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, as every other error here, instead of usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"download.py: error: {message} (python download.py --help lists the flags)\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = OneLineParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo_id", default=DEFAULT_REPO_ID,
                         help=f"Hub model repo that holds the LoRA (default: {DEFAULT_REPO_ID}).")

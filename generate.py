@@ -90,8 +90,15 @@ class GenerateError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, as every other error here, instead of usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python generate.py --help lists the flags)\n")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     prompts = parser.add_argument_group("prompts")
     prompts.add_argument("--prompt", action="append", default=[], help="Text describing the face; repeat the flag for several prompts.")
     prompts.add_argument("--prompts_file", type=Path, help="Text file with one prompt a line; blank lines and lines starting with # are skipped.")

@@ -96,6 +96,17 @@ def test_help_documents_every_flag():
     assert "HF_HUB_OFFLINE=1" in result.stdout and "hf auth login" in result.stdout
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--base_model", "--variant", "fp32"], "download.py: error: argument --variant: invalid choice: 'fp32'"),
+    (["--variant", "fp16"], "download.py: error: --variant applies to the base model: add --base_model"),
+])
+def test_a_bad_command_line_gets_one_line(tmp_path, flags, message):
+    result = run_download(closed_port_url(), tmp_path / "work", *flags)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(message) and "--help" in line
+
+
 def test_default_download_lands_where_generate_reads_and_a_second_run_transfers_nothing(hub, tmp_path):
     lora = lora_bytes(tmp_path)
     hub.add_repo(LORA_REPO, {LORA_FILE: lora, "README.md": b"# Text2Face"})
