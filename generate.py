@@ -33,6 +33,10 @@ The LoRA with kohya keys for AUTOMATIC1111 and ComfyUI (models/Lora, models/lora
     python generate.py --export_kohya text2face.safetensors
     python generate.py --export_kohya my-lora.safetensors --lora my-lora
 
+Offline, from the base model's fp16 files that `python download.py --base_model --variant fp16` fetched:
+
+    HF_HUB_OFFLINE=1 python generate.py --prompt "..." --variant fp16
+
 Render an image again from the settings stored in its PNG (other flags given override them):
 
     python generate.py --from_png outputs/00000-s42-a-happy-55-year-old-male-with-blond-hair-and-a-goatee-smiles.png
@@ -117,6 +121,7 @@ def parse_args(argv=None):
 
     model = parser.add_argument_group("model")
     model.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="Hub id or local folder of a diffusers Stable Diffusion 2.1 pipeline.")
+    model.add_argument("--variant", choices=["fp16"], help="Load the base model's fp16 weight files (*.fp16.safetensors), e.g. the ones `python download.py --base_model --variant fp16` fetched; they are cast to --dtype. Default: the full-precision files.")
     model.add_argument("--lora", action="append", help=f"LoRA folder, .safetensors file (diffusers/PEFT or kohya keys) or Hub repo id; repeat the flag to apply several LoRAs together, or for the rows of --grid. Default: {DEFAULT_LORA}, fetched from the Hub repo {LORA_HUB_REPO} when missing.")
     model.add_argument("--lora_weight_name", default=DEFAULT_LORA_WEIGHT_NAME, help="File name of the LoRA weights inside a --lora folder or Hub repo.")
     model.add_argument("--lora_scale", type=float, nargs="+", help="Strength of the LoRAs: 0 is the base model, 1 a LoRA as trained. Without --grid: one value for every --lora, or one per --lora in the same order. With --grid: the columns, every --lora shown at each value. Default 1.0.")
@@ -230,7 +235,7 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
     if not Path(args.base_model).exists() and not HUB_ID.fullmatch(args.base_model):
         raise GenerateError(f"--base_model {args.base_model} is neither a local folder nor a Hub id like {DEFAULT_BASE_MODEL}")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(args.base_model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(args.base_model, dtype=dtype, variant=args.variant, safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError) as error:
         raise GenerateError(f"cannot load --base_model {args.base_model}: {first_line(error)}") from None
     if args.scheduler is not None:
@@ -384,6 +389,7 @@ def image_settings(args, pipe, prompt, seed, loras, scales, dtype):
         "height": args.height,
         "width": args.width,
         "base_model": args.base_model,
+        "variant": args.variant,
         "lora_weight_name": args.lora_weight_name,
         "loras": [{"lora": lora.name, "file": str(lora.file), "sha256": lora.sha256, "scale": scale} for lora, scale in zip(loras, scales)],
         "dtype": str(dtype).removeprefix("torch."),
@@ -455,6 +461,7 @@ def settings_to_defaults(settings) -> dict:
         "height": settings["height"],
         "width": settings["width"],
         "base_model": settings["base_model"],
+        "variant": settings.get("variant"),  # PNGs from before --variant loaded the full-precision files
         "lora_weight_name": settings["lora_weight_name"],
         "lora_scale": [lora["scale"] for lora in loras] or None,
         "no_lora": not loras,

