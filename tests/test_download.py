@@ -241,6 +241,20 @@ def test_an_invalid_lora_is_rejected_and_not_left_where_generate_reads(hub, tmp_
     assert len(hub.file_gets(LORA_FILE)) == 2
 
 
+def test_a_rejected_download_leaves_the_previous_lora_in_place(hub, tmp_path):
+    lora = lora_bytes(tmp_path)
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora})
+    workdir = tmp_path / "work"
+    assert run_download(hub.url, workdir).returncode == 0
+    hub.add_repo(LORA_REPO, {LORA_FILE: b"<html>not a model</html>" * 100})  # a new commit on the Hub, broken
+
+    for flags in (["--force"], []):  # downloaded again on request, and because the ETag changed
+        message = error_line(run_download(hub.url, workdir, *flags))
+        assert "not a safetensors file" in message and f"{Path(LORA_FILE)} is unchanged" in message
+        assert (workdir / LORA_FILE).read_bytes() == lora
+    assert len(hub.file_gets(LORA_FILE)) == 3
+
+
 def test_no_network_says_how_to_run_offline(tmp_path):
     message = error_line(run_download(closed_port_url(), tmp_path / "work"))
     assert "cannot reach" in message and "HF_HUB_OFFLINE=1" in message
