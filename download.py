@@ -18,6 +18,8 @@ a Range request; a run that is killed leaves no partial file and the next one st
 `--base_model` fetches only what `StableDiffusionPipeline.from_pretrained` loads -- `model_index.json`, each
 component's configs and tokenizer files, and its `.safetensors` weights -- into the Hugging Face cache
 (`HF_HOME`), never the multi-GB single-file checkpoints at the repo root, `.ckpt` files or `.bin` duplicates.
+It always fetches the base model's main branch (`--revision` pins the LoRA only). Run again without a network or
+with HF_HUB_OFFLINE=1, it uses the cached snapshot as it is, without the Hub's file listing to check it against.
 
 Private or gated repos need a token: run `hf auth login` or set `HF_TOKEN`. `HF_ENDPOINT` selects a mirror.
 """
@@ -91,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"Path of the LoRA safetensors file inside the repo (default: {DEFAULT_FILENAME}).")
     parser.add_argument("--revision", default="main",
                         help="Branch, tag or commit hash of the LoRA repo; a commit hash makes the download "
-                             "reproducible (default: main).")
+                             "reproducible (default: main). The --base_model is always fetched from its main branch.")
     parser.add_argument("--local_dir", type=Path, default=Path("."),
                         help="Folder the LoRA is written under, keeping its repo path: <local_dir>/<filename> "
                              "(default: the current folder, the layout generate.py reads).")
@@ -235,14 +237,41 @@ def select_base_model_files(repo_files: list[str], folders: list[str], variant: 
     return selected
 
 
-def fetch_base_model(model_id: str, variant: str | None, force: bool) -> tuple[Path, list[str], int, int]:
-    """Snapshot the pipeline files of `model_id` into the HF cache; returns (folder, files, bytes, skipped count)."""
+def cached_base_model(model_id: str, variant: str | None) -> tuple[Path, list[str], int, str]:
+    """What `fetch_base_model` returns, from the snapshot of `model_id` that an earlier run cached.
+
+    The Hub's file listing is out of reach, so the pipeline files are picked from what the cache holds; a
+    snapshot cut short by an interrupted download cannot be told from a complete one here.
+    """
+    model_index = Path(hf_hub_download(model_id, "model_index.json", local_files_only=True))
+    snapshot = model_index.parent
+    cached = [path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*") if path.is_file()]
+    files = select_base_model_files(cached, component_folders(model_index), variant)
+    return snapshot, files, sum((snapshot / f).stat().st_size for f in files), "cached earlier, not checked"
+
+
+def fetch_base_model(model_id: str, variant: str | None, force: bool) -> tuple[Path, list[str], int, str]:
+    """Snapshot the pipeline files of `model_id` into the HF cache; returns (folder, files, bytes, a note on the rest).
+
+    As in `fetch_lora`, the Hub is asked first, so that a dead network fails at once rather than after the
+    retries of the file listing; then the snapshot cached earlier is used as it is (unless --force).
+    """
+    try:
+        get_hf_file_metadata(hf_hub_url(model_id, "model_index.json"))
+    except (OfflineModeIsEnabled, httpx.TransportError):
+        if force:
+            raise
+        cached = cached_base_model(model_id, variant)
+        print(f"download.py: cannot reach {constants.ENDPOINT}; using the cached {model_id} without checking "
+              f"for updates", file=sys.stderr)
+        return cached
     model_index = Path(hf_hub_download(model_id, "model_index.json", force_download=force))
     sizes = {entry.path: entry.size for entry in HfApi().list_repo_tree(model_id, recursive=True)
              if isinstance(entry, RepoFile)}
     files = select_base_model_files(list(sizes), component_folders(model_index), variant)
     folder = snapshot_download(model_id, allow_patterns=files, force_download=force)
-    return Path(folder), files, sum(sizes[f] for f in files), len(sizes) - len(files)
+    left = len(sizes) - len(files)
+    return Path(folder), files, sum(sizes[f] for f in files), f"{left} other files in the repo left on the Hub"
 
 
 def explain(error: Exception, repo_id: str, filename: str, revision: str) -> str:
@@ -284,9 +313,8 @@ def main(argv=None) -> int:
         print_lora_summary(target, install_lora(path, target))
         if args.base_model is not None:
             with hub_errors(args.base_model, "model_index.json", "main"):
-                folder, files, size, skipped = fetch_base_model(args.base_model, args.variant, args.force)
-            print(f"base model {args.base_model}: {len(files)} files, {human_size(size)} in {folder} "
-                  f"({skipped} other files in the repo left on the Hub)")
+                folder, files, size, note = fetch_base_model(args.base_model, args.variant, args.force)
+            print(f"base model {args.base_model}: {len(files)} files, {human_size(size)} in {folder} ({note})")
     except DownloadError as error:
         print(f"download.py: error: {error}", file=sys.stderr)
         return 1

@@ -310,6 +310,11 @@ def test_base_model_fetches_only_what_the_pipeline_loads_and_then_loads_offline(
     again = run_download(hub.url, workdir, *flags)
     assert again.returncode == 0, again.stderr
     assert sum(len(hub.file_gets(path)) for path in files) == gets, "the second run downloaded files again"
+    for url, offline in ((closed_port_url(), True), (closed_port_url(), False)):  # the snapshot is cached by now
+        result = run_download(url, workdir, *flags, offline=offline)
+        assert result.returncode == 0, result.stderr
+        assert f"using the cached {BASE_REPO} without checking for updates" in result.stderr
+        assert f"base model {BASE_REPO}: {len(fetched)} files" in result.stdout
 
     # What generate.py does next, offline (conftest sets HF_HUB_OFFLINE=1), from the cache download.py filled.
     pipe = StableDiffusionPipeline.from_pretrained(BASE_REPO, cache_dir=workdir / "hf-home" / "hub", variant=variant)
