@@ -13,7 +13,9 @@ file must parse as safetensors and hold LoRA weights for both the UNet and the t
 into `<local_dir>/.cache/text2face/` first and hard-linked over the LoRA only once it passes, so a download that
 fails the check is deleted and the LoRA already in place, if any, stays as it was. A second run only asks the Hub
 whether the file changed (by ETag) and transfers nothing. A connection that drops mid-download is resumed with
-a Range request; a run that is killed leaves no partial file and the next one starts the file over.
+a Range request, but only within the same run: huggingface_hub 2.4 keeps the partial bytes in a temporary file
+of its own process, so a run that is stopped leaves nothing at the LoRA's path and the next run starts the file
+over. (A run killed hard, e.g. SIGKILL, can leave that `*.incomplete` file under `<local_dir>/.cache/`; delete it.)
 
 `--base_model` fetches only what `StableDiffusionPipeline.from_pretrained` loads -- `model_index.json`, each
 component's configs and tokenizer files, and its `.safetensors` weights -- into the Hugging Face cache
