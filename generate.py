@@ -85,6 +85,7 @@ SCHEDULERS = {
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPE_FLAGS = {str(dtype).removeprefix("torch."): flag for flag, dtype in DTYPES.items()}  # "float16" (as PNGs store it) -> "fp16"
 
 # --compare grid: captions of at most this many lines beneath each pair, in PIL's default font.
 CAPTION_LINES = 5
@@ -133,10 +134,11 @@ def parse_args(argv=None):
     output = parser.add_argument_group("output and hardware")
     output.add_argument("--output_dir", type=Path, default=Path("outputs"), help="Folder for the PNGs; existing files are never overwritten.")
     output.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
-    output.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="Weight precision; auto is fp16 on cuda and fp32 elsewhere.")
+    output.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="Weight precision; auto is fp16 on cuda and fp32 elsewhere, and with --from_png the precision the image was made with (but fp32 for an fp16 image on the CPU).")
 
     args = parser.parse_args(argv)
     args.expected_lora_sha256 = {}  # (--lora, --lora_weight_name) -> sha256 of the file a --from_png image was made with
+    args.png_dtype = None  # the --dtype a --from_png image was made with, used where --dtype is auto
     if args.from_png is not None:
         if args.prompt or args.prompts_file or args.compare or args.grid or args.export_kohya:
             raise GenerateError("--from_png takes its prompt from the PNG: drop --prompt, --prompts_file, --compare, --grid and --export_kohya")
@@ -147,6 +149,7 @@ def parse_args(argv=None):
         stored = stored_loras(settings)
         args.lora = args.lora or [entry["lora"] for entry in stored] or None
         args.expected_lora_sha256 = {(entry["lora"], settings["lora_weight_name"]): entry["sha256"] for entry in stored}
+        args.png_dtype = DTYPE_FLAGS.get(settings.get("dtype"))
     # --lora appends, so its default is filled in here: argparse would append to a default list.
     args.lora = args.lora or [DEFAULT_LORA]
     args.lora_scale = args.lora_scale or [1.0]
@@ -221,10 +224,19 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
+def pick_dtype(name: str, device: torch.device, made_with: str | None = None) -> torch.dtype:
+    """The --dtype; auto is fp16 on cuda and fp32 elsewhere, or `made_with`, the --dtype of the --from_png image.
+
+    An fp16 image is rendered in fp32 on the CPU, which is slow in fp16: the pixels may then differ slightly.
+    """
+    if name != "auto":
+        return DTYPES[name]
+    if made_with is None:
         return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+    if made_with == "fp16" and device.type == "cpu":
+        print("warning: the PNG was made in fp16 (on a GPU); the CPU renders it in fp32, so the image may differ slightly (--dtype fp16 forces fp16)", file=sys.stderr)
+        return torch.float32
+    return DTYPES[made_with]
 
 
 def load_pipeline(args, device: torch.device, dtype: torch.dtype):
@@ -854,7 +866,7 @@ def main(argv=None) -> int:
             return 0
         prompts = read_prompts(args)
         device = pick_device(args.device)
-        dtype = pick_dtype(args.dtype, device)
+        dtype = pick_dtype(args.dtype, device, args.png_dtype)
         loras = [] if args.no_lora else [prepare_lora(name, args) for name in args.lora]
         pipe = load_pipeline(args, device, dtype)
         load_loras(pipe, loras)

@@ -164,6 +164,27 @@ def test_from_png_reproduces_the_pixels(tiny_model, lora_file, tmp_path):
     assert np.abs(pixels(tweaked) - pixels(first)).mean() > 1
 
 
+def test_from_png_renders_in_the_precision_the_image_was_made_with(tiny_model, tmp_path, capsys):
+    code, (first,) = run(tiny_model, tmp_path / "a", "--prompt", PROMPT, "--no_lora", "--dtype", "bf16")
+    assert code == 0
+    settings = json.loads(Image.open(first).text["text2face"])
+    assert settings["dtype"] == "bfloat16"
+    assert generate.main(["--from_png", str(first), "--device", "cpu", "--output_dir", str(tmp_path / "b")]) == 0
+    (again,) = (tmp_path / "b").glob("*.png")
+    assert json.loads(Image.open(again).text["text2face"])["dtype"] == "bfloat16"
+    assert np.array_equal(pixels(again), pixels(first))
+
+    # The same image as if made in fp16 on a GPU: the CPU renders it in fp32 and says so.
+    made_on_gpu = tmp_path / "fp16.png"
+    Image.open(first).save(made_on_gpu, pnginfo=generate.png_info({**settings, "dtype": "float16"}))
+    capsys.readouterr()
+    assert generate.main(["--from_png", str(made_on_gpu), "--device", "cpu", "--output_dir", str(tmp_path / "c")]) == 0
+    (on_cpu,) = (tmp_path / "c").glob("*.png")
+    assert json.loads(Image.open(on_cpu).text["text2face"])["dtype"] == "float32"
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert "made in fp16" in warning and "may differ" in warning
+
+
 @pytest.mark.parametrize("scheduler", sorted(generate.SCHEDULERS))
 def test_every_scheduler_samples_and_is_named_in_the_png(tiny_model, tmp_path, scheduler):
     code, (image,) = run(tiny_model, tmp_path, "--prompt", PROMPT, "--no_lora", "--scheduler", scheduler)
