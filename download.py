@@ -87,8 +87,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = OneLineParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo_id", default=DEFAULT_REPO_ID,
                         help=f"Hub model repo that holds the LoRA (default: {DEFAULT_REPO_ID}).")
     parser.add_argument("--filename", default=DEFAULT_FILENAME,
