@@ -19,35 +19,9 @@ from safetensors.torch import load_file
 
 import finetune_lora
 import generate
+from train_helpers import SCRIPT, accelerate_launch, lora, one_thread, train_args  # noqa: F401  (one_thread: autouse fixture)
 
-SCRIPT = Path(__file__).resolve().parents[1] / "finetune_lora.py"
 PROMPTS = ["a young woman with long red hair smiles", "an old man with gray hair and a beard"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared with other test processes: one torch thread per process avoids thrashing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def accelerate_launch(script_args, *launcher_args):
-    """The command line of `accelerate launch` on CPU, one thread per process, no user config."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1", *map(str, launcher_args),
-            str(SCRIPT), *map(str, script_args)]
-
-
-def train_args(model, data, output, *extra):
-    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(output),
-            "--resolution", "64", "--center_crop", "--train_batch_size", "2", "--rank", "4", "--text_encoder_rank", "4",
-            "--lr_warmup_steps", "0", "--report_to", "none", *map(str, extra)]
-
-
-def lora(path):
-    return load_file(path / finetune_lora.LORA_WEIGHTS_NAME)
 
 
 def part(state, prefix):

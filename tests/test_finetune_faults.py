@@ -15,9 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_lora
-from test_finetune import accelerate_launch, lora, one_thread, train_args  # noqa: F401  (one_thread: autouse fixture)
-
-SCRIPT = Path(__file__).resolve().parents[1] / "finetune_lora.py"
+from train_helpers import SCRIPT, accelerate_launch, lora, one_thread, train_args  # noqa: F401  (one_thread: autouse fixture)
 
 
 def cpu_env():
