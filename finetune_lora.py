@@ -694,12 +694,15 @@ def complete_checkpoints(output_dir: Path) -> list:
 def prepare_output_dir(args, accelerator):
     """Refuse to clobber an earlier run unless asked; clear leftovers of interrupted checkpoint writes."""
     output_dir = Path(args.output_dir)
-    earlier = [p for p in (output_dir / LORA_WEIGHTS_NAME, *output_dir.glob("checkpoint-*")) if p.exists()]
+    # A killed run's half-written checkpoint-N.tmp is no run to protect: 'latest' starts afresh and clears it.
+    earlier = [p for p in (output_dir / LORA_WEIGHTS_NAME, *complete_checkpoints(output_dir)) if p.exists()]
     resuming = args.resume_from_checkpoint is not None and (
         args.resume_from_checkpoint != "latest" or complete_checkpoints(output_dir))
     if earlier and not resuming and not args.overwrite_output_dir:
-        raise TrainingError(f"{output_dir} already holds a training run ({earlier[0].name}); resume it with "
-                            "--resume_from_checkpoint latest, or pass --overwrite_output_dir to replace it")
+        how = ("it has no complete checkpoint to resume" if args.resume_from_checkpoint == "latest"
+               else "resume it with --resume_from_checkpoint latest")
+        raise TrainingError(f"{output_dir} already holds a training run ({earlier[0].name}); {how}, "
+                            "or pass --overwrite_output_dir to replace it")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if args.overwrite_output_dir and not resuming:

@@ -191,6 +191,22 @@ def test_latest_skips_half_written_checkpoints_and_a_broken_rng_state_fails_loud
     assert "could not be restored" in capfd.readouterr().err
 
 
+def test_latest_starts_afresh_after_a_kill_during_the_first_checkpoint_write(tiny_model, face_folder, tmp_path, caplog):
+    output = tmp_path / "run"
+    # What SIGKILL in the middle of writing checkpoint-2 leaves: its staging folder, part of the LoRA in it.
+    staging = output / "checkpoint-2.tmp"
+    staging.mkdir(parents=True)
+    (staging / finetune_lora.LORA_WEIGHTS_NAME).write_bytes(b"\0" * 100)
+    args = train_args(tiny_model, face_folder, output, "--max_train_steps", "2", "--checkpointing_steps", "2",
+                      "--resume_from_checkpoint", "latest")
+    with caplog.at_level("INFO", logger="finetune_lora"):
+        assert finetune_lora.main(args) == 0
+    assert "starting a new run" in caplog.text
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert finetune_lora.is_complete_checkpoint(output / "checkpoint-2")
+    assert json.loads((output / "training_settings.json").read_text())["global_step"] == 2
+
+
 def test_a_second_run_does_not_overwrite_the_first_unless_asked(tiny_model, face_folder, tmp_path, capfd):
     output = tmp_path / "run"
     args = train_args(tiny_model, face_folder, output, "--max_train_steps", "1", "--checkpointing_steps", "1")
