@@ -228,8 +228,9 @@ class HubImages:
         return f"{self.label}[{index}]"
 
 
-def read_caption_table(path: Path, image_column: str, caption_column: str) -> dict:
-    """Read {image key: [captions]} from a JSON object, JSON/JSONL records or a CSV with a header."""
+def read_caption_table(path: Path, image_column: str, caption_column: str) -> tuple:
+    """Read {image key: [captions]} from a JSON object, JSON/JSONL records or a CSV with a header, and the
+    numbers (from 1) of the records that name no image; a record without a caption gives its image none."""
     try:
         if path.suffix == ".csv":
             with path.open(newline="", encoding="utf-8") as handle:
@@ -239,7 +240,7 @@ def read_caption_table(path: Path, image_column: str, caption_column: str) -> di
         elif path.suffix == ".json":
             content = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(content, dict):
-                return {str(key): as_caption_list(value, path) for key, value in content.items()}
+                return {str(key): as_caption_list(value, path) for key, value in content.items()}, []
             records = content
         else:
             raise TrainingError(f"captions file {path} is not .json, .jsonl or .csv")
@@ -249,17 +250,22 @@ def read_caption_table(path: Path, image_column: str, caption_column: str) -> di
         raise TrainingError(f"captions file {path} holds no records")
     if not all(isinstance(record, dict) for record in records):
         raise TrainingError(f"captions file {path} must hold records (objects/rows) or one {{file: caption}} object")
-    columns = list(records[0])
+    columns = sorted({str(column) for record in records for column in record})
     for column, flag in ((image_column, "--image_column"), (caption_column, "--caption_column")):
         if column not in columns:
             raise TrainingError(f"captions file {path} has no column '{column}' (columns: {', '.join(columns)}); pass {flag}")
-    table = {}
-    for record in records:
-        table.setdefault(str(record[image_column]), []).extend(as_caption_list(record[caption_column], path))
-    return table
+    table, nameless = {}, []
+    for number, record in enumerate(records, start=1):
+        if record.get(image_column) in (None, ""):
+            nameless.append(number)
+        else:
+            table.setdefault(str(record[image_column]), []).extend(as_caption_list(record.get(caption_column), path))
+    return table, nameless
 
 
 def as_caption_list(value, path) -> list:
+    if value is None:  # a null or missing caption: the image is counted as uncaptioned, not fatal
+        return []
     if isinstance(value, str):
         return [value] if value.strip() else []
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -324,16 +330,17 @@ def load_folder_records(args, show_progress: bool) -> Records:
         if len(present) > 1:
             raise TrainingError(f"{root} holds both metadata.jsonl and metadata.csv; keep one")
         captions_path = present[0]
-    table = read_caption_table(captions_path, args.image_column or "file_name", args.caption_column)
+    table, nameless = read_caption_table(captions_path, args.image_column or "file_name", args.caption_column)
     captions, unmatched = match_captions(names, table)
     uncaptioned = [name for name in names if name not in captions]
     unreadable = unreadable_images(root, sorted(captions), show_progress)
     usable = sorted(set(captions) - set(unreadable))
     logger.info(f"Data: {len(names)} images found under {root}, {len(captions)} with captions from {captions_path}, "
                 f"{len(uncaptioned)} images without captions (skipped), {len(unmatched)} captions without an image, "
-                f"{len(unreadable)} unreadable images (skipped).")
+                f"{len(unreadable)} unreadable images (skipped)"
+                + (f", {len(nameless)} caption records without an image name (skipped)." if nameless else "."))
     for label, items in (("images without captions", uncaptioned), ("captions without an image", unmatched),
-                         ("unreadable images", unreadable)):
+                         ("unreadable images", unreadable), ("caption records without an image name", [f"#{n}" for n in nameless])):
         if items:
             logger.warning(f"{label}: {', '.join(items[:10])}{' ...' if len(items) > 10 else ''}")
     if not usable:
@@ -691,13 +698,11 @@ def complete_checkpoints(output_dir: Path) -> list:
     return [p for p in checkpoint_folders(output_dir) if is_complete_checkpoint(p)]
 
 
-def prepare_output_dir(args, accelerator):
+def prepare_output_dir(args, accelerator, resuming: bool):
     """Refuse to clobber an earlier run unless asked; clear leftovers of interrupted checkpoint writes."""
     output_dir = Path(args.output_dir)
     # A killed run's half-written checkpoint-N.tmp is no run to protect: 'latest' starts afresh and clears it.
     earlier = [p for p in (output_dir / LORA_WEIGHTS_NAME, *complete_checkpoints(output_dir)) if p.exists()]
-    resuming = args.resume_from_checkpoint is not None and (
-        args.resume_from_checkpoint != "latest" or complete_checkpoints(output_dir))
     if earlier and not resuming and not args.overwrite_output_dir:
         how = ("it has no complete checkpoint to resume" if args.resume_from_checkpoint == "latest"
                else "resume it with --resume_from_checkpoint latest")
@@ -1146,14 +1151,14 @@ def train_micro_batch(batch, args, accelerator, models: Models, run: Run, genera
     return mean_loss
 
 
-def train(args, accelerator, models: Models, records: Records, stop: StopRequest) -> int:
-    """The training loop; returns the exit code (0 done, 128+signal when stopped to be resumed)."""
+def train(args, accelerator, models: Models, records: Records, checkpoint, stop: StopRequest) -> int:
+    """The training loop from `checkpoint` (None: from the start); returns the exit code (0 done, 128+signal when
+    stopped to be resumed)."""
     from tqdm.auto import tqdm
 
     output_dir = Path(args.output_dir)
     run = prepare_run(args, accelerator, models, records)
     register_lora_hooks(accelerator, run, args.train_text_encoder, args.save_kohya)
-    checkpoint = find_resume_checkpoint(args)
     run.global_step = resume(accelerator, checkpoint, run.settings) if checkpoint else 0
 
     dataset = CaptionedImages(records, args.resolution, args.center_crop, args.random_flip)
@@ -1259,11 +1264,12 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         with stop_on_signals() as stop:
             accelerator = make_accelerator(args)
-            prepare_output_dir(args, accelerator)
+            checkpoint = find_resume_checkpoint(args)  # a wrong name fails here, not after minutes of loading
+            prepare_output_dir(args, accelerator, resuming=checkpoint is not None)
             repo_id = hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
             records = load_records(args, accelerator.is_local_main_process)
             models = load_models(args, accelerator)
-            exit_code = train(args, accelerator, models, records, stop)
+            exit_code = train(args, accelerator, models, records, checkpoint, stop)
         if repo_id and exit_code == 0:
             push_to_hub(repo_id, Path(args.output_dir), json.loads((Path(args.output_dir) / SETTINGS_NAME).read_text())["global_step"])
         return exit_code

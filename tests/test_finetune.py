@@ -179,6 +179,22 @@ def test_every_captions_file_format_is_read(face_folder, tmp_path, caplog, kind,
         assert drawn == {"first caption", "second caption"}
 
 
+def test_records_without_a_caption_or_an_image_name_are_skipped_and_counted(face_folder, tmp_path, caplog):
+    metadata = face_folder / "metadata.jsonl"
+    records = [json.loads(line) for line in metadata.read_text().splitlines()]
+    del records[3]["text"]
+    records[5]["text"] = None
+    records.append({"text": "a caption that names no image"})
+    metadata.write_text("".join(json.dumps(record) + "\n" for record in records))
+    with caplog.at_level("INFO", logger="finetune_lora"):
+        loaded = finetune_lora.load_records(finetune_lora.parse_args(
+            ["--train_data_dir", str(face_folder), "--output_dir", str(tmp_path / "out")]), show_progress=False)
+    assert sorted(loaded.source.names) == sorted(r["file_name"] for i, r in enumerate(records[:8]) if i not in (3, 5))
+    assert "8 images found" in caplog.text and "6 with captions" in caplog.text
+    assert "2 images without captions (skipped)" in caplog.text
+    assert "1 caption records without an image name (skipped)" in caplog.text and "#9" in caplog.text
+
+
 @pytest.mark.parametrize("cache", [[], ["--cache_latents"]], ids=["decoded-per-step", "cache-latents"])
 def test_a_corrupt_and_a_truncated_image_are_skipped_and_named(tiny_model, face_folder, tmp_path, caplog, cache):
     records = [json.loads(line) for line in (face_folder / "metadata.jsonl").read_text().splitlines()]
@@ -215,7 +231,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_model
 @pytest.mark.parametrize("problem", ["missing folder", "empty folder", "no captions", "unknown column",
                                      "resolution", "named checkpoint missing", "hub unreachable"])
 def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_model, face_folder, tmp_path, capfd, problem):
-    data, extra = face_folder, []
+    model, data, extra = tiny_model, face_folder, []
     if problem == "missing folder":
         data = tmp_path / "nowhere"
     elif problem == "empty folder":
@@ -228,10 +244,11 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_model, face_folder, tm
     elif problem == "resolution":
         extra = ["--resolution", "60"]
     elif problem == "named checkpoint missing":
+        model = tmp_path / "no-model"  # the checkpoint is checked before the base model loads
         extra = ["--resume_from_checkpoint", "checkpoint-7"]
     else:
         extra = ["--push_to_hub"]  # the tests run with HF_HUB_OFFLINE=1: it must fail before training, not after
-    assert finetune_lora.main(train_args(tiny_model, data, tmp_path / "run", *extra)) == 1
+    assert finetune_lora.main(train_args(model, data, tmp_path / "run", *extra)) == 1
     err_lines = capfd.readouterr().err.strip().splitlines()
     errors = [line for line in err_lines if line.startswith("error: ")]
     assert len(errors) == 1 and err_lines[-1] == errors[0]
