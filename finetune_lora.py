@@ -68,6 +68,8 @@ TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 VALIDATION_INFERENCE_STEPS = 30
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+VALIDATION_GRID_PATTERN = re.compile(r"^step-\d{6}\.(png|json)$")  # validation/step-N.png and its prompts
+TRACKER_PROJECT = "text2face-lora"  # the tracker's run folder under --logging_dir
 
 logger = logging.getLogger("finetune_lora")
 
@@ -118,7 +120,8 @@ def parse_args(argv=None):
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", default="outputs/text2face-lora", help="Where the LoRA, checkpoints, validation grids and logs go.")
     training.add_argument("--overwrite_output_dir", action="store_true",
-                          help="Start a new run in an output_dir that already holds a run's weights or checkpoints (deletes them).")
+                          help="Start a new run in an output_dir that already holds a run: deletes that run's weights, "
+                               "checkpoints, validation grids, logs and model card (and nothing else).")
     training.add_argument("--seed", type=int, default=0, help="Seed for the LoRA initialisation, data order, crops, flips, noise and validation.")
     training.add_argument("--train_batch_size", type=int, default=4, help="Images per process per forward pass.")
     training.add_argument("--num_train_epochs", type=int, default=100, help="Passes over the data (ignored when --max_train_steps is set).")
@@ -710,13 +713,37 @@ def prepare_output_dir(args, accelerator, resuming: bool):
                             "or pass --overwrite_output_dir to replace it")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if args.overwrite_output_dir and not resuming:
-            for path in earlier:
+        if not resuming:  # a fresh start: old grids, logs and model card would mix with the new run's
+            for path in previous_outputs(args):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
+            for folder in (output_dir / "validation", output_dir / args.logging_dir):
+                if folder.is_dir() and within(folder, output_dir) and not any(folder.iterdir()):
+                    folder.rmdir()
         for stale in output_dir.glob("checkpoint-*.tmp"):
             shutil.rmtree(stale)
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+
+
+def within(path: Path, folder: Path) -> bool:
+    return path.resolve() != folder.resolve() and path.resolve().is_relative_to(folder.resolve())
+
+
+def previous_outputs(args) -> list:
+    """What an earlier run of this script wrote into output_dir; files this script does not write are never listed."""
+    output_dir = Path(args.output_dir)
+    if not output_dir.is_dir():
+        return []
+    paths = [output_dir / name for name in (LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, SETTINGS_NAME, "final.tmp")]
+    paths += [p for p in output_dir.glob("checkpoint-*") if CHECKPOINT_PATTERN.match(p.name.removesuffix(".tmp"))]
+    paths += [p for p in (output_dir / "validation").glob("step-*") if VALIDATION_GRID_PATTERN.match(p.name)]
+    tracker_folder = output_dir / args.logging_dir / TRACKER_PROJECT
+    if within(tracker_folder, output_dir):  # never a tracker folder shared with runs outside output_dir
+        paths.append(tracker_folder)
+    card = output_dir / "README.md"
+    if card.is_file() and "trained with `finetune_lora.py`" in card.read_text(encoding="utf-8", errors="replace"):
+        paths.append(card)
+    return [p for p in paths if p.exists()]
 
 
 def find_resume_checkpoint(args):
@@ -1168,7 +1195,7 @@ def train(args, accelerator, models: Models, records: Records, checkpoint, stop:
     sampler = EpochBatches(len(records), args.train_batch_size, args.gradient_accumulation_steps,
                            accelerator.num_processes, accelerator.process_index, args.seed)
     if accelerator.is_main_process:
-        accelerator.init_trackers("text2face-lora", config=tracker_config(args))
+        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args))
     # Validation runs on the main process only; the others wait for it at the next collective.
     validation = Validation(args, accelerator, models) if args.validation_prompts and accelerator.is_main_process else None
     grid_path = validation.save(output_dir / "validation" / "step-000000.png", 0) if validation and run.global_step == 0 else None

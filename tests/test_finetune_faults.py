@@ -210,8 +210,13 @@ def test_latest_starts_afresh_after_a_kill_during_the_first_checkpoint_write(tin
 def test_a_second_run_does_not_overwrite_the_first_unless_asked(tiny_model, face_folder, tmp_path, capfd):
     output = tmp_path / "run"
     args = train_args(tiny_model, face_folder, output, "--max_train_steps", "1", "--checkpointing_steps", "1")
-    assert finetune_lora.main(args) == 0
+    assert finetune_lora.main([*args, "--report_to", "tensorboard", "--validation_prompts", "a face",
+                               "--num_validation_images", "1"]) == 0
     first = load_file(output / "pytorch_lora_weights.safetensors")
+    assert (output / "validation" / "step-000001.png").is_file() and list((output / "logs").rglob("events.out.tfevents.*"))
+    # Files of the user's own beside the run's: an overwrite must leave them alone.
+    (output / "notes.txt").write_text("mine")
+    (output / "validation" / "favourite.png").write_bytes((output / "validation" / "step-000001.png").read_bytes())
     capfd.readouterr()
 
     assert finetune_lora.main([*args, "--seed", "1"]) == 1
@@ -220,6 +225,10 @@ def test_a_second_run_does_not_overwrite_the_first_unless_asked(tiny_model, face
 
     assert finetune_lora.main([*args, "--seed", "1", "--max_train_steps", "2", "--checkpointing_steps", "2",
                                "--overwrite_output_dir"]) == 0
-    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2"]
     second = load_file(output / "pytorch_lora_weights.safetensors")
     assert any(not torch.equal(first[k], second[k]) for k in first)
+    # Nothing of the first run is left to mix with the second: no old checkpoints, grids, logs or model card.
+    assert sorted(p.name for p in output.iterdir()) == [
+        "README.md", "checkpoint-2", "notes.txt", "pytorch_lora_weights.safetensors", "training_settings.json", "validation"]
+    assert [p.name for p in (output / "validation").iterdir()] == ["favourite.png"]
+    assert "for 2 steps" in (output / "README.md").read_text()
