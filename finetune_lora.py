@@ -191,6 +191,20 @@ def check_args(args):
     for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TrainingError(f"--{name} must be at least 1")
+    # Written as `not value >= 0` so that nan is rejected too.
+    for name in ("learning_rate", "learning_rate_text_encoder", "lr_warmup_steps", "dataloader_num_workers",
+                 "noise_offset", "adam_weight_decay"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            raise TrainingError(f"--{name} {value} must be 0 or more")
+    for name in ("snr_gamma", "max_grad_norm", "adam_epsilon"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            hint = " (leave it out to train without Min-SNR weighting)" if name == "snr_gamma" else ""
+            raise TrainingError(f"--{name} {value} must be more than 0{hint}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise TrainingError(f"--{name} {getattr(args, name)} must be at least 0 and below 1")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -260,6 +260,21 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_model, face_folder, tm
     assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--snr_gamma", "0"], "--snr_gamma 0.0 must be more than 0"),
+    (["--learning_rate", "-0.5"], "--learning_rate -0.5 must be 0 or more"),
+    (["--learning_rate_text_encoder", "nan"], "--learning_rate_text_encoder nan must be 0 or more"),
+    (["--lr_warmup_steps", "-1"], "--lr_warmup_steps -1 must be 0 or more"),
+    (["--dataloader_num_workers", "-3"], "--dataloader_num_workers -3 must be 0 or more"),
+    (["--max_grad_norm", "0"], "--max_grad_norm 0.0 must be more than 0"),
+    (["--adam_beta2", "1"], "--adam_beta2 1.0 must be at least 0 and below 1"),
+])
+def test_out_of_range_values_get_one_line_before_anything_loads(tmp_path, capfd, flags, message):
+    assert finetune_lora.main(["--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "run"), *flags]) == 1
+    assert capfd.readouterr().err.strip().splitlines()[0].startswith(f"error: {message}")
+    assert not (tmp_path / "run").exists()
+
+
 def test_under_bf16_mixed_precision_the_lora_trains_and_is_saved_in_fp32(tiny_model, face_folder, tmp_path):
     # A fresh process: accelerate's precision is fixed per process, and the other tests run in fp32.
     output = tmp_path / "run"
