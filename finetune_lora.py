@@ -78,8 +78,15 @@ class TrainingError(Exception):
     """A problem with the user's inputs or run state, reported as one line without a traceback."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line, as every other error of this script is reported."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="LoRA fine-tuning of Stable Diffusion 2.1 (UNet and text encoder).")
+    parser = OneLineParser(description="LoRA fine-tuning of Stable Diffusion 2.1 (UNet and text encoder).")
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", default=DEFAULT_BASE_MODEL,
                        help=f"Base model: Hub id or local diffusers folder (default: {DEFAULT_BASE_MODEL}).")

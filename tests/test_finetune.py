@@ -275,6 +275,19 @@ def test_out_of_range_values_get_one_line_before_anything_loads(tmp_path, capfd,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--lr_scheduler", "cosine_annealing"], "error: argument --lr_scheduler: invalid choice: 'cosine_annealing'"),
+    (["--rank", "four"], "error: argument --rank: invalid int value: 'four'"),
+    (["--no_such_flag"], "error: unrecognized arguments: --no_such_flag"),
+])
+def test_a_bad_flag_gets_one_line_and_exit_code_2(tmp_path, capfd, flags, message):
+    with pytest.raises(SystemExit) as exit:
+        finetune_lora.main(["--train_data_dir", str(tmp_path), *flags])
+    assert exit.value.code == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message) and err[0].endswith("(see --help)")
+
+
 def test_under_bf16_mixed_precision_the_lora_trains_and_is_saved_in_fp32(tiny_model, face_folder, tmp_path):
     # A fresh process: accelerate's precision is fixed per process, and the other tests run in fp32.
     output = tmp_path / "run"
