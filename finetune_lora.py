@@ -77,6 +77,10 @@ logger = logging.getLogger("finetune_lora")
 class TrainingError(Exception):
     """A problem with the user's inputs or run state, reported as one line without a traceback."""
 
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line, as every other error of this script is reported."""
@@ -869,6 +873,14 @@ class StopRequest:
             self.reason = "launcher exit"
         return self.reason is not None
 
+    def agreed(self, accelerator) -> bool:
+        """Whether any process was asked to stop. Every process must call this at the same point (it is a
+        collective): a process that stopped alone would leave the others waiting forever at the next one."""
+        return accelerator.reduce(torch.tensor(float(self.requested()), device=accelerator.device), "max").item() > 0
+
+    def exit_code(self) -> int:
+        return 128 + (signal.SIGINT if self.reason == "SIGINT" else signal.SIGTERM)
+
 
 @contextlib.contextmanager
 def stop_on_signals():
@@ -879,6 +891,14 @@ def stop_on_signals():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def stop_if_requested(stop: StopRequest, accelerator, phase: str):
+    """Setup (image check, model load, latent caching, first validation) can take many minutes: a stop
+    asked for meanwhile ends the run there, before its first step, with nothing new to save."""
+    if stop.agreed(accelerator):
+        raise TrainingError(f"stopped by {stop.reason or 'another process'} while {phase}, before the first training "
+                            "step: nothing new was saved; run the same command to start again", exit_code=stop.exit_code())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1212,6 +1232,7 @@ def train(args, accelerator, models: Models, records: Records, checkpoint, stop:
     dataset = CaptionedImages(records, args.resolution, args.center_crop, args.random_flip)
     if args.cache_latents:
         cache_latents(dataset, models, accelerator, args.train_batch_size)
+        stop_if_requested(stop, accelerator, "caching latents")
     text_cache = {} if args.cache_text_embeddings else None
     sampler = EpochBatches(len(records), args.train_batch_size, args.gradient_accumulation_steps,
                            accelerator.num_processes, accelerator.process_index, args.seed)
@@ -1220,6 +1241,7 @@ def train(args, accelerator, models: Models, records: Records, checkpoint, stop:
     # Validation runs on the main process only; the others wait for it at the next collective.
     validation = Validation(args, accelerator, models) if args.validation_prompts and accelerator.is_main_process else None
     grid_path = validation.save(output_dir / "validation" / "step-000000.png", 0) if validation and run.global_step == 0 else None
+    stop_if_requested(stop, accelerator, "preparing the run (checkpoint, step-0 validation)")
 
     def checkpoint_now(with_validation: bool) -> Path:
         def extra_files(staging):
@@ -1261,14 +1283,13 @@ def train(args, accelerator, models: Models, records: Records, checkpoint, stop:
             progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['img/s']:.1f}")
             accelerator.log(logs, step=run.global_step)
 
-            # Every process must agree to stop, or the others would wait forever at the next collective.
-            if accelerator.reduce(torch.tensor(float(stop.requested()), device=accelerator.device), "max").item() > 0:
+            if stop.agreed(accelerator):
                 path = checkpoint_now(with_validation=False)
                 progress.close()
                 if accelerator.is_main_process:
                     print(f"Stopped by {stop.reason or 'another process'} after step {run.global_step}; saved {path}. "
                           "Resume with the same command and --resume_from_checkpoint latest", file=sys.stderr)
-                return 128 + (signal.SIGINT if stop.reason == "SIGINT" else signal.SIGTERM)
+                return stop.exit_code()
             if run.global_step % args.checkpointing_steps == 0:
                 checkpoint_now(with_validation=True)
             if run.global_step >= plan.max_train_steps:
@@ -1316,14 +1337,16 @@ def main(argv=None) -> int:
             prepare_output_dir(args, accelerator, resuming=checkpoint is not None)
             repo_id = hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
             records = load_records(args, accelerator.is_local_main_process)
+            stop_if_requested(stop, accelerator, "reading the data")
             models = load_models(args, accelerator)
+            stop_if_requested(stop, accelerator, "loading the base model")
             exit_code = train(args, accelerator, models, records, checkpoint, stop)
         if repo_id and exit_code == 0:
             push_to_hub(repo_id, Path(args.output_dir), json.loads((Path(args.output_dir) / SETTINGS_NAME).read_text())["global_step"])
         return exit_code
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return error.exit_code
     finally:
         if accelerator is not None:
             accelerator.end_training()

@@ -142,6 +142,24 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_latest_resumes_from_i
     assert json.loads((output / "training_settings.json").read_text())["global_step"] == step + 2
 
 
+def test_sigterm_during_setup_ends_the_run_at_once_with_nothing_saved(tiny_model, face_folder, tmp_path):
+    output = tmp_path / "run"
+    args = train_args(tiny_model, face_folder, output, "--max_train_steps", "400", "--checkpointing_steps", "1",
+                      "--validation_prompts", "a face", "--num_validation_images", "2")
+    process = start([sys.executable, str(SCRIPT), *args])
+    try:
+        read_until(process, "Data: 8 images found")  # the data is read; the base model and validation are still to come
+        process.send_signal(signal.SIGTERM)
+        rest = process.stderr.read()
+    finally:
+        process.wait(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, rest[-3000:]
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGTERM while ") and "before the first training step" in last
+    assert "Traceback" not in rest and "first batch" not in rest
+    assert not list(output.glob("checkpoint-*")) and not (output / "pytorch_lora_weights.safetensors").exists()
+
+
 def test_the_trainer_stops_and_checkpoints_when_only_its_launcher_is_signalled(tiny_model, face_folder, tmp_path):
     output = tmp_path / "run"
     launcher = start(accelerate_launch(train_args(tiny_model, face_folder, output, "--max_train_steps", "400",
