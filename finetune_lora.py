@@ -999,10 +999,16 @@ def hub_repo(args) -> str:
 
 
 def push_to_hub(repo_id: str, output_dir: Path, step: int):
+    """Upload output_dir without its checkpoints; a failure leaves the trained LoRA where it is, saying how to upload it."""
     from huggingface_hub import upload_folder
+    from huggingface_hub.errors import HTTPError  # huggingface_hub's HTTP client's base error (connection, timeout)
 
-    upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=f"LoRA after {step} steps",
-                  ignore_patterns=["checkpoint-*", "*.tmp"])
+    try:
+        upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=f"LoRA after {step} steps",
+                      ignore_patterns=["checkpoint-*", "*.tmp"])
+    except (HTTPError, OSError, ValueError) as error:
+        raise TrainingError(f"training finished, but the upload to {repo_id} failed ({str(error).splitlines()[0]}); the LoRA "
+                            f"is in {output_dir}: upload it with `hf upload {repo_id} {output_dir} . --exclude 'checkpoint-*'`") from error
     logger.info(f"Uploaded {output_dir} to https://huggingface.co/{repo_id}")
 
 

@@ -4,10 +4,12 @@ Runs where the launcher is the point go through a real `accelerate launch` subpr
 `finetune_lora.main([...])` in-process, which is the same code path without the interpreter start-up.
 """
 import csv
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +288,51 @@ def test_a_bad_flag_gets_one_line_and_exit_code_2(tmp_path, capfd, flags, messag
     assert exit.value.code == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(message) and err[0].endswith("(see --help)")
+
+
+class RefusingHub(http.server.BaseHTTPRequestHandler):
+    """A Hub on 127.0.0.1 that creates any repo and then refuses every upload, as a token without write access does."""
+
+    def do_POST(self):
+        if self.path == "/api/repos/create":
+            self.answer(200, {"url": f"http://127.0.0.1:{self.server.server_port}/tester/text2face"})
+        else:
+            self.answer(403, {"error": "You don't have the rights to write to this repository"})
+
+    do_GET = do_HEAD = do_PUT = do_POST
+
+    def answer(self, status, payload):
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_failed_upload_after_training_is_one_line_and_keeps_the_lora(tiny_model, face_folder, tmp_path):
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusingHub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    output = tmp_path / "run"
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}", "HF_HUB_OFFLINE": "0",
+           "HF_TOKEN": "hf_NotARealToken", "NO_PROXY": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    try:
+        run = subprocess.run([sys.executable, str(SCRIPT), *train_args(tiny_model, face_folder, output, "--max_train_steps", "1",
+                                                                      "--push_to_hub", "--hub_model_id", "tester/text2face")],
+                             capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        hub.shutdown()
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training finished, but the upload to tester/text2face failed")
+    assert f"hf upload tester/text2face {output} ." in last
+    assert json.loads((output / "training_settings.json").read_text())["global_step"] == 1
+    assert (output / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_under_bf16_mixed_precision_the_lora_trains_and_is_saved_in_fp32(tiny_model, face_folder, tmp_path):
