@@ -584,6 +584,12 @@ def load_models(args, accelerator) -> Models:
     return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, weight_dtype)
 
 
+def published_layout(text_encoder_layers: dict) -> dict:
+    """Text-encoder LoRA keys with CLIPTextModel's text_model level, which transformers 5 dropped: the published
+    LoRA, transformers-4 stacks and kohya's converter spell them so, and diffusers maps them to either."""
+    return {key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in text_encoder_layers.items()}
+
+
 def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple:
     from peft.utils import get_peft_model_state_dict
 
@@ -605,6 +611,7 @@ def save_lora(directory: Path, unet, text_encoder, train_text_encoder: bool, set
         return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
 
     unet_layers, text_encoder_layers = lora_state_dicts(unet, text_encoder, train_text_encoder)
+    text_encoder_layers = published_layout(text_encoder_layers) if train_text_encoder else None
     StableDiffusionPipeline.save_lora_weights(
         directory,
         unet_lora_layers=unet_layers,
@@ -627,10 +634,9 @@ def save_kohya_lora(path: Path, lora_state_dict: dict, settings: dict):
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
-    # kohya's SD2.x files keep transformers 4's text_model level, and name their one text encoder lora_te_, not lora_te1_.
-    spelled = {re.sub(r"^text_encoder\.", "text_encoder.text_model.", key): value for key, value in lora_state_dict.items()}
+    # kohya's SD2.x files name their one text encoder lora_te_, not lora_te1_.
     kohya = {re.sub(r"^lora_te1_", "lora_te_", key): value.float() if key.endswith(".alpha") else value
-             for key, value in convert_state_dict_to_kohya(spelled).items()}
+             for key, value in convert_state_dict_to_kohya(lora_state_dict).items()}
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(settings["rank"]),
                 "ss_network_alpha": str(settings["lora_alpha"]), "ss_base_model_version": "sd_v2_v", "ss_v2": "True",
                 "ss_sd_model_name": settings["base_model"], "ss_steps": str(settings["global_step"])}
@@ -638,7 +644,8 @@ def save_kohya_lora(path: Path, lora_state_dict: dict, settings: dict):
 
 
 def load_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
-    """Load a checkpoint's LoRA back into the adapters; every adapter weight must be present."""
+    """Load a checkpoint's LoRA back into the adapters; every adapter weight must be present. Text-encoder keys
+    may have the text_model level or not (checkpoints written before this script saved the published layout)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -650,6 +657,8 @@ def load_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
         part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         if not wanted:
             continue
+        if prefix == "text_encoder." and not hasattr(model, "text_model"):
+            part = {k.removeprefix("text_model."): v for k, v in part.items()}
         expected = set(lora_state_dicts(unet, text_encoder, train_text_encoder)[0 if prefix == "unet." else 1])
         if set(part) != expected:
             raise TrainingError(f"the LoRA in {directory} does not match this run's --rank/--text_encoder_rank/"

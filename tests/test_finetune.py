@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import finetune_lora
 import generate
@@ -86,7 +86,10 @@ def test_readme_command_runs_under_accelerate_launch_and_its_lora_changes_the_im
     assert np.abs(images["base"] - images["lora"]).mean() > 1
 
 
-def test_checkpoints_hold_only_lora_weights(tiny_model, face_folder, tmp_path):
+def test_checkpoints_hold_only_lora_weights_in_the_published_layout(tiny_model, face_folder, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
     output = tmp_path / "run"
     assert finetune_lora.main(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--max_train_steps", "1",
                                          "--checkpointing_steps", "1")) == 0
@@ -100,6 +103,25 @@ def test_checkpoints_hold_only_lora_weights(tiny_model, face_folder, tmp_path):
     assert lora_size < sum(t.numel() for t in base_unet.values()) / 10
     optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=False)
     assert sum(len(group["params"]) for group in optimizer["param_groups"]) == len(tensors)
+
+    # The text encoder's keys as the published LoRA spells them (transformers 4's text_model level), and
+    # diffusers maps every one of them into this transformers-5 text encoder.
+    text_encoder_keys = [k for k in tensors if not k.startswith("unet.")]
+    assert text_encoder_keys and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in text_encoder_keys)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(output, adapter_name="trained")
+    loaded = get_peft_model_state_dict(pipe.text_encoder, adapter_name="trained")
+    assert {f"text_encoder.text_model.{k}" for k in loaded} == set(text_encoder_keys)
+    assert all(torch.equal(v, tensors[f"text_encoder.text_model.{k}"]) for k, v in loaded.items())
+
+    # A checkpoint written before the published layout (no text_model level) still resumes.
+    with safe_open(checkpoint / "pytorch_lora_weights.safetensors", "pt") as handle:
+        metadata = handle.metadata()
+    save_file({k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in tensors.items()},
+              checkpoint / "pytorch_lora_weights.safetensors", metadata=metadata)
+    assert finetune_lora.main(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--max_train_steps", "2",
+                                         "--checkpointing_steps", "100", "--resume_from_checkpoint", "checkpoint-1")) == 0
+    assert json.loads((output / "training_settings.json").read_text())["global_step"] == 2
 
 
 @pytest.mark.parametrize("frozen", ["unet", "text_encoder"])
