@@ -28,6 +28,9 @@ on CPUs, several processes need `--multi_gpu` too (plain `--cpu --num_processes 
       --main_process_port 29500 --num_processes 16 finetune_lora.py ...
     accelerate launch --config_file deepspeed_zero2.yaml finetune_lora.py ...   # UNet LoRA only
 
+Under DeepSpeed with fp16/bf16, DeepSpeed casts the whole UNet, its LoRA included, to that dtype and keeps
+the fp32 master weights in its optimizer: the LoRA files it saves are fp16/bf16, not fp32.
+
 A run stopped by SIGTERM or SIGINT (Slurm pre-emption, Ctrl-C) finishes its step, writes a
 checkpoint and exits; run the same command with `--resume_from_checkpoint latest` to continue
 exactly where it stopped. The LoRA ends up in `<output_dir>/pytorch_lora_weights.safetensors`
@@ -156,7 +159,8 @@ def parse_args(argv=None):
     training.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
     training.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the gradient norm of all LoRA parameters to this.")
     training.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                          help="Mixed precision (default: from `accelerate config`); LoRA parameters stay fp32.")
+                          help="Mixed precision (default: from `accelerate config`); LoRA parameters stay fp32 "
+                               "(except under DeepSpeed, which casts them too).")
     training.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
     training.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                           help="Use xformers attention in the UNet instead of PyTorch SDPA.")
@@ -818,8 +822,10 @@ def resume(accelerator, checkpoint: Path, run_settings: dict) -> int:
         logger.warning(f"resuming with different {', '.join(differing)} than {checkpoint.name} was trained with: "
                        "the run will not match an uninterrupted one")
     logger.info(f"Resuming from {checkpoint}")
+    # DeepSpeed checkpoints leave the frozen base model out (see save_checkpoint): load them non-strictly.
+    deepspeed = {"load_module_strict": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
     try:
-        accelerator.load_state(str(checkpoint))
+        accelerator.load_state(str(checkpoint), **deepspeed)
     except FileNotFoundError as error:
         raise TrainingError(f"checkpoint {checkpoint} is incomplete ({Path(error.filename or '?').name} is missing); "
                             "resume from an earlier one") from error
@@ -1173,13 +1179,26 @@ class Run:
         return {**self.settings, "global_step": self.global_step}
 
 
+def configure_deepspeed(args, accelerator):
+    """accelerate sizes DeepSpeed's batches from a prepared DataLoader, and this script prepares none (its batches
+    follow from the seed, see EpochBatches); an accelerate-config DeepSpeed plugin leaves them "auto", which
+    prepare() rejects. DeepSpeed also accumulates and clips by itself: give it this run's numbers."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+    config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    config["gradient_clipping"] = args.max_grad_norm
+
+
 def prepare_run(args, accelerator, models: Models, records: Records) -> Run:
     """Optimizer, LR schedule and accelerate wrapping, in the canonical order; the models are wrapped in place."""
     from diffusers.optimization import get_scheduler
 
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.train_text_encoder:
-        raise TrainingError("accelerate's DeepSpeed integration trains one model: drop --train_text_encoder "
-                            "or train with DDP (accelerate launch --multi_gpu)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if args.train_text_encoder:
+            raise TrainingError("accelerate's DeepSpeed integration trains one model: drop --train_text_encoder "
+                                "or train with DDP (accelerate launch --multi_gpu)")
+        configure_deepspeed(args, accelerator)
     plan = make_plan(args, len(records), accelerator.num_processes)
     optimizer, trainable = make_optimizer(args, models, plan.total_batch_size)
     # accelerate steps a prepared scheduler once per process per optimizer step.
