@@ -89,10 +89,14 @@ def test_two_processes_split_the_batches_and_end_with_the_same_weights(tiny_mode
 
 def test_a_run_killed_after_its_second_checkpoint_resumes_to_the_same_weights(tiny_model, face_folder, tmp_path):
     def command(output):
-        # 8 images / batch 2 = 4 steps per epoch; 4 epochs = 16 steps; a checkpoint every 3 steps, so the
-        # second one (step 6) falls in the middle of an epoch.
+        # 8 images / (batch 1 x 2 accumulated) = 4 steps per epoch; 4 epochs = 16 steps; a checkpoint every 3 steps,
+        # so the second one (step 6) falls in the middle of an epoch. Validation grids are sampled at step 0, at
+        # every checkpoint and every second epoch, between training steps, as in a real run.
         return accelerate_launch(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--random_flip",
+                                            "--train_batch_size", "1", "--gradient_accumulation_steps", "2",
                                             "--num_train_epochs", "4", "--checkpointing_steps", "3",
+                                            "--validation_prompts", "a face", "--num_validation_images", "1",
+                                            "--validation_epochs", "2",
                                             "--learning_rate", "1e-3", "--resume_from_checkpoint", "latest"),
                                  "--num_processes", "1")
 
@@ -117,6 +121,9 @@ def test_a_run_killed_after_its_second_checkpoint_resumes_to_the_same_weights(ti
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0, msg=key)
     assert not list(output.glob("*.tmp"))
+    assert json.loads((output / "training_settings.json").read_text())["global_step"] == 16
+    assert sorted(p.name for p in (output / "validation").glob("*.png")) == sorted(
+        p.name for p in (tmp_path / "reference" / "validation").glob("*.png"))
 
 
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_latest_resumes_from_it(tiny_model, face_folder, tmp_path, caplog):
