@@ -1069,24 +1069,34 @@ def make_optimizer(args, models: Models, total_batch_size: int):
 
 @torch.no_grad()
 def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_size: int):
-    """VAE-encode every record once (and its mirror image with --random_flip); keep the distribution parameters."""
+    """VAE-encode every record once (and its mirror image with --random_flip); keep the distribution parameters.
+
+    The records go in rounds of batch_size per process: each process decodes and encodes its share of a round,
+    and all processes gather the round, so the time divides by the process count; every process keeps all latents.
+    """
     from tqdm.auto import tqdm
 
     flips = (False, True) if dataset.random_flip else (False,)
     keys = [(index, flip) for index in range(len(dataset)) for flip in flips]
+    blank = torch.zeros(3, dataset.resolution, dataset.resolution)  # fills the slots of unreadable images and the last round
     cache = {}
-    for start in tqdm(range(0, len(keys), batch_size), desc="caching latents", disable=not accelerator.is_local_main_process):
-        chunk = []
-        for index, flip in keys[start:start + batch_size]:
-            try:
-                chunk.append(((index, flip), dataset.pixels(index, flip, random.Random(0))))
-            except (OSError, SyntaxError, ValueError) as error:
-                logger.warning(f"skipping unreadable image {dataset.records.source.name(index)}: {error}")
-        if not chunk:
-            continue
-        pixels = torch.stack([p for _, p in chunk]).to(accelerator.device, dtype=models.weight_dtype)
-        parameters = models.vae.encode(pixels).latent_dist.parameters.cpu()
-        cache.update({key: parameters[i] for i, (key, _) in enumerate(chunk)})
+    for start in tqdm(range(0, len(keys), batch_size * accelerator.num_processes), desc="caching latents",
+                      disable=not accelerator.is_local_main_process):
+        pixels, readable = [], []
+        for position in range(start + accelerator.process_index * batch_size, start + (accelerator.process_index + 1) * batch_size):
+            image = None
+            if position < len(keys):
+                index, flip = keys[position]
+                try:
+                    image = dataset.pixels(index, flip, random.Random(0))
+                except (OSError, SyntaxError, ValueError) as error:
+                    logger.warning(f"skipping unreadable image {dataset.records.source.name(index)}: {error}")
+            pixels.append(blank if image is None else image)
+            readable.append(image is not None)
+        parameters = models.vae.encode(torch.stack(pixels).to(accelerator.device, dtype=models.weight_dtype)).latent_dist.parameters
+        # Gathered in process order, so gathered row r is the record at keys[start + r].
+        parameters, readable = accelerator.gather((parameters, torch.tensor(readable, dtype=torch.int64, device=accelerator.device)))
+        cache.update({keys[start + row]: value for row, (value, ok) in enumerate(zip(parameters.cpu(), readable.tolist())) if ok})
     dataset.latent_cache = cache
 
 
