@@ -28,6 +28,9 @@ on CPUs, several processes need `--multi_gpu` too (plain `--cpu --num_processes 
       --main_process_port 29500 --num_processes 16 finetune_lora.py ...
     accelerate launch --config_file deepspeed_zero2.yaml finetune_lora.py ...   # UNet LoRA only
 
+Under DeepSpeed with fp16/bf16, DeepSpeed casts the whole UNet, its LoRA included, to that dtype and keeps
+the fp32 master weights in its optimizer: the LoRA files it saves are fp16/bf16, not fp32.
+
 A run stopped by SIGTERM or SIGINT (Slurm pre-emption, Ctrl-C) finishes its step, writes a
 checkpoint and exits; run the same command with `--resume_from_checkpoint latest` to continue
 exactly where it stopped. The LoRA ends up in `<output_dir>/pytorch_lora_weights.safetensors`
@@ -68,6 +71,8 @@ TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 VALIDATION_INFERENCE_STEPS = 30
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+VALIDATION_GRID_PATTERN = re.compile(r"^step-\d{6}\.(png|json)$")  # validation/step-N.png and its prompts
+TRACKER_PROJECT = "text2face-lora"  # the tracker's run folder under --logging_dir
 
 logger = logging.getLogger("finetune_lora")
 
@@ -75,9 +80,20 @@ logger = logging.getLogger("finetune_lora")
 class TrainingError(Exception):
     """A problem with the user's inputs or run state, reported as one line without a traceback."""
 
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line, as every other error of this script is reported."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="LoRA fine-tuning of Stable Diffusion 2.1 (UNet and text encoder).")
+    parser = OneLineParser(description="LoRA fine-tuning of Stable Diffusion 2.1 (UNet and text encoder).")
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", default=DEFAULT_BASE_MODEL,
                        help=f"Base model: Hub id or local diffusers folder (default: {DEFAULT_BASE_MODEL}).")
@@ -118,7 +134,8 @@ def parse_args(argv=None):
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", default="outputs/text2face-lora", help="Where the LoRA, checkpoints, validation grids and logs go.")
     training.add_argument("--overwrite_output_dir", action="store_true",
-                          help="Start a new run in an output_dir that already holds a run's weights or checkpoints (deletes them).")
+                          help="Start a new run in an output_dir that already holds a run: deletes that run's weights, "
+                               "checkpoints, validation grids, logs and model card (and nothing else).")
     training.add_argument("--seed", type=int, default=0, help="Seed for the LoRA initialisation, data order, crops, flips, noise and validation.")
     training.add_argument("--train_batch_size", type=int, default=4, help="Images per process per forward pass.")
     training.add_argument("--num_train_epochs", type=int, default=100, help="Passes over the data (ignored when --max_train_steps is set).")
@@ -142,7 +159,8 @@ def parse_args(argv=None):
     training.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
     training.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the gradient norm of all LoRA parameters to this.")
     training.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                          help="Mixed precision (default: from `accelerate config`); LoRA parameters stay fp32.")
+                          help="Mixed precision (default: from `accelerate config`); LoRA parameters stay fp32 "
+                               "(except under DeepSpeed, which casts them too).")
     training.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
     training.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                           help="Use xformers attention in the UNet instead of PyTorch SDPA.")
@@ -188,6 +206,20 @@ def check_args(args):
     for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TrainingError(f"--{name} must be at least 1")
+    # Written as `not value >= 0` so that nan is rejected too.
+    for name in ("learning_rate", "learning_rate_text_encoder", "lr_warmup_steps", "dataloader_num_workers",
+                 "noise_offset", "adam_weight_decay"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            raise TrainingError(f"--{name} {value} must be 0 or more")
+    for name in ("snr_gamma", "max_grad_norm", "adam_epsilon"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            hint = " (leave it out to train without Min-SNR weighting)" if name == "snr_gamma" else ""
+            raise TrainingError(f"--{name} {value} must be more than 0{hint}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise TrainingError(f"--{name} {getattr(args, name)} must be at least 0 and below 1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,8 +260,9 @@ class HubImages:
         return f"{self.label}[{index}]"
 
 
-def read_caption_table(path: Path, image_column: str, caption_column: str) -> dict:
-    """Read {image key: [captions]} from a JSON object, JSON/JSONL records or a CSV with a header."""
+def read_caption_table(path: Path, image_column: str, caption_column: str) -> tuple:
+    """Read {image key: [captions]} from a JSON object, JSON/JSONL records or a CSV with a header, and the
+    numbers (from 1) of the records that name no image; a record without a caption gives its image none."""
     try:
         if path.suffix == ".csv":
             with path.open(newline="", encoding="utf-8") as handle:
@@ -239,7 +272,7 @@ def read_caption_table(path: Path, image_column: str, caption_column: str) -> di
         elif path.suffix == ".json":
             content = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(content, dict):
-                return {str(key): as_caption_list(value, path) for key, value in content.items()}
+                return {str(key): as_caption_list(value, path) for key, value in content.items()}, []
             records = content
         else:
             raise TrainingError(f"captions file {path} is not .json, .jsonl or .csv")
@@ -249,17 +282,22 @@ def read_caption_table(path: Path, image_column: str, caption_column: str) -> di
         raise TrainingError(f"captions file {path} holds no records")
     if not all(isinstance(record, dict) for record in records):
         raise TrainingError(f"captions file {path} must hold records (objects/rows) or one {{file: caption}} object")
-    columns = list(records[0])
+    columns = sorted({str(column) for record in records for column in record})
     for column, flag in ((image_column, "--image_column"), (caption_column, "--caption_column")):
         if column not in columns:
             raise TrainingError(f"captions file {path} has no column '{column}' (columns: {', '.join(columns)}); pass {flag}")
-    table = {}
-    for record in records:
-        table.setdefault(str(record[image_column]), []).extend(as_caption_list(record[caption_column], path))
-    return table
+    table, nameless = {}, []
+    for number, record in enumerate(records, start=1):
+        if record.get(image_column) in (None, ""):
+            nameless.append(number)
+        else:
+            table.setdefault(str(record[image_column]), []).extend(as_caption_list(record.get(caption_column), path))
+    return table, nameless
 
 
 def as_caption_list(value, path) -> list:
+    if value is None:  # a null or missing caption: the image is counted as uncaptioned, not fatal
+        return []
     if isinstance(value, str):
         return [value] if value.strip() else []
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -324,16 +362,17 @@ def load_folder_records(args, show_progress: bool) -> Records:
         if len(present) > 1:
             raise TrainingError(f"{root} holds both metadata.jsonl and metadata.csv; keep one")
         captions_path = present[0]
-    table = read_caption_table(captions_path, args.image_column or "file_name", args.caption_column)
+    table, nameless = read_caption_table(captions_path, args.image_column or "file_name", args.caption_column)
     captions, unmatched = match_captions(names, table)
     uncaptioned = [name for name in names if name not in captions]
     unreadable = unreadable_images(root, sorted(captions), show_progress)
     usable = sorted(set(captions) - set(unreadable))
     logger.info(f"Data: {len(names)} images found under {root}, {len(captions)} with captions from {captions_path}, "
                 f"{len(uncaptioned)} images without captions (skipped), {len(unmatched)} captions without an image, "
-                f"{len(unreadable)} unreadable images (skipped).")
+                f"{len(unreadable)} unreadable images (skipped)"
+                + (f", {len(nameless)} caption records without an image name (skipped)." if nameless else "."))
     for label, items in (("images without captions", uncaptioned), ("captions without an image", unmatched),
-                         ("unreadable images", unreadable)):
+                         ("unreadable images", unreadable), ("caption records without an image name", [f"#{n}" for n in nameless])):
         if items:
             logger.warning(f"{label}: {', '.join(items[:10])}{' ...' if len(items) > 10 else ''}")
     if not usable:
@@ -549,6 +588,12 @@ def load_models(args, accelerator) -> Models:
     return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, weight_dtype)
 
 
+def published_layout(text_encoder_layers: dict) -> dict:
+    """Text-encoder LoRA keys with CLIPTextModel's text_model level, which transformers 5 dropped: the published
+    LoRA, transformers-4 stacks and kohya's converter spell them so, and diffusers maps them to either."""
+    return {key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in text_encoder_layers.items()}
+
+
 def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple:
     from peft.utils import get_peft_model_state_dict
 
@@ -570,6 +615,7 @@ def save_lora(directory: Path, unet, text_encoder, train_text_encoder: bool, set
         return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
 
     unet_layers, text_encoder_layers = lora_state_dicts(unet, text_encoder, train_text_encoder)
+    text_encoder_layers = published_layout(text_encoder_layers) if train_text_encoder else None
     StableDiffusionPipeline.save_lora_weights(
         directory,
         unet_lora_layers=unet_layers,
@@ -592,10 +638,9 @@ def save_kohya_lora(path: Path, lora_state_dict: dict, settings: dict):
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
-    # kohya's SD2.x files keep transformers 4's text_model level, and name their one text encoder lora_te_, not lora_te1_.
-    spelled = {re.sub(r"^text_encoder\.", "text_encoder.text_model.", key): value for key, value in lora_state_dict.items()}
+    # kohya's SD2.x files name their one text encoder lora_te_, not lora_te1_.
     kohya = {re.sub(r"^lora_te1_", "lora_te_", key): value.float() if key.endswith(".alpha") else value
-             for key, value in convert_state_dict_to_kohya(spelled).items()}
+             for key, value in convert_state_dict_to_kohya(lora_state_dict).items()}
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(settings["rank"]),
                 "ss_network_alpha": str(settings["lora_alpha"]), "ss_base_model_version": "sd_v2_v", "ss_v2": "True",
                 "ss_sd_model_name": settings["base_model"], "ss_steps": str(settings["global_step"])}
@@ -603,7 +648,8 @@ def save_kohya_lora(path: Path, lora_state_dict: dict, settings: dict):
 
 
 def load_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
-    """Load a checkpoint's LoRA back into the adapters; every adapter weight must be present."""
+    """Load a checkpoint's LoRA back into the adapters; every adapter weight must be present. Text-encoder keys
+    may have the text_model level or not (checkpoints written before this script saved the published layout)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -615,6 +661,8 @@ def load_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
         part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         if not wanted:
             continue
+        if prefix == "text_encoder." and not hasattr(model, "text_model"):
+            part = {k.removeprefix("text_model."): v for k, v in part.items()}
         expected = set(lora_state_dicts(unet, text_encoder, train_text_encoder)[0 if prefix == "unet." else 1])
         if set(part) != expected:
             raise TrainingError(f"the LoRA in {directory} does not match this run's --rank/--text_encoder_rank/"
@@ -691,24 +739,49 @@ def complete_checkpoints(output_dir: Path) -> list:
     return [p for p in checkpoint_folders(output_dir) if is_complete_checkpoint(p)]
 
 
-def prepare_output_dir(args, accelerator):
+def prepare_output_dir(args, accelerator, resuming: bool):
     """Refuse to clobber an earlier run unless asked; clear leftovers of interrupted checkpoint writes."""
     output_dir = Path(args.output_dir)
-    earlier = [p for p in (output_dir / LORA_WEIGHTS_NAME, *output_dir.glob("checkpoint-*")) if p.exists()]
-    resuming = args.resume_from_checkpoint is not None and (
-        args.resume_from_checkpoint != "latest" or complete_checkpoints(output_dir))
+    # A killed run's half-written checkpoint-N.tmp is no run to protect: 'latest' starts afresh and clears it.
+    earlier = [p for p in (output_dir / LORA_WEIGHTS_NAME, *complete_checkpoints(output_dir)) if p.exists()]
     if earlier and not resuming and not args.overwrite_output_dir:
-        raise TrainingError(f"{output_dir} already holds a training run ({earlier[0].name}); resume it with "
-                            "--resume_from_checkpoint latest, or pass --overwrite_output_dir to replace it")
+        how = ("it has no complete checkpoint to resume" if args.resume_from_checkpoint == "latest"
+               else "resume it with --resume_from_checkpoint latest")
+        raise TrainingError(f"{output_dir} already holds a training run ({earlier[0].name}); {how}, "
+                            "or pass --overwrite_output_dir to replace it")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if args.overwrite_output_dir and not resuming:
-            for path in earlier:
+        if not resuming:  # a fresh start: old grids, logs and model card would mix with the new run's
+            for path in previous_outputs(args):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
+            for folder in (output_dir / "validation", output_dir / args.logging_dir):
+                if folder.is_dir() and within(folder, output_dir) and not any(folder.iterdir()):
+                    folder.rmdir()
         for stale in output_dir.glob("checkpoint-*.tmp"):
             shutil.rmtree(stale)
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+
+
+def within(path: Path, folder: Path) -> bool:
+    return path.resolve() != folder.resolve() and path.resolve().is_relative_to(folder.resolve())
+
+
+def previous_outputs(args) -> list:
+    """What an earlier run of this script wrote into output_dir; files this script does not write are never listed."""
+    output_dir = Path(args.output_dir)
+    if not output_dir.is_dir():
+        return []
+    paths = [output_dir / name for name in (LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, SETTINGS_NAME, "final.tmp")]
+    paths += [p for p in output_dir.glob("checkpoint-*") if CHECKPOINT_PATTERN.match(p.name.removesuffix(".tmp"))]
+    paths += [p for p in (output_dir / "validation").glob("step-*") if VALIDATION_GRID_PATTERN.match(p.name)]
+    tracker_folder = output_dir / args.logging_dir / TRACKER_PROJECT
+    if within(tracker_folder, output_dir):  # never a tracker folder shared with runs outside output_dir
+        paths.append(tracker_folder)
+    card = output_dir / "README.md"
+    if card.is_file() and "trained with `finetune_lora.py`" in card.read_text(encoding="utf-8", errors="replace"):
+        paths.append(card)
+    return [p for p in paths if p.exists()]
 
 
 def find_resume_checkpoint(args):
@@ -749,8 +822,10 @@ def resume(accelerator, checkpoint: Path, run_settings: dict) -> int:
         logger.warning(f"resuming with different {', '.join(differing)} than {checkpoint.name} was trained with: "
                        "the run will not match an uninterrupted one")
     logger.info(f"Resuming from {checkpoint}")
+    # DeepSpeed checkpoints leave the frozen base model out (see save_checkpoint): load them non-strictly.
+    deepspeed = {"load_module_strict": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
     try:
-        accelerator.load_state(str(checkpoint))
+        accelerator.load_state(str(checkpoint), **deepspeed)
     except FileNotFoundError as error:
         raise TrainingError(f"checkpoint {checkpoint} is incomplete ({Path(error.filename or '?').name} is missing); "
                             "resume from an earlier one") from error
@@ -813,6 +888,14 @@ class StopRequest:
             self.reason = "launcher exit"
         return self.reason is not None
 
+    def agreed(self, accelerator) -> bool:
+        """Whether any process was asked to stop. Every process must call this at the same point (it is a
+        collective): a process that stopped alone would leave the others waiting forever at the next one."""
+        return accelerator.reduce(torch.tensor(float(self.requested()), device=accelerator.device), "max").item() > 0
+
+    def exit_code(self) -> int:
+        return 128 + (signal.SIGINT if self.reason == "SIGINT" else signal.SIGTERM)
+
 
 @contextlib.contextmanager
 def stop_on_signals():
@@ -823,6 +906,14 @@ def stop_on_signals():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def stop_if_requested(stop: StopRequest, accelerator, phase: str):
+    """Setup (image check, model load, latent caching, first validation) can take many minutes: a stop
+    asked for meanwhile ends the run there, before its first step, with nothing new to save."""
+    if stop.agreed(accelerator):
+        raise TrainingError(f"stopped by {stop.reason or 'another process'} while {phase}, before the first training "
+                            "step: nothing new was saved; run the same command to start again", exit_code=stop.exit_code())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -923,10 +1014,16 @@ def hub_repo(args) -> str:
 
 
 def push_to_hub(repo_id: str, output_dir: Path, step: int):
+    """Upload output_dir without its checkpoints; a failure leaves the trained LoRA where it is, saying how to upload it."""
     from huggingface_hub import upload_folder
+    from huggingface_hub.errors import HTTPError  # huggingface_hub's HTTP client's base error (connection, timeout)
 
-    upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=f"LoRA after {step} steps",
-                  ignore_patterns=["checkpoint-*", "*.tmp"])
+    try:
+        upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=f"LoRA after {step} steps",
+                      ignore_patterns=["checkpoint-*", "*.tmp"])
+    except (HTTPError, OSError, ValueError) as error:
+        raise TrainingError(f"training finished, but the upload to {repo_id} failed ({str(error).splitlines()[0]}); the LoRA "
+                            f"is in {output_dir}: upload it with `hf upload {repo_id} {output_dir} . --exclude 'checkpoint-*'`") from error
     logger.info(f"Uploaded {output_dir} to https://huggingface.co/{repo_id}")
 
 
@@ -972,24 +1069,34 @@ def make_optimizer(args, models: Models, total_batch_size: int):
 
 @torch.no_grad()
 def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_size: int):
-    """VAE-encode every record once (and its mirror image with --random_flip); keep the distribution parameters."""
+    """VAE-encode every record once (and its mirror image with --random_flip); keep the distribution parameters.
+
+    The records go in rounds of batch_size per process: each process decodes and encodes its share of a round,
+    and all processes gather the round, so the time divides by the process count; every process keeps all latents.
+    """
     from tqdm.auto import tqdm
 
     flips = (False, True) if dataset.random_flip else (False,)
     keys = [(index, flip) for index in range(len(dataset)) for flip in flips]
+    blank = torch.zeros(3, dataset.resolution, dataset.resolution)  # fills the slots of unreadable images and the last round
     cache = {}
-    for start in tqdm(range(0, len(keys), batch_size), desc="caching latents", disable=not accelerator.is_local_main_process):
-        chunk = []
-        for index, flip in keys[start:start + batch_size]:
-            try:
-                chunk.append(((index, flip), dataset.pixels(index, flip, random.Random(0))))
-            except (OSError, SyntaxError, ValueError) as error:
-                logger.warning(f"skipping unreadable image {dataset.records.source.name(index)}: {error}")
-        if not chunk:
-            continue
-        pixels = torch.stack([p for _, p in chunk]).to(accelerator.device, dtype=models.weight_dtype)
-        parameters = models.vae.encode(pixels).latent_dist.parameters.cpu()
-        cache.update({key: parameters[i] for i, (key, _) in enumerate(chunk)})
+    for start in tqdm(range(0, len(keys), batch_size * accelerator.num_processes), desc="caching latents",
+                      disable=not accelerator.is_local_main_process):
+        pixels, readable = [], []
+        for position in range(start + accelerator.process_index * batch_size, start + (accelerator.process_index + 1) * batch_size):
+            image = None
+            if position < len(keys):
+                index, flip = keys[position]
+                try:
+                    image = dataset.pixels(index, flip, random.Random(0))
+                except (OSError, SyntaxError, ValueError) as error:
+                    logger.warning(f"skipping unreadable image {dataset.records.source.name(index)}: {error}")
+            pixels.append(blank if image is None else image)
+            readable.append(image is not None)
+        parameters = models.vae.encode(torch.stack(pixels).to(accelerator.device, dtype=models.weight_dtype)).latent_dist.parameters
+        # Gathered in process order, so gathered row r is the record at keys[start + r].
+        parameters, readable = accelerator.gather((parameters, torch.tensor(readable, dtype=torch.int64, device=accelerator.device)))
+        cache.update({keys[start + row]: value for row, (value, ok) in enumerate(zip(parameters.cpu(), readable.tolist())) if ok})
     dataset.latent_cache = cache
 
 
@@ -1082,13 +1189,26 @@ class Run:
         return {**self.settings, "global_step": self.global_step}
 
 
+def configure_deepspeed(args, accelerator):
+    """accelerate sizes DeepSpeed's batches from a prepared DataLoader, and this script prepares none (its batches
+    follow from the seed, see EpochBatches); an accelerate-config DeepSpeed plugin leaves them "auto", which
+    prepare() rejects. DeepSpeed also accumulates and clips by itself: give it this run's numbers."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = args.train_batch_size
+    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+    config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    config["gradient_clipping"] = args.max_grad_norm
+
+
 def prepare_run(args, accelerator, models: Models, records: Records) -> Run:
     """Optimizer, LR schedule and accelerate wrapping, in the canonical order; the models are wrapped in place."""
     from diffusers.optimization import get_scheduler
 
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.train_text_encoder:
-        raise TrainingError("accelerate's DeepSpeed integration trains one model: drop --train_text_encoder "
-                            "or train with DDP (accelerate launch --multi_gpu)")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if args.train_text_encoder:
+            raise TrainingError("accelerate's DeepSpeed integration trains one model: drop --train_text_encoder "
+                                "or train with DDP (accelerate launch --multi_gpu)")
+        configure_deepspeed(args, accelerator)
     plan = make_plan(args, len(records), accelerator.num_processes)
     optimizer, trainable = make_optimizer(args, models, plan.total_batch_size)
     # accelerate steps a prepared scheduler once per process per optimizer step.
@@ -1143,27 +1263,29 @@ def train_micro_batch(batch, args, accelerator, models: Models, run: Run, genera
     return mean_loss
 
 
-def train(args, accelerator, models: Models, records: Records, stop: StopRequest) -> int:
-    """The training loop; returns the exit code (0 done, 128+signal when stopped to be resumed)."""
+def train(args, accelerator, models: Models, records: Records, checkpoint, stop: StopRequest) -> int:
+    """The training loop from `checkpoint` (None: from the start); returns the exit code (0 done, 128+signal when
+    stopped to be resumed)."""
     from tqdm.auto import tqdm
 
     output_dir = Path(args.output_dir)
     run = prepare_run(args, accelerator, models, records)
     register_lora_hooks(accelerator, run, args.train_text_encoder, args.save_kohya)
-    checkpoint = find_resume_checkpoint(args)
     run.global_step = resume(accelerator, checkpoint, run.settings) if checkpoint else 0
 
     dataset = CaptionedImages(records, args.resolution, args.center_crop, args.random_flip)
     if args.cache_latents:
         cache_latents(dataset, models, accelerator, args.train_batch_size)
+        stop_if_requested(stop, accelerator, "caching latents")
     text_cache = {} if args.cache_text_embeddings else None
     sampler = EpochBatches(len(records), args.train_batch_size, args.gradient_accumulation_steps,
                            accelerator.num_processes, accelerator.process_index, args.seed)
     if accelerator.is_main_process:
-        accelerator.init_trackers("text2face-lora", config=tracker_config(args))
+        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args))
     # Validation runs on the main process only; the others wait for it at the next collective.
     validation = Validation(args, accelerator, models) if args.validation_prompts and accelerator.is_main_process else None
     grid_path = validation.save(output_dir / "validation" / "step-000000.png", 0) if validation and run.global_step == 0 else None
+    stop_if_requested(stop, accelerator, "preparing the run (checkpoint, step-0 validation)")
 
     def checkpoint_now(with_validation: bool) -> Path:
         def extra_files(staging):
@@ -1205,14 +1327,13 @@ def train(args, accelerator, models: Models, records: Records, stop: StopRequest
             progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['img/s']:.1f}")
             accelerator.log(logs, step=run.global_step)
 
-            # Every process must agree to stop, or the others would wait forever at the next collective.
-            if accelerator.reduce(torch.tensor(float(stop.requested()), device=accelerator.device), "max").item() > 0:
+            if stop.agreed(accelerator):
                 path = checkpoint_now(with_validation=False)
                 progress.close()
                 if accelerator.is_main_process:
                     print(f"Stopped by {stop.reason or 'another process'} after step {run.global_step}; saved {path}. "
                           "Resume with the same command and --resume_from_checkpoint latest", file=sys.stderr)
-                return 128 + (signal.SIGINT if stop.reason == "SIGINT" else signal.SIGTERM)
+                return stop.exit_code()
             if run.global_step % args.checkpointing_steps == 0:
                 checkpoint_now(with_validation=True)
             if run.global_step >= plan.max_train_steps:
@@ -1256,17 +1377,20 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         with stop_on_signals() as stop:
             accelerator = make_accelerator(args)
-            prepare_output_dir(args, accelerator)
+            checkpoint = find_resume_checkpoint(args)  # a wrong name fails here, not after minutes of loading
+            prepare_output_dir(args, accelerator, resuming=checkpoint is not None)
             repo_id = hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
             records = load_records(args, accelerator.is_local_main_process)
+            stop_if_requested(stop, accelerator, "reading the data")
             models = load_models(args, accelerator)
-            exit_code = train(args, accelerator, models, records, stop)
+            stop_if_requested(stop, accelerator, "loading the base model")
+            exit_code = train(args, accelerator, models, records, checkpoint, stop)
         if repo_id and exit_code == 0:
             push_to_hub(repo_id, Path(args.output_dir), json.loads((Path(args.output_dir) / SETTINGS_NAME).read_text())["global_step"])
         return exit_code
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return error.exit_code
     finally:
         if accelerator is not None:
             accelerator.end_training()

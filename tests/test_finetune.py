@@ -4,10 +4,12 @@ Runs where the launcher is the point go through a real `accelerate launch` subpr
 `finetune_lora.main([...])` in-process, which is the same code path without the interpreter start-up.
 """
 import csv
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,39 +17,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import finetune_lora
 import generate
+from train_helpers import SCRIPT, accelerate_launch, lora, one_thread, train_args  # noqa: F401  (one_thread: autouse fixture)
 
-SCRIPT = Path(__file__).resolve().parents[1] / "finetune_lora.py"
 PROMPTS = ["a young woman with long red hair smiles", "an old man with gray hair and a beard"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared with other test processes: one torch thread per process avoids thrashing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def accelerate_launch(script_args, *launcher_args):
-    """The command line of `accelerate launch` on CPU, one thread per process, no user config."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1", *map(str, launcher_args),
-            str(SCRIPT), *map(str, script_args)]
-
-
-def train_args(model, data, output, *extra):
-    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(output),
-            "--resolution", "64", "--center_crop", "--train_batch_size", "2", "--rank", "4", "--text_encoder_rank", "4",
-            "--lr_warmup_steps", "0", "--report_to", "none", *map(str, extra)]
-
-
-def lora(path):
-    return load_file(path / finetune_lora.LORA_WEIGHTS_NAME)
 
 
 def part(state, prefix):
@@ -110,7 +86,10 @@ def test_readme_command_runs_under_accelerate_launch_and_its_lora_changes_the_im
     assert np.abs(images["base"] - images["lora"]).mean() > 1
 
 
-def test_checkpoints_hold_only_lora_weights(tiny_model, face_folder, tmp_path):
+def test_checkpoints_hold_only_lora_weights_in_the_published_layout(tiny_model, face_folder, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
     output = tmp_path / "run"
     assert finetune_lora.main(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--max_train_steps", "1",
                                          "--checkpointing_steps", "1")) == 0
@@ -124,6 +103,25 @@ def test_checkpoints_hold_only_lora_weights(tiny_model, face_folder, tmp_path):
     assert lora_size < sum(t.numel() for t in base_unet.values()) / 10
     optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=False)
     assert sum(len(group["params"]) for group in optimizer["param_groups"]) == len(tensors)
+
+    # The text encoder's keys as the published LoRA spells them (transformers 4's text_model level), and
+    # diffusers maps every one of them into this transformers-5 text encoder.
+    text_encoder_keys = [k for k in tensors if not k.startswith("unet.")]
+    assert text_encoder_keys and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in text_encoder_keys)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(output, adapter_name="trained")
+    loaded = get_peft_model_state_dict(pipe.text_encoder, adapter_name="trained")
+    assert {f"text_encoder.text_model.{k}" for k in loaded} == set(text_encoder_keys)
+    assert all(torch.equal(v, tensors[f"text_encoder.text_model.{k}"]) for k, v in loaded.items())
+
+    # A checkpoint written before the published layout (no text_model level) still resumes.
+    with safe_open(checkpoint / "pytorch_lora_weights.safetensors", "pt") as handle:
+        metadata = handle.metadata()
+    save_file({k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in tensors.items()},
+              checkpoint / "pytorch_lora_weights.safetensors", metadata=metadata)
+    assert finetune_lora.main(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--max_train_steps", "2",
+                                         "--checkpointing_steps", "100", "--resume_from_checkpoint", "checkpoint-1")) == 0
+    assert json.loads((output / "training_settings.json").read_text())["global_step"] == 2
 
 
 @pytest.mark.parametrize("frozen", ["unet", "text_encoder"])
@@ -205,6 +203,22 @@ def test_every_captions_file_format_is_read(face_folder, tmp_path, caplog, kind,
         assert drawn == {"first caption", "second caption"}
 
 
+def test_records_without_a_caption_or_an_image_name_are_skipped_and_counted(face_folder, tmp_path, caplog):
+    metadata = face_folder / "metadata.jsonl"
+    records = [json.loads(line) for line in metadata.read_text().splitlines()]
+    del records[3]["text"]
+    records[5]["text"] = None
+    records.append({"text": "a caption that names no image"})
+    metadata.write_text("".join(json.dumps(record) + "\n" for record in records))
+    with caplog.at_level("INFO", logger="finetune_lora"):
+        loaded = finetune_lora.load_records(finetune_lora.parse_args(
+            ["--train_data_dir", str(face_folder), "--output_dir", str(tmp_path / "out")]), show_progress=False)
+    assert sorted(loaded.source.names) == sorted(r["file_name"] for i, r in enumerate(records[:8]) if i not in (3, 5))
+    assert "8 images found" in caplog.text and "6 with captions" in caplog.text
+    assert "2 images without captions (skipped)" in caplog.text
+    assert "1 caption records without an image name (skipped)" in caplog.text and "#9" in caplog.text
+
+
 @pytest.mark.parametrize("cache", [[], ["--cache_latents"]], ids=["decoded-per-step", "cache-latents"])
 def test_a_corrupt_and_a_truncated_image_are_skipped_and_named(tiny_model, face_folder, tmp_path, caplog, cache):
     records = [json.loads(line) for line in (face_folder / "metadata.jsonl").read_text().splitlines()]
@@ -241,7 +255,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_model
 @pytest.mark.parametrize("problem", ["missing folder", "empty folder", "no captions", "unknown column",
                                      "resolution", "named checkpoint missing", "hub unreachable"])
 def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_model, face_folder, tmp_path, capfd, problem):
-    data, extra = face_folder, []
+    model, data, extra = tiny_model, face_folder, []
     if problem == "missing folder":
         data = tmp_path / "nowhere"
     elif problem == "empty folder":
@@ -254,10 +268,11 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_model, face_folder, tm
     elif problem == "resolution":
         extra = ["--resolution", "60"]
     elif problem == "named checkpoint missing":
+        model = tmp_path / "no-model"  # the checkpoint is checked before the base model loads
         extra = ["--resume_from_checkpoint", "checkpoint-7"]
     else:
         extra = ["--push_to_hub"]  # the tests run with HF_HUB_OFFLINE=1: it must fail before training, not after
-    assert finetune_lora.main(train_args(tiny_model, data, tmp_path / "run", *extra)) == 1
+    assert finetune_lora.main(train_args(model, data, tmp_path / "run", *extra)) == 1
     err_lines = capfd.readouterr().err.strip().splitlines()
     errors = [line for line in err_lines if line.startswith("error: ")]
     assert len(errors) == 1 and err_lines[-1] == errors[0]
@@ -267,6 +282,79 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_model, face_folder, tm
                 "named checkpoint missing": "checkpoint-7 does not exist", "hub unreachable": "cannot create Hub repo"}[problem]
     assert expected in errors[0]
     assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--snr_gamma", "0"], "--snr_gamma 0.0 must be more than 0"),
+    (["--learning_rate", "-0.5"], "--learning_rate -0.5 must be 0 or more"),
+    (["--learning_rate_text_encoder", "nan"], "--learning_rate_text_encoder nan must be 0 or more"),
+    (["--lr_warmup_steps", "-1"], "--lr_warmup_steps -1 must be 0 or more"),
+    (["--dataloader_num_workers", "-3"], "--dataloader_num_workers -3 must be 0 or more"),
+    (["--max_grad_norm", "0"], "--max_grad_norm 0.0 must be more than 0"),
+    (["--adam_beta2", "1"], "--adam_beta2 1.0 must be at least 0 and below 1"),
+])
+def test_out_of_range_values_get_one_line_before_anything_loads(tmp_path, capfd, flags, message):
+    assert finetune_lora.main(["--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "run"), *flags]) == 1
+    assert capfd.readouterr().err.strip().splitlines()[0].startswith(f"error: {message}")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr_scheduler", "cosine_annealing"], "error: argument --lr_scheduler: invalid choice: 'cosine_annealing'"),
+    (["--rank", "four"], "error: argument --rank: invalid int value: 'four'"),
+    (["--no_such_flag"], "error: unrecognized arguments: --no_such_flag"),
+])
+def test_a_bad_flag_gets_one_line_and_exit_code_2(tmp_path, capfd, flags, message):
+    with pytest.raises(SystemExit) as exit:
+        finetune_lora.main(["--train_data_dir", str(tmp_path), *flags])
+    assert exit.value.code == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message) and err[0].endswith("(see --help)")
+
+
+class RefusingHub(http.server.BaseHTTPRequestHandler):
+    """A Hub on 127.0.0.1 that creates any repo and then refuses every upload, as a token without write access does."""
+
+    def do_POST(self):
+        if self.path == "/api/repos/create":
+            self.answer(200, {"url": f"http://127.0.0.1:{self.server.server_port}/tester/text2face"})
+        else:
+            self.answer(403, {"error": "You don't have the rights to write to this repository"})
+
+    do_GET = do_HEAD = do_PUT = do_POST
+
+    def answer(self, status, payload):
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_failed_upload_after_training_is_one_line_and_keeps_the_lora(tiny_model, face_folder, tmp_path):
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusingHub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    output = tmp_path / "run"
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}", "HF_HUB_OFFLINE": "0",
+           "HF_TOKEN": "hf_NotARealToken", "NO_PROXY": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    try:
+        run = subprocess.run([sys.executable, str(SCRIPT), *train_args(tiny_model, face_folder, output, "--max_train_steps", "1",
+                                                                      "--push_to_hub", "--hub_model_id", "tester/text2face")],
+                             capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        hub.shutdown()
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training finished, but the upload to tester/text2face failed")
+    assert f"hf upload tester/text2face {output} ." in last
+    assert json.loads((output / "training_settings.json").read_text())["global_step"] == 1
+    assert (output / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_under_bf16_mixed_precision_the_lora_trains_and_is_saved_in_fp32(tiny_model, face_folder, tmp_path):

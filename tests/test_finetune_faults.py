@@ -15,9 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune_lora
-from test_finetune import accelerate_launch, lora, one_thread, train_args  # noqa: F401  (one_thread: autouse fixture)
-
-SCRIPT = Path(__file__).resolve().parents[1] / "finetune_lora.py"
+from train_helpers import SCRIPT, accelerate_launch, lora, one_thread, train_args  # noqa: F401  (one_thread: autouse fixture)
 
 
 def cpu_env():
@@ -89,12 +87,35 @@ def test_two_processes_split_the_batches_and_end_with_the_same_weights(tiny_mode
     assert set(checksums) == {"0", "1"} and checksums["0"] == checksums["1"]
 
 
+def test_two_processes_share_the_latent_caching_and_train_as_without_it(tiny_model, face_folder, tmp_path):
+    finals = {}
+    for name, cache in (("decoded", []), ("cached", ["--cache_latents"])):
+        output = tmp_path / name
+        # 8 images, both flips: 16 latents, encoded in rounds of 2 per process.
+        command = accelerate_launch(train_args(tiny_model, face_folder, output, "--random_flip", "--max_train_steps", "3",
+                                               "--checkpointing_steps", "100", "--learning_rate", "1e-2", *cache),
+                                    "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port())
+        run = subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        if cache:  # 4 rounds of 2 images per process, not 8 rounds of 2 on each
+            assert re.search(r"caching latents: 100%\S* *\S* 4/4 ", run.stderr), run.stderr[-3000:]
+        finals[name] = lora(output)
+    # Each process encoded half the images. Encoding them in other batches rounds differently (about 1e-5 here);
+    # latents filed under the wrong images move the weights by about 1e-2.
+    for key, value in finals["decoded"].items():
+        torch.testing.assert_close(finals["cached"][key], value, atol=1e-4, rtol=0, msg=key)
+
+
 def test_a_run_killed_after_its_second_checkpoint_resumes_to_the_same_weights(tiny_model, face_folder, tmp_path):
     def command(output):
-        # 8 images / batch 2 = 4 steps per epoch; 4 epochs = 16 steps; a checkpoint every 3 steps, so the
-        # second one (step 6) falls in the middle of an epoch.
+        # 8 images / (batch 1 x 2 accumulated) = 4 steps per epoch; 4 epochs = 16 steps; a checkpoint every 3 steps,
+        # so the second one (step 6) falls in the middle of an epoch. Validation grids are sampled at step 0, at
+        # every checkpoint and every second epoch, between training steps, as in a real run.
         return accelerate_launch(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--random_flip",
+                                            "--train_batch_size", "1", "--gradient_accumulation_steps", "2",
                                             "--num_train_epochs", "4", "--checkpointing_steps", "3",
+                                            "--validation_prompts", "a face", "--num_validation_images", "1",
+                                            "--validation_epochs", "2",
                                             "--learning_rate", "1e-3", "--resume_from_checkpoint", "latest"),
                                  "--num_processes", "1")
 
@@ -119,6 +140,9 @@ def test_a_run_killed_after_its_second_checkpoint_resumes_to_the_same_weights(ti
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0, msg=key)
     assert not list(output.glob("*.tmp"))
+    assert json.loads((output / "training_settings.json").read_text())["global_step"] == 16
+    assert sorted(p.name for p in (output / "validation").glob("*.png")) == sorted(
+        p.name for p in (tmp_path / "reference" / "validation").glob("*.png"))
 
 
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_latest_resumes_from_it(tiny_model, face_folder, tmp_path, caplog):
@@ -142,6 +166,24 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_latest_resumes_from_i
         assert finetune_lora.main([*args, "--resume_from_checkpoint", "latest", "--max_train_steps", str(step + 2)]) == 0
     assert f"Resuming from {checkpoint}" in caplog.text
     assert json.loads((output / "training_settings.json").read_text())["global_step"] == step + 2
+
+
+def test_sigterm_during_setup_ends_the_run_at_once_with_nothing_saved(tiny_model, face_folder, tmp_path):
+    output = tmp_path / "run"
+    args = train_args(tiny_model, face_folder, output, "--max_train_steps", "400", "--checkpointing_steps", "1",
+                      "--validation_prompts", "a face", "--num_validation_images", "2")
+    process = start([sys.executable, str(SCRIPT), *args])
+    try:
+        read_until(process, "Data: 8 images found")  # the data is read; the base model and validation are still to come
+        process.send_signal(signal.SIGTERM)
+        rest = process.stderr.read()
+    finally:
+        process.wait(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, rest[-3000:]
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGTERM while ") and "before the first training step" in last
+    assert "Traceback" not in rest and "first batch" not in rest
+    assert not list(output.glob("checkpoint-*")) and not (output / "pytorch_lora_weights.safetensors").exists()
 
 
 def test_the_trainer_stops_and_checkpoints_when_only_its_launcher_is_signalled(tiny_model, face_folder, tmp_path):
@@ -193,11 +235,32 @@ def test_latest_skips_half_written_checkpoints_and_a_broken_rng_state_fails_loud
     assert "could not be restored" in capfd.readouterr().err
 
 
+def test_latest_starts_afresh_after_a_kill_during_the_first_checkpoint_write(tiny_model, face_folder, tmp_path, caplog):
+    output = tmp_path / "run"
+    # What SIGKILL in the middle of writing checkpoint-2 leaves: its staging folder, part of the LoRA in it.
+    staging = output / "checkpoint-2.tmp"
+    staging.mkdir(parents=True)
+    (staging / finetune_lora.LORA_WEIGHTS_NAME).write_bytes(b"\0" * 100)
+    args = train_args(tiny_model, face_folder, output, "--max_train_steps", "2", "--checkpointing_steps", "2",
+                      "--resume_from_checkpoint", "latest")
+    with caplog.at_level("INFO", logger="finetune_lora"):
+        assert finetune_lora.main(args) == 0
+    assert "starting a new run" in caplog.text
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert finetune_lora.is_complete_checkpoint(output / "checkpoint-2")
+    assert json.loads((output / "training_settings.json").read_text())["global_step"] == 2
+
+
 def test_a_second_run_does_not_overwrite_the_first_unless_asked(tiny_model, face_folder, tmp_path, capfd):
     output = tmp_path / "run"
     args = train_args(tiny_model, face_folder, output, "--max_train_steps", "1", "--checkpointing_steps", "1")
-    assert finetune_lora.main(args) == 0
+    assert finetune_lora.main([*args, "--report_to", "tensorboard", "--validation_prompts", "a face",
+                               "--num_validation_images", "1"]) == 0
     first = load_file(output / "pytorch_lora_weights.safetensors")
+    assert (output / "validation" / "step-000001.png").is_file() and list((output / "logs").rglob("events.out.tfevents.*"))
+    # Files of the user's own beside the run's: an overwrite must leave them alone.
+    (output / "notes.txt").write_text("mine")
+    (output / "validation" / "favourite.png").write_bytes((output / "validation" / "step-000001.png").read_bytes())
     capfd.readouterr()
 
     assert finetune_lora.main([*args, "--seed", "1"]) == 1
@@ -206,6 +269,10 @@ def test_a_second_run_does_not_overwrite_the_first_unless_asked(tiny_model, face
 
     assert finetune_lora.main([*args, "--seed", "1", "--max_train_steps", "2", "--checkpointing_steps", "2",
                                "--overwrite_output_dir"]) == 0
-    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2"]
     second = load_file(output / "pytorch_lora_weights.safetensors")
     assert any(not torch.equal(first[k], second[k]) for k in first)
+    # Nothing of the first run is left to mix with the second: no old checkpoints, grids, logs or model card.
+    assert sorted(p.name for p in output.iterdir()) == [
+        "README.md", "checkpoint-2", "notes.txt", "pytorch_lora_weights.safetensors", "training_settings.json", "validation"]
+    assert [p.name for p in (output / "validation").iterdir()] == ["favourite.png"]
+    assert "for 2 steps" in (output / "README.md").read_text()

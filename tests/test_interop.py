@@ -260,7 +260,7 @@ def test_export_error_from_the_command_line_has_no_traceback(tmp_path):
 
 def test_finetune_save_kohya_writes_a_lora_that_gives_the_same_image(tiny_model, face_folder, tmp_path):
     import finetune_lora
-    from test_finetune import train_args
+    from train_helpers import train_args
 
     output = tmp_path / "run"
     assert finetune_lora.main(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--save_kohya",
