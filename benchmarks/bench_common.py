@@ -149,14 +149,15 @@ class CheckpointWatch:
 
     def seconds(self) -> float:
         folders = [f for f in self.output_dir.glob("checkpoint-*") if f.is_dir()]
-        if not folders:
+        if not folders or not self.first_seen:  # none written, or written and exited within one poll
             return 0.0
         last_write = max(f.stat().st_mtime for folder in folders for f in folder.rglob("*"))
         return max(0.0, last_write - min(self.first_seen.values()))
 
 
-def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path) -> RunResult:
-    """Run `command` to completion; return its wall time, checkpoint time, peak RSS and peak GPU memory.
+def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path | None = None) -> RunResult:
+    """Run `command` to completion, its output to `log_path`; return its wall time, the time it spent
+    writing checkpoints into `output_dir` (if given), its peak RSS and its peak GPU memory.
 
     Peak RSS comes from wait4's rusage, which covers the child and the descendants it waited for
     (`accelerate launch` waits for the training process). A thread polls `output_dir` for checkpoints
@@ -165,14 +166,15 @@ def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path
     poll_cuda = torch.cuda.is_available()
     idle_cuda = cuda_memory_used_bytes() if poll_cuda else 0
     peak_cuda = idle_cuda
-    watch = CheckpointWatch(output_dir)
+    watch = CheckpointWatch(output_dir) if output_dir is not None else None
     finished = threading.Event()
 
     def poll():
         nonlocal peak_cuda
         tick = 0
         while not finished.wait(0.02):
-            watch.poll()
+            if watch is not None:
+                watch.poll()
             tick += 1
             if poll_cuda and tick % 10 == 0:
                 peak_cuda = max(peak_cuda, cuda_memory_used_bytes())
@@ -190,7 +192,7 @@ def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path
     if returncode != 0:
         tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
         raise BenchError(f"`{' '.join(map(str, command[:4]))} ...` exited with {returncode} (log {log_path}): {tail}")
-    return RunResult(seconds, watch.seconds(), usage.ru_maxrss * 1024,
+    return RunResult(seconds, watch.seconds() if watch is not None else 0.0, usage.ru_maxrss * 1024,
                      peak_cuda - idle_cuda if poll_cuda else None)
 
 
