@@ -1,0 +1,255 @@
+"""generate.py against the tiny SD2.1-shaped pipeline: real LoRA files, real PNGs, real pixels compared."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import generate
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a young woman with long red hair smiles"
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def write_published_layout_lora(model_path, path, rank=4, seed=0):
+    """A LoRA file keyed as the published checkpoint: unet.<module>.lora_A/B and
+    text_encoder.text_model.encoder.layers.N.self_attn.*_proj.lora_A/B, fp32, no alphas, random nonzero B."""
+    pipe = StableDiffusionPipeline.from_pretrained(model_path)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for prefix, model, targets in (("unet.", pipe.unet, UNET_TARGETS), ("text_encoder.text_model.", pipe.text_encoder, TEXT_ENCODER_TARGETS)):
+        for name, module in model.named_modules():
+            if name.endswith(targets):
+                tensors[f"{prefix}{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.5
+                tensors[f"{prefix}{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.5
+    save_file(tensors, path)
+    return path
+
+
+def write_finetune_layout_lora(model_path, folder, rank=4, seed=1):
+    """A LoRA saved the way finetune_lora.py saves it: peft adapters with lora_alpha == rank, written by
+    StableDiffusionPipeline.save_lora_weights to folder/pytorch_lora_weights.safetensors."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(model_path)
+    torch.manual_seed(seed)
+    # init_lora_weights=False draws B at random too, so the adapters change the outputs as a trained LoRA does.
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(UNET_TARGETS), init_lora_weights=False))
+    pipe.text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TEXT_ENCODER_TARGETS), init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        safe_serialization=True,
+    )
+    return Path(folder)
+
+
+@pytest.fixture(scope="module")
+def lora_file(tiny_model, tmp_path_factory):
+    return write_published_layout_lora(tiny_model, tmp_path_factory.mktemp("lora") / "published.safetensors")
+
+
+def run(tiny_model, output_dir, *flags):
+    """generate.main in this process on the tiny model (2 steps, 64x64); returns (exit code, PNG paths)."""
+    code = generate.main(["--base_model", str(tiny_model), "--steps", "2", "--height", "64", "--width", "64",
+                          "--output_dir", str(output_dir), *map(str, flags)])
+    return code, sorted(Path(output_dir).glob("*.png")) if Path(output_dir).exists() else []
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.float64)
+
+
+def test_lora_and_no_lora_images_differ(tiny_model, lora_file, tmp_path):
+    code, lora_images = run(tiny_model, tmp_path / "lora", "--prompt", PROMPT, "--lora", lora_file)
+    assert code == 0
+    code, base_images = run(tiny_model, tmp_path / "base", "--prompt", PROMPT, "--no_lora")
+    assert code == 0
+    assert [p.name for p in lora_images] == [p.name for p in base_images] == ["00000-s42-a-young-woman-with-long-red-hair-smiles.png"]
+    assert np.abs(pixels(lora_images[0]) - pixels(base_images[0])).mean() > 5
+
+
+def test_images_equal_diffusers_reference_for_the_same_generator_and_lora(tiny_model, lora_file, tmp_path):
+    code, images = run(tiny_model, tmp_path, "--prompt", PROMPT, "--lora", lora_file, "--lora_scale", "0.7",
+                       "--num_images", "2", "--batch_size", "2")
+    assert code == 0 and [p.name[:9] for p in images] == ["00000-s42", "00001-s43"]
+
+    reference = StableDiffusionPipeline.from_pretrained(tiny_model)
+    reference.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    for image, seed in zip(images, (42, 43)):
+        expected = reference(PROMPT, num_inference_steps=2, height=64, width=64, cross_attention_kwargs={"scale": 0.7},
+                             generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+        assert np.abs(pixels(image) - np.asarray(expected, dtype=np.float64)).mean() < 1.0  # 1/255 per pixel on average
+    assert np.abs(pixels(images[0]) - pixels(images[1])).mean() > 5  # image i has its own seed
+
+
+def component_outputs(pipe):
+    """Text-encoder output for a fixed prompt and UNet output for fixed latents and conditioning."""
+    ids = pipe.tokenizer([PROMPT], padding="max_length", return_tensors="pt").input_ids
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    conditioning = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0], pipe.unet(latents, 500, encoder_hidden_states=conditioning).sample
+
+
+@pytest.mark.parametrize("layout", ["published", "finetune_lora.py"])
+def test_lora_changes_both_unet_and_text_encoder(tiny_model, lora_file, tmp_path, layout):
+    if layout == "published":
+        path = lora_file
+    else:
+        path = write_finetune_layout_lora(tiny_model, tmp_path / "trained") / "pytorch_lora_weights.safetensors"
+        keys = load_file(path).keys()
+        assert any(k.startswith("text_encoder.encoder.layers.0.self_attn.q_proj.lora_A") for k in keys)
+        assert any(k.startswith("unet.") and k.endswith("lora_A.weight") for k in keys)
+    args = generate.parse_args(["--base_model", str(tiny_model), "--lora", str(path)])
+    pipe = generate.load_pipeline(args, torch.device("cpu"), torch.float32)
+    text_before, unet_before = component_outputs(pipe)
+    state_dict, _ = generate.read_lora(path)
+
+    generate.load_lora(pipe, state_dict, str(path))
+    assert generate.count_lora_layers(pipe.unet) == 4 * 2 * 4  # q, k, v, out of self- and cross-attention in four blocks
+    assert generate.count_lora_layers(pipe.text_encoder) == 4 * 2  # q, k, v, out in two layers
+    generate.fuse_lora(pipe, 1.0)
+    text_after, unet_after = component_outputs(pipe)
+    assert (text_after - text_before).abs().mean() > 1e-3
+    assert (unet_after - unet_before).abs().mean() > 1e-3
+
+
+def test_from_png_reproduces_the_pixels(tiny_model, lora_file, tmp_path):
+    code, (first,) = run(tiny_model, tmp_path / "a", "--prompt", PROMPT, "--lora", lora_file, "--seed", "7",
+                         "--scheduler", "euler_a", "--negative_prompt", "blurry, dark", "--lora_scale", "0.8")
+    assert code == 0
+    text = Image.open(first).text
+    settings = json.loads(text["text2face"])
+    assert settings["seed"] == 7 and settings["scheduler"] == "euler_a" and settings["negative_prompt"] == "blurry, dark"
+    assert settings["lora_sha256"] == generate.read_lora(lora_file)[1]
+    assert text["parameters"].splitlines() == [
+        PROMPT,
+        "Negative prompt: blurry, dark",
+        f"Steps: 2, Sampler: Euler a, CFG scale: 7.5, Seed: 7, Size: 64x64, Model: {tiny_model}, "
+        f"Lora: {lora_file}, Lora hash: {settings['lora_sha256'][:12]}, Lora scale: 0.8",
+    ]
+
+    assert generate.main(["--from_png", str(first), "--output_dir", str(tmp_path / "b")]) == 0
+    (again,) = (tmp_path / "b").glob("*.png")
+    assert again.name == first.name
+    assert np.array_equal(pixels(again), pixels(first))
+    assert json.loads(Image.open(again).text["text2face"]) == settings
+
+
+def test_compare_grid_puts_base_left_and_lora_right(tiny_model, lora_file, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"# faces\n{PROMPT}\n\nan old man with gray hair and a beard\n  # skipped\na bald old man with a wide smile\n")
+    code, (grid_path,) = run(tiny_model, tmp_path / "grid", "--compare", "--prompts_file", prompts, "--lora", lora_file)
+    assert code == 0 and grid_path.name == "00000-compare-s42.png"
+    grid = pixels(grid_path)
+
+    layout = generate.grid_layout(3, 64, 64)
+    assert (layout["columns"], layout["rows"]) == (2, 2)
+    assert grid.shape == (2 * layout["cell_height"], 2 * 2 * 64, 3)
+    assert layout["cell_height"] > 64 + 3 * 11  # room for a few caption lines beneath the pair
+
+    _, base = run(tiny_model, tmp_path / "base", "--prompts_file", prompts, "--no_lora")
+    _, lora = run(tiny_model, tmp_path / "lora", "--prompts_file", prompts, "--lora", lora_file)
+    for number, (base_path, lora_path) in enumerate(zip(base, lora)):
+        top, left = (number // 2) * layout["cell_height"], (number % 2) * 128
+        assert np.abs(grid[top:top + 64, left:left + 64] - pixels(base_path)).mean() < 1.0
+        assert np.abs(grid[top:top + 64, left + 64:left + 128] - pixels(lora_path)).mean() < 1.0
+        caption = grid[top + 64:top + layout["cell_height"], left:left + 128]
+        assert caption.min() < 128  # dark text drawn on the white band
+    assert (grid[layout["cell_height"]:, 128:] == 255).all()  # the fourth cell stays empty
+
+
+def test_prompt_with_path_characters_stays_inside_output_dir(tiny_model, tmp_path):
+    output_dir = tmp_path / "deep" / "out"
+    code, images = run(tiny_model, output_dir, "--prompt", "../../etc/x", "--no_lora")
+    assert code == 0
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [
+        Path("deep"), Path("deep/out"), Path("deep/out/00000-s42-etc-x.png")]
+
+
+def test_second_run_adds_a_file_instead_of_replacing(tiny_model, tmp_path):
+    code, (first,) = run(tiny_model, tmp_path, "--prompt", PROMPT, "--no_lora")
+    before = first.read_bytes()
+    code, images = run(tiny_model, tmp_path, "--prompt", PROMPT, "--no_lora")
+    assert code == 0
+    assert [p.name for p in images] == [first.name, first.name.replace("00000", "00001")]
+    assert first.read_bytes() == before
+    assert np.array_equal(pixels(images[0]), pixels(images[1]))  # same prompt and seed: the same face
+
+
+def test_long_prompt_warns_that_its_end_is_cut(tiny_model, tmp_path, capsys):
+    prompt = "a young woman with long red hair smiles " * 12 + "and wears a tiny green hat"
+    code, images = run(tiny_model, tmp_path, "--prompt", prompt, "--no_lora")
+    assert code == 0 and len(images) == 1
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: prompt")]
+    assert len(warning) == 1 and "its end is cut" in warning[0] and "green hat" in warning[0]
+
+
+def corrupt_lora(tmp_path):
+    path = tmp_path / "corrupt.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    return path
+
+
+def unmatched_lora(tmp_path, prefix):
+    path = tmp_path / "unmatched.safetensors"
+    save_file({f"{prefix}.lora_A.weight": torch.ones(4, 32), f"{prefix}.lora_B.weight": torch.ones(32, 4)}, path)
+    return path
+
+
+def plain_png(tmp_path):
+    path = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(path)
+    return path
+
+
+BAD_INPUTS = {
+    "empty prompt": (lambda tmp: ["--prompt", "  ", "--no_lora"], "empty"),
+    "no prompt": (lambda tmp: ["--no_lora"], "no prompt"),
+    "size not a multiple of 8": (lambda tmp: ["--prompt", PROMPT, "--height", "60", "--no_lora"], "multiples of 8"),
+    "steps below 1": (lambda tmp: ["--prompt", PROMPT, "--steps", "0", "--no_lora"], "--steps must be at least 1"),
+    "missing LoRA": (lambda tmp: ["--prompt", PROMPT, "--lora", str(tmp / "nowhere" / "lora.safetensors")], "python download.py"),
+    "missing LoRA repo": (lambda tmp: ["--prompt", PROMPT, "--lora", "someone/no-such-lora"], "python download.py"),
+    "corrupt LoRA": (lambda tmp: ["--prompt", PROMPT, "--lora", str(corrupt_lora(tmp))], "not a readable safetensors file"),
+    "LoRA keys for no component": (lambda tmp: ["--prompt", PROMPT, "--lora", str(unmatched_lora(tmp, "model.layer"))], "none of the 2 keys"),
+    "LoRA keys for no module": (lambda tmp: ["--prompt", PROMPT, "--lora", str(unmatched_lora(tmp, "unet.no.such.module"))], "does not fit"),
+    "unknown device": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--device", "tpu"], "unknown --device"),
+    "absent device": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--device", "cuda:7"], "no such CUDA device"),
+    "PNG without settings": (lambda tmp: ["--from_png", str(plain_png(tmp))], "carries no complete text2face settings"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gets_one_line_and_nonzero_exit(tiny_model, tmp_path, capsys, case):
+    make_flags, message = BAD_INPUTS[case]
+    flags = make_flags(tmp_path)
+    code, images = run(tiny_model, tmp_path / "out", *flags)
+    assert code != 0 and images == []
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt", ""], "error: a --prompt is empty"),
+    (["--prompt", PROMPT, "--lora", "corrupt.safetensors"], "error: LoRA file corrupt.safetensors is not a readable"),
+    (["--prompt", PROMPT, "--scheduler", "heun_x"], "invalid choice: 'heun_x'"),
+])
+def test_command_line_errors_print_no_traceback(tiny_model, tmp_path, flags, message):
+    corrupt_lora(tmp_path)
+    result = subprocess.run([sys.executable, str(REPO / "generate.py"), "--base_model", str(tiny_model), *flags],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "outputs").exists()
