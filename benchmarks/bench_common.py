@@ -8,6 +8,7 @@ through the same `from_pretrained(path)` calls as a Hub id. Weights are never co
 """
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,7 @@ CONFIG_RESOLUTIONS = {"tiny": 64, "small": 256, "sd21": 768}  # pixels, square
 LORA_RANK = 8  # the published Text2Face LoRA's rank, UNet and text encoder
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # checkpoint-N, also as the start of a temporary name
 
 
 class BenchError(Exception):
@@ -125,43 +127,54 @@ def cuda_memory_used_bytes() -> int:
     return int(out.split()[0]) * 2**20
 
 
-@dataclass
-class RunResult:
-    seconds: float  # wall clock, launch to exit
-    checkpoint_seconds: float  # wall clock spent writing checkpoints, seen from outside
-    peak_rss_bytes: int  # resident set of the process tree's biggest process at its peak
-    peak_cuda_bytes: int | None  # peak GPU memory above the idle level, None without CUDA
-
-
 class CheckpointWatch:
-    """Times checkpoint writing from outside: from the first `*checkpoint*` entry appearing in `output_dir`
-    (a temporary name counts) to the newest file modification under the checkpoint folders."""
+    """When each checkpoint-N was written, seen from outside the trainer.
+
+    A thread polls `output_dir` every 20 ms: writing starts when the first entry named `checkpoint-N...`
+    appears (a temporary `checkpoint-N.tmp` counts) and ends at the newest file modification inside the
+    finished `checkpoint-N` folder. Wall-clock (time.time) on both sides, like file modification times.
+    """
 
     def __init__(self, output_dir: Path):
         self.output_dir = output_dir
-        self.first_seen: dict[str, float] = {}
+        self.started: dict[int, float] = {}
 
     def poll(self):
         if self.output_dir.is_dir():
             for entry in os.listdir(self.output_dir):
-                if "checkpoint" in entry:
-                    self.first_seen.setdefault(entry, time.time())
+                match = CHECKPOINT_NAME.match(entry)
+                if match:
+                    self.started.setdefault(int(match.group(1)), time.time())
 
-    def seconds(self) -> float:
-        folders = [f for f in self.output_dir.glob("checkpoint-*") if f.is_dir()]
-        if not folders or not self.first_seen:  # none written, or written and exited within one poll
-            return 0.0
-        last_write = max(f.stat().st_mtime for folder in folders for f in folder.rglob("*"))
-        return max(0.0, last_write - min(self.first_seen.values()))
+    def spans(self) -> dict[int, tuple[float, float]]:
+        """{step: (start, end)} of every finished checkpoint folder."""
+        spans = {}
+        for folder in self.output_dir.glob("checkpoint-*"):
+            match = CHECKPOINT_NAME.fullmatch(folder.name)
+            files = [f for f in folder.rglob("*") if f.is_file()]
+            if match and files:
+                step = int(match.group(1))
+                end = max(f.stat().st_mtime for f in files)
+                # A checkpoint written and renamed between two polls is first seen after its last write.
+                spans[step] = (min(self.started.get(step, end), end), end)
+        return spans
+
+
+@dataclass
+class RunResult:
+    launched: float  # time.time() at launch, comparable with checkpoint times
+    seconds: float  # wall clock, launch to exit
+    checkpoints: dict[int, tuple[float, float]]  # step -> (start, end) of writing it, wall clock
+    peak_rss_bytes: int  # resident set of the process tree's biggest process at its peak
+    peak_cuda_bytes: int | None  # peak GPU memory above the idle level, None without CUDA
 
 
 def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path | None = None) -> RunResult:
-    """Run `command` to completion, its output to `log_path`; return its wall time, the time it spent
-    writing checkpoints into `output_dir` (if given), its peak RSS and its peak GPU memory.
+    """Run `command` to completion, its output to `log_path`; return its wall time, when it wrote each
+    checkpoint into `output_dir` (if given), its peak RSS and its peak GPU memory.
 
     Peak RSS comes from wait4's rusage, which covers the child and the descendants it waited for
-    (`accelerate launch` waits for the training process). A thread polls `output_dir` for checkpoints
-    every 20 ms and, on CUDA, nvidia-smi every 0.2 s.
+    (`accelerate launch` waits for the training process). On CUDA the poller reads nvidia-smi every 0.2 s.
     """
     poll_cuda = torch.cuda.is_available()
     idle_cuda = cuda_memory_used_bytes() if poll_cuda else 0
@@ -181,7 +194,7 @@ def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path
 
     poller = threading.Thread(target=poll, daemon=True)
     with open(log_path, "w") as log:
-        start = time.perf_counter()
+        launched, start = time.time(), time.perf_counter()
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         poller.start()
         _, status, usage = os.wait4(process.pid, 0)
@@ -192,7 +205,7 @@ def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path
     if returncode != 0:
         tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
         raise BenchError(f"`{' '.join(map(str, command[:4]))} ...` exited with {returncode} (log {log_path}): {tail}")
-    return RunResult(seconds, watch.seconds() if watch is not None else 0.0, usage.ru_maxrss * 1024,
+    return RunResult(launched, seconds, watch.spans() if watch is not None else {}, usage.ru_maxrss * 1024,
                      peak_cuda - idle_cuda if poll_cuda else None)
 
 

@@ -5,17 +5,19 @@ model and one folder of captioned faces, LoRA rank 8 on the UNet and the text en
 center crop. Ours caches the VAE latents (`--cache_latents`) and writes LoRA-only checkpoints; the
 baseline (`benchmarks/baseline_train.py`) VAE-encodes every batch and saves the full accelerate state.
 
-Method. Each trainer runs twice per repetition: a short run of N1 steps without checkpoints and a long
-run of N2 steps with one checkpoint at its last step. Start-up (imports, model loading, latent caching),
-the final save and the exit cost the same in both, so they cancel in the difference:
-    steady steps/s = (N2 - N1) / ((t_long - checkpoint time) - t_short)
-Checkpoint time is timed from outside (first checkpoint entry in the output folder to its last file
-write) and reported separately, as is start-up = t_short - N1 / (steady steps/s). Neither trainer
-runs validation. Peak memory is the resident set of the training process (wait4 rusage) and, on CUDA,
-the GPU memory nvidia-smi reports above the idle level. Figures are medians over `--repeats`.
+Method. Each trainer runs 2K optimizer steps with a checkpoint every K steps (`--checkpointing_steps`), no
+validation. From outside, the benchmark sees when each checkpoint starts (its folder, or temporary folder,
+appears in the output directory) and ends (the last file written into it). The K steps between the end of
+checkpoint K and the start of checkpoint 2K are pure training, past the first step's warm-up:
+    steady steps/s = K / (start of checkpoint 2K - end of checkpoint K)
+Checkpoint time (mean of the two) and start-up (launch to checkpoint K, less K steps at the steady rate:
+imports, model loading, latent caching, first-step warm-up) are reported separately. Peak memory is the
+resident set of the training process (wait4 rusage over the whole run, checkpoints included) and, on
+CUDA, the GPU memory nvidia-smi reports above the idle level. Figures are medians over `--repeats`
+repetitions, the trainers' order alternating.
 
     python benchmarks/bench_train.py --config tiny --repeats 1     # seconds: the smoke test
-    python benchmarks/bench_train.py --config small                # SD2.1 at 256 px, ~12 min on 2 CPU cores
+    python benchmarks/bench_train.py --config small                # SD2.1 at 256 px, ~10 min on 2 CPU cores
     python benchmarks/bench_train.py --config sd21 --mixed_precision fp16   # SD2.1 at 768 px, on a GPU
 
 The last line printed is one JSON object:
@@ -35,7 +37,7 @@ from bench_common import (CONFIG_RESOLUTIONS, DEFAULT_REFERENCE_DIR, LORA_RANK, 
                           median, prepare_faces, prepare_model, run_measured, subprocess_env)
 
 TRAINERS = ("baseline", "ours")
-DEFAULT_STEPS = {"tiny": (2, 120), "small": (1, 6), "sd21": (5, 30)}  # (short run, long run) optimizer steps
+DEFAULT_CHECKPOINTING_STEPS = {"tiny": 60, "small": 3, "sd21": 20}  # K: each run trains 2K steps
 
 
 def parse_args(argv=None):
@@ -45,8 +47,8 @@ def parse_args(argv=None):
     parser.add_argument("--resolution", type=int, default=None,
                         help="Training resolution in pixels (default: 64 tiny, 256 small, 768 sd21).")
     parser.add_argument("--repeats", type=int, default=3, help="Alternating repetitions; figures are medians.")
-    parser.add_argument("--steps_short", type=int, default=None, help="Steps of the short run (default per config).")
-    parser.add_argument("--steps_long", type=int, default=None, help="Steps of the long run (default per config).")
+    parser.add_argument("--checkpointing_steps", type=int, default=None,
+                        help="K: checkpoint every K steps, train 2K, time the second K (default: 60 tiny, 3 small, 20 sd21).")
     parser.add_argument("--train_batch_size", type=int, default=1, help="Images per optimizer step, both trainers.")
     parser.add_argument("--num_faces", type=int, default=8, help="Images in the generated training folder.")
     parser.add_argument("--learning_rate", type=float, default=1e-4,
@@ -61,13 +63,9 @@ def parse_args(argv=None):
                         help="Keep the built model, faces and logs here and reuse them (default: a temp folder).")
     args = parser.parse_args(argv)
     args.resolution = args.resolution or CONFIG_RESOLUTIONS[args.config]
-    default_short, default_long = DEFAULT_STEPS[args.config]
-    args.steps_short = args.steps_short or default_short
-    args.steps_long = args.steps_long or default_long
-    if not 0 < args.steps_short < args.steps_long:
-        parser.error("need 0 < --steps_short < --steps_long")
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+    args.checkpointing_steps = args.checkpointing_steps or DEFAULT_CHECKPOINTING_STEPS[args.config]
+    if args.repeats < 1 or args.checkpointing_steps < 1:
+        parser.error("--repeats and --checkpointing_steps must be at least 1")
     return args
 
 
@@ -84,74 +82,67 @@ def trainer_command(trainer: str, args, model_dir: Path, faces: Path, output_dir
     if trainer == "baseline":
         return launch + [str(REPO / "benchmarks" / "baseline_train.py")] + shared
     return launch + [str(REPO / "finetune_lora.py")] + shared + [
-        "--train_text_encoder", "--cache_latents", "--learning_rate_text_encoder", str(args.learning_rate_text_encoder)]
-
-
-def run_plan(repeats: int):
-    """(repetition, run length, trainer) in alternating order, so drifting machine load hits both trainers."""
-    for repetition in range(repeats):
-        order = TRAINERS if repetition % 2 == 0 else TRAINERS[::-1]
-        for length in ("short", "long"):
-            for trainer in order:
-                yield repetition, length, trainer
+        "--train_text_encoder", "--cache_latents", "--learning_rate_text_encoder", str(args.learning_rate_text_encoder),
+        "--report_to", "none"]
 
 
 def measure_runs(args, work_dir: Path, model_dir: Path, faces: Path) -> dict:
-    """Run every planned training run; return {trainer: [{"short": RunResult, "long": RunResult, bytes}, ...]}."""
-    env = {**subprocess_env(), "HF_DATASETS_CACHE": str(work_dir / "datasets-cache")}
-    results = {trainer: [{} for _ in range(args.repeats)] for trainer in TRAINERS}
-    plan = list(run_plan(args.repeats))
-    for repetition, length, trainer in tqdm(plan, desc="training runs"):
-        steps = args.steps_short if length == "short" else args.steps_long
-        # The short run never reaches a checkpoint; the long one writes exactly one, at its last step.
-        checkpointing_steps = args.steps_long + 1 if length == "short" else args.steps_long
-        output_dir = work_dir / "runs" / f"{trainer}-{repetition}-{length}"
-        shutil.rmtree(output_dir, ignore_errors=True)
-        command = trainer_command(trainer, args, model_dir, faces, output_dir, steps, checkpointing_steps)
-        run = run_measured(command, env, work_dir / "runs" / f"{output_dir.name}.log", output_dir)
-        results[trainer][repetition][length] = run
-        if length == "long":
-            checkpoint = output_dir / f"checkpoint-{steps}"
-            if not checkpoint.is_dir():
-                raise BenchError(f"{trainer} wrote no {checkpoint.name} in {output_dir}")
-            results[trainer][repetition]["checkpoint_bytes"] = folder_bytes(checkpoint)
-        tqdm.write(f"[{repetition + 1}/{args.repeats}] {trainer:8s} {steps:4d} steps: {run.seconds:7.1f} s "
-                   f"(checkpoint {run.checkpoint_seconds:.1f} s, peak RSS {run.peak_rss_bytes / 2**30:.2f} GiB)")
-        shutil.rmtree(output_dir)  # a full baseline checkpoint of SD2.1 is ~5 GB
+    """One run per trainer per repetition, the order alternating; return {trainer: [figures of each run]}."""
+    steps = 2 * args.checkpointing_steps
+    results = {trainer: [] for trainer in TRAINERS}
+    plan = [(repetition, trainer) for repetition in range(args.repeats)
+            for trainer in (TRAINERS if repetition % 2 == 0 else TRAINERS[::-1])]
+    for repetition, trainer in tqdm(plan, desc="training runs"):
+        run_dir = work_dir / "runs" / f"{trainer}-{repetition}"
+        output_dir = run_dir / "output"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        command = trainer_command(trainer, args, model_dir, faces, output_dir, steps, args.checkpointing_steps)
+        # A fresh `datasets` cache per run, so that no run inherits another's prepared imagefolder.
+        env = {**subprocess_env(), "HF_DATASETS_CACHE": str(run_dir / "datasets-cache")}
+        run = run_measured(command, env, run_dir.with_suffix(".log"), output_dir)
+        figures = run_figures(args, trainer, run, output_dir)
+        results[trainer].append(figures)
+        tqdm.write(f"[{repetition + 1}/{args.repeats}] {trainer:8s} {figures['steps_per_s']:.4g} steps/s, "
+                   f"start-up {figures['startup_s']:.1f} s, checkpoint {figures['checkpoint_s']:.2f} s, "
+                   f"peak RSS {run.peak_rss_bytes / 2**30:.2f} GiB")
+        shutil.rmtree(run_dir)  # a full baseline checkpoint of SD2.1 is ~5 GB
     return results
 
 
-def summarize(args, repetitions: list[dict]) -> dict:
-    """Median figures of one trainer over its repetitions."""
-    steps_per_s, startup_s = [], []
-    for rep in repetitions:
-        short, long = rep["short"], rep["long"]
-        steady_seconds = (long.seconds - long.checkpoint_seconds) - (short.seconds - short.checkpoint_seconds)
-        if steady_seconds <= 0:
-            raise BenchError(f"the long run was not slower than the short one ({long.seconds:.1f} s vs "
-                             f"{short.seconds:.1f} s): raise --steps_long")
-        rate = (args.steps_long - args.steps_short) / steady_seconds
-        steps_per_s.append(rate)
-        startup_s.append(short.seconds - short.checkpoint_seconds - args.steps_short / rate)
+def run_figures(args, trainer: str, run, output_dir: Path) -> dict:
+    """Steady steps/s, start-up, checkpoint time and size, peak memory of one run (see the module docstring)."""
+    k = args.checkpointing_steps
+    if sorted(run.checkpoints) != [k, 2 * k]:
+        raise BenchError(f"{trainer} wrote checkpoints {sorted(run.checkpoints)} in {output_dir}, expected {[k, 2 * k]}")
+    (first_start, first_end), (second_start, second_end) = run.checkpoints[k], run.checkpoints[2 * k]
+    if second_start <= first_end:
+        raise BenchError(f"{trainer}: checkpoint {2 * k} started before checkpoint {k} ended; is the clock off?")
+    steps_per_s = k / (second_start - first_end)
     figures = {
-        "steps_per_s": median(steps_per_s),
-        "images_per_s": median(steps_per_s) * args.train_batch_size,
-        "startup_s": median(startup_s),
-        "checkpoint_s": median(rep["long"].checkpoint_seconds for rep in repetitions),
-        "checkpoint_bytes": median(rep["checkpoint_bytes"] for rep in repetitions),
-        "peak_rss_bytes": median(max(rep["short"].peak_rss_bytes, rep["long"].peak_rss_bytes) for rep in repetitions),
+        "steps_per_s": steps_per_s,
+        "images_per_s": steps_per_s * args.train_batch_size,
+        "startup_s": (first_start - run.launched) - k / steps_per_s,
+        "checkpoint_s": ((first_end - first_start) + (second_end - second_start)) / 2,
+        "checkpoint_bytes": folder_bytes(output_dir / f"checkpoint-{k}"),
+        "peak_rss_bytes": run.peak_rss_bytes,
     }
-    if repetitions[0]["long"].peak_cuda_bytes is not None:
-        figures["peak_cuda_bytes"] = median(max(rep["short"].peak_cuda_bytes, rep["long"].peak_cuda_bytes)
-                                            for rep in repetitions)
+    if run.peak_cuda_bytes is not None:
+        figures["peak_cuda_bytes"] = run.peak_cuda_bytes
     return figures
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Median of each figure over the repetitions of one trainer."""
+    return {key: median(run[key] for run in runs) for key in runs[0]}
 
 
 def report(args, figures: dict) -> dict:
     """Print a markdown table of the figures and return the ratios ours/baseline."""
     ours, base = figures["ours"], figures["baseline"]
-    print(f"\nconfig {args.config}, {args.resolution} px, batch {args.train_batch_size}, steps {args.steps_short}"
-          f"/{args.steps_long}, median of {args.repeats}, mixed precision {args.mixed_precision}\n")
+    print(f"\nconfig {args.config}, {args.resolution} px, batch {args.train_batch_size}, checkpoint every "
+          f"{args.checkpointing_steps} of {2 * args.checkpointing_steps} steps, median of {args.repeats}, "
+          f"mixed precision {args.mixed_precision}\n")
     print("| trainer | steps/s | images/s | start-up s | checkpoint s | MB per checkpoint | peak RSS GiB |"
           + (" peak GPU GiB |" if "peak_cuda_bytes" in ours else ""))
     print("|---|--:|--:|--:|--:|--:|--:|" + ("--:|" if "peak_cuda_bytes" in ours else ""))
@@ -179,7 +170,7 @@ def main(argv=None) -> int:
         model_dir = prepare_model(args.config, work_dir, args.reference_dir)
         faces = prepare_faces(work_dir, args.resolution, args.num_faces)
         results = measure_runs(args, work_dir, model_dir, faces)
-        figures = {trainer: summarize(args, results[trainer]) for trainer in TRAINERS}
+        figures = {trainer: summarize(results[trainer]) for trainer in TRAINERS}
         ratios = report(args, figures)
     except BenchError as error:
         print(f"bench_train: {error}", file=sys.stderr)
@@ -188,7 +179,7 @@ def main(argv=None) -> int:
         if args.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)
     print(json.dumps({**ratios, "config": args.config, "resolution": args.resolution, "repeats": args.repeats,
-                      "figures": figures}))
+                      "checkpointing_steps": args.checkpointing_steps, "figures": figures}))
     return 0
 
 
