@@ -9,7 +9,6 @@ through the same `from_pretrained(path)` calls as a Hub id. Weights are never co
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import threading
@@ -163,14 +162,13 @@ class CheckpointWatch:
 @dataclass
 class RunResult:
     launched: float  # time.time() at launch, comparable with checkpoint times
-    seconds: float  # wall clock, launch to exit
     checkpoints: dict[int, tuple[float, float]]  # step -> (start, end) of writing it, wall clock
     peak_rss_bytes: int  # resident set of the process tree's biggest process at its peak
     peak_cuda_bytes: int | None  # peak GPU memory above the idle level, None without CUDA
 
 
 def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path | None = None) -> RunResult:
-    """Run `command` to completion, its output to `log_path`; return its wall time, when it wrote each
+    """Run `command` to completion, its output to `log_path`; return when it was launched, when it wrote each
     checkpoint into `output_dir` (if given), its peak RSS and its peak GPU memory.
 
     Peak RSS comes from wait4's rusage, which covers the child and the descendants it waited for
@@ -194,26 +192,21 @@ def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path
 
     poller = threading.Thread(target=poll, daemon=True)
     with open(log_path, "w") as log:
-        launched, start = time.time(), time.perf_counter()
+        launched = time.time()
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         poller.start()
         _, status, usage = os.wait4(process.pid, 0)
-        seconds = time.perf_counter() - start
     finished.set()
     poller.join()
     returncode = process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     if returncode != 0:
-        tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
-        raise BenchError(f"`{' '.join(map(str, command[:4]))} ...` exited with {returncode} (log {log_path}): {tail}")
-    return RunResult(launched, seconds, watch.spans() if watch is not None else {}, usage.ru_maxrss * 1024,
+        script = next((Path(part).name for part in command if str(part).endswith(".py")), command[0])
+        tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-2:])
+        raise BenchError(f"{script} exited with {returncode} (full log: {log_path}): {tail}")
+    return RunResult(launched, watch.spans() if watch is not None else {}, usage.ru_maxrss * 1024,
                      peak_cuda - idle_cuda if poll_cuda else None)
 
 
 def subprocess_env() -> dict:
     """The environment for scripts under test: offline (every model is a local folder), quiet tokenizers."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-
-
-def median(values):
-    return statistics.median(values)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -25,10 +25,11 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
 from tqdm.auto import tqdm
 
-from bench_common import (CONFIG_RESOLUTIONS, DEFAULT_REFERENCE_DIR, REPO, BenchError, median, prepare_model,
+from bench_common import (CONFIG_RESOLUTIONS, DEFAULT_REFERENCE_DIR, REPO, BenchError, prepare_model,
                           run_measured, subprocess_env, write_random_lora)
 
 PROMPT = "A happy 55 year old male with blond hair and a goatee smiles with visible teeth."

@@ -30,11 +30,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from statistics import median
 
 from tqdm.auto import tqdm
 
 from bench_common import (CONFIG_RESOLUTIONS, DEFAULT_REFERENCE_DIR, LORA_RANK, REPO, BenchError, folder_bytes,
-                          median, prepare_faces, prepare_model, run_measured, subprocess_env)
+                          prepare_faces, prepare_model, run_measured, subprocess_env)
 
 TRAINERS = ("baseline", "ours")
 DEFAULT_CHECKPOINTING_STEPS = {"tiny": 60, "small": 3, "sd21": 20}  # K: each run trains 2K steps
@@ -141,7 +142,7 @@ def report(args, figures: dict) -> dict:
     """Print a markdown table of the figures and return the ratios ours/baseline."""
     ours, base = figures["ours"], figures["baseline"]
     print(f"\nconfig {args.config}, {args.resolution} px, batch {args.train_batch_size}, checkpoint every "
-          f"{args.checkpointing_steps} of {2 * args.checkpointing_steps} steps, median of {args.repeats}, "
+          f"{args.checkpointing_steps} of {2 * args.checkpointing_steps} steps of {args.repeats}, "
           f"mixed precision {args.mixed_precision}\n")
     print("| trainer | steps/s | images/s | start-up s | checkpoint s | MB per checkpoint | peak RSS GiB |"
           + (" peak GPU GiB |" if "peak_cuda_bytes" in ours else ""))
