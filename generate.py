@@ -9,18 +9,19 @@ Several prompts, four images each, in batches of four, with a negative prompt an
     python generate.py --prompts_file prompts.txt --num_images 4 --batch_size 4 \
         --negative_prompt "blurry, low quality" --scheduler dpm++ --steps 25
 
-Your own LoRA from finetune_lora.py, half strength; the base model alone for comparison:
+Your own LoRA (the --output_dir of finetune_lora.py) at half strength; the base model alone:
 
-    python generate.py --prompt "..." --lora runs/my-lora --lora_scale 0.5
+    python generate.py --prompt "..." --lora my-lora --lora_scale 0.5
     python generate.py --prompt "..." --no_lora
 
-The base model and the LoRA side by side for every prompt, tiled into one grid (the README figure):
+The base model and the LoRA side by side for every prompt, tiled into one grid: the README figure,
+written to outputs/examples/00000-compare-s42.png (copy it over examples.png):
 
     python generate.py --compare --prompts_file example_prompts.txt --output_dir outputs/examples
 
 Render an image again from the settings stored in its PNG (other flags given override them):
 
-    python generate.py --from_png outputs/00000-s42-a-happy-55-year-old-male.png
+    python generate.py --from_png outputs/00000-s42-a-happy-55-year-old-male-with-blond-hair-and-a-goatee-smiles.png
 
 Image i of a prompt is sampled from torch.Generator("cpu").manual_seed(seed + i), so a seed gives the same
 faces as diffusers' StableDiffusionPipeline with the same LoRA, scale and settings. Files are named
@@ -33,9 +34,10 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
+import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
@@ -46,13 +48,13 @@ DEFAULT_LORA = "checkpoints/lora30k"
 DEFAULT_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_HUB_REPO = "michaeltrs/text2face"  # holds DEFAULT_LORA/DEFAULT_LORA_WEIGHT_NAME at the same relative path
 ADAPTER_NAME = "text2face"
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name; anything else given as a model must be a local path
 PNG_SETTINGS_KEY = "text2face"  # PNG text entry holding the JSON settings; "parameters" holds the A1111 line
 
 # --scheduler name -> (scheduler class in diffusers, config overrides, AUTOMATIC1111 sampler name)
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}, "DDIM"),
     "pndm": ("PNDMScheduler", {}, "PLMS"),
-    "lms": ("LMSDiscreteScheduler", {}, "LMS"),
     "euler": ("EulerDiscreteScheduler", {}, "Euler"),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
     "dpm++": ("DPMSolverMultistepScheduler", {}, "DPM++ 2M"),
@@ -108,7 +110,8 @@ def parse_args(argv=None):
         parser.set_defaults(**settings_to_defaults(settings))
         args = parser.parse_args(argv)
         args.prompt = [settings["prompt"]]
-        args.expected_lora_sha256 = settings["lora_sha256"]
+        same_lora = not args.no_lora and (args.lora, args.lora_weight_name) == (settings["lora"], settings["lora_weight_name"])
+        args.expected_lora_sha256 = settings["lora_sha256"] if same_lora else None
     else:
         args.expected_lora_sha256 = None
     check_args(args)
@@ -143,14 +146,14 @@ def read_prompts(args) -> list:
     return [prompt.strip() for prompt in prompts]
 
 
-def warn_long_prompts(tokenizer, prompts):
+def warn_long_prompts(tokenizer, prompts, negative_prompt):
     """CLIP reads 77 tokens (start and end included); say which words of a longer prompt it never sees."""
     limit = tokenizer.model_max_length
-    for prompt in prompts:
+    for kind, prompt in [("prompt", prompt) for prompt in prompts] + [("negative prompt", negative_prompt)]:
         ids = tokenizer(prompt).input_ids
         if len(ids) > limit:
             cut = tokenizer.decode(ids[limit - 1:-1])
-            print(f'warning: prompt is {len(ids)} CLIP tokens but CLIP reads only the first {limit}, so its end is cut: "...{cut}"', file=sys.stderr)
+            print(f'warning: {kind} is {len(ids)} CLIP tokens but CLIP reads only the first {limit}, so its end is cut: "...{cut}"', file=sys.stderr)
 
 
 def pick_device(name: str) -> torch.device:
@@ -184,13 +187,15 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
     from diffusers.models.attention_processor import AttnProcessor2_0
 
+    if not Path(args.base_model).exists() and not HUB_ID.fullmatch(args.base_model):
+        raise GenerateError(f"--base_model {args.base_model} is neither a local folder nor a Hub id like {DEFAULT_BASE_MODEL}")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(args.base_model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError) as error:
         raise GenerateError(f"cannot load --base_model {args.base_model}: {first_line(error)}") from None
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
-    # SDPA is today's default; set it explicitly so a model folder or an installed xformers cannot change it.
+    # SDPA is what diffusers and transformers pick today; set it explicitly so speed does not hang on their defaults.
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.vae.set_attn_processor(AttnProcessor2_0())
     pipe.text_encoder.set_attn_implementation("sdpa")
@@ -233,7 +238,7 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
             raise GenerateError(f"the LoRA is not in {DEFAULT_LORA} and fetching it from {LORA_HUB_REPO} failed ({first_line(error)}): run `python download.py`") from None
     if path.is_dir():
         raise GenerateError(f"--lora folder {lora} has no {weight_name}: pass --lora_weight_name, or run `python download.py` for the published LoRA")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", lora) and not lora.endswith(".safetensors"):
+    if HUB_ID.fullmatch(lora) and not lora.endswith(".safetensors"):
         try:
             return Path(hf_hub_download(lora, weight_name))
         except Exception as error:  # offline, no such repo or no such file: the same remedy
@@ -241,8 +246,20 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
     raise GenerateError(f"--lora {lora} does not exist: run `python download.py` to fetch the published LoRA, or fix the path")
 
 
+def lora_module_counts(state_dict) -> dict:
+    """How many layers the LoRA adapts in the UNet and in the text encoder, after diffusers' key conversion."""
+    from diffusers import StableDiffusionPipeline
+
+    converted, _ = StableDiffusionPipeline.lora_state_dict(state_dict)
+    up_weight = re.compile(r"lora_B\.|lora\.up\.|lora_up\.")
+    return {
+        component: sum(1 for key in converted if key.startswith(f"{component}.") and up_weight.search(key))
+        for component in ("unet", "text_encoder")
+    }
+
+
 def read_lora(path: Path):
-    """The LoRA state dict and the sha256 of its file; an unreadable file is an error."""
+    """The LoRA state dict and the sha256 of its file; an unreadable file or one that is no SD LoRA is an error."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -250,6 +267,8 @@ def read_lora(path: Path):
         state_dict = load_file(path)
     except (SafetensorError, OSError) as error:
         raise GenerateError(f"LoRA file {path} is not a readable safetensors file ({first_line(error)}): download it again with `python download.py`") from None
+    if not any(lora_module_counts(state_dict).values()):
+        raise GenerateError(f"none of the {len(state_dict)} keys in LoRA {path} belong to a UNet or text-encoder LoRA (expected keys like unet.<module>.lora_A.weight)")
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -269,13 +288,7 @@ def load_lora(pipe, state_dict, source: str):
     diffusers skips a component whose keys match nothing with only a log line, which would silently
     sample the base model; here that is an error.
     """
-    converted, _ = pipe.lora_state_dict(state_dict)
-    expected = {
-        component: sum(1 for key in converted if key.startswith(f"{component}.") and re.search(r"lora_B\.|lora\.up\.|lora_up\.", key))
-        for component in ("unet", "text_encoder")
-    }
-    if not any(expected.values()):
-        raise GenerateError(f"none of the {len(state_dict)} keys in LoRA {source} belong to a UNet or text-encoder LoRA (expected keys like unet.<module>.lora_A.weight)")
+    expected = lora_module_counts(state_dict)
     try:
         pipe.load_lora_weights(state_dict, adapter_name=ADAPTER_NAME)
     except (ValueError, RuntimeError, KeyError) as error:
@@ -293,11 +306,10 @@ def fuse_lora(pipe, scale: float):
 
 
 def sample(pipe, jobs, args, progress):
-    """Images for `jobs` [(prompt, seed)], sampled `--batch_size` at a time; `progress` counts images."""
-    images = []
+    """Yield the images for `jobs` [(prompt, seed)] in order, sampled `--batch_size` at a time; `progress` counts them."""
     for start in range(0, len(jobs), args.batch_size):
         batch = jobs[start:start + args.batch_size]
-        images += pipe(
+        images = pipe(
             prompt=[prompt for prompt, _ in batch],
             negative_prompt=[args.negative_prompt] * len(batch),
             num_inference_steps=args.steps,
@@ -307,7 +319,7 @@ def sample(pipe, jobs, args, progress):
             generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in batch],
         ).images
         progress.update(len(batch))
-    return images
+        yield from images
 
 
 def image_settings(args, pipe, prompt, seed, lora_file, lora_sha256, dtype):
@@ -413,8 +425,8 @@ def save_png(image, output_dir: Path, index: int, name: str, info) -> tuple:
     The PNG is written under a temporary name and hard-linked into place, which fails rather than
     replaces if another run took the name meanwhile; an interrupted write leaves no partial image.
     """
-    with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".", suffix=".png.tmp", delete=False) as file:
-        temporary = Path(file.name)
+    temporary = output_dir / f".{uuid.uuid4().hex}.png.tmp"
+    with open(temporary, "xb") as file:
         image.save(file, format="PNG", pnginfo=info)
     try:
         while True:
@@ -433,7 +445,7 @@ def caption_font(width: int):
 
 
 def grid_layout(count: int, width: int, height: int) -> dict:
-    """Geometry of the --compare grid: pairs of width x height images with a caption band beneath each."""
+    """Geometry of the --compare grid: cells of two width x height images and a caption band, `margin` apart."""
     font = caption_font(width)
     line_height = math.ceil(font.size * 1.25)
     margin = max(4, width // 64)
@@ -444,8 +456,8 @@ def grid_layout(count: int, width: int, height: int) -> dict:
         "margin": margin,
         "columns": columns,
         "rows": math.ceil(count / columns),
-        "cell_width": 2 * width,
-        "cell_height": height + CAPTION_LINES * line_height + 2 * margin,
+        "cell_width": 2 * width + 2 * margin,
+        "cell_height": margin + height + margin + CAPTION_LINES * line_height + margin,
     }
 
 
@@ -475,14 +487,13 @@ def compare_grid(base_images, lora_images, prompts) -> Image.Image:
     grid = Image.new("RGB", (layout["columns"] * layout["cell_width"], layout["rows"] * layout["cell_height"]), "white")
     draw = ImageDraw.Draw(grid)
     for number, (base, lora, prompt) in enumerate(zip(base_images, lora_images, prompts)):
-        left = (number % layout["columns"]) * layout["cell_width"]
-        top = (number // layout["columns"]) * layout["cell_height"]
+        left = (number % layout["columns"]) * layout["cell_width"] + layout["margin"]
+        top = (number // layout["columns"]) * layout["cell_height"] + layout["margin"]
         grid.paste(base, (left, top))
         grid.paste(lora, (left + width, top))
-        lines = wrap(prompt, layout["font"], layout["cell_width"] - 2 * layout["margin"])
-        for line_number, line in enumerate(lines):
+        for line_number, line in enumerate(wrap(prompt, layout["font"], 2 * width)):
             y = top + height + layout["margin"] + line_number * layout["line_height"]
-            draw.text((left + layout["margin"], y), line, fill="black", font=layout["font"])
+            draw.text((left, y), line, fill="black", font=layout["font"])
     return grid
 
 
@@ -491,53 +502,76 @@ def first_line(error) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+class Lora(NamedTuple):
+    file: Path
+    state_dict: dict
+    sha256: str
+
+
+def prepare_lora(args) -> Lora:
+    """The LoRA to apply, read and checked; with --from_png it must be the very file the image was made with."""
+    lora_file = resolve_lora(args.lora, args.lora_weight_name)
+    state_dict, sha256 = read_lora(lora_file)
+    if args.expected_lora_sha256 not in (None, sha256):
+        raise GenerateError(f"LoRA {lora_file} has sha256 {sha256[:12]}..., but the PNG was made with {args.expected_lora_sha256[:12]}...: use the LoRA it names")
+    return Lora(lora_file, state_dict, sha256)
+
+
+def make_output_dir(output_dir: Path):
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise GenerateError(f"cannot create --output_dir {output_dir}: {error.strerror}") from None
+
+
+def write_images(pipe, jobs, args, lora, dtype) -> int:
+    """Sample every job with the LoRA fused in and save each batch as soon as it is done; return the image count."""
+    lora_file, lora_sha256 = (lora.file, lora.sha256) if lora is not None else (None, None)
+    if lora is not None:
+        fuse_lora(pipe, args.lora_scale)
+    index = next_index(args.output_dir)
+    with tqdm(total=len(jobs), desc="images", unit="image", position=0) as progress:
+        for image, (prompt, seed) in zip(sample(pipe, jobs, args, progress), jobs):
+            settings = image_settings(args, pipe, prompt, seed, lora_file, lora_sha256, dtype)
+            path, index = save_png(image, args.output_dir, index, f"s{seed}-{slugify(prompt)}", png_info(settings))
+            tqdm.write(f"wrote {path}")
+    return len(jobs)
+
+
+def write_compare_grid(pipe, jobs, args, lora) -> int:
+    """Sample every job with the LoRA switched off, then fused in; save both side by side in one grid."""
+    with tqdm(total=2 * len(jobs), desc="images", unit="image", position=0) as progress:
+        # The base images come first, while the LoRA is still a set of adapters that can be switched off.
+        pipe.disable_lora()
+        base_images = list(sample(pipe, jobs, args, progress))
+        pipe.enable_lora()
+        fuse_lora(pipe, args.lora_scale)
+        lora_images = list(sample(pipe, jobs, args, progress))
+    grid = compare_grid(base_images, lora_images, [prompt for prompt, _ in jobs])
+    path, _ = save_png(grid, args.output_dir, next_index(args.output_dir), f"compare-s{args.seed}", None)
+    print(f"wrote {path} (left: {args.base_model}, right: + LoRA {lora.file} at scale {args.lora_scale})")
+    return 2 * len(jobs)
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         prompts = read_prompts(args)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
-        if not args.no_lora:
-            lora_file = resolve_lora(args.lora, args.lora_weight_name)
-            lora_state_dict, lora_sha256 = read_lora(lora_file)
-            if args.expected_lora_sha256 not in (None, lora_sha256):
-                raise GenerateError(f"LoRA {lora_file} has sha256 {lora_sha256[:12]}..., but the PNG was made with {args.expected_lora_sha256[:12]}...: use the LoRA it names")
-        else:
-            lora_file = lora_sha256 = None
-
+        lora = None if args.no_lora else prepare_lora(args)
         pipe = load_pipeline(args, device, dtype)
-        if not args.no_lora:
-            load_lora(pipe, lora_state_dict, str(lora_file))
-        warn_long_prompts(pipe.tokenizer, prompts)
-        args.output_dir.mkdir(parents=True, exist_ok=True)
+        if lora is not None:
+            load_lora(pipe, lora.state_dict, str(lora.file))
+        warn_long_prompts(pipe.tokenizer, prompts, args.negative_prompt)
+        make_output_dir(args.output_dir)
+
         jobs = [(prompt, args.seed + i) for prompt in prompts for i in range(args.num_images)]
-        total = len(jobs) * (2 if args.compare else 1)
         print(f"{len(prompts)} prompt(s) x {args.num_images} image(s) on {device} ({str(dtype).removeprefix('torch.')}), batch size {args.batch_size}")
-
-        progress = tqdm(total=total, desc="images", unit="image", position=0)
         start = time.perf_counter()
-        if args.compare:
-            # The base images come first, while the LoRA is still a set of adapters that can be switched off.
-            pipe.disable_lora()
-            base_images = sample(pipe, jobs, args, progress)
-            pipe.enable_lora()
-        if not args.no_lora:
-            fuse_lora(pipe, args.lora_scale)
-        images = sample(pipe, jobs, args, progress)
+        count = write_compare_grid(pipe, jobs, args, lora) if args.compare else write_images(pipe, jobs, args, lora, dtype)
         elapsed = time.perf_counter() - start
-        progress.close()
-
-        index = next_index(args.output_dir)
-        if args.compare:
-            grid = compare_grid(base_images, images, [prompt for prompt, _ in jobs])
-            path, index = save_png(grid, args.output_dir, index, f"compare-s{args.seed}", None)
-            print(f"wrote {path} (left: {args.base_model}, right: + LoRA {lora_file} at scale {args.lora_scale})")
-        else:
-            for image, (prompt, seed) in zip(images, jobs):
-                settings = image_settings(args, pipe, prompt, seed, lora_file, lora_sha256, dtype)
-                path, index = save_png(image, args.output_dir, index, f"s{seed}-{slugify(prompt)}", png_info(settings))
-                print(f"wrote {path}")
-        print(f"{total} image(s) in {elapsed:.1f} s: {total / elapsed:.2f} images/s")
+        print(f"{count} image(s) in {elapsed:.1f} s: {count / elapsed:.2f} images/s")
         return 0
     except GenerateError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """generate.py against the tiny SD2.1-shaped pipeline: real LoRA files, real PNGs, real pixels compared."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,16 @@ def test_images_equal_diffusers_reference_for_the_same_generator_and_lora(tiny_m
     assert np.abs(pixels(images[0]) - pixels(images[1])).mean() > 5  # image i has its own seed
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
+def test_an_image_does_not_depend_on_the_batch_it_was_sampled_in(tiny_model, tmp_path, scheduler):
+    flags = ["--prompt", PROMPT, "--prompt", "an old man with gray hair", "--num_images", "2", "--no_lora", "--scheduler", scheduler]
+    _, alone = run(tiny_model, tmp_path / "alone", *flags, "--batch_size", "1")
+    _, together = run(tiny_model, tmp_path / "together", *flags, "--batch_size", "3")
+    assert [p.name for p in alone] == [p.name for p in together] and len(alone) == 4
+    for one, other in zip(alone, together):
+        assert np.abs(pixels(one) - pixels(other)).mean() < 1.0
+
+
 def component_outputs(pipe):
     """Text-encoder output for a fixed prompt and UNet output for fixed latents and conditioning."""
     ids = pipe.tokenizer([PROMPT], padding="max_length", return_tensors="pt").input_ids
@@ -146,6 +157,18 @@ def test_from_png_reproduces_the_pixels(tiny_model, lora_file, tmp_path):
     assert np.array_equal(pixels(again), pixels(first))
     assert json.loads(Image.open(again).text["text2face"]) == settings
 
+    assert generate.main(["--from_png", str(first), "--steps", "3", "--output_dir", str(tmp_path / "c")]) == 0
+    (tweaked,) = (tmp_path / "c").glob("*.png")
+    assert json.loads(Image.open(tweaked).text["text2face"]) == {**settings, "steps": 3}
+    assert np.abs(pixels(tweaked) - pixels(first)).mean() > 1
+
+
+@pytest.mark.parametrize("scheduler", sorted(generate.SCHEDULERS))
+def test_every_scheduler_samples_and_is_named_in_the_png(tiny_model, tmp_path, scheduler):
+    code, (image,) = run(tiny_model, tmp_path, "--prompt", PROMPT, "--no_lora", "--scheduler", scheduler)
+    assert code == 0 and np.asarray(Image.open(image)).std() > 0
+    assert f"Sampler: {generate.SCHEDULERS[scheduler][2]}," in Image.open(image).text["parameters"]
+
 
 def test_compare_grid_puts_base_left_and_lora_right(tiny_model, lora_file, tmp_path):
     prompts = tmp_path / "prompts.txt"
@@ -155,19 +178,21 @@ def test_compare_grid_puts_base_left_and_lora_right(tiny_model, lora_file, tmp_p
     grid = pixels(grid_path)
 
     layout = generate.grid_layout(3, 64, 64)
+    margin, cell_width, cell_height = layout["margin"], layout["cell_width"], layout["cell_height"]
     assert (layout["columns"], layout["rows"]) == (2, 2)
-    assert grid.shape == (2 * layout["cell_height"], 2 * 2 * 64, 3)
-    assert layout["cell_height"] > 64 + 3 * 11  # room for a few caption lines beneath the pair
+    assert cell_width == 2 * 64 + 2 * margin and cell_height > 64 + 3 * 11  # room for a few caption lines
+    assert grid.shape == (2 * cell_height, 2 * cell_width, 3)
 
     _, base = run(tiny_model, tmp_path / "base", "--prompts_file", prompts, "--no_lora")
     _, lora = run(tiny_model, tmp_path / "lora", "--prompts_file", prompts, "--lora", lora_file)
     for number, (base_path, lora_path) in enumerate(zip(base, lora)):
-        top, left = (number // 2) * layout["cell_height"], (number % 2) * 128
+        top = (number // 2) * cell_height + margin
+        left = (number % 2) * cell_width + margin
         assert np.abs(grid[top:top + 64, left:left + 64] - pixels(base_path)).mean() < 1.0
         assert np.abs(grid[top:top + 64, left + 64:left + 128] - pixels(lora_path)).mean() < 1.0
-        caption = grid[top + 64:top + layout["cell_height"], left:left + 128]
+        caption = grid[top + 64:top - margin + cell_height, left:left + 128]
         assert caption.min() < 128  # dark text drawn on the white band
-    assert (grid[layout["cell_height"]:, 128:] == 255).all()  # the fourth cell stays empty
+    assert (grid[cell_height:, cell_width:] == 255).all()  # the fourth cell stays empty
 
 
 def test_prompt_with_path_characters_stays_inside_output_dir(tiny_model, tmp_path):
@@ -185,6 +210,7 @@ def test_second_run_adds_a_file_instead_of_replacing(tiny_model, tmp_path):
     assert code == 0
     assert [p.name for p in images] == [first.name, first.name.replace("00000", "00001")]
     assert first.read_bytes() == before
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
     assert np.array_equal(pixels(images[0]), pixels(images[1]))  # same prompt and seed: the same face
 
 
@@ -224,6 +250,8 @@ BAD_INPUTS = {
     "corrupt LoRA": (lambda tmp: ["--prompt", PROMPT, "--lora", str(corrupt_lora(tmp))], "not a readable safetensors file"),
     "LoRA keys for no component": (lambda tmp: ["--prompt", PROMPT, "--lora", str(unmatched_lora(tmp, "model.layer"))], "none of the 2 keys"),
     "LoRA keys for no module": (lambda tmp: ["--prompt", PROMPT, "--lora", str(unmatched_lora(tmp, "unet.no.such.module"))], "does not fit"),
+    "missing base model": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--base_model", str(tmp / "no-model")], "neither a local folder nor a Hub id"),
+    "output_dir is a file": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--output_dir", str(plain_png(tmp))], "cannot create --output_dir"),
     "unknown device": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--device", "tpu"], "unknown --device"),
     "absent device": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--device", "cuda:7"], "no such CUDA device"),
     "PNG without settings": (lambda tmp: ["--from_png", str(plain_png(tmp))], "carries no complete text2face settings"),
@@ -253,3 +281,74 @@ def test_command_line_errors_print_no_traceback(tiny_model, tmp_path, flags, mes
     assert "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "outputs").exists()
+
+
+class FakeHub:
+    """A Hugging Face Hub on 127.0.0.1 that serves one file of one repo, as huggingface_hub downloads it."""
+
+    def __init__(self, files):
+        import hashlib
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        hub = self
+        self.requests = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                self.respond(with_body=False)
+
+            def do_GET(self):
+                self.respond(with_body=True)
+
+            def respond(self, with_body):
+                hub.requests.append((self.command, self.path))
+                body = files.get(self.path.split("?")[0])
+                if body is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
+                self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if with_body:
+                    self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("published", [True, False])
+def test_default_lora_is_fetched_from_the_hub_on_first_use(tiny_model, lora_file, tmp_path, published):
+    route = "/michaeltrs/text2face/resolve/main/checkpoints/lora30k/pytorch_lora_weights.safetensors"
+    hub = FakeHub({route: lora_file.read_bytes()} if published else {})
+    try:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
+        result = subprocess.run([sys.executable, str(REPO / "generate.py"), "--base_model", str(tiny_model), "--prompt", PROMPT,
+                                 "--steps", "2", "--height", "64", "--width", "64"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        hub.close()
+    assert any(path == route for _, path in hub.requests)
+    fetched = tmp_path / "checkpoints" / "lora30k" / "pytorch_lora_weights.safetensors"
+    if published:
+        assert result.returncode == 0, result.stderr
+        assert fetched.read_bytes() == lora_file.read_bytes()
+        (image,) = (tmp_path / "outputs").glob("*.png")
+        settings = json.loads(Image.open(image).text["text2face"])
+        assert settings["lora"] == "checkpoints/lora30k" and settings["lora_sha256"] == generate.read_lora(lora_file)[1]
+    else:
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert "run `python download.py`" in result.stderr.strip().splitlines()[-1]
+        assert not fetched.exists() and not (tmp_path / "outputs").exists()
