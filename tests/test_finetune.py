@@ -1,0 +1,291 @@
+"""finetune_lora.py on the tiny SD2.1-shaped model: the README command, what each flag promises, bad input.
+
+Runs where the launcher is the point go through a real `accelerate launch` subprocess; the others call
+`finetune_lora.main([...])` in-process, which is the same code path without the interpreter start-up.
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import finetune_lora
+
+SCRIPT = Path(__file__).resolve().parents[1] / "finetune_lora.py"
+PROMPTS = ["a young woman with long red hair smiles", "an old man with gray hair and a beard"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two cores shared with other test processes: one torch thread per process avoids thrashing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def accelerate_launch(script_args, *launcher_args):
+    """The command line of `accelerate launch` on CPU, one thread per process, no user config."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1", *map(str, launcher_args),
+            str(SCRIPT), *map(str, script_args)]
+
+
+def train_args(model, data, output, *extra):
+    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(output),
+            "--resolution", "64", "--center_crop", "--train_batch_size", "2", "--rank", "4", "--text_encoder_rank", "4",
+            "--lr_warmup_steps", "0", "--report_to", "none", *map(str, extra)]
+
+
+def lora(path):
+    return load_file(path / finetune_lora.LORA_WEIGHTS_NAME)
+
+
+def part(state, prefix):
+    return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def test_readme_command_runs_under_accelerate_launch_and_its_lora_changes_the_image(tiny_model, face_folder, tmp_path):
+    output = tmp_path / "run"
+    readme_command = [
+        "--pretrained_model_name_or_path", tiny_model, "--train_data_dir", face_folder, "--train_text_encoder",
+        "--checkpointing_steps", "2", "--resolution", "64", "--center_crop", "--train_batch_size", "2",
+        "--num_train_epochs", "2", "--gradient_accumulation_steps", "1", "--gradient_checkpointing",
+        "--num_validation_images", "2", "--learning_rate", "1e-3", "--learning_rate_text_encoder", "1e-3",
+        "--max_grad_norm", "1", "--rank", "4", "--text_encoder_rank", "4", "--lr_scheduler", "constant",
+        "--lr_warmup_steps", "0", "--output_dir", output, "--resume_from_checkpoint", "latest",
+        "--validation_prompts", *PROMPTS,
+    ]
+    secret = "hf_NotARealTokenButItMustNotLeak"
+    run = subprocess.run(accelerate_launch(readme_command, "--num_processes", "1"), capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "HF_TOKEN": secret})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "8 images found" in run.stderr and "8 with captions" in run.stderr
+
+    # 8 images / batch 2 = 4 steps per epoch, 2 epochs; a checkpoint every 2 steps.
+    assert sorted(p.name for p in output.iterdir()) == [
+        "README.md", "checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8", "logs",
+        "pytorch_lora_weights.safetensors", "training_settings.json", "validation"]
+    for checkpoint in output.glob("checkpoint-*"):
+        assert sorted(p.name for p in checkpoint.iterdir()) == [
+            "optimizer.bin", "pytorch_lora_weights.safetensors", "random_states_0.pkl", "scheduler.bin",
+            "training_settings.json", "validation.json", "validation.png"]
+    assert sorted(p.name for p in (output / "validation").glob("*.png")) == ["step-000000.png", "step-000004.png", "step-000008.png"]
+
+    settings = json.loads((output / "training_settings.json").read_text())
+    assert (settings["global_step"], settings["rank"], settings["lora_alpha"]) == (8, 4, 4)
+    assert settings["base_model"] == str(tiny_model) and settings["text_encoder_lora_alpha"] == 4
+    with safe_open(output / "pytorch_lora_weights.safetensors", "pt") as handle:
+        adapters = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert (adapters["unet.r"], adapters["unet.lora_alpha"], adapters["text_encoder.r"], adapters["text_encoder.lora_alpha"]) == (4, 4, 4, 4)
+
+    # The grid: rows are repetitions with different seeds, columns the prompts.
+    grid = np.asarray(Image.open(output / "checkpoint-8" / "validation.png")).astype(int)
+    assert grid.shape == (2 * 64, 2 * 64, 3)
+    assert np.abs(grid[:64] - grid[64:]).mean() > 1
+    assert json.loads((output / "checkpoint-8" / "validation.json").read_text())["columns (prompts)"] == PROMPTS
+    assert list((output / "logs").rglob("events.out.tfevents.*")), "no TensorBoard log"
+    assert not [p for p in output.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    card = (output / "README.md").read_text()
+    assert f"base_model: {tiny_model}" in card and "rank 4" in card and "8 steps" in card and "validation/step-000008.png" in card
+
+    # The final LoRA is the last checkpoint's, and loads into the pipeline the way generate.py loads it.
+    final = lora(output)
+    assert final.keys() == lora(output / "checkpoint-8").keys()
+    assert all(torch.equal(final[k], lora(output / "checkpoint-8")[k]) for k in final)
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample():
+        return pipe(PROMPTS[0], num_inference_steps=4, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    before = sample()
+    pipe.load_lora_weights(output)
+    after = sample()
+    assert np.abs(before - after).max() > 1e-3
+    loaded = pipe.text_encoder.state_dict()["encoder.layers.0.self_attn.q_proj.lora_B.default_0.weight"]
+    assert torch.equal(loaded, final["text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight"])
+
+
+def test_checkpoints_hold_only_lora_weights(tiny_model, face_folder, tmp_path):
+    output = tmp_path / "run"
+    assert finetune_lora.main(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--max_train_steps", "1",
+                                         "--checkpointing_steps", "1")) == 0
+    checkpoint = output / "checkpoint-1"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "optimizer.bin", "pytorch_lora_weights.safetensors", "random_states_0.pkl", "scheduler.bin", "training_settings.json"]
+    tensors = load_file(checkpoint / "pytorch_lora_weights.safetensors")
+    assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors)
+    lora_size = sum(t.numel() for t in tensors.values())
+    base_unet = load_file(next((tiny_model / "unet").glob("*.safetensors")))
+    assert lora_size < sum(t.numel() for t in base_unet.values()) / 10
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=False)
+    assert sum(len(group["params"]) for group in optimizer["param_groups"]) == len(tensors)
+
+
+@pytest.mark.parametrize("frozen", ["unet", "text_encoder"])
+def test_a_zero_learning_rate_freezes_only_that_lora(tiny_model, face_folder, tmp_path, frozen):
+    output = tmp_path / "run"
+    rates = {"unet": ["--learning_rate", "0", "--learning_rate_text_encoder", "1e-2"],
+             "text_encoder": ["--learning_rate", "1e-2", "--learning_rate_text_encoder", "0"]}[frozen]
+    assert finetune_lora.main(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--gradient_checkpointing",
+                                         "--max_train_steps", "2", "--checkpointing_steps", "1", *rates)) == 0
+    after_one, after_two = lora(output / "checkpoint-1"), lora(output)
+    moving = "text_encoder." if frozen == "unet" else "unet."
+    for key, value in part(after_two, f"{frozen}.").items():
+        assert torch.equal(value, after_one[key]), key
+        if ".lora_B." in key:
+            assert not value.any(), f"{key} left its zero initialisation"
+    assert part(after_two, moving)
+    for key, value in part(after_two, moving).items():
+        assert not torch.equal(value, after_one[key]), f"{key} did not train"
+
+
+def test_max_train_steps_stops_exactly_there(tiny_model, face_folder, tmp_path):
+    output = tmp_path / "run"
+    assert finetune_lora.main(train_args(tiny_model, face_folder, output, "--max_train_steps", "3",
+                                         "--checkpointing_steps", "1", "--num_train_epochs", "5")) == 0
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert json.loads((output / "training_settings.json").read_text())["global_step"] == 3
+    scheduler = torch.load(output / "checkpoint-3" / "scheduler.bin", weights_only=False)
+    assert scheduler["last_epoch"] == 3
+
+
+def write_captions(path: Path, kind: str, captions: dict):
+    """Write {relative image path: caption or list} in one of the supported caption-file formats."""
+    if kind == "json-object":
+        path.write_text(json.dumps({Path(name).name: caption for name, caption in captions.items()}))
+    elif kind == "json-records":
+        path.write_text(json.dumps([{"file_name": name, "text": caption} for name, caption in captions.items()]))
+    elif kind == "jsonl-custom-columns":
+        path.write_text("".join(json.dumps({"path": name, "description": caption}) + "\n" for name, caption in captions.items()))
+    elif kind in ("csv", "metadata.csv"):
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["file_name", "text"])
+            writer.writerows(captions.items())
+
+
+@pytest.mark.parametrize("kind, file_name", [
+    ("json-object", "captions.json"), ("json-records", "captions.json"), ("jsonl-custom-columns", "captions.jsonl"),
+    ("csv", "captions.csv"), ("metadata.csv", "metadata.csv"),
+])
+def test_every_captions_file_format_is_read(face_folder, tmp_path, caplog, kind, file_name):
+    records = [json.loads(line) for line in (face_folder / "metadata.jsonl").read_text().splitlines()]
+    (face_folder / "metadata.jsonl").unlink()
+    captions = {r["file_name"]: r["text"] for r in records}
+    if kind == "json-object":
+        captions[records[0]["file_name"]] = ["first caption", "second caption"]
+    Image.new("RGB", (64, 64)).save(face_folder / "00001" / "uncaptioned.png")
+    captions["00009/missing.png"] = "a caption whose image is gone"
+    target = face_folder / file_name if kind == "metadata.csv" else tmp_path / file_name
+    write_captions(target, kind, captions)
+
+    argv = ["--train_data_dir", str(face_folder), "--output_dir", str(tmp_path / "out")]
+    if kind != "metadata.csv":
+        argv += ["--captions_file", str(target)]
+    if kind == "jsonl-custom-columns":
+        argv += ["--image_column", "path", "--caption_column", "description"]
+    with caplog.at_level("INFO", logger="finetune_lora"):
+        loaded = finetune_lora.load_records(finetune_lora.parse_args(argv), show_progress=False)
+
+    assert sorted(loaded.source.names) == sorted(r["file_name"] for r in records)
+    by_name = dict(zip(loaded.source.names, loaded.captions))
+    assert by_name[records[1]["file_name"]] == [records[1]["text"]]
+    assert "9 images found" in caplog.text and "8 with captions" in caplog.text
+    assert "1 images without captions" in caplog.text and "1 captions without an image" in caplog.text
+    assert "uncaptioned.png" in caplog.text and "missing.png" in caplog.text
+    if kind == "json-object":
+        dataset = finetune_lora.CaptionedImages(loaded, 64, True, False)
+        index = loaded.source.names.index(records[0]["file_name"])
+        drawn = {dataset.draw(index, seed)[0] for seed in range(20)}
+        assert drawn == {"first caption", "second caption"}
+
+
+@pytest.mark.parametrize("cache", [[], ["--cache_latents"]], ids=["decoded-per-step", "cache-latents"])
+def test_a_corrupt_and_a_truncated_image_are_skipped_and_named(tiny_model, face_folder, tmp_path, caplog, cache):
+    records = [json.loads(line) for line in (face_folder / "metadata.jsonl").read_text().splitlines()]
+    (face_folder / "00000" / "broken.png").write_bytes(b"this is not an image")
+    whole = (face_folder / records[0]["file_name"]).read_bytes()
+    (face_folder / "00001" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    captions = tmp_path / "captions.csv"
+    write_captions(captions, "csv", {**{r["file_name"]: r["text"] for r in records},
+                                     "00000/broken.png": "a broken face", "00001/truncated.png": "half a face"})
+    output = tmp_path / "run"
+    # 9 readable headers, batch 2: one epoch of 5 steps draws every record, the truncated one included.
+    assert finetune_lora.main(train_args(tiny_model, face_folder, output, "--captions_file", captions,
+                                         "--num_train_epochs", "1", "--checkpointing_steps", "100", *cache)) == 0
+    assert "10 images found" in caplog.text and "1 unreadable images (skipped)" in caplog.text
+    assert "unreadable images: 00000/broken.png" in caplog.text
+    assert "skipping unreadable image 00001/truncated.png" in caplog.text
+    assert json.loads((output / "training_settings.json").read_text())["global_step"] == 5
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_model, face_folder, tmp_path, capfd):
+    output = tmp_path / "run"
+    # Adam moves every weight by about the learning rate: 1e30 overflows the second forward pass.
+    code = finetune_lora.main(train_args(tiny_model, face_folder, output, "--learning_rate", "1e30",
+                                         "--max_train_steps", "4", "--checkpointing_steps", "1"))
+    err = capfd.readouterr().err
+    assert code == 1
+    assert "the loss became nan at step 2" in err and "checkpoint-1" in err
+    assert [p.name for p in output.glob("checkpoint-*")] == ["checkpoint-1"]
+    assert finetune_lora.is_complete_checkpoint(output / "checkpoint-1")
+    assert all(torch.isfinite(t).all() for t in lora(output / "checkpoint-1").values())
+    assert not (output / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize("problem", ["missing folder", "empty folder", "no captions", "unknown column",
+                                     "resolution", "named checkpoint missing", "hub unreachable"])
+def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_model, face_folder, tmp_path, capfd, problem):
+    data, extra = face_folder, []
+    if problem == "missing folder":
+        data = tmp_path / "nowhere"
+    elif problem == "empty folder":
+        data = tmp_path / "empty"
+        data.mkdir()
+    elif problem == "no captions":
+        (face_folder / "metadata.jsonl").unlink()
+    elif problem == "unknown column":
+        extra = ["--caption_column", "caption"]
+    elif problem == "resolution":
+        extra = ["--resolution", "60"]
+    elif problem == "named checkpoint missing":
+        extra = ["--resume_from_checkpoint", "checkpoint-7"]
+    else:
+        extra = ["--push_to_hub"]  # the tests run with HF_HUB_OFFLINE=1: it must fail before training, not after
+    assert finetune_lora.main(train_args(tiny_model, data, tmp_path / "run", *extra)) == 1
+    err_lines = capfd.readouterr().err.strip().splitlines()
+    errors = [line for line in err_lines if line.startswith("error: ")]
+    assert len(errors) == 1 and err_lines[-1] == errors[0]
+    assert not any("Traceback" in line for line in err_lines)
+    expected = {"missing folder": "is not a folder", "empty folder": "no images", "no captions": "no captions",
+                "unknown column": "no column 'caption'", "resolution": "not a positive multiple of 8",
+                "named checkpoint missing": "checkpoint-7 does not exist", "hub unreachable": "cannot create Hub repo"}[problem]
+    assert expected in errors[0]
+    assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_under_bf16_mixed_precision_the_lora_trains_and_is_saved_in_fp32(tiny_model, face_folder, tmp_path):
+    # A fresh process: accelerate's precision is fixed per process, and the other tests run in fp32.
+    output = tmp_path / "run"
+    run = subprocess.run([sys.executable, str(SCRIPT), *train_args(
+        tiny_model, face_folder, output, "--train_text_encoder", "--mixed_precision", "bf16", "--max_train_steps", "2",
+        "--checkpointing_steps", "1", "--learning_rate", "1e-2", "--validation_prompts", PROMPTS[0], "--num_validation_images", "1")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 0, run.stderr[-3000:]
+    after_one, final = lora(output / "checkpoint-1"), lora(output)
+    assert {t.dtype for t in final.values()} == {torch.float32}
+    assert all(not torch.equal(final[k], after_one[k]) for k in final if ".lora_B." in k)
+    assert Image.open(output / "checkpoint-1" / "validation.png").size == (64, 64)

@@ -1,0 +1,211 @@
+"""finetune_lora.py at scale and under faults: two processes, SIGKILL and exact resume, SIGTERM, dead launchers,
+half-written checkpoints, overwrite protection. Real subprocesses and real signals throughout."""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import finetune_lora
+from test_finetune import accelerate_launch, lora, one_thread, train_args  # noqa: F401  (one_thread: autouse fixture)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "finetune_lora.py"
+
+
+def cpu_env():
+    """Child environment: CPU only, one thread (the same thread count in every run keeps float sums identical)."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(command):
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cpu_env(),
+                            start_new_session=True)
+
+
+def read_until(process, marker):
+    """Read the child's stderr line by line until a line holds `marker`; return everything read."""
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"the run ended before printing {marker!r}:\n" + "".join(seen)[-3000:])
+
+
+def children(pid):
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def running(pid):
+    """True while `pid` exists and has not exited (an exited orphan may linger as a zombie until reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_until_gone(pids, seconds=30):
+    deadline = time.monotonic() + seconds
+    while any(running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(running(pid) for pid in pids)
+
+
+def test_two_processes_split_the_batches_and_end_with_the_same_weights(tiny_model, face_folder, tmp_path):
+    output = tmp_path / "run"
+    command = accelerate_launch(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--num_train_epochs", "2",
+                                           "--checkpointing_steps", "2"),
+                                "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port())
+    run = subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    # One process: 8 images / batch 2 = 4 steps per epoch. Two: 2 steps per epoch, 4 in all.
+    assert "2 epochs of 2 steps, 4 steps in all; total batch size 4" in run.stderr
+    assert json.loads((output / "training_settings.json").read_text())["global_step"] == 4
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    for checkpoint in output.glob("checkpoint-*"):
+        assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    # Both processes print to the same pipe, interleaved with the progress bar: pick their lines out by pattern.
+    first = dict(re.findall(r"process (\d)/2 first batch: (\d{5}/\d{5}\.png, \d{5}/\d{5}\.png)", run.stderr))
+    assert set(first) == {"0", "1"}
+    assert not set(first["0"].split(", ")) & set(first["1"].split(", "))
+    checksums = dict(re.findall(r"process (\d)/2 final LoRA checksum: ([0-9a-f]{16})", run.stderr))
+    assert set(checksums) == {"0", "1"} and checksums["0"] == checksums["1"]
+
+
+def test_a_run_killed_after_its_second_checkpoint_resumes_to_the_same_weights(tiny_model, face_folder, tmp_path):
+    def command(output):
+        # 8 images / batch 2 = 4 steps per epoch; 4 epochs = 16 steps; a checkpoint every 3 steps, so the
+        # second one (step 6) falls in the middle of an epoch.
+        return accelerate_launch(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--random_flip",
+                                            "--num_train_epochs", "4", "--checkpointing_steps", "3",
+                                            "--learning_rate", "1e-3", "--resume_from_checkpoint", "latest"),
+                                 "--num_processes", "1")
+
+    reference = subprocess.run(command(tmp_path / "reference"), capture_output=True, text=True, env=cpu_env(), timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    output = tmp_path / "killed"
+    process = start(command(output))
+    try:
+        read_until(process, f"Saved {output / 'checkpoint-6'}")
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert not (output / "pytorch_lora_weights.safetensors").exists(), "the run finished before it was killed"
+    assert (output / "checkpoint-6").is_dir()
+
+    resumed = subprocess.run(command(output), capture_output=True, text=True, env=cpu_env(), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stderr
+    expected, got = lora(tmp_path / "reference"), lora(output)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0, msg=key)
+    assert not list(output.glob("*.tmp"))
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_latest_resumes_from_it(tiny_model, face_folder, tmp_path, caplog):
+    output = tmp_path / "run"
+    args = train_args(tiny_model, face_folder, output, "--max_train_steps", "400", "--checkpointing_steps", "1000")
+    process = start([sys.executable, str(SCRIPT), *args])
+    try:
+        read_until(process, "first batch")
+        process.send_signal(signal.SIGTERM)
+        rest = process.stderr.read()
+    finally:
+        process.wait(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "Stopped by SIGTERM after step" in rest and "--resume_from_checkpoint latest" in rest
+    [checkpoint] = output.glob("checkpoint-*")
+    step = finetune_lora.checkpoint_step(checkpoint)
+    assert 1 <= step < 400 and finetune_lora.is_complete_checkpoint(checkpoint)
+    assert not (output / "pytorch_lora_weights.safetensors").exists()
+
+    with caplog.at_level("INFO", logger="finetune_lora"):
+        assert finetune_lora.main([*args, "--resume_from_checkpoint", "latest", "--max_train_steps", str(step + 2)]) == 0
+    assert f"Resuming from {checkpoint}" in caplog.text
+    assert json.loads((output / "training_settings.json").read_text())["global_step"] == step + 2
+
+
+def test_the_trainer_stops_and_checkpoints_when_only_its_launcher_is_signalled(tiny_model, face_folder, tmp_path):
+    output = tmp_path / "run"
+    launcher = start(accelerate_launch(train_args(tiny_model, face_folder, output, "--max_train_steps", "400",
+                                                  "--checkpointing_steps", "1000"), "--num_processes", "1"))
+    trainers = []
+    try:
+        read_until(launcher, "first batch")
+        trainers = children(launcher.pid)
+        assert trainers, "no training process under the launcher"
+        launcher.send_signal(signal.SIGTERM)  # what a scheduler does; accelerate launch does not pass it on
+        launcher.wait(timeout=60)
+        rest = launcher.stderr.read()  # open until the trainer, which shares the pipe, exits
+        assert wait_until_gone(trainers), "the trainer outlived its launcher"
+    finally:
+        for pid in trainers:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert "Stopped by launcher exit after step" in rest
+    [checkpoint] = output.glob("checkpoint-*")
+    assert finetune_lora.is_complete_checkpoint(checkpoint)
+
+
+def test_latest_skips_half_written_checkpoints_and_a_broken_rng_state_fails_loudly(tiny_model, face_folder, tmp_path, caplog, capfd):
+    output = tmp_path / "run"
+    args = train_args(tiny_model, face_folder, output, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    assert finetune_lora.main(args) == 0
+    good = output / "checkpoint-2"
+    # A crash during save leaves checkpoint-N.tmp; an older writer could leave a checkpoint-N without its last files.
+    shutil.copytree(good, output / "checkpoint-4.tmp")
+    (output / "checkpoint-4.tmp" / finetune_lora.SETTINGS_NAME).unlink()
+    shutil.copytree(good, output / "checkpoint-6")
+    for name in ("optimizer.bin", "scheduler.bin", finetune_lora.SETTINGS_NAME):
+        (output / "checkpoint-6" / name).unlink()
+
+    resume = [*args, "--resume_from_checkpoint", "latest", "--max_train_steps", "3", "--checkpointing_steps", "100"]
+    with caplog.at_level("INFO", logger="finetune_lora"):
+        assert finetune_lora.main(resume) == 0
+    assert f"ignoring incomplete checkpoint {output / 'checkpoint-6'}" in caplog.text
+    assert f"Resuming from {good}" in caplog.text
+    assert not (output / "checkpoint-4.tmp").exists()
+    assert json.loads((output / "training_settings.json").read_text())["global_step"] == 3
+
+    # accelerate only logs an RNG state it cannot load and carries on; the trainer must refuse instead.
+    torch.save({"step": 0}, good / "random_states_0.pkl")
+    capfd.readouterr()
+    assert finetune_lora.main([*args, "--resume_from_checkpoint", str(good), "--max_train_steps", "3"]) == 1
+    assert "could not be restored" in capfd.readouterr().err
+
+
+def test_a_second_run_does_not_overwrite_the_first_unless_asked(tiny_model, face_folder, tmp_path, capfd):
+    output = tmp_path / "run"
+    args = train_args(tiny_model, face_folder, output, "--max_train_steps", "1", "--checkpointing_steps", "1")
+    assert finetune_lora.main(args) == 0
+    first = load_file(output / "pytorch_lora_weights.safetensors")
+    capfd.readouterr()
+
+    assert finetune_lora.main([*args, "--seed", "1"]) == 1
+    assert "already holds a training run" in capfd.readouterr().err
+    assert all(torch.equal(first[k], v) for k, v in load_file(output / "pytorch_lora_weights.safetensors").items())
+
+    assert finetune_lora.main([*args, "--seed", "1", "--max_train_steps", "2", "--checkpointing_steps", "2",
+                               "--overwrite_output_dir"]) == 0
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2"]
+    second = load_file(output / "pytorch_lora_weights.safetensors")
+    assert any(not torch.equal(first[k], second[k]) for k in first)
