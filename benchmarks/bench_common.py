@@ -6,6 +6,7 @@ weights (compute and memory match the real model; outputs are noise); they diffe
 Every model is written to a working folder in the diffusers layout, so the scripts under test load it
 through the same `from_pretrained(path)` calls as a Hub id. Weights are never committed.
 """
+import bisect
 import json
 import os
 import re
@@ -28,6 +29,7 @@ LORA_RANK = 8  # the published Text2Face LoRA's rank, UNet and text encoder
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # checkpoint-N, also as the start of a temporary name
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # units of the CPU times in /proc/PID/stat
 
 
 class BenchError(Exception):
@@ -159,12 +161,42 @@ class CheckpointWatch:
         return spans
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds used so far by process `root` and its live descendants, read from /proc."""
+    parents, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                # Fields after the ")" that ends the command name: state, ppid, ..., utime (12th), stime (13th).
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # exited while we looked
+                continue
+            parents[int(entry)] = int(fields[1])
+            cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier += children
+    return sum(cpu.get(pid, 0.0) for pid in tree)
+
+
 @dataclass
 class RunResult:
+    """What run_measured saw of one process."""
+
     launched: float  # time.time() at launch, comparable with checkpoint times
+    ended: float  # time.time() when it had exited
     checkpoints: dict[int, tuple[float, float]]  # step -> (start, end) of writing it, wall clock
+    cpu_samples: list[tuple[float, float]]  # (time.time(), CPU seconds of the process tree so far), every 0.1 s
     peak_rss_bytes: int  # resident set of the process tree's biggest process at its peak
     peak_cuda_bytes: int | None  # peak GPU memory above the idle level, None without CUDA
+
+    def cpu_seconds_at(self, moment: float) -> float:
+        """CPU seconds the process tree had used at `moment` (the last sample before it)."""
+        times = [t for t, _ in self.cpu_samples]
+        return self.cpu_samples[max(0, bisect.bisect_right(times, moment) - 1)][1]
 
 
 def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path | None = None) -> RunResult:
@@ -172,13 +204,16 @@ def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path
     checkpoint into `output_dir` (if given), its peak RSS and its peak GPU memory.
 
     Peak RSS comes from wait4's rusage, which covers the child and the descendants it waited for
-    (`accelerate launch` waits for the training process). On CUDA the poller reads nvidia-smi every 0.2 s.
+    (`accelerate launch` waits for the training process). The poller samples the tree's CPU time every
+    0.1 s, which, unlike wall time, other processes on a shared CPU hardly change; on CUDA it reads
+    nvidia-smi every 0.2 s.
     """
     poll_cuda = torch.cuda.is_available()
     idle_cuda = cuda_memory_used_bytes() if poll_cuda else 0
     peak_cuda = idle_cuda
     watch = CheckpointWatch(output_dir) if output_dir is not None else None
     finished = threading.Event()
+    cpu_samples = []
 
     def poll():
         nonlocal peak_cuda
@@ -187,6 +222,8 @@ def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path
             if watch is not None:
                 watch.poll()
             tick += 1
+            if tick % 5 == 0:
+                cpu_samples.append((time.time(), tree_cpu_seconds(process.pid)))
             if poll_cuda and tick % 10 == 0:
                 peak_cuda = max(peak_cuda, cuda_memory_used_bytes())
 
@@ -196,6 +233,7 @@ def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         poller.start()
         _, status, usage = os.wait4(process.pid, 0)
+        ended = time.time()
     finished.set()
     poller.join()
     returncode = process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
@@ -203,7 +241,7 @@ def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path
         script = next((Path(part).name for part in command if str(part).endswith(".py")), command[0])
         tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-2:])
         raise BenchError(f"{script} exited with {returncode} (full log: {log_path}): {tail}")
-    return RunResult(launched, watch.spans() if watch is not None else {}, usage.ru_maxrss * 1024,
+    return RunResult(launched, ended, watch.spans() if watch is not None else {}, cpu_samples, usage.ru_maxrss * 1024,
                      peak_cuda - idle_cuda if poll_cuda else None)
 
 

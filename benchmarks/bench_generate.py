@@ -8,7 +8,10 @@ layout, the same prompt, seed, size, guidance and empty negative prompt, one ima
 Each runs as its own process, alternating, `--repeats` times. Seconds per image is the time both scripts
 print for loading the LoRA and sampling `--num_images` images, divided by the number of images: model
 loading and process start-up are excluded (generate.py's time also includes fusing the LoRA).
-Peak process memory (and, on CUDA, peak GPU memory) of each setting is reported alongside.
+CPU seconds per image are the CPU time the process used over that same stretch of wall time (the last
+X seconds before it exited; writing the PNGs and exiting take a fraction of a second): on a CPU shared
+with other work they are much steadier than wall time. Peak process memory (and, on CUDA, peak GPU
+memory) of each setting is reported alongside.
 
     python benchmarks/bench_generate.py --config tiny --repeats 1    # seconds: the smoke test
     python benchmarks/bench_generate.py --config small               # SD2.1 at 256 px, ~20 min on 2 CPU cores
@@ -78,15 +81,15 @@ def setting_command(setting: str, args, model_dir: Path, lora: Path, output_dir:
             "--device", args.device, "--dtype", args.dtype, "--output_dir", str(output_dir)] + flags
 
 
-def seconds_per_image(log: str, setting: str) -> float:
-    """Seconds per image from the script's "N image(s) in X s" line."""
+def sampling_time(log: str, setting: str) -> tuple[int, float]:
+    """(images, seconds) from the script's "N image(s) in X s" line."""
     matches = TIMING_LINE.findall(log)
     if not matches:
         raise BenchError(f"the {setting} run printed no 'N image(s) in X s' line")
-    count, seconds = matches[-1]
-    if float(seconds) <= 0:
+    count, seconds = int(matches[-1][0]), float(matches[-1][1])
+    if seconds <= 0:
         raise BenchError(f"the {setting} run was too fast to time at the printed precision: raise --num_images")
-    return float(seconds) / int(count)
+    return count, seconds
 
 
 def measure_settings(args, work_dir: Path, model_dir: Path, lora: Path) -> dict:
@@ -103,18 +106,20 @@ def measure_settings(args, work_dir: Path, model_dir: Path, lora: Path) -> dict:
             log_path = work_dir / "images" / f"{output_dir.name}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
             run = run_measured(setting_command(setting, args, model_dir, lora, output_dir), env, log_path)
-            per_image = seconds_per_image(log_path.read_text(errors="replace"), setting)
-            results[setting].append({"s_per_image": per_image, "peak_rss_bytes": run.peak_rss_bytes,
-                                     "peak_cuda_bytes": run.peak_cuda_bytes})
+            count, seconds = sampling_time(log_path.read_text(errors="replace"), setting)
+            # The sampling ends just before the images are written and the process exits.
+            cpu_seconds = run.cpu_seconds_at(run.ended) - run.cpu_seconds_at(run.ended - seconds)
+            results[setting].append({"s_per_image": seconds / count, "cpu_s_per_image": cpu_seconds / count,
+                                     "peak_rss_bytes": run.peak_rss_bytes, "peak_cuda_bytes": run.peak_cuda_bytes})
             progress.update(1)
-            tqdm.write(f"[{repetition + 1}/{args.repeats}] {setting:9s} {per_image:8.3f} s/image, "
-                       f"peak RSS {run.peak_rss_bytes / 2**30:.2f} GiB")
+            tqdm.write(f"[{repetition + 1}/{args.repeats}] {setting:9s} {seconds / count:8.3f} s/image, "
+                       f"{cpu_seconds / count:8.3f} CPU s/image, peak RSS {run.peak_rss_bytes / 2**30:.2f} GiB")
     progress.close()
     return results
 
 
 def summarize(runs: list[dict]) -> dict:
-    figures = {key: median(run[key] for run in runs) for key in ("s_per_image", "peak_rss_bytes")}
+    figures = {key: median(run[key] for run in runs) for key in ("s_per_image", "cpu_s_per_image", "peak_rss_bytes")}
     if runs[0]["peak_cuda_bytes"] is not None:
         figures["peak_cuda_bytes"] = median(run["peak_cuda_bytes"] for run in runs)
     return figures
@@ -123,16 +128,22 @@ def summarize(runs: list[dict]) -> dict:
 def report(args, figures: dict) -> dict:
     """Print a markdown table of the figures and return the speed-ups over the original approach."""
     reference = figures["original"]["s_per_image"]
+    cpu_reference = figures["original"]["cpu_s_per_image"]
     cuda = "peak_cuda_bytes" in figures["original"]
     print(f"\nconfig {args.config}, {args.resolution} px, {args.num_images} image(s) per run, "
           f"median of {args.repeats}\n")
-    print("| setting | s/image | speed-up over original | peak RSS GiB |" + (" peak GPU GiB |" if cuda else ""))
-    print("|---|--:|--:|--:|" + ("--:|" if cuda else ""))
+    print("| setting | s/image | speed-up over original | CPU s/image | CPU speed-up | peak RSS GiB |"
+          + (" peak GPU GiB |" if cuda else ""))
+    print("|---|--:|--:|--:|--:|--:|" + ("--:|" if cuda else ""))
     for setting, f in figures.items():
         print(f"| {setting} | {f['s_per_image']:.4g} | {reference / f['s_per_image']:.3f} | "
+              f"{f['cpu_s_per_image']:.4g} | {cpu_reference / f['cpu_s_per_image']:.3f} | "
               f"{f['peak_rss_bytes'] / 2**30:.2f} |" + (f" {f['peak_cuda_bytes'] / 2**30:.2f} |" if cuda else ""))
     return {"fused_speedup": reference / figures["fused"]["s_per_image"],
-            "dpmpp25_speedup": reference / figures["dpm++ 25"]["s_per_image"]}
+            "dpmpp25_speedup": reference / figures["dpm++ 25"]["s_per_image"],
+            # On a CPU shared with other work, CPU time per image is the steadier measure of the same speed-ups.
+            "fused_cpu_speedup": cpu_reference / figures["fused"]["cpu_s_per_image"],
+            "dpmpp25_cpu_speedup": cpu_reference / figures["dpm++ 25"]["cpu_s_per_image"]}
 
 
 def main(argv=None) -> int:
