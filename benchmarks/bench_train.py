@@ -13,7 +13,7 @@ checkpoint K and the start of checkpoint 2K are pure training, past the first st
 The CPU seconds the training process used over the same K steps are reported too: on a CPU shared with
 other work they are much steadier than wall time. Checkpoint time (mean of the two) and start-up (launch
 to checkpoint K, less K steps at the steady rate: imports, model loading, latent caching, first-step
-warm-up) are reported separately. Peak memory is the resident set of the training process (wait4
+warm-up; also in CPU seconds) are reported separately. Peak memory is the resident set of the training process (wait4
 rusage over the whole run, checkpoints included) and, on CUDA, the GPU memory nvidia-smi reports above
 the idle level. Figures are medians over `--repeats` repetitions, the trainers' order alternating.
 
@@ -122,11 +122,13 @@ def run_figures(args, trainer: str, run, output_dir: Path) -> dict:
     if second_start <= first_end:
         raise BenchError(f"{trainer}: checkpoint {2 * k} started before checkpoint {k} ended; is the clock off?")
     steps_per_s = k / (second_start - first_end)
+    cpu_s_per_step = (run.cpu_seconds_at(second_start) - run.cpu_seconds_at(first_end)) / k
     figures = {
         "steps_per_s": steps_per_s,
         "images_per_s": steps_per_s * args.train_batch_size,
-        "cpu_s_per_step": (run.cpu_seconds_at(second_start) - run.cpu_seconds_at(first_end)) / k,
+        "cpu_s_per_step": cpu_s_per_step,
         "startup_s": (first_start - run.launched) - k / steps_per_s,
+        "startup_cpu_s": run.cpu_seconds_at(first_start) - k * cpu_s_per_step,
         "checkpoint_s": ((first_end - first_start) + (second_end - second_start)) / 2,
         "checkpoint_bytes": folder_bytes(output_dir / f"checkpoint-{k}"),
         "peak_rss_bytes": run.peak_rss_bytes,
@@ -147,12 +149,14 @@ def report(args, figures: dict) -> dict:
     print(f"\nconfig {args.config}, {args.resolution} px, batch {args.train_batch_size}, checkpoint every "
           f"{args.checkpointing_steps} of {2 * args.checkpointing_steps} steps of {args.repeats}, "
           f"mixed precision {args.mixed_precision}\n")
-    print("| trainer | steps/s | images/s | CPU s/step | start-up s | checkpoint s | MB per checkpoint | peak RSS GiB |"
+    print("| trainer | steps/s | images/s | CPU s/step | start-up s | start-up CPU s | checkpoint s | MB per checkpoint "
+          "| peak RSS GiB |"
           + (" peak GPU GiB |" if "peak_cuda_bytes" in ours else ""))
-    print("|---|--:|--:|--:|--:|--:|--:|--:|" + ("--:|" if "peak_cuda_bytes" in ours else ""))
+    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|" + ("--:|" if "peak_cuda_bytes" in ours else ""))
     for name, f in (("baseline", base), ("finetune_lora.py", ours)):
-        print(f"| {name} | {f['steps_per_s']:.4g} | {f['images_per_s']:.4g} | {f['cpu_s_per_step']:.3g} | {f['startup_s']:.1f} | "
-              f"{f['checkpoint_s']:.2f} | {f['checkpoint_bytes'] / 1e6:.1f} | {f['peak_rss_bytes'] / 2**30:.2f} |"
+        print(f"| {name} | {f['steps_per_s']:.4g} | {f['images_per_s']:.4g} | {f['cpu_s_per_step']:.3g} | "
+              f"{f['startup_s']:.1f} | {f['startup_cpu_s']:.1f} | {f['checkpoint_s']:.2f} | "
+              f"{f['checkpoint_bytes'] / 1e6:.1f} | {f['peak_rss_bytes'] / 2**30:.2f} |"
               + (f" {f['peak_cuda_bytes'] / 2**30:.2f} |" if "peak_cuda_bytes" in f else ""))
     ratios = {
         "train_speedup": ours["steps_per_s"] / base["steps_per_s"],
