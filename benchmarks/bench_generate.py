@@ -62,7 +62,8 @@ def parse_args(argv=None):
     parser.add_argument("--reference_dir", type=Path, default=DEFAULT_REFERENCE_DIR,
                         help="SD2.1 component configs (small and sd21 configs).")
     parser.add_argument("--work_dir", type=Path, default=None,
-                        help="Keep the built model, LoRA, images and logs here and reuse them (default: a temp folder).")
+                        help="Keep the built model, LoRA, images and logs here and reuse them "
+                             "(default: a temp folder).")
     args = parser.parse_args(argv)
     args.resolution = args.resolution or CONFIG_RESOLUTIONS[args.config]
     args.num_images = args.num_images or DEFAULT_NUM_IMAGES[args.config]

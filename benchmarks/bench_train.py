@@ -18,7 +18,7 @@ rusage over the whole run, checkpoints included) and, on CUDA, the GPU memory nv
 the idle level. Figures are medians over `--repeats` repetitions, the trainers' order alternating.
 
     python benchmarks/bench_train.py --config tiny --repeats 1     # seconds: the smoke test
-    python benchmarks/bench_train.py --config small                # SD2.1 at 256 px, ~10 min on 2 CPU cores
+    python benchmarks/bench_train.py --config small                # SD2.1 at 256 px, ~11 min on 2 CPU cores
     python benchmarks/bench_train.py --config sd21 --mixed_precision fp16   # SD2.1 at 768 px, on a GPU
 
 The last line printed is one JSON object:
@@ -39,7 +39,7 @@ from bench_common import (CONFIG_RESOLUTIONS, DEFAULT_REFERENCE_DIR, LORA_RANK, 
                           prepare_faces, prepare_model, run_measured, subprocess_env)
 
 TRAINERS = ("baseline", "ours")
-DEFAULT_CHECKPOINTING_STEPS = {"tiny": 60, "small": 3, "sd21": 20}  # K: each run trains 2K steps
+DEFAULT_CHECKPOINTING_STEPS = {"tiny": 60, "small": 4, "sd21": 20}  # K: each run trains 2K steps
 
 
 def parse_args(argv=None):
@@ -50,7 +50,8 @@ def parse_args(argv=None):
                         help="Training resolution in pixels (default: 64 tiny, 256 small, 768 sd21).")
     parser.add_argument("--repeats", type=int, default=3, help="Alternating repetitions; figures are medians.")
     parser.add_argument("--checkpointing_steps", type=int, default=None,
-                        help="K: checkpoint every K steps, train 2K, time the second K (default: 60 tiny, 3 small, 20 sd21).")
+                        help="K: checkpoint every K steps, train 2K, time the second K "
+                             "(default: 60 tiny, 4 small, 20 sd21).")
     parser.add_argument("--train_batch_size", type=int, default=1, help="Images per optimizer step, both trainers.")
     parser.add_argument("--num_faces", type=int, default=8, help="Images in the generated training folder.")
     parser.add_argument("--learning_rate", type=float, default=1e-4,
@@ -117,7 +118,8 @@ def run_figures(args, trainer: str, run, output_dir: Path) -> dict:
     """Steady steps/s, start-up, checkpoint time and size, peak memory of one run (see the module docstring)."""
     k = args.checkpointing_steps
     if sorted(run.checkpoints) != [k, 2 * k]:
-        raise BenchError(f"{trainer} wrote checkpoints {sorted(run.checkpoints)} in {output_dir}, expected {[k, 2 * k]}")
+        raise BenchError(f"{trainer} wrote checkpoints {sorted(run.checkpoints)} in {output_dir}, "
+                         f"expected {[k, 2 * k]}")
     (first_start, first_end), (second_start, second_end) = run.checkpoints[k], run.checkpoints[2 * k]
     if second_start <= first_end:
         raise BenchError(f"{trainer}: checkpoint {2 * k} started before checkpoint {k} ended; is the clock off?")
@@ -149,8 +151,8 @@ def report(args, figures: dict) -> dict:
     print(f"\nconfig {args.config}, {args.resolution} px, batch {args.train_batch_size}, checkpoint every "
           f"{args.checkpointing_steps} of {2 * args.checkpointing_steps} steps of {args.repeats}, "
           f"mixed precision {args.mixed_precision}\n")
-    print("| trainer | steps/s | images/s | CPU s/step | start-up s | start-up CPU s | checkpoint s | MB per checkpoint "
-          "| peak RSS GiB |"
+    print("| trainer | steps/s | images/s | CPU s/step | start-up s | start-up CPU s | checkpoint s "
+          "| MB per checkpoint | peak RSS GiB |"
           + (" peak GPU GiB |" if "peak_cuda_bytes" in ours else ""))
     print("|---|--:|--:|--:|--:|--:|--:|--:|--:|" + ("--:|" if "peak_cuda_bytes" in ours else ""))
     for name, f in (("baseline", base), ("finetune_lora.py", ours)):

@@ -29,18 +29,20 @@ def assert_positive(value):
 def test_bench_train_tiny_ends_with_the_ratios(tmp_path):
     report = last_json_line(run_bench("bench_train.py", "--config", "tiny", "--repeats", "1",
                                       "--work_dir", str(tmp_path)))
-    for key in ("train_speedup", "checkpoint_size_ratio", "peak_memory_ratio"):
+    for key in ("train_speedup", "train_cpu_speedup", "checkpoint_size_ratio", "peak_memory_ratio"):
         assert_positive(report[key])
     assert (report["config"], report["resolution"], report["repeats"]) == ("tiny", 64, 1)
     for trainer in ("baseline", "ours"):
         figures = report["figures"][trainer]
-        for key in ("steps_per_s", "images_per_s", "checkpoint_bytes", "peak_rss_bytes"):
+        for key in ("steps_per_s", "images_per_s", "cpu_s_per_step", "checkpoint_bytes", "peak_rss_bytes"):
             assert_positive(figures[key])
         assert figures["checkpoint_s"] >= 0
         assert figures["images_per_s"] == figures["steps_per_s"]  # batch size 1
     # Ours keeps only the LoRA, its optimizer and RNG state; the baseline writes the whole UNet and text encoder.
     assert report["checkpoint_size_ratio"] < 0.5
-    assert report["figures"]["ours"]["checkpoint_bytes"] / report["checkpoint_size_ratio"] == report["figures"]["baseline"]["checkpoint_bytes"]
+    ours, baseline = report["figures"]["ours"], report["figures"]["baseline"]
+    assert math.isclose(report["checkpoint_size_ratio"], ours["checkpoint_bytes"] / baseline["checkpoint_bytes"])
+    assert math.isclose(report["train_speedup"], ours["steps_per_s"] / baseline["steps_per_s"])
     logs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert logs == ["baseline-0.log", "ours-0.log"]  # the run folders themselves are removed
 
@@ -48,11 +50,12 @@ def test_bench_train_tiny_ends_with_the_ratios(tmp_path):
 def test_bench_generate_tiny_ends_with_the_ratios(tmp_path):
     report = last_json_line(run_bench("bench_generate.py", "--config", "tiny", "--repeats", "1",
                                       "--num_images", "2", "--work_dir", str(tmp_path)))
-    for key in ("fused_speedup", "dpmpp25_speedup"):
+    for key in ("fused_speedup", "dpmpp25_speedup", "fused_cpu_speedup", "dpmpp25_cpu_speedup"):
         assert_positive(report[key])
     assert set(report["figures"]) == {"original", "fused", "dpm++ 25"}
     for figures in report["figures"].values():
         assert_positive(figures["s_per_image"])
+        assert_positive(figures["cpu_s_per_image"])
         assert_positive(figures["peak_rss_bytes"])
     original = report["figures"]["original"]["s_per_image"]
     assert math.isclose(report["fused_speedup"], original / report["figures"]["fused"]["s_per_image"])
