@@ -205,7 +205,7 @@ def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path
 
     Peak RSS comes from wait4's rusage, which covers the child and the descendants it waited for
     (`accelerate launch` waits for the training process). The poller samples the tree's CPU time every
-    0.1 s, which, unlike wall time, other processes on a shared CPU hardly change; on CUDA it reads
+    0.1 s, which other processes on a shared CPU change less than wall time; on CUDA it reads
     nvidia-smi every 0.2 s.
     """
     poll_cuda = torch.cuda.is_available()

@@ -10,7 +10,7 @@ print for loading the LoRA and sampling `--num_images` images, divided by the nu
 loading and process start-up are excluded (generate.py's time also includes fusing the LoRA).
 CPU seconds per image are the CPU time the process used over that same stretch of wall time (the last
 X seconds before it exited; writing the PNGs and exiting take a fraction of a second): on a CPU shared
-with other work they are much steadier than wall time. Peak process memory (and, on CUDA, peak GPU
+with other work they are steadier than wall time. Peak process memory (and, on CUDA, peak GPU
 memory) of each setting is reported alongside.
 
     python benchmarks/bench_generate.py --config tiny --repeats 1    # seconds: the smoke test

@@ -11,11 +11,11 @@ appears in the output directory) and ends (the last file written into it). The K
 checkpoint K and the start of checkpoint 2K are pure training, past the first step's warm-up:
     steady steps/s = K / (start of checkpoint 2K - end of checkpoint K)
 The CPU seconds the training process used over the same K steps are reported too: on a CPU shared with
-other work they are much steadier than wall time. Checkpoint time (mean of the two) and start-up (launch
-to checkpoint K, less K steps at the steady rate: imports, model loading, latent caching, first-step
-warm-up; also in CPU seconds) are reported separately. Peak memory is the resident set of the training process (wait4
-rusage over the whole run, checkpoints included) and, on CUDA, the GPU memory nvidia-smi reports above
-the idle level. Figures are medians over `--repeats` repetitions, the trainers' order alternating.
+other work they are steadier than wall time. Checkpoint time (mean of the two) and start-up (launch to
+checkpoint K, less K steps at the steady rate: imports, model loading, latent caching, first-step warm-up;
+also in CPU seconds) are reported separately. Peak memory is the resident set of the training process
+(wait4 rusage over the whole run, checkpoints included) and, on CUDA, the GPU memory nvidia-smi reports
+above the idle level. Figures are medians over `--repeats` repetitions, the trainers' order alternating.
 
     python benchmarks/bench_train.py --config tiny --repeats 1     # seconds: the smoke test
     python benchmarks/bench_train.py --config small                # SD2.1 at 256 px, ~11 min on 2 CPU cores
