@@ -1,0 +1,72 @@
+"""Smoke tests of the benchmarks at --config tiny, one repetition: both run end to end as real processes
+against the real scripts and end with one JSON line of sane figures. No timing is asserted."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# The tiny models are all per-op overhead: one thread a process keeps the shared test machine from thrashing.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_bench(script: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *flags],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+
+
+def last_json_line(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def assert_positive(value):
+    assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, value
+
+
+def test_bench_train_tiny_ends_with_the_ratios(tmp_path):
+    report = last_json_line(run_bench("bench_train.py", "--config", "tiny", "--repeats", "1",
+                                      "--work_dir", str(tmp_path)))
+    for key in ("train_speedup", "train_cpu_speedup", "checkpoint_size_ratio", "peak_memory_ratio"):
+        assert_positive(report[key])
+    assert (report["config"], report["resolution"], report["repeats"]) == ("tiny", 64, 1)
+    for trainer in ("baseline", "ours"):
+        figures = report["figures"][trainer]
+        for key in ("steps_per_s", "images_per_s", "cpu_s_per_step", "checkpoint_bytes", "peak_rss_bytes"):
+            assert_positive(figures[key])
+        assert figures["checkpoint_s"] >= 0
+        assert figures["images_per_s"] == figures["steps_per_s"]  # batch size 1
+    # Ours keeps only the LoRA, its optimizer and RNG state; the baseline writes the whole UNet and text encoder.
+    assert report["checkpoint_size_ratio"] < 0.5
+    ours, baseline = report["figures"]["ours"], report["figures"]["baseline"]
+    assert math.isclose(report["checkpoint_size_ratio"], ours["checkpoint_bytes"] / baseline["checkpoint_bytes"])
+    assert math.isclose(report["train_speedup"], ours["steps_per_s"] / baseline["steps_per_s"])
+    logs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert logs == ["baseline-0.log", "ours-0.log"]  # the run folders themselves are removed
+
+
+def test_bench_generate_tiny_ends_with_the_ratios(tmp_path):
+    report = last_json_line(run_bench("bench_generate.py", "--config", "tiny", "--repeats", "1",
+                                      "--num_images", "2", "--work_dir", str(tmp_path)))
+    for key in ("fused_speedup", "dpmpp25_speedup", "fused_cpu_speedup", "dpmpp25_cpu_speedup"):
+        assert_positive(report[key])
+    assert set(report["figures"]) == {"original", "fused", "dpm++ 25"}
+    for figures in report["figures"].values():
+        assert_positive(figures["s_per_image"])
+        assert_positive(figures["cpu_s_per_image"])
+        assert_positive(figures["peak_rss_bytes"])
+    original = report["figures"]["original"]["s_per_image"]
+    assert math.isclose(report["fused_speedup"], original / report["figures"]["fused"]["s_per_image"])
+    # Every setting wrote its two 64x64 images.
+    for folder in ("original-0", "fused-0", "dpm++25-0"):
+        assert len(list((tmp_path / "images" / folder).glob("*.png"))) == 2
+
+
+def test_bench_reports_a_missing_reference_folder_in_one_line(tmp_path):
+    result = run_bench("bench_generate.py", "--config", "small", "--reference_dir", str(tmp_path / "nowhere"),
+                       "--work_dir", str(tmp_path / "work"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("bench_generate: no SD2.1 reference configs in")
+    assert "Traceback" not in result.stderr
