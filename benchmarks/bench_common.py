@@ -161,8 +161,8 @@ class CheckpointWatch:
         return spans
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """User + system CPU seconds used so far by process `root` and its live descendants, read from /proc."""
+def tree_cpu_seconds(root: int) -> dict[int, float]:
+    """User + system CPU seconds used so far by process `root` and each of its live descendants, read from /proc."""
     parents, cpu = {}, {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -179,7 +179,7 @@ def tree_cpu_seconds(root: int) -> float:
         children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
         tree.update(children)
         frontier += children
-    return sum(cpu.get(pid, 0.0) for pid in tree)
+    return {pid: cpu[pid] for pid in tree if pid in cpu}
 
 
 @dataclass
@@ -214,6 +214,7 @@ def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path
     watch = CheckpointWatch(output_dir) if output_dir is not None else None
     finished = threading.Event()
     cpu_samples = []
+    cpu_seen = {}  # pid -> CPU seconds when last seen: a process that exits keeps counting what it used
 
     def poll():
         nonlocal peak_cuda
@@ -223,7 +224,8 @@ def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path
                 watch.poll()
             tick += 1
             if tick % 5 == 0:
-                cpu_samples.append((time.time(), tree_cpu_seconds(process.pid)))
+                cpu_seen.update(tree_cpu_seconds(process.pid))
+                cpu_samples.append((time.time(), sum(cpu_seen.values())))
             if poll_cuda and tick % 10 == 0:
                 peak_cuda = max(peak_cuda, cuda_memory_used_bytes())
 
