@@ -1,7 +1,7 @@
 """What both benchmarks share: the three model configs, the face data, a random LoRA, and measurement.
 
 `--config tiny` is the test fixture of `tests/tiny_sd21.py`. `--config small` and `--config sd21` are the
-real Stable Diffusion 2.1 architecture, built from the configs in `../shared/reference/sd21/` with random
+real Stable Diffusion 2.1 architecture, built from the configs in `benchmarks/sd21_configs/` with random
 weights (compute and memory match the real model; outputs are noise); they differ only in resolution.
 Every model is written to a working folder in the diffusers layout, so the scripts under test load it
 through the same `from_pretrained(path)` calls as a Hub id. Weights are never committed.
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_REFERENCE_DIR = REPO.parent / "shared" / "reference" / "sd21"
+# SD2.1's component configs (no weights), copied from the Hub repo so that anyone can rebuild the same model.
+DEFAULT_REFERENCE_DIR = REPO / "benchmarks" / "sd21_configs"
 sys.path.insert(0, str(REPO / "tests"))
 from tiny_sd21 import build_tiny_sd21, make_face_folder, write_clip_tokenizer  # noqa: E402
 
