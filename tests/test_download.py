@@ -246,6 +246,24 @@ def test_ctrl_c_says_to_run_again_and_a_partial_download_of_an_older_file_is_dis
     assert not partial.exists()
 
 
+def test_a_resumed_download_whose_bytes_do_not_match_the_sha256_is_deleted(hub, tmp_path):
+    lora = lora_bytes(tmp_path, width=24 * 1024)
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora})
+    workdir = tmp_path / "work"
+    partial, _ = stop_download_midway(hub, workdir, signal.SIGKILL)
+    with open(partial, "r+b") as file:  # a damaged disk, or a second writer; tensor bytes, past the header
+        file.seek(2**20)
+        file.write(b"\0" * 1024)
+
+    message = error_line(run_download(hub.url, workdir))
+    assert "does not match the sha256" in message and LORA_FILE in message
+    assert not partial.exists() and not (workdir / LORA_FILE).exists()
+    again = run_download(hub.url, workdir)
+    assert again.returncode == 0, again.stderr
+    assert (workdir / LORA_FILE).read_bytes() == lora
+    assert [r["range"] is None for r in hub.file_gets(LORA_FILE)] == [True, False, True]
+
+
 def test_revision_is_passed_to_the_hub(hub, tmp_path):
     hub.add_repo(LORA_REPO, {LORA_FILE: lora_bytes(tmp_path)}, revisions=("main", "v1.0"))
 
