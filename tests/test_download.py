@@ -8,8 +8,10 @@ import hashlib
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,15 +67,43 @@ def hub():
     server.close()
 
 
-def run_download(hub_url: str, workdir: Path, *args: str, offline: bool = False) -> subprocess.CompletedProcess:
-    """`python download.py ARGS` in `workdir`, with its own HF_HOME there and the Hub at `hub_url`."""
+def download_env(hub_url: str, workdir: Path, offline: bool = False) -> dict:
+    """The environment of a download.py run in `workdir`: its own HF_HOME there and the Hub at `hub_url`."""
     env = dict(os.environ, HF_ENDPOINT=hub_url, HF_HUB_OFFLINE="1" if offline else "0",
                HF_HOME=str(workdir / "hf-home"))
     for name in ("HF_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):  # a developer's own token or cache
         env.pop(name, None)
     workdir.mkdir(exist_ok=True)
-    return subprocess.run([sys.executable, str(DOWNLOAD_PY), *args], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=180)
+    return env
+
+
+def run_download(hub_url: str, workdir: Path, *args: str, offline: bool = False) -> subprocess.CompletedProcess:
+    """`python download.py ARGS` in `workdir`, with its own HF_HOME there and the Hub at `hub_url`."""
+    return subprocess.run([sys.executable, str(DOWNLOAD_PY), *args], cwd=workdir,
+                          env=download_env(hub_url, workdir, offline), capture_output=True, text=True, timeout=180)
+
+
+def stop_download_midway(hub: FakeHub, workdir: Path, stop: signal.Signals) -> tuple[Path, str]:
+    """Start download.py, send it `stop` once part of the LoRA is on disk; return the partial file and its stderr.
+
+    The hub stalls after 12 MiB; huggingface_hub writes in 10 MiB chunks, so 10 MiB reach the disk.
+    """
+    hub.cut_next_download(LORA_FILE, after_bytes=12 * 2**20, stall=True)
+    env = dict(download_env(hub.url, workdir), HF_HUB_DOWNLOAD_TIMEOUT="600")  # wait for the stalled hub, not retry
+    process = subprocess.Popen([sys.executable, str(DOWNLOAD_PY)], cwd=workdir, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(1200):
+            partials = [p for p in workdir.rglob("*") if p.is_file() and p.stat().st_size >= 2**20]
+            if partials or process.poll() is not None:
+                break
+            time.sleep(0.1)
+    finally:
+        process.send_signal(stop)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode in (-stop, 130), f"download.py ended before it was stopped: {stderr}"
+    (partial,) = partials
+    return partial, stderr
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
@@ -180,6 +210,58 @@ def test_an_interrupted_download_resumes_with_a_range_request(hub, tmp_path):
     first, resumed = hub.file_gets(LORA_FILE)
     assert first["range"] is None
     assert resumed["range"].startswith("bytes=") and 0 < int(resumed["range"][6:-1]) <= cut
+
+
+def test_a_killed_download_resumes_from_the_bytes_on_disk(hub, tmp_path):
+    lora = lora_bytes(tmp_path, width=24 * 1024)  # 24 MiB
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora})
+    workdir = tmp_path / "work"
+    partial, _ = stop_download_midway(hub, workdir, signal.SIGKILL)
+    on_disk = partial.stat().st_size
+    assert 0 < on_disk < len(lora)
+    assert not (workdir / LORA_FILE).exists()
+
+    result = run_download(hub.url, workdir)
+    assert result.returncode == 0, result.stderr
+    assert (workdir / LORA_FILE).read_bytes() == lora
+    first, resumed = hub.file_gets(LORA_FILE)
+    assert first["range"] is None and resumed["range"] == f"bytes={on_disk}-"
+    assert first["sent"] + resumed["sent"] < 1.5 * len(lora)
+    assert not partial.exists()
+
+
+def test_ctrl_c_says_to_run_again_and_a_partial_download_of_an_older_file_is_discarded(hub, tmp_path):
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora_bytes(tmp_path, width=24 * 1024)})
+    workdir = tmp_path / "work"
+    partial, stderr = stop_download_midway(hub, workdir, signal.SIGINT)
+    assert "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == "download.py: interrupted; run it again to resume the download"
+    updated = lora_bytes(tmp_path, rank=4, width=24 * 1024)
+    hub.add_repo(LORA_REPO, {LORA_FILE: updated})  # a new commit on the Hub: new ETag
+
+    result = run_download(hub.url, workdir)
+    assert result.returncode == 0, result.stderr
+    assert (workdir / LORA_FILE).read_bytes() == updated
+    assert [r["range"] for r in hub.file_gets(LORA_FILE)] == [None, None]
+    assert not partial.exists()
+
+
+def test_a_resumed_download_whose_bytes_do_not_match_the_sha256_is_deleted(hub, tmp_path):
+    lora = lora_bytes(tmp_path, width=24 * 1024)
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora})
+    workdir = tmp_path / "work"
+    partial, _ = stop_download_midway(hub, workdir, signal.SIGKILL)
+    with open(partial, "r+b") as file:  # a damaged disk, or a second writer; tensor bytes, past the header
+        file.seek(2**20)
+        file.write(b"\0" * 1024)
+
+    message = error_line(run_download(hub.url, workdir))
+    assert "does not match the sha256" in message and LORA_FILE in message
+    assert not partial.exists() and not (workdir / LORA_FILE).exists()
+    again = run_download(hub.url, workdir)
+    assert again.returncode == 0, again.stderr
+    assert (workdir / LORA_FILE).read_bytes() == lora
+    assert [r["range"] is None for r in hub.file_gets(LORA_FILE)] == [True, False, True]
 
 
 def test_revision_is_passed_to_the_hub(hub, tmp_path):
