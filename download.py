@@ -26,6 +26,7 @@ Stopped and run again, it keeps the files already complete and starts the one it
 
 Private or gated repos need a token: run `hf auth login` or set `HF_TOKEN`. `HF_ENDPOINT` selects a mirror.
 """
+
 import argparse
 import glob
 import hashlib
@@ -57,8 +58,10 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.file_download import http_get  # the downloader hf_hub_download uses, with resume_size
-from huggingface_hub.utils import build_hf_headers
-from huggingface_hub.utils import httpx  # the HTTP library huggingface_hub uses, under the name it exports across versions
+from huggingface_hub.utils import (
+    build_hf_headers,
+    httpx,
+)  # the HTTP library huggingface_hub uses, under the name it exports across versions
 from safetensors import SafetensorError, safe_open
 
 DEFAULT_REPO_ID = "michaeltrs/text2face"
@@ -70,13 +73,27 @@ STAGING_DIR = Path(".cache") / "text2face"
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # Weight formats a component folder may hold; of these only `.safetensors` is fetched.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".onnx_data", ".pb", ".gguf")
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".ckpt",
+    ".pt",
+    ".pth",
+    ".msgpack",
+    ".h5",
+    ".onnx",
+    ".onnx_data",
+    ".pb",
+    ".gguf",
+)
 # `model-00001-of-00002.safetensors`: a shard number is not a variant.
 SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}")
 # LoRA down/up weights in the layouts diffusers saves and loads: peft (`lora_A`), older diffusers
 # (`lora.down`, `lora_linear_layer.down`) and kohya (`lora_down`, with `lora_unet_`/`lora_te_` prefixes).
-LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|"
-                      r"lora_linear_layer\.up|lora_down|lora_up)\.weight$")
+LORA_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|"
+    r"lora_linear_layer\.up|lora_down|lora_up)\.weight$"
+)
 LORA_DOWN_PARTS = ("lora_A", "lora.down", "lora_linear_layer.down", "lora_down")
 COMPONENT_PREFIXES = {"unet": ("unet.", "lora_unet_"), "text_encoder": ("text_encoder.", "lora_te_", "lora_te1_")}
 
@@ -94,26 +111,48 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repo_id", default=DEFAULT_REPO_ID,
-                        help=f"Hub model repo that holds the LoRA (default: {DEFAULT_REPO_ID}).")
-    parser.add_argument("--filename", default=DEFAULT_FILENAME,
-                        help=f"Path of the LoRA safetensors file inside the repo (default: {DEFAULT_FILENAME}).")
-    parser.add_argument("--revision", default="main",
-                        help="Branch, tag or commit hash of the LoRA repo; a commit hash makes the download "
-                             "reproducible (default: main). The --base_model is always fetched from its main branch.")
-    parser.add_argument("--local_dir", type=Path, default=Path("."),
-                        help="Folder the LoRA is written under, keeping its repo path: <local_dir>/<filename> "
-                             "(default: the current folder, the layout generate.py reads).")
-    parser.add_argument("--force", action="store_true",
-                        help="Download again even if the files are already present and up to date.")
-    parser.add_argument("--base_model", nargs="?", const=DEFAULT_BASE_MODEL, default=None, metavar="MODEL_ID",
-                        help="Also fetch a diffusers base model into the Hugging Face cache so generate.py and "
-                             "finetune_lora.py can run with HF_HUB_OFFLINE=1 "
-                             f"(MODEL_ID defaults to {DEFAULT_BASE_MODEL}).")
-    parser.add_argument("--variant", choices=["fp16"], default=None,
-                        help="With --base_model: fetch the fp16 weights only, for components that have them; "
-                             "generate.py then needs --variant fp16 too (diffusers: variant='fp16'). "
-                             "Default: the full-precision weights.")
+    parser.add_argument(
+        "--repo_id", default=DEFAULT_REPO_ID, help=f"Hub model repo that holds the LoRA (default: {DEFAULT_REPO_ID})."
+    )
+    parser.add_argument(
+        "--filename",
+        default=DEFAULT_FILENAME,
+        help=f"Path of the LoRA safetensors file inside the repo (default: {DEFAULT_FILENAME}).",
+    )
+    parser.add_argument(
+        "--revision",
+        default="main",
+        help="Branch, tag or commit hash of the LoRA repo; a commit hash makes the download "
+        "reproducible (default: main). The --base_model is always fetched from its main branch.",
+    )
+    parser.add_argument(
+        "--local_dir",
+        type=Path,
+        default=Path("."),
+        help="Folder the LoRA is written under, keeping its repo path: <local_dir>/<filename> "
+        "(default: the current folder, the layout generate.py reads).",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="Download again even if the files are already present and up to date."
+    )
+    parser.add_argument(
+        "--base_model",
+        nargs="?",
+        const=DEFAULT_BASE_MODEL,
+        default=None,
+        metavar="MODEL_ID",
+        help="Also fetch a diffusers base model into the Hugging Face cache so generate.py and "
+        "finetune_lora.py can run with HF_HUB_OFFLINE=1 "
+        f"(MODEL_ID defaults to {DEFAULT_BASE_MODEL}).",
+    )
+    parser.add_argument(
+        "--variant",
+        choices=["fp16"],
+        default=None,
+        help="With --base_model: fetch the fp16 weights only, for components that have them; "
+        "generate.py then needs --variant fp16 too (diffusers: variant='fp16'). "
+        "Default: the full-precision weights.",
+    )
     args = parser.parse_args(argv)
     if args.variant is not None and args.base_model is None:
         parser.error("--variant applies to the base model: add --base_model")
@@ -138,8 +177,10 @@ def fetch_lora(repo_id: str, filename: str, revision: str, local_dir: Path, forc
     except (OfflineModeIsEnabled, httpx.TransportError):
         if force or not target.is_file():
             raise
-        print(f"download.py: cannot reach {constants.ENDPOINT}; using {target} without checking for updates",
-              file=sys.stderr)
+        print(
+            f"download.py: cannot reach {constants.ENDPOINT}; using {target} without checking for updates",
+            file=sys.stderr,
+        )
         return target
     if metadata.etag is None:
         raise DownloadError(f"{constants.ENDPOINT} sent no ETag for {filename}, so the download cannot be checked")
@@ -152,13 +193,20 @@ def fetch_lora(repo_id: str, filename: str, revision: str, local_dir: Path, forc
             stale.unlink()
     staged.parent.mkdir(parents=True, exist_ok=True)
     with open(partial, "ab") as file:  # append mode: tell() is the number of bytes already on disk
-        http_get(url, file, resume_size=file.tell(), headers=build_hf_headers(), expected_size=metadata.size,
-                 displayed_filename=target.name)
+        http_get(
+            url,
+            file,
+            resume_size=file.tell(),
+            headers=build_hf_headers(),
+            expected_size=metadata.size,
+            displayed_filename=target.name,
+        )
     # An LFS file's ETag is its sha256: bytes that do not match it are no use for a further resume either.
     if SHA256.fullmatch(metadata.etag) and sha256_of(partial) != metadata.etag:
         partial.unlink()
-        raise DownloadError(f"the download of {filename} does not match the sha256 the Hub gave for it; "
-                            f"deleted it -- run again")
+        raise DownloadError(
+            f"the download of {filename} does not match the sha256 the Hub gave for it; deleted it -- run again"
+        )
     partial.replace(staged)
     return staged
 
@@ -176,8 +224,9 @@ def describe_lora(path: Path) -> dict:
     modules, ranks = defaultdict(set), defaultdict(set)
     for key, shape in shapes.items():
         match = LORA_KEY.match(key)
-        component = match and next((name for name, prefixes in COMPONENT_PREFIXES.items()
-                                    if key.startswith(prefixes)), None)
+        component = match and next(
+            (name for name, prefixes in COMPONENT_PREFIXES.items() if key.startswith(prefixes)), None
+        )
         if component is None:
             continue
         modules[component].add(match["module"])
@@ -185,9 +234,11 @@ def describe_lora(path: Path) -> dict:
             ranks[component].add(shape[0])
     missing = [name for name in COMPONENT_PREFIXES if not modules[name]]
     if missing:
-        raise DownloadError(f"{path} holds no LoRA weights for the {' or the '.join(missing)} "
-                            f"(expected keys like 'unet.<module>.lora_A.weight' and "
-                            f"'text_encoder.<module>.lora_A.weight')")
+        raise DownloadError(
+            f"{path} holds no LoRA weights for the {' or the '.join(missing)} "
+            f"(expected keys like 'unet.<module>.lora_A.weight' and "
+            f"'text_encoder.<module>.lora_A.weight')"
+        )
     return {name: (len(modules[name]), sorted(ranks[name])) for name in COMPONENT_PREFIXES}
 
 
@@ -243,8 +294,11 @@ def print_lora_summary(path: Path, components: dict):
 def component_folders(model_index_path: Path) -> list[str]:
     """Folders of the components a pipeline loads: `model_index.json` entries with a class (not [null, null])."""
     index = json.loads(model_index_path.read_text())
-    return sorted(name for name, value in index.items()
-                  if not name.startswith("_") and isinstance(value, list) and value[0] is not None)
+    return sorted(
+        name
+        for name, value in index.items()
+        if not name.startswith("_") and isinstance(value, list) and value[0] is not None
+    )
 
 
 def weight_variant(filename: str) -> str | None:
@@ -291,12 +345,17 @@ def fetch_base_model(model_id: str, variant: str | None, force: bool) -> tuple[P
         if force:
             raise
         cached = cached_base_model(model_id, variant)
-        print(f"download.py: cannot reach {constants.ENDPOINT}; using the cached {model_id} without checking "
-              f"for updates", file=sys.stderr)
+        print(
+            f"download.py: cannot reach {constants.ENDPOINT}; using the cached {model_id} without checking for updates",
+            file=sys.stderr,
+        )
         return cached
     model_index = Path(hf_hub_download(model_id, "model_index.json", force_download=force))
-    sizes = {entry.path: entry.size for entry in HfApi().list_repo_tree(model_id, recursive=True)
-             if isinstance(entry, RepoFile)}
+    sizes = {
+        entry.path: entry.size
+        for entry in HfApi().list_repo_tree(model_id, recursive=True)
+        if isinstance(entry, RepoFile)
+    }
     files = select_base_model_files(list(sizes), component_folders(model_index), variant)
     folder = snapshot_download(model_id, allow_patterns=files, force_download=force)
     left = len(sizes) - len(files)
@@ -319,8 +378,10 @@ def explain(error: Exception, repo_id: str, filename: str, revision: str) -> str
     if constants.is_offline_mode():
         return f"HF_HUB_OFFLINE=1 is set, so nothing can be fetched from {repo_id}: unset it to download"
     if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.TransportError)):
-        return (f"cannot reach {constants.ENDPOINT} to fetch {repo_id}: check the network; once the files are "
-                f"downloaded, set HF_HUB_OFFLINE=1 to run without it")
+        return (
+            f"cannot reach {constants.ENDPOINT} to fetch {repo_id}: check the network; once the files are "
+            f"downloaded, set HF_HUB_OFFLINE=1 to run without it"
+        )
     return f"downloading {repo_id}/{filename} failed: {str(error).splitlines()[0]}"
 
 

@@ -37,6 +37,7 @@ exactly where it stopped. The LoRA ends up in `<output_dir>/pytorch_lora_weights
 (and in every `checkpoint-N/`), in the layout `StableDiffusionPipeline.load_lora_weights` and
 generate.py read; `training_settings.json` beside it names the base model, ranks and steps.
 """
+
 import argparse
 import contextlib
 import csv
@@ -95,93 +96,211 @@ class OneLineParser(argparse.ArgumentParser):
 def parse_args(argv=None):
     parser = OneLineParser(description="LoRA fine-tuning of Stable Diffusion 2.1 (UNet and text encoder).")
     model = parser.add_argument_group("model")
-    model.add_argument("--pretrained_model_name_or_path", default=DEFAULT_BASE_MODEL,
-                       help=f"Base model: Hub id or local diffusers folder (default: {DEFAULT_BASE_MODEL}).")
-    model.add_argument("--revision", default=None, help="Git revision (branch, tag or commit) of the base model on the Hub.")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        default=DEFAULT_BASE_MODEL,
+        help=f"Base model: Hub id or local diffusers folder (default: {DEFAULT_BASE_MODEL}).",
+    )
+    model.add_argument(
+        "--revision", default=None, help="Git revision (branch, tag or commit) of the base model on the Hub."
+    )
     model.add_argument("--variant", default=None, help="Weight variant of the base model files, e.g. fp16.")
     model.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are cached.")
-    model.add_argument("--rank", type=int, default=8, help="LoRA rank of the UNet adapters; their alpha equals the rank.")
-    model.add_argument("--text_encoder_rank", type=int, default=8,
-                       help="LoRA rank of the text-encoder adapters (with --train_text_encoder); alpha equals the rank.")
-    model.add_argument("--train_text_encoder", action="store_true", help="Also train LoRA adapters on the text encoder.")
-    model.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
-                       help="Training target; default: the base model scheduler's (v_prediction for SD2.1 768px).")
+    model.add_argument(
+        "--rank", type=int, default=8, help="LoRA rank of the UNet adapters; their alpha equals the rank."
+    )
+    model.add_argument(
+        "--text_encoder_rank",
+        type=int,
+        default=8,
+        help="LoRA rank of the text-encoder adapters (with --train_text_encoder); alpha equals the rank.",
+    )
+    model.add_argument(
+        "--train_text_encoder", action="store_true", help="Also train LoRA adapters on the text encoder."
+    )
+    model.add_argument(
+        "--prediction_type",
+        default=None,
+        choices=["epsilon", "v_prediction"],
+        help="Training target; default: the base model scheduler's (v_prediction for SD2.1 768px).",
+    )
 
     data = parser.add_argument_group("data")
-    data.add_argument("--train_data_dir", default=None,
-                      help="Image folder (nested folders allowed) with metadata.jsonl/metadata.csv inside it, or with "
-                           "--captions_file. With --dataset_name it is passed to datasets.load_dataset as data_dir.")
-    data.add_argument("--captions_file", default=None,
-                      help="Captions for --train_data_dir kept elsewhere: a JSON object {file: caption}, JSON or JSONL "
-                           "records, or a CSV with a header. A caption may be a list; one is drawn per step.")
-    data.add_argument("--dataset_name", default=None, help="A dataset on the Hub (or a local dataset script/folder) for datasets.load_dataset.")
+    data.add_argument(
+        "--train_data_dir",
+        default=None,
+        help="Image folder (nested folders allowed) with metadata.jsonl/metadata.csv inside it, or with "
+        "--captions_file. With --dataset_name it is passed to datasets.load_dataset as data_dir.",
+    )
+    data.add_argument(
+        "--captions_file",
+        default=None,
+        help="Captions for --train_data_dir kept elsewhere: a JSON object {file: caption}, JSON or JSONL "
+        "records, or a CSV with a header. A caption may be a list; one is drawn per step.",
+    )
+    data.add_argument(
+        "--dataset_name",
+        default=None,
+        help="A dataset on the Hub (or a local dataset script/folder) for datasets.load_dataset.",
+    )
     data.add_argument("--dataset_config_name", default=None, help="Configuration of --dataset_name, if it has several.")
-    data.add_argument("--image_column", default=None,
-                      help="Column holding the image: default 'image' for --dataset_name and 'file_name' (a path "
-                           "relative to --train_data_dir) for captions files.")
-    data.add_argument("--caption_column", default="text", help="Column holding the caption (a string or a list of strings).")
-    data.add_argument("--max_train_samples", type=int, default=None, help="Train on this many images, drawn with --seed.")
+    data.add_argument(
+        "--image_column",
+        default=None,
+        help="Column holding the image: default 'image' for --dataset_name and 'file_name' (a path "
+        "relative to --train_data_dir) for captions files.",
+    )
+    data.add_argument(
+        "--caption_column", default="text", help="Column holding the caption (a string or a list of strings)."
+    )
+    data.add_argument(
+        "--max_train_samples", type=int, default=None, help="Train on this many images, drawn with --seed."
+    )
     data.add_argument("--resolution", type=int, default=512, help="Training side length in pixels; a multiple of 8.")
-    data.add_argument("--center_crop", action="store_true", help="Crop the centre after resizing (default: a seeded random crop).")
+    data.add_argument(
+        "--center_crop", action="store_true", help="Crop the centre after resizing (default: a seeded random crop)."
+    )
     data.add_argument("--random_flip", action="store_true", help="Flip half the images horizontally, seeded.")
-    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Worker processes that decode images (0: the main process).")
-    data.add_argument("--cache_latents", action="store_true",
-                      help="VAE-encode every image once before training (both flips with --random_flip); needs --center_crop.")
-    data.add_argument("--cache_text_embeddings", action="store_true",
-                      help="Encode each caption once with the frozen text encoder and keep it in CPU memory "
-                           "(about 77 x 1024 values per caption for SD2.1); not with --train_text_encoder.")
+    data.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="Worker processes that decode images (0: the main process).",
+    )
+    data.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="VAE-encode every image once before training (both flips with --random_flip); needs --center_crop.",
+    )
+    data.add_argument(
+        "--cache_text_embeddings",
+        action="store_true",
+        help="Encode each caption once with the frozen text encoder and keep it in CPU memory "
+        "(about 77 x 1024 values per caption for SD2.1); not with --train_text_encoder.",
+    )
 
     training = parser.add_argument_group("training")
-    training.add_argument("--output_dir", default="outputs/text2face-lora", help="Where the LoRA, checkpoints, validation grids and logs go.")
-    training.add_argument("--overwrite_output_dir", action="store_true",
-                          help="Start a new run in an output_dir that already holds a run: deletes that run's weights, "
-                               "checkpoints, validation grids, logs and model card (and nothing else).")
-    training.add_argument("--seed", type=int, default=0, help="Seed for the LoRA initialisation, data order, crops, flips, noise and validation.")
+    training.add_argument(
+        "--output_dir",
+        default="outputs/text2face-lora",
+        help="Where the LoRA, checkpoints, validation grids and logs go.",
+    )
+    training.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start a new run in an output_dir that already holds a run: deletes that run's weights, "
+        "checkpoints, validation grids, logs and model card (and nothing else).",
+    )
+    training.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed for the LoRA initialisation, data order, crops, flips, noise and validation.",
+    )
     training.add_argument("--train_batch_size", type=int, default=4, help="Images per process per forward pass.")
-    training.add_argument("--num_train_epochs", type=int, default=100, help="Passes over the data (ignored when --max_train_steps is set).")
-    training.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps to train for; overrides --num_train_epochs.")
-    training.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Forward passes per optimizer step.")
-    training.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations of both models in the backward pass to save memory.")
+    training.add_argument(
+        "--num_train_epochs",
+        type=int,
+        default=100,
+        help="Passes over the data (ignored when --max_train_steps is set).",
+    )
+    training.add_argument(
+        "--max_train_steps", type=int, default=None, help="Optimizer steps to train for; overrides --num_train_epochs."
+    )
+    training.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Forward passes per optimizer step."
+    )
+    training.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute activations of both models in the backward pass to save memory.",
+    )
     training.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate of the UNet LoRA.")
-    training.add_argument("--learning_rate_text_encoder", type=float, default=None,
-                          help="Learning rate of the text-encoder LoRA (default: --learning_rate).")
-    training.add_argument("--scale_lr", action="store_true", help="Multiply both learning rates by the total batch size.")
-    training.add_argument("--lr_scheduler", default="constant",
-                          choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
-                          help="Learning-rate schedule.")
-    training.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the learning-rate schedule.")
-    training.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is usual); off by default.")
+    training.add_argument(
+        "--learning_rate_text_encoder",
+        type=float,
+        default=None,
+        help="Learning rate of the text-encoder LoRA (default: --learning_rate).",
+    )
+    training.add_argument(
+        "--scale_lr", action="store_true", help="Multiply both learning rates by the total batch size."
+    )
+    training.add_argument(
+        "--lr_scheduler",
+        default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        help="Learning-rate schedule.",
+    )
+    training.add_argument(
+        "--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the learning-rate schedule."
+    )
+    training.add_argument(
+        "--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is usual); off by default."
+    )
     training.add_argument("--noise_offset", type=float, default=0.0, help="Offset-noise scale (0: off).")
     training.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
     training.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     training.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     training.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
     training.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
-    training.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the gradient norm of all LoRA parameters to this.")
-    training.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                          help="Mixed precision (default: from `accelerate config`); LoRA parameters stay fp32 "
-                               "(except under DeepSpeed, which casts them too).")
+    training.add_argument(
+        "--max_grad_norm", type=float, default=1.0, help="Clip the gradient norm of all LoRA parameters to this."
+    )
+    training.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Mixed precision (default: from `accelerate config`); LoRA parameters stay fp32 "
+        "(except under DeepSpeed, which casts them too).",
+    )
     training.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
-    training.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                          help="Use xformers attention in the UNet instead of PyTorch SDPA.")
+    training.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Use xformers attention in the UNet instead of PyTorch SDPA.",
+    )
 
     saving = parser.add_argument_group("checkpoints, validation and logging")
-    saving.add_argument("--checkpointing_steps", type=int, default=500, help="Write checkpoint-N every this many steps.")
-    saving.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest removed).")
-    saving.add_argument("--resume_from_checkpoint", default=None,
-                        help="'latest' (the newest complete checkpoint in output_dir, or a fresh start if none), "
-                             "a checkpoint-N name in output_dir, or a checkpoint folder path.")
-    saving.add_argument("--validation_prompts", nargs="+", default=None, help="Prompts sampled at step 0, at validation epochs and at each checkpoint.")
-    saving.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt (rows of the grid).")
+    saving.add_argument(
+        "--checkpointing_steps", type=int, default=500, help="Write checkpoint-N every this many steps."
+    )
+    saving.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest removed)."
+    )
+    saving.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="'latest' (the newest complete checkpoint in output_dir, or a fresh start if none), "
+        "a checkpoint-N name in output_dir, or a checkpoint folder path.",
+    )
+    saving.add_argument(
+        "--validation_prompts",
+        nargs="+",
+        default=None,
+        help="Prompts sampled at step 0, at validation epochs and at each checkpoint.",
+    )
+    saving.add_argument(
+        "--num_validation_images", type=int, default=4, help="Images per validation prompt (rows of the grid)."
+    )
     saving.add_argument("--validation_epochs", type=int, default=1, help="Validate every this many epochs.")
-    saving.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="Metrics tracker.")
+    saving.add_argument(
+        "--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="Metrics tracker."
+    )
     saving.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to output_dir.")
-    saving.add_argument("--save_kohya", action="store_true",
-                        help=f"Also write the LoRA with kohya keys ({KOHYA_WEIGHTS_NAME}, the format AUTOMATIC1111 and "
-                             "ComfyUI read) beside every pytorch_lora_weights.safetensors.")
-    saving.add_argument("--push_to_hub", action="store_true",
-                        help="Upload output_dir to the Hub at the end (token from HF_TOKEN or `hf auth login`).")
-    saving.add_argument("--hub_model_id", default=None, help="Hub repository for --push_to_hub (default: the output_dir name).")
+    saving.add_argument(
+        "--save_kohya",
+        action="store_true",
+        help=f"Also write the LoRA with kohya keys ({KOHYA_WEIGHTS_NAME}, the format AUTOMATIC1111 and "
+        "ComfyUI read) beside every pytorch_lora_weights.safetensors.",
+    )
+    saving.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Upload output_dir to the Hub at the end (token from HF_TOKEN or `hf auth login`).",
+    )
+    saving.add_argument(
+        "--hub_model_id", default=None, help="Hub repository for --push_to_hub (default: the output_dir name)."
+    )
     args = parser.parse_args(argv)
     check_args(args)
     return args
@@ -199,16 +318,30 @@ def check_args(args):
         raise TrainingError("--cache_latents needs --center_crop: random crops change every epoch and cannot be cached")
     if args.cache_text_embeddings and args.train_text_encoder:
         raise TrainingError("--cache_text_embeddings needs a frozen text encoder; drop it or --train_text_encoder")
-    for name in ("rank", "text_encoder_rank", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                 "num_validation_images", "validation_epochs", "num_train_epochs"):
+    for name in (
+        "rank",
+        "text_encoder_rank",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "num_validation_images",
+        "validation_epochs",
+        "num_train_epochs",
+    ):
         if getattr(args, name) < 1:
             raise TrainingError(f"--{name} must be at least 1")
     for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TrainingError(f"--{name} must be at least 1")
     # Written as `not value >= 0` so that nan is rejected too.
-    for name in ("learning_rate", "learning_rate_text_encoder", "lr_warmup_steps", "dataloader_num_workers",
-                 "noise_offset", "adam_weight_decay"):
+    for name in (
+        "learning_rate",
+        "learning_rate_text_encoder",
+        "lr_warmup_steps",
+        "dataloader_num_workers",
+        "noise_offset",
+        "adam_weight_decay",
+    ):
         value = getattr(args, name)
         if value is not None and not value >= 0:
             raise TrainingError(f"--{name} {value} must be 0 or more")
@@ -226,9 +359,11 @@ def check_args(args):
 # Data: image records, captions, deterministic order
 # ----------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Records:
     """The training images (by name) and the captions of each."""
+
     source: object  # FolderImages or HubImages: opens record i as a PIL image
     captions: list  # list[list[str]]
     description: str  # where the data came from, for logs and the model card
@@ -285,7 +420,9 @@ def read_caption_table(path: Path, image_column: str, caption_column: str) -> tu
     columns = sorted({str(column) for record in records for column in record})
     for column, flag in ((image_column, "--image_column"), (caption_column, "--caption_column")):
         if column not in columns:
-            raise TrainingError(f"captions file {path} has no column '{column}' (columns: {', '.join(columns)}); pass {flag}")
+            raise TrainingError(
+                f"captions file {path} has no column '{column}' (columns: {', '.join(columns)}); pass {flag}"
+            )
     table, nameless = {}, []
     for number, record in enumerate(records, start=1):
         if record.get(image_column) in (None, ""):
@@ -307,8 +444,9 @@ def as_caption_list(value, path) -> list:
 
 def find_images(root: Path) -> list:
     """Relative POSIX paths of every image under `root`, sorted."""
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
 
 
 def match_captions(names: list, table: dict) -> tuple:
@@ -336,8 +474,8 @@ def unreadable_images(root: Path, names: list, show_progress: bool) -> list:
     bad = []
     for name in tqdm(names, desc="checking images", disable=not show_progress or len(names) < 1000):
         try:
-            with Image.open(root / name) as image:
-                image.size
+            # Opening parses the header; that is the whole check here.
+            Image.open(root / name).close()
         except (OSError, SyntaxError, ValueError):
             bad.append(name)
     return bad
@@ -367,16 +505,24 @@ def load_folder_records(args, show_progress: bool) -> Records:
     uncaptioned = [name for name in names if name not in captions]
     unreadable = unreadable_images(root, sorted(captions), show_progress)
     usable = sorted(set(captions) - set(unreadable))
-    logger.info(f"Data: {len(names)} images found under {root}, {len(captions)} with captions from {captions_path}, "
-                f"{len(uncaptioned)} images without captions (skipped), {len(unmatched)} captions without an image, "
-                f"{len(unreadable)} unreadable images (skipped)"
-                + (f", {len(nameless)} caption records without an image name (skipped)." if nameless else "."))
-    for label, items in (("images without captions", uncaptioned), ("captions without an image", unmatched),
-                         ("unreadable images", unreadable), ("caption records without an image name", [f"#{n}" for n in nameless])):
+    logger.info(
+        f"Data: {len(names)} images found under {root}, {len(captions)} with captions from {captions_path}, "
+        f"{len(uncaptioned)} images without captions (skipped), {len(unmatched)} captions without an image, "
+        f"{len(unreadable)} unreadable images (skipped)"
+        + (f", {len(nameless)} caption records without an image name (skipped)." if nameless else ".")
+    )
+    for label, items in (
+        ("images without captions", uncaptioned),
+        ("captions without an image", unmatched),
+        ("unreadable images", unreadable),
+        ("caption records without an image name", [f"#{n}" for n in nameless]),
+    ):
         if items:
             logger.warning(f"{label}: {', '.join(items[:10])}{' ...' if len(items) > 10 else ''}")
     if not usable:
-        raise TrainingError(f"no image under {root} has a caption in {captions_path} (check the file names and --image_column)")
+        raise TrainingError(
+            f"no image under {root} has a caption in {captions_path} (check the file names and --image_column)"
+        )
     return Records(FolderImages(root, usable), [captions[name] for name in usable], f"{root} with {captions_path.name}")
 
 
@@ -384,23 +530,30 @@ def load_hub_records(args) -> Records:
     from datasets import load_dataset
 
     try:
-        dataset = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir,
-                               data_dir=args.train_data_dir)["train"]
+        dataset = load_dataset(
+            args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, data_dir=args.train_data_dir
+        )["train"]
     except (FileNotFoundError, ValueError, ConnectionError) as error:
         raise TrainingError(f"cannot load dataset {args.dataset_name}: {error}") from error
     image_column = args.image_column or "image"
     for column, flag in ((image_column, "--image_column"), (args.caption_column, "--caption_column")):
         if column not in dataset.column_names:
-            raise TrainingError(f"dataset {args.dataset_name} has no column '{column}' "
-                                f"(columns: {', '.join(dataset.column_names)}); pass {flag}")
+            raise TrainingError(
+                f"dataset {args.dataset_name} has no column '{column}' "
+                f"(columns: {', '.join(dataset.column_names)}); pass {flag}"
+            )
     all_captions = [as_caption_list(value, args.dataset_name) for value in dataset[args.caption_column]]
     keep = [index for index, captions in enumerate(all_captions) if captions]
-    logger.info(f"Data: {len(dataset)} images in {args.dataset_name}, {len(keep)} with captions, "
-                f"{len(dataset) - len(keep)} without captions (skipped).")
+    logger.info(
+        f"Data: {len(dataset)} images in {args.dataset_name}, {len(keep)} with captions, "
+        f"{len(dataset) - len(keep)} without captions (skipped)."
+    )
     if not keep:
         raise TrainingError(f"no row of {args.dataset_name} has a caption in column '{args.caption_column}'")
     dataset = dataset.select(keep)
-    return Records(HubImages(dataset, image_column, args.dataset_name), [all_captions[i] for i in keep], args.dataset_name)
+    return Records(
+        HubImages(dataset, image_column, args.dataset_name), [all_captions[i] for i in keep], args.dataset_name
+    )
 
 
 def load_records(args, show_progress: bool) -> Records:
@@ -433,7 +586,11 @@ class EpochBatches:
 
     def __init__(self, num_records, batch_size, accumulation_steps, num_processes, process_index, seed):
         self.num_records, self.batch_size, self.seed = num_records, batch_size, seed
-        self.accumulation_steps, self.num_processes, self.process_index = accumulation_steps, num_processes, process_index
+        self.accumulation_steps, self.num_processes, self.process_index = (
+            accumulation_steps,
+            num_processes,
+            process_index,
+        )
         self.group_size = batch_size * num_processes * accumulation_steps
         self.steps_per_epoch = math.ceil(num_records / self.group_size)
 
@@ -446,7 +603,9 @@ class EpochBatches:
         batches = []
         for step in range(first_step, self.steps_per_epoch):
             for micro in range(self.accumulation_steps):
-                start = ((step * self.accumulation_steps + micro) * self.num_processes + self.process_index) * self.batch_size
+                start = (
+                    (step * self.accumulation_steps + micro) * self.num_processes + self.process_index
+                ) * self.batch_size
                 positions = range(start, start + self.batch_size)
                 batches.append([(order[p], derived_seed(self.seed, "sample", epoch, p)) for p in positions])
         return batches
@@ -456,7 +615,9 @@ def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, rng:
     """Scale the shorter side to `resolution`, then crop a square (centred, or at a seeded random place)."""
     width, height = image.size
     scale = resolution / min(width, height)
-    image = image.resize((max(resolution, round(width * scale)), max(resolution, round(height * scale))), Image.BILINEAR)
+    image = image.resize(
+        (max(resolution, round(width * scale)), max(resolution, round(height * scale))), Image.BILINEAR
+    )
     width, height = image.size
     if center_crop:
         left, top = round((width - resolution) / 2), round((height - resolution) / 2)
@@ -518,14 +679,17 @@ class CaptionedImages(torch.utils.data.Dataset):
 
 def collate(examples):
     key = "latents" if "latents" in examples[0] else "pixel_values"
-    return {key: torch.stack([e[key] for e in examples]),
-            "captions": [e["caption"] for e in examples],
-            "indices": [e["index"] for e in examples]}
+    return {
+        key: torch.stack([e[key] for e in examples]),
+        "captions": [e["caption"] for e in examples],
+        "indices": [e["index"] for e in examples],
+    }
 
 
 # ----------------------------------------------------------------------------------------------
 # Models and LoRA
 # ----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Models:
@@ -551,10 +715,20 @@ def load_models(args, accelerator) -> Models:
     try:
         noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **source)
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **source)
-        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant, dtype=weight_dtype,
-                                                     attn_implementation="sdpa", **source)
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, torch_dtype=weight_dtype, **source)
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, torch_dtype=weight_dtype, **source)
+        text_encoder = CLIPTextModel.from_pretrained(
+            base,
+            subfolder="text_encoder",
+            variant=args.variant,
+            dtype=weight_dtype,
+            attn_implementation="sdpa",
+            **source,
+        )
+        vae = AutoencoderKL.from_pretrained(
+            base, subfolder="vae", variant=args.variant, torch_dtype=weight_dtype, **source
+        )
+        unet = UNet2DConditionModel.from_pretrained(
+            base, subfolder="unet", variant=args.variant, torch_dtype=weight_dtype, **source
+        )
     except OSError as error:
         raise TrainingError(f"cannot load base model {base}: {str(error).splitlines()[0]}") from error
     if args.prediction_type is not None:
@@ -574,11 +748,18 @@ def load_models(args, accelerator) -> Models:
 
     # The LoRA initialisation draws from the global RNG: seed it so every process starts identical.
     torch.manual_seed(args.seed)
-    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                target_modules=UNET_TARGET_MODULES))
+    unet.add_adapter(
+        LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=UNET_TARGET_MODULES)
+    )
     if args.train_text_encoder:
-        text_encoder.add_adapter(LoraConfig(r=args.text_encoder_rank, lora_alpha=args.text_encoder_rank,
-                                            init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGET_MODULES))
+        text_encoder.add_adapter(
+            LoraConfig(
+                r=args.text_encoder_rank,
+                lora_alpha=args.text_encoder_rank,
+                init_lora_weights="gaussian",
+                target_modules=TEXT_ENCODER_TARGET_MODULES,
+            )
+        )
     cast_training_params([unet, text_encoder], dtype=torch.float32)
 
     if args.gradient_checkpointing:
@@ -591,14 +772,19 @@ def load_models(args, accelerator) -> Models:
 def published_layout(text_encoder_layers: dict) -> dict:
     """Text-encoder LoRA keys with CLIPTextModel's text_model level, which transformers 5 dropped: the published
     LoRA, transformers-4 stacks and kohya's converter spell them so, and diffusers maps them to either."""
-    return {key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in text_encoder_layers.items()}
+    return {
+        key if key.startswith("text_model.") else f"text_model.{key}": value
+        for key, value in text_encoder_layers.items()
+    }
 
 
 def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple:
     from peft.utils import get_peft_model_state_dict
 
     unet_layers = get_peft_model_state_dict(unet)
-    text_encoder_layers = get_peft_model_state_dict(text_encoder, save_embedding_layers=False) if train_text_encoder else None
+    text_encoder_layers = (
+        get_peft_model_state_dict(text_encoder, save_embedding_layers=False) if train_text_encoder else None
+    )
     return unet_layers, text_encoder_layers
 
 
@@ -625,7 +811,11 @@ def save_lora(directory: Path, unet, text_encoder, train_text_encoder: bool, set
         safe_serialization=True,
     )
     if save_kohya:
-        save_kohya_lora(directory / KOHYA_WEIGHTS_NAME, {**prefixed("unet.", unet_layers), **prefixed("text_encoder.", text_encoder_layers or {})}, settings)
+        save_kohya_lora(
+            directory / KOHYA_WEIGHTS_NAME,
+            {**prefixed("unet.", unet_layers), **prefixed("text_encoder.", text_encoder_layers or {})},
+            settings,
+        )
     (directory / SETTINGS_NAME).write_text(json.dumps(settings, indent=2) + "\n")
 
 
@@ -639,11 +829,19 @@ def save_kohya_lora(path: Path, lora_state_dict: dict, settings: dict):
     from safetensors.torch import save_file
 
     # kohya's SD2.x files name their one text encoder lora_te_, not lora_te1_.
-    kohya = {re.sub(r"^lora_te1_", "lora_te_", key): value.float() if key.endswith(".alpha") else value
-             for key, value in convert_state_dict_to_kohya(lora_state_dict).items()}
-    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(settings["rank"]),
-                "ss_network_alpha": str(settings["lora_alpha"]), "ss_base_model_version": "sd_v2_v", "ss_v2": "True",
-                "ss_sd_model_name": settings["base_model"], "ss_steps": str(settings["global_step"])}
+    kohya = {
+        re.sub(r"^lora_te1_", "lora_te_", key): value.float() if key.endswith(".alpha") else value
+        for key, value in convert_state_dict_to_kohya(lora_state_dict).items()
+    }
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(settings["rank"]),
+        "ss_network_alpha": str(settings["lora_alpha"]),
+        "ss_base_model_version": "sd_v2_v",
+        "ss_v2": "True",
+        "ss_sd_model_name": settings["base_model"],
+        "ss_steps": str(settings["global_step"]),
+    }
     save_file(kohya, path, metadata=metadata)
 
 
@@ -665,8 +863,10 @@ def load_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
             part = {k.removeprefix("text_model."): v for k, v in part.items()}
         expected = set(lora_state_dicts(unet, text_encoder, train_text_encoder)[0 if prefix == "unet." else 1])
         if set(part) != expected:
-            raise TrainingError(f"the LoRA in {directory} does not match this run's --rank/--text_encoder_rank/"
-                                f"--train_text_encoder ({len(set(part) ^ expected)} mismatched tensors)")
+            raise TrainingError(
+                f"the LoRA in {directory} does not match this run's --rank/--text_encoder_rank/"
+                f"--train_text_encoder ({len(set(part) ^ expected)} mismatched tensors)"
+            )
         set_peft_model_state_dict(model, part, adapter_name="default")
 
 
@@ -674,9 +874,13 @@ def load_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
 # Accelerator, output folder, checkpoints
 # ----------------------------------------------------------------------------------------------
 
+
 def no_accelerator_device() -> bool:
-    return not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-                or torch.backends.mps.is_available())
+    return not (
+        torch.cuda.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
+        or torch.backends.mps.is_available()
+    )
 
 
 def make_accelerator(args):
@@ -688,20 +892,27 @@ def make_accelerator(args):
         raise TrainingError("--report_to wandb needs wandb: pip install wandb (or use --report_to tensorboard)")
     if args.report_to == "tensorboard" and not is_tensorboard_available():
         log_with = None
-        print("note: TensorBoard is not installed, so metrics go only to the progress bar "
-              "(pip install tensorboard to log them)", file=sys.stderr)
+        print(
+            "note: TensorBoard is not installed, so metrics go only to the progress bar "
+            "(pip install tensorboard to log them)",
+            file=sys.stderr,
+        )
     # Without a GPU, accelerate forms a gloo process group under torchrun only when asked for the CPU.
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir)
+        ),
         cpu=no_accelerator_device(),
     )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != world_size:
-        raise TrainingError(f"accelerate formed a group of {accelerator.num_processes} process(es) but WORLD_SIZE is "
-                            f"{world_size}: every process would train alone on all the data; check the launcher config")
+        raise TrainingError(
+            f"accelerate formed a group of {accelerator.num_processes} process(es) but WORLD_SIZE is "
+            f"{world_size}: every process would train alone on all the data; check the launcher config"
+        )
     configure_logging(accelerator)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -731,8 +942,10 @@ def is_complete_checkpoint(path: Path) -> bool:
 
 def checkpoint_folders(output_dir: Path) -> list:
     """checkpoint-N folders, oldest first (temporary checkpoint-N.tmp folders excluded)."""
-    return sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None),
-                  key=checkpoint_step)
+    return sorted(
+        (p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None),
+        key=checkpoint_step,
+    )
 
 
 def complete_checkpoints(output_dir: Path) -> list:
@@ -745,10 +958,15 @@ def prepare_output_dir(args, accelerator, resuming: bool):
     # A killed run's half-written checkpoint-N.tmp is no run to protect: 'latest' starts afresh and clears it.
     earlier = [p for p in (output_dir / LORA_WEIGHTS_NAME, *complete_checkpoints(output_dir)) if p.exists()]
     if earlier and not resuming and not args.overwrite_output_dir:
-        how = ("it has no complete checkpoint to resume" if args.resume_from_checkpoint == "latest"
-               else "resume it with --resume_from_checkpoint latest")
-        raise TrainingError(f"{output_dir} already holds a training run ({earlier[0].name}); {how}, "
-                            "or pass --overwrite_output_dir to replace it")
+        how = (
+            "it has no complete checkpoint to resume"
+            if args.resume_from_checkpoint == "latest"
+            else "resume it with --resume_from_checkpoint latest"
+        )
+        raise TrainingError(
+            f"{output_dir} already holds a training run ({earlier[0].name}); {how}, "
+            "or pass --overwrite_output_dir to replace it"
+        )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if not resuming:  # a fresh start: old grids, logs and model card would mix with the new run's
@@ -802,10 +1020,14 @@ def find_resume_checkpoint(args):
     if not path.is_dir():
         path = output_dir / args.resume_from_checkpoint
     if not path.is_dir():
-        raise TrainingError(f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist "
-                            f"(nor in {output_dir}); use 'latest' to start fresh when there is none")
+        raise TrainingError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist "
+            f"(nor in {output_dir}); use 'latest' to start fresh when there is none"
+        )
     if not is_complete_checkpoint(path):
-        raise TrainingError(f"checkpoint {path} is incomplete (the run was killed while writing it); resume from an earlier one")
+        raise TrainingError(
+            f"checkpoint {path} is incomplete (the run was killed while writing it); resume from an earlier one"
+        )
     return path
 
 
@@ -813,30 +1035,41 @@ def resume(accelerator, checkpoint: Path, run_settings: dict) -> int:
     """Restore LoRA, optimizer, LR scheduler and RNG states; return the global step reached."""
     rng_file = checkpoint / f"random_states_{accelerator.process_index}.pkl"
     if not rng_file.is_file():
-        raise TrainingError(f"{checkpoint} has no RNG state for process {accelerator.process_index} ({rng_file.name}): "
-                            "it was written by a run with fewer processes; resume with the same process count")
+        raise TrainingError(
+            f"{checkpoint} has no RNG state for process {accelerator.process_index} ({rng_file.name}): "
+            "it was written by a run with fewer processes; resume with the same process count"
+        )
     saved = json.loads((checkpoint / SETTINGS_NAME).read_text())
-    differing = [key for key in ("seed", "train_batch_size", "gradient_accumulation_steps", "num_processes", "resolution")
-                 if saved.get(key) != run_settings.get(key)]
+    differing = [
+        key
+        for key in ("seed", "train_batch_size", "gradient_accumulation_steps", "num_processes", "resolution")
+        if saved.get(key) != run_settings.get(key)
+    ]
     if differing:
-        logger.warning(f"resuming with different {', '.join(differing)} than {checkpoint.name} was trained with: "
-                       "the run will not match an uninterrupted one")
+        logger.warning(
+            f"resuming with different {', '.join(differing)} than {checkpoint.name} was trained with: "
+            "the run will not match an uninterrupted one"
+        )
     logger.info(f"Resuming from {checkpoint}")
     # DeepSpeed checkpoints leave the frozen base model out (see save_checkpoint): load them non-strictly.
     deepspeed = {"load_module_strict": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
     try:
         accelerator.load_state(str(checkpoint), **deepspeed)
     except FileNotFoundError as error:
-        raise TrainingError(f"checkpoint {checkpoint} is incomplete ({Path(error.filename or '?').name} is missing); "
-                            "resume from an earlier one") from error
+        raise TrainingError(
+            f"checkpoint {checkpoint} is incomplete ({Path(error.filename or '?').name} is missing); "
+            "resume from an earlier one"
+        ) from error
     # accelerate only logs a failed RNG restore and carries on; check that it really happened.
     try:
         restored = torch.equal(torch.get_rng_state(), torch.load(rng_file, weights_only=False)["torch_manual_seed"])
     except (KeyError, TypeError, EOFError, RuntimeError, pickle.UnpicklingError):
         restored = False
     if not restored:
-        raise TrainingError(f"the RNG state in {rng_file} could not be restored, so the resumed run would not "
-                            "continue the interrupted one exactly; resume from an earlier checkpoint")
+        raise TrainingError(
+            f"the RNG state in {rng_file} could not be restored, so the resumed run would not "
+            "continue the interrupted one exactly; resume from an earlier checkpoint"
+        )
     return saved["global_step"]
 
 
@@ -868,6 +1101,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, limit, extra_files
 # ----------------------------------------------------------------------------------------------
 # Stopping: signals and a dead launcher
 # ----------------------------------------------------------------------------------------------
+
 
 class StopRequest:
     """Set by SIGTERM/SIGINT or by the death of the launcher; the loop checks it after every step."""
@@ -912,30 +1146,46 @@ def stop_if_requested(stop: StopRequest, accelerator, phase: str):
     """Setup (image check, model load, latent caching, first validation) can take many minutes: a stop
     asked for meanwhile ends the run there, before its first step, with nothing new to save."""
     if stop.agreed(accelerator):
-        raise TrainingError(f"stopped by {stop.reason or 'another process'} while {phase}, before the first training "
-                            "step: nothing new was saved; run the same command to start again", exit_code=stop.exit_code())
+        raise TrainingError(
+            f"stopped by {stop.reason or 'another process'} while {phase}, before the first training "
+            "step: nothing new was saved; run the same command to start again",
+            exit_code=stop.exit_code(),
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # Validation, model card, Hub
 # ----------------------------------------------------------------------------------------------
 
+
 def validation_grid(args, accelerator, models: Models) -> Image.Image:
     """Sample the validation prompts with the models in memory: rows are repetitions (seed, seed+1, ...), columns prompts."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline(
-        vae=models.vae, text_encoder=accelerator.unwrap_model(models.text_encoder), tokenizer=models.tokenizer,
-        unet=accelerator.unwrap_model(models.unet), scheduler=DDIMScheduler.from_config(models.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=models.vae,
+        text_encoder=accelerator.unwrap_model(models.text_encoder),
+        tokenizer=models.tokenizer,
+        unet=accelerator.unwrap_model(models.unet),
+        scheduler=DDIMScheduler.from_config(models.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipeline.set_progress_bar_config(disable=True)
     size, rows = args.resolution, []
     with torch.no_grad(), accelerator.autocast():
         for repetition in range(args.num_validation_images):
             generator = torch.Generator("cpu").manual_seed(args.seed + repetition)
-            rows.append(pipeline(args.validation_prompts, num_inference_steps=VALIDATION_INFERENCE_STEPS,
-                                 height=size, width=size, generator=generator).images)
+            rows.append(
+                pipeline(
+                    args.validation_prompts,
+                    num_inference_steps=VALIDATION_INFERENCE_STEPS,
+                    height=size,
+                    width=size,
+                    generator=generator,
+                ).images
+            )
     grid = Image.new("RGB", (size * len(args.validation_prompts), size * len(rows)))
     for row, images in enumerate(rows):
         for column, image in enumerate(images):
@@ -954,7 +1204,9 @@ class Validation:
         """Write the grid of `step` to `path` (a PNG) with the prompts and seeds beside it in a JSON file."""
         if self.step != step:
             self.step, self.grid = step, validation_grid(self.args, self.accelerator, self.models)
-            logger.info(f"Validation grid at step {step}: {self.args.num_validation_images} x {len(self.args.validation_prompts)} images")
+            logger.info(
+                f"Validation grid at step {step}: {self.args.num_validation_images} x {len(self.args.validation_prompts)} images"
+            )
             array = np.asarray(self.grid)
             for tracker in self.accelerator.trackers:
                 if tracker.name == "tensorboard":
@@ -964,15 +1216,22 @@ class Validation:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.grid.save(path)
         seeds = [self.args.seed + r for r in range(self.args.num_validation_images)]
-        path.with_suffix(".json").write_text(json.dumps(
-            {"step": step, "columns (prompts)": self.args.validation_prompts, "rows (seeds)": seeds}, indent=2) + "\n")
+        path.with_suffix(".json").write_text(
+            json.dumps(
+                {"step": step, "columns (prompts)": self.args.validation_prompts, "rows (seeds)": seeds}, indent=2
+            )
+            + "\n"
+        )
         return path
 
 
 def tracker_config(args) -> dict:
     """The hyper-parameters for the tracker: plain values only. No flag holds a secret (the Hub token never
     passes through argv), so logging every flag logs none."""
-    return {key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value) for key, value in vars(args).items()}
+    return {
+        key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+        for key, value in vars(args).items()
+    }
 
 
 def write_model_card(output_dir: Path, args, records: Records, settings: dict, grid_path):
@@ -986,16 +1245,20 @@ def write_model_card(output_dir: Path, args, records: Records, settings: dict, g
         "---\n\n"
         f"# LoRA for {args.pretrained_model_name_or_path}: text to face\n\n"
         f"LoRA adapters for the UNet (rank {args.rank}, alpha {args.rank})"
-        + (f" and the text encoder (rank {args.text_encoder_rank}, alpha {args.text_encoder_rank})" if args.train_text_encoder else "")
+        + (
+            f" and the text encoder (rank {args.text_encoder_rank}, alpha {args.text_encoder_rank})"
+            if args.train_text_encoder
+            else ""
+        )
         + f", trained with `finetune_lora.py` for {settings['global_step']} steps on {records.description} "
-          f"({len(records)} images) at {args.resolution}x{args.resolution}.\n\n"
+        f"({len(records)} images) at {args.resolution}x{args.resolution}.\n\n"
         f"{grid_line}"
         + (f"Validation prompts (columns), one seed per row:\n\n{prompts}\n" if prompts else "")
         + "## Use\n\n```python\nfrom diffusers import StableDiffusionPipeline\n\n"
-          f"pipe = StableDiffusionPipeline.from_pretrained(\"{args.pretrained_model_name_or_path}\")\n"
-          "pipe.load_lora_weights(\"<this folder or Hub repo>\")\n"
-          "image = pipe(\"A smiling young woman with curly brown hair.\").images[0]\n```\n\n"
-          "## Training settings\n\n```json\n" + json.dumps(settings, indent=2) + "\n```\n"
+        f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
+        'pipe.load_lora_weights("<this folder or Hub repo>")\n'
+        'image = pipe("A smiling young woman with curly brown hair.").images[0]\n```\n\n'
+        "## Training settings\n\n```json\n" + json.dumps(settings, indent=2) + "\n```\n"
     )
     (output_dir / "README.md").write_text(card)
 
@@ -1009,8 +1272,10 @@ def hub_repo(args) -> str:
     try:
         return create_repo(repo_id, exist_ok=True).repo_id
     except (HfHubHTTPError, OSError, ValueError) as error:
-        raise TrainingError(f"cannot create Hub repo {repo_id} ({str(error).splitlines()[0]}); "
-                            "log in with `hf auth login` or set HF_TOKEN") from error
+        raise TrainingError(
+            f"cannot create Hub repo {repo_id} ({str(error).splitlines()[0]}); "
+            "log in with `hf auth login` or set HF_TOKEN"
+        ) from error
 
 
 def push_to_hub(repo_id: str, output_dir: Path, step: int):
@@ -1019,11 +1284,17 @@ def push_to_hub(repo_id: str, output_dir: Path, step: int):
     from huggingface_hub.errors import HTTPError  # huggingface_hub's HTTP client's base error (connection, timeout)
 
     try:
-        upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message=f"LoRA after {step} steps",
-                      ignore_patterns=["checkpoint-*", "*.tmp"])
+        upload_folder(
+            repo_id=repo_id,
+            folder_path=output_dir,
+            commit_message=f"LoRA after {step} steps",
+            ignore_patterns=["checkpoint-*", "*.tmp"],
+        )
     except (HTTPError, OSError, ValueError) as error:
-        raise TrainingError(f"training finished, but the upload to {repo_id} failed ({str(error).splitlines()[0]}); the LoRA "
-                            f"is in {output_dir}: upload it with `hf upload {repo_id} {output_dir} . --exclude 'checkpoint-*'`") from error
+        raise TrainingError(
+            f"training finished, but the upload to {repo_id} failed ({str(error).splitlines()[0]}); the LoRA "
+            f"is in {output_dir}: upload it with `hf upload {repo_id} {output_dir} . --exclude 'checkpoint-*'`"
+        ) from error
     logger.info(f"Uploaded {output_dir} to https://huggingface.co/{repo_id}")
 
 
@@ -1031,9 +1302,11 @@ def push_to_hub(repo_id: str, output_dir: Path, step: int):
 # Training
 # ----------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Plan:
     """Step counts, computed once."""
+
     steps_per_epoch: int
     max_train_steps: int
     num_epochs: int
@@ -1052,8 +1325,12 @@ def make_optimizer(args, models: Models, total_batch_size: int):
     scale = total_batch_size if args.scale_lr else 1
     groups = [{"params": [p for p in models.unet.parameters() if p.requires_grad], "lr": args.learning_rate * scale}]
     if args.train_text_encoder:
-        text_encoder_lr = args.learning_rate if args.learning_rate_text_encoder is None else args.learning_rate_text_encoder
-        groups.append({"params": [p for p in models.text_encoder.parameters() if p.requires_grad], "lr": text_encoder_lr * scale})
+        text_encoder_lr = (
+            args.learning_rate if args.learning_rate_text_encoder is None else args.learning_rate_text_encoder
+        )
+        groups.append(
+            {"params": [p for p in models.text_encoder.parameters() if p.requires_grad], "lr": text_encoder_lr * scale}
+        )
     if args.use_8bit_adam:
         try:
             import bitsandbytes
@@ -1062,8 +1339,9 @@ def make_optimizer(args, models: Models, total_batch_size: int):
         optimizer_class = bitsandbytes.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(groups, betas=(args.adam_beta1, args.adam_beta2),
-                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = optimizer_class(
+        groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
+    )
     return optimizer, [p for group in groups for p in group["params"]]
 
 
@@ -1078,12 +1356,19 @@ def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_s
 
     flips = (False, True) if dataset.random_flip else (False,)
     keys = [(index, flip) for index in range(len(dataset)) for flip in flips]
-    blank = torch.zeros(3, dataset.resolution, dataset.resolution)  # fills the slots of unreadable images and the last round
+    blank = torch.zeros(
+        3, dataset.resolution, dataset.resolution
+    )  # fills the slots of unreadable images and the last round
     cache = {}
-    for start in tqdm(range(0, len(keys), batch_size * accelerator.num_processes), desc="caching latents",
-                      disable=not accelerator.is_local_main_process):
+    for start in tqdm(
+        range(0, len(keys), batch_size * accelerator.num_processes),
+        desc="caching latents",
+        disable=not accelerator.is_local_main_process,
+    ):
         pixels, readable = [], []
-        for position in range(start + accelerator.process_index * batch_size, start + (accelerator.process_index + 1) * batch_size):
+        for position in range(
+            start + accelerator.process_index * batch_size, start + (accelerator.process_index + 1) * batch_size
+        ):
             image = None
             if position < len(keys):
                 index, flip = keys[position]
@@ -1093,18 +1378,34 @@ def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_s
                     logger.warning(f"skipping unreadable image {dataset.records.source.name(index)}: {error}")
             pixels.append(blank if image is None else image)
             readable.append(image is not None)
-        parameters = models.vae.encode(torch.stack(pixels).to(accelerator.device, dtype=models.weight_dtype)).latent_dist.parameters
+        parameters = models.vae.encode(
+            torch.stack(pixels).to(accelerator.device, dtype=models.weight_dtype)
+        ).latent_dist.parameters
         # Gathered in process order, so gathered row r is the record at keys[start + r].
-        parameters, readable = accelerator.gather((parameters, torch.tensor(readable, dtype=torch.int64, device=accelerator.device)))
-        cache.update({keys[start + row]: value for row, (value, ok) in enumerate(zip(parameters.cpu(), readable.tolist())) if ok})
+        parameters, readable = accelerator.gather(
+            (parameters, torch.tensor(readable, dtype=torch.int64, device=accelerator.device))
+        )
+        cache.update(
+            {
+                keys[start + row]: value
+                for row, (value, ok) in enumerate(zip(parameters.cpu(), readable.tolist(), strict=True))
+                if ok
+            }
+        )
     dataset.latent_cache = cache
 
 
 def encode_prompts(captions, models: Models, device, cache) -> torch.Tensor:
     """Text-encoder hidden states for the captions; taken from `cache` (per caption) when one is given."""
+
     def encode(texts):
-        tokens = models.tokenizer(texts, max_length=models.tokenizer.model_max_length, padding="max_length",
-                                  truncation=True, return_tensors="pt").input_ids.to(device)
+        tokens = models.tokenizer(
+            texts,
+            max_length=models.tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
         return models.text_encoder(tokens, return_dict=False)[0]
 
     if cache is None:
@@ -1112,7 +1413,7 @@ def encode_prompts(captions, models: Models, device, cache) -> torch.Tensor:
     missing = sorted({c for c in captions if c not in cache})
     if missing:
         with torch.no_grad():
-            cache.update(zip(missing, encode(missing).cpu()))
+            cache.update(zip(missing, encode(missing).cpu(), strict=True))
     return torch.stack([cache[c] for c in captions]).to(device)
 
 
@@ -1131,18 +1432,26 @@ def diffusion_loss(batch, models: Models, args, accelerator, generator, text_cac
     noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
     if args.noise_offset:
         # https://www.crosslabs.org//blog/diffusion-with-offset-noise
-        noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(device, latents.dtype)
+        noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(
+            device, latents.dtype
+        )
     scheduler = models.noise_scheduler
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(
+        device
+    )
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     encoder_hidden_states = encode_prompts(batch["captions"], models, device, text_cache)
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    target = (
+        noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    )
     prediction = models.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
     if args.snr_gamma is None:
         return F.mse_loss(prediction.float(), target.float(), reduction="mean")
     # Min-SNR weighting, https://arxiv.org/abs/2303.09556 section 3.4; v-prediction divides by SNR + 1.
     snr = compute_snr(scheduler, timesteps)
-    weights = torch.clamp(snr, max=args.snr_gamma) / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
+    weights = torch.clamp(snr, max=args.snr_gamma) / (
+        snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+    )
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (loss * weights).mean()
 
@@ -1159,23 +1468,34 @@ def lora_checksum(unet, text_encoder, train_text_encoder: bool) -> str:
 def run_settings(args, accelerator, plan: Plan, records: Records) -> dict:
     """What a LoRA was trained with; travels beside every saved LoRA as training_settings.json."""
     return {
-        "base_model": args.pretrained_model_name_or_path, "revision": args.revision,
-        "rank": args.rank, "lora_alpha": args.rank,
+        "base_model": args.pretrained_model_name_or_path,
+        "revision": args.revision,
+        "rank": args.rank,
+        "lora_alpha": args.rank,
         "train_text_encoder": args.train_text_encoder,
         "text_encoder_rank": args.text_encoder_rank if args.train_text_encoder else None,
         "text_encoder_lora_alpha": args.text_encoder_rank if args.train_text_encoder else None,
-        "resolution": args.resolution, "center_crop": args.center_crop, "random_flip": args.random_flip,
-        "learning_rate": args.learning_rate, "learning_rate_text_encoder": args.learning_rate_text_encoder,
-        "lr_scheduler": args.lr_scheduler, "train_batch_size": args.train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps, "num_processes": accelerator.num_processes,
-        "total_batch_size": plan.total_batch_size, "max_train_steps": plan.max_train_steps,
-        "seed": args.seed, "data": records.description, "num_images": len(records),
+        "resolution": args.resolution,
+        "center_crop": args.center_crop,
+        "random_flip": args.random_flip,
+        "learning_rate": args.learning_rate,
+        "learning_rate_text_encoder": args.learning_rate_text_encoder,
+        "lr_scheduler": args.lr_scheduler,
+        "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_processes": accelerator.num_processes,
+        "total_batch_size": plan.total_batch_size,
+        "max_train_steps": plan.max_train_steps,
+        "seed": args.seed,
+        "data": records.description,
+        "num_images": len(records),
     }
 
 
 @dataclass
 class Run:
     """What the training loop works on, built once by prepare_run()."""
+
     plan: Plan
     optimizer: object
     lr_scheduler: object
@@ -1206,32 +1526,48 @@ def prepare_run(args, accelerator, models: Models, records: Records) -> Run:
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         if args.train_text_encoder:
-            raise TrainingError("accelerate's DeepSpeed integration trains one model: drop --train_text_encoder "
-                                "or train with DDP (accelerate launch --multi_gpu)")
+            raise TrainingError(
+                "accelerate's DeepSpeed integration trains one model: drop --train_text_encoder "
+                "or train with DDP (accelerate launch --multi_gpu)"
+            )
         configure_deepspeed(args, accelerator)
     plan = make_plan(args, len(records), accelerator.num_processes)
     optimizer, trainable = make_optimizer(args, models, plan.total_batch_size)
     # accelerate steps a prepared scheduler once per process per optimizer step.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=plan.max_train_steps * accelerator.num_processes)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=plan.max_train_steps * accelerator.num_processes,
+    )
     if args.train_text_encoder:
         models.unet, models.text_encoder, optimizer, lr_scheduler = accelerator.prepare(
-            models.unet, models.text_encoder, optimizer, lr_scheduler)
+            models.unet, models.text_encoder, optimizer, lr_scheduler
+        )
     else:
         models.unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
-    run = Run(plan, optimizer, lr_scheduler, trainable, accelerator.unwrap_model(models.unet),
-              accelerator.unwrap_model(models.text_encoder), {})
+    run = Run(
+        plan,
+        optimizer,
+        lr_scheduler,
+        trainable,
+        accelerator.unwrap_model(models.unet),
+        accelerator.unwrap_model(models.text_encoder),
+        {},
+    )
     run.settings = run_settings(args, accelerator, plan, records)
-    logger.info(f"Training: {len(records)} images, {plan.num_epochs} epochs of {plan.steps_per_epoch} steps, "
-                f"{plan.max_train_steps} steps in all; total batch size {plan.total_batch_size} "
-                f"({args.train_batch_size} per process x {accelerator.num_processes} processes x "
-                f"{args.gradient_accumulation_steps} accumulation steps)")
+    logger.info(
+        f"Training: {len(records)} images, {plan.num_epochs} epochs of {plan.steps_per_epoch} steps, "
+        f"{plan.max_train_steps} steps in all; total batch size {plan.total_batch_size} "
+        f"({args.train_batch_size} per process x {accelerator.num_processes} processes x "
+        f"{args.gradient_accumulation_steps} accumulation steps)"
+    )
     return run
 
 
 def register_lora_hooks(accelerator, run: Run, train_text_encoder: bool, save_kohya: bool):
     """Make accelerate's save_state/load_state handle only the LoRA weights, never the frozen base model."""
+
     def save_model_hook(hooked_models, weights, directory):
         if accelerator.is_main_process:
             save_lora(Path(directory), run.unet, run.text_encoder, train_text_encoder, run.lora_settings(), save_kohya)
@@ -1252,8 +1588,10 @@ def train_micro_batch(batch, args, accelerator, models: Models, run: Run, genera
         mean_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean().item()
         if not math.isfinite(mean_loss):
             good = complete_checkpoints(output_dir)
-            raise TrainingError(f"the loss became {mean_loss} at step {run.global_step + 1}; stopped without saving. "
-                                f"Last good checkpoint: {good[-1] if good else 'none'}. Lower the learning rate")
+            raise TrainingError(
+                f"the loss became {mean_loss} at step {run.global_step + 1}; stopped without saving. "
+                f"Last good checkpoint: {good[-1] if good else 'none'}. Lower the learning rate"
+            )
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(run.trainable, args.max_grad_norm)
@@ -1278,23 +1616,38 @@ def train(args, accelerator, models: Models, records: Records, checkpoint, stop:
         cache_latents(dataset, models, accelerator, args.train_batch_size)
         stop_if_requested(stop, accelerator, "caching latents")
     text_cache = {} if args.cache_text_embeddings else None
-    sampler = EpochBatches(len(records), args.train_batch_size, args.gradient_accumulation_steps,
-                           accelerator.num_processes, accelerator.process_index, args.seed)
+    sampler = EpochBatches(
+        len(records),
+        args.train_batch_size,
+        args.gradient_accumulation_steps,
+        accelerator.num_processes,
+        accelerator.process_index,
+        args.seed,
+    )
     if accelerator.is_main_process:
         accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args))
     # Validation runs on the main process only; the others wait for it at the next collective.
-    validation = Validation(args, accelerator, models) if args.validation_prompts and accelerator.is_main_process else None
-    grid_path = validation.save(output_dir / "validation" / "step-000000.png", 0) if validation and run.global_step == 0 else None
+    validation = (
+        Validation(args, accelerator, models) if args.validation_prompts and accelerator.is_main_process else None
+    )
+    grid_path = (
+        validation.save(output_dir / "validation" / "step-000000.png", 0)
+        if validation and run.global_step == 0
+        else None
+    )
     stop_if_requested(stop, accelerator, "preparing the run (checkpoint, step-0 validation)")
 
     def checkpoint_now(with_validation: bool) -> Path:
         def extra_files(staging):
             if with_validation and validation:
                 validation.save(staging / "validation.png", run.global_step)
+
         return save_checkpoint(accelerator, output_dir, run.global_step, args.checkpoints_total_limit, extra_files)
 
     plan = run.plan
-    progress = tqdm(total=plan.max_train_steps, initial=run.global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        total=plan.max_train_steps, initial=run.global_step, desc="steps", disable=not accelerator.is_local_main_process
+    )
     generator = torch.Generator("cpu")
     first_epoch, first_step_in_epoch = divmod(run.global_step, plan.steps_per_epoch)
     models.unet.train()
@@ -1304,13 +1657,21 @@ def train(args, accelerator, models: Models, records: Records, checkpoint, stop:
         if run.global_step >= plan.max_train_steps:
             break
         first_step = first_step_in_epoch if epoch == first_epoch else 0
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler.batches(epoch, first_step), collate_fn=collate,
-                                             num_workers=args.dataloader_num_workers,
-                                             generator=torch.Generator().manual_seed(derived_seed(args.seed, "loader", epoch)))
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler.batches(epoch, first_step),
+            collate_fn=collate,
+            num_workers=args.dataloader_num_workers,
+            generator=torch.Generator().manual_seed(derived_seed(args.seed, "loader", epoch)),
+        )
         for micro, batch in enumerate(loader, start=first_step * args.gradient_accumulation_steps):
             if epoch == first_epoch and micro == first_step * args.gradient_accumulation_steps:
-                print(f"process {accelerator.process_index}/{accelerator.num_processes} first batch: "
-                      + ", ".join(records.source.name(i) for i in batch["indices"]), file=sys.stderr, flush=True)
+                print(
+                    f"process {accelerator.process_index}/{accelerator.num_processes} first batch: "
+                    + ", ".join(records.source.name(i) for i in batch["indices"]),
+                    file=sys.stderr,
+                    flush=True,
+                )
             # All randomness of a micro-batch follows from (seed, process, epoch, position): resuming needs no RNG replay.
             generator.manual_seed(derived_seed(args.seed, "noise", accelerator.process_index, epoch, micro))
             mean_loss = train_micro_batch(batch, args, accelerator, models, run, generator, text_cache, output_dir)
@@ -1320,8 +1681,11 @@ def train(args, accelerator, models: Models, records: Records, checkpoint, stop:
 
             run.global_step += 1
             now = time.perf_counter()
-            logs = {"loss": accumulated_loss, "lr": run.lr_scheduler.get_last_lr()[0],
-                    "img/s": plan.total_batch_size / max(now - step_started, 1e-9)}
+            logs = {
+                "loss": accumulated_loss,
+                "lr": run.lr_scheduler.get_last_lr()[0],
+                "img/s": plan.total_batch_size / max(now - step_started, 1e-9),
+            }
             step_started, accumulated_loss = now, 0.0
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['img/s']:.1f}")
@@ -1331,8 +1695,11 @@ def train(args, accelerator, models: Models, records: Records, checkpoint, stop:
                 path = checkpoint_now(with_validation=False)
                 progress.close()
                 if accelerator.is_main_process:
-                    print(f"Stopped by {stop.reason or 'another process'} after step {run.global_step}; saved {path}. "
-                          "Resume with the same command and --resume_from_checkpoint latest", file=sys.stderr)
+                    print(
+                        f"Stopped by {stop.reason or 'another process'} after step {run.global_step}; saved {path}. "
+                        "Resume with the same command and --resume_from_checkpoint latest",
+                        file=sys.stderr,
+                    )
                 return stop.exit_code()
             if run.global_step % args.checkpointing_steps == 0:
                 checkpoint_now(with_validation=True)
@@ -1349,12 +1716,18 @@ def finish(args, accelerator, run: Run, records: Records, validation, grid_path)
     """Save the final LoRA, its last validation grid and the model card (main process); report the weights' checksum."""
     output_dir = Path(args.output_dir)
     accelerator.wait_for_everyone()
-    print(f"process {accelerator.process_index}/{accelerator.num_processes} final LoRA checksum: "
-          f"{lora_checksum(run.unet, run.text_encoder, args.train_text_encoder)}", file=sys.stderr, flush=True)
+    print(
+        f"process {accelerator.process_index}/{accelerator.num_processes} final LoRA checksum: "
+        f"{lora_checksum(run.unet, run.text_encoder, args.train_text_encoder)}",
+        file=sys.stderr,
+        flush=True,
+    )
     if accelerator.is_main_process:
         if validation:
             grid_path = validation.save(output_dir / "validation" / f"step-{run.global_step:06d}.png", run.global_step)
-        save_final_lora(output_dir, run.unet, run.text_encoder, args.train_text_encoder, run.lora_settings(), args.save_kohya)
+        save_final_lora(
+            output_dir, run.unet, run.text_encoder, args.train_text_encoder, run.lora_settings(), args.save_kohya
+        )
         write_model_card(output_dir, args, records, run.lora_settings(), grid_path)
         logger.info(f"Saved the LoRA to {output_dir / LORA_WEIGHTS_NAME} after {run.global_step} steps")
     accelerator.wait_for_everyone()
@@ -1386,7 +1759,11 @@ def main(argv=None) -> int:
             stop_if_requested(stop, accelerator, "loading the base model")
             exit_code = train(args, accelerator, models, records, checkpoint, stop)
         if repo_id and exit_code == 0:
-            push_to_hub(repo_id, Path(args.output_dir), json.loads((Path(args.output_dir) / SETTINGS_NAME).read_text())["global_step"])
+            push_to_hub(
+                repo_id,
+                Path(args.output_dir),
+                json.loads((Path(args.output_dir) / SETTINGS_NAME).read_text())["global_step"],
+            )
         return exit_code
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)

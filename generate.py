@@ -45,6 +45,7 @@ Image i of a prompt is sampled from torch.Generator("cpu").manual_seed(seed + i)
 faces as diffusers' StableDiffusionPipeline with the same LoRA, scale and settings. Files are named
 NNNNN-s<seed>-<prompt slug>.png in --output_dir and are never overwritten.
 """
+
 import argparse
 import collections
 import hashlib
@@ -69,8 +70,12 @@ LORA_HUB_REPO = "michaeltrs/text2face"  # holds DEFAULT_LORA/DEFAULT_LORA_WEIGHT
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name; anything else given as a model must be a local path
 PNG_SETTINGS_KEY = "text2face"  # PNG text entry holding the JSON settings; "parameters" holds the A1111 line
 PNG_GRID_KEY = "text2face_grid"  # PNG text entry of a --grid picture: the JSON settings of every cell
-TRAINING_SETTINGS_NAME = "training_settings.json"  # written beside its LoRA by finetune_lora.py (base_model, global_step)
-LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry with each adapter's LoraConfig
+TRAINING_SETTINGS_NAME = (
+    "training_settings.json"  # written beside its LoRA by finetune_lora.py (base_model, global_step)
+)
+LORA_ADAPTER_METADATA_KEY = (
+    "lora_adapter_metadata"  # diffusers' safetensors header entry with each adapter's LoraConfig
+)
 KOHYA_KEY = re.compile(r"lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)")  # SD1.x/2.x kohya keys
 PEFT_KEY = re.compile(r"(unet|text_encoder)\.[\w.]+\.lora_[AB]\.weight")
 
@@ -85,7 +90,9 @@ SCHEDULERS = {
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-DTYPE_FLAGS = {str(dtype).removeprefix("torch."): flag for flag, dtype in DTYPES.items()}  # "float16" (as PNGs store it) -> "fp16"
+DTYPE_FLAGS = {
+    str(dtype).removeprefix("torch."): flag for flag, dtype in DTYPES.items()
+}  # "float16" (as PNGs store it) -> "fp16"
 
 # --compare grid: captions of at most this many lines beneath each pair, in PIL's default font.
 CAPTION_LINES = 5
@@ -105,43 +112,111 @@ class OneLineParser(argparse.ArgumentParser):
 def parse_args(argv=None):
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     prompts = parser.add_argument_group("prompts")
-    prompts.add_argument("--prompt", action="append", default=[], help="Text describing the face; repeat the flag for several prompts.")
-    prompts.add_argument("--prompts_file", type=Path, help="Text file with one prompt a line; blank lines and lines starting with # are skipped.")
-    prompts.add_argument("--negative_prompt", default="", help="What the images should not show, used for every prompt.")
-    prompts.add_argument("--from_png", type=Path, help="Regenerate an image written by this script from the settings in its PNG text; flags given beside it override them.")
+    prompts.add_argument(
+        "--prompt", action="append", default=[], help="Text describing the face; repeat the flag for several prompts."
+    )
+    prompts.add_argument(
+        "--prompts_file",
+        type=Path,
+        help="Text file with one prompt a line; blank lines and lines starting with # are skipped.",
+    )
+    prompts.add_argument(
+        "--negative_prompt", default="", help="What the images should not show, used for every prompt."
+    )
+    prompts.add_argument(
+        "--from_png",
+        type=Path,
+        help="Regenerate an image written by this script from the settings in its PNG text; flags given beside it override them.",
+    )
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--num_images", type=int, default=1, help="Images per prompt; image i uses seed + i.")
-    sampling.add_argument("--seed", type=int, default=42, help="Seed of the CPU generator of the first image of each prompt.")
+    sampling.add_argument(
+        "--seed", type=int, default=42, help="Seed of the CPU generator of the first image of each prompt."
+    )
     sampling.add_argument("--steps", type=int, default=50, help="Denoising steps.")
-    sampling.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale; 1 turns guidance off.")
-    sampling.add_argument("--height", type=int, default=768, help="Image height in pixels, a multiple of 8 (768 is SD2.1's native size).")
+    sampling.add_argument(
+        "--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale; 1 turns guidance off."
+    )
+    sampling.add_argument(
+        "--height", type=int, default=768, help="Image height in pixels, a multiple of 8 (768 is SD2.1's native size)."
+    )
     sampling.add_argument("--width", type=int, default=768, help="Image width in pixels, a multiple of 8.")
-    sampling.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="Sampler; default: the base model's own (DDIM for SD2.1).")
-    sampling.add_argument("--batch_size", type=int, default=1, help="Images sampled together; raise it until the GPU memory is full.")
+    sampling.add_argument(
+        "--scheduler", choices=sorted(SCHEDULERS), help="Sampler; default: the base model's own (DDIM for SD2.1)."
+    )
+    sampling.add_argument(
+        "--batch_size", type=int, default=1, help="Images sampled together; raise it until the GPU memory is full."
+    )
 
     model = parser.add_argument_group("model")
-    model.add_argument("--base_model", default=DEFAULT_BASE_MODEL, help="Hub id or local folder of a diffusers Stable Diffusion 2.1 pipeline.")
-    model.add_argument("--variant", choices=["fp16"], help="Load the base model's fp16 weight files (*.fp16.safetensors), e.g. the ones `python download.py --base_model --variant fp16` fetched; they are cast to --dtype. Default: the full-precision files.")
-    model.add_argument("--lora", action="append", help=f"LoRA folder, .safetensors file (diffusers/PEFT or kohya keys) or Hub repo id; repeat the flag to apply several LoRAs together, or for the rows of --grid. Default: {DEFAULT_LORA}, fetched from the Hub repo {LORA_HUB_REPO} when missing.")
-    model.add_argument("--lora_weight_name", default=DEFAULT_LORA_WEIGHT_NAME, help="File name of the LoRA weights inside a --lora folder or Hub repo.")
-    model.add_argument("--lora_scale", type=float, nargs="+", help="Strength of the LoRAs: 0 is the base model, 1 a LoRA as trained. Without --grid: one value for every --lora, or one per --lora in the same order. With --grid: the columns, every --lora shown at each value. Default 1.0.")
+    model.add_argument(
+        "--base_model",
+        default=DEFAULT_BASE_MODEL,
+        help="Hub id or local folder of a diffusers Stable Diffusion 2.1 pipeline.",
+    )
+    model.add_argument(
+        "--variant",
+        choices=["fp16"],
+        help="Load the base model's fp16 weight files (*.fp16.safetensors), e.g. the ones `python download.py --base_model --variant fp16` fetched; they are cast to --dtype. Default: the full-precision files.",
+    )
+    model.add_argument(
+        "--lora",
+        action="append",
+        help=f"LoRA folder, .safetensors file (diffusers/PEFT or kohya keys) or Hub repo id; repeat the flag to apply several LoRAs together, or for the rows of --grid. Default: {DEFAULT_LORA}, fetched from the Hub repo {LORA_HUB_REPO} when missing.",
+    )
+    model.add_argument(
+        "--lora_weight_name",
+        default=DEFAULT_LORA_WEIGHT_NAME,
+        help="File name of the LoRA weights inside a --lora folder or Hub repo.",
+    )
+    model.add_argument(
+        "--lora_scale",
+        type=float,
+        nargs="+",
+        help="Strength of the LoRAs: 0 is the base model, 1 a LoRA as trained. Without --grid: one value for every --lora, or one per --lora in the same order. With --grid: the columns, every --lora shown at each value. Default 1.0.",
+    )
     model.add_argument("--no_lora", action="store_true", help="Sample the base model alone.")
-    model.add_argument("--compare", action="store_true", help="For each prompt, the base model's image and the LoRA's image from the same seed side by side, all tiled into one grid PNG.")
-    model.add_argument("--grid", action="store_true", help="For each prompt, one PNG with a row per --lora and a column per --lora_scale value, the same seed in every cell: to pick a checkpoint and a strength.")
-    model.add_argument("--export_kohya", type=Path, metavar="OUT.safetensors", help="Write the --lora with kohya keys (for AUTOMATIC1111 and ComfyUI) to this new file and exit without loading the base model.")
+    model.add_argument(
+        "--compare",
+        action="store_true",
+        help="For each prompt, the base model's image and the LoRA's image from the same seed side by side, all tiled into one grid PNG.",
+    )
+    model.add_argument(
+        "--grid",
+        action="store_true",
+        help="For each prompt, one PNG with a row per --lora and a column per --lora_scale value, the same seed in every cell: to pick a checkpoint and a strength.",
+    )
+    model.add_argument(
+        "--export_kohya",
+        type=Path,
+        metavar="OUT.safetensors",
+        help="Write the --lora with kohya keys (for AUTOMATIC1111 and ComfyUI) to this new file and exit without loading the base model.",
+    )
 
     output = parser.add_argument_group("output and hardware")
-    output.add_argument("--output_dir", type=Path, default=Path("outputs"), help="Folder for the PNGs; existing files are never overwritten.")
+    output.add_argument(
+        "--output_dir",
+        type=Path,
+        default=Path("outputs"),
+        help="Folder for the PNGs; existing files are never overwritten.",
+    )
     output.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
-    output.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="Weight precision; auto is fp16 on cuda and fp32 elsewhere, and with --from_png the precision the image was made with (but fp32 for an fp16 image on the CPU).")
+    output.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="Weight precision; auto is fp16 on cuda and fp32 elsewhere, and with --from_png the precision the image was made with (but fp32 for an fp16 image on the CPU).",
+    )
 
     args = parser.parse_args(argv)
     args.expected_lora_sha256 = {}  # (--lora, --lora_weight_name) -> sha256 of the file a --from_png image was made with
     args.png_dtype = None  # the --dtype a --from_png image was made with, used where --dtype is auto
     if args.from_png is not None:
         if args.prompt or args.prompts_file or args.compare or args.grid or args.export_kohya:
-            raise GenerateError("--from_png takes its prompt from the PNG: drop --prompt, --prompts_file, --compare, --grid and --export_kohya")
+            raise GenerateError(
+                "--from_png takes its prompt from the PNG: drop --prompt, --prompts_file, --compare, --grid and --export_kohya"
+            )
         settings = read_png_settings(args.from_png)
         parser.set_defaults(**settings_to_defaults(settings))
         args = parser.parse_args(argv)
@@ -160,19 +235,27 @@ def parse_args(argv=None):
 def check_args(args):
     """Reject settings the pipeline would fail on late or silently misread."""
     if args.height % 8 or args.width % 8 or args.height < 8 or args.width < 8:
-        raise GenerateError(f"--height {args.height} / --width {args.width}: both must be positive multiples of 8 (the VAE downsamples by 8)")
+        raise GenerateError(
+            f"--height {args.height} / --width {args.width}: both must be positive multiples of 8 (the VAE downsamples by 8)"
+        )
     for flag in ("steps", "num_images", "batch_size"):
         if getattr(args, flag) < 1:
             raise GenerateError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.compare and args.no_lora:
         raise GenerateError("--compare sets the LoRA against the base model: drop --no_lora")
     if args.grid and (args.compare or args.no_lora):
-        raise GenerateError("--grid shows every --lora at every --lora_scale (0 is the base model): drop --compare and --no_lora")
+        raise GenerateError(
+            "--grid shows every --lora at every --lora_scale (0 is the base model): drop --compare and --no_lora"
+        )
     if not args.grid and len(args.lora_scale) not in (1, len(args.lora)):
-        raise GenerateError(f"--lora_scale has {len(args.lora_scale)} values for {len(args.lora)} --lora: give one scale for all LoRAs or one per --lora, or pass --grid to show each LoRA at every scale")
+        raise GenerateError(
+            f"--lora_scale has {len(args.lora_scale)} values for {len(args.lora)} --lora: give one scale for all LoRAs or one per --lora, or pass --grid to show each LoRA at every scale"
+        )
     if args.export_kohya is not None:
         if args.prompt or args.prompts_file or args.compare or args.grid or args.no_lora:
-            raise GenerateError("--export_kohya converts a LoRA and generates nothing: drop --prompt, --prompts_file, --compare, --grid and --no_lora")
+            raise GenerateError(
+                "--export_kohya converts a LoRA and generates nothing: drop --prompt, --prompts_file, --compare, --grid and --no_lora"
+            )
         if len(args.lora) != 1:
             raise GenerateError(f"--export_kohya converts one LoRA at a time, got {len(args.lora)} --lora")
 
@@ -200,8 +283,11 @@ def warn_long_prompts(tokenizer, prompts, negative_prompt):
     for kind, prompt in [("prompt", prompt) for prompt in prompts] + [("negative prompt", negative_prompt)]:
         ids = tokenizer(prompt).input_ids
         if len(ids) > limit:
-            cut = tokenizer.decode(ids[limit - 1:-1])
-            print(f'warning: {kind} is {len(ids)} CLIP tokens but CLIP reads only the first {limit}, so its end is cut: "...{cut}"', file=sys.stderr)
+            cut = tokenizer.decode(ids[limit - 1 : -1])
+            print(
+                f'warning: {kind} is {len(ids)} CLIP tokens but CLIP reads only the first {limit}, so its end is cut: "...{cut}"',
+                file=sys.stderr,
+            )
 
 
 def pick_device(name: str) -> torch.device:
@@ -234,7 +320,10 @@ def pick_dtype(name: str, device: torch.device, made_with: str | None = None) ->
     if made_with is None:
         return torch.float16 if device.type == "cuda" else torch.float32
     if made_with == "fp16" and device.type == "cpu":
-        print("warning: the PNG was made in fp16 (on a GPU); the CPU renders it in fp32, so the image may differ slightly (--dtype fp16 forces fp16)", file=sys.stderr)
+        print(
+            "warning: the PNG was made in fp16 (on a GPU); the CPU renders it in fp32, so the image may differ slightly (--dtype fp16 forces fp16)",
+            file=sys.stderr,
+        )
         return torch.float32
     return DTYPES[made_with]
 
@@ -245,9 +334,13 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     if not Path(args.base_model).exists() and not HUB_ID.fullmatch(args.base_model):
-        raise GenerateError(f"--base_model {args.base_model} is neither a local folder nor a Hub id like {DEFAULT_BASE_MODEL}")
+        raise GenerateError(
+            f"--base_model {args.base_model} is neither a local folder nor a Hub id like {DEFAULT_BASE_MODEL}"
+        )
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(args.base_model, dtype=dtype, variant=args.variant, safety_checker=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            args.base_model, dtype=dtype, variant=args.variant, safety_checker=None, requires_safety_checker=False
+        )
     except (OSError, ValueError) as error:
         raise GenerateError(f"cannot load --base_model {args.base_model}: {first_line(error)}") from None
     if args.scheduler is not None:
@@ -272,7 +365,9 @@ def sampler_name(args, pipe) -> str:
     if args.scheduler is not None:
         return SCHEDULERS[args.scheduler][2]
     own = type(pipe.scheduler).__name__
-    return next((label for class_name, overrides, label in SCHEDULERS.values() if class_name == own and not overrides), own)
+    return next(
+        (label for class_name, overrides, label in SCHEDULERS.values() if class_name == own and not overrides), own
+    )
 
 
 def resolve_lora(lora: str, weight_name: str) -> Path:
@@ -292,15 +387,23 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
         try:
             return Path(hf_hub_download(LORA_HUB_REPO, f"{DEFAULT_LORA}/{DEFAULT_LORA_WEIGHT_NAME}", local_dir="."))
         except Exception as error:  # any failure to fetch leaves the user the same remedy
-            raise GenerateError(f"the LoRA is not in {DEFAULT_LORA} and fetching it from {LORA_HUB_REPO} failed ({first_line(error)}): run `python download.py`") from None
+            raise GenerateError(
+                f"the LoRA is not in {DEFAULT_LORA} and fetching it from {LORA_HUB_REPO} failed ({first_line(error)}): run `python download.py`"
+            ) from None
     if path.is_dir():
-        raise GenerateError(f"--lora folder {lora} has no {weight_name}: pass --lora_weight_name, or run `python download.py` for the published LoRA")
+        raise GenerateError(
+            f"--lora folder {lora} has no {weight_name}: pass --lora_weight_name, or run `python download.py` for the published LoRA"
+        )
     if HUB_ID.fullmatch(lora) and not lora.endswith(".safetensors"):
         try:
             return Path(hf_hub_download(lora, weight_name))
         except Exception as error:  # offline, no such repo or no such file: the same remedy
-            raise GenerateError(f"--lora {lora} is not a local file or folder, and the Hub has no {weight_name} there ({first_line(error)}): run `python download.py` or fix the path") from None
-    raise GenerateError(f"--lora {lora} does not exist: run `python download.py` to fetch the published LoRA, or fix the path")
+            raise GenerateError(
+                f"--lora {lora} is not a local file or folder, and the Hub has no {weight_name} there ({first_line(error)}): run `python download.py` or fix the path"
+            ) from None
+    raise GenerateError(
+        f"--lora {lora} does not exist: run `python download.py` to fetch the published LoRA, or fix the path"
+    )
 
 
 def lora_module_counts(state_dict) -> dict:
@@ -324,9 +427,13 @@ def read_lora(path: Path):
     try:
         state_dict = load_file(path)
     except (SafetensorError, OSError) as error:
-        raise GenerateError(f"LoRA file {path} is not a readable safetensors file ({first_line(error)}): download it again with `python download.py`") from None
+        raise GenerateError(
+            f"LoRA file {path} is not a readable safetensors file ({first_line(error)}): download it again with `python download.py`"
+        ) from None
     if not any(lora_module_counts(state_dict).values()):
-        raise GenerateError(f"none of the {len(state_dict)} keys in LoRA {path} belong to a UNet or text-encoder LoRA (expected keys like unet.<module>.lora_A.weight or kohya's lora_unet_<module>.lora_down.weight)")
+        raise GenerateError(
+            f"none of the {len(state_dict)} keys in LoRA {path} belong to a UNet or text-encoder LoRA (expected keys like unet.<module>.lora_A.weight or kohya's lora_unet_<module>.lora_down.weight)"
+        )
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -342,7 +449,9 @@ def adapter_name(number: int) -> str:
 def count_lora_layers(model, adapter: str) -> int:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return sum(1 for module in model.modules() if isinstance(module, BaseTunerLayer) and adapter in module.active_adapters)
+    return sum(
+        1 for module in model.modules() if isinstance(module, BaseTunerLayer) and adapter in module.active_adapters
+    )
 
 
 def load_lora(pipe, state_dict, lora_file, adapter: str):
@@ -360,7 +469,9 @@ def load_lora(pipe, state_dict, lora_file, adapter: str):
     for component, count in expected.items():
         found = count_lora_layers(getattr(pipe, component), adapter)
         if found != count:
-            raise GenerateError(f"LoRA {lora_file} has {count} {component} modules but only {found} matched the base model's layers: it was trained for another model")
+            raise GenerateError(
+                f"LoRA {lora_file} has {count} {component} modules but only {found} matched the base model's layers: it was trained for another model"
+            )
 
 
 def fuse_loras(pipe, scales):
@@ -374,7 +485,7 @@ def fuse_loras(pipe, scales):
 def sample(pipe, jobs, args, progress):
     """Yield the images for `jobs` [(prompt, seed)] in order, sampled `--batch_size` at a time; `progress` counts them."""
     for start in range(0, len(jobs), args.batch_size):
-        batch = jobs[start:start + args.batch_size]
+        batch = jobs[start : start + args.batch_size]
         images = pipe(
             prompt=[prompt for prompt, _ in batch],
             negative_prompt=[args.negative_prompt] * len(batch),
@@ -403,7 +514,10 @@ def image_settings(args, pipe, prompt, seed, loras, scales, dtype):
         "base_model": args.base_model,
         "variant": args.variant,
         "lora_weight_name": args.lora_weight_name,
-        "loras": [{"lora": lora.name, "file": str(lora.file), "sha256": lora.sha256, "scale": scale} for lora, scale in zip(loras, scales)],
+        "loras": [
+            {"lora": lora.name, "file": str(lora.file), "sha256": lora.sha256, "scale": scale}
+            for lora, scale in zip(loras, scales, strict=True)
+        ],
         "dtype": str(dtype).removeprefix("torch."),
         "generator": "cpu",
     }
@@ -448,7 +562,9 @@ def read_png_settings(path: Path) -> dict:
         settings = json.loads(text)
         settings_to_defaults(settings)
     except (TypeError, ValueError, KeyError):
-        raise GenerateError(f"--from_png {path} carries no complete {PNG_SETTINGS_KEY} settings: pass an image written by generate.py (a --grid cell's settings are in its {PNG_GRID_KEY} entry)") from None
+        raise GenerateError(
+            f"--from_png {path} carries no complete {PNG_SETTINGS_KEY} settings: pass an image written by generate.py (a --grid cell's settings are in its {PNG_GRID_KEY} entry)"
+        ) from None
     return settings
 
 
@@ -458,7 +574,14 @@ def stored_loras(settings) -> list:
         return settings["loras"]
     if settings["lora"] is None:
         return []
-    return [{"lora": settings["lora"], "file": settings["lora_file"], "sha256": settings["lora_sha256"], "scale": settings["lora_scale"]}]
+    return [
+        {
+            "lora": settings["lora"],
+            "file": settings["lora_file"],
+            "sha256": settings["lora_sha256"],
+            "scale": settings["lora_scale"],
+        }
+    ]
 
 
 def settings_to_defaults(settings) -> dict:
@@ -485,7 +608,7 @@ def slugify(prompt: str, limit: int = 60) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
     if len(slug) > limit:
         cut = slug.rfind("-", 0, limit + 1)
-        slug = slug[:cut if cut > limit // 2 else limit].strip("-")
+        slug = slug[: cut if cut > limit // 2 else limit].strip("-")
     return slug or "prompt"
 
 
@@ -551,7 +674,7 @@ def wrap(text: str, font, max_width: float) -> list:
         last = lines[CAPTION_LINES - 1]
         while last and font.getlength(last + " ...") > max_width:
             last = last.rsplit(" ", 1)[0] if " " in last else last[:-1]
-        lines = lines[:CAPTION_LINES - 1] + [last + " ..."]
+        lines = lines[: CAPTION_LINES - 1] + [last + " ..."]
     return lines
 
 
@@ -561,7 +684,7 @@ def compare_grid(base_images, lora_images, prompts) -> Image.Image:
     layout = grid_layout(len(prompts), width, height)
     grid = Image.new("RGB", (layout["columns"] * layout["cell_width"], layout["rows"] * layout["cell_height"]), "white")
     draw = ImageDraw.Draw(grid)
-    for number, (base, lora, prompt) in enumerate(zip(base_images, lora_images, prompts)):
+    for number, (base, lora, prompt) in enumerate(zip(base_images, lora_images, prompts, strict=True)):
         left = (number % layout["columns"]) * layout["cell_width"] + layout["margin"]
         top = (number // layout["columns"]) * layout["cell_height"] + layout["margin"]
         grid.paste(base, (left, top))
@@ -616,7 +739,12 @@ def lora_grid(cells, row_labels, column_labels, title: str) -> tuple:
     """The --grid picture of `cells` [row][column] images, labelled; return it with each cell's (left, top) corner."""
     width, height = cells[0][0].size
     layout = lora_grid_layout(row_labels, len(column_labels), width, height, title)
-    left0, top0, margin, line_height = layout["label_width"], layout["header_height"], layout["margin"], layout["line_height"]
+    left0, top0, margin, line_height = (
+        layout["label_width"],
+        layout["header_height"],
+        layout["margin"],
+        layout["line_height"],
+    )
     grid = Image.new("RGB", (left0 + len(column_labels) * width, top0 + len(cells) * height), "white")
     draw = ImageDraw.Draw(grid)
     for line_number, line in enumerate(layout["title_lines"]):
@@ -625,7 +753,7 @@ def lora_grid(cells, row_labels, column_labels, title: str) -> tuple:
         x = left0 + column * width + (width - layout["font"].getlength(label)) / 2
         draw.text((x, top0 - margin - line_height), label, fill="black", font=layout["font"])
     corners = {}
-    for row, (images, label) in enumerate(zip(cells, layout["row_labels"])):
+    for row, (images, label) in enumerate(zip(cells, layout["row_labels"], strict=True)):
         draw.text((margin, top0 + row * height + (height - line_height) / 2), label, fill="black", font=layout["font"])
         for column, image in enumerate(images):
             corners[row, column] = (left0 + column * width, top0 + row * height)
@@ -651,7 +779,9 @@ def prepare_lora(name: str, args) -> Lora:
     state_dict, sha256 = read_lora(lora_file)
     expected = args.expected_lora_sha256.get((name, args.lora_weight_name), sha256)
     if expected != sha256:
-        raise GenerateError(f"LoRA {lora_file} has sha256 {sha256[:12]}..., but the PNG was made with {expected[:12]}...: use the LoRA it names")
+        raise GenerateError(
+            f"LoRA {lora_file} has sha256 {sha256[:12]}..., but the PNG was made with {expected[:12]}...: use the LoRA it names"
+        )
     return Lora(name, lora_file, state_dict, sha256)
 
 
@@ -667,7 +797,7 @@ def lora_scales(args, loras) -> list:
 
 
 def describe_loras(loras, scales) -> str:
-    return " + ".join(f"LoRA {lora.file} at scale {scale:g}" for lora, scale in zip(loras, scales))
+    return " + ".join(f"LoRA {lora.file} at scale {scale:g}" for lora, scale in zip(loras, scales, strict=True))
 
 
 def make_output_dir(output_dir: Path):
@@ -684,7 +814,7 @@ def write_images(pipe, jobs, args, loras, dtype) -> int:
         fuse_loras(pipe, scales)
     index = next_index(args.output_dir)
     with tqdm(total=len(jobs), desc="images", unit="image", position=0) as progress:
-        for image, (prompt, seed) in zip(sample(pipe, jobs, args, progress), jobs):
+        for image, (prompt, seed) in zip(sample(pipe, jobs, args, progress), jobs, strict=True):
             settings = image_settings(args, pipe, prompt, seed, loras, scales, dtype)
             path, index = save_png(image, args.output_dir, index, f"s{seed}-{slugify(prompt)}", png_info(settings))
             tqdm.write(f"wrote {path}")
@@ -727,8 +857,12 @@ def write_lora_grids(pipe, jobs, args, loras, dtype) -> int:
         images = [[cells[row, column][number] for column in range(len(scales))] for row in range(len(loras))]
         grid, corners = lora_grid(images, row_labels, column_labels, f"{prompt} (seed {seed})")
         cell_settings = [
-            {**image_settings(args, pipe, prompt, seed, [loras[row]], [scales[column]], dtype), "row": row, "column": column,
-             "box": [*corners[row, column], args.width, args.height]}
+            {
+                **image_settings(args, pipe, prompt, seed, [loras[row]], [scales[column]], dtype),
+                "row": row,
+                "column": column,
+                "box": [*corners[row, column], args.width, args.height],
+            }
             for row, column in sorted(corners)
         ]
         info = PngImagePlugin.PngInfo()
@@ -749,10 +883,14 @@ def lora_alphas(state_dict, file_metadata: dict) -> dict:
             module = key.removesuffix(".lora_A.weight")
             component, name = module.split(".", 1)
             if adapter.get(f"{component}.use_rslora"):
-                raise GenerateError(f"LoRA {component} uses rsLoRA scaling (alpha / sqrt(rank)), which kohya files cannot express")
+                raise GenerateError(
+                    f"LoRA {component} uses rsLoRA scaling (alpha / sqrt(rank)), which kohya files cannot express"
+                )
             pattern = adapter.get(f"{component}.alpha_pattern") or {}
             # PEFT matches a pattern against the end of the module name, whole names apart.
-            matched = next((pattern_key for pattern_key in pattern if re.fullmatch(rf"(.*\.)?({pattern_key})", name)), None)
+            matched = next(
+                (pattern_key for pattern_key in pattern if re.fullmatch(rf"(.*\.)?({pattern_key})", name)), None
+            )
             alphas[module] = pattern[matched] if matched else adapter.get(f"{component}.lora_alpha", down.shape[0])
     return alphas
 
@@ -771,7 +909,10 @@ def to_kohya_state_dict(lora_state_dict, alphas) -> dict:
         alpha = torch.tensor(float(alphas.get(module, lora_state_dict[down_key].shape[0])))
         # kohya's SD2.x files keep the text_model level of transformers 4, which transformers 5 dropped.
         spelled = re.sub(r"^text_encoder\.(?!text_model\.)", "text_encoder.text_model.", module)
-        pair = {f"{spelled}.lora_A.weight": lora_state_dict[down_key], f"{spelled}.lora_B.weight": lora_state_dict[f"{module}.lora_B.weight"]}
+        pair = {
+            f"{spelled}.lora_A.weight": lora_state_dict[down_key],
+            f"{spelled}.lora_B.weight": lora_state_dict[f"{module}.lora_B.weight"],
+        }
         for key, value in convert_state_dict_to_kohya(pair).items():
             # diffusers spells the text encoder lora_te1_ as in SDXL; SD2.x has one text encoder, lora_te_.
             key = re.sub(r"^lora_te1_", "lora_te_", key)
@@ -783,12 +924,20 @@ def kohya_state_dict(lora: Lora) -> dict:
     """The LoRA with kohya keys: converted from diffusers/PEFT keys, or a kohya file as it is, missing alphas set to the rank."""
     state_dict = lora.state_dict
     if all(KOHYA_KEY.fullmatch(key) for key in state_dict):
-        alphas = {f"{key.split('.')[0]}.alpha": torch.tensor(float(down.shape[0])) for key, down in state_dict.items() if key.endswith(".lora_down.weight")}
+        alphas = {
+            f"{key.split('.')[0]}.alpha": torch.tensor(float(down.shape[0]))
+            for key, down in state_dict.items()
+            if key.endswith(".lora_down.weight")
+        }
         return {**alphas, **state_dict}
     odd = next((key for key in state_dict if not PEFT_KEY.fullmatch(key)), None)
     pairs = {key.removesuffix(".lora_A.weight") for key in state_dict if key.endswith(".lora_A.weight")}
-    if odd is not None or pairs != {key.removesuffix(".lora_B.weight") for key in state_dict if key.endswith(".lora_B.weight")}:
-        raise GenerateError(f"LoRA {lora.file} has keys --export_kohya cannot convert (such as {odd or 'a lora_A without its lora_B'}): it converts diffusers/PEFT keys (unet.<module>.lora_A.weight) and kohya keys")
+    if odd is not None or pairs != {
+        key.removesuffix(".lora_B.weight") for key in state_dict if key.endswith(".lora_B.weight")
+    }:
+        raise GenerateError(
+            f"LoRA {lora.file} has keys --export_kohya cannot convert (such as {odd or 'a lora_A without its lora_B'}): it converts diffusers/PEFT keys (unet.<module>.lora_A.weight) and kohya keys"
+        )
     return to_kohya_state_dict(state_dict, lora_alphas(state_dict, safetensors_metadata(lora.file)))
 
 
@@ -808,7 +957,9 @@ def kohya_metadata(lora: Lora, kohya, base_model: str) -> dict:
     try:
         settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
     except (OSError, ValueError) as error:
-        raise GenerateError(f"cannot read {settings_file} beside the LoRA ({first_line(error)}): fix or remove it") from None
+        raise GenerateError(
+            f"cannot read {settings_file} beside the LoRA ({first_line(error)}): fix or remove it"
+        ) from None
     ranks = collections.Counter(value.shape[0] for key, value in kohya.items() if key.endswith(".lora_down.weight"))
     alphas = collections.Counter(float(value) for key, value in kohya.items() if key.endswith(".alpha"))
     metadata = {
@@ -854,7 +1005,9 @@ def export_kohya(args) -> Path:
     kohya = kohya_state_dict(lora)
     write_new_safetensors(kohya, args.export_kohya, kohya_metadata(lora, kohya, args.base_model))
     modules = sum(key.endswith(".alpha") for key in kohya)
-    print(f"wrote {args.export_kohya}: {modules} LoRA modules of {lora.file} with kohya keys, for AUTOMATIC1111 (models/Lora) and ComfyUI (models/loras)")
+    print(
+        f"wrote {args.export_kohya}: {modules} LoRA modules of {lora.file} with kohya keys, for AUTOMATIC1111 (models/Lora) and ComfyUI (models/loras)"
+    )
     return args.export_kohya
 
 
@@ -874,7 +1027,9 @@ def main(argv=None) -> int:
         make_output_dir(args.output_dir)
 
         jobs = [(prompt, args.seed + i) for prompt in prompts for i in range(args.num_images)]
-        print(f"{len(prompts)} prompt(s) x {args.num_images} image(s) on {device} ({str(dtype).removeprefix('torch.')}), batch size {args.batch_size}")
+        print(
+            f"{len(prompts)} prompt(s) x {args.num_images} image(s) on {device} ({str(dtype).removeprefix('torch.')}), batch size {args.batch_size}"
+        )
         start = time.perf_counter()
         if args.grid:
             count = write_lora_grids(pipe, jobs, args, loras, dtype)

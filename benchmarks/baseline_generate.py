@@ -11,6 +11,7 @@ scheduler, 50 steps, an empty negative prompt, `cross_attention_kwargs={"scale":
 Image i uses torch.Generator("cpu").manual_seed(seed + i), as generate.py. It prints
 "N image(s) in X s": the time from loading the LoRA to the last image, model loading excluded.
 """
+
 import argparse
 import sys
 import time
@@ -33,8 +34,12 @@ def parse_args(argv=None):
     parser.add_argument("--height", type=int, default=768, help="Image height in pixels.")
     parser.add_argument("--width", type=int, default=768, help="Image width in pixels.")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda.")
-    parser.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto",
-                        help="Weight precision; auto is fp16 on cuda and fp32 elsewhere, as the original.")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "fp16", "bf16", "fp32"],
+        default="auto",
+        help="Weight precision; auto is fp16 on cuda and fp32 elsewhere, as the original.",
+    )
     parser.add_argument("--output_dir", type=Path, required=True, help="Folder for the PNGs.")
     return parser.parse_args(argv)
 
@@ -43,18 +48,26 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
-        args.dtype, torch.float16 if device.startswith("cuda") else torch.float32)
-    pipe = StableDiffusionPipeline.from_pretrained(args.base_model, torch_dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False).to(device)
+        args.dtype, torch.float16 if device.startswith("cuda") else torch.float32
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.base_model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+    ).to(device)
     pipe.set_progress_bar_config(leave=False)
 
     start = time.perf_counter()
     pipe.load_lora_weights(args.lora, adapter_name=ADAPTER_NAME)
     pipe.set_adapters([ADAPTER_NAME], adapter_weights=[1.0])
     images = [
-        pipe(args.prompt, negative_prompt="", num_inference_steps=args.steps, height=args.height, width=args.width,
-             cross_attention_kwargs={"scale": 1.0},
-             generator=torch.Generator("cpu").manual_seed(args.seed + i)).images[0]
+        pipe(
+            args.prompt,
+            negative_prompt="",
+            num_inference_steps=args.steps,
+            height=args.height,
+            width=args.width,
+            cross_attention_kwargs={"scale": 1.0},
+            generator=torch.Generator("cpu").manual_seed(args.seed + i),
+        ).images[0]
         for i in range(args.num_images)
     ]
     elapsed = time.perf_counter() - start

@@ -13,6 +13,7 @@ no trackers, no resume, no Hub upload); what remains is the original's arithmeti
         --max_train_steps 6 --checkpointing_steps 6 --rank 8 --text_encoder_rank 8 \\
         --learning_rate 1e-4 --output_dir OUT --seed 0
 """
+
 import argparse
 import math
 import os
@@ -44,8 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
     parser.add_argument("--train_batch_size", type=int, default=16, help="Images per optimizer step.")
     parser.add_argument("--max_train_steps", type=int, required=True, help="Optimizer steps to run.")
-    parser.add_argument("--checkpointing_steps", type=int, default=500,
-                        help="Save the full accelerate state every this many steps.")
+    parser.add_argument(
+        "--checkpointing_steps", type=int, default=500, help="Save the full accelerate state every this many steps."
+    )
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank in the UNet.")
     parser.add_argument("--text_encoder_rank", type=int, default=4, help="LoRA rank in the text encoder.")
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="One learning rate for both models.")
@@ -59,8 +61,9 @@ def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool, rand
     """torchvision's Resize(shorter side) -> Center/RandomCrop -> flip -> ToTensor -> Normalize(0.5, 0.5)."""
     image = image.convert("RGB")
     scale = resolution / min(image.size)
-    image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
-                         Image.BILINEAR)
+    image = image.resize(
+        (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))), Image.BILINEAR
+    )
     if center_crop:
         left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
     else:
@@ -76,18 +79,31 @@ def make_dataloader(args, tokenizer):
     dataset = load_dataset("imagefolder", data_files={"train": os.path.join(args.train_data_dir, "**")})["train"]
 
     def preprocess(examples):
-        examples["pixel_values"] = [image_to_tensor(image, args.resolution, args.center_crop, args.random_flip)
-                                    for image in examples["image"]]
-        examples["input_ids"] = tokenizer(examples["text"], max_length=tokenizer.model_max_length,
-                                          padding="max_length", truncation=True, return_tensors="pt").input_ids
+        examples["pixel_values"] = [
+            image_to_tensor(image, args.resolution, args.center_crop, args.random_flip) for image in examples["image"]
+        ]
+        examples["input_ids"] = tokenizer(
+            examples["text"],
+            max_length=tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return examples
 
     def collate(examples):
-        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]).float(),
-                "input_ids": torch.stack([e["input_ids"] for e in examples])}
+        return {
+            "pixel_values": torch.stack([e["pixel_values"] for e in examples]).float(),
+            "input_ids": torch.stack([e["input_ids"] for e in examples]),
+        }
 
-    return torch.utils.data.DataLoader(dataset.with_transform(preprocess), shuffle=True, collate_fn=collate,
-                                       batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers)
+    return torch.utils.data.DataLoader(
+        dataset.with_transform(preprocess),
+        shuffle=True,
+        collate_fn=collate,
+        batch_size=args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+    )
 
 
 def main(argv=None) -> int:
@@ -108,10 +124,16 @@ def main(argv=None) -> int:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for frozen in (unet, vae, text_encoder):
         frozen.to(accelerator.device, dtype=weight_dtype)
-    unet.add_adapter(LoraConfig(r=args.rank, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    text_encoder.add_adapter(LoraConfig(r=args.text_encoder_rank, init_lora_weights="gaussian",
-                                        target_modules=["q_proj", "v_proj", "k_proj", "out_proj"]))
+    unet.add_adapter(
+        LoraConfig(r=args.rank, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    )
+    text_encoder.add_adapter(
+        LoraConfig(
+            r=args.text_encoder_rank,
+            init_lora_weights="gaussian",
+            target_modules=["q_proj", "v_proj", "k_proj", "out_proj"],
+        )
+    )
     lora_parameters = [p for p in list(unet.parameters()) + list(text_encoder.parameters()) if p.requires_grad]
     for parameter in lora_parameters:  # as the diffusers example: fp16 LoRA weights cannot be unscaled by AMP
         parameter.data = parameter.data.float()
@@ -119,7 +141,8 @@ def main(argv=None) -> int:
     train_dataloader = make_dataloader(args, tokenizer)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
     unet, text_encoder, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        unet, text_encoder, optimizer, train_dataloader, lr_scheduler)
+        unet, text_encoder, optimizer, train_dataloader, lr_scheduler
+    )
 
     num_epochs = math.ceil(args.max_train_steps / len(train_dataloader))
     progress_bar = tqdm(range(args.max_train_steps), desc="Steps", disable=not accelerator.is_local_main_process)
@@ -133,8 +156,9 @@ def main(argv=None) -> int:
             latents = vae.encode(batch["pixel_values"].to(dtype=weight_dtype)).latent_dist.sample()
             latents = latents * vae.config.scaling_factor
             noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                      device=latents.device).long()
+            timesteps = torch.randint(
+                0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+            ).long()
             noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
             encoder_hidden_states = text_encoder(batch["input_ids"])[0]
             if noise_scheduler.config.prediction_type == "v_prediction":

@@ -6,6 +6,7 @@ weights (compute and memory match the real model; outputs are noise); they diffe
 Every model is written to a working folder in the diffusers layout, so the scripts under test load it
 through the same `from_pretrained(path)` calls as a Hub id. Weights are never committed.
 """
+
 import bisect
 import json
 import os
@@ -54,13 +55,20 @@ def build_sd21_from_reference(reference_dir: Path, path: Path, seed: int = 0) ->
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(reference_dir / "unet"))
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(reference_dir / "vae"))
     text_config = json.loads((reference_dir / "text_encoder" / "config.json").read_text())
-    text_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
+    text_config.update(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(reference_dir / "scheduler"))
     pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipeline.save_pretrained(path, safe_serialization=True)
     return path
@@ -103,10 +111,12 @@ def write_random_lora(model_dir: Path, path: Path, seed: int = 0) -> Path:
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir / "unet"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(model_dir / "text_encoder"))
-    targets = [(f"unet.{name}", module) for name, module in unet.named_modules()
-               if name.endswith(UNET_LORA_TARGETS)]
-    targets += [(f"text_encoder.text_model.{name}", module) for name, module in text_encoder.named_modules()
-                if name.endswith(TEXT_ENCODER_LORA_TARGETS)]
+    targets = [(f"unet.{name}", module) for name, module in unet.named_modules() if name.endswith(UNET_LORA_TARGETS)]
+    targets += [
+        (f"text_encoder.text_model.{name}", module)
+        for name, module in text_encoder.named_modules()
+        if name.endswith(TEXT_ENCODER_LORA_TARGETS)
+    ]
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, module in targets:
@@ -124,8 +134,12 @@ def folder_bytes(path: Path) -> int:
 
 def cuda_memory_used_bytes() -> int:
     """Memory in use on GPU 0 as nvidia-smi sees it (all processes, CUDA contexts included)."""
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return int(out.split()[0]) * 2**20
 
 
@@ -244,8 +258,14 @@ def run_measured(command: list[str], env: dict, log_path: Path, output_dir: Path
         script = next((Path(part).name for part in command if str(part).endswith(".py")), command[0])
         tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-2:])
         raise BenchError(f"{script} exited with {returncode} (full log: {log_path}): {tail}")
-    return RunResult(launched, ended, watch.spans() if watch is not None else {}, cpu_samples, usage.ru_maxrss * 1024,
-                     peak_cuda - idle_cuda if poll_cuda else None)
+    return RunResult(
+        launched,
+        ended,
+        watch.spans() if watch is not None else {},
+        cpu_samples,
+        usage.ru_maxrss * 1024,
+        peak_cuda - idle_cuda if poll_cuda else None,
+    )
 
 
 def subprocess_env() -> dict:

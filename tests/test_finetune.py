@@ -3,6 +3,7 @@
 Runs where the launcher is the point go through a real `accelerate launch` subprocess; the others call
 `finetune_lora.main([...])` in-process, which is the same code path without the interpreter start-up.
 """
+
 import csv
 import http.server
 import json
@@ -18,10 +19,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from train_helpers import SCRIPT, accelerate_launch, lora, one_thread, train_args  # noqa: F401  (one_thread: autouse fixture)
 
 import finetune_lora
 import generate
-from train_helpers import SCRIPT, accelerate_launch, lora, one_thread, train_args  # noqa: F401  (one_thread: autouse fixture)
 
 PROMPTS = ["a young woman with long red hair smiles", "an old man with gray hair and a beard"]
 
@@ -33,36 +34,96 @@ def part(state, prefix):
 def test_readme_command_runs_under_accelerate_launch_and_its_lora_changes_the_image(tiny_model, face_folder, tmp_path):
     output = tmp_path / "run"
     readme_command = [
-        "--pretrained_model_name_or_path", tiny_model, "--train_data_dir", face_folder, "--train_text_encoder",
-        "--checkpointing_steps", "2", "--resolution", "64", "--center_crop", "--train_batch_size", "2",
-        "--num_train_epochs", "2", "--gradient_accumulation_steps", "1", "--gradient_checkpointing",
-        "--num_validation_images", "2", "--learning_rate", "1e-3", "--learning_rate_text_encoder", "1e-3",
-        "--max_grad_norm", "1", "--rank", "4", "--text_encoder_rank", "4", "--lr_scheduler", "constant",
-        "--lr_warmup_steps", "0", "--output_dir", output, "--resume_from_checkpoint", "latest",
-        "--validation_prompts", *PROMPTS,
+        "--pretrained_model_name_or_path",
+        tiny_model,
+        "--train_data_dir",
+        face_folder,
+        "--train_text_encoder",
+        "--checkpointing_steps",
+        "2",
+        "--resolution",
+        "64",
+        "--center_crop",
+        "--train_batch_size",
+        "2",
+        "--num_train_epochs",
+        "2",
+        "--gradient_accumulation_steps",
+        "1",
+        "--gradient_checkpointing",
+        "--num_validation_images",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--learning_rate_text_encoder",
+        "1e-3",
+        "--max_grad_norm",
+        "1",
+        "--rank",
+        "4",
+        "--text_encoder_rank",
+        "4",
+        "--lr_scheduler",
+        "constant",
+        "--lr_warmup_steps",
+        "0",
+        "--output_dir",
+        output,
+        "--resume_from_checkpoint",
+        "latest",
+        "--validation_prompts",
+        *PROMPTS,
     ]
     secret = "hf_NotARealTokenButItMustNotLeak"
-    run = subprocess.run(accelerate_launch(readme_command, "--num_processes", "1"), capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "HF_TOKEN": secret})
+    run = subprocess.run(
+        accelerate_launch(readme_command, "--num_processes", "1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_TOKEN": secret},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "8 images found" in run.stderr and "8 with captions" in run.stderr
 
     # 8 images / batch 2 = 4 steps per epoch, 2 epochs; a checkpoint every 2 steps.
     assert sorted(p.name for p in output.iterdir()) == [
-        "README.md", "checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8", "logs",
-        "pytorch_lora_weights.safetensors", "training_settings.json", "validation"]
+        "README.md",
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+        "checkpoint-8",
+        "logs",
+        "pytorch_lora_weights.safetensors",
+        "training_settings.json",
+        "validation",
+    ]
     for checkpoint in output.glob("checkpoint-*"):
         assert sorted(p.name for p in checkpoint.iterdir()) == [
-            "optimizer.bin", "pytorch_lora_weights.safetensors", "random_states_0.pkl", "scheduler.bin",
-            "training_settings.json", "validation.json", "validation.png"]
-    assert sorted(p.name for p in (output / "validation").glob("*.png")) == ["step-000000.png", "step-000004.png", "step-000008.png"]
+            "optimizer.bin",
+            "pytorch_lora_weights.safetensors",
+            "random_states_0.pkl",
+            "scheduler.bin",
+            "training_settings.json",
+            "validation.json",
+            "validation.png",
+        ]
+    assert sorted(p.name for p in (output / "validation").glob("*.png")) == [
+        "step-000000.png",
+        "step-000004.png",
+        "step-000008.png",
+    ]
 
     settings = json.loads((output / "training_settings.json").read_text())
     assert (settings["global_step"], settings["rank"], settings["lora_alpha"]) == (8, 4, 4)
     assert settings["base_model"] == str(tiny_model) and settings["text_encoder_lora_alpha"] == 4
     with safe_open(output / "pytorch_lora_weights.safetensors", "pt") as handle:
         adapters = json.loads(handle.metadata()["lora_adapter_metadata"])
-    assert (adapters["unet.r"], adapters["unet.lora_alpha"], adapters["text_encoder.r"], adapters["text_encoder.lora_alpha"]) == (4, 4, 4, 4)
+    assert (
+        adapters["unet.r"],
+        adapters["unet.lora_alpha"],
+        adapters["text_encoder.r"],
+        adapters["text_encoder.lora_alpha"],
+    ) == (4, 4, 4, 4)
 
     # The grid: rows are repetitions with different seeds, columns the prompts.
     grid = np.asarray(Image.open(output / "checkpoint-8" / "validation.png")).astype(int)
@@ -72,7 +133,12 @@ def test_readme_command_runs_under_accelerate_launch_and_its_lora_changes_the_im
     assert list((output / "logs").rglob("events.out.tfevents.*")), "no TensorBoard log"
     assert not [p for p in output.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     card = (output / "README.md").read_text()
-    assert f"base_model: {tiny_model}" in card and "rank 4" in card and "8 steps" in card and "validation/step-000008.png" in card
+    assert (
+        f"base_model: {tiny_model}" in card
+        and "rank 4" in card
+        and "8 steps" in card
+        and "validation/step-000008.png" in card
+    )
 
     # The final LoRA is the last checkpoint's, and generate.py loads it and changes the image with it.
     final = lora(output)
@@ -80,8 +146,26 @@ def test_readme_command_runs_under_accelerate_launch_and_its_lora_changes_the_im
     assert all(torch.equal(final[k], lora(output / "checkpoint-8")[k]) for k in final)
     images = {}
     for name, lora_flags in (("base", ["--no_lora"]), ("lora", ["--lora", str(output)])):
-        assert generate.main(["--prompt", PROMPTS[0], "--base_model", str(tiny_model), *lora_flags, "--steps", "4",
-                              "--height", "64", "--width", "64", "--output_dir", str(tmp_path / name)]) == 0
+        assert (
+            generate.main(
+                [
+                    "--prompt",
+                    PROMPTS[0],
+                    "--base_model",
+                    str(tiny_model),
+                    *lora_flags,
+                    "--steps",
+                    "4",
+                    "--height",
+                    "64",
+                    "--width",
+                    "64",
+                    "--output_dir",
+                    str(tmp_path / name),
+                ]
+            )
+            == 0
+        )
         images[name] = np.asarray(Image.open(next((tmp_path / name).glob("*.png")))).astype(int)
     assert np.abs(images["base"] - images["lora"]).mean() > 1
 
@@ -91,11 +175,29 @@ def test_checkpoints_hold_only_lora_weights_in_the_published_layout(tiny_model, 
     from peft.utils import get_peft_model_state_dict
 
     output = tmp_path / "run"
-    assert finetune_lora.main(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--max_train_steps", "1",
-                                         "--checkpointing_steps", "1")) == 0
+    assert (
+        finetune_lora.main(
+            train_args(
+                tiny_model,
+                face_folder,
+                output,
+                "--train_text_encoder",
+                "--max_train_steps",
+                "1",
+                "--checkpointing_steps",
+                "1",
+            )
+        )
+        == 0
+    )
     checkpoint = output / "checkpoint-1"
     assert sorted(p.name for p in checkpoint.iterdir()) == [
-        "optimizer.bin", "pytorch_lora_weights.safetensors", "random_states_0.pkl", "scheduler.bin", "training_settings.json"]
+        "optimizer.bin",
+        "pytorch_lora_weights.safetensors",
+        "random_states_0.pkl",
+        "scheduler.bin",
+        "training_settings.json",
+    ]
     tensors = load_file(checkpoint / "pytorch_lora_weights.safetensors")
     assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors)
     lora_size = sum(t.numel() for t in tensors.values())
@@ -117,20 +219,55 @@ def test_checkpoints_hold_only_lora_weights_in_the_published_layout(tiny_model, 
     # A checkpoint written before the published layout (no text_model level) still resumes.
     with safe_open(checkpoint / "pytorch_lora_weights.safetensors", "pt") as handle:
         metadata = handle.metadata()
-    save_file({k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in tensors.items()},
-              checkpoint / "pytorch_lora_weights.safetensors", metadata=metadata)
-    assert finetune_lora.main(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--max_train_steps", "2",
-                                         "--checkpointing_steps", "100", "--resume_from_checkpoint", "checkpoint-1")) == 0
+    save_file(
+        {k.replace("text_encoder.text_model.", "text_encoder."): v for k, v in tensors.items()},
+        checkpoint / "pytorch_lora_weights.safetensors",
+        metadata=metadata,
+    )
+    assert (
+        finetune_lora.main(
+            train_args(
+                tiny_model,
+                face_folder,
+                output,
+                "--train_text_encoder",
+                "--max_train_steps",
+                "2",
+                "--checkpointing_steps",
+                "100",
+                "--resume_from_checkpoint",
+                "checkpoint-1",
+            )
+        )
+        == 0
+    )
     assert json.loads((output / "training_settings.json").read_text())["global_step"] == 2
 
 
 @pytest.mark.parametrize("frozen", ["unet", "text_encoder"])
 def test_a_zero_learning_rate_freezes_only_that_lora(tiny_model, face_folder, tmp_path, frozen):
     output = tmp_path / "run"
-    rates = {"unet": ["--learning_rate", "0", "--learning_rate_text_encoder", "1e-2"],
-             "text_encoder": ["--learning_rate", "1e-2", "--learning_rate_text_encoder", "0"]}[frozen]
-    assert finetune_lora.main(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--gradient_checkpointing",
-                                         "--max_train_steps", "2", "--checkpointing_steps", "1", *rates)) == 0
+    rates = {
+        "unet": ["--learning_rate", "0", "--learning_rate_text_encoder", "1e-2"],
+        "text_encoder": ["--learning_rate", "1e-2", "--learning_rate_text_encoder", "0"],
+    }[frozen]
+    assert (
+        finetune_lora.main(
+            train_args(
+                tiny_model,
+                face_folder,
+                output,
+                "--train_text_encoder",
+                "--gradient_checkpointing",
+                "--max_train_steps",
+                "2",
+                "--checkpointing_steps",
+                "1",
+                *rates,
+            )
+        )
+        == 0
+    )
     after_one, after_two = lora(output / "checkpoint-1"), lora(output)
     moving = "text_encoder." if frozen == "unet" else "unet."
     for key, value in part(after_two, f"{frozen}.").items():
@@ -144,8 +281,22 @@ def test_a_zero_learning_rate_freezes_only_that_lora(tiny_model, face_folder, tm
 
 def test_max_train_steps_stops_exactly_there(tiny_model, face_folder, tmp_path):
     output = tmp_path / "run"
-    assert finetune_lora.main(train_args(tiny_model, face_folder, output, "--max_train_steps", "3",
-                                         "--checkpointing_steps", "1", "--num_train_epochs", "5")) == 0
+    assert (
+        finetune_lora.main(
+            train_args(
+                tiny_model,
+                face_folder,
+                output,
+                "--max_train_steps",
+                "3",
+                "--checkpointing_steps",
+                "1",
+                "--num_train_epochs",
+                "5",
+            )
+        )
+        == 0
+    )
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     assert json.loads((output / "training_settings.json").read_text())["global_step"] == 3
     scheduler = torch.load(output / "checkpoint-3" / "scheduler.bin", weights_only=False)
@@ -159,7 +310,9 @@ def write_captions(path: Path, kind: str, captions: dict):
     elif kind == "json-records":
         path.write_text(json.dumps([{"file_name": name, "text": caption} for name, caption in captions.items()]))
     elif kind == "jsonl-custom-columns":
-        path.write_text("".join(json.dumps({"path": name, "description": caption}) + "\n" for name, caption in captions.items()))
+        path.write_text(
+            "".join(json.dumps({"path": name, "description": caption}) + "\n" for name, caption in captions.items())
+        )
     elif kind in ("csv", "metadata.csv"):
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)
@@ -167,10 +320,16 @@ def write_captions(path: Path, kind: str, captions: dict):
             writer.writerows(captions.items())
 
 
-@pytest.mark.parametrize("kind, file_name", [
-    ("json-object", "captions.json"), ("json-records", "captions.json"), ("jsonl-custom-columns", "captions.jsonl"),
-    ("csv", "captions.csv"), ("metadata.csv", "metadata.csv"),
-])
+@pytest.mark.parametrize(
+    "kind, file_name",
+    [
+        ("json-object", "captions.json"),
+        ("json-records", "captions.json"),
+        ("jsonl-custom-columns", "captions.jsonl"),
+        ("csv", "captions.csv"),
+        ("metadata.csv", "metadata.csv"),
+    ],
+)
 def test_every_captions_file_format_is_read(face_folder, tmp_path, caplog, kind, file_name):
     records = [json.loads(line) for line in (face_folder / "metadata.jsonl").read_text().splitlines()]
     (face_folder / "metadata.jsonl").unlink()
@@ -191,7 +350,7 @@ def test_every_captions_file_format_is_read(face_folder, tmp_path, caplog, kind,
         loaded = finetune_lora.load_records(finetune_lora.parse_args(argv), show_progress=False)
 
     assert sorted(loaded.source.names) == sorted(r["file_name"] for r in records)
-    by_name = dict(zip(loaded.source.names, loaded.captions))
+    by_name = dict(zip(loaded.source.names, loaded.captions, strict=True))
     assert by_name[records[1]["file_name"]] == [records[1]["text"]]
     assert "9 images found" in caplog.text and "8 with captions" in caplog.text
     assert "1 images without captions" in caplog.text and "1 captions without an image" in caplog.text
@@ -211,8 +370,10 @@ def test_records_without_a_caption_or_an_image_name_are_skipped_and_counted(face
     records.append({"text": "a caption that names no image"})
     metadata.write_text("".join(json.dumps(record) + "\n" for record in records))
     with caplog.at_level("INFO", logger="finetune_lora"):
-        loaded = finetune_lora.load_records(finetune_lora.parse_args(
-            ["--train_data_dir", str(face_folder), "--output_dir", str(tmp_path / "out")]), show_progress=False)
+        loaded = finetune_lora.load_records(
+            finetune_lora.parse_args(["--train_data_dir", str(face_folder), "--output_dir", str(tmp_path / "out")]),
+            show_progress=False,
+        )
     assert sorted(loaded.source.names) == sorted(r["file_name"] for i, r in enumerate(records[:8]) if i not in (3, 5))
     assert "8 images found" in caplog.text and "6 with captions" in caplog.text
     assert "2 images without captions (skipped)" in caplog.text
@@ -226,12 +387,34 @@ def test_a_corrupt_and_a_truncated_image_are_skipped_and_named(tiny_model, face_
     whole = (face_folder / records[0]["file_name"]).read_bytes()
     (face_folder / "00001" / "truncated.png").write_bytes(whole[: len(whole) // 2])
     captions = tmp_path / "captions.csv"
-    write_captions(captions, "csv", {**{r["file_name"]: r["text"] for r in records},
-                                     "00000/broken.png": "a broken face", "00001/truncated.png": "half a face"})
+    write_captions(
+        captions,
+        "csv",
+        {
+            **{r["file_name"]: r["text"] for r in records},
+            "00000/broken.png": "a broken face",
+            "00001/truncated.png": "half a face",
+        },
+    )
     output = tmp_path / "run"
     # 9 readable headers, batch 2: one epoch of 5 steps draws every record, the truncated one included.
-    assert finetune_lora.main(train_args(tiny_model, face_folder, output, "--captions_file", captions,
-                                         "--num_train_epochs", "1", "--checkpointing_steps", "100", *cache)) == 0
+    assert (
+        finetune_lora.main(
+            train_args(
+                tiny_model,
+                face_folder,
+                output,
+                "--captions_file",
+                captions,
+                "--num_train_epochs",
+                "1",
+                "--checkpointing_steps",
+                "100",
+                *cache,
+            )
+        )
+        == 0
+    )
     assert "10 images found" in caplog.text and "1 unreadable images (skipped)" in caplog.text
     assert "unreadable images: 00000/broken.png" in caplog.text
     assert "skipping unreadable image 00001/truncated.png" in caplog.text
@@ -241,8 +424,19 @@ def test_a_corrupt_and_a_truncated_image_are_skipped_and_named(tiny_model, face_
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_model, face_folder, tmp_path, capfd):
     output = tmp_path / "run"
     # Adam moves every weight by about the learning rate: 1e30 overflows the second forward pass.
-    code = finetune_lora.main(train_args(tiny_model, face_folder, output, "--learning_rate", "1e30",
-                                         "--max_train_steps", "4", "--checkpointing_steps", "1"))
+    code = finetune_lora.main(
+        train_args(
+            tiny_model,
+            face_folder,
+            output,
+            "--learning_rate",
+            "1e30",
+            "--max_train_steps",
+            "4",
+            "--checkpointing_steps",
+            "1",
+        )
+    )
     err = capfd.readouterr().err
     assert code == 1
     assert "the loss became nan at step 2" in err and "checkpoint-1" in err
@@ -252,8 +446,18 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tiny_model
     assert not (output / "pytorch_lora_weights.safetensors").exists()
 
 
-@pytest.mark.parametrize("problem", ["missing folder", "empty folder", "no captions", "unknown column",
-                                     "resolution", "named checkpoint missing", "hub unreachable"])
+@pytest.mark.parametrize(
+    "problem",
+    [
+        "missing folder",
+        "empty folder",
+        "no captions",
+        "unknown column",
+        "resolution",
+        "named checkpoint missing",
+        "hub unreachable",
+    ],
+)
 def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_model, face_folder, tmp_path, capfd, problem):
     model, data, extra = tiny_model, face_folder, []
     if problem == "missing folder":
@@ -277,33 +481,45 @@ def test_bad_input_gets_one_line_and_a_non_zero_exit(tiny_model, face_folder, tm
     errors = [line for line in err_lines if line.startswith("error: ")]
     assert len(errors) == 1 and err_lines[-1] == errors[0]
     assert not any("Traceback" in line for line in err_lines)
-    expected = {"missing folder": "is not a folder", "empty folder": "no images", "no captions": "no captions",
-                "unknown column": "no column 'caption'", "resolution": "not a positive multiple of 8",
-                "named checkpoint missing": "checkpoint-7 does not exist", "hub unreachable": "cannot create Hub repo"}[problem]
+    expected = {
+        "missing folder": "is not a folder",
+        "empty folder": "no images",
+        "no captions": "no captions",
+        "unknown column": "no column 'caption'",
+        "resolution": "not a positive multiple of 8",
+        "named checkpoint missing": "checkpoint-7 does not exist",
+        "hub unreachable": "cannot create Hub repo",
+    }[problem]
     assert expected in errors[0]
     assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--snr_gamma", "0"], "--snr_gamma 0.0 must be more than 0"),
-    (["--learning_rate", "-0.5"], "--learning_rate -0.5 must be 0 or more"),
-    (["--learning_rate_text_encoder", "nan"], "--learning_rate_text_encoder nan must be 0 or more"),
-    (["--lr_warmup_steps", "-1"], "--lr_warmup_steps -1 must be 0 or more"),
-    (["--dataloader_num_workers", "-3"], "--dataloader_num_workers -3 must be 0 or more"),
-    (["--max_grad_norm", "0"], "--max_grad_norm 0.0 must be more than 0"),
-    (["--adam_beta2", "1"], "--adam_beta2 1.0 must be at least 0 and below 1"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--snr_gamma", "0"], "--snr_gamma 0.0 must be more than 0"),
+        (["--learning_rate", "-0.5"], "--learning_rate -0.5 must be 0 or more"),
+        (["--learning_rate_text_encoder", "nan"], "--learning_rate_text_encoder nan must be 0 or more"),
+        (["--lr_warmup_steps", "-1"], "--lr_warmup_steps -1 must be 0 or more"),
+        (["--dataloader_num_workers", "-3"], "--dataloader_num_workers -3 must be 0 or more"),
+        (["--max_grad_norm", "0"], "--max_grad_norm 0.0 must be more than 0"),
+        (["--adam_beta2", "1"], "--adam_beta2 1.0 must be at least 0 and below 1"),
+    ],
+)
 def test_out_of_range_values_get_one_line_before_anything_loads(tmp_path, capfd, flags, message):
     assert finetune_lora.main(["--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "run"), *flags]) == 1
     assert capfd.readouterr().err.strip().splitlines()[0].startswith(f"error: {message}")
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--lr_scheduler", "cosine_annealing"], "error: argument --lr_scheduler: invalid choice: 'cosine_annealing'"),
-    (["--rank", "four"], "error: argument --rank: invalid int value: 'four'"),
-    (["--no_such_flag"], "error: unrecognized arguments: --no_such_flag"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr_scheduler", "cosine_annealing"], "error: argument --lr_scheduler: invalid choice: 'cosine_annealing'"),
+        (["--rank", "four"], "error: argument --rank: invalid int value: 'four'"),
+        (["--no_such_flag"], "error: unrecognized arguments: --no_such_flag"),
+    ],
+)
 def test_a_bad_flag_gets_one_line_and_exit_code_2(tmp_path, capfd, flags, message):
     with pytest.raises(SystemExit) as exit:
         finetune_lora.main(["--train_data_dir", str(tmp_path), *flags])
@@ -340,12 +556,35 @@ def test_a_failed_upload_after_training_is_one_line_and_keeps_the_lora(tiny_mode
     hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusingHub)
     threading.Thread(target=hub.serve_forever, daemon=True).start()
     output = tmp_path / "run"
-    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}", "HF_HUB_OFFLINE": "0",
-           "HF_TOKEN": "hf_NotARealToken", "NO_PROXY": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}",
+        "HF_HUB_OFFLINE": "0",
+        "HF_TOKEN": "hf_NotARealToken",
+        "NO_PROXY": "127.0.0.1",
+        "OMP_NUM_THREADS": "1",
+    }
     try:
-        run = subprocess.run([sys.executable, str(SCRIPT), *train_args(tiny_model, face_folder, output, "--max_train_steps", "1",
-                                                                      "--push_to_hub", "--hub_model_id", "tester/text2face")],
-                             capture_output=True, text=True, timeout=300, env=env)
+        run = subprocess.run(
+            [
+                sys.executable,
+                str(SCRIPT),
+                *train_args(
+                    tiny_model,
+                    face_folder,
+                    output,
+                    "--max_train_steps",
+                    "1",
+                    "--push_to_hub",
+                    "--hub_model_id",
+                    "tester/text2face",
+                ),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
     finally:
         hub.shutdown()
     assert run.returncode == 1, run.stderr[-3000:]
@@ -360,10 +599,34 @@ def test_a_failed_upload_after_training_is_one_line_and_keeps_the_lora(tiny_mode
 def test_under_bf16_mixed_precision_the_lora_trains_and_is_saved_in_fp32(tiny_model, face_folder, tmp_path):
     # A fresh process: accelerate's precision is fixed per process, and the other tests run in fp32.
     output = tmp_path / "run"
-    run = subprocess.run([sys.executable, str(SCRIPT), *train_args(
-        tiny_model, face_folder, output, "--train_text_encoder", "--mixed_precision", "bf16", "--max_train_steps", "2",
-        "--checkpointing_steps", "1", "--learning_rate", "1e-2", "--validation_prompts", PROMPTS[0], "--num_validation_images", "1")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            *train_args(
+                tiny_model,
+                face_folder,
+                output,
+                "--train_text_encoder",
+                "--mixed_precision",
+                "bf16",
+                "--max_train_steps",
+                "2",
+                "--checkpointing_steps",
+                "1",
+                "--learning_rate",
+                "1e-2",
+                "--validation_prompts",
+                PROMPTS[0],
+                "--num_validation_images",
+                "1",
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     after_one, final = lora(output / "checkpoint-1"), lora(output)
     assert {t.dtype for t in final.values()} == {torch.float32}

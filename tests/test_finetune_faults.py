@@ -1,5 +1,6 @@
 """finetune_lora.py at scale and under faults: two processes, SIGKILL and exact resume, SIGTERM, dead launchers,
 half-written checkpoints, overwrite protection. Real subprocesses and real signals throughout."""
+
 import json
 import os
 import re
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from train_helpers import SCRIPT, accelerate_launch, lora, one_thread, train_args  # noqa: F401  (one_thread: autouse fixture)
 
 import finetune_lora
-from train_helpers import SCRIPT, accelerate_launch, lora, one_thread, train_args  # noqa: F401  (one_thread: autouse fixture)
 
 
 def cpu_env():
@@ -30,8 +31,9 @@ def free_port():
 
 
 def start(command):
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cpu_env(),
-                            start_new_session=True)
+    return subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cpu_env(), start_new_session=True
+    )
 
 
 def read_until(process, marker):
@@ -67,9 +69,23 @@ def wait_until_gone(pids, seconds=30):
 
 def test_two_processes_split_the_batches_and_end_with_the_same_weights(tiny_model, face_folder, tmp_path):
     output = tmp_path / "run"
-    command = accelerate_launch(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--num_train_epochs", "2",
-                                           "--checkpointing_steps", "2"),
-                                "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port())
+    command = accelerate_launch(
+        train_args(
+            tiny_model,
+            face_folder,
+            output,
+            "--train_text_encoder",
+            "--num_train_epochs",
+            "2",
+            "--checkpointing_steps",
+            "2",
+        ),
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        free_port(),
+    )
     run = subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
 
@@ -92,9 +108,26 @@ def test_two_processes_share_the_latent_caching_and_train_as_without_it(tiny_mod
     for name, cache in (("decoded", []), ("cached", ["--cache_latents"])):
         output = tmp_path / name
         # 8 images, both flips: 16 latents, encoded in rounds of 2 per process.
-        command = accelerate_launch(train_args(tiny_model, face_folder, output, "--random_flip", "--max_train_steps", "3",
-                                               "--checkpointing_steps", "100", "--learning_rate", "1e-2", *cache),
-                                    "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port())
+        command = accelerate_launch(
+            train_args(
+                tiny_model,
+                face_folder,
+                output,
+                "--random_flip",
+                "--max_train_steps",
+                "3",
+                "--checkpointing_steps",
+                "100",
+                "--learning_rate",
+                "1e-2",
+                *cache,
+            ),
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            free_port(),
+        )
         run = subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         if cache:  # 4 rounds of 2 images per process, not 8 rounds of 2 on each
@@ -111,15 +144,39 @@ def test_a_run_killed_after_its_second_checkpoint_resumes_to_the_same_weights(ti
         # 8 images / (batch 1 x 2 accumulated) = 4 steps per epoch; 4 epochs = 16 steps; a checkpoint every 3 steps,
         # so the second one (step 6) falls in the middle of an epoch. Validation grids are sampled at step 0, at
         # every checkpoint and every second epoch, between training steps, as in a real run.
-        return accelerate_launch(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--random_flip",
-                                            "--train_batch_size", "1", "--gradient_accumulation_steps", "2",
-                                            "--num_train_epochs", "4", "--checkpointing_steps", "3",
-                                            "--validation_prompts", "a face", "--num_validation_images", "1",
-                                            "--validation_epochs", "2",
-                                            "--learning_rate", "1e-3", "--resume_from_checkpoint", "latest"),
-                                 "--num_processes", "1")
+        return accelerate_launch(
+            train_args(
+                tiny_model,
+                face_folder,
+                output,
+                "--train_text_encoder",
+                "--random_flip",
+                "--train_batch_size",
+                "1",
+                "--gradient_accumulation_steps",
+                "2",
+                "--num_train_epochs",
+                "4",
+                "--checkpointing_steps",
+                "3",
+                "--validation_prompts",
+                "a face",
+                "--num_validation_images",
+                "1",
+                "--validation_epochs",
+                "2",
+                "--learning_rate",
+                "1e-3",
+                "--resume_from_checkpoint",
+                "latest",
+            ),
+            "--num_processes",
+            "1",
+        )
 
-    reference = subprocess.run(command(tmp_path / "reference"), capture_output=True, text=True, env=cpu_env(), timeout=300)
+    reference = subprocess.run(
+        command(tmp_path / "reference"), capture_output=True, text=True, env=cpu_env(), timeout=300
+    )
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     output = tmp_path / "killed"
@@ -142,10 +199,13 @@ def test_a_run_killed_after_its_second_checkpoint_resumes_to_the_same_weights(ti
     assert not list(output.glob("*.tmp"))
     assert json.loads((output / "training_settings.json").read_text())["global_step"] == 16
     assert sorted(p.name for p in (output / "validation").glob("*.png")) == sorted(
-        p.name for p in (tmp_path / "reference" / "validation").glob("*.png"))
+        p.name for p in (tmp_path / "reference" / "validation").glob("*.png")
+    )
 
 
-def test_sigterm_finishes_the_step_writes_a_checkpoint_and_latest_resumes_from_it(tiny_model, face_folder, tmp_path, caplog):
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_latest_resumes_from_it(
+    tiny_model, face_folder, tmp_path, caplog
+):
     output = tmp_path / "run"
     args = train_args(tiny_model, face_folder, output, "--max_train_steps", "400", "--checkpointing_steps", "1000")
     process = start([sys.executable, str(SCRIPT), *args])
@@ -163,15 +223,28 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_latest_resumes_from_i
     assert not (output / "pytorch_lora_weights.safetensors").exists()
 
     with caplog.at_level("INFO", logger="finetune_lora"):
-        assert finetune_lora.main([*args, "--resume_from_checkpoint", "latest", "--max_train_steps", str(step + 2)]) == 0
+        assert (
+            finetune_lora.main([*args, "--resume_from_checkpoint", "latest", "--max_train_steps", str(step + 2)]) == 0
+        )
     assert f"Resuming from {checkpoint}" in caplog.text
     assert json.loads((output / "training_settings.json").read_text())["global_step"] == step + 2
 
 
 def test_sigterm_during_setup_ends_the_run_at_once_with_nothing_saved(tiny_model, face_folder, tmp_path):
     output = tmp_path / "run"
-    args = train_args(tiny_model, face_folder, output, "--max_train_steps", "400", "--checkpointing_steps", "1",
-                      "--validation_prompts", "a face", "--num_validation_images", "2")
+    args = train_args(
+        tiny_model,
+        face_folder,
+        output,
+        "--max_train_steps",
+        "400",
+        "--checkpointing_steps",
+        "1",
+        "--validation_prompts",
+        "a face",
+        "--num_validation_images",
+        "2",
+    )
     process = start([sys.executable, str(SCRIPT), *args])
     try:
         read_until(process, "Data: 8 images found")  # the data is read; the base model and validation are still to come
@@ -188,8 +261,13 @@ def test_sigterm_during_setup_ends_the_run_at_once_with_nothing_saved(tiny_model
 
 def test_the_trainer_stops_and_checkpoints_when_only_its_launcher_is_signalled(tiny_model, face_folder, tmp_path):
     output = tmp_path / "run"
-    launcher = start(accelerate_launch(train_args(tiny_model, face_folder, output, "--max_train_steps", "400",
-                                                  "--checkpointing_steps", "1000"), "--num_processes", "1"))
+    launcher = start(
+        accelerate_launch(
+            train_args(tiny_model, face_folder, output, "--max_train_steps", "400", "--checkpointing_steps", "1000"),
+            "--num_processes",
+            "1",
+        )
+    )
     trainers = []
     try:
         read_until(launcher, "first batch")
@@ -208,7 +286,9 @@ def test_the_trainer_stops_and_checkpoints_when_only_its_launcher_is_signalled(t
     assert finetune_lora.is_complete_checkpoint(checkpoint)
 
 
-def test_latest_skips_half_written_checkpoints_and_a_broken_rng_state_fails_loudly(tiny_model, face_folder, tmp_path, caplog, capfd):
+def test_latest_skips_half_written_checkpoints_and_a_broken_rng_state_fails_loudly(
+    tiny_model, face_folder, tmp_path, caplog, capfd
+):
     output = tmp_path / "run"
     args = train_args(tiny_model, face_folder, output, "--max_train_steps", "2", "--checkpointing_steps", "2")
     assert finetune_lora.main(args) == 0
@@ -241,8 +321,17 @@ def test_latest_starts_afresh_after_a_kill_during_the_first_checkpoint_write(tin
     staging = output / "checkpoint-2.tmp"
     staging.mkdir(parents=True)
     (staging / finetune_lora.LORA_WEIGHTS_NAME).write_bytes(b"\0" * 100)
-    args = train_args(tiny_model, face_folder, output, "--max_train_steps", "2", "--checkpointing_steps", "2",
-                      "--resume_from_checkpoint", "latest")
+    args = train_args(
+        tiny_model,
+        face_folder,
+        output,
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "2",
+        "--resume_from_checkpoint",
+        "latest",
+    )
     with caplog.at_level("INFO", logger="finetune_lora"):
         assert finetune_lora.main(args) == 0
     assert "starting a new run" in caplog.text
@@ -254,10 +343,16 @@ def test_latest_starts_afresh_after_a_kill_during_the_first_checkpoint_write(tin
 def test_a_second_run_does_not_overwrite_the_first_unless_asked(tiny_model, face_folder, tmp_path, capfd):
     output = tmp_path / "run"
     args = train_args(tiny_model, face_folder, output, "--max_train_steps", "1", "--checkpointing_steps", "1")
-    assert finetune_lora.main([*args, "--report_to", "tensorboard", "--validation_prompts", "a face",
-                               "--num_validation_images", "1"]) == 0
+    assert (
+        finetune_lora.main(
+            [*args, "--report_to", "tensorboard", "--validation_prompts", "a face", "--num_validation_images", "1"]
+        )
+        == 0
+    )
     first = load_file(output / "pytorch_lora_weights.safetensors")
-    assert (output / "validation" / "step-000001.png").is_file() and list((output / "logs").rglob("events.out.tfevents.*"))
+    assert (output / "validation" / "step-000001.png").is_file() and list(
+        (output / "logs").rglob("events.out.tfevents.*")
+    )
     # Files of the user's own beside the run's: an overwrite must leave them alone.
     (output / "notes.txt").write_text("mine")
     (output / "validation" / "favourite.png").write_bytes((output / "validation" / "step-000001.png").read_bytes())
@@ -267,12 +362,22 @@ def test_a_second_run_does_not_overwrite_the_first_unless_asked(tiny_model, face
     assert "already holds a training run" in capfd.readouterr().err
     assert all(torch.equal(first[k], v) for k, v in load_file(output / "pytorch_lora_weights.safetensors").items())
 
-    assert finetune_lora.main([*args, "--seed", "1", "--max_train_steps", "2", "--checkpointing_steps", "2",
-                               "--overwrite_output_dir"]) == 0
+    assert (
+        finetune_lora.main(
+            [*args, "--seed", "1", "--max_train_steps", "2", "--checkpointing_steps", "2", "--overwrite_output_dir"]
+        )
+        == 0
+    )
     second = load_file(output / "pytorch_lora_weights.safetensors")
     assert any(not torch.equal(first[k], second[k]) for k in first)
     # Nothing of the first run is left to mix with the second: no old checkpoints, grids, logs or model card.
     assert sorted(p.name for p in output.iterdir()) == [
-        "README.md", "checkpoint-2", "notes.txt", "pytorch_lora_weights.safetensors", "training_settings.json", "validation"]
+        "README.md",
+        "checkpoint-2",
+        "notes.txt",
+        "pytorch_lora_weights.safetensors",
+        "training_settings.json",
+        "validation",
+    ]
     assert [p.name for p in (output / "validation").iterdir()] == ["favourite.png"]
     assert "for 2 steps" in (output / "README.md").read_text()

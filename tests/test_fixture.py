@@ -1,4 +1,5 @@
 """The tiny SD2.1-shaped fixture loads through `from_pretrained(path)` and samples on CPU."""
+
 import json
 
 import numpy as np
@@ -21,7 +22,9 @@ def test_fixture_has_the_diffusers_layout(tiny_model):
 
 def test_fixture_modules_are_named_as_in_sd21(tiny_model):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
-    unet_names = {name.split(".")[-1] if not name.endswith("to_out.0") else "to_out.0" for name, _ in pipe.unet.named_modules()}
+    unet_names = {
+        name.split(".")[-1] if not name.endswith("to_out.0") else "to_out.0" for name, _ in pipe.unet.named_modules()
+    }
     assert {"to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"} <= unet_names
     assert isinstance(pipe.unet.down_blocks[0].attentions[0].proj_in, torch.nn.Linear)
     te_names = {name.split(".")[-1] for name, _ in pipe.text_encoder.named_modules()}

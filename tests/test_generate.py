@@ -1,4 +1,5 @@
 """generate.py against the tiny SD2.1-shaped pipeline: real LoRA files, real PNGs, real pixels compared."""
+
 import json
 import os
 import subprocess
@@ -9,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from hub_server import FakeHub
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import generate
-from hub_server import FakeHub
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a young woman with long red hair smiles"
@@ -27,11 +28,18 @@ def write_published_layout_lora(model_path, path, rank=4, seed=0):
     pipe = StableDiffusionPipeline.from_pretrained(model_path)
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for prefix, model, targets in (("unet.", pipe.unet, UNET_TARGETS), ("text_encoder.text_model.", pipe.text_encoder, TEXT_ENCODER_TARGETS)):
+    for prefix, model, targets in (
+        ("unet.", pipe.unet, UNET_TARGETS),
+        ("text_encoder.text_model.", pipe.text_encoder, TEXT_ENCODER_TARGETS),
+    ):
         for name, module in model.named_modules():
             if name.endswith(targets):
-                tensors[f"{prefix}{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.5
-                tensors[f"{prefix}{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.5
+                tensors[f"{prefix}{name}.lora_A.weight"] = (
+                    torch.randn(rank, module.in_features, generator=generator) * 0.5
+                )
+                tensors[f"{prefix}{name}.lora_B.weight"] = (
+                    torch.randn(module.out_features, rank, generator=generator) * 0.5
+                )
     save_file(tensors, path)
     return path
 
@@ -45,8 +53,12 @@ def write_finetune_layout_lora(model_path, folder, rank=4, seed=1):
     pipe = StableDiffusionPipeline.from_pretrained(model_path)
     torch.manual_seed(seed)
     # init_lora_weights=False draws B at random too, so the adapters change the outputs as a trained LoRA does.
-    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(UNET_TARGETS), init_lora_weights=False))
-    pipe.text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TEXT_ENCODER_TARGETS), init_lora_weights=False))
+    pipe.unet.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=list(UNET_TARGETS), init_lora_weights=False)
+    )
+    pipe.text_encoder.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TEXT_ENCODER_TARGETS), init_lora_weights=False)
+    )
     StableDiffusionPipeline.save_lora_weights(
         folder,
         unet_lora_layers=get_peft_model_state_dict(pipe.unet),
@@ -63,8 +75,23 @@ def lora_file(tiny_model, tmp_path_factory):
 
 def run(tiny_model, output_dir, *flags):
     """generate.main in this process on the tiny model (2 steps, 64x64, CPU); returns (exit code, PNG paths)."""
-    code = generate.main(["--base_model", str(tiny_model), "--steps", "2", "--height", "64", "--width", "64",
-                          "--device", "cpu", "--output_dir", str(output_dir), *map(str, flags)])
+    code = generate.main(
+        [
+            "--base_model",
+            str(tiny_model),
+            "--steps",
+            "2",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--device",
+            "cpu",
+            "--output_dir",
+            str(output_dir),
+            *map(str, flags),
+        ]
+    )
     return code, sorted(Path(output_dir).glob("*.png")) if Path(output_dir).exists() else []
 
 
@@ -77,31 +104,63 @@ def test_lora_and_no_lora_images_differ(tiny_model, lora_file, tmp_path):
     assert code == 0
     code, base_images = run(tiny_model, tmp_path / "base", "--prompt", PROMPT, "--no_lora")
     assert code == 0
-    assert [p.name for p in lora_images] == [p.name for p in base_images] == ["00000-s42-a-young-woman-with-long-red-hair-smiles.png"]
+    assert (
+        [p.name for p in lora_images]
+        == [p.name for p in base_images]
+        == ["00000-s42-a-young-woman-with-long-red-hair-smiles.png"]
+    )
     assert np.abs(pixels(lora_images[0]) - pixels(base_images[0])).mean() > 5
 
 
 def test_images_equal_diffusers_reference_for_the_same_generator_and_lora(tiny_model, lora_file, tmp_path):
-    code, images = run(tiny_model, tmp_path, "--prompt", PROMPT, "--lora", lora_file, "--lora_scale", "0.7",
-                       "--num_images", "2", "--batch_size", "2")
+    code, images = run(
+        tiny_model,
+        tmp_path,
+        "--prompt",
+        PROMPT,
+        "--lora",
+        lora_file,
+        "--lora_scale",
+        "0.7",
+        "--num_images",
+        "2",
+        "--batch_size",
+        "2",
+    )
     assert code == 0 and [p.name[:9] for p in images] == ["00000-s42", "00001-s43"]
 
     reference = StableDiffusionPipeline.from_pretrained(tiny_model)
     reference.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
-    for image, seed in zip(images, (42, 43)):
-        expected = reference(PROMPT, num_inference_steps=2, height=64, width=64, cross_attention_kwargs={"scale": 0.7},
-                             generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    for image, seed in zip(images, (42, 43), strict=True):
+        expected = reference(
+            PROMPT,
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            cross_attention_kwargs={"scale": 0.7},
+            generator=torch.Generator("cpu").manual_seed(seed),
+        ).images[0]
         assert np.abs(pixels(image) - np.asarray(expected, dtype=np.float64)).mean() < 1.0  # 1/255 per pixel on average
     assert np.abs(pixels(images[0]) - pixels(images[1])).mean() > 5  # image i has its own seed
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
 def test_an_image_does_not_depend_on_the_batch_it_was_sampled_in(tiny_model, tmp_path, scheduler):
-    flags = ["--prompt", PROMPT, "--prompt", "an old man with gray hair", "--num_images", "2", "--no_lora", "--scheduler", scheduler]
+    flags = [
+        "--prompt",
+        PROMPT,
+        "--prompt",
+        "an old man with gray hair",
+        "--num_images",
+        "2",
+        "--no_lora",
+        "--scheduler",
+        scheduler,
+    ]
     _, alone = run(tiny_model, tmp_path / "alone", *flags, "--batch_size", "1")
     _, together = run(tiny_model, tmp_path / "together", *flags, "--batch_size", "3")
     assert [p.name for p in alone] == [p.name for p in together] and len(alone) == 4
-    for one, other in zip(alone, together):
+    for one, other in zip(alone, together, strict=True):
         assert np.abs(pixels(one) - pixels(other)).mean() < 1.0
 
 
@@ -129,7 +188,9 @@ def test_lora_changes_both_unet_and_text_encoder(tiny_model, lora_file, tmp_path
     state_dict, _ = generate.read_lora(path)
 
     generate.load_lora(pipe, state_dict, path, "lora0")
-    assert generate.count_lora_layers(pipe.unet, "lora0") == 4 * 2 * 4  # q, k, v, out of self- and cross-attention in four blocks
+    assert (
+        generate.count_lora_layers(pipe.unet, "lora0") == 4 * 2 * 4
+    )  # q, k, v, out of self- and cross-attention in four blocks
     assert generate.count_lora_layers(pipe.text_encoder, "lora0") == 4 * 2  # q, k, v, out in two layers
     generate.fuse_loras(pipe, [1.0])
     text_after, unet_after = component_outputs(pipe)
@@ -138,13 +199,31 @@ def test_lora_changes_both_unet_and_text_encoder(tiny_model, lora_file, tmp_path
 
 
 def test_from_png_reproduces_the_pixels(tiny_model, lora_file, tmp_path):
-    code, (first,) = run(tiny_model, tmp_path / "a", "--prompt", PROMPT, "--lora", lora_file, "--seed", "7",
-                         "--scheduler", "euler_a", "--negative_prompt", "blurry, dark", "--lora_scale", "0.8")
+    code, (first,) = run(
+        tiny_model,
+        tmp_path / "a",
+        "--prompt",
+        PROMPT,
+        "--lora",
+        lora_file,
+        "--seed",
+        "7",
+        "--scheduler",
+        "euler_a",
+        "--negative_prompt",
+        "blurry, dark",
+        "--lora_scale",
+        "0.8",
+    )
     assert code == 0
     text = Image.open(first).text
     settings = json.loads(text["text2face"])
-    assert settings["seed"] == 7 and settings["scheduler"] == "euler_a" and settings["negative_prompt"] == "blurry, dark"
-    assert settings["loras"] == [{"lora": str(lora_file), "file": str(lora_file), "sha256": generate.read_lora(lora_file)[1], "scale": 0.8}]
+    assert (
+        settings["seed"] == 7 and settings["scheduler"] == "euler_a" and settings["negative_prompt"] == "blurry, dark"
+    )
+    assert settings["loras"] == [
+        {"lora": str(lora_file), "file": str(lora_file), "sha256": generate.read_lora(lora_file)[1], "scale": 0.8}
+    ]
     assert text["parameters"].splitlines() == [
         PROMPT,
         "Negative prompt: blurry, dark",
@@ -158,7 +237,12 @@ def test_from_png_reproduces_the_pixels(tiny_model, lora_file, tmp_path):
     assert np.array_equal(pixels(again), pixels(first))
     assert json.loads(Image.open(again).text["text2face"]) == settings
 
-    assert generate.main(["--from_png", str(first), "--steps", "3", "--device", "cpu", "--output_dir", str(tmp_path / "c")]) == 0
+    assert (
+        generate.main(
+            ["--from_png", str(first), "--steps", "3", "--device", "cpu", "--output_dir", str(tmp_path / "c")]
+        )
+        == 0
+    )
     (tweaked,) = (tmp_path / "c").glob("*.png")
     assert json.loads(Image.open(tweaked).text["text2face"]) == {**settings, "steps": 3}
     assert np.abs(pixels(tweaked) - pixels(first)).mean() > 1
@@ -194,7 +278,9 @@ def test_every_scheduler_samples_and_is_named_in_the_png(tiny_model, tmp_path, s
 
 def test_compare_grid_puts_base_left_and_lora_right(tiny_model, lora_file, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text(f"# faces\n{PROMPT}\n\nan old man with gray hair and a beard\n  # skipped\na bald old man with a wide smile\n")
+    prompts.write_text(
+        f"# faces\n{PROMPT}\n\nan old man with gray hair and a beard\n  # skipped\na bald old man with a wide smile\n"
+    )
     code, (grid_path,) = run(tiny_model, tmp_path / "grid", "--compare", "--prompts_file", prompts, "--lora", lora_file)
     assert code == 0 and grid_path.name == "00000-compare-s42.png"
     grid = pixels(grid_path)
@@ -207,12 +293,12 @@ def test_compare_grid_puts_base_left_and_lora_right(tiny_model, lora_file, tmp_p
 
     _, base = run(tiny_model, tmp_path / "base", "--prompts_file", prompts, "--no_lora")
     _, lora = run(tiny_model, tmp_path / "lora", "--prompts_file", prompts, "--lora", lora_file)
-    for number, (base_path, lora_path) in enumerate(zip(base, lora)):
+    for number, (base_path, lora_path) in enumerate(zip(base, lora, strict=True)):
         top = (number // 2) * cell_height + margin
         left = (number % 2) * cell_width + margin
-        assert np.abs(grid[top:top + 64, left:left + 64] - pixels(base_path)).mean() < 1.0
-        assert np.abs(grid[top:top + 64, left + 64:left + 128] - pixels(lora_path)).mean() < 1.0
-        caption = grid[top + 64:top - margin + cell_height, left:left + 128]
+        assert np.abs(grid[top : top + 64, left : left + 64] - pixels(base_path)).mean() < 1.0
+        assert np.abs(grid[top : top + 64, left + 64 : left + 128] - pixels(lora_path)).mean() < 1.0
+        caption = grid[top + 64 : top - margin + cell_height, left : left + 128]
         assert caption.min() < 128  # dark text drawn on the white band
     assert (grid[cell_height:, cell_width:] == 255).all()  # the fourth cell stays empty
 
@@ -222,7 +308,10 @@ def test_prompt_with_path_characters_stays_inside_output_dir(tiny_model, tmp_pat
     code, images = run(tiny_model, output_dir, "--prompt", "../../etc/x", "--no_lora")
     assert code == 0
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [
-        Path("deep"), Path("deep/out"), Path("deep/out/00000-s42-etc-x.png")]
+        Path("deep"),
+        Path("deep/out"),
+        Path("deep/out/00000-s42-etc-x.png"),
+    ]
 
 
 def test_second_run_adds_a_file_instead_of_replacing(tiny_model, tmp_path):
@@ -267,13 +356,31 @@ BAD_INPUTS = {
     "no prompt": (lambda tmp: ["--no_lora"], "no prompt"),
     "size not a multiple of 8": (lambda tmp: ["--prompt", PROMPT, "--height", "60", "--no_lora"], "multiples of 8"),
     "steps below 1": (lambda tmp: ["--prompt", PROMPT, "--steps", "0", "--no_lora"], "--steps must be at least 1"),
-    "missing LoRA": (lambda tmp: ["--prompt", PROMPT, "--lora", str(tmp / "nowhere" / "lora.safetensors")], "python download.py"),
+    "missing LoRA": (
+        lambda tmp: ["--prompt", PROMPT, "--lora", str(tmp / "nowhere" / "lora.safetensors")],
+        "python download.py",
+    ),
     "missing LoRA repo": (lambda tmp: ["--prompt", PROMPT, "--lora", "someone/no-such-lora"], "python download.py"),
-    "corrupt LoRA": (lambda tmp: ["--prompt", PROMPT, "--lora", str(corrupt_lora(tmp))], "not a readable safetensors file"),
-    "LoRA keys for no component": (lambda tmp: ["--prompt", PROMPT, "--lora", str(unmatched_lora(tmp, "model.layer"))], "none of the 2 keys"),
-    "LoRA keys for no module": (lambda tmp: ["--prompt", PROMPT, "--lora", str(unmatched_lora(tmp, "unet.no.such.module"))], "does not fit"),
-    "missing base model": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--base_model", str(tmp / "no-model")], "neither a local folder nor a Hub id"),
-    "output_dir is a file": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--output_dir", str(plain_png(tmp))], "cannot create --output_dir"),
+    "corrupt LoRA": (
+        lambda tmp: ["--prompt", PROMPT, "--lora", str(corrupt_lora(tmp))],
+        "not a readable safetensors file",
+    ),
+    "LoRA keys for no component": (
+        lambda tmp: ["--prompt", PROMPT, "--lora", str(unmatched_lora(tmp, "model.layer"))],
+        "none of the 2 keys",
+    ),
+    "LoRA keys for no module": (
+        lambda tmp: ["--prompt", PROMPT, "--lora", str(unmatched_lora(tmp, "unet.no.such.module"))],
+        "does not fit",
+    ),
+    "missing base model": (
+        lambda tmp: ["--prompt", PROMPT, "--no_lora", "--base_model", str(tmp / "no-model")],
+        "neither a local folder nor a Hub id",
+    ),
+    "output_dir is a file": (
+        lambda tmp: ["--prompt", PROMPT, "--no_lora", "--output_dir", str(plain_png(tmp))],
+        "cannot create --output_dir",
+    ),
     "unknown device": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--device", "tpu"], "unknown --device"),
     "absent device": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--device", "cuda:7"], "no such CUDA device"),
     "PNG without settings": (lambda tmp: ["--from_png", str(plain_png(tmp))], "carries no complete text2face settings"),
@@ -290,16 +397,27 @@ def test_bad_input_gets_one_line_and_nonzero_exit(tiny_model, tmp_path, capsys, 
     assert last.startswith("error: ") and message in last
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--prompt", ""], "error: a --prompt is empty"),
-    (["--prompt", PROMPT, "--lora", "corrupt.safetensors"], "error: LoRA file corrupt.safetensors is not a readable"),
-    (["--prompt", PROMPT, "--scheduler", "heun_x"], "error: argument --scheduler: invalid choice: 'heun_x'"),
-    (["--prompt", PROMPT, "--steps", "many"], "error: argument --steps: invalid int value: 'many'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--prompt", ""], "error: a --prompt is empty"),
+        (
+            ["--prompt", PROMPT, "--lora", "corrupt.safetensors"],
+            "error: LoRA file corrupt.safetensors is not a readable",
+        ),
+        (["--prompt", PROMPT, "--scheduler", "heun_x"], "error: argument --scheduler: invalid choice: 'heun_x'"),
+        (["--prompt", PROMPT, "--steps", "many"], "error: argument --steps: invalid int value: 'many'"),
+    ],
+)
 def test_command_line_errors_print_one_line_and_no_traceback(tiny_model, tmp_path, flags, message):
     corrupt_lora(tmp_path)
-    result = subprocess.run([sys.executable, str(REPO / "generate.py"), "--base_model", str(tiny_model), "--device", "cpu", *flags],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "generate.py"), "--base_model", str(tiny_model), "--device", "cpu", *flags],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     (line,) = result.stderr.splitlines()
     assert line.startswith(message)
@@ -314,9 +432,29 @@ def test_default_lora_is_fetched_from_the_hub_on_first_use(tiny_model, lora_file
         hub.add_repo("michaeltrs/text2face", {lora_path: lora_file.read_bytes()})
     try:
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
-        result = subprocess.run([sys.executable, str(REPO / "generate.py"), "--base_model", str(tiny_model), "--prompt", PROMPT,
-                                 "--steps", "2", "--height", "64", "--width", "64", "--device", "cpu"],
-                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "generate.py"),
+                "--base_model",
+                str(tiny_model),
+                "--prompt",
+                PROMPT,
+                "--steps",
+                "2",
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--device",
+                "cpu",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         hub.close()
     assert any(request["path"] == f"/michaeltrs/text2face/resolve/main/{lora_path}" for request in hub.requests)
@@ -326,7 +464,9 @@ def test_default_lora_is_fetched_from_the_hub_on_first_use(tiny_model, lora_file
         assert fetched.read_bytes() == lora_file.read_bytes()
         (image,) = (tmp_path / "outputs").glob("*.png")
         settings = json.loads(Image.open(image).text["text2face"])
-        assert [(lora["lora"], lora["sha256"]) for lora in settings["loras"]] == [("checkpoints/lora30k", generate.read_lora(lora_file)[1])]
+        assert [(lora["lora"], lora["sha256"]) for lora in settings["loras"]] == [
+            ("checkpoints/lora30k", generate.read_lora(lora_file)[1])
+        ]
     else:
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert "run `python download.py`" in result.stderr.strip().splitlines()[-1]

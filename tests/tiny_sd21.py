@@ -6,6 +6,7 @@ downsampling), a CLIP text encoder with `q_proj/k_proj/v_proj/out_proj`, a v-pre
 scheduler -- at widths that run in milliseconds on a CPU. Everything is saved in the diffusers
 layout so the scripts load it through the same `from_pretrained(path)` calls as a Hub id.
 """
+
 import json
 from pathlib import Path
 
@@ -32,7 +33,9 @@ WORD_MERGES = ["a", "the", "man", "woman", "face", "hair", "smiles", "with", "ol
 
 def bytes_to_unicode():
     """GPT-2/CLIP byte-to-unicode table: every byte maps to a printable character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     characters = printable[:]
     extra = 0
     for byte in range(256):
@@ -40,7 +43,7 @@ def bytes_to_unicode():
             printable.append(byte)
             characters.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(c) for c in characters)))
+    return dict(zip(printable, (chr(c) for c in characters), strict=True))
 
 
 def write_clip_tokenizer(folder: Path):
@@ -61,20 +64,30 @@ def write_clip_tokenizer(folder: Path):
     vocab = {token: index for index, token in enumerate(dict.fromkeys(vocab_tokens))}
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer",
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": "!",
-        "model_max_length": 77,
-        "do_lower_case": True,
-        "add_prefix_space": False,
-    }))
-    (folder / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "pad_token": "!",
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "!",
+                "model_max_length": 77,
+                "do_lower_case": True,
+                "add_prefix_space": False,
+            }
+        )
+    )
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "!",
+            }
+        )
+    )
     return len(vocab)
 
 
@@ -116,23 +129,31 @@ def build_tiny_sd21(path, seed: int = 0) -> Path:
         scaling_factor=0.18215,
     )
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=32,
-        hidden_act="gelu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            hidden_act="gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     scheduler = DDIMScheduler.from_config(SD21_SCHEDULER_CONFIG)
     pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipeline.save_pretrained(path, safe_serialization=True)
     return path

@@ -1,5 +1,6 @@
 """What the finetune_lora.py tests share: the launcher command line, the small-run flags, reading a LoRA back,
 and one torch thread per test process."""
+
 import sys
 from pathlib import Path
 
@@ -23,15 +24,47 @@ def one_thread():
 
 def accelerate_launch(script_args, *launcher_args):
     """The command line of `accelerate launch` on CPU, one thread per process, no user config."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--num_machines", "1", *map(str, launcher_args),
-            str(SCRIPT), *map(str, script_args)]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_cpu_threads_per_process",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_machines",
+        "1",
+        *map(str, launcher_args),
+        str(SCRIPT),
+        *map(str, script_args),
+    ]
 
 
 def train_args(model, data, output, *extra):
-    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir", str(output),
-            "--resolution", "64", "--center_crop", "--train_batch_size", "2", "--rank", "4", "--text_encoder_rank", "4",
-            "--lr_warmup_steps", "0", "--report_to", "none", *map(str, extra)]
+    return [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--train_data_dir",
+        str(data),
+        "--output_dir",
+        str(output),
+        "--resolution",
+        "64",
+        "--center_crop",
+        "--train_batch_size",
+        "2",
+        "--rank",
+        "4",
+        "--text_encoder_rank",
+        "4",
+        "--lr_warmup_steps",
+        "0",
+        "--report_to",
+        "none",
+        *map(str, extra),
+    ]
 
 
 def lora(path):
