@@ -528,6 +528,35 @@ def test_a_bad_flag_gets_one_line_and_exit_code_2(tmp_path, capfd, flags, messag
     assert len(err) == 1 and err[0].startswith(message) and err[0].endswith("(see --help)")
 
 
+def test_an_error_without_a_message_still_gets_a_line():
+    assert finetune_lora.first_line(OSError()) == "OSError"
+    assert finetune_lora.first_line(OSError("disk full\n  at block 7")) == "disk full"
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_an_atomic_write_replaces_whole_or_leaves_the_old_one(tmp_path, kind):
+    target = tmp_path / "checkpoint-2"
+
+    def write(path, text):
+        if kind == "folder":
+            path.mkdir()
+            path = path / "weights"
+        path.write_text(text)
+
+    def read(path):
+        return (path / "weights" if kind == "folder" else path).read_text()
+
+    with finetune_lora.atomic_write(target) as staging:
+        write(staging, "old")
+    with pytest.raises(RuntimeError), finetune_lora.atomic_write(target) as staging:
+        write(staging, "half")
+        raise RuntimeError("killed while writing")
+    assert read(target) == "old" and [p.name for p in tmp_path.iterdir()] == ["checkpoint-2"]
+    with finetune_lora.atomic_write(target) as staging:
+        write(staging, "new")
+    assert read(target) == "new" and [p.name for p in tmp_path.iterdir()] == ["checkpoint-2"]
+
+
 class RefusingHub(http.server.BaseHTTPRequestHandler):
     """A Hub on 127.0.0.1 that creates any repo and then refuses every upload, as a token without write access does."""
 
