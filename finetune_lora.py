@@ -851,6 +851,11 @@ def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple:
     return unet_layers, text_encoder_layers
 
 
+def adapter_metadata(model) -> dict:
+    config = model.peft_config["default"]
+    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+
+
 def save_lora(path: Path, unet, text_encoder, train_text_encoder: bool):
     """Write the LoRA to the file `path` in the diffusers format generate.py loads.
 
@@ -858,10 +863,6 @@ def save_lora(path: Path, unet, text_encoder, train_text_encoder: bool):
     strength trained is the strength applied; training_settings.json beside it names the base model and steps.
     """
     from diffusers import StableDiffusionPipeline
-
-    def adapter_metadata(model):
-        config = model.peft_config["default"]
-        return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
 
     unet_layers, text_encoder_layers = lora_state_dicts(unet, text_encoder, train_text_encoder)
     StableDiffusionPipeline.save_lora_weights(
@@ -1526,24 +1527,20 @@ def start_logging(args, accelerator, models: Models):
 
 def encode_prompts(captions, models: Models, device, cache) -> torch.Tensor:
     """Text-encoder hidden states for the captions; taken from `cache` (per caption) when one is given."""
-
-    def encode(texts):
-        tokens = models.tokenizer(
-            texts,
-            max_length=models.tokenizer.model_max_length,
-            padding="max_length",
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        return models.text_encoder(tokens, return_dict=False)[0]
-
     if cache is None:
-        return encode(captions)
+        return encode_text(captions, models, device)
     missing = sorted({c for c in captions if c not in cache})
     if missing:
         with torch.no_grad():
-            cache.update(zip(missing, encode(missing).cpu(), strict=True))
+            cache.update(zip(missing, encode_text(missing, models, device).cpu(), strict=True))
     return torch.stack([cache[c] for c in captions]).to(device)
+
+
+def encode_text(texts, models: Models, device) -> torch.Tensor:
+    tokens = models.tokenizer(
+        texts, max_length=models.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+    return models.text_encoder(tokens, return_dict=False)[0]
 
 
 def diffusion_loss(batch, models: Models, args, accelerator, generator, text_cache) -> torch.Tensor:
