@@ -121,10 +121,10 @@ def hub_repo_id(value: str) -> str:
     """argparse type of --repo_id and --base_model: a Hub repo id, as download.py fetches from the Hub only."""
     try:
         validate_repo_id(value)
-    except HFValidationError as error:
+    except HFValidationError:
         raise argparse.ArgumentTypeError(
-            f"{value!r} is not a Hub repo id like {DEFAULT_BASE_MODEL} ({first_line(error)}); "
-            "a model folder on disk needs no download, generate.py --base_model takes it as it is"
+            f"{value!r} is not a Hub repo id (namespace/name, like {DEFAULT_BASE_MODEL}): download.py fetches from "
+            "the Hub only; give a folder or file on disk to generate.py as it is"
         ) from None
     return value
 
@@ -435,12 +435,12 @@ def explain(error: Exception, repo_id: str, filename: str, revision: str) -> str
         return f"file {filename} not found in {repo_id} at revision {revision!r}: check --filename"
     if isinstance(error, HfHubHTTPError) and error.response.status_code in (401, 403):
         return f"not authorized to download {repo_id} (HTTP {error.response.status_code}): {login}"
-    if is_offline_mode():
-        return f"HF_HUB_OFFLINE=1 is set, so {filename} cannot be fetched from {repo_id}: unset it to download"
-    if isinstance(error, (LocalEntryNotFoundError, httpx2.TransportError)):
+    if isinstance(error, (OfflineModeIsEnabled, LocalEntryNotFoundError, httpx2.TransportError)):
+        if is_offline_mode():
+            return f"HF_HUB_OFFLINE=1 is set, so {filename} cannot be fetched from {repo_id}: unset it to download"
         return (
             f"{out_of_reach(error)} to fetch {filename} from {repo_id}: check the network and HF_ENDPOINT; "
-            f"once the files are downloaded, HF_HUB_OFFLINE=1 runs without them"
+            f"once downloaded, the files are used offline with HF_HUB_OFFLINE=1"
         )
     return f"downloading {filename} from {repo_id} failed: {first_line(error)}"
 
