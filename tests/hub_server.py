@@ -7,7 +7,8 @@
 Errors carry the Hub's `X-Error-Code` header (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo), which
 is how huggingface_hub tells a missing repo from a missing file. Tests point `HF_ENDPOINT` at `hub.url`, serve
 repos with `hub.add_repo(...)` and read `hub.requests` to see what the client asked for (and `sent`: how many
-body bytes it got).
+body bytes it got); `hub.cut_next_download(...)` drops or stalls a download, `hub.honour_range = False` answers a
+Range request with the whole file.
 """
 
 import hashlib
