@@ -231,7 +231,10 @@ def fetch_lora(repo_id: str, filename: str, revision: str, local_dir: Path, forc
     try:
         download_into(partial, url, metadata.size, target.name)
     except KeyboardInterrupt:
-        print(f"download.py: kept the {human_size(partial.stat().st_size)} downloaded in {partial}", file=sys.stderr)
+        if partial.is_file():
+            print(
+                f"download.py: kept the {human_size(partial.stat().st_size)} downloaded in {partial}", file=sys.stderr
+            )
         raise
     # An LFS file's ETag is its sha256: bytes that do not match it are no use for a further resume either.
     if SHA256.fullmatch(metadata.etag) and sha256_of(partial) != metadata.etag:
