@@ -74,6 +74,13 @@ VALIDATION_INFERENCE_STEPS = 30
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 VALIDATION_GRID_PATTERN = re.compile(r"^step-\d{6}\.(png|json)$")  # validation/step-N.png and its prompts
 TRACKER_PROJECT = "text2face-lora"  # the tracker's run folder under --logging_dir
+# Sampled into the validation grids unless --validation_prompts says otherwise: the caption style Text2Face learned.
+DEFAULT_VALIDATION_PROMPTS = [
+    "A young woman, around 25 years old, with long red hair and green eyes, smiling with her mouth open.",
+    "The person is a 60-year-old man with a gray beard and short white hair, looking calm and neutral.",
+    "A middle-aged Black woman with short curly black hair and dark eyes, expressing surprise.",
+    "A teenage East Asian boy with straight black hair and glasses, looking slightly sad.",
+]
 
 logger = logging.getLogger("finetune_lora")
 
@@ -86,6 +93,17 @@ class TrainingError(Exception):
         self.exit_code = exit_code
 
 
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default: appended where the help does not state it already, 'off' for a switch."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        default = "off" if isinstance(action, argparse._StoreTrueAction) else "%(default)s"
+        return f"{text.removesuffix('.')} (default: {default})."
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line, as every other error of this script is reported."""
 
@@ -94,7 +112,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(description="LoRA fine-tuning of Stable Diffusion 2.1 (UNet and text encoder).")
+    parser = OneLineParser(
+        description="LoRA fine-tuning of Stable Diffusion 2.1 (UNet and text encoder).",
+        formatter_class=DefaultsShown,
+    )
     model = parser.add_argument_group("model")
     model.add_argument(
         "--pretrained_model_name_or_path",
@@ -102,10 +123,18 @@ def parse_args(argv=None):
         help=f"Base model: Hub id or local diffusers folder (default: {DEFAULT_BASE_MODEL}).",
     )
     model.add_argument(
-        "--revision", default=None, help="Git revision (branch, tag or commit) of the base model on the Hub."
+        "--revision",
+        default=None,
+        help="Git revision (branch, tag or commit) of the base model on the Hub (default: its main branch).",
     )
-    model.add_argument("--variant", default=None, help="Weight variant of the base model files, e.g. fp16.")
-    model.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are cached.")
+    model.add_argument(
+        "--variant", default=None, help="Weight variant of the base model files, e.g. fp16 (default: full precision)."
+    )
+    model.add_argument(
+        "--cache_dir",
+        default=None,
+        help="Where downloaded models and datasets are cached (default: the Hugging Face cache, $HF_HOME).",
+    )
     model.add_argument(
         "--rank", type=int, default=8, help="LoRA rank of the UNet adapters; their alpha equals the rank."
     )
@@ -122,7 +151,7 @@ def parse_args(argv=None):
         "--prediction_type",
         default=None,
         choices=["epsilon", "v_prediction"],
-        help="Training target; default: the base model scheduler's (v_prediction for SD2.1 768px).",
+        help="Training target (default: the base model scheduler's, v_prediction for SD2.1 768px).",
     )
 
     data = parser.add_argument_group("data")
@@ -130,20 +159,27 @@ def parse_args(argv=None):
         "--train_data_dir",
         default=None,
         help="Image folder (nested folders allowed) with metadata.jsonl/metadata.csv inside it, or with "
-        "--captions_file. With --dataset_name it is passed to datasets.load_dataset as data_dir.",
+        "--captions_file. With --dataset_name it is passed to datasets.load_dataset as data_dir "
+        "(default: none; give it or --dataset_name).",
     )
     data.add_argument(
         "--captions_file",
         default=None,
         help="Captions for --train_data_dir kept elsewhere: a JSON object {file: caption}, JSON or JSONL "
-        "records, or a CSV with a header. A caption may be a list; one is drawn per step.",
+        "records, or a CSV with a header, in UTF-8. A caption may be a list; one is drawn per step "
+        "(default: metadata.jsonl or metadata.csv inside --train_data_dir).",
     )
     data.add_argument(
         "--dataset_name",
         default=None,
-        help="A dataset on the Hub (or a local dataset script/folder) for datasets.load_dataset.",
+        help="A dataset on the Hub (or a local dataset script/folder) for datasets.load_dataset "
+        "(default: none, --train_data_dir).",
     )
-    data.add_argument("--dataset_config_name", default=None, help="Configuration of --dataset_name, if it has several.")
+    data.add_argument(
+        "--dataset_config_name",
+        default=None,
+        help="Configuration of --dataset_name, if it has several (default: its only one).",
+    )
     data.add_argument(
         "--image_column",
         default=None,
@@ -154,9 +190,14 @@ def parse_args(argv=None):
         "--caption_column", default="text", help="Column holding the caption (a string or a list of strings)."
     )
     data.add_argument(
-        "--max_train_samples", type=int, default=None, help="Train on this many images, drawn with --seed."
+        "--max_train_samples",
+        type=int,
+        default=None,
+        help="Train on this many images, drawn with --seed (default: all).",
     )
-    data.add_argument("--resolution", type=int, default=512, help="Training side length in pixels; a multiple of 8.")
+    data.add_argument(
+        "--resolution", type=int, default=768, help="Training side length in pixels, a multiple of 8 (SD2.1's: 768)."
+    )
     data.add_argument(
         "--center_crop", action="store_true", help="Crop the centre after resizing (default: a seeded random crop)."
     )
@@ -165,7 +206,7 @@ def parse_args(argv=None):
         "--dataloader_num_workers",
         type=int,
         default=0,
-        help="Worker processes that decode images (0: the main process).",
+        help="Worker processes that decode images; 0 decodes in the main process.",
     )
     data.add_argument(
         "--cache_latents",
@@ -201,11 +242,14 @@ def parse_args(argv=None):
     training.add_argument(
         "--num_train_epochs",
         type=int,
-        default=100,
+        default=20,
         help="Passes over the data (ignored when --max_train_steps is set).",
     )
     training.add_argument(
-        "--max_train_steps", type=int, default=None, help="Optimizer steps to train for; overrides --num_train_epochs."
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="Optimizer steps to train for; overrides --num_train_epochs (default: --num_train_epochs' worth).",
     )
     training.add_argument(
         "--gradient_accumulation_steps", type=int, default=1, help="Forward passes per optimizer step."
@@ -215,12 +259,14 @@ def parse_args(argv=None):
         action="store_true",
         help="Recompute activations of both models in the backward pass to save memory.",
     )
-    training.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate of the UNet LoRA.")
+    training.add_argument(
+        "--learning_rate", type=float, default=1e-5, help="Learning rate of the UNet LoRA; 0 freezes it."
+    )
     training.add_argument(
         "--learning_rate_text_encoder",
         type=float,
         default=None,
-        help="Learning rate of the text-encoder LoRA (default: --learning_rate).",
+        help="Learning rate of the text-encoder LoRA; 0 freezes it (default: --learning_rate).",
     )
     training.add_argument(
         "--scale_lr", action="store_true", help="Multiply both learning rates by the total batch size."
@@ -232,12 +278,15 @@ def parse_args(argv=None):
         help="Learning-rate schedule.",
     )
     training.add_argument(
-        "--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the learning-rate schedule."
+        "--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the learning-rate schedule."
     )
     training.add_argument(
-        "--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is usual); off by default."
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR loss weighting gamma, 5.0 is usual (default: off).",
     )
-    training.add_argument("--noise_offset", type=float, default=0.0, help="Offset-noise scale (0: off).")
+    training.add_argument("--noise_offset", type=float, default=0.0, help="Offset-noise scale; 0 is off.")
     training.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
     training.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     training.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
@@ -265,19 +314,23 @@ def parse_args(argv=None):
         "--checkpointing_steps", type=int, default=500, help="Write checkpoint-N every this many steps."
     )
     saving.add_argument(
-        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest removed)."
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Keep at most this many checkpoints, the oldest removed (default: keep all).",
     )
     saving.add_argument(
         "--resume_from_checkpoint",
         default=None,
         help="'latest' (the newest complete checkpoint in output_dir, or a fresh start if none), "
-        "a checkpoint-N name in output_dir, or a checkpoint folder path.",
+        "a checkpoint-N name in output_dir, or a checkpoint folder path (default: a fresh start).",
     )
     saving.add_argument(
         "--validation_prompts",
         nargs="+",
         default=None,
-        help="Prompts sampled at step 0, at validation epochs and at each checkpoint.",
+        help="Prompts sampled at step 0, at validation epochs and at each checkpoint; 'none': no validation "
+        f"(default: {len(DEFAULT_VALIDATION_PROMPTS)} face prompts, see DEFAULT_VALIDATION_PROMPTS in this script).",
     )
     saving.add_argument(
         "--num_validation_images", type=int, default=4, help="Images per validation prompt (rows of the grid)."
@@ -301,7 +354,16 @@ def parse_args(argv=None):
     saving.add_argument(
         "--hub_model_id", default=None, help="Hub repository for --push_to_hub (default: the output_dir name)."
     )
+    saving.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Also print each process's first batch and final LoRA checksum (to compare data-parallel processes).",
+    )
     args = parser.parse_args(argv)
+    if args.validation_prompts is None:
+        args.validation_prompts = list(DEFAULT_VALIDATION_PROMPTS)
+    elif [prompt.lower() for prompt in args.validation_prompts] == ["none"]:
+        args.validation_prompts = []
     check_args(args)
     return args
 
