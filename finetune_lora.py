@@ -78,12 +78,15 @@ VALIDATION_INFERENCE_STEPS = 30
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 VALIDATION_GRID_PATTERN = re.compile(r"^step-\d{6}\.(png|json)$")  # validation/step-N.png and its prompts
 TRACKER_PROJECT = "text2face-lora"  # the tracker's run folder under --logging_dir
-# Sampled into the validation grids unless --validation_prompts says otherwise: the caption style Text2Face learned.
+# Sampled into the validation grids unless --validation_prompts says otherwise: the published run's two prompts and
+# two more, in the caption style Text2Face learned.
 DEFAULT_VALIDATION_PROMPTS = [
-    "A young woman, around 25 years old, with long red hair and green eyes, smiling with her mouth open.",
-    "The person is a 60-year-old man with a gray beard and short white hair, looking calm and neutral.",
-    "A middle-aged Black woman with short curly black hair and dark eyes, expressing surprise.",
-    "A teenage East Asian boy with straight black hair and glasses, looking slightly sad.",
+    "A young Latina woman, around 27 years old, with long hair and pale skin, expressing a mix of happiness and "
+    "neutral emotions. She has fully open eyes and arched eyebrows.",
+    "The person is a 44-year-old Asian male with gray hair and a receding hairline. He has a big nose, closed mouth "
+    "and is feeling a mix of anger and sadness.",
+    "A Black woman around 60 years old with short curly gray hair and dark eyes, smiling with her mouth open.",
+    "A teenage boy with straight blond hair, freckles and blue eyes, looking surprised.",
 ]
 
 logger = logging.getLogger("finetune_lora")
@@ -314,7 +317,7 @@ def parse_args(argv=None):
 
     saving = parser.add_argument_group("checkpoints, validation and logging")
     saving.add_argument(
-        "--checkpointing_steps", type=int, default=500, help="Write checkpoint-N every this many steps."
+        "--checkpointing_steps", type=int, default=5000, help="Write checkpoint-N every this many steps."
     )
     saving.add_argument(
         "--checkpoints_total_limit",
@@ -336,7 +339,7 @@ def parse_args(argv=None):
         f"(default: {len(DEFAULT_VALIDATION_PROMPTS)} face prompts, see DEFAULT_VALIDATION_PROMPTS in this script).",
     )
     saving.add_argument(
-        "--num_validation_images", type=int, default=4, help="Images per validation prompt (rows of the grid)."
+        "--num_validation_images", type=int, default=5, help="Images per validation prompt (rows of the grid)."
     )
     saving.add_argument("--validation_epochs", type=int, default=1, help="Validate every this many epochs.")
     saving.add_argument(
@@ -1302,7 +1305,8 @@ def written_or_reported(output_dir: Path, target: Path, staging: Path | None = N
             if good
             else "no checkpoint was complete yet: make room, then run the same command again"
         )
-        raise TrainingError(f"cannot write {target}: {first_line(error)}; {how}") from error
+        free = shutil.disk_usage(output_dir).free / 2**20 if output_dir.is_dir() else 0
+        raise TrainingError(f"cannot write {target} ({first_line(error)}; {free:.1f} MiB free there); {how}") from error
 
 
 def save_checkpoint(accelerator, output_dir: Path, step: int, limit, extra_files) -> Path:
