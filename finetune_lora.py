@@ -1925,66 +1925,70 @@ def train(args, accelerator, models: Models, records: Records, checkpoint, stop:
     progress = tqdm(
         total=plan.max_train_steps, initial=run.global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
-    generator = torch.Generator("cpu")
-    first_epoch, first_step_in_epoch = divmod(run.global_step, plan.steps_per_epoch)
-    models.unet.train()
-    models.text_encoder.train(args.train_text_encoder)
-    step_started, accumulated_loss = time.perf_counter(), 0.0
-    for epoch in range(first_epoch, plan.num_epochs):
-        if run.global_step >= plan.max_train_steps:
-            break
-        first_step = first_step_in_epoch if epoch == first_epoch else 0
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=sampler.batches(epoch, first_step),
-            collate_fn=collate,
-            num_workers=args.dataloader_num_workers,
-            generator=torch.Generator().manual_seed(derived_seed(args.seed, "loader", epoch)),
-        )
-        for micro, batch in enumerate(loader, start=first_step * args.gradient_accumulation_steps):
-            if args.verbose and epoch == first_epoch and micro == first_step * args.gradient_accumulation_steps:
-                print(
-                    f"process {accelerator.process_index}/{accelerator.num_processes} first batch: "
-                    + ", ".join(records.source.name(i) for i in batch["indices"]),
-                    file=sys.stderr,
-                    flush=True,
-                )
-            # All randomness of a micro-batch follows from (seed, process, epoch, position): resuming needs no RNG replay.
-            generator.manual_seed(derived_seed(args.seed, "noise", accelerator.process_index, epoch, micro))
-            mean_loss = train_micro_batch(batch, args, accelerator, models, run, generator, text_cache, output_dir)
-            accumulated_loss += mean_loss / args.gradient_accumulation_steps
-            if not accelerator.sync_gradients:
-                continue
-
-            run.global_step += 1
-            now = time.perf_counter()
-            logs = {
-                "loss": accumulated_loss,
-                "lr": run.lr_scheduler.get_last_lr()[0],
-                "img/s": plan.total_batch_size / max(now - step_started, 1e-9),
-            }
-            step_started, accumulated_loss = now, 0.0
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['img/s']:.1f}")
-            accelerator.log(logs, step=run.global_step)
-
-            if stop.agreed(accelerator):
-                path = checkpoint_now(with_validation=False)
-                progress.close()
-                if accelerator.is_main_process:
-                    print(
-                        f"Stopped by {stop.reason or 'another process'} after step {run.global_step}; saved {path}. "
-                        "Resume with the same command and --resume_from_checkpoint latest",
-                        file=sys.stderr,
-                    )
-                return stop.exit_code()
-            if run.global_step % args.checkpointing_steps == 0:
-                checkpoint_now(with_validation=True)
+    try:  # closed however the loop ends, so that an error is printed on a line of its own
+        generator = torch.Generator("cpu")
+        first_epoch, first_step_in_epoch = divmod(run.global_step, plan.steps_per_epoch)
+        models.unet.train()
+        models.text_encoder.train(args.train_text_encoder)
+        step_started, accumulated_loss = time.perf_counter(), 0.0
+        for epoch in range(first_epoch, plan.num_epochs):
             if run.global_step >= plan.max_train_steps:
                 break
-        if validation and (epoch + 1) % args.validation_epochs == 0:
-            grid_path = validation.save(output_dir / "validation" / f"step-{run.global_step:06d}.png", run.global_step)
-    progress.close()
+            first_step = first_step_in_epoch if epoch == first_epoch else 0
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_sampler=sampler.batches(epoch, first_step),
+                collate_fn=collate,
+                num_workers=args.dataloader_num_workers,
+                generator=torch.Generator().manual_seed(derived_seed(args.seed, "loader", epoch)),
+            )
+            for micro, batch in enumerate(loader, start=first_step * args.gradient_accumulation_steps):
+                if args.verbose and epoch == first_epoch and micro == first_step * args.gradient_accumulation_steps:
+                    print(
+                        f"process {accelerator.process_index}/{accelerator.num_processes} first batch: "
+                        + ", ".join(records.source.name(i) for i in batch["indices"]),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                # All randomness of a micro-batch follows from (seed, process, epoch, position): resuming needs no RNG replay.
+                generator.manual_seed(derived_seed(args.seed, "noise", accelerator.process_index, epoch, micro))
+                mean_loss = train_micro_batch(batch, args, accelerator, models, run, generator, text_cache, output_dir)
+                accumulated_loss += mean_loss / args.gradient_accumulation_steps
+                if not accelerator.sync_gradients:
+                    continue
+
+                run.global_step += 1
+                now = time.perf_counter()
+                logs = {
+                    "loss": accumulated_loss,
+                    "lr": run.lr_scheduler.get_last_lr()[0],
+                    "img/s": plan.total_batch_size / max(now - step_started, 1e-9),
+                }
+                step_started, accumulated_loss = now, 0.0
+                progress.update(1)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['img/s']:.1f}")
+                accelerator.log(logs, step=run.global_step)
+
+                if stop.agreed(accelerator):
+                    path = checkpoint_now(with_validation=False)
+                    progress.close()
+                    if accelerator.is_main_process:
+                        print(
+                            f"Stopped by {stop.reason or 'another process'} after step {run.global_step}; saved {path}. "
+                            "Resume with the same command and --resume_from_checkpoint latest",
+                            file=sys.stderr,
+                        )
+                    return stop.exit_code()
+                if run.global_step % args.checkpointing_steps == 0:
+                    checkpoint_now(with_validation=True)
+                if run.global_step >= plan.max_train_steps:
+                    break
+            if validation and (epoch + 1) % args.validation_epochs == 0:
+                grid_path = validation.save(
+                    output_dir / "validation" / f"step-{run.global_step:06d}.png", run.global_step
+                )
+    finally:
+        progress.close()
     finish(args, accelerator, run, records, validation, grid_path)
     return 0
 
