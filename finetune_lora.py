@@ -465,7 +465,8 @@ class HubImages:
 
 def read_caption_table(path: Path, image_column: str, caption_column: str) -> tuple:
     """Read {image key: [captions]} from a JSON object, JSON/JSONL records or a CSV with a header, and the
-    numbers (from 1) of the records that name no image; a record without a caption gives its image none."""
+    numbers (from 1) of the records that name no image; a record without a caption gives its image none. UTF-8 with
+    or without the byte-order mark that Windows editors and Excel put first (it is no part of the first column)."""
     try:
         if path.suffix == ".csv":
             with path.open(newline="", encoding="utf-8-sig") as handle:
@@ -874,7 +875,7 @@ def check_base_model(args):
     """Find in seconds a base model that cannot load: a folder that is not there, or a Hub id that is neither in
     the cache nor reachable (instead of minutes of retries, or a missing-file error that blames the model)."""
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     base = args.pretrained_model_name_or_path
     if Path(base).is_dir():
@@ -889,6 +890,11 @@ def check_base_model(args):
         return
     except LocalEntryNotFoundError:
         pass
+    except HFValidationError as error:
+        raise TrainingError(
+            f"no such folder or Hub id: {base} ({first_line(error)}): give --pretrained_model_name_or_path the "
+            f"folder of a diffusers model, or a Hub id such as {DEFAULT_BASE_MODEL}"
+        ) from error
     if constants.is_offline_mode():
         raise TrainingError(
             f"base model {base} is not in the Hugging Face cache ({args.cache_dir or constants.HF_HUB_CACHE}) "
@@ -1950,7 +1956,8 @@ def train(args, accelerator, models: Models, records: Records, checkpoint, stop:
                         file=sys.stderr,
                         flush=True,
                     )
-                # All randomness of a micro-batch follows from (seed, process, epoch, position): resuming needs no RNG replay.
+                # All randomness of a micro-batch follows from (seed, process, epoch, position): resuming needs no
+                # RNG replay.
                 generator.manual_seed(derived_seed(args.seed, "noise", accelerator.process_index, epoch, micro))
                 mean_loss = train_micro_batch(batch, args, accelerator, models, run, generator, text_cache, output_dir)
                 accumulated_loss += mean_loss / args.gradient_accumulation_steps
@@ -1974,8 +1981,8 @@ def train(args, accelerator, models: Models, records: Records, checkpoint, stop:
                     progress.close()
                     if accelerator.is_main_process:
                         print(
-                            f"Stopped by {stop.reason or 'another process'} after step {run.global_step}; saved {path}. "
-                            "Resume with the same command and --resume_from_checkpoint latest",
+                            f"Stopped by {stop.reason or 'another process'} after step {run.global_step}; "
+                            f"saved {path}. Resume with the same command and --resume_from_checkpoint latest",
                             file=sys.stderr,
                         )
                     return stop.exit_code()
