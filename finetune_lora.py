@@ -20,6 +20,10 @@ Hugging Face imagefolder convention), or in a captions file anywhere:
     accelerate launch finetune_lora.py --train_data_dir=ffhq/images --captions_file=ffhq_captions.json \\
       --output_dir=outputs/ffhq --resolution=512 --center_crop --cache_latents
 
+The first command's values are the defaults (its switches aside): a bare run trains at 768 px with learning
+rates of 1e-5 and samples validation grids of four face prompts (`--validation_prompts none`: no grids). Before
+anything loads, the run checks that the base model can be found and that every place it writes can be written.
+
 Several GPUs or machines (run `accelerate config` once, or pass the topology on the command line);
 on CPUs, several processes need `--multi_gpu` too (plain `--cpu --num_processes N` runs one process):
 
