@@ -886,8 +886,8 @@ def check_base_model(args):
         return
     if looks_like_folder(base):
         raise TrainingError(
-            f"no such folder: {base}: give --pretrained_model_name_or_path the folder of a diffusers model, "
-            f"or a Hub id such as {DEFAULT_BASE_MODEL}"
+            f"--pretrained_model_name_or_path: no such folder: {base}: pass the folder of a diffusers Stable "
+            f"Diffusion 2.1 pipeline or a Hub id like {DEFAULT_BASE_MODEL}"
         )
     try:
         snapshot_download(base, revision=args.revision, cache_dir=args.cache_dir, local_files_only=True)
@@ -896,8 +896,8 @@ def check_base_model(args):
         pass
     except HFValidationError as error:
         raise TrainingError(
-            f"no such folder or Hub id: {base} ({first_line(error)}): give --pretrained_model_name_or_path the "
-            f"folder of a diffusers model, or a Hub id such as {DEFAULT_BASE_MODEL}"
+            f"--pretrained_model_name_or_path: no such folder or Hub id: {base} ({first_line(error)}): pass the "
+            f"folder of a diffusers Stable Diffusion 2.1 pipeline or a Hub id like {DEFAULT_BASE_MODEL}"
         ) from error
     if constants.is_offline_mode():
         raise TrainingError(
@@ -925,7 +925,7 @@ def check_hub_reachable(base: str, revision):
         get_hf_file_metadata(hf_hub_url(base, "model_index.json", revision=revision))
     except httpx.ConnectError as error:
         raise TrainingError(
-            f"cannot reach {constants.ENDPOINT} ({first_line(error)}) to download base model {base}, "
+            f"cannot reach the Hub at {constants.ENDPOINT} ({first_line(error)}) to fetch base model {base}, "
             f"which is not in the Hugging Face cache: {how_to_get(base)}"
         ) from error
     except RepositoryNotFoundError as error:

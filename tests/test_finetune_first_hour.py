@@ -69,8 +69,8 @@ def test_an_unreachable_hub_fails_at_once_in_one_line_that_names_the_model_and_t
     print(f"failed after {seconds:.1f} s (interpreter and imports included)")
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()  # no retry warnings, nothing twice
-    assert line.startswith(f"error: cannot reach {endpoint} (")
-    assert f"base model {finetune_lora.DEFAULT_BASE_MODEL}, which is not in the Hugging Face cache" in line
+    assert line.startswith(f"error: cannot reach the Hub at {endpoint} (")
+    assert f"to fetch base model {finetune_lora.DEFAULT_BASE_MODEL}, which is not in the Hugging Face cache" in line
     assert f"`python download.py --base_model {finetune_lora.DEFAULT_BASE_MODEL}`" in line
     assert "HF_HUB_OFFLINE=1" in line and "--pretrained_model_name_or_path /path/to/folder" in line
     assert not (tmp_path / "run").exists()
@@ -132,8 +132,8 @@ def test_a_base_model_path_that_does_not_exist_is_no_such_folder(face_folder, tm
     assert code == 1
     shown = str(tmp_path / "home" / "sd21") if name.startswith("~") else name
     assert error_lines(err) == [
-        f"error: no such folder: {shown}: give --pretrained_model_name_or_path the folder of a diffusers model, "
-        f"or a Hub id such as {finetune_lora.DEFAULT_BASE_MODEL}"
+        f"error: --pretrained_model_name_or_path: no such folder: {shown}: pass the folder of a diffusers Stable "
+        f"Diffusion 2.1 pipeline or a Hub id like {finetune_lora.DEFAULT_BASE_MODEL}"
     ]
     assert not (tmp_path / "run").exists()
 
