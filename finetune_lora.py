@@ -111,7 +111,7 @@ class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if "default" in text or action.default is argparse.SUPPRESS:
             return text
-        default = "off" if isinstance(action, argparse._StoreTrueAction) else "%(default)s"
+        default = "off" if action.default is False else "%(default)s"
         return f"{text.removesuffix('.')} (default: {default})."
 
 

@@ -151,7 +151,8 @@ def read_only_folder(tmp_path):
         yield folder
         folder.chmod(0o755)
         return
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)]).returncode != 0:
+    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
         pytest.skip("running as root without the right to mount a read-only tmpfs")
     yield folder
     subprocess.run(["umount", str(folder)], check=True)
