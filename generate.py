@@ -398,6 +398,8 @@ def pick_dtype(name: str, device: torch.device, made_with: str | None = None) ->
     An fp16 image is rendered in fp32 on the CPU, which is slow in fp16: the pixels may then differ slightly.
     """
     if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            print("warning: --dtype fp16 is slow on the CPU: drop it for fp32, the CPU's default", file=sys.stderr)
         return DTYPES[name]
     if made_with is None:
         return torch.float16 if device.type == "cuda" else torch.float32
@@ -421,10 +423,13 @@ def unreachable_reason(error) -> str | None:
 
 
 def check_hub_reachable(repo_id: str, filename: str, needed: str, fix: str):
-    """Fail at once when the Hub cannot be reached at all: huggingface_hub would retry for about 25 s and then
-    blame the cache. A Hub that answers, however slowly, is left to huggingface_hub and its retries."""
+    """Fail at once when the Hub cannot be reached at all, or not at all with HF_HUB_OFFLINE=1: huggingface_hub
+    would retry for about 25 s and then blame the cache. A Hub that answers, however slowly, is left to
+    huggingface_hub and its retries. `filename` is a file of `repo_id` the run needs."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 
+    if constants.HF_HUB_OFFLINE:
+        raise GenerateError(f"cannot fetch {needed}, with HF_HUB_OFFLINE=1: {fix}")
     try:
         get_hf_file_metadata(hf_hub_url(repo_id, filename))
     except Exception as error:  # anything but "not reachable" is reported by the download that follows
@@ -435,19 +440,15 @@ def check_hub_reachable(repo_id: str, filename: str, needed: str, fix: str):
             ) from None
 
 
-def from_cache_or_hub(fetch, repo_id: str, filename: str, needed: str, fix: str):
+def from_cache_or_hub(fetch, hub_file: tuple):
     """fetch(local_files_only=True) when the Hugging Face cache has it all; else fetch() from a Hub that answers.
 
-    `filename` is a file of `repo_id` asked for first, to learn whether the Hub can be reached at all.
+    `hub_file` holds the arguments of check_hub_reachable.
     """
-    from huggingface_hub import constants
-
     try:
         return fetch(local_files_only=True)
     except OSError:  # not cached, or not all of it
-        if constants.HF_HUB_OFFLINE:
-            raise GenerateError(f"cannot fetch {needed}, with HF_HUB_OFFLINE=1: {fix}") from None
-    check_hub_reachable(repo_id, filename, needed, fix)
+        check_hub_reachable(*hub_file)
     return fetch(local_files_only=False)
 
 
@@ -462,6 +463,18 @@ def base_model_folder(base_model: str) -> Path | None:
             )
         return folder
     return None
+
+
+def base_model_hub_file(base_model: str) -> tuple:
+    """check_hub_reachable's arguments for a --base_model Hub id."""
+    model_flag = "--base_model" if base_model == DEFAULT_BASE_MODEL else f"--base_model {base_model}"
+    return (
+        base_model,
+        "model_index.json",
+        f"--base_model {base_model}, which is not in the Hugging Face cache",
+        f"run `python download.py {model_flag}` on a machine with network, pass --base_model /path/to/folder, "
+        "or set HF_HUB_OFFLINE=1 with a filled cache",
+    )
 
 
 def load_base_model(args, dtype: torch.dtype):
@@ -479,18 +492,10 @@ def load_base_model(args, dtype: torch.dtype):
         )
 
     folder = base_model_folder(args.base_model)
-    model_flag = "--base_model" if args.base_model == DEFAULT_BASE_MODEL else f"--base_model {args.base_model}"
     try:
         if folder is not None:
             return fetch(local_files_only=True)
-        return from_cache_or_hub(
-            fetch,
-            args.base_model,
-            "model_index.json",
-            f"--base_model {args.base_model}, which is not in the Hugging Face cache",
-            f"run `python download.py {model_flag}` on a machine with network, pass --base_model /path/to/folder, "
-            "or set HF_HUB_OFFLINE=1 with a filled cache",
-        )
+        return from_cache_or_hub(fetch, base_model_hub_file(args.base_model))
     except (OSError, ValueError) as error:
         raise GenerateError(f"cannot load --base_model {args.base_model}: {first_line(error)}") from None
 
@@ -610,10 +615,13 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
             return Path(
                 from_cache_or_hub(
                     functools.partial(hf_hub_download, lora, weight_name),
-                    lora,
-                    weight_name,
-                    f"--lora {lora}, which is not in the Hugging Face cache",
-                    f"pass --lora /path/to/{weight_name}, or set HF_HUB_OFFLINE=1 with a filled cache",
+                    (
+                        lora,
+                        weight_name,
+                        f"--lora {lora}, which is not in the Hugging Face cache",
+                        f"run `hf download {lora} {weight_name}` on a machine with network, "
+                        f"or pass --lora /path/to/{weight_name}",
+                    ),
                 )
             )
         except GenerateError:
@@ -1047,9 +1055,14 @@ def check_writable_folder(folder: Path, flag: str):
 
 
 def preflight(args):
-    """What can be checked before a model is loaded: the --output_dir, and a --base_model folder."""
+    """What can be checked before a model is loaded: the --output_dir, a --base_model folder, and whether the Hub
+    answers when the --base_model is not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
     check_writable_folder(args.output_dir, "--output_dir")
-    base_model_folder(args.base_model)
+    if base_model_folder(args.base_model) is None:
+        if not isinstance(try_to_load_from_cache(args.base_model, "model_index.json"), str):
+            check_hub_reachable(*base_model_hub_file(args.base_model))
 
 
 def make_output_dir(output_dir: Path):
@@ -1271,13 +1284,14 @@ def main(argv=None) -> int:
     pngs_before = None  # the PNGs in --output_dir when sampling starts, to count what an interrupted run wrote
     try:
         args = parse_args(argv)
-        quiet_library_logs()
         if args.export_kohya is not None:
             check_writable_folder(args.export_kohya.parent, "--export_kohya")
+            quiet_library_logs()
             export_kohya(args)
             return 0
         prompts = read_prompts(args)
         preflight(args)
+        quiet_library_logs()
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device, args.png_dtype)
         loras = [] if args.no_lora else [prepare_lora(name, args) for name in args.lora]
