@@ -291,7 +291,7 @@ def check_args(args):
     for flag in ("steps", "num_images", "batch_size"):
         if getattr(args, flag) < 1:
             raise GenerateError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if not args.guidance_scale >= 0 or math.isinf(args.guidance_scale):
+    if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
         raise GenerateError(
             f"--guidance_scale {args.guidance_scale:g} is not a finite number of 0 or more: "
             "use 1 to turn guidance off, 7.5 (the default) or more to follow the prompt closely"
@@ -1061,7 +1061,14 @@ def preflight(args):
 
     check_writable_folder(args.output_dir, "--output_dir")
     if base_model_folder(args.base_model) is None:
-        if not isinstance(try_to_load_from_cache(args.base_model, "model_index.json"), str):
+        try:
+            cached = try_to_load_from_cache(args.base_model, "model_index.json")
+        except ValueError as error:  # a repo id the Hub would refuse
+            raise GenerateError(
+                f"--base_model {args.base_model} is no folder and no valid Hub id ({first_line(error)}): "
+                f"fix it, e.g. {DEFAULT_BASE_MODEL}"
+            ) from None
+        if not isinstance(cached, str):
             check_hub_reachable(*base_model_hub_file(args.base_model))
 
 

@@ -114,6 +114,13 @@ def test_a_base_model_path_that_does_not_exist_is_no_such_folder(tmp_path, capsy
     assert not (tmp_path / "outputs").exists()
 
 
+def test_a_base_model_hub_id_the_hub_would_refuse_is_one_line(tmp_path, capsys):
+    code = generate.main(["--prompt", PROMPT, "--no_lora", "--base_model", "someone/sd--21", *TINY_FLAGS])
+    assert code == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: --base_model someone/sd--21 is no folder and no valid Hub id (Cannot have -- or")
+
+
 # 3. Preflight: the output folder is checked before any model is loaded.
 
 
