@@ -559,6 +559,8 @@ def say_if_slow(step_seconds: float, args):
 
 
 def duration(seconds: float) -> str:
+    if seconds >= 90 * 60:
+        return f"{seconds / 3600:.1f} h"
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 

@@ -280,6 +280,13 @@ def test_a_slow_cpu_run_says_so_before_the_first_image_with_the_faster_settings(
     )
     generate.say_if_slow(1.0, args)  # under a minute an image: nothing to say
     assert capsys.readouterr().err == ""
+    generate.say_if_slow(7.2, generate.parse_args(["--prompt", PROMPT, "--steps", "5000"]))
+    assert "takes about 10.0 h (one step measured: 7.2 s); --height 512" in capsys.readouterr().err
+    generate.say_if_slow(
+        36.0, generate.parse_args(["--prompt", PROMPT, "--height", "512", "--width", "512", "--steps", "25"])
+    )
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.endswith("512x512 image at 25 steps takes about 15 min (one step measured: 36.0 s)")  # nothing faster
 
 
 # 11. A quiet log; 10. seconds per image.
