@@ -530,16 +530,15 @@ def auto_batch_size(pipe, args, image_count: int) -> int:
     return max(1, min(image_count, int(0.8 * free) // max(per_image, 1)))
 
 
-def fuse_and_compile(pipe, jobs, args, loras):
-    """Fuse the LoRAs into the weights at their scales and, with --compile, compile the models: done before the
-    sampling is timed, as loading is."""
+def fuse_and_compile(pipe, jobs, args, loras) -> float:
+    """Fuse the LoRAs into the weights at their scales and, with --compile, compile the models; return the seconds
+    spent compiling, which the sampling time leaves out."""
     if loras:
         fuse_loras(pipe, lora_scales(args, loras))
-    if args.compile:
-        compile_models(pipe, jobs, args)
+    return compile_models(pipe, jobs, args) if args.compile else 0.0
 
 
-def compile_models(pipe, jobs, args):
+def compile_models(pipe, jobs, args) -> float:
     """Compile the UNet and the VAE decoder in place and compile them now, on a 2-step batch of the first batch's
     shape: the time is printed apart, and the timed sampling runs compiled code only.
 
@@ -565,7 +564,9 @@ def compile_models(pipe, jobs, args):
         width=args.width,
         generator=torch.Generator("cpu").manual_seed(0),
     )
-    print(f"compiled the UNet and the VAE decoder in {time.perf_counter() - start:.1f} s (a 2-step warm-up batch)")
+    seconds = time.perf_counter() - start
+    print(f"compiled the UNet and the VAE decoder in {seconds:.1f} s (a 2-step warm-up batch)")
+    return seconds
 
 
 def sample(pipe, jobs, args, progress):
@@ -1118,16 +1119,15 @@ def main(argv=None) -> int:
         print(
             f"{len(prompts)} prompt(s) x {args.num_images} image(s) on {device} ({str(dtype).removeprefix('torch.')}), batch size {args.batch_size}"
         )
-        if not (args.grid or args.compare):
-            fuse_and_compile(pipe, jobs, args, loras)
         start = time.perf_counter()
+        compiling = 0.0 if args.grid or args.compare else fuse_and_compile(pipe, jobs, args, loras)
         if args.grid:
             count = write_lora_grids(pipe, jobs, args, loras, dtype)
         elif args.compare:
             count = write_compare_grid(pipe, jobs, args, loras)
         else:
             count = write_images(pipe, jobs, args, loras, dtype)
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start - compiling
         print(f"{count} image(s) in {elapsed:.1f} s: {count / elapsed:.2f} images/s")
         return 0
     except GenerateError as error:

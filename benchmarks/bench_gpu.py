@@ -281,8 +281,8 @@ def report(args, figures: dict, flops: dict):
             ("training peak host memory (GiB)", "train_peak_host_bytes", None),
         ]
     print(
-        f"\nconfig {args.config}, {args.resolution} px, device {DEVICE}, peak {flops['peak'] / 1e12:.1f} TFLOP/s, "
-        f"{flops['image'] / 1e12:.3f} TFLOP per image, {flops['train_image'] / 1e12:.3f} TFLOP per training image\n"
+        f"\nconfig {args.config}, {args.resolution} px, device {DEVICE}, peak {flops['peak'] / 1e12:.3g} TFLOP/s, "
+        f"{flops['image'] / 1e12:.4g} TFLOP per image, {flops['train_image'] / 1e12:.4g} TFLOP per training image\n"
     )
     print("| figure | eager | --compile |\n|---|--:|--:|")
     for label, key, form in rows:

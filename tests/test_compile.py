@@ -21,7 +21,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_generate import write_published_layout_lora
 from train_helpers import lora, one_thread, train_args  # noqa: F401  (one_thread: autouse fixture)
 
@@ -43,11 +43,15 @@ def png_settings(path) -> dict:
 
 def test_generate_compile_matches_eager_is_recorded_and_from_png_reproduces_it(tiny_model, tmp_path, capsys):
     lora_file = write_published_layout_lora(tiny_model, tmp_path / "lora.safetensors")
+    # A trained LoRA changes the weights by a few percent. The fixture's (A and B of 0.5 x randn) changes the tiny random
+    # model beyond recognition, which turns it chaotic: it amplifies float roundings 1000-fold (mean 0.19 levels).
+    save_file({key: value * 0.02 for key, value in load_file(lora_file).items()}, lora_file)
     flags = ["--base_model", str(tiny_model), "--lora", str(lora_file), "--prompt", "a face", "--num_images", "2"]
     flags += ["--steps", "3", "--height", "64", "--width", "64", "--device", "cpu"]
     assert generate.main([*flags, "--batch_size", "auto", "--output_dir", str(tmp_path / "eager")]) == 0
     assert "batch size 1" in capsys.readouterr().out  # auto is 1 off CUDA
-    assert generate.main([*flags, "--batch_size", "2", "--compile", "--output_dir", str(tmp_path / "compiled")]) == 0
+    # The same batch size: a batch of two rounds differently from two batches of one, compiled or not.
+    assert generate.main([*flags, "--batch_size", "1", "--compile", "--output_dir", str(tmp_path / "compiled")]) == 0
     out = capsys.readouterr().out
     assert "compiled the UNet and the VAE decoder in" in out
 
