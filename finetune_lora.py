@@ -259,7 +259,7 @@ def parse_args(argv=None):
         "--compile",
         action="store_true",
         help="torch.compile the UNet's training forward and backward (in place: saved keys and resume are unchanged). "
-        "The first step pays the compile time, a minute or more; validation samples uncompiled.",
+        "The first step pays the compile time, a minute or more; validation samples uncompiled (default: off).",
     )
     training.add_argument(
         "--enable_xformers_memory_efficient_attention",

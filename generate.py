@@ -150,7 +150,7 @@ def parse_args(argv=None):
         type=batch_size_value,
         default=1,
         help="Images sampled together, or auto: on CUDA as many as 80%% of the free GPU memory holds (measured "
-        "with one image), elsewhere 1.",
+        "with one image), elsewhere 1 (default: 1).",
     )
 
     model = parser.add_argument_group("model")
@@ -213,7 +213,7 @@ def parse_args(argv=None):
         help="torch.compile the UNet and the VAE decoder after the LoRA is fused (on CUDA also fused QKV "
         "projections, TF32 matmuls and max-autotune with CUDA graphs). A warm-up batch pays the compile time, "
         "reported apart; the images match the uncompiled ones up to floating-point rounding. Not with --compare "
-        "or --grid.",
+        "or --grid; --from_png compiles when the image was, unless --no-compile (default: off).",
     )
     output.add_argument(
         "--dtype",
