@@ -54,7 +54,7 @@ COMPILED_LINE = re.compile(r"compiled the UNet and the VAE decoder in ([\d.]+) s
 DEFAULTS = {
     "tiny": {"steps": 3, "num_images": 3, "batch_sizes": [2], "train_batch_size": 2, "k": 2, "faces": 8},
     "small": {"steps": 50, "num_images": 3, "batch_sizes": [4], "train_batch_size": 4, "k": 2, "faces": 8},
-    "sd21": {"steps": 50, "num_images": 5, "batch_sizes": [8, 16], "train_batch_size": 16, "k": 10, "faces": 32},
+    "sd21": {"steps": 50, "num_images": 5, "batch_sizes": [8], "train_batch_size": 16, "k": 10, "faces": 32},
 }
 
 
@@ -66,7 +66,9 @@ def parse_args(argv=None):
     parser.add_argument("--config", choices=sorted(DEFAULTS), default="sd21", help="Model and resolution.")
     parser.add_argument("--steps", type=int, help="Sampling steps (default: 50; 3 for tiny).")
     parser.add_argument("--num_images", type=int, help="Images of the batch-1 run (default: 5 sd21, 3 otherwise).")
-    parser.add_argument("--batch_sizes", type=int, nargs="+", help="Batch sizes tried for images/s (default: 8 16).")
+    parser.add_argument(
+        "--batch_sizes", type=int, nargs="+", help="Batch sizes tried for images/s (default: 8; 2 for tiny)."
+    )
     parser.add_argument("--train_batch_size", type=int, help="Training batch size (default: 16 sd21).")
     parser.add_argument("--parts", nargs="+", choices=["generate", "train"], default=["generate", "train"])
     parser.add_argument("--reference_dir", type=Path, default=DEFAULT_REFERENCE_DIR, help="SD2.1 component configs.")
