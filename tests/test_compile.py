@@ -112,3 +112,10 @@ def test_the_vae_is_freed_once_latents_are_cached_but_validation_keeps_its_decod
     assert vae.config.scaling_factor  # the loss still reads it
     if keep_decoder:
         assert torch.isfinite(vae.decode(latents).sample).all()
+
+
+@pytest.mark.parametrize("mode", ["--compare", "--grid"])
+def test_generate_compile_is_refused_with_modes_that_switch_adapters(mode, capsys):
+    assert generate.main(["--prompt", "a face", mode, "--compile"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --compile compiles the model with the LoRA fused in") and "\n" not in error
