@@ -78,6 +78,8 @@ def test_finetune_compile_trains_as_eager_saves_the_same_keys_and_resumes_exactl
     def run(output, *extra):
         flags = ["--train_text_encoder", "--cache_latents", "--learning_rate", LEARNING_RATE, "--seed", "0"]
         flags += ["--max_train_steps", STEPS, "--checkpointing_steps", "2", *extra]
+        # Rank 8 as in bench_gpu.py --config tiny: one graph, compiled once per test run.
+        flags += ["--rank", "8", "--text_encoder_rank", "8"]
         assert finetune_lora.main(train_args(tiny_model, face_folder, output, *flags)) == 0
         return lora(output)
 
