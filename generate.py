@@ -897,7 +897,7 @@ def make_output_dir(output_dir: Path):
 
 
 def write_images(pipe, jobs, args, loras, dtype) -> int:
-    """Sample every job (the LoRAs already fused in), saving each batch as soon as it is done; return the image count."""
+    """Sample every job (the LoRAs fused in already), saving each batch when it is done; return the image count."""
     scales = lora_scales(args, loras)
     index = next_index(args.output_dir)
     with tqdm(total=len(jobs), desc="images", unit="image", position=0) as progress:
