@@ -550,7 +550,7 @@ def compile_models(pipe, jobs, args) -> float:
     options = {"fullgraph": True, "dynamic": False}
     if pipe.device.type == "cuda":
         pipe.fuse_qkv_projections()  # one matmul for q, k and v instead of three
-        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts (--dtype fp32): TF32 tensor cores
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls (--dtype fp32) on TF32 tensor cores
         options["mode"] = "max-autotune"
     pipe.unet.compile(**options)
     pipe.vae.decoder.compile(**options)
