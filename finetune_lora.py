@@ -45,6 +45,7 @@ generate.py read; `training_settings.json` beside it names the base model, ranks
 import argparse
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -313,6 +314,12 @@ def parse_args(argv=None):
         "(except under DeepSpeed, which casts them too).",
     )
     training.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
+    training.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet's training forward and backward (in place: saved keys and resume are unchanged). "
+        "The first step pays the compile time, a minute or more; validation samples uncompiled (default: off).",
+    )
     training.add_argument(
         "--enable_xformers_memory_efficient_attention",
         action="store_true",
@@ -787,12 +794,11 @@ def load_models(args, accelerator) -> Models:
 
     # Frozen weights are only read, so they load straight in the mixed-precision dtype; the LoRA stays fp32.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    noise_scheduler, tokenizer, text_encoder, vae, unet = load_base_model(args, weight_dtype)
+    noise_scheduler, tokenizer, text_encoder, vae, unet = load_base_model(args, weight_dtype, accelerator.device)
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     for model in (text_encoder, vae, unet):
         model.requires_grad_(False)
-        model.to(accelerator.device)
 
     if args.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
@@ -823,10 +829,12 @@ def load_models(args, accelerator) -> Models:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
             text_encoder.activation_checkpointing_enable()
+    if args.compile:
+        compile_for_training(unet)
     return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, weight_dtype)
 
 
-def load_base_model(args, weight_dtype) -> tuple:
+def load_base_model(args, weight_dtype, device) -> tuple:
     """The base model's scheduler, tokenizer, text encoder, VAE and UNet: from its folder; from the Hugging Face
     cache alone when it holds them all (no network needed, none asked); else from the Hub, if it answers."""
     from huggingface_hub import constants
@@ -834,12 +842,13 @@ def load_base_model(args, weight_dtype) -> tuple:
     base = args.pretrained_model_name_or_path
     if not Path(base).is_dir() and not constants.is_offline_mode():
         with contextlib.suppress(OSError):
-            return base_model_components(args, weight_dtype, local_files_only=True)
+            return base_model_components(args, weight_dtype, device, local_files_only=True)
         check_hub_reachable(base, args.revision)
-    return base_model_components(args, weight_dtype, local_files_only=False)
+    return base_model_components(args, weight_dtype, device, local_files_only=False)
 
 
-def base_model_components(args, weight_dtype, local_files_only: bool) -> tuple:
+def base_model_components(args, weight_dtype, device, local_files_only: bool) -> tuple:
+    """Each model goes to `device` as soon as it is loaded: the host never holds all three at once."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -856,13 +865,13 @@ def base_model_components(args, weight_dtype, local_files_only: bool) -> tuple:
                 dtype=weight_dtype,
                 attn_implementation="sdpa",
                 **source,
-            ),
+            ).to(device),
             AutoencoderKL.from_pretrained(
                 base, subfolder="vae", variant=args.variant, torch_dtype=weight_dtype, **source
-            ),
+            ).to(device),
             UNet2DConditionModel.from_pretrained(
                 base, subfolder="unet", variant=args.variant, torch_dtype=weight_dtype, **source
-            ),
+            ).to(device),
         )
     except OSError as error:
         if local_files_only:
@@ -943,6 +952,16 @@ def first_line(error: BaseException) -> str:
     """The first line of an error's message, or its type when it has none."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+def compile_for_training(unet):
+    """Compile the UNet in place (module.compile(), not a torch.compile wrapper, whose state-dict keys would all start
+    with _orig_mod.). Inductor's layout optimization turns off: its channels-last convolutions give wrong weight
+    gradients in the backward pass (the mid block's LoRA gradients come out exactly zero)."""
+    import torch._inductor.config
+
+    torch._inductor.config.layout_optimization = False
+    unet.compile()
 
 
 def published_layout(text_encoder_layers: dict) -> dict:
@@ -1423,7 +1442,8 @@ def validation_grid(args, accelerator, models: Models, step: int) -> Image.Image
     )
     pipeline.set_progress_bar_config(disable=True)
     size, rows = args.resolution, []
-    with torch.no_grad(), accelerator.autocast():
+    # A compiled UNet samples eagerly here: compiling its inference graph would cost more than the sampling saves.
+    with torch.no_grad(), accelerator.autocast(), torch.compiler.set_stance("force_eager"):
         for repetition in range(args.num_validation_images):
             generator = torch.Generator("cpu").manual_seed(args.seed + repetition)
             rows.append(
@@ -1625,7 +1645,8 @@ def make_optimizer(args, models: Models, total_batch_size: int):
             raise TrainingError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
         optimizer_class = bitsandbytes.optim.AdamW8bit
     else:
-        optimizer_class = torch.optim.AdamW
+        # On CUDA one fused kernel updates every LoRA tensor, instead of a handful of kernels per tensor.
+        optimizer_class = functools.partial(torch.optim.AdamW, fused=models.unet.device.type == "cuda")
     optimizer = optimizer_class(
         groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
     )
@@ -1680,6 +1701,15 @@ def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_s
             }
         )
     dataset.latent_cache = cache
+
+
+def release_vae(vae, keep_decoder: bool):
+    """Free the VAE once the latents are cached: the encoder is never used again, the decoder only by validation
+    (it then stays where validation runs). Their weights go to the meta device; the config the loss reads stays."""
+    parts = [vae.encoder, vae.quant_conv] + ([] if keep_decoder else [vae.decoder, vae.post_quant_conv])
+    for part in parts:
+        if part is not None:  # a VAE without quant convolutions has None there
+            part.to("meta")
 
 
 def encode_prompts(captions, models: Models, device, cache) -> torch.Tensor:
@@ -1901,6 +1931,7 @@ def train(args, accelerator, models: Models, records: Records, checkpoint, stop:
     dataset = CaptionedImages(records, args.resolution, args.center_crop, args.random_flip)
     if args.cache_latents:
         cache_latents(dataset, models, accelerator, args.train_batch_size)
+        release_vae(models.vae, keep_decoder=bool(args.validation_prompts) and accelerator.is_main_process)
         stop_if_requested(stop, accelerator, "caching latents")
     text_cache = {} if args.cache_text_embeddings else None
     sampler = EpochBatches(

@@ -153,36 +153,11 @@ def parse_args(argv=None):
         help="Seed of the CPU generator of the first image of each prompt (default: %(default)s).",
     )
     sampling.add_argument(
-        "--steps",
-        type=int,
-        default=50,
-        help="Denoising steps; 25 with --scheduler dpm++ is faster (default: %(default)s).",
-    )
-    sampling.add_argument(
-        "--guidance_scale",
-        type=float,
-        default=7.5,
-        help="Classifier-free guidance scale, 0 or more; 1 turns guidance off (default: %(default)s).",
-    )
-    sampling.add_argument(
-        "--height",
-        type=int,
-        default=768,
-        help="Image height in pixels, a multiple of 8; 768 is SD2.1's native size (default: %(default)s).",
-    )
-    sampling.add_argument(
-        "--width", type=int, default=768, help="Image width in pixels, a multiple of 8 (default: %(default)s)."
-    )
-    sampling.add_argument(
-        "--scheduler",
-        choices=sorted(SCHEDULERS),
-        help="Sampler (default: the base model's own, DDIM for SD2.1).",
-    )
-    sampling.add_argument(
         "--batch_size",
-        type=int,
+        type=batch_size_value,
         default=1,
-        help="Images sampled together; raise it until the GPU memory is full (default: %(default)s).",
+        help="Images sampled together, or auto: on CUDA as many as 80%% of the free GPU memory holds (measured "
+        "with one image), elsewhere 1 (default: %(default)s).",
     )
 
     model = parser.add_argument_group("model")
@@ -252,6 +227,15 @@ def parse_args(argv=None):
         help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: %(default)s).",
     )
     output.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the UNet and the VAE decoder after the LoRA is fused (on CUDA also fused QKV "
+        "projections, TF32 matmuls and max-autotune with CUDA graphs). A warm-up batch pays the compile time, "
+        "reported apart; the images match the uncompiled ones up to floating-point rounding. Not with --compare "
+        "or --grid; --from_png compiles when the image was, unless --no-compile (default: off).",
+    )
+    output.add_argument(
         "--dtype",
         choices=["auto", *DTYPES],
         default="auto",
@@ -289,7 +273,7 @@ def check_args(args):
             f"--height {args.height} / --width {args.width}: both must be positive multiples of 8 (the VAE downsamples by 8)"
         )
     for flag in ("steps", "num_images", "batch_size"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) != "auto" and getattr(args, flag) < 1:
             raise GenerateError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
         raise GenerateError(
@@ -311,6 +295,11 @@ def check_args(args):
         raise GenerateError(
             f"--lora_scale has {len(args.lora_scale)} values for {len(args.lora)} --lora: give one scale for all LoRAs or one per --lora, or pass --grid to show each LoRA at every scale"
         )
+    if args.compile and (args.compare or args.grid):
+        raise GenerateError(
+            "--compile compiles the model with the LoRA fused in, and --compare and --grid switch adapters "
+            "between images, which would recompile it each time: drop --compile"
+        )
     if args.export_kohya is not None:
         if args.prompt or args.prompts_file or args.compare or args.grid or args.no_lora:
             raise GenerateError(
@@ -318,6 +307,11 @@ def check_args(args):
             )
         if len(args.lora) != 1:
             raise GenerateError(f"--export_kohya converts one LoRA at a time, got {len(args.lora)} --lora")
+
+
+def batch_size_value(text: str):
+    """--batch_size: a positive number or auto."""
+    return text if text == "auto" else int(text)
 
 
 def read_prompts(args) -> list:
@@ -714,6 +708,70 @@ def fuse_loras(pipe, scales):
     pipe.unload_lora_weights()
 
 
+def auto_batch_size(pipe, args, image_count: int) -> int:
+    """--batch_size auto: off CUDA 1 (a CPU is busy with one image, a larger batch only adds memory); on CUDA as many
+    images as 80% of the free memory holds, from the peak memory of one UNet step and one VAE decode of one image."""
+    device = pipe.device
+    if device.type != "cuda":
+        return 1
+    latent_size = (args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
+    pairs = 2 if args.guidance_scale > 1 else 1  # classifier-free guidance runs the UNet on two copies
+    latents = torch.zeros(pairs, pipe.unet.config.in_channels, *latent_size, device=device, dtype=pipe.unet.dtype)
+    context = torch.zeros(
+        pairs, pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim, device=device, dtype=latents.dtype
+    )
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    idle = torch.cuda.memory_allocated(device)
+    with torch.no_grad():
+        pipe.unet(latents, torch.tensor(999, device=device), context)
+        pipe.vae.decode(latents[:1].to(pipe.vae.dtype))
+    per_image = torch.cuda.max_memory_allocated(device) - idle
+    del latents, context
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(image_count, int(0.8 * free) // max(per_image, 1)))
+
+
+def fuse_and_compile(pipe, jobs, args, loras) -> float:
+    """Fuse the LoRAs into the weights at their scales and, with --compile, compile the models; return the seconds
+    spent compiling, which the sampling time leaves out."""
+    if loras:
+        fuse_loras(pipe, lora_scales(args, loras))
+    return compile_models(pipe, jobs, args) if args.compile else 0.0
+
+
+def compile_models(pipe, jobs, args) -> float:
+    """Compile the UNet and the VAE decoder in place and compile them now, on a 2-step batch of the first batch's
+    shape: the time is printed apart, and the timed sampling runs compiled code only.
+
+    In place (module.compile()), so the modules keep their names and state-dict keys. On CUDA the graphs are
+    autotuned and replayed as CUDA graphs (mode max-autotune), which suits the fixed-shape denoising loop; a last
+    smaller batch compiles once more. On the CPU the default mode: autotuning there costs minutes and gains little.
+    """
+    start = time.perf_counter()
+    options = {"fullgraph": True, "dynamic": False}
+    if pipe.device.type == "cuda":
+        pipe.fuse_qkv_projections()  # one matmul for q, k and v instead of three
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls (--dtype fp32) on TF32 tensor cores
+        options["mode"] = "max-autotune"
+    pipe.unet.compile(**options)
+    pipe.vae.decoder.compile(**options)
+    batch = jobs[: args.batch_size]
+    pipe(
+        prompt=[prompt for prompt, _ in batch],
+        negative_prompt=[args.negative_prompt] * len(batch),
+        num_inference_steps=2,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        generator=torch.Generator("cpu").manual_seed(0),
+    )
+    seconds = time.perf_counter() - start
+    print(f"compiled the UNet and the VAE decoder in {seconds:.1f} s (a 2-step warm-up batch)")
+    return seconds
+
+
 def sample(pipe, jobs, args, progress):
     """Yield the images for `jobs` [(prompt, seed)] in order, sampled `--batch_size` at a time; `progress` counts them."""
     for start in range(0, len(jobs), args.batch_size):
@@ -752,6 +810,7 @@ def image_settings(args, pipe, prompt, seed, loras, scales, dtype):
         ],
         "dtype": str(dtype).removeprefix("torch."),
         "generator": "cpu",
+        "compile": args.compile,
     }
 
 
@@ -832,6 +891,7 @@ def settings_to_defaults(settings) -> dict:
         "lora_weight_name": settings["lora_weight_name"],
         "lora_scale": [lora["scale"] for lora in loras] or None,
         "no_lora": not loras,
+        "compile": settings.get("compile", False),  # PNGs from before --compile were sampled eagerly
     }
 
 
@@ -1083,10 +1143,8 @@ def make_output_dir(output_dir: Path):
 
 
 def write_images(pipe, jobs, args, loras, dtype) -> int:
-    """Sample every job with the LoRAs fused in and save each batch as soon as it is done; return the image count."""
+    """Sample every job (the LoRAs fused in already), saving each batch when it is done; return the image count."""
     scales = lora_scales(args, loras)
-    if loras:
-        fuse_loras(pipe, scales)
     index = next_index(args.output_dir)
     with tqdm(total=len(jobs), desc="images", unit="image", position=0) as progress:
         for image, (prompt, seed) in zip(sample(pipe, jobs, args, progress), jobs, strict=True):
@@ -1311,6 +1369,8 @@ def main(argv=None) -> int:
         make_output_dir(args.output_dir)
 
         jobs = [(prompt, args.seed + i) for prompt in prompts for i in range(args.num_images)]
+        if args.batch_size == "auto":
+            args.batch_size = auto_batch_size(pipe, args, len(jobs))
         print(
             f"{len(prompts)} prompt(s) x {args.num_images} image(s) on {device} ({str(dtype).removeprefix('torch.')}), batch size {args.batch_size}"
         )
@@ -1318,13 +1378,14 @@ def main(argv=None) -> int:
             say_if_slow(unet_step_seconds(pipe, args), args)
         pngs_before = set(args.output_dir.glob("*.png"))
         start = time.perf_counter()
+        compiling = 0.0 if args.grid or args.compare else fuse_and_compile(pipe, jobs, args, loras)
         if args.grid:
             count = write_lora_grids(pipe, jobs, args, loras, dtype)
         elif args.compare:
             count = write_compare_grid(pipe, jobs, args, loras)
         else:
             count = write_images(pipe, jobs, args, loras, dtype)
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start - compiling
         print(f"{count} image(s) in {elapsed:.1f} s, {elapsed / count:.1f} s/image")
         return 0
     except GenerateError as error:
