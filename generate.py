@@ -48,12 +48,16 @@ NNNNN-s<seed>-<prompt slug>.png in --output_dir and are never overwritten.
 
 import argparse
 import collections
+import errno
+import functools
 import hashlib
 import json
 import math
 import os
 import re
+import socket
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -68,6 +72,8 @@ DEFAULT_LORA = "checkpoints/lora30k"
 DEFAULT_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_HUB_REPO = "michaeltrs/text2face"  # holds DEFAULT_LORA/DEFAULT_LORA_WEIGHT_NAME at the same relative path
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name; anything else given as a model must be a local path
+# What the OS says when a host cannot be reached at all, as opposed to a slow one; DNS failures are socket.gaierror.
+UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN}
 PNG_SETTINGS_KEY = "text2face"  # PNG text entry holding the JSON settings; "parameters" holds the A1111 line
 PNG_GRID_KEY = "text2face_grid"  # PNG text entry of a --grid picture: the JSON settings of every cell
 TRAINING_SETTINGS_NAME = (
@@ -113,85 +119,99 @@ def parse_args(argv=None):
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     prompts = parser.add_argument_group("prompts")
     prompts.add_argument(
-        "--prompt", action="append", default=[], help="Text describing the face; repeat the flag for several prompts."
+        "--prompt",
+        action="append",
+        default=[],
+        help="Text describing the face; repeat the flag for several prompts (default: none).",
     )
     prompts.add_argument(
         "--prompts_file",
         type=Path,
-        help="Text file with one prompt a line; blank lines and lines starting with # are skipped.",
+        help="UTF-8 text file with one prompt a line; blank lines and lines starting with # are skipped "
+        "(default: none).",
     )
     prompts.add_argument(
-        "--negative_prompt", default="", help="What the images should not show, used for every prompt."
+        "--negative_prompt",
+        default="",
+        help="What the images should not show, used for every prompt (default: none).",
     )
     prompts.add_argument(
         "--from_png",
         type=Path,
-        help="Regenerate an image written by this script from the settings in its PNG text; flags given beside it override them.",
+        help="Regenerate an image written by this script from the settings in its PNG text; flags given beside it "
+        "override them (default: none).",
     )
 
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--num_images", type=int, default=1, help="Images per prompt; image i uses seed + i.")
     sampling.add_argument(
-        "--seed", type=int, default=42, help="Seed of the CPU generator of the first image of each prompt."
-    )
-    sampling.add_argument("--steps", type=int, default=50, help="Denoising steps.")
-    sampling.add_argument(
-        "--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale; 1 turns guidance off."
+        "--num_images", type=int, default=1, help="Images per prompt; image i uses seed + i (default: %(default)s)."
     )
     sampling.add_argument(
-        "--height", type=int, default=768, help="Image height in pixels, a multiple of 8 (768 is SD2.1's native size)."
+        "--seed",
+        type=int,
+        default=42,
+        help="Seed of the CPU generator of the first image of each prompt (default: %(default)s).",
     )
-    sampling.add_argument("--width", type=int, default=768, help="Image width in pixels, a multiple of 8.")
     sampling.add_argument(
-        "--scheduler", choices=sorted(SCHEDULERS), help="Sampler; default: the base model's own (DDIM for SD2.1)."
-    )
-    sampling.add_argument(
-        "--batch_size", type=int, default=1, help="Images sampled together; raise it until the GPU memory is full."
+        "--batch_size",
+        type=batch_size_value,
+        default=1,
+        help="Images sampled together, or auto: on CUDA as many as 80%% of the free GPU memory holds (measured "
+        "with one image), elsewhere 1 (default: %(default)s).",
     )
 
     model = parser.add_argument_group("model")
     model.add_argument(
         "--base_model",
         default=DEFAULT_BASE_MODEL,
-        help="Hub id or local folder of a diffusers Stable Diffusion 2.1 pipeline.",
+        help="Hub id or local folder of a diffusers Stable Diffusion 2.1 pipeline (default: %(default)s).",
     )
     model.add_argument(
         "--variant",
         choices=["fp16"],
-        help="Load the base model's fp16 weight files (*.fp16.safetensors), e.g. the ones `python download.py --base_model --variant fp16` fetched; they are cast to --dtype. Default: the full-precision files.",
+        help="Load the base model's fp16 weight files (*.fp16.safetensors), e.g. the ones "
+        "`python download.py --base_model --variant fp16` fetched; they are cast to --dtype "
+        "(default: the full-precision files).",
     )
     model.add_argument(
         "--lora",
         action="append",
-        help=f"LoRA folder, .safetensors file (diffusers/PEFT or kohya keys) or Hub repo id; repeat the flag to apply several LoRAs together, or for the rows of --grid. Default: {DEFAULT_LORA}, fetched from the Hub repo {LORA_HUB_REPO} when missing.",
+        help="LoRA folder, .safetensors file (diffusers/PEFT or kohya keys) or Hub repo id; repeat the flag to apply "
+        f"several LoRAs together, or for the rows of --grid (default: {DEFAULT_LORA}, fetched from the Hub repo "
+        f"{LORA_HUB_REPO} when missing).",
     )
     model.add_argument(
         "--lora_weight_name",
         default=DEFAULT_LORA_WEIGHT_NAME,
-        help="File name of the LoRA weights inside a --lora folder or Hub repo.",
+        help="File name of the LoRA weights inside a --lora folder or Hub repo (default: %(default)s).",
     )
     model.add_argument(
         "--lora_scale",
         type=float,
         nargs="+",
-        help="Strength of the LoRAs: 0 is the base model, 1 a LoRA as trained. Without --grid: one value for every --lora, or one per --lora in the same order. With --grid: the columns, every --lora shown at each value. Default 1.0.",
+        help="Strength of the LoRAs: 0 is the base model, 1 a LoRA as trained. Without --grid: one value for every "
+        "--lora, or one per --lora in the same order. With --grid: the columns, every --lora shown at each value "
+        "(default: 1.0).",
     )
-    model.add_argument("--no_lora", action="store_true", help="Sample the base model alone.")
+    model.add_argument("--no_lora", action="store_true", help="Sample the base model alone (default: off).")
     model.add_argument(
         "--compare",
         action="store_true",
-        help="For each prompt, the base model's image and the LoRA's image from the same seed side by side, all tiled into one grid PNG.",
+        help="For each prompt, the base model's image and the LoRA's image from the same seed side by side, all "
+        "tiled into one grid PNG (default: off).",
     )
     model.add_argument(
         "--grid",
         action="store_true",
-        help="For each prompt, one PNG with a row per --lora and a column per --lora_scale value, the same seed in every cell: to pick a checkpoint and a strength.",
+        help="For each prompt, one PNG with a row per --lora and a column per --lora_scale value, the same seed in "
+        "every cell: to pick a checkpoint and a strength (default: off).",
     )
     model.add_argument(
         "--export_kohya",
         type=Path,
         metavar="OUT.safetensors",
-        help="Write the --lora with kohya keys (for AUTOMATIC1111 and ComfyUI) to this new file and exit without loading the base model.",
+        help="Write the --lora with kohya keys (for AUTOMATIC1111 and ComfyUI) to this new file and exit without "
+        "loading the base model (default: none, generate images).",
     )
 
     output = parser.add_argument_group("output and hardware")
@@ -199,14 +219,28 @@ def parse_args(argv=None):
         "--output_dir",
         type=Path,
         default=Path("outputs"),
-        help="Folder for the PNGs; existing files are never overwritten.",
+        help="Folder for the PNGs; existing files are never overwritten (default: %(default)s).",
     )
-    output.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")
+    output.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: %(default)s).",
+    )
+    output.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the UNet and the VAE decoder after the LoRA is fused (on CUDA also fused QKV "
+        "projections, TF32 matmuls and max-autotune with CUDA graphs). A warm-up batch pays the compile time, "
+        "reported apart; the images match the uncompiled ones up to floating-point rounding. Not with --compare "
+        "or --grid; --from_png compiles when the image was, unless --no-compile (default: off).",
+    )
     output.add_argument(
         "--dtype",
         choices=["auto", *DTYPES],
         default="auto",
-        help="Weight precision; auto is fp16 on cuda and fp32 elsewhere, and with --from_png the precision the image was made with (but fp32 for an fp16 image on the CPU).",
+        help="Weight precision; auto is fp16 on cuda and fp32 elsewhere, and with --from_png the precision the image "
+        "was made with (but fp32 for an fp16 image on the CPU) (default: %(default)s).",
     )
 
     args = parser.parse_args(argv)
@@ -239,8 +273,18 @@ def check_args(args):
             f"--height {args.height} / --width {args.width}: both must be positive multiples of 8 (the VAE downsamples by 8)"
         )
     for flag in ("steps", "num_images", "batch_size"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) != "auto" and getattr(args, flag) < 1:
             raise GenerateError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
+        raise GenerateError(
+            f"--guidance_scale {args.guidance_scale:g} is not a finite number of 0 or more: "
+            "use 1 to turn guidance off, 7.5 (the default) or more to follow the prompt closely"
+        )
+    if not all(math.isfinite(scale) for scale in args.lora_scale):
+        raise GenerateError(
+            f"--lora_scale {' '.join(f'{scale:g}' for scale in args.lora_scale)} is not finite: "
+            "use numbers such as 0 (the base model), 0.5 or 1 (the LoRA as trained)"
+        )
     if args.compare and args.no_lora:
         raise GenerateError("--compare sets the LoRA against the base model: drop --no_lora")
     if args.grid and (args.compare or args.no_lora):
@@ -251,6 +295,11 @@ def check_args(args):
         raise GenerateError(
             f"--lora_scale has {len(args.lora_scale)} values for {len(args.lora)} --lora: give one scale for all LoRAs or one per --lora, or pass --grid to show each LoRA at every scale"
         )
+    if args.compile and (args.compare or args.grid):
+        raise GenerateError(
+            "--compile compiles the model with the LoRA fused in, and --compare and --grid switch adapters "
+            "between images, which would recompile it each time: drop --compile"
+        )
     if args.export_kohya is not None:
         if args.prompt or args.prompts_file or args.compare or args.grid or args.no_lora:
             raise GenerateError(
@@ -260,6 +309,11 @@ def check_args(args):
             raise GenerateError(f"--export_kohya converts one LoRA at a time, got {len(args.lora)} --lora")
 
 
+def batch_size_value(text: str):
+    """--batch_size: a positive number or auto."""
+    return text if text == "auto" else int(text)
+
+
 def read_prompts(args) -> list:
     """The prompts from --prompt and --prompts_file, in that order; an empty one is an error."""
     prompts = list(args.prompt)
@@ -267,7 +321,12 @@ def read_prompts(args) -> list:
         try:
             lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
         except OSError as error:
-            raise GenerateError(f"cannot read --prompts_file {args.prompts_file}: {error.strerror}") from None
+            raise GenerateError(f"cannot read --prompts_file {args.prompts_file}: {os_reason(error)}") from None
+        except UnicodeDecodeError as error:
+            raise GenerateError(
+                f"--prompts_file {args.prompts_file} is not UTF-8 text (byte {error.object[error.start]:#04x} "
+                f"at offset {error.start}): save it as UTF-8"
+            ) from None
         prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise GenerateError("no prompt given: pass --prompt TEXT, --prompts_file FILE or --from_png FILE")
@@ -288,6 +347,23 @@ def warn_long_prompts(tokenizer, prompts, negative_prompt):
                 f'warning: {kind} is {len(ids)} CLIP tokens but CLIP reads only the first {limit}, so its end is cut: "...{cut}"',
                 file=sys.stderr,
             )
+
+
+def quiet_library_logs():
+    """Keep out of the log what a user cannot act on: the libraries' warnings (torchvision missing, fp16 on the
+    CPU) unless TRANSFORMERS_VERBOSITY or DIFFUSERS_VERBOSITY ask for them, and, when stderr is no terminal,
+    their loading bars, whose redraws only clutter a log file."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library, variable in (
+        (transformers_logging, "TRANSFORMERS_VERBOSITY"),
+        (diffusers_logging, "DIFFUSERS_VERBOSITY"),
+    ):
+        if variable not in os.environ:
+            library.set_verbosity_error()
+        if not sys.stderr.isatty():
+            library.disable_progress_bar()
 
 
 def pick_device(name: str) -> torch.device:
@@ -316,6 +392,8 @@ def pick_dtype(name: str, device: torch.device, made_with: str | None = None) ->
     An fp16 image is rendered in fp32 on the CPU, which is slow in fp16: the pixels may then differ slightly.
     """
     if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            print("warning: --dtype fp16 is slow on the CPU: drop it for fp32, the CPU's default", file=sys.stderr)
         return DTYPES[name]
     if made_with is None:
         return torch.float16 if device.type == "cuda" else torch.float32
@@ -328,29 +406,157 @@ def pick_dtype(name: str, device: torch.device, made_with: str | None = None) ->
     return DTYPES[made_with]
 
 
-def load_pipeline(args, device: torch.device, dtype: torch.dtype):
-    """The base pipeline on `device` with the chosen scheduler and PyTorch SDPA attention everywhere."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.models.attention_processor import AttnProcessor2_0
+def unreachable_reason(error) -> str | None:
+    """Why a Hub request could not connect at all (refused, no route, no DNS), from the OS error under the HTTP
+    library's; None for any other failure, such as a timeout or an answer from the Hub."""
+    while error is not None:
+        if isinstance(error, socket.gaierror) or (isinstance(error, OSError) and error.errno in UNREACHABLE_ERRNOS):
+            return os_reason(error)
+        error = error.__cause__ or error.__context__
+    return None
 
-    if not Path(args.base_model).exists() and not HUB_ID.fullmatch(args.base_model):
-        raise GenerateError(
-            f"--base_model {args.base_model} is neither a local folder nor a Hub id like {DEFAULT_BASE_MODEL}"
-        )
+
+def check_hub_reachable(repo_id: str, filename: str, needed: str, fix: str):
+    """Fail at once when the Hub cannot be reached at all, or not at all with HF_HUB_OFFLINE=1: huggingface_hub
+    would retry for about 25 s and then blame the cache. A Hub that answers, however slowly, is left to
+    huggingface_hub and its retries. `filename` is a file of `repo_id` the run needs."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+    if constants.HF_HUB_OFFLINE:
+        raise GenerateError(f"cannot load {needed}, with HF_HUB_OFFLINE=1: {fix}")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            args.base_model, dtype=dtype, variant=args.variant, safety_checker=None, requires_safety_checker=False
+        get_hf_file_metadata(hf_hub_url(repo_id, filename))
+    except Exception as error:  # anything but "not reachable" is reported by the download that follows
+        reason = unreachable_reason(error)
+        if reason is not None:
+            raise GenerateError(
+                f"cannot reach the Hub at {constants.ENDPOINT} ({reason}) to fetch {needed}: {fix}"
+            ) from None
+
+
+def from_cache_or_hub(fetch, hub_file: tuple):
+    """fetch(local_files_only=True) when the Hugging Face cache has it all; else fetch() from a Hub that answers.
+
+    `hub_file` holds the arguments of check_hub_reachable.
+    """
+    try:
+        return fetch(local_files_only=True)
+    except OSError:  # not cached, or not all of it
+        check_hub_reachable(*hub_file)
+    return fetch(local_files_only=False)
+
+
+def base_model_folder(base_model: str) -> Path | None:
+    """The local folder --base_model names, or None for a Hub id; a path that does not exist is an error."""
+    if base_model.startswith(("/", "./", "../", "~")) or not HUB_ID.fullmatch(base_model) or Path(base_model).exists():
+        folder = Path(base_model).expanduser()
+        if not folder.is_dir():
+            raise GenerateError(
+                f"--base_model: no such folder: {folder}: pass the folder of a diffusers Stable Diffusion 2.1 "
+                f"pipeline or a Hub id like {DEFAULT_BASE_MODEL}"
+            )
+        return folder
+    return None
+
+
+def base_model_hub_file(base_model: str, variant: str | None) -> tuple:
+    """check_hub_reachable's arguments for a --base_model Hub id and its --variant."""
+    download_flags = "--base_model" if base_model == DEFAULT_BASE_MODEL else f"--base_model {base_model}"
+    download_flags += f" --variant {variant}" if variant else ""
+    return (
+        base_model,
+        "model_index.json",
+        f"--base_model {base_model}, whose {variant or 'full-precision'} weights are not all in the Hugging Face cache",
+        f"run `python download.py {download_flags}` on a machine with network, pass --base_model /path/to/folder, "
+        "or set HF_HUB_OFFLINE=1 with a filled cache",
+    )
+
+
+def load_base_model(args, dtype: torch.dtype):
+    """The --base_model pipeline: from its folder, else from the Hugging Face cache, else from the Hub."""
+    from diffusers import StableDiffusionPipeline
+
+    def fetch(local_files_only: bool):
+        return StableDiffusionPipeline.from_pretrained(
+            folder or args.base_model,
+            dtype=dtype,
+            variant=args.variant,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=local_files_only,
         )
+
+    folder = base_model_folder(args.base_model)
+    try:
+        if folder is not None:
+            return fetch(local_files_only=True)
+        return from_cache_or_hub(fetch, base_model_hub_file(args.base_model, args.variant))
     except (OSError, ValueError) as error:
         raise GenerateError(f"cannot load --base_model {args.base_model}: {first_line(error)}") from None
+
+
+def load_pipeline(args, device: torch.device, dtype: torch.dtype):
+    """The base pipeline on `device` with the chosen scheduler and PyTorch SDPA attention everywhere."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    pipe = load_base_model(args, dtype)
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     # SDPA is what diffusers and transformers pick today; set it explicitly so speed does not hang on their defaults.
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.vae.set_attn_processor(AttnProcessor2_0())
     pipe.text_encoder.set_attn_implementation("sdpa")
-    pipe.set_progress_bar_config(leave=False, desc="steps", position=1)
+    # Beneath the images bar; in a log file its redraws would bury everything else.
+    pipe.set_progress_bar_config(leave=False, desc="steps", position=1, disable=not sys.stderr.isatty())
     return pipe.to(device)
+
+
+def unet_step_seconds(pipe, args) -> float:
+    """Seconds of one denoising step of one image at --height x --width, timed on random inputs (the first step's
+    warm-up included, so it errs long); classifier-free guidance runs the UNet on two latents."""
+    unet = pipe.unet
+    latent_count = 2 if args.guidance_scale > 1 else 1
+    size = (args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
+    latents = torch.randn(latent_count, unet.config.in_channels, *size, dtype=unet.dtype, device=unet.device)
+    text = torch.zeros(
+        latent_count,
+        pipe.tokenizer.model_max_length,
+        unet.config.cross_attention_dim,
+        dtype=unet.dtype,
+        device=unet.device,
+    )
+    start = time.perf_counter()
+    with torch.no_grad():
+        unet(latents, 999, encoder_hidden_states=text)
+    return time.perf_counter() - start
+
+
+def say_if_slow(step_seconds: float, args):
+    """Before the first image, say how long each takes when that is over a minute, and what is faster.
+
+    The time of the faster settings is the measured step scaled by pixels and steps; attention grows faster
+    than the pixel count, so it errs long.
+    """
+    per_image = step_seconds * args.steps
+    if per_image <= 60:
+        return
+    fast = step_seconds * 512 * 512 / (args.height * args.width) * 25
+    hint = (
+        f"; --height 512 --width 512 --steps 25 --scheduler dpm++ takes about {duration(fast)}"
+        if fast < per_image
+        else ""
+    )
+    print(
+        f"note: on the CPU each {args.width}x{args.height} image at {args.steps} steps takes about "
+        f"{duration(per_image)} (one step measured: {step_seconds:.1f} s){hint}",
+        file=sys.stderr,
+    )
+
+
+def duration(seconds: float) -> str:
+    if seconds >= 90 * 60:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def make_scheduler(name: str, config):
@@ -384,6 +590,13 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
         return path / weight_name
     if lora == DEFAULT_LORA and weight_name == DEFAULT_LORA_WEIGHT_NAME:
         print(f"The LoRA is not in {DEFAULT_LORA} yet: fetching it from the Hub repo {LORA_HUB_REPO}.", file=sys.stderr)
+        check_hub_reachable(
+            LORA_HUB_REPO,
+            f"{DEFAULT_LORA}/{DEFAULT_LORA_WEIGHT_NAME}",
+            f"the LoRA {LORA_HUB_REPO}/{DEFAULT_LORA}",
+            f"run `python download.py` on a machine with network and copy {DEFAULT_LORA} here, "
+            "pass --lora /path/to/lora.safetensors, or --no_lora for the base model alone",
+        )
         try:
             return Path(hf_hub_download(LORA_HUB_REPO, f"{DEFAULT_LORA}/{DEFAULT_LORA_WEIGHT_NAME}", local_dir="."))
         except Exception as error:  # any failure to fetch leaves the user the same remedy
@@ -396,8 +609,21 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
         )
     if HUB_ID.fullmatch(lora) and not lora.endswith(".safetensors"):
         try:
-            return Path(hf_hub_download(lora, weight_name))
-        except Exception as error:  # offline, no such repo or no such file: the same remedy
+            return Path(
+                from_cache_or_hub(
+                    functools.partial(hf_hub_download, lora, weight_name),
+                    (
+                        lora,
+                        weight_name,
+                        f"--lora {lora}, which is not in the Hugging Face cache",
+                        f"run `hf download {lora} {weight_name}` on a machine with network, "
+                        f"or pass --lora /path/to/{weight_name}",
+                    ),
+                )
+            )
+        except GenerateError:
+            raise
+        except Exception as error:  # no such repo or no such file: the same remedy
             raise GenerateError(
                 f"--lora {lora} is not a local file or folder, and the Hub has no {weight_name} there ({first_line(error)}): run `python download.py` or fix the path"
             ) from None
@@ -482,6 +708,70 @@ def fuse_loras(pipe, scales):
     pipe.unload_lora_weights()
 
 
+def auto_batch_size(pipe, args, image_count: int) -> int:
+    """--batch_size auto: off CUDA 1 (a CPU is busy with one image, a larger batch only adds memory); on CUDA as many
+    images as 80% of the free memory holds, from the peak memory of one UNet step and one VAE decode of one image."""
+    device = pipe.device
+    if device.type != "cuda":
+        return 1
+    latent_size = (args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
+    pairs = 2 if args.guidance_scale > 1 else 1  # classifier-free guidance runs the UNet on two copies
+    latents = torch.zeros(pairs, pipe.unet.config.in_channels, *latent_size, device=device, dtype=pipe.unet.dtype)
+    context = torch.zeros(
+        pairs, pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim, device=device, dtype=latents.dtype
+    )
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    idle = torch.cuda.memory_allocated(device)
+    with torch.no_grad():
+        pipe.unet(latents, torch.tensor(999, device=device), context)
+        pipe.vae.decode(latents[:1].to(pipe.vae.dtype))
+    per_image = torch.cuda.max_memory_allocated(device) - idle
+    del latents, context
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(image_count, int(0.8 * free) // max(per_image, 1)))
+
+
+def fuse_and_compile(pipe, jobs, args, loras) -> float:
+    """Fuse the LoRAs into the weights at their scales and, with --compile, compile the models; return the seconds
+    spent compiling, which the sampling time leaves out."""
+    if loras:
+        fuse_loras(pipe, lora_scales(args, loras))
+    return compile_models(pipe, jobs, args) if args.compile else 0.0
+
+
+def compile_models(pipe, jobs, args) -> float:
+    """Compile the UNet and the VAE decoder in place and compile them now, on a 2-step batch of the first batch's
+    shape: the time is printed apart, and the timed sampling runs compiled code only.
+
+    In place (module.compile()), so the modules keep their names and state-dict keys. On CUDA the graphs are
+    autotuned and replayed as CUDA graphs (mode max-autotune), which suits the fixed-shape denoising loop; a last
+    smaller batch compiles once more. On the CPU the default mode: autotuning there costs minutes and gains little.
+    """
+    start = time.perf_counter()
+    options = {"fullgraph": True, "dynamic": False}
+    if pipe.device.type == "cuda":
+        pipe.fuse_qkv_projections()  # one matmul for q, k and v instead of three
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls (--dtype fp32) on TF32 tensor cores
+        options["mode"] = "max-autotune"
+    pipe.unet.compile(**options)
+    pipe.vae.decoder.compile(**options)
+    batch = jobs[: args.batch_size]
+    pipe(
+        prompt=[prompt for prompt, _ in batch],
+        negative_prompt=[args.negative_prompt] * len(batch),
+        num_inference_steps=2,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        generator=torch.Generator("cpu").manual_seed(0),
+    )
+    seconds = time.perf_counter() - start
+    print(f"compiled the UNet and the VAE decoder in {seconds:.1f} s (a 2-step warm-up batch)")
+    return seconds
+
+
 def sample(pipe, jobs, args, progress):
     """Yield the images for `jobs` [(prompt, seed)] in order, sampled `--batch_size` at a time; `progress` counts them."""
     for start in range(0, len(jobs), args.batch_size):
@@ -520,6 +810,7 @@ def image_settings(args, pipe, prompt, seed, loras, scales, dtype):
         ],
         "dtype": str(dtype).removeprefix("torch."),
         "generator": "cpu",
+        "compile": args.compile,
     }
 
 
@@ -600,6 +891,7 @@ def settings_to_defaults(settings) -> dict:
         "lora_weight_name": settings["lora_weight_name"],
         "lora_scale": [lora["scale"] for lora in loras] or None,
         "no_lora": not loras,
+        "compile": settings.get("compile", False),  # PNGs from before --compile were sampled eagerly
     }
 
 
@@ -624,9 +916,9 @@ def save_png(image, output_dir: Path, index: int, name: str, info) -> tuple:
     replaces if another run took the name meanwhile; an interrupted write leaves no partial image.
     """
     temporary = output_dir / f".{uuid.uuid4().hex}.png.tmp"
-    with open(temporary, "xb") as file:
-        image.save(file, format="PNG", pnginfo=info)
     try:
+        with open(temporary, "xb") as file:
+            image.save(file, format="PNG", pnginfo=info)
         while True:
             path = output_dir / f"{index:05d}-{name}.png"
             try:
@@ -635,7 +927,7 @@ def save_png(image, output_dir: Path, index: int, name: str, info) -> tuple:
             except FileExistsError:
                 index += 1
     finally:
-        temporary.unlink()
+        temporary.unlink(missing_ok=True)
 
 
 def caption_font(width: int):
@@ -766,6 +1058,11 @@ def first_line(error) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def os_reason(error: OSError) -> str:
+    """The OS's words for an OSError ("Permission denied"), or its first line when it carries none."""
+    return error.strerror or first_line(error)
+
+
 class Lora(NamedTuple):
     name: str  # the --lora value
     file: Path
@@ -800,18 +1097,54 @@ def describe_loras(loras, scales) -> str:
     return " + ".join(f"LoRA {lora.file} at scale {scale:g}" for lora, scale in zip(loras, scales, strict=True))
 
 
+def check_writable_folder(folder: Path, flag: str):
+    """Fail now, before any model is loaded, if `folder` cannot be created or written to; create nothing.
+
+    A file is created and removed in the deepest folder that exists: permission bits alone do not say
+    whether a write succeeds (root, read-only mounts).
+    """
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise GenerateError(f"{flag} {folder}: {existing} is a file, not a folder: pick another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise GenerateError(
+            f"{flag} {folder}: cannot write in {existing} ({os_reason(error)}): pick a folder you can write to"
+        ) from None
+
+
+def preflight(args):
+    """What can be checked before a model is loaded: the --output_dir, a --base_model folder, and whether the Hub
+    answers when the --base_model is not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    check_writable_folder(args.output_dir, "--output_dir")
+    if base_model_folder(args.base_model) is None:
+        try:
+            cached = try_to_load_from_cache(args.base_model, "model_index.json")
+        except ValueError as error:  # a repo id the Hub would refuse
+            raise GenerateError(
+                f"--base_model {args.base_model} is no folder and no valid Hub id ({first_line(error)}): "
+                f"fix it, e.g. {DEFAULT_BASE_MODEL}"
+            ) from None
+        if not isinstance(cached, str):
+            check_hub_reachable(*base_model_hub_file(args.base_model, args.variant))
+
+
 def make_output_dir(output_dir: Path):
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise GenerateError(f"cannot create --output_dir {output_dir}: {error.strerror}") from None
+        raise GenerateError(f"cannot create --output_dir {output_dir}: {os_reason(error)}") from None
 
 
 def write_images(pipe, jobs, args, loras, dtype) -> int:
-    """Sample every job with the LoRAs fused in and save each batch as soon as it is done; return the image count."""
+    """Sample every job (the LoRAs fused in already), saving each batch when it is done; return the image count."""
     scales = lora_scales(args, loras)
-    if loras:
-        fuse_loras(pipe, scales)
     index = next_index(args.output_dir)
     with tqdm(total=len(jobs), desc="images", unit="image", position=0) as progress:
         for image, (prompt, seed) in zip(sample(pipe, jobs, args, progress), jobs, strict=True):
@@ -978,21 +1311,25 @@ def kohya_metadata(lora: Lora, kohya, base_model: str) -> dict:
 
 
 def write_new_safetensors(state_dict, path: Path, metadata: dict):
-    """Save under a temporary name and hard-link into place: an existing file is never replaced, nothing is half-written."""
-    from safetensors.torch import save_file
+    """Save under a temporary name and hard-link into place: an existing file is never replaced, nothing is
+    half-written. The bytes go through open(), which honours the user's umask; safetensors' save_file would
+    make the file 0600.
+    """
+    from safetensors.torch import save
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise GenerateError(f"cannot create the folder of --export_kohya {path}: {error.strerror}") from None
+        raise GenerateError(f"cannot create the folder of --export_kohya {path}: {os_reason(error)}") from None
     temporary = path.parent / f".{uuid.uuid4().hex}.safetensors.tmp"
     try:
-        save_file(state_dict, temporary, metadata=metadata)
+        with open(temporary, "xb") as file:
+            file.write(save(state_dict, metadata=metadata))
         os.link(temporary, path)
     except FileExistsError:
         raise GenerateError(f"--export_kohya {path} already exists: pick a new file name or remove it") from None
     except OSError as error:
-        raise GenerateError(f"cannot write --export_kohya {path}: {error.strerror}") from None
+        raise GenerateError(f"cannot write --export_kohya {path}: {os_reason(error)}") from None
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -1012,12 +1349,17 @@ def export_kohya(args) -> Path:
 
 
 def main(argv=None) -> int:
+    pngs_before = None  # the PNGs in --output_dir when sampling starts, to count what an interrupted run wrote
     try:
         args = parse_args(argv)
         if args.export_kohya is not None:
+            check_writable_folder(args.export_kohya.parent, "--export_kohya")
+            quiet_library_logs()
             export_kohya(args)
             return 0
         prompts = read_prompts(args)
+        preflight(args)
+        quiet_library_logs()
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device, args.png_dtype)
         loras = [] if args.no_lora else [prepare_lora(name, args) for name in args.lora]
@@ -1027,22 +1369,35 @@ def main(argv=None) -> int:
         make_output_dir(args.output_dir)
 
         jobs = [(prompt, args.seed + i) for prompt in prompts for i in range(args.num_images)]
+        if args.batch_size == "auto":
+            args.batch_size = auto_batch_size(pipe, args, len(jobs))
         print(
             f"{len(prompts)} prompt(s) x {args.num_images} image(s) on {device} ({str(dtype).removeprefix('torch.')}), batch size {args.batch_size}"
         )
+        if device.type == "cpu":
+            say_if_slow(unet_step_seconds(pipe, args), args)
+        pngs_before = set(args.output_dir.glob("*.png"))
         start = time.perf_counter()
+        compiling = 0.0 if args.grid or args.compare else fuse_and_compile(pipe, jobs, args, loras)
         if args.grid:
             count = write_lora_grids(pipe, jobs, args, loras, dtype)
         elif args.compare:
             count = write_compare_grid(pipe, jobs, args, loras)
         else:
             count = write_images(pipe, jobs, args, loras, dtype)
-        elapsed = time.perf_counter() - start
-        print(f"{count} image(s) in {elapsed:.1f} s: {count / elapsed:.2f} images/s")
+        elapsed = time.perf_counter() - start - compiling
+        print(f"{count} image(s) in {elapsed:.1f} s, {elapsed / count:.1f} s/image")
         return 0
     except GenerateError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if pngs_before is None:
+            print("interrupted before any image was written", file=sys.stderr)
+        else:
+            written = len(set(args.output_dir.glob("*.png")) - pngs_before)
+            print(f"interrupted: {written} image(s) written to {args.output_dir}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -360,7 +360,10 @@ BAD_INPUTS = {
         lambda tmp: ["--prompt", PROMPT, "--lora", str(tmp / "nowhere" / "lora.safetensors")],
         "python download.py",
     ),
-    "missing LoRA repo": (lambda tmp: ["--prompt", PROMPT, "--lora", "someone/no-such-lora"], "python download.py"),
+    "missing LoRA repo": (
+        lambda tmp: ["--prompt", PROMPT, "--lora", "someone/no-such-lora"],
+        "which is not in the Hugging Face cache",
+    ),
     "corrupt LoRA": (
         lambda tmp: ["--prompt", PROMPT, "--lora", str(corrupt_lora(tmp))],
         "not a readable safetensors file",
@@ -375,11 +378,11 @@ BAD_INPUTS = {
     ),
     "missing base model": (
         lambda tmp: ["--prompt", PROMPT, "--no_lora", "--base_model", str(tmp / "no-model")],
-        "neither a local folder nor a Hub id",
+        "no such folder",
     ),
     "output_dir is a file": (
         lambda tmp: ["--prompt", PROMPT, "--no_lora", "--output_dir", str(plain_png(tmp))],
-        "cannot create --output_dir",
+        "is a file, not a folder",
     ),
     "unknown device": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--device", "tpu"], "unknown --device"),
     "absent device": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--device", "cuda:7"], "no such CUDA device"),

@@ -362,7 +362,7 @@ def test_a_trained_lora_exported_by_the_command_training_prints_gives_the_same_i
         == 0
     )
     # generate.py --export_kohya is the one converter; training ends by printing the command that runs it.
-    [line] = [line for line in capsys.readouterr().out.splitlines() if "--export_kohya" in line]
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "--export_kohya" in line]
     command = shlex.split(line[line.index("python generate.py") :])
     assert command[:2] == ["python", "generate.py"] and command[command.index("--lora") + 1] == str(output)
     exported = subprocess.run(
