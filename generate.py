@@ -287,8 +287,10 @@ def check_args(args):
                 "--export_kohya converts a LoRA and generates nothing: "
                 "drop --prompt, --prompts_file, --from_png, --grid and --compare"
             )
-        if len(args.lora or [DEFAULT_LORA]) != 1 or args.lora == [NO_LORA]:
-            raise GenerateError(f"--export_kohya converts one LoRA at a time, got --lora {' '.join(args.lora)}")
+        if args.lora == [NO_LORA]:
+            raise GenerateError(f"--export_kohya converts a LoRA: give a --lora other than {NO_LORA}")
+        if len(args.lora or [DEFAULT_LORA]) != 1:
+            raise GenerateError(f"--export_kohya converts one LoRA at a time, got {len(args.lora)} --lora")
 
 
 def first_line(error) -> str:
