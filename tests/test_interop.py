@@ -406,3 +406,26 @@ def test_finetune_save_kohya_writes_a_lora_that_gives_the_same_image(tiny_model,
         images[name] = pixels(next((tmp_path / name).glob("*.png")))
     assert np.abs(images["diffusers"] - images["base"]).mean() > 1
     assert np.abs(images["kohya"] - images["diffusers"]).mean() <= 1.0  # 1/255 per pixel on average
+
+
+def test_switching_loras_restores_the_base_weights_bit_for_bit(tiny_model, loras):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    prepared = {
+        name: generate.prepare_lora(name, "pytorch_lora_weights.safetensors", {}) for name in map(str, loras.values())
+    }
+    a, b = prepared
+    switch = generate.LoraSwitch(pipe, prepared, {((a, 1.0),), ((b, 0.5), (a, 0.7)), ()})
+
+    def weights():
+        return {name: value.clone() for name, value in pipe.unet.state_dict().items() if "lora_" not in name}
+
+    switch.use(())
+    base = weights()
+    switch.use(((a, 1.0),))
+    fused_a = weights()
+    assert any(not torch.equal(fused_a[name], base[name]) for name in base)
+    for setting in (((b, 0.5), (a, 0.7)), (), ((a, 1.0),)):
+        switch.use(setting)
+    assert all(torch.equal(value, fused_a[name]) for name, value in weights().items())
+    switch.use(())
+    assert all(torch.equal(value, base[name]) for name, value in weights().items())
