@@ -586,3 +586,17 @@ def test_default_lora_is_fetched_from_the_hub_on_first_use(tiny_model, lora_file
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert "run `python download.py`" in result.stderr.strip().splitlines()[-1]
         assert not fetched.exists() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    "error, line",
+    [
+        (ValueError("bad value\nmore detail"), "bad value"),
+        (KeyError(), "KeyError"),
+        (RuntimeError("  \n"), "RuntimeError"),
+        (OSError(28, "No space left on device"), "No space left on device"),
+        (OSError("no errno, only text"), "no errno, only text"),
+    ],
+)
+def test_an_error_becomes_one_line_even_when_its_text_is_empty(error, line):
+    assert generate.first_line(error) == line

@@ -73,7 +73,8 @@ def loras(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def kohya_files(loras, tmp_path_factory):
-    """Each LoRA exported by `generate.py --export_kohya`, with a --base_model that does not exist: export never loads it."""
+    """Each LoRA exported by `generate.py --export_kohya`, with a --base_model that does not exist: export never
+    loads it."""
     folder = tmp_path_factory.mktemp("kohya")
     files = {}
     for name, source in loras.items():
