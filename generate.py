@@ -452,8 +452,9 @@ def grid_axes(args, settings, prompts) -> list:
     names = [axis.name for axis in axes]
     if len(axes) > 2:
         raise GenerateError(f"a grid has at most two axes, rows and columns; got {', '.join(names)}")
-    if len(set(names)) < len(names):
-        raise GenerateError(f"--grid {names[0]} is given twice (--compare is a lora axis): give each axis once")
+    twice = [name for number, name in enumerate(names) if name in names[:number]]
+    if twice:
+        raise GenerateError(f"--grid {twice[0]} is given twice (--compare is a lora axis): give each axis once")
     if "lora" in names and args.lora and not args.compare:
         raise GenerateError("--grid lora=... names the LoRAs of its cells: drop --lora")
     if "lora_scale" in names and args.lora_scale:
@@ -554,10 +555,8 @@ def check_grid_size(figures, args):
 def warn_long_prompts(tokenizer, cells):
     """CLIP reads 77 tokens (start and end included); say which words of a longer prompt it never sees."""
     limit = tokenizer.model_max_length
-    texts = {("prompt", cell.prompt): None for cell in cells} | {
-        ("negative prompt", c.negative_prompt): None for c in cells
-    }
-    for kind, prompt in texts:
+    texts = [("prompt", cell.prompt) for cell in cells] + [("negative prompt", cell.negative_prompt) for cell in cells]
+    for kind, prompt in dict.fromkeys(texts):
         ids = tokenizer(prompt).input_ids
         if len(ids) > limit:
             cut = tokenizer.decode(ids[limit - 1 : -1])
@@ -1137,7 +1136,8 @@ def write_images(pipe, figures, settings, loras: dict, dtype, args, command: str
                     )
                     path, index = save_png(image, args.output_dir, index, f"s{cell.seed}-{slugify(cell.prompt)}", info)
                     tqdm.write(f"wrote {path}")
-                    written[position] = (image, path)
+                    if figure is not None:
+                        written[position] = (image, path)
                 progress.update(len(batch))
             if figure is not None:
                 index = write_figure(figure, written, settings["base_model"], command, args.output_dir, index)

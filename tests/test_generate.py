@@ -397,6 +397,14 @@ def plain_png(tmp_path):
     return path
 
 
+def figure_png(tmp_path):
+    path = tmp_path / "figure.png"
+    info = generate.PngImagePlugin.PngInfo()
+    info.add_text("text2face_grid", json.dumps({"command": "python generate.py --grid seed=1,2", "cells": []}))
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
 BAD_INPUTS = {
     "empty prompt": (lambda tmp: ["--prompt", "  ", "--lora", "none"], "empty"),
     "no prompt": (lambda tmp: ["--lora", "none"], "no prompt"),
@@ -433,6 +441,7 @@ BAD_INPUTS = {
     "unknown device": (lambda tmp: ["--prompt", PROMPT, "--lora", "none", "--device", "tpu"], "unknown --device"),
     "absent device": (lambda tmp: ["--prompt", PROMPT, "--lora", "none", "--device", "cuda:7"], "no such CUDA device"),
     "PNG without settings": (lambda tmp: ["--from_png", str(plain_png(tmp))], "carries no complete text2face settings"),
+    "grid figure as --from_png": (lambda tmp: ["--from_png", str(figure_png(tmp))], "pass one of its cells"),
 }
 
 
