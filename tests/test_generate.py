@@ -249,6 +249,19 @@ def test_from_png_reproduces_the_pixels(tiny_model, lora_file, tmp_path):
     assert np.abs(pixels(tweaked) - pixels(first)).mean() > 1
 
 
+def test_from_png_refuses_a_lora_file_that_changed_since(tiny_model, lora_file, tmp_path, capsys):
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(lora_file.read_bytes())
+    code, (image,) = run(tiny_model, tmp_path / "a", "--prompt", PROMPT, "--lora", lora)
+    assert code == 0
+    write_published_layout_lora(tiny_model, lora, seed=5)  # another LoRA under the same name
+    capsys.readouterr()
+    assert generate.main(["--from_png", str(image), "--device", "cpu", "--output_dir", str(tmp_path / "b")]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: LoRA {lora} has sha256 ") and "but the PNG was made with" in line
+    assert not (tmp_path / "b").exists()
+
+
 def test_from_png_renders_in_the_precision_the_image_was_made_with(tiny_model, tmp_path, capsys):
     code, (first,) = run(tiny_model, tmp_path / "a", "--prompt", PROMPT, "--lora", "none", "--dtype", "bf16")
     assert code == 0
