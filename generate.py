@@ -53,6 +53,8 @@ NNNNN-s<seed>-<prompt slug>.png in --output_dir and are never overwritten.
 
 import argparse
 import collections
+import errno
+import functools
 import hashlib
 import itertools
 import json
@@ -60,7 +62,9 @@ import math
 import os
 import re
 import shlex
+import socket
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -76,6 +80,8 @@ DEFAULT_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_HUB_REPO = "michaeltrs/text2face"  # holds DEFAULT_LORA/DEFAULT_LORA_WEIGHT_NAME at the same relative path
 NO_LORA = "none"  # the --lora value (and lora axis value) that samples the base model alone
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name; anything else given as a model must be a local path
+# What the OS says when a host cannot be reached at all, as opposed to a slow one; DNS failures are socket.gaierror.
+UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN}
 PNG_SETTINGS_KEY = "text2face"  # PNG text entry holding the JSON settings; "parameters" holds the A1111 line
 PNG_GRID_KEY = "text2face_grid"  # PNG text entry of a grid figure: its command, axes and cell files
 TRAINING_SETTINGS_NAME = "training_settings.json"  # written beside its LoRA by finetune_lora.py
@@ -110,6 +116,7 @@ DEFAULTS = {
     "base_model": DEFAULT_BASE_MODEL,
     "variant": None,  # the full-precision weight files
     "lora_weight_name": DEFAULT_LORA_WEIGHT_NAME,
+    "compile": False,  # torch.compile the UNet and the VAE decoder
 }
 # --grid axes that are settings rather than {placeholders}: the name -> what its values are
 SETTING_AXES = {
@@ -149,7 +156,8 @@ def parse_args(argv=None):
     prompts.add_argument(
         "--prompts_file",
         type=Path,
-        help="Text file with one prompt a line; blank lines and lines starting with # are skipped (default: none)",
+        help="UTF-8 text file with one prompt a line; blank lines and lines starting with # are skipped "
+        "(default: none)",
     )
     prompts.add_argument(
         "--negative_prompt",
@@ -169,11 +177,13 @@ def parse_args(argv=None):
     sampling.add_argument(
         "--seed", type=int, help=f"Seed of the CPU generator of each prompt's first image (default: {DEFAULTS['seed']})"
     )
-    sampling.add_argument("--steps", type=int, help=f"Denoising steps (default: {DEFAULTS['steps']})")
+    sampling.add_argument(
+        "--steps", type=int, help=f"Denoising steps; 25 with --scheduler dpm++ is faster (default: {DEFAULTS['steps']})"
+    )
     sampling.add_argument(
         "--guidance_scale",
         type=float,
-        help=f"Classifier-free guidance scale; 1 turns guidance off (default: {DEFAULTS['guidance_scale']})",
+        help=f"Classifier-free guidance scale, 0 or more; 1 turns guidance off (default: {DEFAULTS['guidance_scale']})",
     )
     sampling.add_argument(
         "--height",
@@ -190,9 +200,10 @@ def parse_args(argv=None):
     )
     sampling.add_argument(
         "--batch_size",
-        type=int,
+        type=batch_size_value,
         default=1,
-        help="Images sampled together; raise it until the GPU memory is full (default: 1)",
+        help="Images sampled together, or auto: on CUDA as many as 80%% of the free GPU memory holds (measured "
+        "with one image), elsewhere 1 (default: 1)",
     )
 
     model = parser.add_argument_group("model")
@@ -255,6 +266,14 @@ def parse_args(argv=None):
         "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)"
     )
     output.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the UNet and the VAE decoder after the LoRA is fused (on CUDA also fused QKV "
+        "projections, TF32 matmuls and max-autotune with CUDA graphs). A warm-up batch pays the compile time, "
+        "reported apart; the images match the uncompiled ones up to floating-point rounding. Not with a grid "
+        "that switches LoRAs or strengths between its cells (default: off; --from_png: as the image was made)",
+    )
+    output.add_argument(
         "--dtype",
         choices=["auto", *DTYPES],
         default="auto",
@@ -277,7 +296,7 @@ def parse_args(argv=None):
 def check_args(args):
     """Reject flag combinations and values that need no file or model to judge."""
     for flag in ("num_images", "batch_size"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) != "auto" and getattr(args, flag) < 1:
             raise GenerateError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.lora and NO_LORA in args.lora and len(args.lora) > 1:
         raise GenerateError(f"--lora {NO_LORA} samples the base model alone: drop the other --lora")
@@ -291,6 +310,11 @@ def check_args(args):
             raise GenerateError(f"--export_kohya converts a LoRA: give a --lora other than {NO_LORA}")
         if len(args.lora or [DEFAULT_LORA]) != 1:
             raise GenerateError(f"--export_kohya converts one LoRA at a time, got {len(args.lora)} --lora")
+
+
+def batch_size_value(text: str):
+    """--batch_size: a positive number or auto."""
+    return text if text == "auto" else int(text)
 
 
 def first_line(error) -> str:
@@ -311,7 +335,7 @@ def read_png_settings(path: Path) -> dict:
         raise GenerateError(
             f"--from_png {path} is a grid figure: pass one of its cells, written beside it as images of their own"
         )
-    required = ["prompt", *(key for key in DEFAULTS if key != "variant")]  # PNGs from before --variant had none
+    required = ["prompt", *DEFAULTS.keys() - {"variant", "compile"}]  # PNGs from before these flags lack them
     try:
         settings = json.loads(text.get(PNG_SETTINGS_KEY))
         complete = all(key in settings for key in required) and stored_loras(settings) is not None
@@ -361,6 +385,8 @@ def run_settings(args, png) -> dict:
         )
     check_size(settings["height"], settings["width"])
     check_steps(settings["steps"])
+    check_guidance_scale(settings["guidance_scale"])
+    check_lora_scales([scale for _, scale in settings["loras"]] or scales)
     return settings
 
 
@@ -371,9 +397,25 @@ def check_size(height: int, width: int):
         )
 
 
-def check_steps(steps: int):
+def check_steps(steps: int, flag: str = "--steps"):
     if steps < 1:
-        raise GenerateError(f"--steps must be at least 1, got {steps}")
+        raise GenerateError(f"{flag} must be at least 1, got {steps}")
+
+
+def check_guidance_scale(guidance_scale: float, flag: str = "--guidance_scale"):
+    if not guidance_scale >= 0 or math.isinf(guidance_scale):
+        raise GenerateError(
+            f"{flag} {guidance_scale:g} is not a finite number of 0 or more: "
+            "use 1 to turn guidance off, 7.5 (the default) or more to follow the prompt closely"
+        )
+
+
+def check_lora_scales(scales, flag: str = "--lora_scale"):
+    if not all(math.isfinite(scale) for scale in scales):
+        raise GenerateError(
+            f"{flag} {' '.join(f'{scale:g}' for scale in scales)} is not finite: "
+            "use numbers such as 0 (the base model), 0.5 or 1 (the LoRA as trained)"
+        )
 
 
 def read_prompts(args, png) -> list:
@@ -384,6 +426,11 @@ def read_prompts(args, png) -> list:
             lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
         except OSError as error:
             raise GenerateError(f"cannot read --prompts_file {args.prompts_file}: {first_line(error)}") from None
+        except UnicodeDecodeError as error:
+            raise GenerateError(
+                f"--prompts_file {args.prompts_file} is not UTF-8 text (byte {error.object[error.start]:#04x} "
+                f"at offset {error.start}): save it as UTF-8"
+            ) from None
         prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts and png is not None:
         prompts = [png["prompt"]]
@@ -426,9 +473,13 @@ def axis_value(name: str, text: str, args):
         return () if text == NO_LORA else ((text, (args.lora_scale or [1.0])[0]),)
     if name in ("seed", "steps"):
         value = int(text)
-        if name == "steps" and value < 1:
-            raise ValueError(text)
+        if name == "steps":
+            check_steps(value, "--grid steps")
         return value
+    if name == "guidance_scale":
+        check_guidance_scale(float(text), "--grid guidance_scale")
+    if name == "lora_scale":
+        check_lora_scales([float(text)], "--grid lora_scale")
     if name in ("lora_scale", "guidance_scale"):
         return float(text)
     if name == "scheduler" and text not in SCHEDULERS:
@@ -518,9 +569,11 @@ def make_cell(prompt: str, settings, image: int, choices: dict) -> Cell:
     return Cell(**fields)
 
 
-def plan_figures(prompts, settings, axes, num_images: int) -> list:
-    """A figure for each prompt and image number, axes[0] down the rows and axes[-1] across the columns; without
-    a grid, a figure of one cell that is never drawn."""
+def plan_figures(args, settings, prompts) -> list:
+    """A figure for each prompt and image number, the first --grid down the rows and the last across the
+    columns; without a grid, a figure of one cell that is never drawn. Every value is checked here, before any
+    model or LoRA is looked for."""
+    axes = grid_axes(args, settings, prompts)
     rows = axes[0] if len(axes) == 2 else None
     columns = axes[-1] if axes else None
     row_choices = [{rows.name: choice} for choice in zip(rows.texts, rows.values, strict=True)] if rows else [{}]
@@ -539,17 +592,27 @@ def plan_figures(prompts, settings, axes, num_images: int) -> list:
             ],
         )
         for prompt in prompts
-        for image in range(num_images)
+        for image in range(args.num_images)
     ]
 
 
-def check_grid_size(figures, args):
+def check_plan(figures, settings, args):
+    """A grid of more than MAX_CELLS images needs --yes; --compile needs the same LoRAs in every image."""
     cells = sum(len(row) for figure in figures for row in figure.cells)
     if figures[0].columns is not None and cells > MAX_CELLS and not args.yes:
         raise GenerateError(
             f"the grid has {cells} images ({len(figures)} figure(s) of {len(figures[0].cells)} x "
             f"{len(figures[0].cells[0])}), more than {MAX_CELLS}: pass --yes to sample them all, or give fewer values"
         )
+    if settings["compile"] and len({cell.loras for cell in all_cells(figures)}) > 1:
+        raise GenerateError(
+            "--compile compiles the model with the LoRA fused in, and this grid switches LoRAs or strengths "
+            "between its cells, which would recompile it each time: drop --compile"
+        )
+
+
+def all_cells(figures) -> list:
+    return [cell for figure in figures for row in figure.cells for cell in row]
 
 
 def warn_long_prompts(tokenizer, cells):
@@ -606,28 +669,171 @@ def pick_dtype(name: str, device: torch.device, made_with: str | None = None) ->
     return DTYPES[made_with]
 
 
-def load_pipeline(settings, device: torch.device, dtype: torch.dtype):
-    """The base pipeline on `device` with PyTorch SDPA attention everywhere."""
+def quiet_library_logs():
+    """Keep out of the log what a user cannot act on: the libraries' warnings (torchvision missing, fp16 on the
+    CPU) unless TRANSFORMERS_VERBOSITY or DIFFUSERS_VERBOSITY ask for them, and, when stderr is no terminal,
+    their loading bars, whose redraws only clutter a log file."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library, variable in (
+        (transformers_logging, "TRANSFORMERS_VERBOSITY"),
+        (diffusers_logging, "DIFFUSERS_VERBOSITY"),
+    ):
+        if variable not in os.environ:
+            library.set_verbosity_error()
+        if not sys.stderr.isatty():
+            library.disable_progress_bar()
+
+
+def unreachable_reason(error) -> str | None:
+    """Why a Hub request could not connect at all (refused, no route, no DNS), from the OS error under the HTTP
+    library's; None for any other failure, such as a timeout or an answer from the Hub."""
+    while error is not None:
+        if isinstance(error, socket.gaierror) or (isinstance(error, OSError) and error.errno in UNREACHABLE_ERRNOS):
+            return first_line(error)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def check_hub_reachable(repo_id: str, filename: str, needed: str, fix: str):
+    """Fail at once when the Hub cannot be reached at all, or not at all with HF_HUB_OFFLINE=1: huggingface_hub
+    would retry for about 25 s and then blame the cache. A Hub that answers, however slowly, is left to
+    huggingface_hub and its retries. `filename` is a file of `repo_id` the run needs."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+    if constants.HF_HUB_OFFLINE:
+        raise GenerateError(f"cannot fetch {needed}, with HF_HUB_OFFLINE=1: {fix}")
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename))
+    except Exception as error:  # anything but "not reachable" is reported by the download that follows
+        reason = unreachable_reason(error)
+        if reason is not None:
+            raise GenerateError(
+                f"cannot reach the Hub at {constants.ENDPOINT} ({reason}) to fetch {needed}: {fix}"
+            ) from None
+
+
+def from_cache_or_hub(fetch, hub_file: tuple):
+    """fetch(local_files_only=True) when the Hugging Face cache has it all; else fetch() from a Hub that answers.
+
+    `hub_file` holds the arguments of check_hub_reachable.
+    """
+    try:
+        return fetch(local_files_only=True)
+    except OSError:  # not cached, or not all of it
+        check_hub_reachable(*hub_file)
+    return fetch(local_files_only=False)
+
+
+def base_model_folder(base_model: str) -> Path | None:
+    """The local folder --base_model names, or None for a Hub id; a path that does not exist is an error."""
+    if base_model.startswith(("/", "./", "../", "~")) or not HUB_ID.fullmatch(base_model) or Path(base_model).exists():
+        folder = Path(base_model).expanduser()
+        if not folder.is_dir():
+            raise GenerateError(
+                f"--base_model: no such folder: {folder}: pass the folder of a diffusers Stable Diffusion 2.1 "
+                f"pipeline or a Hub id like {DEFAULT_BASE_MODEL}"
+            )
+        return folder
+    return None
+
+
+def base_model_hub_file(base_model: str) -> tuple:
+    """check_hub_reachable's arguments for a --base_model Hub id."""
+    model_flag = "--base_model" if base_model == DEFAULT_BASE_MODEL else f"--base_model {base_model}"
+    return (
+        base_model,
+        "model_index.json",
+        f"--base_model {base_model}, which is not in the Hugging Face cache",
+        f"run `python download.py {model_flag}` on a machine with network, pass --base_model /path/to/folder, "
+        "or set HF_HUB_OFFLINE=1 with a filled cache",
+    )
+
+
+def load_base_model(settings, dtype: torch.dtype):
+    """The --base_model pipeline: from its folder, else from the Hugging Face cache, else from the Hub."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.models.attention_processor import AttnProcessor2_0
 
     base_model = settings["base_model"]
-    if not Path(base_model).exists() and not HUB_ID.fullmatch(base_model):
-        raise GenerateError(
-            f"--base_model {base_model} is neither a local folder nor a Hub id like {DEFAULT_BASE_MODEL}"
+
+    def fetch(local_files_only: bool):
+        return StableDiffusionPipeline.from_pretrained(
+            folder or base_model,
+            dtype=dtype,
+            variant=settings["variant"],
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=local_files_only,
         )
+
+    folder = base_model_folder(base_model)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            base_model, dtype=dtype, variant=settings["variant"], safety_checker=None, requires_safety_checker=False
-        )
+        if folder is not None:
+            return fetch(local_files_only=True)
+        return from_cache_or_hub(fetch, base_model_hub_file(base_model))
     except (OSError, ValueError) as error:
         raise GenerateError(f"cannot load --base_model {base_model}: {first_line(error)}") from None
+
+
+def load_pipeline(settings, device: torch.device, dtype: torch.dtype):
+    """The base pipeline on `device` with PyTorch SDPA attention everywhere."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    pipe = load_base_model(settings, dtype)
     # SDPA is what diffusers and transformers pick today; set it explicitly so speed does not hang on their defaults.
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.vae.set_attn_processor(AttnProcessor2_0())
     pipe.text_encoder.set_attn_implementation("sdpa")
-    pipe.set_progress_bar_config(leave=False, desc="steps", position=1)
+    # Beneath the images bar; in a log file its redraws would bury everything else.
+    pipe.set_progress_bar_config(leave=False, desc="steps", position=1, disable=not sys.stderr.isatty())
     return pipe.to(device)
+
+
+def unet_step_seconds(pipe, settings) -> float:
+    """Seconds of one denoising step of one image at --height x --width, timed on random inputs (the first step's
+    warm-up included, so it errs long); classifier-free guidance runs the UNet on two latents."""
+    unet = pipe.unet
+    latent_count = 2 if settings["guidance_scale"] > 1 else 1
+    size = (settings["height"] // pipe.vae_scale_factor, settings["width"] // pipe.vae_scale_factor)
+    latents = torch.randn(latent_count, unet.config.in_channels, *size, dtype=unet.dtype, device=unet.device)
+    text = torch.zeros(
+        latent_count,
+        pipe.tokenizer.model_max_length,
+        unet.config.cross_attention_dim,
+        dtype=unet.dtype,
+        device=unet.device,
+    )
+    start = time.perf_counter()
+    with torch.no_grad():
+        unet(latents, 999, encoder_hidden_states=text)
+    return time.perf_counter() - start
+
+
+def say_if_slow(step_seconds: float, settings):
+    """Before the first image, say how long each takes when that is over a minute, and what is faster.
+
+    The time of the faster settings is the measured step scaled by pixels and steps; attention grows faster
+    than the pixel count, so it errs long.
+    """
+    per_image = step_seconds * settings["steps"]
+    if per_image <= 60:
+        return
+    fast = step_seconds * 512 * 512 / (settings["height"] * settings["width"]) * 25
+    hint = (
+        f"; --height 512 --width 512 --steps 25 --scheduler dpm++ takes about {duration(fast)}"
+        if fast < per_image
+        else ""
+    )
+    print(
+        f"note: on the CPU each {settings['width']}x{settings['height']} image at {settings['steps']} steps takes "
+        f"about {duration(per_image)} (one step measured: {step_seconds:.1f} s){hint}",
+        file=sys.stderr,
+    )
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def make_scheduler(name: str, config):
@@ -666,6 +872,13 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
         return path / weight_name
     if lora == DEFAULT_LORA and weight_name == DEFAULT_LORA_WEIGHT_NAME:
         print(f"The LoRA is not in {DEFAULT_LORA} yet: fetching it from the Hub repo {LORA_HUB_REPO}.", file=sys.stderr)
+        check_hub_reachable(
+            LORA_HUB_REPO,
+            f"{DEFAULT_LORA}/{DEFAULT_LORA_WEIGHT_NAME}",
+            f"the LoRA {LORA_HUB_REPO}/{DEFAULT_LORA}",
+            f"run `python download.py` on a machine with network and copy {DEFAULT_LORA} here, "
+            "pass --lora /path/to/lora.safetensors, or --lora none for the base model alone",
+        )
         try:
             return Path(hf_hub_download(LORA_HUB_REPO, f"{DEFAULT_LORA}/{DEFAULT_LORA_WEIGHT_NAME}", local_dir="."))
         except Exception as error:  # any failure to fetch leaves the user the same remedy
@@ -680,8 +893,21 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
         )
     if HUB_ID.fullmatch(lora) and not lora.endswith(".safetensors"):
         try:
-            return Path(hf_hub_download(lora, weight_name))
-        except Exception as error:  # offline, no such repo or no such file: the same remedy
+            return Path(
+                from_cache_or_hub(
+                    functools.partial(hf_hub_download, lora, weight_name),
+                    (
+                        lora,
+                        weight_name,
+                        f"--lora {lora}, which is not in the Hugging Face cache",
+                        f"run `hf download {lora} {weight_name}` on a machine with network, "
+                        f"or pass --lora /path/to/{weight_name}",
+                    ),
+                )
+            )
+        except GenerateError:
+            raise
+        except Exception as error:  # no such repo or no such file: the same remedy
             raise GenerateError(
                 f"--lora {lora} is not a local file or folder, and the Hub has no {weight_name} there "
                 f"({first_line(error)}): run `python download.py` or fix the path"
@@ -846,6 +1072,59 @@ class LoraSwitch:
         self.fused = loras
 
 
+def auto_batch_size(pipe, settings, image_count: int) -> int:
+    """--batch_size auto: off CUDA 1 (a CPU is busy with one image, a larger batch only adds memory); on CUDA as many
+    images as 80% of the free memory holds, from the peak memory of one UNet step and one VAE decode of one image."""
+    device = pipe.device
+    if device.type != "cuda":
+        return 1
+    latent_size = (settings["height"] // pipe.vae_scale_factor, settings["width"] // pipe.vae_scale_factor)
+    pairs = 2 if settings["guidance_scale"] > 1 else 1  # classifier-free guidance runs the UNet on two copies
+    latents = torch.zeros(pairs, pipe.unet.config.in_channels, *latent_size, device=device, dtype=pipe.unet.dtype)
+    context = torch.zeros(
+        pairs, pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim, device=device, dtype=latents.dtype
+    )
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    idle = torch.cuda.memory_allocated(device)
+    with torch.no_grad():
+        pipe.unet(latents, torch.tensor(999, device=device), context)
+        pipe.vae.decode(latents[:1].to(pipe.vae.dtype))
+    per_image = torch.cuda.max_memory_allocated(device) - idle
+    del latents, context
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(image_count, int(0.8 * free) // max(per_image, 1)))
+
+
+def compile_models(pipe, cells, settings):
+    """Compile the UNet and the VAE decoder in place and compile them now, on a 2-step batch of the first batch's
+    shape (`cells`): the time is printed apart, and the timed sampling runs compiled code only.
+
+    In place (module.compile()), so the modules keep their names and state-dict keys. On CUDA the graphs are
+    autotuned and replayed as CUDA graphs (mode max-autotune), which suits the fixed-shape denoising loop; a last
+    smaller batch compiles once more. On the CPU the default mode: autotuning there costs minutes and gains little.
+    """
+    start = time.perf_counter()
+    options = {"fullgraph": True, "dynamic": False}
+    if pipe.device.type == "cuda":
+        pipe.fuse_qkv_projections()  # one matmul for q, k and v instead of three
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts (--dtype fp32): TF32 tensor cores
+        options["mode"] = "max-autotune"
+    pipe.unet.compile(**options)
+    pipe.vae.decoder.compile(**options)
+    pipe(
+        prompt=[cell.prompt for cell in cells],
+        negative_prompt=[cell.negative_prompt for cell in cells],
+        num_inference_steps=2,
+        guidance_scale=cells[0].guidance_scale,
+        height=settings["height"],
+        width=settings["width"],
+        generator=torch.Generator("cpu").manual_seed(0),
+    )
+    print(f"compiled the UNet and the VAE decoder in {time.perf_counter() - start:.1f} s (a 2-step warm-up batch)")
+
+
 def batches(cells, batch_size: int):
     """The (position, cell) pairs `cells` in batches one pipeline call samples: the same LoRAs, sampler, steps and
     guidance, at most `batch_size`, in the order each kind first appears."""
@@ -891,6 +1170,7 @@ def image_settings(cell: Cell, settings, sampler: str, loras: dict, dtype) -> di
         ],
         "dtype": str(dtype).removeprefix("torch."),
         "generator": "cpu",
+        "compile": settings["compile"],
     }
 
 
@@ -1099,6 +1379,46 @@ def write_figure(figure: Figure, written: dict, base_model: str, command: str, o
     return index
 
 
+def check_writable_folder(folder: Path, flag: str):
+    """Fail now, before any model is loaded, if `folder` cannot be created or written to; create nothing.
+
+    A file is created and removed in the deepest folder that exists: permission bits alone do not say
+    whether a write succeeds (root, read-only mounts).
+    """
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise GenerateError(f"{flag} {folder}: {existing} is a file, not a folder: pick another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise GenerateError(
+            f"{flag} {folder}: cannot write in {existing} ({first_line(error)}): pick a folder you can write to"
+        ) from None
+
+
+def preflight(settings, output_dir: Path):
+    """What can be checked before a model is loaded: the --output_dir, a --base_model folder, and whether the Hub
+    answers when the --base_model is not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    check_writable_folder(output_dir, "--output_dir")
+    base_model = settings["base_model"]
+    if base_model_folder(base_model) is None:
+        if not isinstance(try_to_load_from_cache(base_model, "model_index.json"), str):
+            check_hub_reachable(*base_model_hub_file(base_model))
+
+
+def load_models(settings, device, dtype, loras: dict, cells):
+    """The pipeline with the run's LoRAs, and the LoraSwitch that fuses the LoRAs of each cell."""
+    quiet_library_logs()
+    pipe = load_pipeline(settings, device, dtype)
+    warn_long_prompts(pipe.tokenizer, cells)
+    return pipe, LoraSwitch(pipe, loras, {cell.loras for cell in cells})
+
+
 def make_output_dir(output_dir: Path):
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -1106,7 +1426,7 @@ def make_output_dir(output_dir: Path):
         raise GenerateError(f"cannot create --output_dir {output_dir}: {first_line(error)}") from None
 
 
-def write_images(pipe, figures, settings, loras: dict, dtype, args, command: str) -> int:
+def write_images(pipe, switch, figures, settings, loras: dict, dtype, batch_size: int, output_dir: Path, command: str):
     """Sample every cell, writing each image with its settings as soon as its batch is done, and each figure of a
     grid once its cells are; return the image count."""
     drawn = figures[0].columns is not None
@@ -1118,14 +1438,13 @@ def write_images(pipe, figures, settings, loras: dict, dtype, args, command: str
     units = (
         zip(figures, positioned, strict=True) if drawn else [(None, [pair for cells in positioned for pair in cells])]
     )
-    switch = LoraSwitch(pipe, loras, {cell.loras for cells in positioned for _, cell in cells})
     own_scheduler = pipe.scheduler
-    index = next_index(args.output_dir)
+    index = next_index(output_dir)
     total = sum(len(cells) for cells in positioned)
     with tqdm(total=total, desc="images", unit="image", position=0) as progress:
         for figure, cells in units:
             written = {}
-            for batch in batches(cells, args.batch_size):
+            for batch in batches(cells, batch_size):
                 first = batch[0][1]
                 switch.use(first.loras)
                 pipe.scheduler = scheduler_for(first.scheduler, own_scheduler)
@@ -1134,13 +1453,13 @@ def write_images(pipe, figures, settings, loras: dict, dtype, args, command: str
                     info = png_info(
                         image_settings(cell, settings, sampler_name(cell.scheduler, pipe.scheduler), loras, dtype)
                     )
-                    path, index = save_png(image, args.output_dir, index, f"s{cell.seed}-{slugify(cell.prompt)}", info)
+                    path, index = save_png(image, output_dir, index, f"s{cell.seed}-{slugify(cell.prompt)}", info)
                     tqdm.write(f"wrote {path}")
                     if figure is not None:
                         written[position] = (image, path)
                 progress.update(len(batch))
             if figure is not None:
-                index = write_figure(figure, written, settings["base_model"], command, args.output_dir, index)
+                index = write_figure(figure, written, settings["base_model"], command, output_dir, index)
     return total
 
 
@@ -1255,16 +1574,21 @@ def kohya_metadata(lora: Lora, kohya, base_model: str) -> dict:
 def export_kohya(args) -> Path:
     """Write the --lora with kohya keys to --export_kohya; the base model is never loaded."""
     path = args.export_kohya
+    check_writable_folder(path.parent, "--export_kohya")
+    quiet_library_logs()
     if path.exists():
         raise GenerateError(f"--export_kohya {path} already exists: pick a new file name or remove it")
     lora = prepare_lora((args.lora or [DEFAULT_LORA])[0], args.lora_weight_name or DEFAULT_LORA_WEIGHT_NAME, {})
     kohya = kohya_state_dict(lora)
     metadata = kohya_metadata(lora, kohya, args.base_model or DEFAULT_BASE_MODEL)
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        written = write_new_file(path.parent, [path.name], lambda temporary: save_file(kohya, temporary, metadata))
+        # The bytes go through open(), which honours the user's umask; safetensors' save_file would make it 0600.
+        written = write_new_file(
+            path.parent, [path.name], lambda temporary: temporary.write_bytes(save(kohya, metadata))
+        )
     except OSError as error:
         raise GenerateError(f"cannot write --export_kohya {path}: {first_line(error)}") from None
     if written is None:
@@ -1279,6 +1603,7 @@ def export_kohya(args) -> Path:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
+    pngs_before = None  # the PNGs in --output_dir when sampling starts, to count what an interrupted run wrote
     try:
         args = parse_args(argv)
         if args.export_kohya is not None:
@@ -1286,29 +1611,39 @@ def main(argv=None) -> int:
             return 0
         png = read_png_settings(args.from_png) if args.from_png is not None else None
         settings = run_settings(args, png)
-        prompts = read_prompts(args, png)
-        figures = plan_figures(prompts, settings, grid_axes(args, settings, prompts), args.num_images)
-        check_grid_size(figures, args)
-        cells = [cell for figure in figures for row in figure.cells for cell in row]
+        figures = plan_figures(args, settings, read_prompts(args, png))
+        check_plan(figures, settings, args)
+        cells = all_cells(figures)
+        preflight(settings, args.output_dir)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device, DTYPE_FLAGS.get(png.get("dtype")) if png is not None else None)
         loras = prepare_loras(cells, settings, png)
-        pipe = load_pipeline(settings, device, dtype)
-        warn_long_prompts(pipe.tokenizer, cells)
+        pipe, switch = load_models(settings, device, dtype, loras, cells)
         make_output_dir(args.output_dir)
+        batch_size = auto_batch_size(pipe, settings, len(cells)) if args.batch_size == "auto" else args.batch_size
+        print(f"{len(cells)} image(s) on {device} ({str(dtype).removeprefix('torch.')}), batch size {batch_size}")
+        if device.type == "cpu":
+            say_if_slow(unet_step_seconds(pipe, settings), settings)
+        if settings["compile"]:
+            compile_models(pipe, cells[:batch_size], settings)
 
-        print(
-            f"{len(cells)} image(s) from {len(prompts)} prompt(s) on {device} ({str(dtype).removeprefix('torch.')}), "
-            f"batch size {args.batch_size}"
-        )
+        pngs_before = set(args.output_dir.glob("*.png"))
         start = time.perf_counter()
-        count = write_images(pipe, figures, settings, loras, dtype, args, shlex.join(["python", "generate.py", *argv]))
+        command = shlex.join(["python", "generate.py", *argv])
+        count = write_images(pipe, switch, figures, settings, loras, dtype, batch_size, args.output_dir, command)
         elapsed = time.perf_counter() - start
-        print(f"{count} image(s) in {elapsed:.1f} s: {count / elapsed:.2f} images/s")
+        print(f"{count} image(s) in {elapsed:.1f} s, {elapsed / count:.1f} s/image")
         return 0
     except GenerateError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if pngs_before is None:
+            print("interrupted before any image was written", file=sys.stderr)
+        else:
+            written = len(set(args.output_dir.glob("*.png")) - pngs_before)
+            print(f"interrupted: {written} image(s) written to {args.output_dir}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

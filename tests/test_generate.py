@@ -430,7 +430,10 @@ BAD_INPUTS = {
         lambda tmp: ["--prompt", PROMPT, "--lora", str(tmp / "nowhere" / "lora.safetensors")],
         "python download.py",
     ),
-    "missing LoRA repo": (lambda tmp: ["--prompt", PROMPT, "--lora", "someone/no-such-lora"], "python download.py"),
+    "missing LoRA repo": (
+        lambda tmp: ["--prompt", PROMPT, "--lora", "someone/no-such-lora"],
+        "which is not in the Hugging Face cache",
+    ),
     "corrupt LoRA": (
         lambda tmp: ["--prompt", PROMPT, "--lora", str(corrupt_lora(tmp))],
         "not a readable safetensors file",
@@ -445,11 +448,11 @@ BAD_INPUTS = {
     ),
     "missing base model": (
         lambda tmp: ["--prompt", PROMPT, "--lora", "none", "--base_model", str(tmp / "no-model")],
-        "neither a local folder nor a Hub id",
+        "no such folder",
     ),
     "output_dir is a file": (
         lambda tmp: ["--prompt", PROMPT, "--lora", "none", "--output_dir", str(plain_png(tmp))],
-        "cannot create --output_dir",
+        "is a file, not a folder",
     ),
     "unknown device": (lambda tmp: ["--prompt", PROMPT, "--lora", "none", "--device", "tpu"], "unknown --device"),
     "absent device": (lambda tmp: ["--prompt", PROMPT, "--lora", "none", "--device", "cuda:7"], "no such CUDA device"),
@@ -491,7 +494,10 @@ GRID_ERRORS = {
     "three axes": (["--prompt", PROMPT, "--grid", "seed=1,2", "--grid", "steps=1,2", "--compare"], "at most two axes"),
     "an axis twice": (["--prompt", PROMPT, "--grid", "seed=1,2", "--grid", "seed=3,4"], "seed is given twice"),
     "compare and a lora axis": (["--prompt", PROMPT, "--compare", "--grid", "lora=none,x"], "lora is given twice"),
-    "steps value below 1": (["--prompt", PROMPT, "--grid", "steps=2,0"], "steps takes integers from 1"),
+    "steps value below 1": (["--prompt", PROMPT, "--grid", "steps=2,0"], "--grid steps must be at least 1, got 0"),
+    "steps value not a number": (["--prompt", PROMPT, "--grid", "steps=2,many"], "steps takes integers from 1"),
+    "guidance value below 0": (["--prompt", PROMPT, "--grid", "guidance_scale=-1"], "not a finite number of 0"),
+    "lora_scale value not finite": (["--prompt", PROMPT, "--grid", "lora_scale=1,inf"], "is not finite"),
     "seed value not an integer": (["--prompt", PROMPT, "--grid", "seed=1,2.5"], "seed takes integers"),
     "unknown scheduler value": (["--prompt", PROMPT, "--grid", "scheduler=ddim,heun"], "scheduler takes ddim, dpm++"),
     "compare without a LoRA": (["--prompt", PROMPT, "--compare", "--lora", "none"], "give a --lora other than none"),
