@@ -249,10 +249,13 @@ def parse_args(argv=None):
     grid.add_argument(
         "--compare",
         action="store_true",
-        help=f"For each prompt, the base model's image beside the LoRA's: short for --grid lora={NO_LORA},<the --lora>",
+        help="For each prompt, the base model's image beside the LoRA's: short for "
+        f"--grid lora={NO_LORA},<the --lora> (default: off)",
     )
     grid.add_argument(
-        "--yes", action="store_true", help=f"Sample a grid of more than {MAX_CELLS} images without refusing."
+        "--yes",
+        action="store_true",
+        help=f"Sample a grid of more than {MAX_CELLS} images without refusing (default: off)",
     )
 
     output = parser.add_argument_group("output and hardware")
@@ -374,6 +377,7 @@ def run_settings(args, png) -> dict:
     stored = stored_loras(png) if png is not None else []
     names = args.lora or ([entry["lora"] for entry in stored] if png is not None else [DEFAULT_LORA])
     scales = args.lora_scale or [entry["scale"] for entry in stored] or [1.0]
+    check_lora_scales(scales)
     if names in ([], [NO_LORA]):
         settings["loras"] = ()
     elif len(scales) in (1, len(names)):
@@ -386,7 +390,6 @@ def run_settings(args, png) -> dict:
     check_size(settings["height"], settings["width"])
     check_steps(settings["steps"])
     check_guidance_scale(settings["guidance_scale"])
-    check_lora_scales([scale for _, scale in settings["loras"]] or scales)
     return settings
 
 
@@ -656,6 +659,8 @@ def pick_dtype(name: str, device: torch.device, made_with: str | None = None) ->
     An fp16 image is rendered in fp32 on the CPU, which is slow in fp16: the pixels may then differ slightly.
     """
     if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            print("warning: --dtype fp16 is slow on the CPU: drop it for fp32, the CPU's default", file=sys.stderr)
         return DTYPES[name]
     if made_with is None:
         return torch.float16 if device.type == "cuda" else torch.float32
