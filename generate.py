@@ -406,7 +406,7 @@ def check_steps(steps: int, flag: str = "--steps"):
 
 
 def check_guidance_scale(guidance_scale: float, flag: str = "--guidance_scale"):
-    if not guidance_scale >= 0 or math.isinf(guidance_scale):
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
         raise GenerateError(
             f"{flag} {guidance_scale:g} is not a finite number of 0 or more: "
             "use 1 to turn guidance off, 7.5 (the default) or more to follow the prompt closely"
@@ -708,7 +708,7 @@ def check_hub_reachable(repo_id: str, filename: str, needed: str, fix: str):
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 
     if constants.HF_HUB_OFFLINE:
-        raise GenerateError(f"cannot fetch {needed}, with HF_HUB_OFFLINE=1: {fix}")
+        raise GenerateError(f"cannot load {needed}, with HF_HUB_OFFLINE=1: {fix}")
     try:
         get_hf_file_metadata(hf_hub_url(repo_id, filename))
     except Exception as error:  # anything but "not reachable" is reported by the download that follows
@@ -744,14 +744,15 @@ def base_model_folder(base_model: str) -> Path | None:
     return None
 
 
-def base_model_hub_file(base_model: str) -> tuple:
-    """check_hub_reachable's arguments for a --base_model Hub id."""
-    model_flag = "--base_model" if base_model == DEFAULT_BASE_MODEL else f"--base_model {base_model}"
+def base_model_hub_file(base_model: str, variant: str | None) -> tuple:
+    """check_hub_reachable's arguments for a --base_model Hub id and its --variant."""
+    download_flags = "--base_model" if base_model == DEFAULT_BASE_MODEL else f"--base_model {base_model}"
+    download_flags += f" --variant {variant}" if variant else ""
     return (
         base_model,
         "model_index.json",
-        f"--base_model {base_model}, which is not in the Hugging Face cache",
-        f"run `python download.py {model_flag}` on a machine with network, pass --base_model /path/to/folder, "
+        f"--base_model {base_model}, whose {variant or 'full-precision'} weights are not all in the Hugging Face cache",
+        f"run `python download.py {download_flags}` on a machine with network, pass --base_model /path/to/folder, "
         "or set HF_HUB_OFFLINE=1 with a filled cache",
     )
 
@@ -776,7 +777,7 @@ def load_base_model(settings, dtype: torch.dtype):
     try:
         if folder is not None:
             return fetch(local_files_only=True)
-        return from_cache_or_hub(fetch, base_model_hub_file(base_model))
+        return from_cache_or_hub(fetch, base_model_hub_file(base_model, settings["variant"]))
     except (OSError, ValueError) as error:
         raise GenerateError(f"cannot load --base_model {base_model}: {first_line(error)}") from None
 
@@ -838,6 +839,8 @@ def say_if_slow(step_seconds: float, settings):
 
 
 def duration(seconds: float) -> str:
+    if seconds >= 90 * 60:
+        return f"{seconds / 3600:.1f} h"
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
@@ -1412,8 +1415,15 @@ def preflight(settings, output_dir: Path):
     check_writable_folder(output_dir, "--output_dir")
     base_model = settings["base_model"]
     if base_model_folder(base_model) is None:
-        if not isinstance(try_to_load_from_cache(base_model, "model_index.json"), str):
-            check_hub_reachable(*base_model_hub_file(base_model))
+        try:
+            cached = try_to_load_from_cache(base_model, "model_index.json")
+        except ValueError as error:  # a repo id the Hub would refuse
+            raise GenerateError(
+                f"--base_model {base_model} is no folder and no valid Hub id ({first_line(error)}): "
+                f"fix it, e.g. {DEFAULT_BASE_MODEL}"
+            ) from None
+        if not isinstance(cached, str):
+            check_hub_reachable(*base_model_hub_file(base_model, settings["variant"]))
 
 
 def load_models(settings, device, dtype, loras: dict, cells):
