@@ -274,7 +274,8 @@ def parse_args(argv=None):
         help="torch.compile the UNet and the VAE decoder after the LoRA is fused (on CUDA also fused QKV "
         "projections, TF32 matmuls and max-autotune with CUDA graphs). A warm-up batch pays the compile time, "
         "reported apart; the images match the uncompiled ones up to floating-point rounding. Not with a grid "
-        "that switches LoRAs or strengths between its cells (default: off; --from_png: as the image was made)",
+        "that switches LoRAs or strengths between its cells; --from_png compiles when the image was, unless "
+        "--no-compile (default: off)",
     )
     output.add_argument(
         "--dtype",
@@ -1117,7 +1118,7 @@ def compile_models(pipe, cells, settings):
     options = {"fullgraph": True, "dynamic": False}
     if pipe.device.type == "cuda":
         pipe.fuse_qkv_projections()  # one matmul for q, k and v instead of three
-        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts (--dtype fp32): TF32 tensor cores
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls (--dtype fp32) on TF32 tensor cores
         options["mode"] = "max-autotune"
     pipe.unet.compile(**options)
     pipe.vae.decoder.compile(**options)
