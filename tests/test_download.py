@@ -8,8 +8,10 @@ tree listing for snapshots, the Hub's error codes.
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -90,7 +92,9 @@ def download_env(hub_url: str, workdir: Path, offline: bool = False) -> dict:
     return env
 
 
-def run_download(hub_url: str, workdir: Path, *args: str, offline: bool = False) -> subprocess.CompletedProcess:
+def run_download(
+    hub_url: str, workdir: Path, *args: str, offline: bool = False, umask: int | None = None
+) -> subprocess.CompletedProcess:
     """`python download.py ARGS` in `workdir`, with its own HF_HOME there and the Hub at `hub_url`."""
     return subprocess.run(
         [sys.executable, str(DOWNLOAD_PY), *args],
@@ -99,13 +103,14 @@ def run_download(hub_url: str, workdir: Path, *args: str, offline: bool = False)
         capture_output=True,
         text=True,
         timeout=180,
+        preexec_fn=None if umask is None else lambda: os.umask(umask),
     )
 
 
 def stop_download_midway(hub: FakeHub, workdir: Path, stop: signal.Signals) -> tuple[Path, str]:
     """Start download.py, send it `stop` once part of the LoRA is on disk; return the partial file and its stderr.
 
-    The hub stalls after 12 MiB; huggingface_hub writes in 10 MiB chunks, so 10 MiB reach the disk.
+    The hub stalls after 12 MiB, which download.py writes to disk as they arrive.
     """
     hub.cut_next_download(LORA_FILE, after_bytes=12 * 2**20, stall=True)
     env = dict(download_env(hub.url, workdir), HF_HUB_DOWNLOAD_TIMEOUT="600")  # wait for the stalled hub, not retry
@@ -159,6 +164,11 @@ def test_help_documents_every_flag():
     [
         (["--base_model", "--variant", "fp32"], "download.py: error: argument --variant: invalid choice: 'fp32'"),
         (["--variant", "fp16"], "download.py: error: --variant applies to the base model: add --base_model"),
+        (
+            ["--base_model", "./models/sd21"],
+            "download.py: error: argument --base_model: './models/sd21' is not a Hub repo id",
+        ),
+        (["--repo_id", "~/loras"], "download.py: error: argument --repo_id: '~/loras' is not a Hub repo id"),
     ],
 )
 def test_a_bad_command_line_gets_one_line(tmp_path, flags, message):
@@ -226,7 +236,7 @@ def test_once_downloaded_it_runs_offline(hub, tmp_path):
 
 
 def test_an_interrupted_download_resumes_with_a_range_request(hub, tmp_path):
-    # huggingface_hub writes in 10 MiB chunks, so only a connection lost after the first one can resume.
+    # More than 10 MiB before the cut: the resumed request starts well inside the file.
     lora = lora_bytes(tmp_path, width=12 * 1024)
     cut = 11 * 2**20
     hub.add_repo(LORA_REPO, {LORA_FILE: lora})
@@ -371,6 +381,125 @@ def test_no_network_says_how_to_run_offline(tmp_path):
     message = error_line(run_download(closed_port_url(), tmp_path / "work", offline=True))
     assert "HF_HUB_OFFLINE=1 is set" in message and "unset it" in message
     assert not (tmp_path / "work" / LORA_FILE).exists()
+
+
+def test_help_shows_every_default():
+    result = subprocess.run([sys.executable, str(DOWNLOAD_PY), "--help"], capture_output=True, text=True)
+    options = result.stdout.split("\noptions:\n", 1)[1]
+    entries = [" ".join(entry.split()) for entry in re.split(r"^  (?=-)", options, flags=re.MULTILINE) if entry]
+    assert [entry.split()[0] for entry in entries] == [
+        "-h,",
+        "--repo_id",
+        "--filename",
+        "--revision",
+        "--local_dir",
+        "--force",
+        "--base_model",
+        "--variant",
+    ]
+    for entry in entries[1:]:
+        assert "(default: " in entry, entry
+
+
+def test_an_unreachable_hub_fails_at_once_in_one_line_naming_what_was_needed(hub, tmp_path):
+    started = time.monotonic()
+    result = run_download(closed_port_url(), tmp_path / "work")
+    print(f"download.py against a closed port failed after {time.monotonic() - started:.1f} s")
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()  # once: no retry warnings before it
+    assert line.startswith("download.py: error: cannot reach http://127.0.0.1:")
+    assert f"to fetch {LORA_FILE} from {LORA_REPO}: check the network" in line and "HF_HUB_OFFLINE=1" in line
+
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora_bytes(tmp_path)})
+    assert run_download(hub.url, tmp_path / "work").returncode == 0
+    started = time.monotonic()
+    result = run_download(closed_port_url(), tmp_path / "work", "--base_model")
+    print(f"download.py --base_model against a closed port failed after {time.monotonic() - started:.1f} s")
+    assert result.returncode == 1
+    using, line = result.stderr.splitlines()
+    assert using.endswith(f"using {Path(LORA_FILE)} without checking for updates")
+    assert line.startswith("download.py: error: cannot reach http://127.0.0.1:")
+    assert f"from {BASE_REPO}: check the network" in line
+
+
+def test_offline_it_says_what_is_cached_and_what_to_do(hub, tmp_path):
+    workdir = tmp_path / "work"
+    message = error_line(run_download(hub.url, workdir, offline=True))
+    assert message == (
+        f"download.py: error: HF_HUB_OFFLINE=1 is set, the LoRA is not at {Path(LORA_FILE)} and the base model "
+        f"{BASE_REPO} is not in the HF cache {workdir / 'hf-home' / 'hub'}: unset it on a machine with network "
+        "to download what is missing"
+    )
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora_bytes(tmp_path)})
+    assert run_download(hub.url, workdir).returncode == 0
+    requests = len(hub.requests)
+
+    result = run_download(hub.url, workdir, "--base_model", offline=True)
+    assert result.returncode == 1 and result.stdout == ""
+    message = error_line(result)
+    assert f"the LoRA is at {Path(LORA_FILE)} and the base model {BASE_REPO} is not in the HF cache" in message
+    assert len(hub.requests) == requests, "offline, it asked the Hub"
+
+
+def test_ctrl_c_keeps_the_partial_download_says_where_and_the_next_run_resumes_it(hub, tmp_path):
+    lora = lora_bytes(tmp_path, width=24 * 1024)
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora})
+    hub.cut_next_download(LORA_FILE, after_bytes=12 * 2**20, stall=True)
+    workdir = tmp_path / "work"
+    process = subprocess.Popen(
+        [sys.executable, str(DOWNLOAD_PY)],
+        cwd=workdir,
+        env=dict(download_env(hub.url, workdir), HF_HUB_DOWNLOAD_TIMEOUT="600"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    partials = workdir / ".cache" / "text2face" / Path(LORA_FILE).parent
+    for _ in range(1200):  # at most 2 minutes
+        if process.poll() is not None or any(p.stat().st_size >= 2**20 for p in partials.glob("*.part")):
+            break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    (partial,) = partials.glob("*.part")
+    kept = partial.stat().st_size
+    assert f"download.py: kept the {kept / 2**20:.1f} MiB downloaded in {partial.relative_to(workdir)}" in stderr
+    assert not (workdir / LORA_FILE).exists()
+
+    result = run_download(hub.url, workdir)
+    assert result.returncode == 0, result.stderr
+    assert (workdir / LORA_FILE).read_bytes() == lora
+    assert [r["range"] for r in hub.file_gets(LORA_FILE)] == [None, f"bytes={kept}-"]
+
+
+def test_a_server_that_ignores_the_range_request_gives_the_whole_file_once(hub, tmp_path):
+    lora = lora_bytes(tmp_path, width=24 * 1024)
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora})
+    workdir = tmp_path / "work"
+    stop_download_midway(hub, workdir, signal.SIGKILL)
+    hub.honour_range = False
+
+    result = run_download(hub.url, workdir)
+    assert result.returncode == 0, result.stderr
+    assert (workdir / LORA_FILE).read_bytes() == lora
+    assert hub.file_gets(LORA_FILE)[-1]["range"] is not None
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o002])
+def test_the_installed_lora_is_as_readable_as_the_umask_makes_any_new_file(hub, tmp_path, umask):
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora_bytes(tmp_path)})
+
+    result = run_download(hub.url, tmp_path / "work", umask=umask)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE((tmp_path / "work" / LORA_FILE).stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("error", [OSError(), KeyError(), RuntimeError("\n")])
+def test_an_error_raised_without_a_message_still_gets_one_line(error):
+    import download
+
+    line = download.explain(error, LORA_REPO, LORA_FILE, "main")
+    assert line == f"downloading {LORA_FILE} from {LORA_REPO} failed: {type(error).__name__}"
 
 
 def sd21_repo_files(tiny_model: Path, tmp_path: Path) -> dict[str, bytes]:
