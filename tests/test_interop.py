@@ -74,7 +74,8 @@ def loras(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def kohya_files(loras, tmp_path_factory):
-    """Each LoRA exported by `generate.py --export_kohya`, with a --base_model that does not exist: export never loads it."""
+    """Each LoRA exported by `generate.py --export_kohya`, with a --base_model that does not exist: export never
+    loads it."""
     folder = tmp_path_factory.mktemp("kohya")
     files = {}
     for name, source in loras.items():
@@ -138,7 +139,7 @@ def test_generate_takes_a_kohya_lora_into_both_components(tiny_model, loras, koh
     code, (kohya_image,) = run(tiny_model, tmp_path / "kohya", "--prompt", PROMPT, "--lora", kohya_files["alpha"])
     assert code == 0
     _, (original_image,) = run(tiny_model, tmp_path / "original", "--prompt", PROMPT, "--lora", loras["alpha"])
-    _, (base_image,) = run(tiny_model, tmp_path / "base", "--prompt", PROMPT, "--no_lora")
+    _, (base_image,) = run(tiny_model, tmp_path / "base", "--prompt", PROMPT, "--lora", "none")
     assert np.abs(pixels(kohya_image) - pixels(original_image)).mean() <= 1.0
     assert np.abs(pixels(kohya_image) - pixels(base_image)).mean() > 5
 
@@ -200,54 +201,56 @@ def test_from_png_reads_a_png_with_the_single_lora_entries_of_before(tiny_model,
     assert np.array_equal(pixels(again), pixels(image))
 
 
-def test_grid_has_a_row_per_lora_a_column_per_scale_and_scale_0_is_the_base_model(tiny_model, loras, tmp_path):
+def test_lora_by_strength_grid_switches_loras_without_changing_a_cell(tiny_model, loras, tmp_path):
     rows = [str(loras["published"]), str(loras["alpha"])]
     scales = ["0", "0.5", "1"]
-    code, (grid_path,) = run(
+    code, images = run(
         tiny_model,
         tmp_path / "grid",
-        "--grid",
         "--prompt",
         PROMPT,
-        "--lora",
-        rows[0],
-        "--lora",
-        rows[1],
-        "--lora_scale",
-        *scales,
+        "--grid",
+        f"lora={','.join(rows)}",
+        "--grid",
+        f"lora_scale={','.join(scales)}",
     )
-    assert code == 0 and grid_path.name == "00000-grid-s42-a-young-woman-with-long-red-hair-smiles.png"
-    grid = pixels(grid_path)
-    layout = generate.lora_grid_layout(generate.short_names(rows), 3, 64, 64, f"{PROMPT} (seed 42)")
-    assert generate.short_names(rows) == ["published.safetensors", "alpha-run/pytorch_lora_weights.safetensors"]
-    assert grid.shape == (layout["header_height"] + 2 * 64, layout["label_width"] + 3 * 64, 3)
-    assert grid[: layout["header_height"]].min() < 128 and grid[:, : layout["label_width"]].min() < 128  # labels drawn
-
-    cells = json.loads(Image.open(grid_path).text["text2face_grid"])
-    assert [(cell["row"], cell["column"]) for cell in cells] == [
-        (row, column) for row in range(2) for column in range(3)
-    ]
-    _, (base,) = run(tiny_model, tmp_path / "base", "--prompt", PROMPT, "--no_lora")
-    _, (full_alpha,) = run(tiny_model, tmp_path / "alpha", "--prompt", PROMPT, "--lora", rows[1])
-    images = {}
-    for cell in cells:
+    assert code == 0 and len(images) == 2 * 3 + 1
+    (figure,) = (tmp_path / "grid").glob("*-grid-*.png")
+    assert figure.name == "00006-grid-s42-a-young-woman-with-long-red-hair-smiles.png"
+    record = json.loads(Image.open(figure).text["text2face_grid"])
+    assert record["rows"]["labels"] == ["published.safetensors", "alpha-run/pytorch_lora_weights.safetensors"]
+    assert record["columns"]["labels"] == ["lora_scale=0", "lora_scale=0.5", "lora_scale=1"]
+    picture = pixels(figure)
+    cells = {}
+    for cell in record["cells"]:
         left, top, width, height = cell["box"]
-        assert (left, top, width, height) == (
-            layout["label_width"] + 64 * cell["column"],
-            layout["header_height"] + 64 * cell["row"],
-            64,
-            64,
-        )
-        assert cell["seed"] == 42 and cell["prompt"] == PROMPT
-        assert [(lora["lora"], lora["scale"]) for lora in cell["loras"]] == [
+        cells[cell["row"], cell["column"]] = path = tmp_path / "grid" / cell["file"]
+        assert np.array_equal(picture[top : top + height, left : left + width], pixels(path))
+        settings = json.loads(Image.open(path).text["text2face"])
+        assert settings["seed"] == 42 and settings["prompt"] == PROMPT
+        assert [(lora["lora"], lora["scale"]) for lora in settings["loras"]] == [
             (rows[cell["row"]], float(scales[cell["column"]]))
         ]
-        images[cell["row"], cell["column"]] = grid[top : top + height, left : left + width]
+    assert (
+        picture[: record["cells"][0]["box"][1]].min() < 128 and picture[:, : record["cells"][0]["box"][0]].min() < 128
+    )
+
+    # The LoRAs are swapped in and out of the same base weights: every cell is what a run of its LoRA and strength
+    # alone gives, bit for bit, and strength 0 is the base model.
+    _, (base,) = run(tiny_model, tmp_path / "base", "--prompt", PROMPT, "--lora", "none")
     for row in range(2):
-        assert np.abs(images[row, 0] - pixels(base)).mean() <= 1.0
-        assert np.abs(images[row, 2] - pixels(base)).mean() > 5
-        assert np.abs(images[row, 1] - images[row, 2]).mean() > 1
-    assert np.abs(images[1, 2] - pixels(full_alpha)).mean() <= 1.0  # unfused at scale 1 = fused at scale 1
+        assert np.array_equal(pixels(cells[row, 0]), pixels(base))
+        assert np.abs(pixels(cells[row, 2]) - pixels(base)).mean() > 5
+        assert np.abs(pixels(cells[row, 1]) - pixels(cells[row, 2])).mean() > 1
+    _, (full_alpha,) = run(tiny_model, tmp_path / "alpha", "--prompt", PROMPT, "--lora", rows[1])
+    assert np.array_equal(pixels(cells[1, 2]), pixels(full_alpha))
+    for row, column in ((0, 1), (1, 2)):
+        again = tmp_path / f"again-{row}-{column}"
+        assert (
+            generate.main(["--from_png", str(cells[row, column]), "--device", "cpu", "--output_dir", str(again)]) == 0
+        )
+        (rendered,) = again.glob("*.png")
+        assert np.array_equal(pixels(rendered), pixels(cells[row, column]))
 
 
 def non_lora_file(tmp_path):
@@ -275,13 +278,13 @@ BAD_INPUTS = {
         lambda tmp, lora: ["--prompt", PROMPT, "--lora", lora, "--lora", lora, "--lora_scale", "1", "0.5", "0.2"],
         "3 values for 2 --lora",
     ),
-    "several scales for one LoRA without --grid": (
+    "several scales for one LoRA": (
         lambda tmp, lora: ["--prompt", PROMPT, "--lora", lora, "--lora_scale", "0", "1"],
-        "pass --grid",
+        "a sweep of strengths is --grid lora_scale=V1,V2,...",
     ),
-    "--grid with --no_lora": (
-        lambda tmp, lora: ["--prompt", PROMPT, "--grid", "--no_lora"],
-        "--grid shows every --lora",
+    "export of the base model": (
+        lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--lora", "none"],
+        "give a --lora other than none",
     ),
     "export over an existing file": (
         lambda tmp, lora: ["--export_kohya", str(existing_file(tmp)), "--lora", lora],
@@ -387,7 +390,7 @@ def test_a_trained_lora_exported_by_the_command_training_prints_gives_the_same_i
 
     images = {}
     for name, lora_flags in (
-        ("base", ["--no_lora"]),
+        ("base", ["--lora", "none"]),
         ("diffusers", ["--lora", str(output)]),
         ("kohya", ["--lora", str(kohya_file)]),
     ):
@@ -416,3 +419,26 @@ def test_a_trained_lora_exported_by_the_command_training_prints_gives_the_same_i
         images[name] = pixels(next((tmp_path / name).glob("*.png")))
     assert np.abs(images["diffusers"] - images["base"]).mean() > 1
     assert np.abs(images["kohya"] - images["diffusers"]).mean() <= 1.0  # 1/255 per pixel on average
+
+
+def test_switching_loras_restores_the_base_weights_bit_for_bit(tiny_model, loras):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    prepared = {
+        name: generate.prepare_lora(name, "pytorch_lora_weights.safetensors", {}) for name in map(str, loras.values())
+    }
+    a, b = prepared
+    switch = generate.LoraSwitch(pipe, prepared, {((a, 1.0),), ((b, 0.5), (a, 0.7)), ()})
+
+    def weights():
+        return {name: value.clone() for name, value in pipe.unet.state_dict().items() if "lora_" not in name}
+
+    switch.use(())
+    base = weights()
+    switch.use(((a, 1.0),))
+    fused_a = weights()
+    assert any(not torch.equal(fused_a[name], base[name]) for name in base)
+    for setting in (((b, 0.5), (a, 0.7)), (), ((a, 1.0),)):
+        switch.use(setting)
+    assert all(torch.equal(value, fused_a[name]) for name, value in weights().items())
+    switch.use(())
+    assert all(torch.equal(value, base[name]) for name, value in weights().items())
