@@ -199,32 +199,6 @@ def parse_args(argv=None):
         help="Sampler (default: the base model's own, DDIM for SD2.1)",
     )
     sampling.add_argument(
-        "--steps",
-        type=int,
-        default=50,
-        help="Denoising steps; 25 with --scheduler dpm++ is faster (default: %(default)s).",
-    )
-    sampling.add_argument(
-        "--guidance_scale",
-        type=float,
-        default=7.5,
-        help="Classifier-free guidance scale, 0 or more; 1 turns guidance off (default: %(default)s).",
-    )
-    sampling.add_argument(
-        "--height",
-        type=int,
-        default=768,
-        help="Image height in pixels, a multiple of 8; 768 is SD2.1's native size (default: %(default)s).",
-    )
-    sampling.add_argument(
-        "--width", type=int, default=768, help="Image width in pixels, a multiple of 8 (default: %(default)s)."
-    )
-    sampling.add_argument(
-        "--scheduler",
-        choices=sorted(SCHEDULERS),
-        help="Sampler (default: the base model's own, DDIM for SD2.1).",
-    )
-    sampling.add_argument(
         "--batch_size",
         type=batch_size_value,
         default=1,
