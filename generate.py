@@ -56,7 +56,6 @@ import collections
 import errno
 import functools
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -127,6 +126,11 @@ SETTING_AXES = {
     "steps": "integers from 1",
     "scheduler": ", ".join(sorted(SCHEDULERS)),
 }
+DEFAULT_OUTPUT_ROOT = Path("outputs")  # without --output_dir, each run's own folder goes in here
+RUN_FILE_NAME = "generate_run.json"  # in --output_dir: the settings of the run that fills it
+METADATA_NAME = "metadata.jsonl"  # in --output_dir: a caption line per image, as finetune_lora.py reads it
+PROMPT_RECORD_TYPES = {"prompt": str, "negative_prompt": str, "seed": int}  # the keys of a JSONL prompts line
+ESTIMATE_ABOVE = 10_000  # jobs; a run this long says how long it will take once its first batch is timed
 PLACEHOLDER = re.compile(r"\{(\w+)\}")  # {age} in a prompt: filled from the --grid axis of that name
 MAX_CELLS = 64  # a bigger grid needs --yes: a typo in a --grid value list should not start hours of sampling
 TITLE_LINES = 5  # at most this many lines of title above a grid figure, in PIL's default font
@@ -156,8 +160,9 @@ def parse_args(argv=None):
     prompts.add_argument(
         "--prompts_file",
         type=Path,
-        help="UTF-8 text file with one prompt a line; blank lines and lines starting with # are skipped "
-        "(default: none)",
+        help="UTF-8 text file with one prompt a line (blank lines and lines starting with # are skipped), or JSONL "
+        '(a .jsonl file, or one whose first line starts with {): one {"prompt": ..., "negative_prompt": ..., '
+        '"seed": ...} a line, the last two optional (default: none)',
     )
     prompts.add_argument(
         "--negative_prompt",
@@ -253,6 +258,12 @@ def parse_args(argv=None):
         f"--grid lora={NO_LORA},<the --lora> (default: off)",
     )
     grid.add_argument(
+        "--no_figure",
+        action="store_true",
+        help="Sample every combination of the --grid values as images of their own and draw no figure: a template "
+        f"expanded into a dataset, without the {MAX_CELLS}-image limit of a figure (default: off)",
+    )
+    grid.add_argument(
         "--yes",
         action="store_true",
         help=f"Sample a grid of more than {MAX_CELLS} images without refusing (default: off)",
@@ -262,8 +273,9 @@ def parse_args(argv=None):
     output.add_argument(
         "--output_dir",
         type=Path,
-        default=Path("outputs"),
-        help="Folder for the PNGs; existing files are never overwritten (default: outputs)",
+        help="Folder for the PNGs, metadata.jsonl (their captions) and generate_run.json (the settings); the same "
+        "command again adds only the missing images, other settings are refused (default: "
+        f"{DEFAULT_OUTPUT_ROOT}/<prompt slug>-<settings hash>, a folder per run)",
     )
     output.add_argument(
         "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)"
@@ -423,8 +435,11 @@ def check_lora_scales(scales, flag: str = "--lora_scale"):
 
 
 def read_prompts(args, png) -> list:
-    """The prompts from --prompt and --prompts_file, in that order, else the --from_png image's; none is an error."""
-    prompts = list(args.prompt)
+    """The prompts from --prompt and --prompts_file, in that order, else the --from_png image's; none is an error.
+
+    Each is a record {"prompt": ...}, with "negative_prompt" and "seed" where a JSONL --prompts_file gives them.
+    """
+    prompts = [{"prompt": prompt} for prompt in args.prompt]
     if args.prompts_file is not None:
         try:
             lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
@@ -435,14 +450,48 @@ def read_prompts(args, png) -> list:
                 f"--prompts_file {args.prompts_file} is not UTF-8 text (byte {error.object[error.start]:#04x} "
                 f"at offset {error.start}): save it as UTF-8"
             ) from None
-        prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        first = next((line.lstrip() for line in lines if line.strip()), "")
+        if args.prompts_file.suffix == ".jsonl" or first.startswith("{"):
+            prompts += [
+                prompt_record(line, f"--prompts_file {args.prompts_file} line {number}")
+                for number, line in enumerate(lines, start=1)
+                if line.strip()
+            ]
+        else:
+            prompts += [{"prompt": line} for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts and png is not None:
-        prompts = [png["prompt"]]
+        prompts = [{"prompt": png["prompt"]}]
     if not prompts:
         raise GenerateError("no prompt given: pass --prompt TEXT, --prompts_file FILE or --from_png FILE")
-    if not all(prompt.strip() for prompt in prompts):
+    if not all(record["prompt"].strip() for record in prompts):
         raise GenerateError("a --prompt is empty: describe the face to generate")
-    return [prompt.strip() for prompt in prompts]
+    return [{**record, "prompt": record["prompt"].strip()} for record in prompts]
+
+
+def prompt_record(line: str, where: str) -> dict:
+    """One line of a JSONL --prompts_file: {"prompt": ..., "negative_prompt": ..., "seed": ...}, the last two
+    optional; anything else is an error naming the line (`where`)."""
+    example = '{"prompt": "A smiling 40 year old woman", "seed": 7}'
+    try:
+        record = json.loads(line)
+    except ValueError as error:
+        raise GenerateError(
+            f"{where} is not JSON ({first_line(error)}): write one object a line, e.g. {example}"
+        ) from None
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise GenerateError(f'{where} has no "prompt" text: write one object a line, e.g. {example}')
+    for key, value in record.items():
+        wanted = PROMPT_RECORD_TYPES.get(key)
+        if wanted is None:
+            raise GenerateError(f"{where}: unknown key {key!r}; a line holds {', '.join(PROMPT_RECORD_TYPES)}")
+        if not isinstance(value, wanted) or isinstance(value, bool):
+            raise GenerateError(f"{where}: {key} must be {'an integer' if wanted is int else 'text'}, got {value!r}")
+    return record
+
+
+def prompt_settings(record: dict, settings) -> dict:
+    """The run's settings, with the negative prompt and seed of a JSONL --prompts_file line where it has them."""
+    return {**settings, **{key: record[key] for key in ("negative_prompt", "seed") if key in record}}
 
 
 class Axis(NamedTuple):
@@ -516,7 +565,10 @@ def grid_axes(args, settings, prompts) -> list:
         raise GenerateError("--grid lora_scale=... sets the strength of each cell: drop --lora_scale")
     if "lora_scale" in names and "lora" not in names and not settings["loras"]:
         raise GenerateError(f"--grid lora_scale=... needs a LoRA to scale, not --lora {NO_LORA}")
-    placeholders = {name for text in [*prompts, settings["negative_prompt"]] for name in PLACEHOLDER.findall(text)}
+    texts = [
+        text for record in prompts for text in (record["prompt"], prompt_settings(record, settings)["negative_prompt"])
+    ]
+    placeholders = {name for text in texts for name in PLACEHOLDER.findall(text)}
     for name in names:
         if name not in SETTING_AXES and name not in placeholders:
             raise GenerateError(
@@ -541,6 +593,7 @@ class Cell(NamedTuple):
     guidance_scale: float
     scheduler: str | None
     loras: tuple  # ((--lora value, scale), ...); () samples the base model
+    placeholders: tuple = ()  # ((name, text), ...): the value each {placeholder} of the prompts took
 
 
 class Figure(NamedTuple):
@@ -570,7 +623,8 @@ def make_cell(prompt: str, settings, image: int, choices: dict) -> Cell:
         return PLACEHOLDER.sub(lambda match: texts.get(match.group(1), match.group(0)), text)
 
     fields.update(prompt=fill(prompt), negative_prompt=fill(fields["negative_prompt"]), seed=fields["seed"] + image)
-    return Cell(**fields)
+    placeholders = tuple((name, text) for name, text in texts.items() if name not in SETTING_AXES)
+    return Cell(**fields, placeholders=placeholders)
 
 
 def plan_figures(args, settings, prompts) -> list:
@@ -586,16 +640,17 @@ def plan_figures(args, settings, prompts) -> list:
     )
     return [
         Figure(
-            prompt,
-            settings["seed"] + image,
+            record["prompt"],
+            own["seed"] + image,
             rows,
             columns,
             [
-                [make_cell(prompt, settings, image, {**row, **column}) for column in column_choices]
+                [make_cell(record["prompt"], own, image, {**row, **column}) for column in column_choices]
                 for row in row_choices
             ],
         )
-        for prompt in prompts
+        for record in prompts
+        for own in [prompt_settings(record, settings)]
         for image in range(args.num_images)
     ]
 
@@ -603,7 +658,7 @@ def plan_figures(args, settings, prompts) -> list:
 def check_plan(figures, settings, args):
     """A grid of more than MAX_CELLS images needs --yes; --compile needs the same LoRAs in every image."""
     cells = sum(len(row) for figure in figures for row in figure.cells)
-    if figures[0].columns is not None and cells > MAX_CELLS and not args.yes:
+    if figures_drawn(figures, args) and cells > MAX_CELLS and not args.yes:
         raise GenerateError(
             f"the grid has {cells} images ({len(figures)} figure(s) of {len(figures[0].cells)} x "
             f"{len(figures[0].cells[0])}), more than {MAX_CELLS}: pass --yes to sample them all, or give fewer values"
@@ -1180,6 +1235,7 @@ def image_settings(cell: Cell, settings, sampler: str, loras: dict, dtype) -> di
         "dtype": str(dtype).removeprefix("torch."),
         "generator": "cpu",
         "compile": settings["compile"],
+        "placeholders": dict(cell.placeholders),
     }
 
 
@@ -1221,19 +1277,18 @@ def slugify(prompt: str, limit: int = 60) -> str:
     return slug or "prompt"
 
 
-def next_index(output_dir: Path) -> int:
-    indices = [int(match.group(1)) for path in output_dir.iterdir() if (match := re.match(r"(\d{5,})-", path.name))]
-    return max(indices, default=-1) + 1
-
-
-def write_new_file(folder: Path, names, write):
+def write_new_file(folder: Path, names, write, replace: bool = False):
     """Write a file with `write(path)` under a temporary name in `folder`, then hard-link it to the first of `names`
     that is free and return that path (None if none is): an existing file is never replaced, even by another run
-    taking the name meanwhile, and an interrupted write leaves no partial file."""
+    taking the name meanwhile, and an interrupted write leaves no partial file. With `replace`, the file takes the
+    first name whether it exists or not; a reader sees the old file or the new one, never a part."""
     temporary = folder / f".{uuid.uuid4().hex}.tmp"
     try:
         write(temporary)
         for name in names:
+            if replace:
+                os.replace(temporary, folder / name)
+                return folder / name
             try:
                 os.link(temporary, folder / name)
                 return folder / name
@@ -1244,14 +1299,9 @@ def write_new_file(folder: Path, names, write):
         temporary.unlink(missing_ok=True)
 
 
-def save_png(image, output_dir: Path, index: int, name: str, info) -> tuple:
-    """Write `image` as NNNNN-<name>.png with the first free number from `index`; return (path, next number)."""
-    path = write_new_file(
-        output_dir,
-        (f"{number:05d}-{name}.png" for number in itertools.count(index)),
-        lambda temporary: image.save(temporary, format="PNG", pnginfo=info),
-    )
-    return path, int(path.name.split("-", 1)[0]) + 1
+def save_png(image, output_dir: Path, name: str, info) -> Path | None:
+    """Write `image` as `name` in `output_dir`; None if a file of that name is there already."""
+    return write_new_file(output_dir, [name], lambda temporary: image.save(temporary, format="PNG", pnginfo=info))
 
 
 def caption_font(width: int):
@@ -1358,9 +1408,9 @@ def grid_figure(images, row_labels, column_labels, title: str) -> tuple:
     return figure, corners
 
 
-def write_figure(figure: Figure, written: dict, base_model: str, command: str, output_dir: Path, index: int) -> int:
-    """Draw `figure` from its `written` {(row, column): (image, path)} and save it with the command that made it and
-    each cell's box and file; return the next free number."""
+def write_figure(figure: Figure, written: dict, base_model: str, command: str, output_dir: Path, name: str):
+    """Draw `figure` from its `written` {(row, column): (image, path)} and save it as `name` with the command that
+    made it and each cell's box and file."""
     row_labels = axis_labels(figure.rows, base_model)
     column_labels = axis_labels(figure.columns, base_model)
     images = [[written[row, column][0] for column in range(len(column_labels))] for row in range(len(row_labels))]
@@ -1382,10 +1432,9 @@ def write_figure(figure: Figure, written: dict, base_model: str, command: str, o
     }
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_GRID_KEY, json.dumps(record))
-    path, index = save_png(picture, output_dir, index, f"grid-s{figure.seed}-{slugify(figure.prompt)}", info)
+    path = save_png(picture, output_dir, name, info)
     shown = "; ".join(f"{key}: {', '.join(labels)}" for key, (axis, labels) in axes.items() if axis)
     tqdm.write(f"wrote {path} ({shown})")
-    return index
 
 
 def check_writable_folder(folder: Path, flag: str):
@@ -1442,41 +1491,247 @@ def make_output_dir(output_dir: Path):
         raise GenerateError(f"cannot create --output_dir {output_dir}: {first_line(error)}") from None
 
 
-def write_images(pipe, switch, figures, settings, loras: dict, dtype, batch_size: int, output_dir: Path, command: str):
-    """Sample every cell, writing each image with its settings as soon as its batch is done, and each figure of a
-    grid once its cells are; return the image count."""
-    drawn = figures[0].columns is not None
-    positioned = [
-        [((row, column), cell) for row, cells in enumerate(figure.cells) for column, cell in enumerate(cells)]
-        for figure in figures
-    ]
-    # Without a grid, the images of every prompt are one run of cells, batched together.
-    units = (
-        zip(figures, positioned, strict=True) if drawn else [(None, [pair for cells in positioned for pair in cells])]
-    )
+def write_images(pipe, switch, own_batches, settings, loras: dict, dtype, output_dir: Path, progress):
+    """Sample this process's batches of (file name, cell) pairs, writing each image with its settings as soon as its
+    batch is done; an image a killed run wrote already is sampled with its batch but kept as it is."""
     own_scheduler = pipe.scheduler
-    index = next_index(output_dir)
-    total = sum(len(cells) for cells in positioned)
-    with tqdm(total=total, desc="images", unit="image", position=0) as progress:
-        for figure, cells in units:
-            written = {}
-            for batch in batches(cells, batch_size):
-                first = batch[0][1]
-                switch.use(first.loras)
-                pipe.scheduler = scheduler_for(first.scheduler, own_scheduler)
-                images = sample(pipe, [cell for _, cell in batch], settings["height"], settings["width"])
-                for (position, cell), image in zip(batch, images, strict=True):
-                    info = png_info(
-                        image_settings(cell, settings, sampler_name(cell.scheduler, pipe.scheduler), loras, dtype)
-                    )
-                    path, index = save_png(image, output_dir, index, f"s{cell.seed}-{slugify(cell.prompt)}", info)
-                    tqdm.write(f"wrote {path}")
-                    if figure is not None:
-                        written[position] = (image, path)
-                progress.update(len(batch))
-            if figure is not None:
-                index = write_figure(figure, written, settings["base_model"], command, output_dir, index)
-    return total
+    for batch in own_batches:
+        first = batch[0][1]
+        switch.use(first.loras)
+        pipe.scheduler = scheduler_for(first.scheduler, own_scheduler)
+        images = sample(pipe, [cell for _, cell in batch], settings["height"], settings["width"])
+        for (name, cell), image in zip(batch, images, strict=True):
+            info = png_info(image_settings(cell, settings, sampler_name(cell.scheduler, pipe.scheduler), loras, dtype))
+            if save_png(image, output_dir, name, info) is not None:
+                tqdm.write(f"wrote {output_dir / name}")
+        progress.batch_done(len(batch))
+
+
+# --- Datasets: a run's images split between the processes of `accelerate launch`, resumed from what its folder
+# holds, and captioned in metadata.jsonl for finetune_lora.py.
+
+
+def figures_drawn(figures, args) -> bool:
+    """Whether the run draws grid figures: a grid without --no_figure."""
+    return figures[0].columns is not None and not args.no_figure
+
+
+def run_jobs(figures) -> list:
+    """(file name, cell) of every image of the run, figure by figure and row by row. A name depends only on the
+    job's place in that order and its cell: never on the folder, nor on the number of processes."""
+    return [
+        (f"{ordinal:05d}-s{cell.seed}-{slugify(cell.prompt)}.png", cell)
+        for ordinal, cell in enumerate(all_cells(figures))
+    ]
+
+
+def process_state(device_flag: str) -> tuple:
+    """accelerate's state of this process (the one process under python, one of several under accelerate launch)
+    and its device: the --device, or with auto and several processes the device accelerate gives this one."""
+    from accelerate import PartialState
+
+    device = pick_device(device_flag)
+    state = PartialState(cpu=device.type == "cpu")  # on the CPU, several processes join over gloo
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != world_size:
+        raise GenerateError(
+            f"accelerate formed a group of {state.num_processes} process(es) but WORLD_SIZE is {world_size}: every "
+            "process would sample every image; check the launcher config"
+        )
+    return state, state.device if device_flag == "auto" and state.num_processes > 1 else device
+
+
+def run_record(args, settings, prompts, loras: dict, dtype, drawn: bool) -> dict:
+    """What decides the run's images and their pixels, as generate_run.json keeps it. The batch size, --device, the
+    number of processes and --compile are left out, so a resumed run may change them: on the same device class
+    they change the pixels at most by floating-point rounding (compiled kernels and batched GPU matmuls round
+    differently), as any rerun on another GPU would."""
+    record = {
+        "prompts": {
+            "count": len(prompts),
+            "sha256": hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest(),
+        },
+        "num_images": args.num_images,
+        "grid": args.grid,
+        "compare": args.compare,
+        "figures": drawn,
+        **{key: settings[key] for key in DEFAULTS if key != "compile"},
+        "loras": settings["loras"],
+        "lora_sha256": {name: lora.sha256 for name, lora in loras.items()},
+        "dtype": DTYPE_FLAGS[str(dtype).removeprefix("torch.")],
+    }
+    return json.loads(json.dumps(record))  # as it reads back from the file: tuples as lists
+
+
+def default_output_dir(record: dict, prompts) -> Path:
+    """Without --output_dir, the run's own folder under outputs/, named after its first prompt and its settings: the
+    same command finds its folder again and adds what is missing, another command gets a folder of its own."""
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8]
+    return DEFAULT_OUTPUT_ROOT / f"{slugify(prompts[0]['prompt'], 40)}-{digest}"
+
+
+def setting_difference(key: str, here, there) -> str:
+    """One setting that differs, with both values when they are short."""
+    shown = [json.dumps(value) for value in (here, there)]
+    if max(len(text) for text in shown) > 40:
+        return key
+    return f"{key} {shown[0]} here, {shown[1]} there"
+
+
+def check_same_run(output_dir: Path, record: dict, jobs):
+    """Refuse an --output_dir whose generate_run.json holds other settings, naming them, or whose images came from a
+    run that kept no settings; before any model is loaded or anything written."""
+    path = output_dir / RUN_FILE_NAME
+    fix = "pass a new --output_dir"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if output_dir.is_dir() and any((output_dir / name).exists() for name, _ in jobs):
+            raise GenerateError(
+                f"--output_dir {output_dir} holds images with this run's names but no {RUN_FILE_NAME} to tell "
+                f"whether they have its settings: {fix}"
+            ) from None
+        return
+    except (OSError, ValueError) as error:
+        raise GenerateError(f"cannot read {path} ({first_line(error)}): {fix}") from None
+    differing = [key for key in {**saved, **record} if saved.get(key) != record.get(key)]
+    if differing:
+        shown = "; ".join(setting_difference(key, record.get(key), saved.get(key)) for key in differing)
+        raise GenerateError(
+            f"--output_dir {output_dir} holds a run with other settings ({shown}): {fix}, or that run's settings to "
+            "add its missing images"
+        )
+
+
+def write_metadata(output_dir: Path, jobs) -> int:
+    """Replace metadata.jsonl with a line per image of the run in the folder, as finetune_lora.py (and the Hugging
+    Face imagefolder) reads it: file_name, text (the prompt as sampled), seed, and each {placeholder}'s value.
+    Return the line count."""
+    present = set(os.listdir(output_dir))
+    lines = [
+        json.dumps({**dict(cell.placeholders), "file_name": name, "text": cell.prompt, "seed": cell.seed})
+        for name, cell in jobs
+        if name in present
+    ]
+    text = "".join(f"{line}\n" for line in lines)
+    write_new_file(output_dir, [METADATA_NAME], lambda temporary: temporary.write_text(text, "utf-8"), replace=True)
+    return len(lines)
+
+
+def prepare_folder(output_dir: Path, record: dict, jobs):
+    """Before any process samples: create --output_dir, remove the temporary files of a killed run, save the run's
+    settings unless they are there, and caption the images a killed run left."""
+    make_output_dir(output_dir)
+    for temporary in output_dir.glob(".*.tmp"):
+        temporary.unlink(missing_ok=True)
+    text = json.dumps(record, indent=1, sort_keys=True)
+    write_new_file(output_dir, [RUN_FILE_NAME], lambda temporary: temporary.write_text(text, "utf-8"))
+    write_metadata(output_dir, jobs)
+
+
+def agreed_batch_size(pipe, settings, batch_size, jobs, state) -> int:
+    """The --batch_size; auto measured on every process and the smallest taken, as all must cut the same batches."""
+    if batch_size != "auto":
+        return batch_size
+    from accelerate.utils import gather_object
+
+    return min(gather_object([auto_batch_size(pipe, settings, len(jobs))]))
+
+
+def start_run(output_dir: Path, record: dict, jobs, batch_size: int, state) -> tuple:
+    """The folder prepared by the main process, and the batches that lack a PNG dealt out between the processes in
+    turn; return (this process's batches, the number of images there already).
+
+    The batches are cut from all the jobs, whatever the number of processes or the images a killed run left: a
+    batch may round differently from its images sampled apart, so this keeps the pixels of one uninterrupted process.
+    """
+    if state.is_main_process:
+        prepare_folder(output_dir, record, jobs)
+    state.wait_for_everyone()
+    present = set(os.listdir(output_dir))
+    missing = [batch for batch in batches(jobs, batch_size) if any(name not in present for name, _ in batch)]
+    state.wait_for_everyone()  # every process has listed the folder before any writes to it
+    return missing[state.process_index :: state.num_processes], sum(name in present for name, _ in jobs)
+
+
+class RunProgress:
+    """The main process's bar over the images of all processes, counted from the run's PNGs in the folder, the one
+    place where the other processes' images show; on the other processes it does nothing."""
+
+    def __init__(self, output_dir: Path, jobs, done: int, state):
+        self.output_dir = output_dir
+        self.names = {name for name, _ in jobs}
+        self.processes = state.num_processes
+        self.missing = len(jobs) - done
+        self.bar = tqdm(
+            total=len(jobs), initial=done, desc="images", unit="image", position=0, disable=not state.is_main_process
+        )
+        self.started = time.perf_counter()
+        self.estimated = len(jobs) <= ESTIMATE_ABOVE  # a long run says how long it takes after its first batch
+
+    def refresh(self) -> int:
+        finished = len(self.names.intersection(os.listdir(self.output_dir)))
+        self.bar.update(finished - self.bar.n)
+        return finished
+
+    def batch_done(self, count: int):
+        if self.bar.disable:
+            return
+        if not self.estimated:
+            rate = count * self.processes / (time.perf_counter() - self.started)
+            tqdm.write(
+                f"{self.missing} image(s) at {rate:.2f} images/s (the first batch, times {self.processes} process(es)) "
+                f"take about {duration(self.missing / rate)}"
+            )
+            self.estimated = True
+        self.refresh()
+
+    def wait_for_the_others(self) -> float:
+        """On the main process, count on until every image is written; return the seconds since sampling began."""
+        while not self.bar.disable and self.refresh() < self.bar.total:
+            time.sleep(1)
+        self.bar.close()
+        return time.perf_counter() - self.started
+
+
+def draw_figures(figures, jobs, base_model: str, command: str, output_dir: Path):
+    """The grid figures, drawn by the main process once every process has written its cells, from their PNGs; a
+    figure there already (a resumed run's) is kept."""
+    names = iter(name for name, _ in jobs)  # run_jobs' order: figure by figure, row by row
+    for number, figure in enumerate(figures):
+        paths = {
+            (row, column): output_dir / next(names)
+            for row, cells in enumerate(figure.cells)
+            for column in range(len(cells))
+        }
+        name = f"{number:05d}-grid-s{figure.seed}-{slugify(figure.prompt)}.png"
+        if not (output_dir / name).exists():
+            written = {position: (Image.open(path), path) for position, path in paths.items()}
+            write_figure(figure, written, base_model, command, output_dir, name)
+
+
+def finish_run(figures, jobs, settings, command: str, output_dir: Path, progress, state):
+    """Once every process is done: on the main process the grid figures (command: the generate.py command line they
+    record), metadata.jsonl, the totals and the command that trains on the folder."""
+    elapsed = progress.wait_for_the_others()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return
+    if command is not None:
+        draw_figures(figures, jobs, settings["base_model"], command, output_dir)
+    count = write_metadata(output_dir, jobs)
+    sampled = progress.missing
+    if sampled:
+        print(
+            f"{sampled} image(s) in {elapsed:.1f} s, {elapsed / sampled:.1f} s/image, "
+            f"{sampled / elapsed:.2f} images/s on {state.num_processes} process(es)"
+        )
+    else:
+        print(f"nothing to sample: all {count} image(s) of this run are in {output_dir}")
+    train = ["accelerate", "launch", "finetune_lora.py", "--train_data_dir", str(output_dir)]
+    if settings["base_model"] != DEFAULT_BASE_MODEL:
+        train += ["--pretrained_model_name_or_path", settings["base_model"]]
+    print(f"{count} captioned image(s) in {output_dir / METADATA_NAME}; to train on them: {shlex.join(train)}")
 
 
 def lora_alphas(state_dict, file_metadata: dict) -> dict:
@@ -1620,6 +1875,7 @@ def export_kohya(args) -> Path:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     pngs_before = None  # the PNGs in --output_dir when sampling starts, to count what an interrupted run wrote
+    output_dir = None
     try:
         args = parse_args(argv)
         if args.export_kohya is not None:
@@ -1627,28 +1883,36 @@ def main(argv=None) -> int:
             return 0
         png = read_png_settings(args.from_png) if args.from_png is not None else None
         settings = run_settings(args, png)
-        figures = plan_figures(args, settings, read_prompts(args, png))
+        prompts = read_prompts(args, png)
+        figures = plan_figures(args, settings, prompts)
         check_plan(figures, settings, args)
-        cells = all_cells(figures)
-        preflight(settings, args.output_dir)
-        device = pick_device(args.device)
+        cells, jobs = all_cells(figures), run_jobs(figures)
+        preflight(settings, args.output_dir or DEFAULT_OUTPUT_ROOT)
+        state, device = process_state(args.device)
         dtype = pick_dtype(args.dtype, device, DTYPE_FLAGS.get(png.get("dtype")) if png is not None else None)
         loras = prepare_loras(cells, settings, png)
+        record = run_record(args, settings, prompts, loras, dtype, figures_drawn(figures, args))
+        output_dir = args.output_dir or default_output_dir(record, prompts)
+        check_same_run(output_dir, record, jobs)
         pipe, switch = load_models(settings, device, dtype, loras, cells)
-        make_output_dir(args.output_dir)
-        batch_size = auto_batch_size(pipe, settings, len(cells)) if args.batch_size == "auto" else args.batch_size
-        print(f"{len(cells)} image(s) on {device} ({str(dtype).removeprefix('torch.')}), batch size {batch_size}")
-        if device.type == "cpu":
-            say_if_slow(unet_step_seconds(pipe, settings), settings)
-        if settings["compile"]:
-            compile_models(pipe, cells[:batch_size], settings)
+        batch_size = agreed_batch_size(pipe, settings, args.batch_size, jobs, state)
+        mine, done = start_run(output_dir, record, jobs, batch_size, state)
+        if state.is_main_process:
+            print(
+                f"{len(jobs)} image(s), {done} of them in {output_dir} already; the other {len(jobs) - done} on "
+                f"{state.num_processes} process(es), {device} ({str(dtype).removeprefix('torch.')}), "
+                f"batch size {batch_size}"
+            )
+            if device.type == "cpu" and mine:
+                say_if_slow(unet_step_seconds(pipe, settings), settings)
+        if settings["compile"] and mine:
+            compile_models(pipe, [cell for _, cell in mine[0]], settings)
 
-        pngs_before = set(args.output_dir.glob("*.png"))
-        start = time.perf_counter()
-        command = shlex.join(["python", "generate.py", *argv])
-        count = write_images(pipe, switch, figures, settings, loras, dtype, batch_size, args.output_dir, command)
-        elapsed = time.perf_counter() - start
-        print(f"{count} image(s) in {elapsed:.1f} s, {elapsed / count:.1f} s/image")
+        pngs_before = set(output_dir.glob("*.png"))
+        progress = RunProgress(output_dir, jobs, done, state)
+        write_images(pipe, switch, mine, settings, loras, dtype, output_dir, progress)
+        command = shlex.join(["python", "generate.py", *argv]) if figures_drawn(figures, args) else None
+        finish_run(figures, jobs, settings, command, output_dir, progress, state)
         return 0
     except GenerateError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -1657,8 +1921,8 @@ def main(argv=None) -> int:
         if pngs_before is None:
             print("interrupted before any image was written", file=sys.stderr)
         else:
-            written = len(set(args.output_dir.glob("*.png")) - pngs_before)
-            print(f"interrupted: {written} image(s) written to {args.output_dir}", file=sys.stderr)
+            written = len(set(output_dir.glob("*.png")) - pngs_before)
+            print(f"interrupted: {written} image(s) written to {output_dir}", file=sys.stderr)
         return 130
 
 
