@@ -1669,6 +1669,12 @@ class RunProgress:
         self.started = time.perf_counter()
         self.estimated = len(jobs) <= ESTIMATE_ABOVE  # a long run says how long it takes after its first batch
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        self.bar.close()  # before an interruption's message, which would otherwise end up above the bar
+
     def refresh(self) -> int:
         finished = len(self.names.intersection(os.listdir(self.output_dir)))
         self.bar.update(finished - self.bar.n)
@@ -1690,7 +1696,6 @@ class RunProgress:
         """On the main process, count on until every image is written; return the seconds since sampling began."""
         while not self.bar.disable and self.refresh() < self.bar.total:
             time.sleep(1)
-        self.bar.close()
         return time.perf_counter() - self.started
 
 
@@ -1710,17 +1715,15 @@ def draw_figures(figures, jobs, base_model: str, command: str, output_dir: Path)
             write_figure(figure, written, base_model, command, output_dir, name)
 
 
-def finish_run(figures, jobs, settings, command: str, output_dir: Path, progress, state):
+def finish_run(figures, jobs, settings, command: str, output_dir: Path, sampled: int, elapsed: float, state):
     """Once every process is done: on the main process the grid figures (command: the generate.py command line they
-    record), metadata.jsonl, the totals and the command that trains on the folder."""
-    elapsed = progress.wait_for_the_others()
+    record), metadata.jsonl, the totals of the `sampled` images and the command that trains on the folder."""
     state.wait_for_everyone()
     if not state.is_main_process:
         return
     if command is not None:
         draw_figures(figures, jobs, settings["base_model"], command, output_dir)
     count = write_metadata(output_dir, jobs)
-    sampled = progress.missing
     if sampled:
         print(
             f"{sampled} image(s) in {elapsed:.1f} s, {elapsed / sampled:.1f} s/image, "
@@ -1909,10 +1912,11 @@ def main(argv=None) -> int:
             compile_models(pipe, [cell for _, cell in mine[0]], settings)
 
         pngs_before = set(output_dir.glob("*.png"))
-        progress = RunProgress(output_dir, jobs, done, state)
-        write_images(pipe, switch, mine, settings, loras, dtype, output_dir, progress)
+        with RunProgress(output_dir, jobs, done, state) as progress:
+            write_images(pipe, switch, mine, settings, loras, dtype, output_dir, progress)
+            elapsed = progress.wait_for_the_others()
         command = shlex.join(["python", "generate.py", *argv]) if figures_drawn(figures, args) else None
-        finish_run(figures, jobs, settings, command, output_dir, progress, state)
+        finish_run(figures, jobs, settings, command, output_dir, len(jobs) - done, elapsed, state)
         return 0
     except GenerateError as error:
         print(f"error: {error}", file=sys.stderr)

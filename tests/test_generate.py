@@ -314,7 +314,7 @@ def test_placeholder_grid_has_labelled_cells_that_from_png_and_a_plain_run_repro
     code, images = run(tiny_model, tmp_path / "grid", *grid_flags, "--lora", lora_file)
     assert code == 0 and len(images) == 2 * 2 + 1
     figure, record, cells = figure_and_cells(tmp_path / "grid")
-    assert figure.name == "00004-grid-s7-a-age-year-old-ethnicity-woman-neutral-expression.png"
+    assert figure.name == "00000-grid-s7-a-age-year-old-ethnicity-woman-neutral-expression.png"
     assert record["command"].startswith("python generate.py --base_model ")
     assert " --grid age=20,40 --grid ethnicity=Asian,Black " in record["command"]
     assert (record["rows"]["labels"], record["columns"]["labels"]) == (
@@ -370,18 +370,22 @@ def test_prompt_with_path_characters_stays_inside_output_dir(tiny_model, tmp_pat
         Path("deep"),
         Path("deep/out"),
         Path("deep/out/00000-s42-etc-x.png"),
+        Path("deep/out/generate_run.json"),
+        Path("deep/out/metadata.jsonl"),
     ]
 
 
-def test_second_run_adds_a_file_instead_of_replacing(tiny_model, tmp_path):
-    code, (first,) = run(tiny_model, tmp_path, "--prompt", PROMPT, "--lora", "none")
-    before = first.read_bytes()
-    code, images = run(tiny_model, tmp_path, "--prompt", PROMPT, "--lora", "none")
+def test_a_second_run_replaces_nothing_and_writes_only_the_missing_image(tiny_model, tmp_path):
+    code, (first, second) = run(tiny_model, tmp_path, "--prompt", PROMPT, "--lora", "none", "--num_images", "2")
+    before = (first.read_bytes(), first.stat().st_mtime_ns)
+    pixels_before = pixels(second)
+    second.unlink()
+    code, images = run(tiny_model, tmp_path, "--prompt", PROMPT, "--lora", "none", "--num_images", "2")
     assert code == 0
-    assert [p.name for p in images] == [first.name, first.name.replace("00000", "00001")]
-    assert first.read_bytes() == before
+    assert images == [first, second]
+    assert (first.read_bytes(), first.stat().st_mtime_ns) == before
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
-    assert np.array_equal(pixels(images[0]), pixels(images[1]))  # same prompt and seed: the same face
+    assert np.array_equal(pixels(second), pixels_before)  # same prompt and seed: the same face
 
 
 def test_long_prompt_warns_that_its_end_is_cut(tiny_model, tmp_path, capsys):
@@ -605,7 +609,7 @@ def test_default_lora_is_fetched_from_the_hub_on_first_use(tiny_model, lora_file
     if published:
         assert result.returncode == 0, result.stderr
         assert fetched.read_bytes() == lora_file.read_bytes()
-        (image,) = (tmp_path / "outputs").glob("*.png")
+        (image,) = (tmp_path / "outputs").glob("*/*.png")
         settings = json.loads(Image.open(image).text["text2face"])
         assert [(lora["lora"], lora["sha256"]) for lora in settings["loras"]] == [
             ("checkpoints/lora30k", generate.read_lora(lora_file)[1])

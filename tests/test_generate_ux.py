@@ -228,7 +228,10 @@ def test_ctrl_c_says_how_many_images_were_written_and_exits_130(tiny_model, tmp_
     assert 1 <= len(pngs) < 500
     assert stderr.splitlines()[-1] == f"interrupted: {len(pngs)} image(s) written to {output_dir}"
     assert "Traceback" not in stderr
-    assert sorted(output_dir.iterdir()) == pngs  # no temporary file left behind
+    # no temporary file left behind
+    assert sorted(output_dir.iterdir()) == sorted(
+        [*pngs, output_dir / "generate_run.json", output_dir / "metadata.jsonl"]
+    )
     for png in pngs:
         with Image.open(png) as image:
             image.load()  # a half-written PNG would fail here
@@ -306,7 +309,9 @@ def test_the_log_of_a_run_has_no_warnings_nested_bars_or_library_noise(tiny_mode
     lines = [part.strip() for line in result.stderr.splitlines() for part in line.split("\r") if part.strip()]
     assert lines and all(line.startswith("images:") for line in lines), result.stderr
     assert "\x1b[A" not in result.stderr
-    assert re.fullmatch(r"2 image\(s\) in [\d.]+ s, [\d.]+ s/image", result.stdout.splitlines()[-1])
+    totals, train = result.stdout.splitlines()[-2:]
+    assert re.fullmatch(r"2 image\(s\) in [\d.]+ s, [\d.]+ s/image, [\d.]+ images/s on 1 process\(es\)", totals)
+    assert re.fullmatch(r"2 captioned image\(s\) in outputs/\S+/metadata.jsonl; to train on them: .+", train)
 
 
 def test_fp16_on_the_cpu_is_one_warning_that_says_what_to_do(tiny_model, tmp_path):

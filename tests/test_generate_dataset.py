@@ -1,0 +1,244 @@
+"""generate.py making a synthetic dataset (issue 16): `accelerate launch` shards the images between processes, a run
+killed with SIGKILL resumes to the same folder, other settings into that folder are refused, and finetune_lora.py
+trains on the folder as it is. Real processes over gloo, real PNGs, pixels compared exactly."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from train_helpers import accelerate_launch, train_args
+
+import generate
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = "a {age} year old {who} smiles"
+AGES, WHO, NUM_IMAGES = ["20", "40", "60"], ["man", "woman"], 6
+IMAGE_COUNT = len(AGES) * len(WHO) * NUM_IMAGES
+TINY_FLAGS = ["--lora", "none", "--steps", "2", "--height", "64", "--width", "64", "--batch_size", "2"]
+
+
+def dataset_flags(tiny_model, output_dir) -> list:
+    """The template with two axes expanded into every combination, NUM_IMAGES seeds each, no figure."""
+    grid = ["--grid", f"age={','.join(AGES)}", "--grid", f"who={','.join(WHO)}", "--no_figure"]
+    return ["--base_model", tiny_model, "--prompt", TEMPLATE, *grid, "--num_images", NUM_IMAGES, *TINY_FLAGS] + [
+        "--output_dir",
+        output_dir,
+    ]
+
+
+def env():
+    """CPU only, one thread per process: the same thread count in every run keeps float sums identical."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def one_process(flags) -> list:
+    return [sys.executable, str(REPO / "generate.py"), *map(str, flags)]
+
+
+def two_processes(flags) -> list:
+    """`accelerate launch --multi_gpu --num_processes 2` of generate.py: two CPU processes joined over gloo."""
+    command = accelerate_launch(flags, "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port())
+    command[command.index(str(REPO / "finetune_lora.py"))] = str(REPO / "generate.py")
+    return command
+
+
+def run(command):
+    result = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def pngs(folder: Path) -> dict:
+    """{file name: pixels} of the PNGs in `folder`."""
+    return {path.name: np.asarray(Image.open(path).convert("RGB")) for path in sorted(folder.glob("*.png"))}
+
+
+def metadata(folder: Path) -> list:
+    return sorted((folder / "metadata.jsonl").read_text().splitlines())
+
+
+def assert_same_images(folder: Path, reference: Path):
+    expected = pngs(reference)
+    found = pngs(folder)
+    assert sorted(found) == sorted(expected)
+    assert all(np.array_equal(found[name], expected[name]) for name in expected)
+    assert metadata(folder) == metadata(reference)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory) -> Path:
+    """One uninterrupted run of the dataset in one process (`python generate.py`)."""
+    output_dir = tmp_path_factory.mktemp("reference") / "synth"
+    result = run(one_process(dataset_flags(tiny_model, output_dir)))
+    assert f"{IMAGE_COUNT} image(s), 0 of them in {output_dir} already" in result.stdout
+    return output_dir
+
+
+def test_the_template_expands_into_every_combination_with_its_values_in_the_captions(reference):
+    records = [json.loads(line) for line in metadata(reference)]
+    assert len(records) == IMAGE_COUNT == len(pngs(reference))
+    assert sorted(os.listdir(reference)) == sorted([*pngs(reference), "generate_run.json", "metadata.jsonl"])
+    combinations = {(record["age"], record["who"], record["seed"]) for record in records}
+    assert combinations == {(age, who, 42 + image) for age in AGES for who in WHO for image in range(NUM_IMAGES)}
+    for record in records:
+        assert record["text"] == f"a {record['age']} year old {record['who']} smiles"
+        assert record["file_name"].endswith(f"-s{record['seed']}-a-{record['age']}-year-old-{record['who']}-smiles.png")
+        settings = json.loads(Image.open(reference / record["file_name"]).text[generate.PNG_SETTINGS_KEY])
+        assert settings["prompt"] == record["text"] and settings["seed"] == record["seed"]
+        assert settings["placeholders"] == {"age": record["age"], "who": record["who"]}
+
+
+def test_two_processes_write_the_same_files_and_pixels_as_one(tiny_model, reference, tmp_path):
+    output_dir = tmp_path / "synth"
+    result = run(two_processes(dataset_flags(tiny_model, output_dir)))
+    assert f"the other {IMAGE_COUNT} on 2 process(es)" in result.stdout
+    assert f"{IMAGE_COUNT} captioned image(s) in {output_dir / 'metadata.jsonl'}" in result.stdout
+    assert_same_images(output_dir, reference)
+
+
+def descendants(pid: int) -> list:
+    """The processes under `pid`, children first: torchrun starts each worker in a session of its own."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children = task / "children"
+        for child in map(int, children.read_text().split() if children.exists() else []):
+            found += [child, *descendants(child)]
+    return found
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_folder_of_an_uninterrupted_run(tiny_model, reference, tmp_path):
+    output_dir = tmp_path / "synth"
+    command = two_processes(dataset_flags(tiny_model, output_dir))
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(), start_new_session=True
+    )
+    try:
+        while len(list(output_dir.glob("*.png"))) < 3 and process.poll() is None:
+            time.sleep(0.01)
+        for pid in [process.pid, *descendants(process.pid)]:  # the launcher and both of its processes
+            os.kill(pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    killed = len(list(output_dir.glob("*.png")))
+    assert 3 <= killed < IMAGE_COUNT, "the run ended before it could be killed mid-way"
+
+    result = run(command)
+    assert f"{IMAGE_COUNT} image(s), {killed} of them in {output_dir} already" in result.stdout
+    assert_same_images(output_dir, reference)
+    assert len(metadata(output_dir)) == IMAGE_COUNT
+    assert sorted(os.listdir(output_dir)) == sorted(os.listdir(reference))  # no temporary file, no duplicate
+
+
+def listing(folder: Path) -> list:
+    return sorted((path.name, path.stat().st_mtime_ns, path.stat().st_size) for path in folder.iterdir())
+
+
+def test_other_settings_into_the_folder_are_refused_in_one_line_and_nothing_is_written(
+    tiny_model, reference, tmp_path, capsys
+):
+    output_dir = shutil.copytree(reference, tmp_path / "synth")
+    before = listing(output_dir)
+    flags = [*dataset_flags(tiny_model, output_dir), "--steps", "3", "--seed", "7", "--device", "cpu"]
+    assert generate.main(flags) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: --output_dir {output_dir} holds a run with other settings (seed 7 here, 42 there;")
+    assert "steps 3 here, 2 there" in line and "pass a new --output_dir" in line
+    assert listing(output_dir) == before
+
+    # The same settings with another batch size and device are the same run: nothing is left to sample.
+    same = [*dataset_flags(tiny_model, output_dir), "--batch_size", "3", "--device", "cpu"]
+    assert generate.main(same) == 0
+    assert f"nothing to sample: all {IMAGE_COUNT} image(s) of this run are in {output_dir}" in capsys.readouterr().out
+    assert [entry for entry in listing(output_dir) if entry[0] != "metadata.jsonl"] == [
+        entry for entry in before if entry[0] != "metadata.jsonl"
+    ]
+    assert metadata(output_dir) == metadata(reference)
+
+
+def test_finetune_trains_on_the_folder_with_no_extra_flags(tiny_model, reference, tmp_path):
+    output = tmp_path / "lora"
+    result = subprocess.run(
+        accelerate_launch(train_args(tiny_model, reference, output, "--max_train_steps", "2"), "--num_processes", "1"),
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{IMAGE_COUNT} images found under {reference}, {IMAGE_COUNT} with captions" in result.stderr
+    assert (output / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_jsonl_prompts_carry_their_own_seed_and_negative_prompt(tiny_model, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"prompt": "an old man", "seed": 7, "negative_prompt": "glasses"})
+        + "\n\n"
+        + json.dumps({"prompt": "a young woman"})
+        + "\n"
+    )
+    output_dir = tmp_path / "synth"
+    flags = ["--base_model", tiny_model, "--prompts_file", prompts, "--num_images", "2", *TINY_FLAGS, "--device", "cpu"]
+    assert generate.main([*flags, "--output_dir", output_dir]) == 0
+    names = sorted(pngs(output_dir))
+    assert names == ["00000-s7-an-old-man.png", "00001-s8-an-old-man.png"] + [
+        "00002-s42-a-young-woman.png",
+        "00003-s43-a-young-woman.png",
+    ]
+    negative = {
+        name: json.loads(Image.open(output_dir / name).text[generate.PNG_SETTINGS_KEY])["negative_prompt"]
+        for name in names
+    }
+    assert list(negative.values()) == ["glasses", "glasses", "", ""]
+    records = [json.loads(line) for line in (output_dir / "metadata.jsonl").read_text().splitlines()]
+    assert [(record["file_name"], record["text"], record["seed"]) for record in records] == [
+        ("00000-s7-an-old-man.png", "an old man", 7),
+        ("00001-s8-an-old-man.png", "an old man", 8),
+        ("00002-s42-a-young-woman.png", "a young woman", 42),
+        ("00003-s43-a-young-woman.png", "a young woman", 43),
+    ]
+
+    prompts.write_text('{"prompt": "an old man"}\n{"prompt": "a child", "seed": "7"}\n')
+    capsys.readouterr()
+    assert generate.main([*flags, "--output_dir", tmp_path / "bad"]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == f"error: --prompts_file {prompts} line 2: seed must be an integer, got '7'"
+    assert not (tmp_path / "bad").exists()
+
+
+def test_without_output_dir_each_command_gets_its_own_folder_and_a_rerun_adds_nothing(
+    tiny_model, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--base_model", tiny_model, "--prompt", "an old man", *TINY_FLAGS, "--device", "cpu"]
+    assert generate.main(flags) == 0
+    (folder,) = (tmp_path / "outputs").iterdir()
+    assert folder.name.startswith("an-old-man-") and [p.name for p in folder.glob("*.png")] == [
+        "00000-s42-an-old-man.png"
+    ]
+    before = listing(folder)
+    capsys.readouterr()
+    assert generate.main(flags) == 0
+    assert "nothing to sample: all 1 image(s) of this run are in" in capsys.readouterr().out
+    assert [entry for entry in listing(folder) if entry[0] != "metadata.jsonl"] == [
+        entry for entry in before if entry[0] != "metadata.jsonl"
+    ]
+    assert generate.main([*flags, "--seed", "7"]) == 0
+    assert len(list((tmp_path / "outputs").iterdir())) == 2
