@@ -44,11 +44,24 @@ Offline, from the base model's fp16 files that `python download.py --base_model 
 Render an image again, a grid cell included, from the settings stored in its PNG (flags given beside it override
 them, --grid included):
 
-    python generate.py --from_png outputs/00000-s42-a-happy-55-year-old-male-with-blond-hair-and-a-goatee-smiles.png
+    python generate.py --from_png \
+        outputs/<run folder>/00000-s42-a-happy-55-year-old-male-with-blond-hair-and-a-goatee-smiles.png
+
+A synthetic dataset on every GPU of the machine (one process each; on a CPU host --multi_gpu --num_processes 2
+starts two): prompts one a line or JSONL ({"prompt": ..., "negative_prompt": ..., "seed": ...}), or a template
+whose --grid values --no_figure expands into every combination; killed, the same command adds what is missing;
+metadata.jsonl captions the folder for finetune_lora.py:
+
+    accelerate launch --multi_gpu --num_processes 8 generate.py --prompts_file prompts.jsonl --num_images 4 \
+        --batch_size 8 --output_dir synth/
+    accelerate launch generate.py --prompt "A {age} year old {ethnicity} woman" --grid age=20,40,60,80 \
+        --grid ethnicity=Asian,Black,Latina,White --no_figure --num_images 50 --output_dir synth/
+    accelerate launch finetune_lora.py --train_data_dir synth/
 
 Image i of a prompt is sampled from torch.Generator("cpu").manual_seed(seed + i), so a seed gives the same
 faces as diffusers' StableDiffusionPipeline with the same LoRA, scale and settings. Images are named
-NNNNN-s<seed>-<prompt slug>.png in --output_dir and are never overwritten.
+NNNNN-s<seed>-<prompt slug>.png in --output_dir, NNNNN their place in the run, and are never overwritten; without
+--output_dir each run writes to a folder of its own, outputs/<first prompt slug>-<settings hash>.
 """
 
 import argparse
@@ -661,7 +674,8 @@ def check_plan(figures, settings, args):
     if figures_drawn(figures, args) and cells > MAX_CELLS and not args.yes:
         raise GenerateError(
             f"the grid has {cells} images ({len(figures)} figure(s) of {len(figures[0].cells)} x "
-            f"{len(figures[0].cells[0])}), more than {MAX_CELLS}: pass --yes to sample them all, or give fewer values"
+            f"{len(figures[0].cells[0])}), more than {MAX_CELLS}: pass --yes to sample them all, --no_figure for the "
+            "images without figures, or give fewer values"
         )
     if settings["compile"] and len({cell.loras for cell in all_cells(figures)}) > 1:
         raise GenerateError(
@@ -1629,10 +1643,19 @@ def prepare_folder(output_dir: Path, record: dict, jobs):
     write_metadata(output_dir, jobs)
 
 
+def images_missing(output_dir: Path, jobs) -> bool:
+    """Whether any image of the run is not in --output_dir yet."""
+    present = set(os.listdir(output_dir)) if output_dir.is_dir() else set()
+    return any(name not in present for name, _ in jobs)
+
+
 def agreed_batch_size(pipe, settings, batch_size, jobs, state) -> int:
-    """The --batch_size; auto measured on every process and the smallest taken, as all must cut the same batches."""
+    """The --batch_size; auto measured on every process and the smallest taken, as all must cut the same batches.
+    Without a pipeline (nothing to sample), auto is 1."""
     if batch_size != "auto":
         return batch_size
+    if pipe is None:
+        return 1
     from accelerate.utils import gather_object
 
     return min(gather_object([auto_batch_size(pipe, settings, len(jobs))]))
@@ -1667,7 +1690,7 @@ class RunProgress:
             total=len(jobs), initial=done, desc="images", unit="image", position=0, disable=not state.is_main_process
         )
         self.started = time.perf_counter()
-        self.estimated = len(jobs) <= ESTIMATE_ABOVE  # a long run says how long it takes after its first batch
+        self.estimated = len(jobs) <= ESTIMATE_ABOVE  # a longer run says how long it takes after its first batch
 
     def __enter__(self):
         return self
@@ -1897,7 +1920,10 @@ def main(argv=None) -> int:
         record = run_record(args, settings, prompts, loras, dtype, figures_drawn(figures, args))
         output_dir = args.output_dir or default_output_dir(record, prompts)
         check_same_run(output_dir, record, jobs)
-        pipe, switch = load_models(settings, device, dtype, loras, cells)
+        # The same command after a complete run only checks the folder: no model to load.
+        pipe, switch = (
+            load_models(settings, device, dtype, loras, cells) if images_missing(output_dir, jobs) else (None, None)
+        )
         batch_size = agreed_batch_size(pipe, settings, args.batch_size, jobs, state)
         mine, done = start_run(output_dir, record, jobs, batch_size, state)
         if state.is_main_process:
