@@ -20,16 +20,28 @@ memory) of each setting is reported alongside.
     python benchmarks/bench_generate.py --config small --compile     # and generate.py --compile beside fused
     python benchmarks/bench_generate.py --config sd21                # SD2.1 at 768 px, fp16, on a GPU
 
+With --sharding it measures instead the fused setting in one process (`python generate.py`) against two
+(`accelerate launch --multi_gpu --num_processes 2 generate.py`), each sampling --num_images images of one
+prompt, and reports the images/s of both (all images over the time generate.py prints, from the first batch
+to the last image of either process) and their ratio. On a CPU host the two processes share the cores (half
+the threads each), so a ratio near 1 shows that sharding costs nothing; on two GPUs it shows the scaling:
+
+    python benchmarks/bench_generate.py --config tiny --sharding --num_images 16
+    python benchmarks/bench_generate.py --config sd21 --sharding --num_images 32   # on a host with 2 GPUs
+
 The last line printed is one JSON object:
     {"fused_speedup": original s/image over fused s/image, "dpmpp25_speedup": original s/image over
      dpm++ 25-step s/image, ..., "compile_speedup": fused s/image over compiled s/image (with --compile),
      "figures": {...}}
+or with --sharding {"sharding_ratio": images/s of 2 processes over 1, "figures": {...}}.
 """
 
 import argparse
 import json
+import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -58,6 +70,7 @@ SETTINGS = {
 }
 COMPILED_SETTING = {"compiled": ("generate.py", ["--steps", "50", "--compile"])}
 TIMING_LINE = re.compile(r"(\d+) image\(s\) in ([\d.]+) s")  # printed by generate.py and the baseline
+PROCESS_COUNTS = [1, 2]  # the --sharding rows
 
 
 def parse_args(argv=None):
@@ -82,6 +95,18 @@ def parse_args(argv=None):
         help="Images per run, one per pipeline call (default: 2 tiny, 1 small, 4 sd21).",
     )
     parser.add_argument("--compile", action="store_true", help="Also run generate.py --compile (the 'compiled' row).")
+    parser.add_argument(
+        "--sharding",
+        action="store_true",
+        help="Measure generate.py (fused) in 1 process against 2 under accelerate launch, instead of the settings.",
+    )
+    parser.add_argument(
+        "--threads_per_process",
+        type=int,
+        default=None,
+        help="CPU threads of each generate.py process with --sharding (default: the cores split between them; "
+        "on a CPU shared with other work, 1 avoids the stalls of threads waiting for each other).",
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda.")
     parser.add_argument(
         "--dtype",
@@ -187,6 +212,66 @@ def measure_settings(args, work_dir: Path, model_dir: Path, lora: Path) -> dict:
     return results
 
 
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def sharding_run(processes: int, args, model_dir: Path, lora: Path, output_dir: Path) -> tuple[list[str], dict]:
+    """(command, environment) of generate.py's fused setting in one process, or under `accelerate launch` in
+    `processes` (--multi_gpu also starts several CPU processes, over gloo), each with its CPU threads."""
+    generate = setting_command("fused", args, model_dir, lora, output_dir)
+    threads = args.threads_per_process or max(1, (os.cpu_count() or processes) // processes)
+    env = {**subprocess_env(), "OMP_NUM_THREADS": str(threads)}
+    if processes == 1:
+        return generate, env
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher += ["--num_cpu_threads_per_process", str(threads), "--main_process_port", free_port()]
+    return [*launcher, *generate[1:]], env
+
+
+def measure_sharding(args, work_dir: Path, model_dir: Path, lora: Path) -> dict:
+    """Run 1 and 2 processes `--repeats` times, alternating; return {processes: [images/s, ...]}."""
+    results = {processes: [] for processes in PROCESS_COUNTS}
+    progress = tqdm(total=args.repeats * len(PROCESS_COUNTS), desc="sharding runs")
+    for repetition in range(args.repeats):
+        order = PROCESS_COUNTS if repetition % 2 == 0 else PROCESS_COUNTS[::-1]
+        for processes in order:
+            output_dir = work_dir / "images" / f"processes{processes}-{repetition}"
+            shutil.rmtree(output_dir, ignore_errors=True)
+            log_path = work_dir / "images" / f"{output_dir.name}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            run_measured(*sharding_run(processes, args, model_dir, lora, output_dir), log_path)
+            count, seconds = sampling_time(log_path.read_text(errors="replace"), f"{processes}-process")
+            if count != args.num_images or len(list(output_dir.glob("*.png"))) != count:
+                raise BenchError(f"the {processes}-process run did not write its {args.num_images} images")
+            results[processes].append(count / seconds)
+            progress.update(1)
+            tqdm.write(f"[{repetition + 1}/{args.repeats}] {processes} process(es) {count / seconds:8.3f} images/s")
+    progress.close()
+    return results
+
+
+def report_sharding(args, results: dict) -> dict:
+    """Print the markdown table of images/s for 1 and 2 processes; return their ratio and the figures."""
+    rates = {processes: median(runs) for processes, runs in results.items()}
+    print(
+        f"\nconfig {args.config}, {args.resolution} px, {args.num_images} image(s) per run, median of {args.repeats}\n"
+    )
+    print("| processes | images/s | s/image | images/s over 1 process | per process |")
+    print("|--:|--:|--:|--:|--:|")
+    for processes, rate in rates.items():
+        print(
+            f"| {processes} | {rate:.4g} | {1 / rate:.4g} | {rate / rates[1]:.3f} | {rate / rates[1] / processes:.3f} |"
+        )
+    return {
+        "sharding_ratio": rates[2] / rates[1],
+        "figures": {f"{p}_process_images_per_s": r for p, r in rates.items()},
+    }
+
+
 def summarize(runs: list[dict]) -> dict:
     figures = {key: median(run[key] for run in runs) for key in ("s_per_image", "cpu_s_per_image", "peak_rss_bytes")}
     if runs[0]["peak_cuda_bytes"] is not None:
@@ -240,9 +325,12 @@ def main(argv=None) -> int:
             raise BenchError(f"no generate.py in {REPO}: nothing to benchmark against the baseline")
         model_dir = prepare_model(args.config, work_dir, args.reference_dir)
         lora = write_random_lora(model_dir, work_dir / "lora" / "pytorch_lora_weights.safetensors")
-        results = measure_settings(args, work_dir, model_dir, lora)
-        figures = {setting: summarize(runs) for setting, runs in results.items()}
-        ratios = report(args, figures)
+        if args.sharding:
+            ratios = report_sharding(args, measure_sharding(args, work_dir, model_dir, lora))
+        else:
+            results = measure_settings(args, work_dir, model_dir, lora)
+            figures = {setting: summarize(runs) for setting, runs in results.items()}
+            ratios = {**report(args, figures), "figures": figures}
     except BenchError as error:
         print(f"bench_generate: {error}", file=sys.stderr)
         return 1
@@ -257,7 +345,6 @@ def main(argv=None) -> int:
                 "resolution": args.resolution,
                 "repeats": args.repeats,
                 "num_images": args.num_images,
-                "figures": figures,
             }
         )
     )
