@@ -1939,7 +1939,8 @@ def main(argv=None) -> int:
 
         pngs_before = set(output_dir.glob("*.png"))
         with RunProgress(output_dir, jobs, done, state) as progress:
-            write_images(pipe, switch, mine, settings, loras, dtype, output_dir, progress)
+            if mine:  # without a pipeline when the folder held every image
+                write_images(pipe, switch, mine, settings, loras, dtype, output_dir, progress)
             elapsed = progress.wait_for_the_others()
         command = shlex.join(["python", "generate.py", *argv]) if figures_drawn(figures, args) else None
         finish_run(figures, jobs, settings, command, output_dir, len(jobs) - done, elapsed, state)
