@@ -609,5 +609,5 @@ def test_generate_runs_offline_on_the_fp16_files_that_download_fetched(hub, tmp_
         command + ["--variant", "fp16"], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
     )
     assert fp16.returncode == 0, fp16.stderr
-    (image,) = (workdir / "outputs").glob("*.png")
+    (image,) = (workdir / "outputs").glob("*/*.png")  # the run's own folder
     assert json.loads(Image.open(image).text["text2face"])["variant"] == "fp16"
