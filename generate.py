@@ -606,7 +606,7 @@ class Cell(NamedTuple):
     guidance_scale: float
     scheduler: str | None
     loras: tuple  # ((--lora value, scale), ...); () samples the base model
-    placeholders: tuple = ()  # ((name, text), ...): the value each {placeholder} of the prompts took
+    placeholders: tuple  # ((name, text), ...): the value each {placeholder} of the prompts took
 
 
 class Figure(NamedTuple):
