@@ -10,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 from test_generate import run, write_published_layout_lora
+from train_helpers import one_thread, train_args  # noqa: F401  (one_thread: autouse fixture)
 from transformers import CLIPModel, CLIPProcessor
 
+import finetune_lora
 import generate
 
 TEMPLATE = "a {age} year old {ethnicity} woman with long red hair smiles"
@@ -236,3 +238,50 @@ def test_a_folder_without_our_images_is_one_line(attribute_sweep, tiny_clip, tmp
 def test_from_folder_misuse_is_one_line(capsys, flags, message):
     assert generate.main(flags) == 1
     assert message in one_error_line(capsys)
+
+
+# ---------------------------------------------------------------------------------------------- finetune_lora.py
+
+
+def test_validation_score_logs_the_clip_score_of_each_validation_and_writes_it_beside_the_grid(
+    tiny_model, tiny_clip, face_folder, tmp_path
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output = tmp_path / "run"
+    flags = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--report_to", "tensorboard"]
+    flags += ["--validation_prompts", "a face", "an old man", "--num_validation_images", "2"]
+    flags += ["--validation_score", "--score_model", tiny_clip]
+    assert finetune_lora.main(train_args(tiny_model, face_folder, output, *flags)) == 0
+
+    logged = {}
+    for folder in {path.parent for path in (output / "logs").rglob("events.out.tfevents.*")}:
+        accumulator = EventAccumulator(str(folder)).Reload()
+        if "validation/clip_score" in accumulator.Tags()["scalars"]:
+            logged.update({event.step: event.value for event in accumulator.Scalars("validation/clip_score")})
+    assert sorted(logged) == [0, 1, 2]  # step 0, each checkpoint; the end of the run reuses step 2's
+    for step in (1, 2):
+        beside_grid = json.loads((output / f"checkpoint-{step}" / "validation.json").read_text())
+        assert (output / f"checkpoint-{step}" / "validation.png").is_file()
+        assert beside_grid["clip_score"] == pytest.approx(logged[step], abs=1e-4)
+        assert len(beside_grid["clip_score (per prompt)"]) == 2 and beside_grid["score_model"] == str(tiny_clip)
+        assert 0 <= beside_grid["clip_score"] <= 100
+    assert json.loads((output / "validation" / "step-000000.json").read_text())["clip_score"] == pytest.approx(
+        logged[0], abs=1e-4
+    )
+
+
+def test_a_validation_score_model_that_cannot_load_stops_the_run_before_the_data_is_read(
+    tiny_model, face_folder, tmp_path, capfd
+):
+    output = tmp_path / "run"
+    flags = ["--validation_prompts", "a face", "--validation_score", "--score_model", tmp_path / "no-clip"]
+    assert finetune_lora.main(train_args(tiny_model, face_folder, output, *flags)) == 1
+    err = capfd.readouterr().err
+    assert f"error: cannot load --score_model {tmp_path / 'no-clip'} as a CLIP model" in err
+    assert "images found" not in err and not (output / "logs").exists()
+
+
+def test_validation_score_without_validation_prompts_is_refused(tmp_path, capfd):
+    assert finetune_lora.main(train_args(tmp_path, tmp_path, tmp_path / "run", "--validation_score")) == 1
+    assert "error: --validation_score scores the validation images: give --validation_prompts" in capfd.readouterr().err
