@@ -1550,7 +1550,7 @@ class Validation:
         self.step, self.grid, self.scores = None, None, {}
 
     def save(self, path: Path, step: int) -> Path:
-        """Write the grid of `step` to `path` (a PNG) with the prompts, seeds and CLIP scores beside it in a JSON file."""
+        """Write the grid of `step` to `path` (a PNG) with its prompts, seeds and CLIP scores beside it (JSON)."""
         if self.step != step:
             self.step, (self.grid, rows) = step, validation_grid(self.args, self.accelerator, self.models, step)
             logger.info(

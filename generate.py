@@ -1744,7 +1744,7 @@ def load_scorer(name: str) -> Scorer:
 
 
 def read_scored_images(paths) -> list:
-    """The images among `paths` that this script wrote, with their settings; grid figures and other PNGs are left out."""
+    """The images among `paths` this script wrote, with their settings; grid figures and other PNGs are left out."""
     images = []
     for path in paths:
         try:
@@ -2009,7 +2009,7 @@ def write_scores(rows: list, summary: dict, notes: list, figure, scorer_name: st
 
 
 def score_table(summary: dict, axes: list) -> str:
-    """The summary as a few lines of text: a line per LoRA setting with its images, CLIP score and agreement per axis."""
+    """The summary as text: a line per LoRA setting with its image count, CLIP score and agreement per axis."""
     header = ["LoRA", "images", "CLIP score", *[f"{axis} agreement" for axis in axes]]
     lines = [
         [
