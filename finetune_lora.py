@@ -21,8 +21,10 @@ Hugging Face imagefolder convention), or in a captions file anywhere:
       --output_dir=outputs/ffhq --resolution=512 --center_crop --cache_latents
 
 The first command's values are the defaults (its switches aside): a bare run trains at 768 px with learning
-rates of 1e-5 and samples validation grids of four face prompts (`--validation_prompts none`: no grids). Before
-anything loads, the run checks that the base model can be found and that every place it writes can be written.
+rates of 1e-5 and samples validation grids of four face prompts (`--validation_prompts none`: no grids);
+`--validation_score` adds their mean CLIP score (TensorBoard `validation/clip_score`, and the JSON beside each grid),
+to pick the best checkpoint by number. Before anything loads, the run checks that the base model can be found and
+that every place it writes can be written.
 
 Several GPUs or machines (run `accelerate config` once, or pass the topology on the command line);
 on CPUs, several processes need `--multi_gpu` too (plain `--cpu --num_processes N` runs one process):

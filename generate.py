@@ -32,6 +32,13 @@ figure (examples.png) is this, with the face's age down the rows:
     python generate.py --compare --prompt "A happy {age} year old man with blond hair and a goatee smiles." \
         --grid age=25,55,85 --output_dir outputs/examples
 
+How well the faces follow their prompts, base model beside LoRA: every image scored with CLIP (its CLIP score, and
+which value of each {placeholder} axis CLIP picks), written to scores.csv, scores.json and scores.png; --from_folder
+scores a folder of images this script wrote, without sampling:
+
+    python generate.py --compare --prompt "A photo of a {ethnicity} woman" --grid ethnicity=Asian,Black,White --score
+    python generate.py --from_folder outputs --score --score_model openai/clip-vit-large-patch14
+
 The LoRA with kohya keys for AUTOMATIC1111 and ComfyUI (models/Lora, models/loras); nothing is generated:
 
     python generate.py --export_kohya text2face.safetensors
