@@ -1809,6 +1809,7 @@ def text_embeddings(scorer: Scorer, texts: list, device) -> dict:
 
 
 def say_if_truncated(scorer: Scorer, prompts):
+    """Say once, for all `prompts`, how many are longer than the score model reads (text_embeddings cuts them)."""
     limit = scorer.model.config.text_config.max_position_embeddings
     cut = sum(len(ids) > limit for ids in scorer.processor.tokenizer(list(prompts)).input_ids)
     if cut:

@@ -185,6 +185,19 @@ def test_an_axis_with_one_value_gets_a_note_and_no_agreement(tiny_model, tiny_cl
     assert row["age"] == "40" and "age_predicted" not in row
 
 
+def test_a_prompt_longer_than_the_score_model_reads_is_cut_and_said_once(tiny_model, tiny_clip, tmp_path, capsys):
+    long_prompt = "a young woman with long red hair smiles, " * 8  # over 77 tokens of the test tokenizer
+    flags = ["--prompt", long_prompt, "--num_images", "2", "--lora", "none"]
+    code, _ = run(tiny_model, tmp_path, *flags, "--score", "--score_model", tiny_clip)
+    assert code == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "tokens --score_model reads" in line]
+    assert notes == [
+        "note: 1 prompt(s) are longer than the 77 tokens --score_model reads: their CLIP scores and agreement see "
+        "only the start"
+    ]
+    assert len(read_rows(tmp_path)) == 2
+
+
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
