@@ -1836,9 +1836,8 @@ def score_images(scorer: Scorer, images: list, device) -> list:
     candidates = [agreement_candidates(image.settings) for image in images]
     prompts = [image.settings["prompt"] for image in images]
     say_if_truncated(scorer, dict.fromkeys(prompts))
-    texts = list(
-        dict.fromkeys(prompts + [text for options in candidates for axis in options.values() for text in axis.values()])
-    )
+    candidate_texts = [text for options in candidates for by_value in options.values() for text in by_value.values()]
+    texts = list(dict.fromkeys(prompts + candidate_texts))  # each text embedded once
     with torch.inference_mode():
         pictures = image_embeddings(scorer, [image.path for image in images], device)
         embedded = text_embeddings(scorer, texts, device)

@@ -173,16 +173,28 @@ def test_from_folder_gives_the_scores_of_scoring_right_after_sampling(attribute_
     ]
 
 
-def test_an_axis_with_one_value_gets_a_note_and_no_agreement(tiny_model, tiny_clip, tmp_path, capsys):
-    flags = ["--prompt", "a {age} year old man", "--grid", "age=40", "--lora", "none"]
-    code, _ = run(tiny_model, tmp_path, *flags, "--score", "--score_model", tiny_clip)
+@pytest.mark.parametrize(
+    "flags, note",
+    [
+        (
+            ["--prompt", "a {age} year old man", "--grid", "age=40"],
+            "age has one value (40): nothing for CLIP to choose",
+        ),
+        (
+            ["--prompt", "a man", "--negative_prompt", "{mood}", "--grid", "mood=happy,sad"],
+            "mood is not in the prompt (only the negative prompt): no agreement measured",
+        ),
+    ],
+)
+def test_an_axis_clip_cannot_judge_gets_a_note_and_no_agreement(tiny_model, tiny_clip, tmp_path, capsys, flags, note):
+    code, _ = run(tiny_model, tmp_path, *flags, "--lora", "none", "--score", "--score_model", tiny_clip)
     assert code == 0
-    assert "note: age has one value (40): nothing for CLIP to choose between" in capsys.readouterr().err
+    assert f"note: {note}" in capsys.readouterr().err
     summary = json.loads((tmp_path / "scores.json").read_text())
-    assert summary["groups"]["none"]["agreement"] == {} and summary["notes"][0].startswith("age has one value")
+    assert summary["groups"]["none"]["agreement"] == {} and note in summary["notes"][0]
     assert not (tmp_path / "scores.png").exists()  # no table to draw
-    (row,) = read_rows(tmp_path)
-    assert row["age"] == "40" and "age_predicted" not in row
+    rows = read_rows(tmp_path)
+    assert rows and not any(key.endswith("_predicted") for key in rows[0])
 
 
 def test_a_prompt_longer_than_the_score_model_reads_is_cut_and_said_once(tiny_model, tiny_clip, tmp_path, capsys):
