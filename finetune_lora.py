@@ -21,8 +21,10 @@ Hugging Face imagefolder convention), or in a captions file anywhere:
       --output_dir=outputs/ffhq --resolution=512 --center_crop --cache_latents
 
 The first command's values are the defaults (its switches aside): a bare run trains at 768 px with learning
-rates of 1e-5 and samples validation grids of four face prompts (`--validation_prompts none`: no grids). Before
-anything loads, the run checks that the base model can be found and that every place it writes can be written.
+rates of 1e-5 and samples validation grids of four face prompts (`--validation_prompts none`: no grids);
+`--validation_score` adds their mean CLIP score (TensorBoard `validation/clip_score`, and the JSON beside each grid),
+to pick the best checkpoint by number. Before anything loads, the run checks that the base model can be found and
+that every place it writes can be written.
 
 Several GPUs or machines (run `accelerate config` once, or pass the topology on the command line);
 on CPUs, several processes need `--multi_gpu` too (plain `--cpu --num_processes N` runs one process):
@@ -87,6 +89,7 @@ VALIDATION_INFERENCE_STEPS = 30
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 VALIDATION_GRID_PATTERN = re.compile(r"^step-\d{6}\.(png|json)(\.tmp)?$")  # validation/step-N.png, its prompts
 TRACKER_PROJECT = "text2face-lora"  # the tracker's run folder under --logging_dir
+DEFAULT_SCORE_MODEL = "openai/clip-vit-large-patch14"  # --score_model: CLIP ViT-L/14, as generate.py --score
 # Sampled into the validation grids unless --validation_prompts says otherwise: the published run's two prompts and
 # two more, in the caption style Text2Face learned.
 DEFAULT_VALIDATION_PROMPTS = [
@@ -393,6 +396,17 @@ def parse_args(argv=None):
     )
     saving.add_argument("--validation_epochs", type=int, default=1, help="Validate every this many epochs.")
     saving.add_argument(
+        "--validation_score",
+        action="store_true",
+        help="At each validation, the mean CLIP score of the validation images against their prompts, logged to "
+        "the tracker (validation/clip_score) and written beside the grid, to pick the best checkpoint by number.",
+    )
+    saving.add_argument(
+        "--score_model",
+        default=DEFAULT_SCORE_MODEL,
+        help="Hub id or local folder of the transformers CLIP model --validation_score scores with.",
+    )
+    saving.add_argument(
         "--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="Metrics tracker."
     )
     saving.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to output_dir.")
@@ -430,6 +444,8 @@ def check_args(args):
         raise TrainingError("--cache_latents needs --center_crop: random crops change every epoch and cannot be cached")
     if args.cache_text_embeddings and args.train_text_encoder:
         raise TrainingError("--cache_text_embeddings needs a frozen text encoder; drop it or --train_text_encoder")
+    if args.validation_score and not args.validation_prompts:
+        raise TrainingError("--validation_score scores the validation images: give --validation_prompts, not none")
     for name in (
         "rank",
         "text_encoder_rank",
@@ -1452,9 +1468,9 @@ def stop_if_requested(stop: StopRequest, accelerator, phase: str):
 # ----------------------------------------------------------------------------------------------
 
 
-def validation_grid(args, accelerator, models: Models, step: int) -> Image.Image:
+def validation_grid(args, accelerator, models: Models, step: int) -> tuple:
     """Sample the validation prompts with the models in memory: rows are repetitions (seed, seed+1, ...), columns
-    prompts, under labels that name them and the step."""
+    prompts, under labels that name them and the step. Return the grid and the rows of images."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline(
@@ -1483,7 +1499,7 @@ def validation_grid(args, accelerator, models: Models, step: int) -> Image.Image
                 ).images
             )
     seeds = [args.seed + repetition for repetition in range(args.num_validation_images)]
-    return labelled_grid(rows, args.validation_prompts, seeds, step)
+    return labelled_grid(rows, args.validation_prompts, seeds, step), rows
 
 
 def labelled_grid(rows: list, prompts: list, seeds: list, step: int) -> Image.Image:
@@ -1528,16 +1544,17 @@ def wrapped(text: str, font, draw, width: int, max_lines: int) -> list:
 
 
 class Validation:
-    """Validation grids, sampled at most once per step, saved where asked and logged to the trackers."""
+    """Validation grids, sampled at most once per step, saved where asked and logged to the trackers, with their CLIP
+    scores when a `scorer` (load_scorer) is given."""
 
-    def __init__(self, args, accelerator, models: Models):
-        self.args, self.accelerator, self.models = args, accelerator, models
-        self.step, self.grid = None, None
+    def __init__(self, args, accelerator, models: Models, scorer):
+        self.args, self.accelerator, self.models, self.scorer = args, accelerator, models, scorer
+        self.step, self.grid, self.scores = None, None, {}
 
     def save(self, path: Path, step: int) -> Path:
-        """Write the grid of `step` to `path` (a PNG) with the prompts and seeds beside it in a JSON file."""
+        """Write the grid of `step` to `path` (a PNG) with its prompts, seeds and CLIP scores beside it (JSON)."""
         if self.step != step:
-            self.step, self.grid = step, validation_grid(self.args, self.accelerator, self.models, step)
+            self.step, (self.grid, rows) = step, validation_grid(self.args, self.accelerator, self.models, step)
             logger.info(
                 f"Validation grid at step {step}: {self.args.num_validation_images} x {len(self.args.validation_prompts)} images"
             )
@@ -1547,6 +1564,7 @@ class Validation:
                     tracker.log_images({"validation": array[None]}, step=step, dataformats="NHWC")
                 elif tracker.name == "wandb":
                     tracker.log_images({"validation": [array]}, step=step)
+            self.scores = self.score(rows, step)
         seeds = [self.args.seed + r for r in range(self.args.num_validation_images)]
         with written_or_reported(Path(self.args.output_dir), path):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -1554,9 +1572,68 @@ class Validation:
                 self.grid.save(staging, format="PNG")
             with atomic_write(path.with_suffix(".json")) as staging:
                 write_json(
-                    staging, {"step": step, "columns (prompts)": self.args.validation_prompts, "rows (seeds)": seeds}
+                    staging,
+                    {"step": step, "columns (prompts)": self.args.validation_prompts, "rows (seeds)": seeds}
+                    | self.scores,
                 )
         return path
+
+    def score(self, rows: list, step: int) -> dict:
+        """The CLIP scores of the validation images, logged to the trackers; empty without a scorer."""
+        if self.scorer is None:
+            return {}
+        per_prompt = clip_scores(self.scorer, rows, self.args.validation_prompts, self.accelerator.device)
+        mean = sum(per_prompt) / len(per_prompt)
+        self.accelerator.log({"validation/clip_score": mean}, step=step)
+        logger.info(f"Validation CLIP score: {mean:.2f}")
+        return {"clip_score": mean, "clip_score (per prompt)": per_prompt, "score_model": self.args.score_model}
+
+
+def load_scorer(args, accelerator):
+    """The --score_model CLIP model and processor for --validation_score, on the main process only (validation runs
+    there), or None. Loaded before the data and the base model, so that a model that cannot load stops the run at
+    once; kept on the CPU in fp32 between validations, so training has the device memory it has without it."""
+    if not (args.validation_score and accelerator.is_main_process):
+        return None
+    from transformers import CLIPModel, CLIPProcessor
+
+    name = args.score_model
+    try:
+        model = CLIPModel.from_pretrained(name, dtype=torch.float32, cache_dir=args.cache_dir)
+        processor = CLIPProcessor.from_pretrained(name, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as error:
+        raise TrainingError(
+            f"cannot load --score_model {name} as a CLIP model ({first_line(error)}): pass the folder of a "
+            f"transformers CLIP model, or a Hub id such as {DEFAULT_SCORE_MODEL} that is cached or reachable"
+        ) from error
+    limit = model.config.text_config.max_position_embeddings
+    if any(len(ids) > limit for ids in processor.tokenizer(args.validation_prompts).input_ids):
+        logger.warning(f"--validation_score reads the first {limit} tokens of each prompt: the longer ones are cut")
+    return model.eval(), processor
+
+
+def clip_scores(scorer, rows: list, prompts: list, device) -> list:
+    """The CLIP score of each prompt (Hessel et al. 2021, as torchmetrics' CLIPScore): the mean over its images (a
+    column of `rows`) of 100 * max(cosine(image embedding, prompt embedding), 0), with the model's preprocessing."""
+    model, processor = scorer
+    limit = model.config.text_config.max_position_embeddings
+    inputs = processor(
+        text=prompts,
+        images=[image for row in rows for image in row],
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=limit,
+    )
+    model.to(device)
+    with torch.inference_mode():
+        images = model.get_image_features(pixel_values=inputs.pixel_values.to(device)).pooler_output
+        texts = model.get_text_features(
+            input_ids=inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device)
+        ).pooler_output
+    model.to("cpu")
+    cosines = F.cosine_similarity(images.view(len(rows), len(prompts), -1), texts[None], dim=-1)
+    return (100 * cosines.clamp(min=0)).mean(0).tolist()
 
 
 def tracker_config(args) -> dict:
@@ -1823,12 +1900,14 @@ def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_s
     return cache
 
 
-def start_logging(args, accelerator, models: Models):
+def start_logging(args, accelerator, models: Models, scorer):
     """Start the metrics trackers (main process); return the Validation that samples the grids, on the main process
     when --validation_prompts are given, else None (the other processes wait for it at the next collective)."""
     if accelerator.is_main_process:
         accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args))
-    return Validation(args, accelerator, models) if args.validation_prompts and accelerator.is_main_process else None
+    if args.validation_prompts and accelerator.is_main_process:
+        return Validation(args, accelerator, models, scorer)
+    return None
 
 
 def release_vae(vae, keep_decoder: bool):
@@ -2084,6 +2163,7 @@ def main(argv=None) -> int:
             preflight(args)
             accelerator = make_accelerator(args)
             checkpoint = find_resume_checkpoint(args)  # a wrong name fails here, not after minutes of loading
+            scorer = load_scorer(args, accelerator)
             prepare_output_dir(args, accelerator, resuming=checkpoint is not None)
             repo_id = hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
             records = load_records(args, accelerator.is_local_main_process)
@@ -2096,7 +2176,7 @@ def main(argv=None) -> int:
             register_lora_hooks(accelerator, models, args.train_text_encoder)
             first_step = resume(accelerator, checkpoint, settings) if checkpoint else 0
             dataset = training_dataset(args, accelerator, records, models, stop)
-            validation = start_logging(args, accelerator, models)
+            validation = start_logging(args, accelerator, models, scorer)
             exit_code, step = train(
                 args, accelerator, models, optimization, plan, dataset, settings, validation, first_step, stop
             )

@@ -32,6 +32,13 @@ figure (examples.png) is this, with the face's age down the rows:
     python generate.py --compare --prompt "A happy {age} year old man with blond hair and a goatee smiles." \
         --grid age=25,55,85 --output_dir outputs/examples
 
+How well the faces follow their prompts, base model beside LoRA: every image scored with CLIP (its CLIP score, and
+which value of each {placeholder} axis CLIP picks), written to scores.csv, scores.json and scores.png; --from_folder
+scores a folder of images this script wrote, without sampling:
+
+    python generate.py --compare --prompt "A photo of a {ethnicity} woman" --grid ethnicity=Asian,Black,White --score
+    python generate.py --from_folder outputs --score --score_model openai/clip-vit-large-patch14
+
 The LoRA with kohya keys for AUTOMATIC1111 and ComfyUI (models/Lora, models/loras); nothing is generated:
 
     python generate.py --export_kohya text2face.safetensors
@@ -66,9 +73,12 @@ NNNNN-s<seed>-<prompt slug>.png in --output_dir, NNNNN their place in the run, a
 
 import argparse
 import collections
+import csv
 import errno
 import functools
+import gc
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -147,6 +157,9 @@ ESTIMATE_ABOVE = 10_000  # jobs; a run this long says how long it will take once
 PLACEHOLDER = re.compile(r"\{(\w+)\}")  # {age} in a prompt: filled from the --grid axis of that name
 MAX_CELLS = 64  # a bigger grid needs --yes: a typo in a --grid value list should not start hours of sampling
 TITLE_LINES = 5  # at most this many lines of title above a grid figure, in PIL's default font
+DEFAULT_SCORE_MODEL = "openai/clip-vit-large-patch14"  # --score_model: CLIP ViT-L/14, as torchmetrics' CLIPScore
+SCORE_BATCH_SIZE = 32  # images, or texts, per CLIP forward pass of --score
+SCORES_STEM = "scores"  # --score writes scores.csv, scores.json and scores.png (scores-2.* when those exist)
 
 
 class GenerateError(Exception):
@@ -282,6 +295,27 @@ def parse_args(argv=None):
         help=f"Sample a grid of more than {MAX_CELLS} images without refusing (default: off)",
     )
 
+    scoring = parser.add_argument_group("scoring")
+    scoring.add_argument(
+        "--score",
+        action="store_true",
+        help="After sampling, score every image with a CLIP model: its CLIP score against its prompt and, for each "
+        "{placeholder} axis of a grid, which value CLIP picks among the axis's values; writes scores.csv, "
+        "scores.json and scores.png to --output_dir (default: off)",
+    )
+    scoring.add_argument(
+        "--score_model",
+        default=DEFAULT_SCORE_MODEL,
+        help=f"Hub id or local folder of a transformers CLIP model for --score (default: {DEFAULT_SCORE_MODEL})",
+    )
+    scoring.add_argument(
+        "--from_folder",
+        type=Path,
+        metavar="DIR",
+        help="With --score: score the PNGs this script wrote into DIR, from the settings they carry, without "
+        "sampling; the scores are written into DIR (default: none)",
+    )
+
     output = parser.add_argument_group("output and hardware")
     output.add_argument(
         "--output_dir",
@@ -339,6 +373,17 @@ def check_args(args):
             raise GenerateError(f"--export_kohya converts a LoRA: give a --lora other than {NO_LORA}")
         if len(args.lora or [DEFAULT_LORA]) != 1:
             raise GenerateError(f"--export_kohya converts one LoRA at a time, got {len(args.lora)} --lora")
+    if args.from_folder is not None:
+        if not args.score:
+            raise GenerateError(
+                f"--from_folder {args.from_folder} scores the images in a folder: add --score "
+                "(to render one image again, use --from_png)"
+            )
+        if args.prompt or args.prompts_file or args.from_png or args.grid or args.compare:
+            raise GenerateError(
+                "--from_folder scores the images already written and samples nothing: "
+                "drop --prompt, --prompts_file, --from_png, --grid and --compare"
+            )
 
 
 def batch_size_value(text: str):
@@ -606,7 +651,9 @@ class Cell(NamedTuple):
     guidance_scale: float
     scheduler: str | None
     loras: tuple  # ((--lora value, scale), ...); () samples the base model
+    template: str  # the prompt with its {placeholders}
     placeholders: tuple  # ((name, text), ...): the value each {placeholder} of the prompts took
+    placeholder_values: tuple  # ((name, (text, ...)), ...): every value of each {placeholder} axis
 
 
 class Figure(NamedTuple):
@@ -619,8 +666,8 @@ class Figure(NamedTuple):
     cells: list
 
 
-def make_cell(prompt: str, settings, image: int, choices: dict) -> Cell:
-    """Image `image` of `prompt` where each axis named in `choices` takes its (text, value)."""
+def make_cell(prompt: str, settings, image: int, choices: dict, axes: list) -> Cell:
+    """Image `image` of `prompt` where each of the grid's `axes` takes its (text, value) in `choices`."""
     fields = {key: settings[key] for key in Cell._fields if key in settings}
     texts = {name: text for name, (text, _) in choices.items()}
     for name in sorted(choices, key=lambda name: name != "lora"):  # the LoRAs first, then their strength
@@ -632,12 +679,23 @@ def make_cell(prompt: str, settings, image: int, choices: dict) -> Cell:
         elif name in SETTING_AXES:
             fields[name] = value
 
-    def fill(text):
-        return PLACEHOLDER.sub(lambda match: texts.get(match.group(1), match.group(0)), text)
+    fields.update(
+        prompt=fill_placeholders(prompt, texts),
+        negative_prompt=fill_placeholders(fields["negative_prompt"], texts),
+        seed=fields["seed"] + image,
+    )
+    placeholder_axes = [axis for axis in axes if axis.name not in SETTING_AXES]
+    return Cell(
+        **fields,
+        template=prompt,
+        placeholders=tuple((axis.name, texts[axis.name]) for axis in placeholder_axes),
+        placeholder_values=tuple((axis.name, tuple(axis.texts)) for axis in placeholder_axes),
+    )
 
-    fields.update(prompt=fill(prompt), negative_prompt=fill(fields["negative_prompt"]), seed=fields["seed"] + image)
-    placeholders = tuple((name, text) for name, text in texts.items() if name not in SETTING_AXES)
-    return Cell(**fields, placeholders=placeholders)
+
+def fill_placeholders(text: str, texts: dict) -> str:
+    """`text` with each {name} in `texts` replaced by its value; other {names} stay."""
+    return PLACEHOLDER.sub(lambda match: texts.get(match.group(1), match.group(0)), text)
 
 
 def plan_figures(args, settings, prompts) -> list:
@@ -658,7 +716,7 @@ def plan_figures(args, settings, prompts) -> list:
             rows,
             columns,
             [
-                [make_cell(record["prompt"], own, image, {**row, **column}) for column in column_choices]
+                [make_cell(record["prompt"], own, image, {**row, **column}, axes) for column in column_choices]
                 for row in row_choices
             ],
         )
@@ -801,9 +859,14 @@ def from_cache_or_hub(fetch, hub_file: tuple):
     return fetch(local_files_only=False)
 
 
+def names_a_folder(model: str) -> bool:
+    """Whether a model flag's value is a local path rather than a Hub id (owner/name that is not here)."""
+    return model.startswith(("/", "./", "../", "~")) or not HUB_ID.fullmatch(model) or Path(model).exists()
+
+
 def base_model_folder(base_model: str) -> Path | None:
     """The local folder --base_model names, or None for a Hub id; a path that does not exist is an error."""
-    if base_model.startswith(("/", "./", "../", "~")) or not HUB_ID.fullmatch(base_model) or Path(base_model).exists():
+    if names_a_folder(base_model):
         folder = Path(base_model).expanduser()
         if not folder.is_dir():
             raise GenerateError(
@@ -1249,7 +1312,9 @@ def image_settings(cell: Cell, settings, sampler: str, loras: dict, dtype) -> di
         "dtype": str(dtype).removeprefix("torch."),
         "generator": "cpu",
         "compile": settings["compile"],
+        "template": cell.template,
         "placeholders": dict(cell.placeholders),
+        "placeholder_values": {name: list(texts) for name, texts in cell.placeholder_values},
     }
 
 
@@ -1898,6 +1963,390 @@ def export_kohya(args) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Scoring (--score): CLIP score and attribute agreement of the images written, read back from their PNG settings
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Scorer(NamedTuple):
+    name: str  # the --score_model value
+    model: object  # transformers CLIPModel, fp32
+    processor: object  # its CLIPProcessor
+
+
+class ScoredImage(NamedTuple):
+    path: Path
+    settings: dict  # as its PNG stores them (PNG_SETTINGS_KEY)
+
+
+def load_scorer(name: str) -> Scorer:
+    """The --score_model CLIP model and processor, on the CPU in fp32, from its folder, the cache or the Hub.
+
+    Loaded before any diffusion model, so a model that cannot load stops the run before anything is sampled; it
+    takes the device only after the pipeline is freed (report_scores): sampling and scoring never share its memory,
+    and CLIP costs host memory only meanwhile (1.7 GB for ViT-L/14). fp32 on every device, so that scores compare
+    between machines.
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    quiet_library_logs()
+    folder = Path(name).expanduser() if names_a_folder(name) else None
+    if folder is not None and not (folder / "config.json").is_file():
+        problem = f"no config.json in {folder}" if folder.is_dir() else f"no such folder: {folder}"
+        raise GenerateError(
+            f"--score_model: {problem}: pass the folder of a transformers CLIP model or a Hub id like "
+            f"{DEFAULT_SCORE_MODEL}"
+        )
+
+    def fetch(local_files_only: bool):
+        source = folder or name
+        return (
+            CLIPModel.from_pretrained(source, dtype=torch.float32, local_files_only=local_files_only),
+            CLIPProcessor.from_pretrained(source, local_files_only=local_files_only),
+        )
+
+    hub_file = (
+        name,
+        "config.json",
+        f"--score_model {name}, which is not in the Hugging Face cache",
+        f"run `hf download {name}` on a machine with network, or pass --score_model /path/to/clip-folder",
+    )
+    try:
+        model, processor = fetch(local_files_only=True) if folder is not None else from_cache_or_hub(fetch, hub_file)
+    except (OSError, ValueError) as error:
+        raise GenerateError(
+            f"cannot load --score_model {name} as a CLIP model ({first_line(error)}): pass a transformers CLIP "
+            f"checkpoint such as {DEFAULT_SCORE_MODEL}"
+        ) from None
+    return Scorer(name, model.eval(), processor)
+
+
+def read_scored_images(paths) -> list:
+    """The images among `paths` this script wrote, with their settings; grid figures and other PNGs are left out."""
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                settings = json.loads(getattr(image, "text", {})[PNG_SETTINGS_KEY])
+            stored_loras(settings)  # a KeyError for settings that are not ours
+        except (OSError, KeyError, TypeError, ValueError):
+            continue
+        images.append(ScoredImage(path, settings))
+    return images
+
+
+def agreement_candidates(settings) -> dict:
+    """{axis: {value: the prompt with that value}} for each {placeholder} axis of the image's grid that has two values
+    or more and is in its prompt; the other placeholders keep the image's values."""
+    template = settings.get("template")
+    if template is None:
+        return {}
+    return {
+        axis: {value: fill_placeholders(template, {**settings["placeholders"], axis: value}) for value in values}
+        for axis, values in settings["placeholder_values"].items()
+        if len(values) > 1 and f"{{{axis}}}" in template
+    }
+
+
+def unit_embeddings(features) -> torch.Tensor:
+    """A CLIP tower's projected output, each row scaled to length 1 (so dot products are cosines)."""
+    return torch.nn.functional.normalize(features.pooler_output.float(), dim=-1)
+
+
+def image_embeddings(scorer: Scorer, paths, device) -> torch.Tensor:
+    """The images at `paths` embedded by CLIP, SCORE_BATCH_SIZE at a time, with the model's own preprocessing."""
+    embedded = []
+    for start in range(0, len(paths), SCORE_BATCH_SIZE):
+        images = [Image.open(path).convert("RGB") for path in paths[start : start + SCORE_BATCH_SIZE]]
+        pixels = scorer.processor(images=images, return_tensors="pt").pixel_values.to(device)
+        embedded.append(unit_embeddings(scorer.model.get_image_features(pixel_values=pixels)))
+    return torch.cat(embedded)
+
+
+def text_embeddings(scorer: Scorer, texts: list, device) -> dict:
+    """{text: its CLIP embedding}, each text cut to the model's context (max_position_embeddings tokens)."""
+    limit = scorer.model.config.text_config.max_position_embeddings
+    embedded = []
+    for start in range(0, len(texts), SCORE_BATCH_SIZE):
+        tokens = scorer.processor.tokenizer(
+            texts[start : start + SCORE_BATCH_SIZE],
+            padding=True,
+            truncation=True,
+            max_length=limit,
+            return_tensors="pt",
+        ).to(device)
+        embedded.append(unit_embeddings(scorer.model.get_text_features(**tokens)))
+    return dict(zip(texts, torch.cat(embedded), strict=True))
+
+
+def say_if_truncated(scorer: Scorer, prompts):
+    """Say once, for all `prompts`, how many are longer than the score model reads (text_embeddings cuts them)."""
+    limit = scorer.model.config.text_config.max_position_embeddings
+    cut = sum(len(ids) > limit for ids in scorer.processor.tokenizer(list(prompts)).input_ids)
+    if cut:
+        print(
+            f"note: {cut} prompt(s) are longer than the {limit} tokens --score_model reads: their CLIP scores and "
+            "agreement see only the start",
+            file=sys.stderr,
+        )
+
+
+def lora_columns(settings) -> dict:
+    """The LoRAs of an image as the scores.csv columns lora and lora_scale; none for the base model alone."""
+    loras = stored_loras(settings)
+    return {
+        "lora": " + ".join(entry["lora"] for entry in loras) or NO_LORA,
+        "lora_scale": " + ".join(f"{entry['scale']:g}" for entry in loras),
+    }
+
+
+def score_images(scorer: Scorer, images: list, device) -> list:
+    """A row per image: file, prompt, seed, LoRAs, its placeholder values, its CLIP score (Hessel et al. 2021, as
+    torchmetrics' CLIPScore: 100 * max(cosine(image, prompt), 0)) and, for each placeholder axis, CLIP's zero-shot
+    choice among the axis's values (the prompt filled with each in turn: the most similar wins)."""
+    candidates = [agreement_candidates(image.settings) for image in images]
+    prompts = [image.settings["prompt"] for image in images]
+    say_if_truncated(scorer, dict.fromkeys(prompts))
+    candidate_texts = [text for options in candidates for by_value in options.values() for text in by_value.values()]
+    texts = list(dict.fromkeys(prompts + candidate_texts))  # each text embedded once
+    with torch.inference_mode():
+        pictures = image_embeddings(scorer, [image.path for image in images], device)
+        embedded = text_embeddings(scorer, texts, device)
+    rows = []
+    for image, picture, options in zip(images, pictures, candidates, strict=True):
+        row = {
+            "file": image.path.name,
+            "prompt": image.settings["prompt"],
+            "seed": image.settings["seed"],
+            **lora_columns(image.settings),
+            **image.settings.get("placeholders", {}),
+            "clip_score": 100 * max(float(picture @ embedded[image.settings["prompt"]]), 0.0),
+        }
+        for axis, prompts_by_value in options.items():
+            similarity = torch.stack([embedded[text] for text in prompts_by_value.values()]) @ picture
+            row[f"{axis}_predicted"] = list(prompts_by_value)[int(similarity.argmax())]
+        rows.append(row)
+    return rows
+
+
+def axis_values(images: list) -> dict:
+    """{axis: its values in the order given} over every image's placeholder axes."""
+    values = {}
+    for image in images:
+        for axis, texts in image.settings.get("placeholder_values", {}).items():
+            values.setdefault(axis, {}).update(dict.fromkeys(texts))
+    return {axis: list(texts) for axis, texts in values.items()}
+
+
+def score_notes(images: list, values: dict) -> list:
+    """Why an axis gets no agreement: a single value, or a placeholder only the negative prompt holds."""
+    notes = []
+    for axis, texts in values.items():
+        if len(texts) == 1:
+            notes.append(
+                f"{axis} has one value ({texts[0]}): nothing for CLIP to choose between, so no agreement; "
+                f"give --grid {axis}=V1,V2,..."
+            )
+        elif not any(f"{{{axis}}}" in image.settings.get("template", "") for image in images):
+            notes.append(f"{axis} is not in the prompt (only the negative prompt): no agreement measured")
+    return notes
+
+
+def lora_group(row) -> str:
+    """The LoRA setting an image was sampled with, as the scores are grouped: none, or each LoRA with its scale."""
+    return row["lora"] if row["lora"] == NO_LORA else f"{row['lora']} (scale {row['lora_scale']})"
+
+
+def summarize_scores(rows: list, values: dict) -> dict:
+    """Per LoRA setting: image count, mean CLIP score and, per measured axis, the agreement rate over all its
+    images and per asked value, with the confusion table {asked: {predicted: count}}."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(lora_group(row), []).append(row)
+    summary = {}
+    for group, members in groups.items():
+        agreement = {}
+        for axis, texts in values.items():
+            judged = [row for row in members if f"{axis}_predicted" in row]
+            if not judged:
+                continue
+            confusion = {asked: dict.fromkeys(texts, 0) for asked in texts}
+            for row in judged:
+                confusion[row[axis]][row[f"{axis}_predicted"]] += 1
+            agreement[axis] = {
+                "rate": sum(row[axis] == row[f"{axis}_predicted"] for row in judged) / len(judged),
+                "images": len(judged),
+                "values": {
+                    asked: counts[asked] / sum(counts.values())
+                    for asked, counts in confusion.items()
+                    if any(counts.values())
+                },
+                "confusion": confusion,
+            }
+        summary[group] = {
+            "images": len(members),
+            "clip_score": sum(row["clip_score"] for row in members) / len(members),
+            "agreement": agreement,
+        }
+    return summary
+
+
+def confusion_panel(confusion: dict, rate: float, cell: int = 40) -> Image.Image:
+    """A confusion table as a heat map: asked values down, predicted across, each square shaded by the share of its
+    row and labelled with its count; the diagonal (agreement) framed, the agreement `rate` above."""
+    font = caption_font(8 * cell)
+    values = list(confusion)
+    line_height = math.ceil(font.size * 1.25)
+    margin = max(4, cell // 8)
+    left = math.ceil(max(font.getlength(value) for value in [*values, "asked"])) + 2 * margin
+    top = 2 * line_height + margin
+    width = max(left + cell * len(values), left + math.ceil(font.getlength("predicted (agreement 100%)"))) + margin
+    panel = Image.new("RGB", (width, top + cell * len(values) + margin), "white")
+    draw = ImageDraw.Draw(panel)
+    draw.text((left, margin // 2), f"predicted (agreement {rate:.0%})", fill="black", font=font)
+    draw.text((margin, top - line_height), "asked", fill="black", font=font)
+    for column, value in enumerate(values):
+        label = fit_left(value, font, cell - 2)
+        draw.text(
+            (left + column * cell + (cell - font.getlength(label)) / 2, line_height), label, fill="black", font=font
+        )
+    for row, (asked, counts) in enumerate(confusion.items()):
+        total = max(sum(counts.values()), 1)
+        y = top + row * cell
+        draw.text(
+            (margin, y + (cell - line_height) / 2), fit_left(asked, font, left - 2 * margin), fill="black", font=font
+        )
+        for column, count in enumerate(counts.values()):
+            share = count / total
+            x = left + column * cell
+            shade = (round(255 - 225 * share), round(255 - 155 * share), 255)  # white to deep blue
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=shade, outline="black" if row == column else "gray")
+            text = str(count)
+            draw.text(
+                (x + (cell - font.getlength(text)) / 2, y + (cell - line_height) / 2),
+                text,
+                fill="white" if share > 0.5 else "black",
+                font=font,
+            )
+    return panel
+
+
+def scores_figure(summary: dict, values: dict, scorer_name: str) -> Image.Image | None:
+    """The confusion heat maps, a row per axis and a column per LoRA setting (the base model beside the LoRAs); None
+    when no axis was measured. A LoRA setting without images of an axis leaves its square blank."""
+    axes = [axis for axis in values if any(axis in group["agreement"] for group in summary.values())]
+    if not axes:
+        return None
+    panels = {
+        (axis, group): confusion_panel(scores["agreement"][axis]["confusion"], scores["agreement"][axis]["rate"])
+        for axis in axes
+        for group, scores in summary.items()
+        if axis in scores["agreement"]
+    }
+    size = (max(panel.width for panel in panels.values()), max(panel.height for panel in panels.values()))
+    squares = [[Image.new("RGB", size, "white") for _ in summary] for _ in axes]
+    for (axis, group), panel in panels.items():
+        squares[axes.index(axis)][list(summary).index(group)].paste(panel, (0, 0))
+    title = f"Attribute agreement, CLIP {scorer_name}: rows the value asked, columns the value CLIP picks"
+    picture, _ = grid_figure(squares, axes, list(summary), title)
+    return picture
+
+
+def write_scores(rows: list, summary: dict, notes: list, figure, scorer_name: str, output_dir: Path) -> list:
+    """scores.csv, scores.json and scores.png (if `figure`) in `output_dir`, each written whole; a run that finds
+    them there writes scores-2.* and so on, never replacing one. Return the paths."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    predicted = [key for key in columns if key.endswith("_predicted")]
+    columns = [key for key in columns if key not in predicted and key != "clip_score"] + ["clip_score", *predicted]
+
+    def write_csv(path: Path):
+        with open(path, "w", newline="", encoding="utf-8") as file:
+            writer = csv.DictWriter(file, columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    record = {"score_model": scorer_name, "images": len(rows), "groups": summary, "notes": notes}
+    writers = {
+        ".csv": write_csv,
+        ".json": lambda path: path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8"),
+    }
+    if figure is not None:
+        writers[".png"] = lambda path: figure.save(path, format="PNG")
+    stem = next(
+        stem
+        for stem in (SCORES_STEM if number == 1 else f"{SCORES_STEM}-{number}" for number in itertools.count(1))
+        if not any((output_dir / f"{stem}{suffix}").exists() for suffix in writers)
+    )
+    written = []
+    for suffix, write in writers.items():
+        path = write_new_file(output_dir, [f"{stem}{suffix}"], write)
+        if path is None:
+            raise GenerateError(f"{output_dir / (stem + suffix)} appeared while scoring: run --score again")
+        written.append(path)
+    return written
+
+
+def score_table(summary: dict, axes: list) -> str:
+    """The summary as text: a line per LoRA setting with its image count, CLIP score and agreement per axis."""
+    header = ["LoRA", "images", "CLIP score", *[f"{axis} agreement" for axis in axes]]
+    lines = [
+        [
+            group,
+            str(scores["images"]),
+            f"{scores['clip_score']:.2f}",
+            *[f"{scores['agreement'][axis]['rate']:.0%}" if axis in scores["agreement"] else "-" for axis in axes],
+        ]
+        for group, scores in summary.items()
+    ]
+    widths = [max(len(line[column]) for line in [header, *lines]) for column in range(len(header))]
+    return "\n".join(
+        "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *lines]
+    )
+
+
+def free_device_memory(device: torch.device):
+    """Hand the memory of freed models back, so the next model fits beside what other processes hold."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def report_scores(scorer: Scorer, images: list, device: torch.device, output_dir: Path):
+    """Score `images` on `device`, write scores.csv, scores.json and scores.png to `output_dir` and print the table."""
+    start = time.perf_counter()
+    free_device_memory(device)
+    scorer.model.to(device)
+    rows = score_images(scorer, images, device)
+    values = axis_values(images)
+    notes = score_notes(images, values)
+    summary = summarize_scores(rows, values)
+    figure = scores_figure(summary, values, scorer.name)
+    paths = write_scores(rows, summary, notes, figure, scorer.name, output_dir)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    measured = [axis for axis in values if any(axis in group["agreement"] for group in summary.values())]
+    print(f"scored {len(rows)} image(s) with {scorer.name} in {time.perf_counter() - start:.1f} s:")
+    print(score_table(summary, measured))
+    print(f"wrote {', '.join(str(path) for path in paths)}")
+
+
+def score_folder(args):
+    """--from_folder with --score: score the folder's images from the settings they carry; nothing is sampled."""
+    folder = args.from_folder
+    if not folder.is_dir():
+        raise GenerateError(f"--from_folder {folder}: no such folder: pass the --output_dir of a generate.py run")
+    check_writable_folder(folder, "--from_folder")
+    pngs = sorted(folder.glob("*.png"))
+    images = read_scored_images(pngs)
+    if not images:
+        raise GenerateError(
+            f"--from_folder {folder}: none of its {len(pngs)} PNG file(s) is an image written by generate.py "
+            f"(with {PNG_SETTINGS_KEY} settings): pass the --output_dir of a generate.py run"
+        )
+    report_scores(load_scorer(args.score_model), images, pick_device(args.device), folder)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     pngs_before = None  # the PNGs in --output_dir when sampling starts, to count what an interrupted run wrote
@@ -1906,6 +2355,9 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         if args.export_kohya is not None:
             export_kohya(args)
+            return 0
+        if args.from_folder is not None:
+            score_folder(args)
             return 0
         png = read_png_settings(args.from_png) if args.from_png is not None else None
         settings = run_settings(args, png)
@@ -1917,6 +2369,8 @@ def main(argv=None) -> int:
         state, device = process_state(args.device)
         dtype = pick_dtype(args.dtype, device, DTYPE_FLAGS.get(png.get("dtype")) if png is not None else None)
         loras = prepare_loras(cells, settings, png)
+        # One CLIP model, on the main process, which scores once every process has written its images.
+        scorer = load_scorer(args.score_model) if args.score and state.is_main_process else None
         record = run_record(args, settings, prompts, loras, dtype, figures_drawn(figures, args))
         output_dir = args.output_dir or default_output_dir(record, prompts)
         check_same_run(output_dir, record, jobs)
@@ -1944,6 +2398,9 @@ def main(argv=None) -> int:
             elapsed = progress.wait_for_the_others()
         command = shlex.join(["python", "generate.py", *argv]) if figures_drawn(figures, args) else None
         finish_run(figures, jobs, settings, command, output_dir, len(jobs) - done, elapsed, state)
+        if scorer is not None:
+            del pipe, switch  # the diffusion models leave the device before CLIP takes it (report_scores)
+            report_scores(scorer, read_scored_images([output_dir / name for name, _ in jobs]), device, output_dir)
         return 0
     except GenerateError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -18,13 +18,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tests compare pixels against CPU fp32 references; a GPU would switch the scripts to fp16.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-from tiny_sd21 import build_tiny_sd21, make_face_folder  # noqa: E402
+from tiny_sd21 import build_tiny_clip, build_tiny_sd21, make_face_folder  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Path of a random-weight SD2.1-shaped pipeline in the diffusers layout (read-only: copy to modify)."""
     return build_tiny_sd21(tmp_path_factory.mktemp("tiny-sd21"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """Path of a random-weight CLIPModel with its CLIPProcessor, loadable as --score_model (read-only)."""
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture(scope="session")

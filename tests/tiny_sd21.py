@@ -202,3 +202,31 @@ def make_face_folder(path, count: int = 8, size: int = 64) -> Path:
         records.append({"file_name": relative, "text": FACE_CAPTIONS[index % len(FACE_CAPTIONS)]})
     (path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def build_tiny_clip(path, seed: int = 0) -> Path:
+    """Save a random-weight CLIPModel (32x32 images in 8x8 patches, the test tokenizer) and its CLIPProcessor at
+    `path`, loadable as --score_model."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    path = Path(path)
+    vocab_size = write_clip_tokenizer(path)
+    tokenizer = CLIPTokenizer.from_pretrained(path)
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = CLIPConfig(
+        text_config={
+            **tower,
+            "vocab_size": vocab_size,
+            "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={**tower, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
