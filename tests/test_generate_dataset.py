@@ -249,3 +249,37 @@ def test_without_output_dir_each_command_gets_its_own_folder_and_a_rerun_adds_no
     ]
     assert generate.main([*flags, "--seed", "7"]) == 0
     assert len(list((tmp_path / "outputs").iterdir())) == 2
+
+
+def test_two_processes_draw_each_grid_figure_once_from_the_cells_of_both(tiny_model, tmp_path):
+    output_dir = tmp_path / "grid"
+    grid = ["--grid", "age=20,40", "--grid", "who=man,woman", "--num_images", "2"]
+    run(
+        two_processes(
+            ["--base_model", tiny_model, "--prompt", TEMPLATE, *grid, *TINY_FLAGS, "--output_dir", output_dir]
+        )
+    )
+    figures = sorted(output_dir.glob("*-grid-*.png"))
+    assert [path.name for path in figures] == [
+        "00000-grid-s42-a-age-year-old-who-smiles.png",
+        "00001-grid-s43-a-age-year-old-who-smiles.png",
+    ]
+    for figure in figures:
+        cells = json.loads(Image.open(figure).text[generate.PNG_GRID_KEY])["cells"]
+        assert len(cells) == 4 and all((output_dir / cell["file"]).is_file() for cell in cells)
+    captioned = {json.loads(line)["file_name"] for line in metadata(output_dir)}
+    assert captioned == {path.name for path in output_dir.glob("*.png")} - {path.name for path in figures}
+
+
+def test_no_figure_lifts_the_size_limit_of_a_figure(tiny_model):
+    flags = ["--base_model", str(tiny_model), "--prompt", TEMPLATE, "--grid", "age=" + ",".join(map(str, range(9)))]
+    flags += ["--grid", "who=" + ",".join(f"w{number}" for number in range(8)), "--lora", "none"]
+    for extra, refused in (([], True), (["--no_figure"], False)):
+        args = generate.parse_args([*flags, *extra])
+        settings = generate.run_settings(args, None)
+        figures = generate.plan_figures(args, settings, generate.read_prompts(args, None))
+        if refused:
+            with pytest.raises(generate.GenerateError, match="more than 64: pass --yes"):
+                generate.check_plan(figures, settings, args)
+        else:
+            generate.check_plan(figures, settings, args)
