@@ -446,6 +446,10 @@ def check_args(args):
         raise TrainingError("--cache_text_embeddings needs a frozen text encoder; drop it or --train_text_encoder")
     if args.validation_score and not args.validation_prompts:
         raise TrainingError("--validation_score scores the validation images: give --validation_prompts, not none")
+    if args.score_model != DEFAULT_SCORE_MODEL and not args.validation_score:
+        raise TrainingError(
+            "--score_model is the CLIP model of --validation_score: add --validation_score, or drop --score_model"
+        )
     for name in (
         "rank",
         "text_encoder_rank",
@@ -921,7 +925,7 @@ def load_base_model(args, weight_dtype, device) -> tuple:
     if not Path(base).is_dir() and not constants.is_offline_mode():
         with contextlib.suppress(OSError):
             return base_model_components(args, weight_dtype, device, local_files_only=True)
-        check_hub_reachable(base, args.revision)
+        check_hub_reachable(base_model_source(args))
     return base_model_components(args, weight_dtype, device, local_files_only=False)
 
 
@@ -962,46 +966,87 @@ def looks_like_folder(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or name.count("/") > 1
 
 
-def check_base_model(args):
-    """Find in seconds a base model that cannot load: a folder that is not there, or a Hub id that is neither in
-    the cache nor reachable (instead of minutes of retries, or a missing-file error that blames the model)."""
+@dataclass(frozen=True)
+class ModelSource:
+    """A model the run loads by folder or Hub id, as its flag names it: what to check and what to tell the user."""
+
+    what: str  # "base model", as messages call it
+    name: str
+    flag: str
+    kind: str  # what the folder must hold, e.g. "a diffusers Stable Diffusion 2.1 pipeline"
+    example: str  # a Hub id that works
+    index_file: str  # the file every such repo holds
+    revision: str | None
+
+
+def base_model_source(args) -> ModelSource:
+    return ModelSource(
+        "base model",
+        args.pretrained_model_name_or_path,
+        "--pretrained_model_name_or_path",
+        "a diffusers Stable Diffusion 2.1 pipeline",
+        DEFAULT_BASE_MODEL,
+        "model_index.json",
+        args.revision,
+    )
+
+
+def score_model_source(args) -> ModelSource:
+    return ModelSource(
+        "score model",
+        args.score_model,
+        "--score_model",
+        "a transformers CLIP model",
+        DEFAULT_SCORE_MODEL,
+        "config.json",
+        None,
+    )
+
+
+def check_model_source(source: ModelSource, cache_dir):
+    """Find in seconds a model that cannot load: a folder that is not there, or a Hub id that is neither in the
+    cache nor reachable (instead of minutes of retries, or a missing-file error that blames the model)."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    base = args.pretrained_model_name_or_path
-    if Path(base).is_dir():
+    if Path(source.name).is_dir():
         return
-    if looks_like_folder(base):
+    if looks_like_folder(source.name):
         raise TrainingError(
-            f"--pretrained_model_name_or_path: no such folder: {base}: pass the folder of a diffusers Stable "
-            f"Diffusion 2.1 pipeline or a Hub id like {DEFAULT_BASE_MODEL}"
+            f"{source.flag}: no such folder: {source.name}: pass the folder of {source.kind} or a Hub id like "
+            f"{source.example}"
         )
     try:
-        snapshot_download(base, revision=args.revision, cache_dir=args.cache_dir, local_files_only=True)
+        snapshot_download(source.name, revision=source.revision, cache_dir=cache_dir, local_files_only=True)
         return
     except LocalEntryNotFoundError:
         pass
     except HFValidationError as error:
         raise TrainingError(
-            f"--pretrained_model_name_or_path: no such folder or Hub id: {base} ({first_line(error)}): pass the "
-            f"folder of a diffusers Stable Diffusion 2.1 pipeline or a Hub id like {DEFAULT_BASE_MODEL}"
+            f"{source.flag}: no such folder or Hub id: {source.name} ({first_line(error)}): pass the folder of "
+            f"{source.kind} or a Hub id like {source.example}"
         ) from error
     if constants.is_offline_mode():
         raise TrainingError(
-            f"base model {base} is not in the Hugging Face cache ({args.cache_dir or constants.HF_HUB_CACHE}) "
-            f"and HF_HUB_OFFLINE=1 is set: {how_to_get(base)}"
+            f"{source.what} {source.name} is not in the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}) and "
+            f"HF_HUB_OFFLINE=1 is set: {how_to_get(source)}"
         )
-    check_hub_reachable(base, args.revision)
+    check_hub_reachable(source)
 
 
-def how_to_get(base: str) -> str:
+def how_to_get(source: ModelSource) -> str:
+    fetch = (
+        f"python download.py --base_model {source.name}"
+        if source.flag == "--pretrained_model_name_or_path"
+        else f"hf download {source.name}"
+    )
     return (
-        f"run `python download.py --base_model {base}` where there is a network and use its cache here "
-        "(HF_HOME, with HF_HUB_OFFLINE=1), or pass --pretrained_model_name_or_path /path/to/folder"
+        f"run `{fetch}` where there is a network and use its cache here (HF_HOME, with HF_HUB_OFFLINE=1), "
+        f"or pass {source.flag} /path/to/folder"
     )
 
 
-def check_hub_reachable(base: str, revision):
+def check_hub_reachable(source: ModelSource):
     """One request without retries: a Hub that cannot be reached at all (connection refused, no route, no DNS)
     fails the run now, in one line. A Hub that answers slowly is left to the loaders' own retries."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
@@ -1009,19 +1054,21 @@ def check_hub_reachable(base: str, revision):
     from huggingface_hub.utils import httpx  # the HTTP library of huggingface_hub, under the name it exports
 
     try:
-        get_hf_file_metadata(hf_hub_url(base, "model_index.json", revision=revision))
+        get_hf_file_metadata(hf_hub_url(source.name, source.index_file, revision=source.revision))
     except httpx.ConnectError as error:
         raise TrainingError(
-            f"cannot reach the Hub at {constants.ENDPOINT} ({first_line(error)}) to fetch base model {base}, "
-            f"which is not in the Hugging Face cache: {how_to_get(base)}"
+            f"cannot reach the Hub at {constants.ENDPOINT} ({first_line(error)}) to fetch {source.what} "
+            f"{source.name}, which is not in the Hugging Face cache: {how_to_get(source)}"
         ) from error
     except RepositoryNotFoundError as error:
         raise TrainingError(
-            f"no model {base} on {constants.ENDPOINT}: check --pretrained_model_name_or_path "
-            f"(a Hub id such as {DEFAULT_BASE_MODEL}, or a folder); a private model needs `hf auth login`"
+            f"no model {source.name} on {constants.ENDPOINT}: check {source.flag} (a Hub id such as "
+            f"{source.example}, or a folder); a private model needs `hf auth login`"
         ) from error
     except RevisionNotFoundError as error:
-        raise TrainingError(f"base model {base} has no revision {revision}: check --revision") from error
+        raise TrainingError(
+            f"{source.what} {source.name} has no revision {source.revision}: check --revision"
+        ) from error
     except (httpx.HTTPError, OSError):
         pass  # slow, overloaded or gated: the loaders retry and report it
 
@@ -1236,8 +1283,11 @@ def prepare_output_dir(args, accelerator, resuming: bool):
 
 def preflight(args):
     """What would otherwise fail after the model load or after training, checked before anything is loaded or
-    created: the base model can be found, and every place the run writes to can be written."""
-    check_base_model(args)
+    created: the base model (and the --validation_score model) can be found, and every place the run writes to
+    can be written."""
+    check_model_source(base_model_source(args), args.cache_dir)
+    if args.validation_score:
+        check_model_source(score_model_source(args), args.cache_dir)
     output_dir = Path(args.output_dir)
     folders = {output_dir: "--output_dir", output_dir / "validation": "--output_dir"}
     if args.report_to != "none":

@@ -384,6 +384,10 @@ def check_args(args):
                 "--from_folder scores the images already written and samples nothing: "
                 "drop --prompt, --prompts_file, --from_png, --grid and --compare"
             )
+    if args.score_model != DEFAULT_SCORE_MODEL and not args.score:
+        raise GenerateError("--score_model is the CLIP model of --score: add --score, or drop --score_model")
+    if args.no_figure and not (args.grid or args.compare):
+        raise GenerateError("--no_figure expands the --grid values into images without a figure: add --grid AXIS=...")
 
 
 def batch_size_value(text: str):
@@ -1586,8 +1590,10 @@ def write_images(pipe, switch, own_batches, settings, loras: dict, dtype, output
         progress.batch_done(len(batch))
 
 
-# --- Datasets: a run's images split between the processes of `accelerate launch`, resumed from what its folder
+# ----------------------------------------------------------------------------------------------
+# Datasets: a run's images split between the processes of `accelerate launch`, resumed from what its folder
 # holds, and captioned in metadata.jsonl for finetune_lora.py.
+# ----------------------------------------------------------------------------------------------
 
 
 def figures_drawn(figures, args) -> bool:
@@ -1963,9 +1969,9 @@ def export_kohya(args) -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Scoring (--score): CLIP score and attribute agreement of the images written, read back from their PNG settings
-# ---------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 
 
 class Scorer(NamedTuple):

@@ -283,3 +283,10 @@ def test_no_figure_lifts_the_size_limit_of_a_figure(tiny_model):
                 generate.check_plan(figures, settings, args)
         else:
             generate.check_plan(figures, settings, args)
+
+
+def test_no_figure_without_a_grid_is_refused(capsys):
+    assert generate.main(["--prompt", "a face", "--no_figure"]) == 1
+    assert "error: --no_figure expands the --grid values into images without a figure: add --grid" in (
+        capsys.readouterr().err
+    )

@@ -258,6 +258,7 @@ def test_a_folder_without_our_images_is_one_line(attribute_sweep, tiny_clip, tmp
         (["--from_folder", "."], "--from_folder . scores the images in a folder: add --score"),
         (["--from_folder", ".", "--score", "--prompt", "x"], "drop --prompt"),
         (["--from_folder", "no-such-folder", "--score"], "--from_folder no-such-folder: no such folder"),
+        (["--prompt", "x", "--score_model", "my/clip"], "--score_model is the CLIP model of --score: add --score"),
     ],
 )
 def test_from_folder_misuse_is_one_line(capsys, flags, message):
@@ -296,15 +297,30 @@ def test_validation_score_logs_the_clip_score_of_each_validation_and_writes_it_b
     )
 
 
+@pytest.mark.parametrize(
+    "score_model, message",
+    [
+        ("NO_CLIP", "--score_model: no such folder:"),
+        ("TINY_MODEL", "cannot load --score_model"),
+        ("someone/clip-not-cached", "score model someone/clip-not-cached is not in the Hugging Face cache"),
+    ],
+)
 def test_a_validation_score_model_that_cannot_load_stops_the_run_before_the_data_is_read(
-    tiny_model, face_folder, tmp_path, capfd
+    tiny_model, face_folder, tmp_path, capfd, score_model, message
 ):
+    score_model = {"NO_CLIP": tmp_path / "no-clip", "TINY_MODEL": tiny_model}.get(score_model, score_model)
     output = tmp_path / "run"
-    flags = ["--validation_prompts", "a face", "--validation_score", "--score_model", tmp_path / "no-clip"]
+    flags = ["--validation_prompts", "a face", "--validation_score", "--score_model", score_model]
     assert finetune_lora.main(train_args(tiny_model, face_folder, output, *flags)) == 1
     err = capfd.readouterr().err
-    assert f"error: cannot load --score_model {tmp_path / 'no-clip'} as a CLIP model" in err
+    assert message in err
     assert "images found" not in err and not (output / "logs").exists()
+
+
+def test_a_score_model_without_validation_score_is_refused(tmp_path, capfd):
+    flags = ["--score_model", "my/clip"]
+    assert finetune_lora.main(train_args(tmp_path, tmp_path, tmp_path / "run", *flags)) == 1
+    assert "error: --score_model is the CLIP model of --validation_score" in capfd.readouterr().err
 
 
 def test_validation_score_without_validation_prompts_is_refused(tmp_path, capfd):
