@@ -160,6 +160,8 @@ TITLE_LINES = 5  # at most this many lines of title above a grid figure, in PIL'
 DEFAULT_SCORE_MODEL = "openai/clip-vit-large-patch14"  # --score_model: CLIP ViT-L/14, as torchmetrics' CLIPScore
 SCORE_BATCH_SIZE = 32  # images, or texts, per CLIP forward pass of --score
 SCORES_STEM = "scores"  # --score writes scores.csv, scores.json and scores.png (scores-2.* when those exist)
+# Sampling settings (as PNGs store them) that get a scores.csv column, and split the summary, when they vary
+SCORED_SETTINGS = ("guidance_scale", "steps", "sampler")
 
 
 class GenerateError(Exception):
@@ -2106,8 +2108,14 @@ def lora_columns(settings) -> dict:
     }
 
 
-def score_images(scorer: Scorer, images: list, device) -> list:
-    """A row per image: file, prompt, seed, LoRAs, its placeholder values, its CLIP score (Hessel et al. 2021, as
+def varying_settings(images: list) -> list:
+    """The SCORED_SETTINGS that differ among `images` (a --grid guidance_scale=... sweep): a scores.csv column each,
+    and part of each summary group, so that a sweep of them is not pooled into one number."""
+    return [key for key in SCORED_SETTINGS if len({image.settings[key] for image in images}) > 1]
+
+
+def score_images(scorer: Scorer, images: list, varying: list, device) -> list:
+    """A row per image: file, prompt, seed, LoRAs, its `varying` settings, its placeholder values, its CLIP score (Hessel et al. 2021, as
     torchmetrics' CLIPScore: 100 * max(cosine(image, prompt), 0)) and, for each placeholder axis, CLIP's zero-shot
     choice among the axis's values (the prompt filled with each in turn: the most similar wins)."""
     candidates = [agreement_candidates(image.settings) for image in images]
@@ -2125,6 +2133,7 @@ def score_images(scorer: Scorer, images: list, device) -> list:
             "prompt": image.settings["prompt"],
             "seed": image.settings["seed"],
             **lora_columns(image.settings),
+            **{key: image.settings[key] for key in varying},
             **image.settings.get("placeholders", {}),
             "clip_score": 100 * max(float(picture @ embedded[image.settings["prompt"]]), 0.0),
         }
@@ -2158,19 +2167,24 @@ def score_notes(images: list, values: dict) -> list:
     return notes
 
 
-def lora_group(row) -> str:
-    """The LoRA setting an image was sampled with, as the scores are grouped: none, or each LoRA with its scale."""
-    return row["lora"] if row["lora"] == NO_LORA else f"{row['lora']} (scale {row['lora_scale']})"
+def score_group(row, varying: list) -> tuple:
+    """The summary group of an image: its LoRA setting (none, or each LoRA with its scale), then the value of each
+    `varying` setting."""
+    lora = row["lora"] if row["lora"] == NO_LORA else f"{row['lora']} (scale {row['lora_scale']})"
+    return (lora, *(row[key] for key in varying))
 
 
-def summarize_scores(rows: list, values: dict) -> dict:
-    """Per LoRA setting: image count, mean CLIP score and, per measured axis, the agreement rate over all its
-    images and per asked value, with the confusion table {asked: {predicted: count}}."""
+def summarize_scores(rows: list, values: dict, varying: list) -> dict:
+    """Per group (LoRA setting and `varying` settings; the LoRAs in the order met, each setting's values sorted): its
+    settings, image count, mean CLIP score and, per measured axis, the agreement rate over all its images and per
+    asked value, with the confusion table {asked: {predicted: count}}."""
     groups = {}
     for row in rows:
-        groups.setdefault(lora_group(row), []).append(row)
+        groups.setdefault(score_group(row, varying), []).append(row)
+    lora_order = list(dict.fromkeys(key[0] for key in groups))
     summary = {}
-    for group, members in groups.items():
+    for key in sorted(groups, key=lambda key: (lora_order.index(key[0]), *key[1:])):
+        members = groups[key]
         agreement = {}
         for axis, texts in values.items():
             judged = [row for row in members if f"{axis}_predicted" in row]
@@ -2189,7 +2203,9 @@ def summarize_scores(rows: list, values: dict) -> dict:
                 },
                 "confusion": confusion,
             }
-        summary[group] = {
+        name = ", ".join([key[0], *(f"{setting}={value}" for setting, value in zip(varying, key[1:], strict=True))])
+        summary[name] = {
+            **{column: members[0][column] for column in ["lora", "lora_scale", *varying]},
             "images": len(members),
             "clip_score": sum(row["clip_score"] for row in members) / len(members),
             "agreement": agreement,
@@ -2238,8 +2254,9 @@ def confusion_panel(confusion: dict, rate: float, cell: int = 40) -> Image.Image
 
 
 def scores_figure(summary: dict, values: dict, scorer_name: str) -> Image.Image | None:
-    """The confusion heat maps, a row per axis and a column per LoRA setting (the base model beside the LoRAs); None
-    when no axis was measured. A LoRA setting without images of an axis leaves its square blank."""
+    """The confusion heat maps, a row per axis and a column per summary group (the base model beside the LoRAs, each
+    varying setting's values side by side); None when no axis was measured. A group without images of an axis leaves
+    its square blank."""
     axes = [axis for axis in values if any(axis in group["agreement"] for group in summary.values())]
     if not axes:
         return None
@@ -2292,9 +2309,10 @@ def write_scores(rows: list, summary: dict, notes: list, figure, scorer_name: st
     return written
 
 
-def score_table(summary: dict, axes: list) -> str:
-    """The summary as text: a line per LoRA setting with its image count, CLIP score and agreement per axis."""
-    header = ["LoRA", "images", "CLIP score", *[f"{axis} agreement" for axis in axes]]
+def score_table(summary: dict, axes: list, varying: list) -> str:
+    """The summary as text: a line per group (LoRA setting and `varying` settings) with its image count, CLIP score
+    and agreement per axis."""
+    header = [", ".join(["LoRA", *varying]), "images", "CLIP score", *[f"{axis} agreement" for axis in axes]]
     lines = [
         [
             group,
@@ -2323,17 +2341,18 @@ def report_scores(scorer: Scorer, images: list, device: torch.device, output_dir
     start = time.perf_counter()
     free_device_memory(device)
     scorer.model.to(device)
-    rows = score_images(scorer, images, device)
+    varying = varying_settings(images)
+    rows = score_images(scorer, images, varying, device)
     values = axis_values(images)
     notes = score_notes(images, values)
-    summary = summarize_scores(rows, values)
+    summary = summarize_scores(rows, values, varying)
     figure = scores_figure(summary, values, scorer.name)
     paths = write_scores(rows, summary, notes, figure, scorer.name, output_dir)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     measured = [axis for axis in values if any(axis in group["agreement"] for group in summary.values())]
     print(f"scored {len(rows)} image(s) with {scorer.name} in {time.perf_counter() - start:.1f} s:")
-    print(score_table(summary, measured))
+    print(score_table(summary, measured, varying))
     print(f"wrote {', '.join(str(path) for path in paths)}")
 
 

@@ -19,6 +19,7 @@ import generate
 TEMPLATE = "a {age} year old {ethnicity} woman with long red hair smiles"
 AGES = ["20", "40", "60"]
 ETHNICITIES = ["Asian", "Black"]
+GUIDANCE = ["1", "7.5", "12"]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,17 @@ def compare_sweep(tiny_model, tiny_clip, lora_file, tmp_path_factory):
     folder = tmp_path_factory.mktemp("compare")
     prompt = "a {age} year old woman with long red hair smiles"
     flags = ["--compare", "--lora", lora_file, "--prompt", prompt, "--grid", f"age={','.join(AGES)}"]
+    code, _ = run(tiny_model, folder, *flags, "--score", "--score_model", tiny_clip)
+    assert code == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def guidance_sweep(tiny_model, tiny_clip, tmp_path_factory):
+    """A scored guidance_scale x age grid of the base model: the folder."""
+    folder = tmp_path_factory.mktemp("guidance")
+    flags = ["--prompt", "a {age} year old woman", "--grid", f"guidance_scale={','.join(GUIDANCE)}"]
+    flags += ["--grid", f"age={','.join(AGES)}", "--lora", "none"]
     code, _ = run(tiny_model, folder, *flags, "--score", "--score_model", tiny_clip)
     assert code == 0
     return folder
@@ -101,7 +113,7 @@ def recount(rows: list, axis: str) -> dict:
     }
 
 
-@pytest.mark.parametrize("sweep", ["attribute_sweep", "compare_sweep"])
+@pytest.mark.parametrize("sweep", ["attribute_sweep", "compare_sweep", "guidance_sweep"])
 def test_the_summary_recounts_from_the_rows_and_its_tables_sum_to_the_images(request, sweep):
     folder = request.getfixturevalue(sweep)
     rows = read_rows(folder)
@@ -110,6 +122,9 @@ def test_the_summary_recounts_from_the_rows_and_its_tables_sum_to_the_images(req
     groups = {}
     for row in rows:
         key = row["lora"] if row["lora"] == "none" else f"{row['lora']} (scale {row['lora_scale']})"
+        key += "".join(
+            f", {setting}={row[setting]}" for setting in ("guidance_scale", "steps", "sampler") if setting in row
+        )
         groups.setdefault(key, []).append(row)
     assert list(summary["groups"]) == list(groups)
     axes = ["age", "ethnicity"] if sweep == "attribute_sweep" else ["age"]
@@ -130,6 +145,22 @@ def test_the_summary_recounts_from_the_rows_and_its_tables_sum_to_the_images(req
     assert sum(group["images"] for group in summary["groups"].values()) == len(rows)
     figure = Image.open(folder / "scores.png")
     assert figure.width > 100 and figure.height > 100
+
+
+def test_a_guidance_sweep_gets_a_column_and_a_summary_group_per_guidance_scale(guidance_sweep, capsys):
+    rows = read_rows(guidance_sweep)
+    assert list(rows[0]) == ["file", "prompt", "seed", "lora", "lora_scale", "guidance_scale", "age"] + [
+        "clip_score",
+        "age_predicted",
+    ]
+    assert sorted({float(row["guidance_scale"]) for row in rows}) == [float(value) for value in GUIDANCE]
+    groups = json.loads((guidance_sweep / "scores.json").read_text())["groups"]
+    assert list(groups) == [f"none, guidance_scale={float(value)}" for value in GUIDANCE]
+    for value, group in zip(GUIDANCE, groups.values(), strict=True):
+        assert group["guidance_scale"] == float(value) and group["images"] == len(AGES)
+        assert sum(group["agreement"]["age"]["confusion"][age][age] for age in AGES) == sum(
+            row["age"] == row["age_predicted"] for row in rows if float(row["guidance_scale"]) == float(value)
+        )
 
 
 def test_compare_scores_the_base_model_beside_the_lora(compare_sweep, lora_file):
