@@ -1649,13 +1649,22 @@ def load_scorer(args, accelerator):
 
     name = args.score_model
     try:
-        model = CLIPModel.from_pretrained(name, dtype=torch.float32, cache_dir=args.cache_dir)
+        model, loading = CLIPModel.from_pretrained(
+            name, dtype=torch.float32, cache_dir=args.cache_dir, output_loading_info=True
+        )
         processor = CLIPProcessor.from_pretrained(name, cache_dir=args.cache_dir)
     except (OSError, ValueError) as error:
         raise TrainingError(
             f"cannot load --score_model {name} as a CLIP model ({first_line(error)}): pass the folder of a "
             f"transformers CLIP model, or a Hub id such as {DEFAULT_SCORE_MODEL} that is cached or reachable"
         ) from error
+    # Weights the checkpoint lacks would be random (a text encoder alone loads so): scores from them mean nothing.
+    if model.config.model_type != "clip" or loading["missing_keys"]:
+        raise TrainingError(
+            f"--score_model {name} holds a {model.config.model_type} model with {len(loading['missing_keys'])} "
+            "CLIP weights missing, not a whole CLIPModel: pass the folder of a transformers CLIP model (image and "
+            f"text towers), or a Hub id such as {DEFAULT_SCORE_MODEL}"
+        )
     limit = model.config.text_config.max_position_embeddings
     if any(len(ids) > limit for ids in processor.tokenizer(args.validation_prompts).input_ids):
         logger.warning(f"--validation_score reads the first {limit} tokens of each prompt: the longer ones are cut")

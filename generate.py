@@ -2009,7 +2009,9 @@ def load_scorer(name: str) -> Scorer:
     def fetch(local_files_only: bool):
         source = folder or name
         return (
-            CLIPModel.from_pretrained(source, dtype=torch.float32, local_files_only=local_files_only),
+            CLIPModel.from_pretrained(
+                source, dtype=torch.float32, local_files_only=local_files_only, output_loading_info=True
+            ),
             CLIPProcessor.from_pretrained(source, local_files_only=local_files_only),
         )
 
@@ -2020,12 +2022,23 @@ def load_scorer(name: str) -> Scorer:
         f"run `hf download {name}` on a machine with network, or pass --score_model /path/to/clip-folder",
     )
     try:
-        model, processor = fetch(local_files_only=True) if folder is not None else from_cache_or_hub(fetch, hub_file)
+        (model, loading), processor = (
+            fetch(local_files_only=True) if folder is not None else from_cache_or_hub(fetch, hub_file)
+        )
     except (OSError, ValueError) as error:
         raise GenerateError(
             f"cannot load --score_model {name} as a CLIP model ({first_line(error)}): pass a transformers CLIP "
             f"checkpoint such as {DEFAULT_SCORE_MODEL}"
         ) from None
+    # transformers fills weights a checkpoint lacks with random ones, and says so only in the log quieted above
+    missing = sorted(loading["missing_keys"])
+    if model.config.model_type != "clip" or missing:
+        what = f"a {model.config.model_type} model" if model.config.model_type != "clip" else "incomplete"
+        raise GenerateError(
+            f"--score_model {name} is {what}, not a CLIP model with image and text towers"
+            f"{f' ({len(missing)} weights missing, {missing[0]} first)' if missing else ''}: pass a transformers "
+            f"CLIP checkpoint such as {DEFAULT_SCORE_MODEL}"
+        )
     return Scorer(name, model.eval(), processor)
 
 

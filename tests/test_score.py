@@ -27,38 +27,50 @@ def lora_file(tiny_model, tmp_path_factory):
     return write_published_layout_lora(tiny_model, tmp_path_factory.mktemp("lora") / "published.safetensors")
 
 
+def scored_sweep(tiny_model, tiny_clip, folder: Path, *flags) -> Path:
+    code, _ = run(tiny_model, folder, *flags, "--score", "--score_model", tiny_clip)
+    assert code == 0
+    return folder
+
+
 @pytest.fixture(scope="module")
 def attribute_sweep(tiny_model, tiny_clip, tmp_path_factory):
     """A scored age x ethnicity grid of the base model, two images per cell: the folder."""
-    folder = tmp_path_factory.mktemp("sweep")
     flags = ["--prompt", TEMPLATE, "--grid", f"age={','.join(AGES)}", "--grid", f"ethnicity={','.join(ETHNICITIES)}"]
-    code, _ = run(
-        tiny_model, folder, *flags, "--num_images", "2", "--lora", "none", "--score", "--score_model", tiny_clip
-    )
-    assert code == 0
-    return folder
+    flags += ["--num_images", "2", "--lora", "none"]
+    return scored_sweep(tiny_model, tiny_clip, tmp_path_factory.mktemp("sweep"), *flags)
 
 
 @pytest.fixture(scope="module")
 def compare_sweep(tiny_model, tiny_clip, lora_file, tmp_path_factory):
     """A scored --compare over an age axis (base model beside the LoRA): the folder."""
-    folder = tmp_path_factory.mktemp("compare")
     prompt = "a {age} year old woman with long red hair smiles"
     flags = ["--compare", "--lora", lora_file, "--prompt", prompt, "--grid", f"age={','.join(AGES)}"]
-    code, _ = run(tiny_model, folder, *flags, "--score", "--score_model", tiny_clip)
-    assert code == 0
-    return folder
+    return scored_sweep(tiny_model, tiny_clip, tmp_path_factory.mktemp("compare"), *flags)
 
 
 @pytest.fixture(scope="module")
 def guidance_sweep(tiny_model, tiny_clip, tmp_path_factory):
     """A scored guidance_scale x age grid of the base model: the folder."""
-    folder = tmp_path_factory.mktemp("guidance")
     flags = ["--prompt", "a {age} year old woman", "--grid", f"guidance_scale={','.join(GUIDANCE)}"]
     flags += ["--grid", f"age={','.join(AGES)}", "--lora", "none"]
-    code, _ = run(tiny_model, folder, *flags, "--score", "--score_model", tiny_clip)
-    assert code == 0
-    return folder
+    return scored_sweep(tiny_model, tiny_clip, tmp_path_factory.mktemp("guidance"), *flags)
+
+
+@pytest.fixture(scope="module")
+def not_clip(tiny_model, tiny_clip, tmp_path_factory):
+    """Folders that CLIPModel loads, filling what they lack with random weights: {kind: folder}."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("not-clip")
+    text_encoder = shutil.copytree(tiny_model / "text_encoder", root / "text-encoder")
+    for path in [*(tiny_model / "tokenizer").iterdir(), tiny_clip / "processor_config.json"]:
+        shutil.copy(path, text_encoder)  # loads as a processor, so only the weights are wrong
+    incomplete = shutil.copytree(tiny_clip, root / "incomplete")
+    weights = load_file(incomplete / "model.safetensors")
+    del weights["text_projection.weight"]
+    save_file(weights, incomplete / "model.safetensors", metadata={"format": "pt"})
+    return {"TEXT_ENCODER": text_encoder, "INCOMPLETE": incomplete}
 
 
 @pytest.fixture(scope="module")
@@ -256,12 +268,14 @@ def one_error_line(capsys) -> str:
             "someone/clip-not-cached",
             "someone/clip-not-cached, which is not in the Hugging Face cache, with HF_HUB_OFFLINE=1: run `hf download",
         ),
+        ("TEXT_ENCODER", "text-encoder is a clip_text_model model, not a CLIP model with image and text towers"),
+        ("INCOMPLETE", "incomplete is incomplete, not a CLIP model with image and text towers (1 weights missing, "),
     ],
 )
 def test_a_score_model_that_cannot_load_fails_before_anything_is_sampled(
-    tiny_model, tmp_path, capsys, score_model, message
+    tiny_model, not_clip, tmp_path, capsys, score_model, message
 ):
-    score_model = str(tiny_model) if score_model == "TINY_MODEL" else score_model
+    score_model = str({"TINY_MODEL": tiny_model, **not_clip}.get(score_model, score_model))
     output = tmp_path / "out"
     code, images = run(
         tiny_model, output, "--prompt", "a face", "--lora", "none", "--score", "--score_model", score_model
@@ -334,12 +348,14 @@ def test_validation_score_logs_the_clip_score_of_each_validation_and_writes_it_b
         ("NO_CLIP", "--score_model: no such folder:"),
         ("TINY_MODEL", "cannot load --score_model"),
         ("someone/clip-not-cached", "score model someone/clip-not-cached is not in the Hugging Face cache"),
+        ("TEXT_ENCODER", "holds a clip_text_model model with 398 CLIP weights missing, not a whole CLIPModel"),
+        ("INCOMPLETE", "holds a clip model with 1 CLIP weights missing, not a whole CLIPModel"),
     ],
 )
 def test_a_validation_score_model_that_cannot_load_stops_the_run_before_the_data_is_read(
-    tiny_model, face_folder, tmp_path, capfd, score_model, message
+    tiny_model, not_clip, face_folder, tmp_path, capfd, score_model, message
 ):
-    score_model = {"NO_CLIP": tmp_path / "no-clip", "TINY_MODEL": tiny_model}.get(score_model, score_model)
+    score_model = {"NO_CLIP": tmp_path / "no-clip", "TINY_MODEL": tiny_model, **not_clip}.get(score_model, score_model)
     output = tmp_path / "run"
     flags = ["--validation_prompts", "a face", "--validation_score", "--score_model", score_model]
     assert finetune_lora.main(train_args(tiny_model, face_folder, output, *flags)) == 1
