@@ -2228,37 +2228,37 @@ def summarize_scores(rows: list, values: dict, varying: list) -> dict:
 
 def confusion_panel(confusion: dict, rate: float, cell: int = 40) -> Image.Image:
     """A confusion table as a heat map: asked values down, predicted across, each square shaded by the share of its
-    row and labelled with its count; the diagonal (agreement) framed, the agreement `rate` above."""
+    row and labelled with its count; the diagonal (agreement) framed, the agreement `rate` above. The columns are as
+    wide as the longest value, so that values sharing a start (East Asian, South Asian) read whole."""
     font = caption_font(8 * cell)
     values = list(confusion)
     line_height = math.ceil(font.size * 1.25)
     margin = max(4, cell // 8)
     left = math.ceil(max(font.getlength(value) for value in [*values, "asked"])) + 2 * margin
+    column_width = max(cell, math.ceil(max(font.getlength(value) for value in values)) + 2 * margin)
     top = 2 * line_height + margin
-    width = max(left + cell * len(values), left + math.ceil(font.getlength("predicted (agreement 100%)"))) + margin
-    panel = Image.new("RGB", (width, top + cell * len(values) + margin), "white")
+    width = max(left + column_width * len(values), left + math.ceil(font.getlength("predicted (agreement 100%)")))
+    panel = Image.new("RGB", (width + margin, top + cell * len(values) + margin), "white")
     draw = ImageDraw.Draw(panel)
     draw.text((left, margin // 2), f"predicted (agreement {rate:.0%})", fill="black", font=font)
     draw.text((margin, top - line_height), "asked", fill="black", font=font)
     for column, value in enumerate(values):
-        label = fit_left(value, font, cell - 2)
-        draw.text(
-            (left + column * cell + (cell - font.getlength(label)) / 2, line_height), label, fill="black", font=font
-        )
+        x = left + column * column_width + (column_width - font.getlength(value)) / 2
+        draw.text((x, line_height), value, fill="black", font=font)
     for row, (asked, counts) in enumerate(confusion.items()):
         total = max(sum(counts.values()), 1)
         y = top + row * cell
-        draw.text(
-            (margin, y + (cell - line_height) / 2), fit_left(asked, font, left - 2 * margin), fill="black", font=font
-        )
+        draw.text((margin, y + (cell - line_height) / 2), asked, fill="black", font=font)
         for column, count in enumerate(counts.values()):
             share = count / total
-            x = left + column * cell
+            x = left + column * column_width
             shade = (round(255 - 225 * share), round(255 - 155 * share), 255)  # white to deep blue
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=shade, outline="black" if row == column else "gray")
+            draw.rectangle(
+                [x, y, x + column_width - 1, y + cell - 1], fill=shade, outline="black" if row == column else "gray"
+            )
             text = str(count)
             draw.text(
-                (x + (cell - font.getlength(text)) / 2, y + (cell - line_height) / 2),
+                (x + (column_width - font.getlength(text)) / 2, y + (cell - line_height) / 2),
                 text,
                 fill="white" if share > 0.5 else "black",
                 font=font,
@@ -2284,7 +2284,11 @@ def scores_figure(summary: dict, values: dict, scorer_name: str) -> Image.Image 
     for (axis, group), panel in panels.items():
         squares[axes.index(axis)][list(summary).index(group)].paste(panel, (0, 0))
     title = f"Attribute agreement, CLIP {scorer_name}: rows the value asked, columns the value CLIP picks"
-    picture, _ = grid_figure(squares, axes, list(summary), title)
+    labels = [
+        "base model" + name.removeprefix(NO_LORA) if group["lora"] == NO_LORA else name
+        for name, group in summary.items()
+    ]
+    picture, _ = grid_figure(squares, axes, labels, title)
     return picture
 
 
