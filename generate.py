@@ -162,6 +162,7 @@ SCORE_BATCH_SIZE = 32  # images, or texts, per CLIP forward pass of --score
 SCORES_STEM = "scores"  # --score writes scores.csv, scores.json and scores.png (scores-2.* when those exist)
 # Sampling settings (as PNGs store them) that get a scores.csv column, and split the summary, when they vary
 SCORED_SETTINGS = ("guidance_scale", "steps", "sampler")
+SCORE_COLUMNS = ("file", "prompt", "seed", "lora", "lora_scale", *SCORED_SETTINGS, "clip_score")  # and AXIS_predicted
 
 
 class GenerateError(Exception):
@@ -386,6 +387,8 @@ def check_args(args):
                 "--from_folder scores the images already written and samples nothing: "
                 "drop --prompt, --prompts_file, --from_png, --grid and --compare"
             )
+    if args.score:
+        check_placeholder_names(spec.partition("=")[0].strip() for spec in args.grid)
     if args.score_model != DEFAULT_SCORE_MODEL and not args.score:
         raise GenerateError("--score_model is the CLIP model of --score: add --score, or drop --score_model")
     if args.no_figure and not (args.grid or args.compare):
@@ -2042,6 +2045,17 @@ def load_scorer(name: str) -> Scorer:
     return Scorer(name, model.eval(), processor)
 
 
+def check_placeholder_names(names, images_of: str = ""):
+    """scores.csv has a column per placeholder beside its own (SCORE_COLUMNS, AXIS_predicted): refuse a placeholder
+    named like one of those, whose values would overwrite that column (setting axes are no placeholders)."""
+    for name in names:
+        if name not in SETTING_AXES and (name in SCORE_COLUMNS or name.endswith("_predicted")):
+            raise GenerateError(
+                f"the placeholder {{{name}}}{images_of} has the name of a scores.csv column of --score: rename the "
+                f"placeholder, e.g. {{{name}_value}}"
+            )
+
+
 def read_scored_images(paths) -> list:
     """The images among `paths` this script wrote, with their settings; grid figures and other PNGs are left out."""
     images = []
@@ -2386,6 +2400,7 @@ def score_folder(args):
             f"--from_folder {folder}: none of its {len(pngs)} PNG file(s) is an image written by generate.py "
             f"(with {PNG_SETTINGS_KEY} settings): pass the --output_dir of a generate.py run"
         )
+    check_placeholder_names(axis_values(images), f" of the images in {folder}")
     report_scores(load_scorer(args.score_model), images, pick_device(args.device), folder)
 
 

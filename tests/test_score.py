@@ -297,6 +297,15 @@ def test_a_folder_without_our_images_is_one_line(attribute_sweep, tiny_clip, tmp
     assert "is an image written by generate.py" in one_error_line(capsys)
 
 
+def test_a_folder_whose_placeholder_clashes_with_a_score_column_is_one_line(tiny_model, tiny_clip, tmp_path, capsys):
+    assert run(tiny_model, tmp_path, "--prompt", "a {prompt} face", "--grid", "prompt=a,b", "--lora", "none")[0] == 0
+    capsys.readouterr()
+    code = generate.main(["--from_folder", tmp_path, "--score", "--score_model", tiny_clip, "--device", "cpu"])
+    assert code == 1
+    assert f"the placeholder {{prompt}} of the images in {tmp_path} has the name" in one_error_line(capsys)
+    assert not list(tmp_path.glob("scores*"))
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -304,9 +313,16 @@ def test_a_folder_without_our_images_is_one_line(attribute_sweep, tiny_clip, tmp
         (["--from_folder", ".", "--score", "--prompt", "x"], "drop --prompt"),
         (["--from_folder", "no-such-folder", "--score"], "--from_folder no-such-folder: no such folder"),
         (["--prompt", "x", "--score_model", "my/clip"], "--score_model is the CLIP model of --score: add --score"),
+        (
+            ["--prompt", "a {file}", "--grid", "file=a,b", "--score"],
+            "the placeholder {file} has the name of a scores.csv column of --score: rename the placeholder, e.g. "
+            "{file_value}",
+        ),
+        (["--prompt", "{sampler}", "--grid", "sampler=a,b", "--score"], "the placeholder {sampler} has the name"),
+        (["--prompt", "{age_predicted}", "--grid", "age_predicted=1,2", "--score"], "placeholder {age_predicted} has"),
     ],
 )
-def test_from_folder_misuse_is_one_line(capsys, flags, message):
+def test_misuse_of_the_scoring_flags_is_one_line(capsys, flags, message):
     assert generate.main(flags) == 1
     assert message in one_error_line(capsys)
 
