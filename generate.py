@@ -159,7 +159,7 @@ MAX_CELLS = 64  # a bigger grid needs --yes: a typo in a --grid value list shoul
 TITLE_LINES = 5  # at most this many lines of title above a grid figure, in PIL's default font
 DEFAULT_SCORE_MODEL = "openai/clip-vit-large-patch14"  # --score_model: CLIP ViT-L/14, as torchmetrics' CLIPScore
 SCORE_BATCH_SIZE = 32  # images, or texts, per CLIP forward pass of --score
-SCORES_STEM = "scores"  # --score writes scores.csv, scores.json and scores.png (scores-2.* when those exist)
+SCORES_STEM = "scores"  # --score writes scores.csv, .json and .png (scores-2.* etc. for another --score_model)
 # Sampling settings (as PNGs store them) that get a scores.csv column, and split the summary, when they vary
 SCORED_SETTINGS = ("guidance_scale", "steps", "sampler")
 SCORE_COLUMNS = ("file", "prompt", "seed", "lora", "lora_scale", *SCORED_SETTINGS, "clip_score")  # and AXIS_predicted
@@ -2306,9 +2306,31 @@ def scores_figure(summary: dict, values: dict, scorer_name: str) -> Image.Image 
     return picture
 
 
+def scores_stem(output_dir: Path, scorer_name: str) -> tuple:
+    """(stem, replace): the scores-N.* that the same --score_model wrote, to be replaced, since the folder's images
+    scored again by the same judge supersede them; else the first stem free of scores files, said if not the first."""
+    taken = []
+    for stem in (SCORES_STEM if number == 1 else f"{SCORES_STEM}-{number}" for number in itertools.count(1)):
+        if not any((output_dir / f"{stem}{suffix}").exists() for suffix in (".csv", ".json", ".png")):
+            break
+        try:
+            if json.loads((output_dir / f"{stem}.json").read_text(encoding="utf-8"))["score_model"] == scorer_name:
+                return stem, True
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # half of an older layout, or not ours: leave it be
+        taken.append(stem)
+    if taken:
+        print(
+            f"note: {', '.join(f'{stem}.*' for stem in taken)} in {output_dir} hold the scores of another "
+            f"--score_model: these go to {stem}.*",
+            file=sys.stderr,
+        )
+    return stem, False
+
+
 def write_scores(rows: list, summary: dict, notes: list, figure, scorer_name: str, output_dir: Path) -> list:
-    """scores.csv, scores.json and scores.png (if `figure`) in `output_dir`, each written whole; a run that finds
-    them there writes scores-2.* and so on, never replacing one. Return the paths."""
+    """scores.csv, scores.json and scores.png (if `figure`) in `output_dir`, each written whole, over the files of an
+    earlier scoring by the same model, beside those of another (scores_stem). Return the paths."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     predicted = [key for key in columns if key.endswith("_predicted")]
     columns = [key for key in columns if key not in predicted and key != "clip_score"] + ["clip_score", *predicted]
@@ -2326,17 +2348,15 @@ def write_scores(rows: list, summary: dict, notes: list, figure, scorer_name: st
     }
     if figure is not None:
         writers[".png"] = lambda path: figure.save(path, format="PNG")
-    stem = next(
-        stem
-        for stem in (SCORES_STEM if number == 1 else f"{SCORES_STEM}-{number}" for number in itertools.count(1))
-        if not any((output_dir / f"{stem}{suffix}").exists() for suffix in writers)
-    )
+    stem, replace = scores_stem(output_dir, scorer_name)
     written = []
     for suffix, write in writers.items():
-        path = write_new_file(output_dir, [f"{stem}{suffix}"], write)
+        path = write_new_file(output_dir, [f"{stem}{suffix}"], write, replace=replace)
         if path is None:
             raise GenerateError(f"{output_dir / (stem + suffix)} appeared while scoring: run --score again")
         written.append(path)
+    if figure is None:
+        (output_dir / f"{stem}.png").unlink(missing_ok=True)  # the earlier scoring's, if it had a table to draw
     return written
 
 

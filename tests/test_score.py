@@ -204,16 +204,27 @@ def test_from_folder_gives_the_scores_of_scoring_right_after_sampling(attribute_
     (before_group,) = json.loads((attribute_sweep / "scores.json").read_text())["groups"].values()
     assert again_group.pop("clip_score") == pytest.approx(before_group.pop("clip_score"))
     assert again_group == before_group
-    # A second scoring of the same folder writes beside the first, never over it.
+
+
+def test_scoring_again_replaces_the_scores_of_the_same_model_and_writes_beside_another_models(
+    attribute_sweep, tiny_clip, tmp_path, capsys
+):
+    folder = shutil.copytree(attribute_sweep, tmp_path / "copy")
+    before = {path.name: path.read_bytes() for path in folder.glob("scores*")}
+    (folder / "scores.csv").write_text("stale\n")
     assert generate.main(["--from_folder", folder, "--score", "--score_model", tiny_clip, "--device", "cpu"]) == 0
-    assert sorted(p.name for p in folder.glob("scores*")) == [
-        "scores-2.csv",
-        "scores-2.json",
-        "scores-2.png",
-        "scores.csv",
-        "scores.json",
-        "scores.png",
-    ]
+    assert {path.name: path.read_bytes() for path in folder.glob("scores*")}.keys() == before.keys()
+    assert (folder / "scores.csv").read_bytes() == before["scores.csv"]
+    other = shutil.copytree(tiny_clip, tmp_path / "other-clip")
+    for time in range(2):  # the second time over its own first scores, without a note
+        capsys.readouterr()
+        assert generate.main(["--from_folder", folder, "--score", "--score_model", other, "--device", "cpu"]) == 0
+        assert ("note: scores.* in" in capsys.readouterr().err) == (time == 0)
+        assert sorted(path.name for path in folder.glob("scores*")) == sorted(
+            [*before, "scores-2.csv", "scores-2.json", "scores-2.png"]
+        )
+    assert json.loads((folder / "scores-2.json").read_text())["score_model"] == str(other)
+    assert (folder / "scores.json").read_bytes() == before["scores.json"]
 
 
 @pytest.mark.parametrize(
