@@ -387,6 +387,11 @@ def check_args(args):
                 "--from_folder scores the images already written and samples nothing: "
                 "drop --prompt, --prompts_file, --from_png, --grid and --compare"
             )
+        if args.output_dir or args.lora or args.lora_scale:
+            raise GenerateError(
+                "--from_folder scores its images with the LoRAs they were made with and writes the scores into DIR: "
+                "drop --lora, --lora_scale and --output_dir"
+            )
     if args.score:
         check_placeholder_names(spec.partition("=")[0].strip() for spec in args.grid)
     if args.score_model != DEFAULT_SCORE_MODEL and not args.score:

@@ -323,6 +323,11 @@ def test_a_folder_whose_placeholder_clashes_with_a_score_column_is_one_line(tiny
         (["--from_folder", "."], "--from_folder . scores the images in a folder: add --score"),
         (["--from_folder", ".", "--score", "--prompt", "x"], "drop --prompt"),
         (["--from_folder", "no-such-folder", "--score"], "--from_folder no-such-folder: no such folder"),
+        (
+            ["--from_folder", ".", "--score", "--output_dir", "out"],
+            "into DIR: drop --lora, --lora_scale and --output_dir",
+        ),
+        (["--from_folder", ".", "--score", "--lora", "none"], "--from_folder scores its images with the LoRAs they"),
         (["--prompt", "x", "--score_model", "my/clip"], "--score_model is the CLIP model of --score: add --score"),
         (
             ["--prompt", "a {file}", "--grid", "file=a,b", "--score"],
