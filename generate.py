@@ -2333,8 +2333,8 @@ def scores_stem(output_dir: Path, scorer_name: str) -> tuple:
     return stem, False
 
 
-def write_scores(rows: list, summary: dict, notes: list, figure, scorer_name: str, output_dir: Path) -> list:
-    """scores.csv, scores.json and scores.png (if `figure`) in `output_dir`, each written whole, over the files of an
+def write_scores(rows: list, record: dict, figure, output_dir: Path) -> list:
+    """scores.csv (the `rows`), scores.json (the `record`) and scores.png (if `figure`) in `output_dir`, each whole, over the files of an
     earlier scoring by the same model, beside those of another (scores_stem). Return the paths."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     predicted = [key for key in columns if key.endswith("_predicted")]
@@ -2346,14 +2346,13 @@ def write_scores(rows: list, summary: dict, notes: list, figure, scorer_name: st
             writer.writeheader()
             writer.writerows(rows)
 
-    record = {"score_model": scorer_name, "images": len(rows), "groups": summary, "notes": notes}
     writers = {
         ".csv": write_csv,
         ".json": lambda path: path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8"),
     }
     if figure is not None:
         writers[".png"] = lambda path: figure.save(path, format="PNG")
-    stem, replace = scores_stem(output_dir, scorer_name)
+    stem, replace = scores_stem(output_dir, record["score_model"])
     written = []
     for suffix, write in writers.items():
         path = write_new_file(output_dir, [f"{stem}{suffix}"], write, replace=replace)
@@ -2365,10 +2364,16 @@ def write_scores(rows: list, summary: dict, notes: list, figure, scorer_name: st
     return written
 
 
-def score_table(summary: dict, axes: list, varying: list) -> str:
+def score_table(summary: dict, chance: dict, varying: list) -> str:
     """The summary as text: a line per group (LoRA setting and `varying` settings) with its image count, CLIP score
-    and agreement per axis."""
-    header = [", ".join(["LoRA", *varying]), "images", "CLIP score", *[f"{axis} agreement" for axis in axes]]
+    and agreement per measured axis, the `chance` rate of each in its header."""
+    axes = list(chance)
+    header = [
+        ", ".join(["LoRA", *varying]),
+        "images",
+        "CLIP score",
+        *[f"{axis} agreement (chance {rate:.0%})" for axis, rate in chance.items()],
+    ]
     lines = [
         [
             group,
@@ -2403,12 +2408,15 @@ def report_scores(scorer: Scorer, images: list, device: torch.device, output_dir
     notes = score_notes(images, values)
     summary = summarize_scores(rows, values, varying)
     figure = scores_figure(summary, values, scorer.name)
-    paths = write_scores(rows, summary, notes, figure, scorer.name, output_dir)
+    measured = [axis for axis in values if any(axis in group["agreement"] for group in summary.values())]
+    # What picking a value at random agrees: with a few images per value, a rate near it says little.
+    chance = {axis: 1 / len(values[axis]) for axis in measured}
+    record = {"score_model": scorer.name, "images": len(rows), "chance": chance, "groups": summary, "notes": notes}
+    paths = write_scores(rows, record, figure, output_dir)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    measured = [axis for axis in values if any(axis in group["agreement"] for group in summary.values())]
     print(f"scored {len(rows)} image(s) with {scorer.name} in {time.perf_counter() - start:.1f} s:")
-    print(score_table(summary, measured, varying))
+    print(score_table(summary, chance, varying))
     print(f"wrote {', '.join(str(path) for path in paths)}")
 
 

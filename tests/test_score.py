@@ -155,6 +155,9 @@ def test_the_summary_recounts_from_the_rows_and_its_tables_sum_to_the_images(req
                 for predicted, count in counts.items():
                     assert count == sum(row[axis] == asked and row[f"{axis}_predicted"] == predicted for row in members)
     assert sum(group["images"] for group in summary["groups"].values()) == len(rows)
+    assert summary["chance"] == pytest.approx(
+        {axis: 1 / len({"age": AGES, "ethnicity": ETHNICITIES}[axis]) for axis in axes}
+    )
     figure = Image.open(folder / "scores.png")
     assert figure.width > 100 and figure.height > 100
 
@@ -194,7 +197,7 @@ def test_from_folder_gives_the_scores_of_scoring_right_after_sampling(attribute_
     shutil.copytree(attribute_sweep, folder, ignore=shutil.ignore_patterns("scores*"))
     assert generate.main(["--from_folder", folder, "--score", "--score_model", tiny_clip, "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "scored 12 image(s)" in out and "age agreement" in out
+    assert "scored 12 image(s)" in out and "age agreement (chance 33%)" in out
     again, before = read_rows(folder), read_rows(attribute_sweep)
     assert [{k: v for k, v in row.items() if k != "clip_score"} for row in again] == [
         {k: v for k, v in row.items() if k != "clip_score"} for row in before
