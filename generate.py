@@ -36,8 +36,9 @@ How well the faces follow their prompts, base model beside LoRA: every image sco
 which value of each {placeholder} axis CLIP picks), written to scores.csv, scores.json and scores.png; --from_folder
 scores a folder of images this script wrote, without sampling:
 
-    python generate.py --compare --prompt "A photo of a {ethnicity} woman" --grid ethnicity=Asian,Black,White --score
-    python generate.py --from_folder outputs --score --score_model openai/clip-vit-large-patch14
+    python generate.py --compare --prompt "A photo of a {ethnicity} woman" --grid ethnicity=Asian,Black,White --score \
+        --output_dir outputs/agreement
+    python generate.py --from_folder outputs/agreement --score --score_model openai/clip-vit-large-patch14
 
 The LoRA with kohya keys for AUTOMATIC1111 and ComfyUI (models/Lora, models/loras); nothing is generated:
 
