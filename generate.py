@@ -2148,9 +2148,10 @@ def varying_settings(images: list) -> list:
 
 
 def score_images(scorer: Scorer, images: list, varying: list, device) -> list:
-    """A row per image: file, prompt, seed, LoRAs, its `varying` settings, its placeholder values, its CLIP score (Hessel et al. 2021, as
-    torchmetrics' CLIPScore: 100 * max(cosine(image, prompt), 0)) and, for each placeholder axis, CLIP's zero-shot
-    choice among the axis's values (the prompt filled with each in turn: the most similar wins)."""
+    """A row per image: file, prompt, seed, LoRAs, its `varying` settings, its placeholder values, its CLIP score
+    (Hessel et al. 2021, as torchmetrics' CLIPScore: 100 * max(cosine(image, prompt), 0)) and, for each placeholder
+    axis, CLIP's zero-shot choice among the axis's values (the prompt filled with each in turn: the most similar
+    wins)."""
     candidates = [agreement_candidates(image.settings) for image in images]
     prompts = [image.settings["prompt"] for image in images]
     say_if_truncated(scorer, dict.fromkeys(prompts))
@@ -2335,8 +2336,9 @@ def scores_stem(output_dir: Path, scorer_name: str) -> tuple:
 
 
 def write_scores(rows: list, record: dict, figure, output_dir: Path) -> list:
-    """scores.csv (the `rows`), scores.json (the `record`) and scores.png (if `figure`) in `output_dir`, each whole, over the files of an
-    earlier scoring by the same model, beside those of another (scores_stem). Return the paths."""
+    """scores.csv (the `rows`), scores.json (the `record`) and scores.png (if `figure`) in `output_dir`, each written
+    whole, over the files of an earlier scoring by the same model, beside those of another (scores_stem). Return the
+    paths."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     predicted = [key for key in columns if key.endswith("_predicted")]
     columns = [key for key in columns if key not in predicted and key != "clip_score"] + ["clip_score", *predicted]
