@@ -616,8 +616,11 @@ def grid_axes(args, settings, prompts) -> list:
     if args.compare:
         axes.append(compare_axis(settings))
     names = [axis.name for axis in axes]
-    if len(axes) > 2:
-        raise GenerateError(f"a grid has at most two axes, rows and columns; got {', '.join(names)}")
+    if len(axes) > 2 and not args.no_figure:
+        raise GenerateError(
+            f"a grid figure has at most two axes, rows and columns; got {', '.join(names)}: pass --no_figure for "
+            "every combination as images without figures"
+        )
     twice = [name for number, name in enumerate(names) if name in names[:number]]
     if twice:
         raise GenerateError(f"--grid {twice[0]} is given twice (--compare is a lora axis): give each axis once")
@@ -704,12 +707,16 @@ def fill_placeholders(text: str, texts: dict) -> str:
 
 def plan_figures(args, settings, prompts) -> list:
     """A figure for each prompt and image number, the first --grid down the rows and the last across the
-    columns; without a grid, a figure of one cell that is never drawn. Every value is checked here, before any
-    model or LoRA is looked for."""
+    columns; without a grid, a figure of one cell that is never drawn. With --no_figure, more than two axes are
+    never drawn either: their rows are every combination of all axes but the last. Every value is checked here,
+    before any model or LoRA is looked for."""
     axes = grid_axes(args, settings, prompts)
     rows = axes[0] if len(axes) == 2 else None
     columns = axes[-1] if axes else None
-    row_choices = [{rows.name: choice} for choice in zip(rows.texts, rows.values, strict=True)] if rows else [{}]
+    row_choices = [
+        {axis.name: choice for axis, choice in zip(axes[:-1], combination, strict=True)}
+        for combination in itertools.product(*(list(zip(axis.texts, axis.values, strict=True)) for axis in axes[:-1]))
+    ]
     column_choices = (
         [{columns.name: choice} for choice in zip(columns.texts, columns.values, strict=True)] if columns else [{}]
     )

@@ -290,3 +290,19 @@ def test_no_figure_without_a_grid_is_refused(capsys):
     assert "error: --no_figure expands the --grid values into images without a figure: add --grid" in (
         capsys.readouterr().err
     )
+
+
+def test_three_axes_with_no_figure_expand_into_every_combination(tiny_model, tmp_path, capsys):
+    output_dir = tmp_path / "synth"
+    grid = ["--grid", "age=20,40", "--grid", "who=man,woman", "--grid", "mood=happy,sad"]
+    flags = ["--base_model", tiny_model, "--prompt", "a {age} year old {who}, {mood}", *grid, *TINY_FLAGS]
+    flags += ["--device", "cpu", "--output_dir", output_dir]
+    assert generate.main(flags) == 1  # a figure has rows and columns only
+    assert "a grid figure has at most two axes" in capsys.readouterr().err and not output_dir.exists()
+    assert generate.main([*flags, "--no_figure"]) == 0
+    records = [json.loads(line) for line in metadata(output_dir)]
+    assert {(record["age"], record["who"], record["mood"]) for record in records} == {
+        (age, who, mood) for age in ("20", "40") for who in ("man", "woman") for mood in ("happy", "sad")
+    }
+    assert all(record["text"] == f"a {record['age']} year old {record['who']}, {record['mood']}" for record in records)
+    assert len(records) == len(pngs(output_dir)) == 8
