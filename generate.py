@@ -1371,8 +1371,10 @@ def write_new_file(folder: Path, names, write, replace: bool = False):
     """Write a file with `write(path)` under a temporary name in `folder`, then hard-link it to the first of `names`
     that is free and return that path (None if none is): an existing file is never replaced, even by another run
     taking the name meanwhile, and an interrupted write leaves no partial file. With `replace`, the file takes the
-    first name whether it exists or not; a reader sees the old file or the new one, never a part."""
+    first name whether it exists or not; a reader sees the old file or the new one, never a part. A failed write (a
+    full disk) is a GenerateError naming the file."""
     temporary = folder / f".{uuid.uuid4().hex}.tmp"
+    names = list(names)
     try:
         write(temporary)
         for name in names:
@@ -1385,6 +1387,12 @@ def write_new_file(folder: Path, names, write, replace: bool = False):
             except FileExistsError:
                 continue
         return None
+    except OSError as error:
+        fix = "free space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+        reason = error.strerror or first_line(error)
+        raise GenerateError(
+            f"cannot write {folder / names[0]} ({reason}): {fix}, then run the same command again to finish"
+        ) from None
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -306,3 +306,19 @@ def test_three_axes_with_no_figure_expand_into_every_combination(tiny_model, tmp
     }
     assert all(record["text"] == f"a {record['age']} year old {record['who']}, {record['mood']}" for record in records)
     assert len(records) == len(pngs(output_dir)) == 8
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary_file(tmp_path):
+    def write_to_a_full_disk(temporary):
+        temporary.write_text("")
+        with open("/dev/full", "w") as full:  # a real ENOSPC from the kernel
+            full.write("x" * 10_000)
+            full.flush()
+
+    with pytest.raises(generate.GenerateError) as error:
+        generate.write_new_file(tmp_path, ["00000-s42-a-face.png"], write_to_a_full_disk)
+    assert str(error.value) == (
+        f"cannot write {tmp_path / '00000-s42-a-face.png'} (No space left on device): free space, then run the same "
+        "command again to finish"
+    )
+    assert list(tmp_path.iterdir()) == []
