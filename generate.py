@@ -84,6 +84,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import socket
 import sys
 import tempfile
@@ -154,6 +155,11 @@ RUN_FILE_NAME = "generate_run.json"  # in --output_dir: the settings of the run 
 METADATA_NAME = "metadata.jsonl"  # in --output_dir: a caption line per image, as finetune_lora.py reads it
 PROMPT_RECORD_TYPES = {"prompt": str, "negative_prompt": str, "seed": int}  # the keys of a JSONL prompts line
 ESTIMATE_ABOVE = 10_000  # jobs; a run this long says how long it will take once its first batch is timed
+# While sampling, the main process lists the folder for the other processes' images at most this often (seconds; a
+# listing of 100k files costs ~0.1 s, more on NFS) and rewrites metadata.jsonl at most this often, so a SIGKILL
+# leaves at most about a minute of images uncaptioned until the next run.
+RESCAN_SECONDS = 15
+CAPTION_SECONDS = 60
 PLACEHOLDER = re.compile(r"\{(\w+)\}")  # {age} in a prompt: filled from the --grid axis of that name
 MAX_CELLS = 64  # a bigger grid needs --yes: a typo in a --grid value list should not start hours of sampling
 TITLE_LINES = 5  # at most this many lines of title above a grid figure, in PIL's default font
@@ -1601,7 +1607,7 @@ def write_images(pipe, switch, own_batches, settings, loras: dict, dtype, output
         for (name, cell), image in zip(batch, images, strict=True):
             info = png_info(image_settings(cell, settings, sampler_name(cell.scheduler, pipe.scheduler), loras, dtype))
             if save_png(image, output_dir, name, info) is not None:
-                tqdm.write(f"wrote {output_dir / name}")
+                progress.wrote(output_dir / name)
         progress.batch_done(len(batch))
 
 
@@ -1764,18 +1770,20 @@ def start_run(output_dir: Path, record: dict, jobs, batch_size: int, state) -> t
 
 
 class RunProgress:
-    """The main process's bar over the images of all processes, counted from the run's PNGs in the folder, the one
-    place where the other processes' images show; on the other processes it does nothing."""
+    """The main process's bar over the images of all processes: its own images counted as it writes them, the
+    others' from a listing of the folder (the one place where they show) every RESCAN_SECONDS, and metadata.jsonl
+    rewritten every CAPTION_SECONDS; on the other processes it does nothing."""
 
     def __init__(self, output_dir: Path, jobs, done: int, state):
         self.output_dir = output_dir
+        self.jobs = jobs
         self.names = {name for name, _ in jobs}
         self.processes = state.num_processes
         self.missing = len(jobs) - done
         self.bar = tqdm(
             total=len(jobs), initial=done, desc="images", unit="image", position=0, disable=not state.is_main_process
         )
-        self.started = time.perf_counter()
+        self.started = self.listed = self.captioned = time.perf_counter()  # prepare_folder captioned the folder
         self.estimated = len(jobs) <= ESTIMATE_ABOVE  # a longer run says how long it takes after its first batch
 
     def __enter__(self):
@@ -1785,9 +1793,22 @@ class RunProgress:
         self.bar.close()  # before an interruption's message, which would otherwise end up above the bar
 
     def refresh(self) -> int:
-        finished = len(self.names.intersection(os.listdir(self.output_dir)))
+        """Count the run's PNGs in the folder, every process's; caption them if CAPTION_SECONDS have passed."""
+        self.listed = time.perf_counter()
+        if self.listed - self.captioned >= CAPTION_SECONDS:
+            finished = write_metadata(self.output_dir, self.jobs)
+            self.captioned = self.listed
+        else:
+            finished = len(self.names.intersection(os.listdir(self.output_dir)))
         self.bar.update(finished - self.bar.n)
         return finished
+
+    def wrote(self, path: Path):
+        """One image of this process written: a line for it in a one-process run (with several, the lines would
+        break the bar and flood the logs), one more on the bar."""
+        if self.processes == 1:
+            tqdm.write(f"wrote {path}")
+        self.bar.update(1)
 
     def batch_done(self, count: int):
         if self.bar.disable:
@@ -1799,13 +1820,29 @@ class RunProgress:
                 f"take about {duration(self.missing / rate)}"
             )
             self.estimated = True
-        self.refresh()
+        if time.perf_counter() - self.listed >= RESCAN_SECONDS:
+            self.refresh()
 
     def wait_for_the_others(self) -> float:
         """On the main process, count on until every image is written; return the seconds since sampling began."""
         while not self.bar.disable and self.refresh() < self.bar.total:
-            time.sleep(1)
+            time.sleep(2)
         return time.perf_counter() - self.started
+
+
+def interrupt_on_sigterm(signal_number, frame):
+    """SIGTERM (SLURM, timeout, torchrun stopping a failed run's other processes) ends the run as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def caption_after_failure(output_dir: Path, jobs, state):
+    """On the main process of a run stopped after its folder was prepared, metadata.jsonl for the images on disk;
+    a failure to write it (the full disk that stopped the run) leaves the error already being reported."""
+    if state.is_main_process:
+        try:
+            write_metadata(output_dir, jobs)
+        except GenerateError:
+            pass
 
 
 def draw_figures(figures, jobs, base_model: str, command: str, output_dir: Path):
@@ -2371,7 +2408,8 @@ def score_folder(args):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     pngs_before = None  # the PNGs in --output_dir when sampling starts, to count what an interrupted run wrote
-    output_dir = None
+    output_dir = state = None
+    previous_sigterm = signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     try:
         args = parse_args(argv)
         if args.export_kohya is not None:
@@ -2424,15 +2462,28 @@ def main(argv=None) -> int:
             report_scores(scorer, read_scored_images([output_dir / name for name, _ in jobs]), device, output_dir)
         return 0
     except GenerateError as error:
-        print(f"error: {error}", file=sys.stderr)
+        # Before sampling, every process meets the same error: the main process says it. A write error while
+        # sampling may be one process's own: it says it.
+        if state is None or state.is_main_process or pngs_before is not None:
+            print(f"error: {error}", file=sys.stderr)
+        if pngs_before is not None:
+            caption_after_failure(output_dir, jobs, state)
         return 1
     except KeyboardInterrupt:
+        if state is not None and not state.is_main_process:
+            return 130
         if pngs_before is None:
             print("interrupted before any image was written", file=sys.stderr)
         else:
+            caption_after_failure(output_dir, jobs, state)
             written = len(set(output_dir.glob("*.png")) - pngs_before)
-            print(f"interrupted: {written} image(s) written to {output_dir}", file=sys.stderr)
+            print(
+                f"interrupted: {written} image(s) written to {output_dir}; run the same command again to finish",
+                file=sys.stderr,
+            )
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":
