@@ -1651,19 +1651,20 @@ def run_record(args, settings, prompts, loras: dict, dtype, drawn: bool) -> dict
     """What decides the run's images and their pixels, as generate_run.json keeps it. The batch size, --device, the
     number of processes and --compile are left out, so a resumed run may change them: on the same device class
     they change the pixels at most by floating-point rounding (compiled kernels and batched GPU matmuls round
-    differently), as any rerun on another GPU would."""
+    differently), as any rerun on another GPU would. A folder base model is kept as its resolved path and a LoRA as
+    its sha256, so another spelling of the same path is the same run; each prompt as a short digest, so a
+    difference names the prompt."""
+    folder = base_model_folder(settings["base_model"])
     record = {
-        "prompts": {
-            "count": len(prompts),
-            "sha256": hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest(),
-        },
+        "prompts": [hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:16] for prompt in prompts],
         "num_images": args.num_images,
         "grid": args.grid,
         "compare": args.compare,
         "figures": drawn,
         **{key: settings[key] for key in DEFAULTS if key != "compile"},
-        "loras": settings["loras"],
-        "lora_sha256": {name: lora.sha256 for name, lora in loras.items()},
+        "base_model": str(folder.resolve()) if folder is not None else settings["base_model"],
+        "loras": [(loras[name].sha256 if name in loras else name, scale) for name, scale in settings["loras"]],
+        "lora_sha256": sorted({lora.sha256 for lora in loras.values()}),  # the --grid lora files too
         "dtype": DTYPE_FLAGS[str(dtype).removeprefix("torch.")],
     }
     return json.loads(json.dumps(record))  # as it reads back from the file: tuples as lists
@@ -1677,7 +1678,24 @@ def default_output_dir(record: dict, prompts) -> Path:
 
 
 def setting_difference(key: str, here, there) -> str:
-    """One setting that differs, with both values when they are short."""
+    """One setting that differs, with both values when they are short; of a list, its length or the first element
+    that differs."""
+    if isinstance(here, list) and isinstance(there, list):
+        if len(here) != len(there):
+            return f"{key}: {len(here)} here, {len(there)} there"
+        number, one, other = next(
+            (number, one, other)
+            for number, (one, other) in enumerate(zip(here, there, strict=True), start=1)
+            if one != other
+        )
+        if key == "prompts":
+            return f"prompt {number} differs"
+        if key == "loras":
+            which = "lora" if len(here) == 1 else f"lora {number}"
+            if one[0] != other[0]:
+                return f"{which} file (sha256 {one[0][:12]}... here, {other[0][:12]}... there)"
+            return f"{which} scale {one[1]} here, {other[1]} there"
+        return setting_difference(f"{key} {number}", one, other)
     shown = [json.dumps(value) for value in (here, there)]
     if max(len(text) for text in shown) > 40:
         return key

@@ -162,9 +162,16 @@ def test_other_settings_into_the_folder_are_refused_in_one_line_and_nothing_is_w
     assert line.startswith(f"error: --output_dir {output_dir} holds a run with other settings (seed 7 here, 42 there;")
     assert "steps 3 here, 2 there" in line and "pass a new --output_dir" in line
     assert listing(output_dir) == before
+    assert generate.main([*dataset_flags(tiny_model, output_dir), "--prompt", "an old man", "--device", "cpu"]) == 1
+    assert "(prompts: 2 here, 1 there)" in capsys.readouterr().err
+    assert generate.setting_difference("loras", [["ab" * 32, 0.5]], [["ab" * 32, 1.0]]) == (
+        "lora scale 0.5 here, 1.0 there"
+    )
 
-    # The same settings with another batch size and device are the same run: nothing is left to sample.
+    # The same settings with another batch size, device and spelling of the model's folder are the same run:
+    # nothing is left to sample.
     same = [*dataset_flags(tiny_model, output_dir), "--batch_size", "3", "--device", "cpu"]
+    same += ["--base_model", f"{tiny_model}/"]
     assert generate.main(same) == 0
     assert f"nothing to sample: all {IMAGE_COUNT} image(s) of this run are in {output_dir}" in capsys.readouterr().out
     assert [entry for entry in listing(output_dir) if entry[0] != "metadata.jsonl"] == [
