@@ -154,6 +154,7 @@ DEFAULT_OUTPUT_ROOT = Path("outputs")  # without --output_dir, each run's own fo
 RUN_FILE_NAME = "generate_run.json"  # in --output_dir: the settings of the run that fills it
 METADATA_NAME = "metadata.jsonl"  # in --output_dir: a caption line per image, as finetune_lora.py reads it
 PROMPT_RECORD_TYPES = {"prompt": str, "negative_prompt": str, "seed": int}  # the keys of a JSONL prompts line
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest
 ESTIMATE_ABOVE = 10_000  # jobs; a run this long says how long it will take once its first batch is timed
 # While sampling, the main process lists the folder for the other processes' images at most this often (seconds; a
 # listing of 100k files costs ~0.1 s, more on NFS) and rewrites metadata.jsonl at most this often, so a SIGKILL
@@ -392,6 +393,8 @@ def check_args(args):
             )
     if args.score_model != DEFAULT_SCORE_MODEL and not args.score:
         raise GenerateError("--score_model is the CLIP model of --score: add --score, or drop --score_model")
+    if args.seed is not None:
+        check_seed(args.seed, args.num_images)
     if args.no_figure and not (args.grid or args.compare):
         raise GenerateError("--no_figure expands the --grid values into images without a figure: add --grid AXIS=...")
 
@@ -481,6 +484,15 @@ def check_size(height: int, width: int):
         )
 
 
+def check_seed(seed: int, num_images: int, where: str = "--seed"):
+    """Seed `seed` and the next num_images - 1 (its images') must be seeds of torch.Generator: 0 to 2**64 - 1."""
+    if not 0 <= seed <= MAX_SEED - (num_images - 1):
+        raise GenerateError(
+            f"{where}: seed {seed} is out of range: give an integer from 0 to {MAX_SEED - (num_images - 1)} "
+            f"(torch's seeds end at 2**64 - 1, and image i takes seed + i)"
+        )
+
+
 def check_steps(steps: int, flag: str = "--steps"):
     if steps < 1:
         raise GenerateError(f"{flag} must be at least 1, got {steps}")
@@ -521,7 +533,7 @@ def read_prompts(args, png) -> list:
         first = next((line.lstrip() for line in lines if line.strip()), "")
         if args.prompts_file.suffix == ".jsonl" or first.startswith("{"):
             prompts += [
-                prompt_record(line, f"--prompts_file {args.prompts_file} line {number}")
+                prompt_record(line, f"--prompts_file {args.prompts_file} line {number}", args.num_images)
                 for number, line in enumerate(lines, start=1)
                 if line.strip()
             ]
@@ -536,7 +548,7 @@ def read_prompts(args, png) -> list:
     return [{**record, "prompt": record["prompt"].strip()} for record in prompts]
 
 
-def prompt_record(line: str, where: str) -> dict:
+def prompt_record(line: str, where: str, num_images: int) -> dict:
     """One line of a JSONL --prompts_file: {"prompt": ..., "negative_prompt": ..., "seed": ...}, the last two
     optional; anything else is an error naming the line (`where`)."""
     example = '{"prompt": "A smiling 40 year old woman", "seed": 7}'
@@ -554,6 +566,8 @@ def prompt_record(line: str, where: str) -> dict:
             raise GenerateError(f"{where}: unknown key {key!r}; a line holds {', '.join(PROMPT_RECORD_TYPES)}")
         if not isinstance(value, wanted) or isinstance(value, bool):
             raise GenerateError(f"{where}: {key} must be {'an integer' if wanted is int else 'text'}, got {value!r}")
+    if "seed" in record:
+        check_seed(record["seed"], num_images, where)
     return record
 
 
@@ -596,6 +610,8 @@ def axis_value(name: str, text: str, args):
         value = int(text)
         if name == "steps":
             check_steps(value, "--grid steps")
+        else:
+            check_seed(value, args.num_images, "--grid seed")
         return value
     if name == "guidance_scale":
         check_guidance_scale(float(text), "--grid guidance_scale")
@@ -1625,10 +1641,16 @@ def figures_drawn(figures, args) -> bool:
 def run_jobs(figures) -> list:
     """(file name, cell) of every image of the run, figure by figure and row by row. A name depends only on the
     job's place in that order and its cell: never on the folder, nor on the number of processes."""
+    cells = all_cells(figures)
     return [
-        (f"{ordinal:05d}-s{cell.seed}-{slugify(cell.prompt)}.png", cell)
-        for ordinal, cell in enumerate(all_cells(figures))
+        (f"{ordinal:0{ordinal_width(len(cells))}d}-s{cell.seed}-{slugify(cell.prompt)}.png", cell)
+        for ordinal, cell in enumerate(cells)
     ]
+
+
+def ordinal_width(count: int) -> int:
+    """The digits of the file names' ordinals: 5, or as many as the largest of `count` needs, so names sort."""
+    return max(5, len(str(count - 1)))
 
 
 def process_state(device_flag: str) -> tuple:
@@ -1873,7 +1895,7 @@ def draw_figures(figures, jobs, base_model: str, command: str, output_dir: Path)
             for row, cells in enumerate(figure.cells)
             for column in range(len(cells))
         }
-        name = f"{number:05d}-grid-s{figure.seed}-{slugify(figure.prompt)}.png"
+        name = f"{number:0{ordinal_width(len(figures))}d}-grid-s{figure.seed}-{slugify(figure.prompt)}.png"
         if not (output_dir / name).exists():
             written = {position: (Image.open(path), path) for position, path in paths.items()}
             write_figure(figure, written, base_model, command, output_dir, name)
@@ -1898,6 +1920,9 @@ def finish_run(figures, jobs, settings, command: str, output_dir: Path, sampled:
     train = ["accelerate", "launch", "finetune_lora.py", "--train_data_dir", str(output_dir)]
     if settings["base_model"] != DEFAULT_BASE_MODEL:
         train += ["--pretrained_model_name_or_path", settings["base_model"]]
+    resolution = min(settings["height"], settings["width"])
+    if resolution != 768:  # finetune_lora.py's default, which would upscale smaller images
+        train += ["--resolution", str(resolution)]
     print(f"{count} captioned image(s) in {output_dir / METADATA_NAME}; to train on them: {shlex.join(train)}")
 
 

@@ -109,6 +109,7 @@ def test_two_processes_write_the_same_files_and_pixels_as_one(tiny_model, refere
     result = run(two_processes(dataset_flags(tiny_model, output_dir)))
     assert f"the other {IMAGE_COUNT} on 2 process(es)" in result.stdout
     assert f"{IMAGE_COUNT} captioned image(s) in {output_dir / 'metadata.jsonl'}" in result.stdout
+    assert result.stdout.rstrip().endswith("--resolution 64")  # the 64 px images trained at their size
     assert_same_images(output_dir, reference)
 
 
@@ -329,3 +330,28 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary_file(tm
         "command again to finish"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_file_names_sort_past_99999_images():
+    assert [generate.ordinal_width(count) for count in (1, 100_000, 100_001, 1_000_001)] == [5, 5, 6, 7]
+
+
+@pytest.mark.parametrize(
+    "prompts, flags, line",
+    [
+        (None, ["--seed", "-1"], "error: --seed: seed -1 is out of range: give an integer from 0 to "),
+        (None, ["--seed", str(2**64 - 1)], "error: --seed: seed 18446744073709551615 is out of range"),
+        ('{"prompt": "a face", "seed": 100000000000000000000000}', [], "error: --prompts_file {} line 1: seed 1"),
+    ],
+)
+def test_a_seed_out_of_torch_range_is_one_line_naming_it_before_anything_is_written(
+    prompts, flags, line, tmp_path, capsys
+):
+    output_dir = tmp_path / "synth"
+    source = ["--prompt", "a face"]
+    if prompts is not None:
+        (tmp_path / "prompts.jsonl").write_text(prompts + "\n")
+        source = ["--prompts_file", tmp_path / "prompts.jsonl"]
+    assert generate.main([*source, *flags, "--num_images", "2", "--output_dir", output_dir]) == 1
+    (error,) = capsys.readouterr().err.splitlines()
+    assert error.startswith(line.format(tmp_path / "prompts.jsonl")) and not output_dir.exists()
