@@ -56,7 +56,8 @@ them, --grid included):
 
 A synthetic dataset on every GPU of the machine (one process each; on a CPU host --multi_gpu --num_processes 2
 starts two): prompts one a line or JSONL ({"prompt": ..., "negative_prompt": ..., "seed": ...}), or a template
-whose --grid values --no_figure expands into every combination; killed, the same command adds what is missing;
+whose --grid values (any number of axes) --no_figure expands into every combination; killed, the same command
+adds what is missing;
 metadata.jsonl captions the folder for finetune_lora.py:
 
     accelerate launch --multi_gpu --num_processes 8 generate.py --prompts_file prompts.jsonl --num_images 4 \
@@ -293,8 +294,9 @@ def parse_args(argv=None):
     grid.add_argument(
         "--no_figure",
         action="store_true",
-        help="Sample every combination of the --grid values as images of their own and draw no figure: a template "
-        f"expanded into a dataset, without the {MAX_CELLS}-image limit of a figure (default: off)",
+        help="Sample every combination of the --grid values, of any number of axes, as images of their own and draw "
+        f"no figure: a template expanded into a dataset, without the {MAX_CELLS}-image limit of a figure "
+        "(default: off)",
     )
     grid.add_argument(
         "--yes",
