@@ -57,8 +57,7 @@ them, --grid included):
 A synthetic dataset on every GPU of the machine (one process each; on a CPU host --multi_gpu --num_processes 2
 starts two): prompts one a line or JSONL ({"prompt": ..., "negative_prompt": ..., "seed": ...}), or a template
 whose --grid values (any number of axes) --no_figure expands into every combination; killed, the same command
-adds what is missing;
-metadata.jsonl captions the folder for finetune_lora.py:
+adds what is missing; metadata.jsonl captions the folder for finetune_lora.py:
 
     accelerate launch --multi_gpu --num_processes 8 generate.py --prompts_file prompts.jsonl --num_images 4 \
         --batch_size 8 --output_dir synth/
