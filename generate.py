@@ -57,8 +57,8 @@ them, --grid included):
 
 A synthetic dataset on every GPU of the machine (one process each; on a CPU host --multi_gpu --num_processes 2
 starts two): prompts one a line or JSONL ({"prompt": ..., "negative_prompt": ..., "seed": ...}), or a template
-whose --grid values --no_figure expands into every combination; killed, the same command adds what is missing;
-metadata.jsonl captions the folder for finetune_lora.py:
+whose --grid values (any number of axes) --no_figure expands into every combination; killed, the same command
+adds what is missing; metadata.jsonl captions the folder for finetune_lora.py:
 
     accelerate launch --multi_gpu --num_processes 8 generate.py --prompts_file prompts.jsonl --num_images 4 \
         --batch_size 8 --output_dir synth/
@@ -85,6 +85,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import socket
 import sys
 import tempfile
@@ -154,7 +155,13 @@ DEFAULT_OUTPUT_ROOT = Path("outputs")  # without --output_dir, each run's own fo
 RUN_FILE_NAME = "generate_run.json"  # in --output_dir: the settings of the run that fills it
 METADATA_NAME = "metadata.jsonl"  # in --output_dir: a caption line per image, as finetune_lora.py reads it
 PROMPT_RECORD_TYPES = {"prompt": str, "negative_prompt": str, "seed": int}  # the keys of a JSONL prompts line
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest
 ESTIMATE_ABOVE = 10_000  # jobs; a run this long says how long it will take once its first batch is timed
+# While sampling, the main process lists the folder for the other processes' images at most this often (seconds; a
+# listing of 100k files costs ~0.1 s, more on NFS) and rewrites metadata.jsonl at most this often, so a SIGKILL
+# leaves at most about a minute of images uncaptioned until the next run.
+RESCAN_SECONDS = 15
+CAPTION_SECONDS = 60
 PLACEHOLDER = re.compile(r"\{(\w+)\}")  # {age} in a prompt: filled from the --grid axis of that name
 MAX_CELLS = 64  # a bigger grid needs --yes: a typo in a --grid value list should not start hours of sampling
 TITLE_LINES = 5  # at most this many lines of title above a grid figure, in PIL's default font
@@ -290,8 +297,9 @@ def parse_args(argv=None):
     grid.add_argument(
         "--no_figure",
         action="store_true",
-        help="Sample every combination of the --grid values as images of their own and draw no figure: a template "
-        f"expanded into a dataset, without the {MAX_CELLS}-image limit of a figure (default: off)",
+        help="Sample every combination of the --grid values, of any number of axes, as images of their own and draw "
+        f"no figure: a template expanded into a dataset, without the {MAX_CELLS}-image limit of a figure "
+        "(default: off)",
     )
     grid.add_argument(
         "--yes",
@@ -397,6 +405,8 @@ def check_args(args):
         check_placeholder_names(spec.partition("=")[0].strip() for spec in args.grid)
     if args.score_model != DEFAULT_SCORE_MODEL and not args.score:
         raise GenerateError("--score_model is the CLIP model of --score: add --score, or drop --score_model")
+    if args.seed is not None:
+        check_seed(args.seed, args.num_images)
     if args.no_figure and not (args.grid or args.compare):
         raise GenerateError("--no_figure expands the --grid values into images without a figure: add --grid AXIS=...")
 
@@ -486,6 +496,15 @@ def check_size(height: int, width: int):
         )
 
 
+def check_seed(seed: int, num_images: int, where: str = "--seed"):
+    """Seed `seed` and the next num_images - 1 (its images') must be seeds of torch.Generator: 0 to 2**64 - 1."""
+    if not 0 <= seed <= MAX_SEED - (num_images - 1):
+        raise GenerateError(
+            f"{where}: seed {seed} is out of range: give an integer from 0 to {MAX_SEED - (num_images - 1)} "
+            f"(torch's seeds end at 2**64 - 1, and image i takes seed + i)"
+        )
+
+
 def check_steps(steps: int, flag: str = "--steps"):
     if steps < 1:
         raise GenerateError(f"{flag} must be at least 1, got {steps}")
@@ -526,7 +545,7 @@ def read_prompts(args, png) -> list:
         first = next((line.lstrip() for line in lines if line.strip()), "")
         if args.prompts_file.suffix == ".jsonl" or first.startswith("{"):
             prompts += [
-                prompt_record(line, f"--prompts_file {args.prompts_file} line {number}")
+                prompt_record(line, f"--prompts_file {args.prompts_file} line {number}", args.num_images)
                 for number, line in enumerate(lines, start=1)
                 if line.strip()
             ]
@@ -541,7 +560,7 @@ def read_prompts(args, png) -> list:
     return [{**record, "prompt": record["prompt"].strip()} for record in prompts]
 
 
-def prompt_record(line: str, where: str) -> dict:
+def prompt_record(line: str, where: str, num_images: int) -> dict:
     """One line of a JSONL --prompts_file: {"prompt": ..., "negative_prompt": ..., "seed": ...}, the last two
     optional; anything else is an error naming the line (`where`)."""
     example = '{"prompt": "A smiling 40 year old woman", "seed": 7}'
@@ -559,6 +578,8 @@ def prompt_record(line: str, where: str) -> dict:
             raise GenerateError(f"{where}: unknown key {key!r}; a line holds {', '.join(PROMPT_RECORD_TYPES)}")
         if not isinstance(value, wanted) or isinstance(value, bool):
             raise GenerateError(f"{where}: {key} must be {'an integer' if wanted is int else 'text'}, got {value!r}")
+    if "seed" in record:
+        check_seed(record["seed"], num_images, where)
     return record
 
 
@@ -601,6 +622,8 @@ def axis_value(name: str, text: str, args):
         value = int(text)
         if name == "steps":
             check_steps(value, "--grid steps")
+        else:
+            check_seed(value, args.num_images, "--grid seed")
         return value
     if name == "guidance_scale":
         check_guidance_scale(float(text), "--grid guidance_scale")
@@ -627,8 +650,11 @@ def grid_axes(args, settings, prompts) -> list:
     if args.compare:
         axes.append(compare_axis(settings))
     names = [axis.name for axis in axes]
-    if len(axes) > 2:
-        raise GenerateError(f"a grid has at most two axes, rows and columns; got {', '.join(names)}")
+    if len(axes) > 2 and not args.no_figure:
+        raise GenerateError(
+            f"a grid figure has at most two axes, rows and columns; got {', '.join(names)}: pass --no_figure for "
+            "every combination as images without figures"
+        )
     twice = [name for number, name in enumerate(names) if name in names[:number]]
     if twice:
         raise GenerateError(f"--grid {twice[0]} is given twice (--compare is a lora axis): give each axis once")
@@ -715,12 +741,16 @@ def fill_placeholders(text: str, texts: dict) -> str:
 
 def plan_figures(args, settings, prompts) -> list:
     """A figure for each prompt and image number, the first --grid down the rows and the last across the
-    columns; without a grid, a figure of one cell that is never drawn. Every value is checked here, before any
-    model or LoRA is looked for."""
+    columns; without a grid, a figure of one cell that is never drawn. With --no_figure, more than two axes are
+    never drawn either: their rows are every combination of all axes but the last. Every value is checked here,
+    before any model or LoRA is looked for."""
     axes = grid_axes(args, settings, prompts)
     rows = axes[0] if len(axes) == 2 else None
     columns = axes[-1] if axes else None
-    row_choices = [{rows.name: choice} for choice in zip(rows.texts, rows.values, strict=True)] if rows else [{}]
+    row_choices = [
+        {axis.name: choice for axis, choice in zip(axes[:-1], combination, strict=True)}
+        for combination in itertools.product(*(list(zip(axis.texts, axis.values, strict=True)) for axis in axes[:-1]))
+    ]
     column_choices = (
         [{columns.name: choice} for choice in zip(columns.texts, columns.values, strict=True)] if columns else [{}]
     )
@@ -1375,8 +1405,10 @@ def write_new_file(folder: Path, names, write, replace: bool = False):
     """Write a file with `write(path)` under a temporary name in `folder`, then hard-link it to the first of `names`
     that is free and return that path (None if none is): an existing file is never replaced, even by another run
     taking the name meanwhile, and an interrupted write leaves no partial file. With `replace`, the file takes the
-    first name whether it exists or not; a reader sees the old file or the new one, never a part."""
+    first name whether it exists or not; a reader sees the old file or the new one, never a part. A failed write (a
+    full disk) is a GenerateError naming the file."""
     temporary = folder / f".{uuid.uuid4().hex}.tmp"
+    names = list(names)
     try:
         write(temporary)
         for name in names:
@@ -1389,6 +1421,12 @@ def write_new_file(folder: Path, names, write, replace: bool = False):
             except FileExistsError:
                 continue
         return None
+    except OSError as error:
+        fix = "free space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+        reason = error.strerror or first_line(error)
+        raise GenerateError(
+            f"cannot write {folder / names[0]} ({reason}): {fix}, then run the same command again to finish"
+        ) from None
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -1597,7 +1635,7 @@ def write_images(pipe, switch, own_batches, settings, loras: dict, dtype, output
         for (name, cell), image in zip(batch, images, strict=True):
             info = png_info(image_settings(cell, settings, sampler_name(cell.scheduler, pipe.scheduler), loras, dtype))
             if save_png(image, output_dir, name, info) is not None:
-                tqdm.write(f"wrote {output_dir / name}")
+                progress.wrote(output_dir / name)
         progress.batch_done(len(batch))
 
 
@@ -1615,10 +1653,16 @@ def figures_drawn(figures, args) -> bool:
 def run_jobs(figures) -> list:
     """(file name, cell) of every image of the run, figure by figure and row by row. A name depends only on the
     job's place in that order and its cell: never on the folder, nor on the number of processes."""
+    cells = all_cells(figures)
     return [
-        (f"{ordinal:05d}-s{cell.seed}-{slugify(cell.prompt)}.png", cell)
-        for ordinal, cell in enumerate(all_cells(figures))
+        (f"{ordinal:0{ordinal_width(len(cells))}d}-s{cell.seed}-{slugify(cell.prompt)}.png", cell)
+        for ordinal, cell in enumerate(cells)
     ]
+
+
+def ordinal_width(count: int) -> int:
+    """The digits of the file names' ordinals: 5, or as many as the largest of `count` needs, so names sort."""
+    return max(5, len(str(count - 1)))
 
 
 def process_state(device_flag: str) -> tuple:
@@ -1641,19 +1685,20 @@ def run_record(args, settings, prompts, loras: dict, dtype, drawn: bool) -> dict
     """What decides the run's images and their pixels, as generate_run.json keeps it. The batch size, --device, the
     number of processes and --compile are left out, so a resumed run may change them: on the same device class
     they change the pixels at most by floating-point rounding (compiled kernels and batched GPU matmuls round
-    differently), as any rerun on another GPU would."""
+    differently), as any rerun on another GPU would. A folder base model is kept as its resolved path and a LoRA as
+    its sha256, so another spelling of the same path is the same run; each prompt as a short digest, so a
+    difference names the prompt."""
+    folder = base_model_folder(settings["base_model"])
     record = {
-        "prompts": {
-            "count": len(prompts),
-            "sha256": hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest(),
-        },
+        "prompts": [hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:16] for prompt in prompts],
         "num_images": args.num_images,
         "grid": args.grid,
         "compare": args.compare,
         "figures": drawn,
         **{key: settings[key] for key in DEFAULTS if key != "compile"},
-        "loras": settings["loras"],
-        "lora_sha256": {name: lora.sha256 for name, lora in loras.items()},
+        "base_model": str(folder.resolve()) if folder is not None else settings["base_model"],
+        "loras": [(loras[name].sha256 if name in loras else name, scale) for name, scale in settings["loras"]],
+        "lora_sha256": sorted({lora.sha256 for lora in loras.values()}),  # the --grid lora files too
         "dtype": DTYPE_FLAGS[str(dtype).removeprefix("torch.")],
     }
     return json.loads(json.dumps(record))  # as it reads back from the file: tuples as lists
@@ -1667,7 +1712,24 @@ def default_output_dir(record: dict, prompts) -> Path:
 
 
 def setting_difference(key: str, here, there) -> str:
-    """One setting that differs, with both values when they are short."""
+    """One setting that differs, with both values when they are short; of a list, its length or the first element
+    that differs."""
+    if isinstance(here, list) and isinstance(there, list):
+        if len(here) != len(there):
+            return f"{key}: {len(here)} here, {len(there)} there"
+        number, one, other = next(
+            (number, one, other)
+            for number, (one, other) in enumerate(zip(here, there, strict=True), start=1)
+            if one != other
+        )
+        if key == "prompts":
+            return f"prompt {number} differs"
+        if key == "loras":
+            which = "lora" if len(here) == 1 else f"lora {number}"
+            if one[0] != other[0]:
+                return f"{which} file (sha256 {one[0][:12]}... here, {other[0][:12]}... there)"
+            return f"{which} scale {one[1]} here, {other[1]} there"
+        return setting_difference(f"{key} {number}", one, other)
     shown = [json.dumps(value) for value in (here, there)]
     if max(len(text) for text in shown) > 40:
         return key
@@ -1760,18 +1822,20 @@ def start_run(output_dir: Path, record: dict, jobs, batch_size: int, state) -> t
 
 
 class RunProgress:
-    """The main process's bar over the images of all processes, counted from the run's PNGs in the folder, the one
-    place where the other processes' images show; on the other processes it does nothing."""
+    """The main process's bar over the images of all processes: its own images counted as it writes them, the
+    others' from a listing of the folder (the one place where they show) every RESCAN_SECONDS, and metadata.jsonl
+    rewritten every CAPTION_SECONDS; on the other processes it does nothing."""
 
     def __init__(self, output_dir: Path, jobs, done: int, state):
         self.output_dir = output_dir
+        self.jobs = jobs
         self.names = {name for name, _ in jobs}
         self.processes = state.num_processes
         self.missing = len(jobs) - done
         self.bar = tqdm(
             total=len(jobs), initial=done, desc="images", unit="image", position=0, disable=not state.is_main_process
         )
-        self.started = time.perf_counter()
+        self.started = self.listed = self.captioned = time.perf_counter()  # prepare_folder captioned the folder
         self.estimated = len(jobs) <= ESTIMATE_ABOVE  # a longer run says how long it takes after its first batch
 
     def __enter__(self):
@@ -1781,9 +1845,22 @@ class RunProgress:
         self.bar.close()  # before an interruption's message, which would otherwise end up above the bar
 
     def refresh(self) -> int:
-        finished = len(self.names.intersection(os.listdir(self.output_dir)))
+        """Count the run's PNGs in the folder, every process's; caption them if CAPTION_SECONDS have passed."""
+        self.listed = time.perf_counter()
+        if self.listed - self.captioned >= CAPTION_SECONDS:
+            finished = write_metadata(self.output_dir, self.jobs)
+            self.captioned = self.listed
+        else:
+            finished = len(self.names.intersection(os.listdir(self.output_dir)))
         self.bar.update(finished - self.bar.n)
         return finished
+
+    def wrote(self, path: Path):
+        """One image of this process written: a line for it in a one-process run (with several, the lines would
+        break the bar and flood the logs), one more on the bar."""
+        if self.processes == 1:
+            tqdm.write(f"wrote {path}")
+        self.bar.update(1)
 
     def batch_done(self, count: int):
         if self.bar.disable:
@@ -1795,13 +1872,29 @@ class RunProgress:
                 f"take about {duration(self.missing / rate)}"
             )
             self.estimated = True
-        self.refresh()
+        if time.perf_counter() - self.listed >= RESCAN_SECONDS:
+            self.refresh()
 
     def wait_for_the_others(self) -> float:
         """On the main process, count on until every image is written; return the seconds since sampling began."""
         while not self.bar.disable and self.refresh() < self.bar.total:
-            time.sleep(1)
+            time.sleep(2)
         return time.perf_counter() - self.started
+
+
+def interrupt_on_sigterm(signal_number, frame):
+    """SIGTERM (SLURM, timeout, torchrun stopping a failed run's other processes) ends the run as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def caption_after_failure(output_dir: Path, jobs, state):
+    """On the main process of a run stopped after its folder was prepared, metadata.jsonl for the images on disk;
+    a failure to write it (the full disk that stopped the run) leaves the error already being reported."""
+    if state.is_main_process:
+        try:
+            write_metadata(output_dir, jobs)
+        except GenerateError:
+            pass
 
 
 def draw_figures(figures, jobs, base_model: str, command: str, output_dir: Path):
@@ -1814,7 +1907,7 @@ def draw_figures(figures, jobs, base_model: str, command: str, output_dir: Path)
             for row, cells in enumerate(figure.cells)
             for column in range(len(cells))
         }
-        name = f"{number:05d}-grid-s{figure.seed}-{slugify(figure.prompt)}.png"
+        name = f"{number:0{ordinal_width(len(figures))}d}-grid-s{figure.seed}-{slugify(figure.prompt)}.png"
         if not (output_dir / name).exists():
             written = {position: (Image.open(path), path) for position, path in paths.items()}
             write_figure(figure, written, base_model, command, output_dir, name)
@@ -1839,6 +1932,9 @@ def finish_run(figures, jobs, settings, command: str, output_dir: Path, sampled:
     train = ["accelerate", "launch", "finetune_lora.py", "--train_data_dir", str(output_dir)]
     if settings["base_model"] != DEFAULT_BASE_MODEL:
         train += ["--pretrained_model_name_or_path", settings["base_model"]]
+    resolution = min(settings["height"], settings["width"])
+    if resolution != 768:  # finetune_lora.py's default, which would upscale smaller images
+        train += ["--resolution", str(resolution)]
     print(f"{count} captioned image(s) in {output_dir / METADATA_NAME}; to train on them: {shlex.join(train)}")
 
 
@@ -2443,7 +2539,8 @@ def score_folder(args):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     pngs_before = None  # the PNGs in --output_dir when sampling starts, to count what an interrupted run wrote
-    output_dir = None
+    output_dir = state = None
+    previous_sigterm = signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     try:
         args = parse_args(argv)
         if args.export_kohya is not None:
@@ -2496,15 +2593,28 @@ def main(argv=None) -> int:
             report_scores(scorer, read_scored_images([output_dir / name for name, _ in jobs]), device, output_dir)
         return 0
     except GenerateError as error:
-        print(f"error: {error}", file=sys.stderr)
+        # Before sampling, every process meets the same error: the main process says it. A write error while
+        # sampling may be one process's own: it says it.
+        if state is None or state.is_main_process or pngs_before is not None:
+            print(f"error: {error}", file=sys.stderr)
+        if pngs_before is not None:
+            caption_after_failure(output_dir, jobs, state)
         return 1
     except KeyboardInterrupt:
+        if state is not None and not state.is_main_process:
+            return 130
         if pngs_before is None:
             print("interrupted before any image was written", file=sys.stderr)
         else:
+            caption_after_failure(output_dir, jobs, state)
             written = len(set(output_dir.glob("*.png")) - pngs_before)
-            print(f"interrupted: {written} image(s) written to {output_dir}", file=sys.stderr)
+            print(
+                f"interrupted: {written} image(s) written to {output_dir}; run the same command again to finish",
+                file=sys.stderr,
+            )
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":

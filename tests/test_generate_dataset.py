@@ -109,6 +109,7 @@ def test_two_processes_write_the_same_files_and_pixels_as_one(tiny_model, refere
     result = run(two_processes(dataset_flags(tiny_model, output_dir)))
     assert f"the other {IMAGE_COUNT} on 2 process(es)" in result.stdout
     assert f"{IMAGE_COUNT} captioned image(s) in {output_dir / 'metadata.jsonl'}" in result.stdout
+    assert result.stdout.rstrip().endswith("--resolution 64")  # the 64 px images trained at their size
     assert_same_images(output_dir, reference)
 
 
@@ -162,9 +163,16 @@ def test_other_settings_into_the_folder_are_refused_in_one_line_and_nothing_is_w
     assert line.startswith(f"error: --output_dir {output_dir} holds a run with other settings (seed 7 here, 42 there;")
     assert "steps 3 here, 2 there" in line and "pass a new --output_dir" in line
     assert listing(output_dir) == before
+    assert generate.main([*dataset_flags(tiny_model, output_dir), "--prompt", "an old man", "--device", "cpu"]) == 1
+    assert "(prompts: 2 here, 1 there)" in capsys.readouterr().err
+    assert generate.setting_difference("loras", [["ab" * 32, 0.5]], [["ab" * 32, 1.0]]) == (
+        "lora scale 0.5 here, 1.0 there"
+    )
 
-    # The same settings with another batch size and device are the same run: nothing is left to sample.
+    # The same settings with another batch size, device and spelling of the model's folder are the same run:
+    # nothing is left to sample.
     same = [*dataset_flags(tiny_model, output_dir), "--batch_size", "3", "--device", "cpu"]
+    same += ["--base_model", f"{tiny_model}/"]
     assert generate.main(same) == 0
     assert f"nothing to sample: all {IMAGE_COUNT} image(s) of this run are in {output_dir}" in capsys.readouterr().out
     assert [entry for entry in listing(output_dir) if entry[0] != "metadata.jsonl"] == [
@@ -290,3 +298,60 @@ def test_no_figure_without_a_grid_is_refused(capsys):
     assert "error: --no_figure expands the --grid values into images without a figure: add --grid" in (
         capsys.readouterr().err
     )
+
+
+def test_three_axes_with_no_figure_expand_into_every_combination(tiny_model, tmp_path, capsys):
+    output_dir = tmp_path / "synth"
+    grid = ["--grid", "age=20,40", "--grid", "who=man,woman", "--grid", "mood=happy,sad"]
+    flags = ["--base_model", tiny_model, "--prompt", "a {age} year old {who}, {mood}", *grid, *TINY_FLAGS]
+    flags += ["--device", "cpu", "--output_dir", output_dir]
+    assert generate.main(flags) == 1  # a figure has rows and columns only
+    assert "a grid figure has at most two axes" in capsys.readouterr().err and not output_dir.exists()
+    assert generate.main([*flags, "--no_figure"]) == 0
+    records = [json.loads(line) for line in metadata(output_dir)]
+    assert {(record["age"], record["who"], record["mood"]) for record in records} == {
+        (age, who, mood) for age in ("20", "40") for who in ("man", "woman") for mood in ("happy", "sad")
+    }
+    assert all(record["text"] == f"a {record['age']} year old {record['who']}, {record['mood']}" for record in records)
+    assert len(records) == len(pngs(output_dir)) == 8
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary_file(tmp_path):
+    def write_to_a_full_disk(temporary):
+        temporary.write_text("")
+        with open("/dev/full", "w") as full:  # a real ENOSPC from the kernel
+            full.write("x" * 10_000)
+            full.flush()
+
+    with pytest.raises(generate.GenerateError) as error:
+        generate.write_new_file(tmp_path, ["00000-s42-a-face.png"], write_to_a_full_disk)
+    assert str(error.value) == (
+        f"cannot write {tmp_path / '00000-s42-a-face.png'} (No space left on device): free space, then run the same "
+        "command again to finish"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_names_sort_past_99999_images():
+    assert [generate.ordinal_width(count) for count in (1, 100_000, 100_001, 1_000_001)] == [5, 5, 6, 7]
+
+
+@pytest.mark.parametrize(
+    "prompts, flags, line",
+    [
+        (None, ["--seed", "-1"], "error: --seed: seed -1 is out of range: give an integer from 0 to "),
+        (None, ["--seed", str(2**64 - 1)], "error: --seed: seed 18446744073709551615 is out of range"),
+        ('{"prompt": "a face", "seed": 100000000000000000000000}', [], "error: --prompts_file {} line 1: seed 1"),
+    ],
+)
+def test_a_seed_out_of_torch_range_is_one_line_naming_it_before_anything_is_written(
+    prompts, flags, line, tmp_path, capsys
+):
+    output_dir = tmp_path / "synth"
+    source = ["--prompt", "a face"]
+    if prompts is not None:
+        (tmp_path / "prompts.jsonl").write_text(prompts + "\n")
+        source = ["--prompts_file", tmp_path / "prompts.jsonl"]
+    assert generate.main([*source, *flags, "--num_images", "2", "--output_dir", output_dir]) == 1
+    (error,) = capsys.readouterr().err.splitlines()
+    assert error.startswith(line.format(tmp_path / "prompts.jsonl")) and not output_dir.exists()

@@ -4,6 +4,7 @@ interrupted cleanly, keeps its log quiet, tells the truth in --help and writes f
 Real processes, real files, a real SIGINT and a closed loopback port as the Hub; nothing is mocked.
 """
 
+import json
 import os
 import re
 import signal
@@ -204,7 +205,8 @@ def test_a_prompts_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
 # 5. and 6. Ctrl-C, and one exit-code convention.
 
 
-def test_ctrl_c_says_how_many_images_were_written_and_exits_130(tiny_model, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; SLURM, timeout and torchrun's stop
+def test_ctrl_c_or_sigterm_says_how_many_images_were_written_captions_them_and_exits_130(tiny_model, tmp_path, stop):
     output_dir = tmp_path / "out"
     flags = ["--base_model", tiny_model, "--prompt", PROMPT, "--lora", "none", "--num_images", "500"]
     process = subprocess.Popen(
@@ -219,14 +221,18 @@ def test_ctrl_c_says_how_many_images_were_written_and_exits_130(tiny_model, tmp_
     try:
         while not list(output_dir.glob("*.png")) and process.poll() is None:
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
     assert process.returncode == 130, stderr
     pngs = sorted(output_dir.glob("*.png"))
     assert 1 <= len(pngs) < 500
-    assert stderr.splitlines()[-1] == f"interrupted: {len(pngs)} image(s) written to {output_dir}"
+    assert stderr.splitlines()[-1] == (
+        f"interrupted: {len(pngs)} image(s) written to {output_dir}; run the same command again to finish"
+    )
+    captioned = (output_dir / "metadata.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["file_name"] for line in captioned) == [png.name for png in pngs]
     assert "Traceback" not in stderr
     # no temporary file left behind
     assert sorted(output_dir.iterdir()) == sorted(
