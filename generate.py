@@ -1610,7 +1610,6 @@ def preflight(settings, output_dir: Path):
 
 def load_models(settings, device, dtype, loras: dict, cells):
     """The pipeline with the run's LoRAs, and the LoraSwitch that fuses the LoRAs of each cell."""
-    quiet_library_logs()
     pipe = load_pipeline(settings, device, dtype)
     warn_long_prompts(pipe.tokenizer, cells)
     return pipe, LoraSwitch(pipe, loras, {cell.loras for cell in cells})
@@ -2050,7 +2049,6 @@ def export_kohya(args) -> Path:
     """Write the --lora with kohya keys to --export_kohya; the base model is never loaded."""
     path = args.export_kohya
     check_writable_folder(path.parent, "--export_kohya")
-    quiet_library_logs()
     if path.exists():
         raise GenerateError(f"--export_kohya {path} already exists: pick a new file name or remove it")
     lora = prepare_lora((args.lora or [DEFAULT_LORA])[0], args.lora_weight_name or DEFAULT_LORA_WEIGHT_NAME, {})
@@ -2102,7 +2100,6 @@ def load_scorer(name: str) -> Scorer:
     """
     from transformers import CLIPModel, CLIPProcessor
 
-    quiet_library_logs()
     folder = Path(name).expanduser() if names_a_folder(name) else None
     if folder is not None and not (folder / "config.json").is_file():
         problem = f"no config.json in {folder}" if folder.is_dir() else f"no such folder: {folder}"
@@ -2543,6 +2540,7 @@ def main(argv=None) -> int:
     previous_sigterm = signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     try:
         args = parse_args(argv)
+        quiet_library_logs()  # before the first diffusers or transformers import: reading a LoRA warns too
         if args.export_kohya is not None:
             export_kohya(args)
             return 0
