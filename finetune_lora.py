@@ -1469,13 +1469,16 @@ class StopRequest:
     def __init__(self):
         self.reason = None
         launched = "ACCELERATE_MIXED_PRECISION" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
-        # `accelerate launch` does not forward SIGTERM: a scheduler that signals only the launcher
-        # would leave this process orphaned, so a changed parent means "stop" too.
+        # A launcher that dies without passing its signal on (SIGKILL; accelerate before 1.16 forwarded no
+        # SIGTERM) leaves this process orphaned, so a changed parent means "stop" too.
         self.launcher_pid = os.getppid() if launched else None
 
     def __call__(self, signum, frame):
-        self.reason = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
+        self.reason = self.reason or signal.Signals(signum).name
+        # A cluster's SIGTERM reaches this process twice (from the scheduler, and forwarded by accelerate launch):
+        # both are one request. A second Ctrl-C is a person who wants it to stop now.
+        if signum == signal.SIGINT:
+            signal.signal(signum, signal.SIG_DFL)
 
     def requested(self) -> bool:
         if self.reason is None and self.launcher_pid is not None and os.getppid() != self.launcher_pid:
