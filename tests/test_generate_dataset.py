@@ -284,13 +284,12 @@ def test_no_figure_lifts_the_size_limit_of_a_figure(tiny_model):
     flags += ["--grid", "who=" + ",".join(f"w{number}" for number in range(8)), "--lora", "none"]
     for extra, refused in (([], True), (["--no_figure"], False)):
         args = generate.parse_args([*flags, *extra])
-        settings = generate.run_settings(args, None)
-        figures = generate.plan_figures(args, settings, generate.read_prompts(args, None))
+        prompts = generate.read_prompts(args)
         if refused:
             with pytest.raises(generate.GenerateError, match="more than 64: pass --yes"):
-                generate.check_plan(figures, settings, args)
+                generate.plan(args, prompts)
         else:
-            generate.check_plan(figures, settings, args)
+            generate.plan(args, prompts)
 
 
 def test_no_figure_without_a_grid_is_refused(capsys):
@@ -324,7 +323,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary_file(tm
             full.flush()
 
     with pytest.raises(generate.GenerateError) as error:
-        generate.write_new_file(tmp_path, ["00000-s42-a-face.png"], write_to_a_full_disk)
+        generate.write_new_file(tmp_path / "00000-s42-a-face.png", write_to_a_full_disk)
     assert str(error.value) == (
         f"cannot write {tmp_path / '00000-s42-a-face.png'} (No space left on device): free space, then run the same "
         "command again to finish"

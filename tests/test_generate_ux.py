@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import generate
 
@@ -149,18 +149,9 @@ def test_an_unwritable_output_dir_fails_before_any_model_is_loaded(tmp_path, cap
     )
     assert code == 1
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"error: --output_dir {output_dir}: ")
-    assert ("is a file, not a folder" if "file" in case else "cannot write in /sys") in line
+    assert line.startswith(f"error: cannot write to {output_dir}: ") and line.endswith("; pass another --output_dir")
+    assert ("is a file, not a folder" if "file" in case else "/sys is not writable") in line
     assert sorted(tmp_path.rglob("*")) == before and not output_dir.is_dir()
-
-
-def test_an_unwritable_export_kohya_folder_fails_before_the_lora_is_read(tmp_path, capsys):
-    (tmp_path / "notes.txt").write_text("a file")
-    target = tmp_path / "notes.txt" / "kohya.safetensors"
-    code = generate.main(["--export_kohya", str(target), "--lora", str(tmp_path / "missing.safetensors")])
-    assert code == 1
-    (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"error: --export_kohya {target.parent}: ") and "is a file, not a folder" in line
 
 
 # 4. Nonsense values, 5. a prompts file that is not UTF-8.
@@ -281,9 +272,9 @@ def test_help_shows_every_default(tmp_path):
 # 10. On the CPU, an estimate before the first image, and seconds per image.
 
 
-def settings_of(argv) -> dict:
-    """The run settings of a command line, as main() builds them before any model loads."""
-    return generate.run_settings(generate.parse_args(argv), None)
+def settings_of(argv):
+    """The settings of a command line, as main() has them before any model loads."""
+    return generate.parse_args(argv)
 
 
 def test_a_slow_cpu_run_says_so_before_the_first_image_with_the_faster_settings(capsys):
@@ -333,8 +324,7 @@ def test_fp16_on_the_cpu_is_one_warning_that_says_what_to_do(tiny_model, tmp_pat
 # 13. Files we write honour the user's umask.
 
 
-def test_pngs_and_exported_loras_honour_the_umask(tiny_model, tmp_path):
-    lora = tiny_lora(tiny_model, tmp_path / "lora.safetensors")
+def test_pngs_honour_the_umask(tiny_model, tmp_path):
     old_umask = os.umask(0o027)
     try:
         png_code = generate.main(
@@ -350,11 +340,29 @@ def test_pngs_and_exported_loras_honour_the_umask(tiny_model, tmp_path):
             ]
             + TINY_FLAGS
         )
-        export_code = generate.main(["--export_kohya", str(tmp_path / "kohya.safetensors"), "--lora", str(lora)])
     finally:
         os.umask(old_umask)
-    assert png_code == export_code == 0
+    assert png_code == 0
     (png,) = (tmp_path / "out").glob("*.png")
     assert stat.S_IMODE(png.stat().st_mode) == 0o640
-    assert stat.S_IMODE((tmp_path / "kohya.safetensors").stat().st_mode) == 0o640
-    assert load_file(tmp_path / "kohya.safetensors")  # still a whole safetensors file
+
+
+# 14. The side jobs that moved to tools/ say where they went.
+
+
+@pytest.mark.parametrize(
+    "flags, command",
+    [
+        (["--score"], "`python tools/score.py FOLDER`"),
+        (["--from_folder", "outputs/run", "--score"], "`python tools/score.py FOLDER`"),
+        (["--score_model=openai/clip-vit-base-patch32"], "`python tools/score.py FOLDER --score_model M`"),
+        (["--export_kohya", "out.safetensors"], "`python tools/export_kohya.py OUT.safetensors --lora LORA`"),
+    ],
+)
+def test_a_flag_that_moved_to_a_tool_fails_in_one_line_naming_its_command(tmp_path, flags, command):
+    result = run_script("--prompt", PROMPT, *flags, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    flag = flags[0].split("=")[0]
+    assert line.startswith(f"error: {flag} moved: ") and line.endswith(command)
+    assert list(tmp_path.iterdir()) == []  # nothing run, nothing written

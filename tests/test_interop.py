@@ -1,13 +1,10 @@
-"""generate.py beside other tools: the kohya export, kohya and several LoRAs as --lora, and the LoRA x scale --grid.
+"""generate.py beside other tools: several LoRAs as --lora, and the LoRA x scale --grid (the kohya export and
+kohya files as --lora are tested with tools/export_kohya.py, in test_export_kohya.py).
 
 Real LoRA files on the tiny SD2.1-shaped pipeline, real PNGs, real pixels compared against diffusers.
 """
 
 import json
-import re
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +12,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from test_generate import PROMPT, TEXT_ENCODER_TARGETS, UNET_TARGETS, pixels, run, write_published_layout_lora
 
 import generate
-
-REPO = Path(__file__).resolve().parents[1]
-KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
-MODULES = {
-    "unet": 4 * 2 * 4,
-    "text_encoder": 4 * 2,
-}  # q, k, v, out of two attentions in four UNet blocks; of two CLIP layers
 
 
 def write_alpha_lora(model_path, folder, rank=4, alpha=8, seed=3):
@@ -72,82 +60,11 @@ def loras(tiny_model, tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="module")
-def kohya_files(loras, tmp_path_factory):
-    """Each LoRA exported by `generate.py --export_kohya`, with a --base_model that does not exist: export never
-    loads it."""
-    folder = tmp_path_factory.mktemp("kohya")
-    files = {}
-    for name, source in loras.items():
-        files[name] = folder / f"{name}.safetensors"
-        assert (
-            generate.main(
-                ["--export_kohya", str(files[name]), "--lora", str(source), "--base_model", str(folder / "no-model")]
-            )
-            == 0
-        )
-    return files
-
-
 def sample(pipe, seed=42):
     image = pipe(
         PROMPT, num_inference_steps=2, height=64, width=64, generator=torch.Generator("cpu").manual_seed(seed)
     ).images[0]
     return np.asarray(image, dtype=np.float64)
-
-
-@pytest.mark.parametrize("name", ["published", "alpha"])
-def test_kohya_export_loaded_by_diffusers_gives_the_same_image(tiny_model, loras, kohya_files, name):
-    kohya = load_file(kohya_files[name])
-    assert all(KOHYA_KEY.match(key) for key in kohya), [key for key in kohya if not KOHYA_KEY.match(key)]
-    modules = {key.split(".")[0] for key in kohya}
-    assert len(modules) == sum(MODULES.values()) and len(kohya) == 3 * len(modules)  # down, up and alpha of each
-    assert sum(module.startswith("lora_te_text_model_encoder_layers_") for module in modules) == MODULES["text_encoder"]
-    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in modules
-    assert "lora_te_text_model_encoder_layers_1_self_attn_out_proj" in modules
-    alpha = {"published": 4.0, "alpha": 8.0}[name]  # rank 4 without alphas; the header's lora_alpha otherwise
-    assert {kohya[f"{module}.alpha"].item() for module in modules} == {alpha}
-    with safe_open(kohya_files[name], framework="pt") as file:
-        metadata = file.metadata()
-    assert metadata["ss_network_dim"] == "4" and float(metadata["ss_network_alpha"]) == alpha
-    assert metadata["source_sha256"] == generate.read_lora(loras[name])[1]
-    assert metadata.get("ss_steps") == {"published": None, "alpha": "1234"}[name]
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
-    base = sample(pipe)
-    pipe.load_lora_weights(str(loras[name]), adapter_name="original")
-    original = sample(pipe)
-    pipe.load_lora_weights(str(kohya_files[name]), adapter_name="kohya")
-    pipe.set_adapters("kohya")
-    exported = sample(pipe)
-    assert np.abs(original - base).mean() > 5 and original.std() > 10
-    assert np.abs(exported - original).mean() <= 1.0  # 1/255 per pixel on average
-
-
-def test_kohya_file_exports_as_it_is_with_missing_alphas_added(kohya_files, tmp_path):
-    exported = load_file(kohya_files["published"])
-    without_alphas = tmp_path / "no-alphas.safetensors"
-    save_file({key: value for key, value in exported.items() if not key.endswith(".alpha")}, without_alphas)
-    again = tmp_path / "again.safetensors"
-    assert generate.main(["--export_kohya", str(again), "--lora", str(without_alphas)]) == 0
-    result = load_file(again)
-    assert result.keys() == exported.keys()
-    assert all(torch.equal(result[key], exported[key].to(result[key].dtype)) for key in exported)
-
-
-def test_generate_takes_a_kohya_lora_into_both_components(tiny_model, loras, kohya_files, tmp_path):
-    code, (kohya_image,) = run(tiny_model, tmp_path / "kohya", "--prompt", PROMPT, "--lora", kohya_files["alpha"])
-    assert code == 0
-    _, (original_image,) = run(tiny_model, tmp_path / "original", "--prompt", PROMPT, "--lora", loras["alpha"])
-    _, (base_image,) = run(tiny_model, tmp_path / "base", "--prompt", PROMPT, "--lora", "none")
-    assert np.abs(pixels(kohya_image) - pixels(original_image)).mean() <= 1.0
-    assert np.abs(pixels(kohya_image) - pixels(base_image)).mean() > 5
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
-    state_dict, _ = generate.read_lora(kohya_files["alpha"])
-    generate.load_lora(pipe, state_dict, kohya_files["alpha"], "lora0")
-    for component, count in MODULES.items():
-        assert generate.count_lora_layers(getattr(pipe, component), "lora0") == count
 
 
 def test_two_loras_at_once_equal_diffusers_with_both_adapters(tiny_model, loras, tmp_path):
@@ -253,26 +170,6 @@ def test_lora_by_strength_grid_switches_loras_without_changing_a_cell(tiny_model
         assert np.array_equal(pixels(rendered), pixels(cells[row, column]))
 
 
-def non_lora_file(tmp_path):
-    path = tmp_path / "weights.safetensors"
-    save_file({"model.layer.weight": torch.ones(4, 4)}, path)
-    return path
-
-
-def old_diffusers_lora(tmp_path):
-    """Keys in diffusers' old attention-processor layout: loadable, but not a layout --export_kohya converts."""
-    path = tmp_path / "old.safetensors"
-    prefix = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora"
-    save_file({f"{prefix}.down.weight": torch.ones(4, 32), f"{prefix}.up.weight": torch.ones(32, 4)}, path)
-    return path
-
-
-def existing_file(tmp_path):
-    path = tmp_path / "taken.safetensors"
-    path.write_bytes(b"keep me")
-    return path
-
-
 BAD_INPUTS = {
     "scale count matches no LoRA count": (
         lambda tmp, lora: ["--prompt", PROMPT, "--lora", lora, "--lora", lora, "--lora_scale", "1", "0.5", "0.2"],
@@ -281,30 +178,6 @@ BAD_INPUTS = {
     "several scales for one LoRA": (
         lambda tmp, lora: ["--prompt", PROMPT, "--lora", lora, "--lora_scale", "0", "1"],
         "a sweep of strengths is --grid lora_scale=V1,V2,...",
-    ),
-    "export of the base model": (
-        lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--lora", "none"],
-        "give a --lora other than none",
-    ),
-    "export over an existing file": (
-        lambda tmp, lora: ["--export_kohya", str(existing_file(tmp)), "--lora", lora],
-        "already exists",
-    ),
-    "export of a non-LoRA file": (
-        lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--lora", str(non_lora_file(tmp))],
-        "none of the 1 keys",
-    ),
-    "export of an unconvertible layout": (
-        lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--lora", str(old_diffusers_lora(tmp))],
-        "cannot convert",
-    ),
-    "export of two LoRAs": (
-        lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--lora", lora, "--lora", lora],
-        "one LoRA at a time",
-    ),
-    "export while generating": (
-        lambda tmp, lora: ["--export_kohya", str(tmp / "out.safetensors"), "--prompt", PROMPT],
-        "generates nothing",
     ),
 }
 
@@ -319,106 +192,6 @@ def test_bad_input_gets_one_line_and_nonzero_exit(tiny_model, loras, tmp_path, c
     assert code != 0 and images == [] and before == [] and sorted(tmp_path.rglob("*")) == made  # nothing written
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
-    if case == "export over an existing file":
-        assert (tmp_path / "taken.safetensors").read_bytes() == b"keep me"
-
-
-def test_export_error_from_the_command_line_has_no_traceback(tmp_path):
-    path = non_lora_file(tmp_path)
-    result = subprocess.run(
-        [sys.executable, str(REPO / "generate.py"), "--export_kohya", "out.safetensors", "--lora", str(path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: none of the 1 keys")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.safetensors"]
-
-
-def test_a_trained_lora_exported_by_the_command_training_prints_gives_the_same_image(
-    tiny_model, face_folder, tmp_path, capsys
-):
-    from train_helpers import train_args
-
-    import finetune_lora
-
-    output = tmp_path / "run"
-    assert (
-        finetune_lora.main(
-            train_args(
-                tiny_model,
-                face_folder,
-                output,
-                "--train_text_encoder",
-                "--max_train_steps",
-                "2",
-                "--checkpointing_steps",
-                "2",
-                "--learning_rate",
-                "5e-2",
-                "--learning_rate_text_encoder",
-                "5e-2",
-            )
-        )
-        == 0
-    )
-    # generate.py --export_kohya is the one converter; training ends by printing the command that runs it.
-    [line] = [line for line in capsys.readouterr().err.splitlines() if "--export_kohya" in line]
-    command = shlex.split(line[line.index("python generate.py") :])
-    assert command[:2] == ["python", "generate.py"] and command[command.index("--lora") + 1] == str(output)
-    exported = subprocess.run(
-        [sys.executable, str(REPO / "generate.py"), *command[2:]],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert exported.returncode == 0, exported.stderr[-3000:]
-    kohya_file = tmp_path / command[command.index("--export_kohya") + 1]
-    kohya = load_file(kohya_file)
-    assert all(KOHYA_KEY.match(key) for key in kohya), [key for key in kohya if not KOHYA_KEY.match(key)]
-    modules = {key.split(".")[0] for key in kohya}
-    assert len(modules) == sum(MODULES.values()) and len(kohya) == 3 * len(modules)
-    assert sum(module.startswith("lora_te_text_model_encoder_layers_") for module in modules) == MODULES["text_encoder"]
-    assert {kohya[f"{module}.alpha"].item() for module in modules} == {4.0}  # --rank 4 trains with alpha = rank
-    with safe_open(kohya_file, framework="pt") as file:
-        metadata = file.metadata()
-    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"], metadata["ss_steps"]) == ("4", "4", "2")
-    assert metadata["ss_sd_model_name"] == str(tiny_model)
-
-    images = {}
-    for name, lora_flags in (
-        ("base", ["--lora", "none"]),
-        ("diffusers", ["--lora", str(output)]),
-        ("kohya", ["--lora", str(kohya_file)]),
-    ):
-        assert (
-            generate.main(
-                [
-                    "--prompt",
-                    PROMPT,
-                    "--base_model",
-                    str(tiny_model),
-                    *lora_flags,
-                    "--steps",
-                    "2",
-                    "--height",
-                    "64",
-                    "--width",
-                    "64",
-                    "--device",
-                    "cpu",
-                    "--output_dir",
-                    str(tmp_path / name),
-                ]
-            )
-            == 0
-        )
-        images[name] = pixels(next((tmp_path / name).glob("*.png")))
-    assert np.abs(images["diffusers"] - images["base"]).mean() > 1
-    assert np.abs(images["kohya"] - images["diffusers"]).mean() <= 1.0  # 1/255 per pixel on average
 
 
 def test_switching_loras_restores_the_base_weights_bit_for_bit(tiny_model, loras):
