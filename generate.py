@@ -16,24 +16,20 @@ strength; the base model alone:
     python generate.py --prompt "..." --lora checkpoints/lora30k --lora my-style.safetensors --lora_scale 1.0 0.6
     python generate.py --prompt "..." --lora none
 
-A grid figure, as AUTOMATIC1111's X/Y plot: a single --grid lays out the columns; with two, the first gives the rows
-and the second the columns, everything else equal, the seed included. An axis is a {placeholder} of the prompt or
-negative prompt, or one of lora (files or folders; none is the base model), lora_scale, seed, guidance_scale,
-steps and scheduler. Every prompt gets its own figure, NNNNN-grid-s<seed>-<prompt slug>.png, with its cells also
-written as images of their own, each carrying its settings:
+A grid figure, as AUTOMATIC1111's X/Y plot: a single --grid lays out the columns; of two, the first gives the
+rows. An axis is a {placeholder} of the prompt or negative prompt, or one of lora (none is the base model),
+lora_scale, seed, guidance_scale, steps and scheduler; everything else is equal, the seed included. Each prompt gets
+a figure, NNNNN-grid-s<seed>-<prompt slug>.png, its cells written beside it as images of their own; --compare is
+short for --grid lora=none,<the --lora> (the README figure, examples.png, is the last command):
 
     python generate.py --prompt "A {age} year old {ethnicity} woman, neutral expression" \
         --grid age=20,40,60,80 --grid ethnicity=Asian,Black,Latina,White --seed 7
     python generate.py --prompt "..." --grid lora=run/checkpoint-1000,run/checkpoint-2000 --grid lora_scale=0,0.5,1
-
-The base model beside the LoRA, for every prompt: --compare, short for --grid lora=none,<the --lora>. The README
-figure (examples.png) is this, with the face's age down the rows:
-
     python generate.py --compare --prompt "A happy {age} year old man with blond hair and a goatee smiles." \
         --grid age=25,55,85 --output_dir outputs/examples
 
-How well the faces follow their prompts (CLIP score, and which value of each {placeholder} axis CLIP picks), and
-the LoRA with kohya keys for AUTOMATIC1111 and ComfyUI, are side jobs in tools/:
+Side jobs are scripts of their own: CLIP scores of a run's images against their prompts and {placeholder} values,
+and the LoRA with kohya keys for AUTOMATIC1111 and ComfyUI:
 
     python tools/score.py outputs/examples
     python tools/export_kohya.py text2face.safetensors --lora my-lora
@@ -42,8 +38,7 @@ Offline, from the base model's fp16 files that `python download.py --base_model 
 
     HF_HUB_OFFLINE=1 python generate.py --prompt "..." --variant fp16
 
-Render an image again, a grid cell included, from the settings stored in its PNG (flags given beside it override
-them, --grid included):
+Render an image again, a grid cell included, from the settings in its PNG (flags given beside it override them):
 
     python generate.py --from_png \
         outputs/<run folder>/00000-s42-a-happy-55-year-old-male-with-blond-hair-and-a-goatee-smiles.png
@@ -158,170 +153,131 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-# ----------------------------------------------------------------------------------------------
 # Arguments: the flags, whose defaults a --from_png image replaces with its own settings
-# ----------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     usage, examples = __doc__.split("\n\n", 1)
     parser = OneLineParser(description=usage, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
-    prompts = parser.add_argument_group("prompts")
-    prompts.add_argument(
+    group = parser.add_argument_group("prompts")
+    group.add_argument(
         "--prompt",
         action="append",
         default=[],
-        help="Text describing the face; repeat the flag for several prompts. A {name} in it is filled from "
-        "--grid name=... (default: none; --from_png takes the image's)",
+        help="Text describing the face; repeat for several prompts. A {name} in it is filled from --grid name=... "
+        "(default: none; --from_png takes the image's)",
     )
-    prompts.add_argument(
+    group.add_argument(
         "--prompts_file",
         type=Path,
-        help="UTF-8 text file with one prompt a line (blank lines and lines starting with # are skipped), or JSONL "
-        '(a .jsonl file, or one whose first line starts with {): one {"prompt": ..., "negative_prompt": ..., '
-        '"seed": ...} a line, the last two optional (default: none)',
+        help="UTF-8 text file, one prompt a line (blank and # lines skipped), or JSONL (a .jsonl file, or a first "
+        'line starting with {): {"prompt": ..., "negative_prompt": ..., "seed": ...} a line (default: none)',
     )
-    prompts.add_argument(
-        "--negative_prompt", default="", help="What the images should not show, used for every prompt (default: '')"
-    )
-    prompts.add_argument(
+    group.add_argument("--negative_prompt", default="", help="What no image should show (default: '')")
+    group.add_argument(
         "--from_png",
         type=Path,
-        help="Render an image written by this script (a grid cell too) again from the settings in its PNG text; "
-        "flags given beside it override them (default: none)",
+        help="Render an image this script wrote (a grid cell too) again from the settings in its PNG; flags given "
+        "beside it override them (default: none)",
     )
 
-    sampling = parser.add_argument_group("sampling")
-    sampling.add_argument(
+    group = parser.add_argument_group("sampling")
+    group.add_argument(
         "--num_images", type=int, default=1, help="Images per prompt; image i uses seed + i (default: 1)"
     )
-    sampling.add_argument(
-        "--seed", type=int, default=42, help="Seed of the CPU generator of each prompt's first image (default: 42)"
+    group.add_argument("--seed", type=int, default=42, help="Seed of each prompt's first image (default: 42)")
+    group.add_argument("--steps", type=int, default=50, help="Denoising steps; dpm++ needs about 25 (default: 50)")
+    group.add_argument(
+        "--guidance_scale", type=float, default=7.5, help="Classifier-free guidance, 0 or more; 1 is off (default: 7.5)"
     )
-    sampling.add_argument(
-        "--steps", type=int, default=50, help="Denoising steps; 25 with --scheduler dpm++ is faster (default: 50)"
+    group.add_argument("--height", type=int, default=768, help="Height in pixels, a multiple of 8 (default: 768)")
+    group.add_argument("--width", type=int, default=768, help="Width in pixels, a multiple of 8 (default: 768)")
+    group.add_argument(
+        "--scheduler", choices=sorted(SCHEDULERS), help="Sampler (default: the base model's own, DDIM for SD2.1)"
     )
-    sampling.add_argument(
-        "--guidance_scale",
-        type=float,
-        default=7.5,
-        help="Classifier-free guidance scale, 0 or more; 1 turns guidance off (default: 7.5)",
-    )
-    sampling.add_argument(
-        "--height",
-        type=int,
-        default=768,
-        help="Image height in pixels, a multiple of 8 (default: 768, SD2.1's native size)",
-    )
-    sampling.add_argument(
-        "--width", type=int, default=768, help="Image width in pixels, a multiple of 8 (default: 768)"
-    )
-    sampling.add_argument(
-        "--scheduler",
-        choices=sorted(SCHEDULERS),
-        help="Sampler (default: the base model's own, DDIM for SD2.1)",
-    )
-    sampling.add_argument(
+    group.add_argument(
         "--batch_size",
         type=lambda text: text if text == "auto" else int(text),
         default=1,
-        help="Images sampled together, or auto: on CUDA as many as 80%% of the free GPU memory holds (measured "
-        "with one image), elsewhere 1 (default: 1)",
+        help="Images sampled together, or auto: on CUDA as many as 80%% of the free memory holds, else 1 (default: 1)",
     )
 
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--base_model",
-        default=DEFAULT_BASE_MODEL,
-        help=f"Hub id or local folder of a diffusers SD2.1 pipeline (default: {DEFAULT_BASE_MODEL})",
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--base_model", default=DEFAULT_BASE_MODEL, help="Hub id or folder of an SD2.1 pipeline (default: %(default)s)"
     )
-    model.add_argument(
+    group.add_argument(
         "--variant",
         choices=["fp16"],
-        help="Load the base model's fp16 weight files (*.fp16.safetensors), e.g. the ones "
-        "`python download.py --base_model --variant fp16` fetched; they are cast to --dtype "
-        "(default: the full-precision files)",
+        help="Load the *.fp16.safetensors weights (`python download.py --base_model --variant fp16` fetches them), "
+        "cast to --dtype (default: the full-precision files)",
     )
-    model.add_argument(
+    group.add_argument(
         "--lora",
         action="append",
-        help="LoRA folder, .safetensors file (diffusers/PEFT or kohya keys) or Hub repo id, or none for the base "
-        "model alone; repeat the flag to apply several LoRAs together "
-        f"(default: {DEFAULT_LORA}, fetched from the Hub repo {LORA_HUB_REPO} when missing)",
+        help=f"LoRA folder, .safetensors file (diffusers/PEFT or kohya keys) or Hub repo id, or {NO_LORA} for the base "
+        f"model alone; repeat to apply several (default: {DEFAULT_LORA}, fetched from {LORA_HUB_REPO} if missing)",
     )
-    model.add_argument(
+    group.add_argument(
         "--lora_weight_name",
         default=DEFAULT_LORA_WEIGHT_NAME,
-        help=f"File name of the LoRA weights inside a --lora folder or Hub repo (default: {DEFAULT_LORA_WEIGHT_NAME})",
+        help="Weights file in a --lora folder or Hub repo (default: %(default)s)",
     )
-    model.add_argument(
+    group.add_argument(
         "--lora_scale",
         type=float,
         nargs="+",
         default=[1.0],
-        help="Strength of the LoRAs in every image: 0 is the base model, 1 a LoRA as trained; one value for every "
-        "--lora or one per --lora in the same order (default: 1.0)",
+        help="Strength of the LoRAs, 0 the base model, 1 as trained: one for all or one per --lora (default: 1.0)",
     )
 
-    grid = parser.add_argument_group("grid figures")
-    grid.add_argument(
+    group = parser.add_argument_group("grid figures")
+    group.add_argument(
         "--grid",
         action="append",
         default=[],
         metavar="AXIS=V1,V2,...",
-        help="Draw a figure per prompt, everything else equal, the seed included: a single --grid lays out its "
-        "columns; of two, the first gives the rows and the second the columns. AXIS is a {placeholder} of the "
-        f"prompt or negative prompt, or one of {', '.join(SETTING_AXES)} (lora values: files or folders, or "
-        f"{NO_LORA}) (default: no grid)",
+        help="A figure per prompt, everything else equal, the seed included: a single --grid lays out its columns; "
+        "of two, the first gives the rows. AXIS is a {placeholder} of the prompt or negative prompt, or one of "
+        f"{', '.join(SETTING_AXES)} (default: no grid)",
     )
-    grid.add_argument(
-        "--compare",
-        action="store_true",
-        help="For each prompt, the base model's image beside the LoRA's: short for "
-        f"--grid lora={NO_LORA},<the --lora> (default: off)",
+    group.add_argument(
+        "--compare", action="store_true", help=f"Short for --grid lora={NO_LORA},<the --lora> (default: off)"
     )
-    grid.add_argument(
+    group.add_argument(
         "--no_figure",
         action="store_true",
-        help="Sample every combination of the --grid values, of any number of axes, as images of their own and draw "
-        f"no figure: a template expanded into a dataset, without the {MAX_CELLS}-image limit of a figure "
-        "(default: off)",
+        help="Sample every combination of the --grid values, any number of axes, as images without a figure and "
+        f"without its {MAX_CELLS}-image limit (default: off)",
     )
-    grid.add_argument(
-        "--yes",
-        action="store_true",
-        help=f"Sample a grid of more than {MAX_CELLS} images without refusing (default: off)",
-    )
+    group.add_argument("--yes", action="store_true", help=f"Sample a figure of over {MAX_CELLS} images (default: off)")
 
-    output = parser.add_argument_group("output and hardware")
-    output.add_argument(
+    group = parser.add_argument_group("output and hardware")
+    group.add_argument(
         "--output_dir",
         type=Path,
-        help="Folder for the PNGs, metadata.jsonl (their captions) and generate_run.json (the settings); the same "
-        "command again adds only the missing images, other settings are refused (default: "
-        f"{DEFAULT_OUTPUT_ROOT}/<prompt slug>-<settings hash>, a folder per run)",
+        help="Folder for the PNGs, metadata.jsonl and generate_run.json; the same command again adds only what is "
+        f"missing (default: {DEFAULT_OUTPUT_ROOT}/<prompt slug>-<settings hash>)",
     )
-    output.add_argument(
-        "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)"
+    group.add_argument(
+        "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps (default: auto)"
     )
-    output.add_argument(
+    group.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="torch.compile the UNet and the VAE decoder after the LoRA is fused, and on CUDA fuse the QKV "
-        "projections and use TF32 matmuls and max-autotune with CUDA graphs: sampling spends its time in the "
-        "denoising loop and the decoder (finetune_lora.py --compile compiles the UNet alone: training never decodes "
-        "and keeps its LoRA layers apart). A warm-up batch pays the compile time, reported apart; the images match "
-        "the uncompiled ones up to floating-point rounding. Not with a grid that switches LoRAs or strengths "
-        "between its cells; --from_png compiles when the image was, unless --no-compile (default: off)",
+        help="torch.compile the UNet and the VAE decoder with the LoRA fused in (on CUDA with fused QKV, TF32 and "
+        "CUDA graphs): sampling spends its time in both; finetune_lora.py --compile compiles the UNet alone, as "
+        "training never decodes and keeps its LoRA unfused. The warm-up is timed apart; not with a grid that "
+        "switches LoRAs (default: off; --from_png: as the image was made)",
     )
-    output.add_argument(
+    group.add_argument(
         "--dtype",
         choices=["auto", *DTYPES],
         default="auto",
-        help="Weight precision; auto is fp16 on cuda and fp32 elsewhere, and with --from_png the precision the "
-        "image was made with, but fp32 for an fp16 image on the CPU (default: auto)",
+        help="Weights' precision; auto: fp16 on cuda, else fp32, with --from_png the image's, fp32 for fp16 on "
+        "the CPU (default: auto)",
     )
     # Not flags: what a --from_png image adds, the --dtype it was made with and the sha256 of each of its LoRAs.
     parser.set_defaults(made_with=None, lora_sha256={})
@@ -349,15 +305,14 @@ def check_args(args):
             raise GenerateError(f"--{flag} {getattr(args, flag)}: choose one of {', '.join(sorted(choices))}")
     if NO_LORA in args.lora and len(args.lora) > 1:
         raise GenerateError(f"--lora {NO_LORA} samples the base model alone: drop the other --lora")
-    check_lora_scales(args.lora_scale)
+    check_setting("lora_scale", args.lora_scale)
     if args.lora != [NO_LORA] and len(args.lora_scale) not in (1, len(args.lora)):
         raise GenerateError(
             f"--lora_scale has {len(args.lora_scale)} values for {len(args.lora)} --lora: give one scale for all "
             "LoRAs or one per --lora (a sweep of strengths is --grid lora_scale=V1,V2,...)"
         )
-    check_seed(args.seed, args.num_images)
-    check_steps(args.steps)
-    check_guidance_scale(args.guidance_scale)
+    for name in ("seed", "steps", "guidance_scale"):
+        check_setting(name, getattr(args, name), num_images=args.num_images)
     if args.height % 8 or args.width % 8 or args.height < 8 or args.width < 8:
         raise GenerateError(
             f"--height {args.height} / --width {args.width}: both must be positive multiples of 8 (the VAE "
@@ -367,33 +322,25 @@ def check_args(args):
         raise GenerateError("--no_figure expands the --grid values into images without a figure: add --grid AXIS=...")
 
 
-def check_seed(seed: int, num_images: int, where: str = "--seed"):
-    """Seed `seed` and the next num_images - 1 (its images') must be seeds of torch.Generator: 0 to 2**64 - 1."""
-    if not 0 <= seed <= MAX_SEED - (num_images - 1):
+def check_setting(name: str, value, where: str = "", num_images: int = 1):
+    """Refuse a value of a sampling setting that no image can use: a flag's, a --grid value or a JSONL field."""
+    where = where or f"--{name}"
+    if name == "seed" and not 0 <= value <= MAX_SEED - (num_images - 1):  # image i takes seed + i
         raise GenerateError(
-            f"{where}: seed {seed} is out of range: give an integer from 0 to {MAX_SEED - (num_images - 1)} "
+            f"{where}: seed {value} is out of range: give an integer from 0 to {MAX_SEED - (num_images - 1)} "
             f"(torch's seeds end at 2**64 - 1, and image i takes seed + i)"
         )
-
-
-def check_steps(steps: int, flag: str = "--steps"):
-    if steps < 1:
-        raise GenerateError(f"{flag} must be at least 1, got {steps}")
-
-
-def check_guidance_scale(guidance_scale: float, flag: str = "--guidance_scale"):
-    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+    if name == "steps" and value < 1:
+        raise GenerateError(f"{where} must be at least 1, got {value}")
+    if name == "guidance_scale" and not (math.isfinite(value) and value >= 0):
         raise GenerateError(
-            f"{flag} {guidance_scale:g} is not a finite number of 0 or more: "
-            "use 1 to turn guidance off, 7.5 (the default) or more to follow the prompt closely"
+            f"{where} {value:g} is not a finite number of 0 or more: use 1 to turn guidance off, 7.5 (the default) "
+            "or more to follow the prompt closely"
         )
-
-
-def check_lora_scales(scales, flag: str = "--lora_scale"):
-    if not all(math.isfinite(scale) for scale in scales):
+    if name == "lora_scale" and not all(math.isfinite(scale) for scale in value):
         raise GenerateError(
-            f"{flag} {' '.join(f'{scale:g}' for scale in scales)} is not finite: "
-            "use numbers such as 0 (the base model), 0.5 or 1 (the LoRA as trained)"
+            f"{where} {' '.join(f'{scale:g}' for scale in value)} is not finite: use numbers such as 0 (the base "
+            "model), 0.5 or 1 (the LoRA as trained)"
         )
 
 
@@ -446,9 +393,7 @@ def stored_loras(settings) -> list:
     return [{"lora": settings["lora"], "sha256": settings["lora_sha256"], "scale": settings["lora_scale"]}]
 
 
-# ----------------------------------------------------------------------------------------------
 # Prompts, and the images of the run: a cell per prompt, image number and combination of the --grid values
-# ----------------------------------------------------------------------------------------------
 
 
 def read_prompts(args) -> list:
@@ -501,7 +446,7 @@ def prompt_record(line: str, where: str, num_images: int) -> dict:
         if not isinstance(value, wanted) or isinstance(value, bool):
             raise GenerateError(f"{where}: {key} must be {'an integer' if wanted is int else 'text'}, got {value!r}")
     if "seed" in record:
-        check_seed(record["seed"], num_images, where)
+        check_setting("seed", record["seed"], where, num_images)
     return record
 
 
@@ -662,21 +607,13 @@ def axis_value(name: str, text: str, args):
         if len(args.lora_scale) != 1:
             raise GenerateError("--grid lora=... shows each LoRA alone: give one --lora_scale, the strength of each")
         return () if text == NO_LORA else ((text, args.lora_scale[0]),)
-    if name == "steps":
-        check_steps(int(text), "--grid steps")
-    if name == "seed":
-        check_seed(int(text), args.num_images, "--grid seed")
-    if name in ("seed", "steps"):
-        return int(text)
-    if name == "guidance_scale":
-        check_guidance_scale(float(text), "--grid guidance_scale")
-    if name == "lora_scale":
-        check_lora_scales([float(text)], "--grid lora_scale")
-    if name in ("lora_scale", "guidance_scale"):
-        return float(text)
     if name == "scheduler" and text not in SCHEDULERS:
         raise ValueError(text)
-    return text
+    if name not in ("seed", "steps", "guidance_scale", "lora_scale"):
+        return text
+    value = int(text) if name in ("seed", "steps") else float(text)
+    check_setting(name, [value] if name == "lora_scale" else value, f"--grid {name}", args.num_images)
+    return value
 
 
 def figures_drawn(args, axes) -> bool:
@@ -684,9 +621,7 @@ def figures_drawn(args, axes) -> bool:
     return bool(axes) and not args.no_figure
 
 
-# ----------------------------------------------------------------------------------------------
 # Models and LoRAs: the device, the base pipeline, and each LoRA read, checked and fused into its weights
-# ----------------------------------------------------------------------------------------------
 
 
 def pick_device(name: str) -> torch.device:
@@ -1091,9 +1026,7 @@ class LoraSwitch:
         self.fused = lora_scales
 
 
-# ----------------------------------------------------------------------------------------------
 # Sampling: batches of cells that share their LoRAs, sampler, steps and guidance, each image from its own seed
-# ----------------------------------------------------------------------------------------------
 
 
 def write_images(pipe, switch, own_batches, args, lora_files: dict, dtype, output_dir: Path, progress):
@@ -1245,9 +1178,7 @@ def compile_models(pipe, cells, args):
     print(f"compiled the UNet and the VAE decoder in {time.perf_counter() - start:.1f} s (a 2-step warm-up batch)")
 
 
-# ----------------------------------------------------------------------------------------------
 # Saving: each image a new PNG that carries its settings, written whole or not at all
-# ----------------------------------------------------------------------------------------------
 
 
 def image_settings(cell: Cell, args, sampler: str, lora_files: dict, dtype) -> dict:
@@ -1352,9 +1283,7 @@ def atomic_write(path: Path):
         raise
 
 
-# ----------------------------------------------------------------------------------------------
 # Grid figures: each prompt's cells, labelled, drawn from their PNGs once all are written
-# ----------------------------------------------------------------------------------------------
 
 
 def draw_figures(args, prompts, axes, jobs, command: str, output_dir: Path):
@@ -1474,10 +1403,8 @@ def wrap(text: str, font, max_width: float, max_lines: int) -> list:
     return lines
 
 
-# ----------------------------------------------------------------------------------------------
 # Datasets: a run's images split between the processes of `accelerate launch`, resumed from what its folder
 # holds, and captioned in metadata.jsonl (rebuilt from the PNGs) for finetune_lora.py
-# ----------------------------------------------------------------------------------------------
 
 
 def ordinal_width(count: int) -> int:
