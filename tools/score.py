@@ -612,27 +612,13 @@ def write_scores(rows: list, record: dict, figure, output_dir: Path) -> list:
 def score_table(summary: dict, chance: dict, varying: list) -> str:
     """The summary as text: a line per group (LoRA setting and `varying` settings) with its image count, CLIP score
     and agreement per measured axis, the `chance` rate of each in its header."""
-    axes = list(chance)
-    header = [
-        ", ".join(["LoRA", *varying]),
-        "images",
-        "CLIP score",
-        *[f"{axis} agreement (chance {rate:.0%})" for axis, rate in chance.items()],
-    ]
-    lines = [
-        [
-            group,
-            str(scores["images"]),
-            f"{scores['clip_score']:.2f}",
-            *[f"{scores['agreement'][axis]['rate']:.0%}" if axis in scores["agreement"] else "-" for axis in axes],
-        ]
-        for group, scores in summary.items()
-    ]
-    widths = [max(len(line[column]) for line in [header, *lines]) for column in range(len(header))]
-    return "\n".join(
-        "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
-        for line in [header, *lines]
-    )
+    lines = [[", ".join(["LoRA", *varying]), "images", "CLIP score"]]
+    lines[0] += [f"{axis} agreement (chance {rate:.0%})" for axis, rate in chance.items()]
+    for group, scores in summary.items():
+        rates = [f"{scores['agreement'][axis]['rate']:.0%}" if axis in scores["agreement"] else "-" for axis in chance]
+        lines.append([group, str(scores["images"]), f"{scores['clip_score']:.2f}", *rates])
+    widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
+    return "\n".join("  ".join(map(str.ljust, line, widths)).rstrip() for line in lines)
 
 
 def report_scores(scorer: Scorer, images: list, device: torch.device, output_dir: Path):
