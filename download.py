@@ -61,14 +61,13 @@ from huggingface_hub import (
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
-    HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import tqdm, validate_repo_id
+from huggingface_hub.utils import tqdm
 from safetensors import SafetensorError, safe_open
 
 DEFAULT_REPO_ID = "michaeltrs/text2face"
@@ -81,19 +80,7 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 DOWNLOAD_CHUNK_BYTES = 2**20
 
 # Weight formats a component folder may hold; of these only `.safetensors` is fetched.
-WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".ckpt",
-    ".pt",
-    ".pth",
-    ".msgpack",
-    ".h5",
-    ".onnx",
-    ".onnx_data",
-    ".pb",
-    ".gguf",
-)
+WEIGHT_SUFFIXES = tuple(".safetensors .bin .ckpt .pt .pth .msgpack .h5 .onnx .onnx_data .pb .gguf".split())
 # `model-00001-of-00002.safetensors`: a shard number is not a variant.
 SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}")
 # LoRA down/up weights in the layouts diffusers saves and loads: peft (`lora_A`), older diffusers
@@ -118,15 +105,25 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def hub_repo_id(value: str) -> str:
-    """argparse type of --repo_id and --base_model: a Hub repo id, as download.py fetches from the Hub only."""
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
+    """argparse type of --repo_id and --base_model: a Hub repo id, as download.py fetches from the Hub only; a value
+    that names a folder (names_a_folder) is refused."""
+    if names_a_folder(value):
         raise argparse.ArgumentTypeError(
             f"{value!r} is not a Hub repo id (namespace/name, like {DEFAULT_BASE_MODEL}): download.py fetches from "
             "the Hub only; give a folder or file on disk to generate.py as it is"
-        ) from None
+        )
     return value
+
+
+# Copied from generate.names_a_folder
+def names_a_folder(name: str) -> bool:
+    """Whether a model flag's value names a local folder rather than a Hub id: whatever exists on disk, a path (from
+    the root, from here, from home) and anything that is not owner/name (`runwayml` alone is a folder)."""
+    return (
+        Path(name).expanduser().exists()
+        or name.startswith(("/", ".", "~"))
+        or not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -452,13 +449,16 @@ def out_of_reach(error: Exception) -> str:
     """Why the Hub was not asked: offline mode, or the network's own words (connection refused, unknown host)."""
     if is_offline_mode():
         return "HF_HUB_OFFLINE=1 is set"
-    return f"cannot reach {constants.ENDPOINT} ({first_line(error)})"
+    reason = re.sub(r"^\[Errno -?\d+\] ", "", first_line(error))  # as check_hub_reachable words it in generate.py
+    return f"cannot reach the Hub at {constants.ENDPOINT} ({reason})"
 
 
+# Copied from generate.first_line
 def first_line(error: BaseException) -> str:
-    """The first line of `error`'s message, or the name of its type when it was raised without one."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    """An exception as one line of an error message: its first line, or its type when its text is empty."""
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    text = text.strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 @contextmanager

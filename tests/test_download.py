@@ -407,7 +407,7 @@ def test_an_unreachable_hub_fails_at_once_in_one_line_naming_what_was_needed(hub
     print(f"download.py against a closed port failed after {time.monotonic() - started:.1f} s")
     assert result.returncode == 1
     (line,) = result.stderr.splitlines()  # once: no retry warnings before it
-    assert line.startswith("download.py: error: cannot reach http://127.0.0.1:")
+    assert line.startswith("download.py: error: cannot reach the Hub at http://127.0.0.1:")
     assert f"to fetch {LORA_FILE} from {LORA_REPO}: check the network" in line and "HF_HUB_OFFLINE=1" in line
 
     hub.add_repo(LORA_REPO, {LORA_FILE: lora_bytes(tmp_path)})
@@ -418,7 +418,7 @@ def test_an_unreachable_hub_fails_at_once_in_one_line_naming_what_was_needed(hub
     assert result.returncode == 1
     using, line = result.stderr.splitlines()
     assert using.endswith(f"using {Path(LORA_FILE)} without checking for updates")
-    assert line.startswith("download.py: error: cannot reach http://127.0.0.1:")
+    assert line.startswith("download.py: error: cannot reach the Hub at http://127.0.0.1:")
     assert f"from {BASE_REPO}: check the network" in line
 
 

@@ -1,9 +1,13 @@
-"""generate.py --score and finetune_lora.py --validation_score against a tiny random CLIP model saved to disk: the
-scores checked against transformers computing them directly on the same PNGs and prompts."""
+"""tools/score.py (over folders that generate.py sampled) and finetune_lora.py --validation_score against a tiny
+random CLIP model saved to disk: the scores checked against transformers computing them directly on the same PNGs
+and prompts."""
 
 import csv
+import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +24,15 @@ TEMPLATE = "a {age} year old {ethnicity} woman with long red hair smiles"
 AGES = ["20", "40", "60"]
 ETHNICITIES = ["Asian", "Black"]
 GUIDANCE = ["1", "7.5", "12"]
+SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "score.py"
+spec = importlib.util.spec_from_file_location("score", SCRIPT)
+score = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(score)
+
+
+def score_folder(folder, score_model, *flags) -> int:
+    """tools/score.py in this process: its exit code."""
+    return score.main([folder, "--score_model", score_model, "--device", "cpu", *flags])
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +41,9 @@ def lora_file(tiny_model, tmp_path_factory):
 
 
 def scored_sweep(tiny_model, tiny_clip, folder: Path, *flags) -> Path:
-    code, _ = run(tiny_model, folder, *flags, "--score", "--score_model", tiny_clip)
-    assert code == 0
+    """The folder, sampled by generate.py and then scored by tools/score.py."""
+    assert run(tiny_model, folder, *flags)[0] == 0
+    assert score_folder(folder, tiny_clip) == 0
     return folder
 
 
@@ -192,10 +206,10 @@ def test_compare_scores_the_base_model_beside_the_lora(compare_sweep, lora_file)
     assert figure.width > figure.height
 
 
-def test_from_folder_gives_the_scores_of_scoring_right_after_sampling(attribute_sweep, tiny_clip, tmp_path, capsys):
+def test_a_copy_of_a_folder_gets_the_scores_of_the_folder(attribute_sweep, tiny_clip, tmp_path, capsys):
     folder = tmp_path / "copy"
     shutil.copytree(attribute_sweep, folder, ignore=shutil.ignore_patterns("scores*"))
-    assert generate.main(["--from_folder", folder, "--score", "--score_model", tiny_clip, "--device", "cpu"]) == 0
+    assert score_folder(folder, tiny_clip) == 0
     out = capsys.readouterr().out
     assert "scored 12 image(s)" in out and "age agreement (chance 33%)" in out
     again, before = read_rows(folder), read_rows(attribute_sweep)
@@ -215,13 +229,13 @@ def test_scoring_again_replaces_the_scores_of_the_same_model_and_writes_beside_a
     folder = shutil.copytree(attribute_sweep, tmp_path / "copy")
     before = {path.name: path.read_bytes() for path in folder.glob("scores*")}
     (folder / "scores.csv").write_text("stale\n")
-    assert generate.main(["--from_folder", folder, "--score", "--score_model", tiny_clip, "--device", "cpu"]) == 0
+    assert score_folder(folder, tiny_clip) == 0
     assert {path.name: path.read_bytes() for path in folder.glob("scores*")}.keys() == before.keys()
     assert (folder / "scores.csv").read_bytes() == before["scores.csv"]
     other = shutil.copytree(tiny_clip, tmp_path / "other-clip")
     for time in range(2):  # the second time over its own first scores, without a note
         capsys.readouterr()
-        assert generate.main(["--from_folder", folder, "--score", "--score_model", other, "--device", "cpu"]) == 0
+        assert score_folder(folder, other) == 0
         assert ("note: scores.* in" in capsys.readouterr().err) == (time == 0)
         assert sorted(path.name for path in folder.glob("scores*")) == sorted(
             [*before, "scores-2.csv", "scores-2.json", "scores-2.png"]
@@ -244,8 +258,8 @@ def test_scoring_again_replaces_the_scores_of_the_same_model_and_writes_beside_a
     ],
 )
 def test_an_axis_clip_cannot_judge_gets_a_note_and_no_agreement(tiny_model, tiny_clip, tmp_path, capsys, flags, note):
-    code, _ = run(tiny_model, tmp_path, *flags, "--lora", "none", "--score", "--score_model", tiny_clip)
-    assert code == 0
+    assert run(tiny_model, tmp_path, *flags, "--lora", "none")[0] == 0
+    assert score_folder(tmp_path, tiny_clip) == 0
     assert f"note: {note}" in capsys.readouterr().err
     summary = json.loads((tmp_path / "scores.json").read_text())
     assert summary["groups"]["none"]["agreement"] == {} and note in summary["notes"][0]
@@ -257,8 +271,8 @@ def test_an_axis_clip_cannot_judge_gets_a_note_and_no_agreement(tiny_model, tiny
 def test_a_prompt_longer_than_the_score_model_reads_is_cut_and_said_once(tiny_model, tiny_clip, tmp_path, capsys):
     long_prompt = "a young woman with long red hair smiles, " * 8  # over 77 tokens of the test tokenizer
     flags = ["--prompt", long_prompt, "--num_images", "2", "--lora", "none"]
-    code, _ = run(tiny_model, tmp_path, *flags, "--score", "--score_model", tiny_clip)
-    assert code == 0
+    assert run(tiny_model, tmp_path, *flags)[0] == 0
+    assert score_folder(tmp_path, tiny_clip) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "tokens --score_model reads" in line]
     assert notes == [
         "note: 1 prompt(s) are longer than the 77 tokens --score_model reads: their CLIP scores and agreement see "
@@ -286,16 +300,14 @@ def one_error_line(capsys) -> str:
         ("INCOMPLETE", "incomplete is incomplete, not a CLIP model with image and text towers (1 weights missing, "),
     ],
 )
-def test_a_score_model_that_cannot_load_fails_before_anything_is_sampled(
-    tiny_model, not_clip, tmp_path, capsys, score_model, message
+def test_a_score_model_that_cannot_load_fails_before_anything_is_scored(
+    attribute_sweep, tiny_model, not_clip, tmp_path, capsys, score_model, message
 ):
     score_model = str({"TINY_MODEL": tiny_model, **not_clip}.get(score_model, score_model))
-    output = tmp_path / "out"
-    code, images = run(
-        tiny_model, output, "--prompt", "a face", "--lora", "none", "--score", "--score_model", score_model
-    )
-    assert code == 1 and images == []
+    folder = shutil.copytree(attribute_sweep, tmp_path / "copy", ignore=shutil.ignore_patterns("scores*"))
+    assert score_folder(folder, score_model) == 1
     assert message in one_error_line(capsys)
+    assert not list(folder.glob("scores*"))
 
 
 @pytest.mark.parametrize("contents", ["nothing", "foreign png", "grid figure only"])
@@ -306,44 +318,47 @@ def test_a_folder_without_our_images_is_one_line(attribute_sweep, tiny_clip, tmp
         Image.new("RGB", (8, 8)).save(folder / "photo.png")
     elif contents == "grid figure only":
         shutil.copy(sorted(attribute_sweep.glob("*-grid-*.png"))[0], folder)
-    code = generate.main(["--from_folder", folder, "--score", "--score_model", tiny_clip, "--device", "cpu"])
-    assert code == 1
+    assert score_folder(folder, tiny_clip) == 1
     assert "is an image written by generate.py" in one_error_line(capsys)
 
 
-def test_a_folder_whose_placeholder_clashes_with_a_score_column_is_one_line(tiny_model, tiny_clip, tmp_path, capsys):
-    assert run(tiny_model, tmp_path, "--prompt", "a {prompt} face", "--grid", "prompt=a,b", "--lora", "none")[0] == 0
+@pytest.mark.parametrize("placeholder", ["prompt", "file", "sampler", "age_predicted"])
+def test_a_folder_whose_placeholder_clashes_with_a_score_column_is_one_line(
+    tiny_model, tiny_clip, tmp_path, capsys, placeholder
+):
+    flags = ["--prompt", f"a {{{placeholder}}} face", "--grid", f"{placeholder}=a,b", "--lora", "none"]
+    assert run(tiny_model, tmp_path, *flags)[0] == 0
     capsys.readouterr()
-    code = generate.main(["--from_folder", tmp_path, "--score", "--score_model", tiny_clip, "--device", "cpu"])
-    assert code == 1
-    assert f"the placeholder {{prompt}} of the images in {tmp_path} has the name" in one_error_line(capsys)
+    assert score_folder(tmp_path, tiny_clip) == 1
+    assert (
+        f"the placeholder {{{placeholder}}} of the images in {tmp_path} has the name of a scores.csv column: rename "
+        f"the placeholder, e.g. {{{placeholder}_value}}"
+    ) in one_error_line(capsys)
     assert not list(tmp_path.glob("scores*"))
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--from_folder", "."], "--from_folder . scores the images in a folder: add --score"),
-        (["--from_folder", ".", "--score", "--prompt", "x"], "drop --prompt"),
-        (["--from_folder", "no-such-folder", "--score"], "--from_folder no-such-folder: no such folder"),
-        (
-            ["--from_folder", ".", "--score", "--output_dir", "out"],
-            "into DIR: drop --lora, --lora_scale and --output_dir",
-        ),
-        (["--from_folder", ".", "--score", "--lora", "none"], "--from_folder scores its images with the LoRAs they"),
-        (["--prompt", "x", "--score_model", "my/clip"], "--score_model is the CLIP model of --score: add --score"),
-        (
-            ["--prompt", "a {file}", "--grid", "file=a,b", "--score"],
-            "the placeholder {file} has the name of a scores.csv column of --score: rename the placeholder, e.g. "
-            "{file_value}",
-        ),
-        (["--prompt", "{sampler}", "--grid", "sampler=a,b", "--score"], "the placeholder {sampler} has the name"),
-        (["--prompt", "{age_predicted}", "--grid", "age_predicted=1,2", "--score"], "placeholder {age_predicted} has"),
+        (["no-such-folder"], "no-such-folder: no such folder: pass the --output_dir of a generate.py run"),
+        ([".", "--device", "cuda:7"], "--device cuda:7: "),
+        ([".", "--device", "tpu"], "--device tpu: "),
     ],
 )
-def test_misuse_of_the_scoring_flags_is_one_line(capsys, flags, message):
-    assert generate.main(flags) == 1
+def test_misuse_of_the_score_tool_is_one_line(capsys, flags, message):
+    assert score.main(flags) == 1
     assert message in one_error_line(capsys)
+
+
+def test_the_score_tool_runs_as_a_script_and_its_help_ends_with_its_examples():
+    help_text = subprocess.run(
+        [sys.executable, SCRIPT, "--help"], capture_output=True, text=True, check=True
+    ).stdout.rstrip()
+    examples = score.__doc__[score.__doc__.index("    python") :].rstrip()
+    assert help_text.endswith(examples)
+    bad = subprocess.run([sys.executable, SCRIPT, ".", "--no-such-flag"], capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert bad.stderr.startswith("error: unrecognized arguments: --no-such-flag")
 
 
 # ---------------------------------------------------------------------------------------------- finetune_lora.py
