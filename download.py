@@ -455,10 +455,12 @@ def out_of_reach(error: Exception) -> str:
     return f"cannot reach {constants.ENDPOINT} ({first_line(error)})"
 
 
+# Copied from generate.first_line
 def first_line(error: BaseException) -> str:
-    """The first line of `error`'s message, or the name of its type when it was raised without one."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    """An exception as one line of an error message: its first line, or its type when its text is empty."""
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    text = text.strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 @contextmanager

@@ -416,7 +416,7 @@ def batch_size_value(text: str):
     return text if text == "auto" else int(text)
 
 
-def first_line(error) -> str:
+def first_line(error: BaseException) -> str:
     """An exception as one line of an error message: its first line, or its type when its text is empty."""
     text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
     text = text.strip()
