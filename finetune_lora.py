@@ -112,10 +112,12 @@ class TrainingError(Exception):
         self.exit_code = exit_code
 
 
+# Copied from generate.first_line
 def first_line(error: BaseException) -> str:
-    """An exception's message for a one-line error: its first line, or the exception's type if it has no message."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    """An exception as one line of an error message: its first line, or its type when its text is empty."""
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    text = text.strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def staging_path(path: Path) -> Path:
