@@ -116,8 +116,8 @@ def test_offline_without_the_model_in_the_cache_says_so_in_one_line(face_folder,
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(
-        f"error: base model {finetune_lora.DEFAULT_BASE_MODEL} is not in the Hugging Face cache "
-        f"({tmp_path / 'empty-hf-home' / 'hub'}) and HF_HUB_OFFLINE=1 is set: "
+        f"error: cannot load base model {finetune_lora.DEFAULT_BASE_MODEL}, which is not in the Hugging Face cache "
+        f"({tmp_path / 'empty-hf-home' / 'hub'}), with HF_HUB_OFFLINE=1: "
     )
     assert "python download.py --base_model" in line
     assert not (tmp_path / "run").exists()
