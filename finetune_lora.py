@@ -331,8 +331,9 @@ def parse_args(argv=None):
     training.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the UNet's training forward and backward (in place: saved keys and resume are unchanged). "
-        "The first step pays the compile time, a minute or more; validation samples uncompiled (default: off).",
+        help="torch.compile the UNet alone, in place (saved keys and resume are unchanged): training's cost is the "
+        "UNet's forward and backward, while generate.py --compile also compiles the VAE decoder and fuses QKV for "
+        "sampling. The first step pays the compile time, a minute or more; validation samples uncompiled (default: off).",
     )
     training.add_argument(
         "--enable_xformers_memory_efficient_attention",

@@ -428,7 +428,10 @@ def test_a_run_logs_only_what_a_user_can_act_on_labels_its_grids_and_ends_with_t
     assert np.abs(grids[0][:top] - header).max() > 100  # "step 0" and "step 2"
     assert np.array_equal(grids[0][top:, :left], side)  # the same seed
 
-    # The last line is a command that samples the LoRA just trained.
+    # The line before it converts the LoRA with tools/export_kohya.py; the last is a command that samples it.
+    assert log.strip().splitlines()[-2] == (
+        f"For AUTOMATIC1111 and ComfyUI: python tools/export_kohya.py run.safetensors --lora {output}"
+    )
     last = log.strip().splitlines()[-1]
     prefix = f"Next: python generate.py --lora {output / finetune_lora.LORA_WEIGHTS_NAME} --prompt "
     assert last.startswith(prefix), last
