@@ -44,7 +44,7 @@ exactly where it stopped. The LoRA ends up in `<output_dir>/pytorch_lora_weights
 generate.py read; `training_settings.json` beside it names the base model, ranks and steps. For
 AUTOMATIC1111 and ComfyUI, convert it with the command the end of training prints:
 
-    python generate.py --export_kohya text2face.safetensors --lora outputs/text2face
+    python tools/export_kohya.py text2face.safetensors --lora outputs/text2face
 """
 
 import argparse
@@ -112,45 +112,14 @@ class TrainingError(Exception):
         self.exit_code = exit_code
 
 
-# Copied from generate.first_line
-def first_line(error: BaseException) -> str:
-    """An exception as one line of an error message: its first line, or its type when its text is empty."""
-    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-    text = text.strip()
-    return text.splitlines()[0] if text else type(error).__name__
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
 
 
-def staging_path(path: Path) -> Path:
-    """Where `path` is written before atomic_write() renames it into place."""
-    return path.with_name(path.name + ".tmp")
-
-
-def remove(path: Path):
-    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def atomic_write(path: Path):
-    """Yield the staging path to write `path` (a file or a folder) to; when the block ends, rename it to `path` in
-    one step, so `path` is never seen half-written. A failed block leaves nothing; a killed run leaves
-    `<path>.tmp`, which the next run clears (prepare_output_dir) or writes over."""
-    staging = staging_path(path)
-    try:
-        yield staging
-        if path.is_dir():
-            shutil.rmtree(path)  # os.replace cannot replace a folder that holds files
-        os.replace(staging, path)
-    except BaseException:
-        remove(staging)
-        raise
-
-
-def write_json(path: Path, value):
-    path.write_text(json.dumps(value, indent=2) + "\n")
-
-
-class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every flag's default: appended where the help does not state it already, 'off' for a switch."""
+class DefaultsShown(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default (appended where the help does not state it already, 'off' for a switch), and the
+    epilog (the docstring's examples) as written."""
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -171,6 +140,7 @@ def parse_args(argv=None):
     parser = OneLineParser(
         description="LoRA fine-tuning of Stable Diffusion 2.1 (UNet and text encoder).",
         formatter_class=DefaultsShown,
+        epilog=__doc__,
     )
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -361,8 +331,9 @@ def parse_args(argv=None):
     training.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the UNet's training forward and backward (in place: saved keys and resume are unchanged). "
-        "The first step pays the compile time, a minute or more; validation samples uncompiled (default: off).",
+        help="torch.compile the UNet alone, in place (saved keys and resume are unchanged): training's cost is the "
+        "UNet's forward and backward, while generate.py --compile also compiles the VAE decoder and fuses QKV for "
+        "sampling. The first step pays the compile time, a minute or more; validation samples uncompiled (default: off).",
     )
     training.add_argument(
         "--enable_xformers_memory_efficient_attention",
@@ -848,7 +819,7 @@ def collate(examples):
 
 
 # ----------------------------------------------------------------------------------------------
-# Models and LoRA
+# Models: the frozen base model, the LoRA adapters, the optimizer
 # ----------------------------------------------------------------------------------------------
 
 
@@ -869,7 +840,7 @@ def load_frozen_models(args, accelerator) -> Models:
 
     # Frozen weights are only read, so they load straight in the mixed-precision dtype; the LoRA stays fp32.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    noise_scheduler, tokenizer, text_encoder, vae, unet = load_base_model(args, weight_dtype, accelerator.device)
+    noise_scheduler, tokenizer, text_encoder, vae, unet = load_base_components(args, weight_dtype, accelerator.device)
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     for model in (text_encoder, vae, unet):
@@ -886,39 +857,7 @@ def load_frozen_models(args, accelerator) -> Models:
     return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, weight_dtype)
 
 
-def add_lora_adapters(args, models: Models) -> Models:
-    """Add the LoRA adapters (fp32, alpha = rank, seeded) to the UNet and, with --train_text_encoder, the text encoder;
-    with --gradient_checkpointing, both models recompute their activations in the backward pass; with --compile, the
-    UNet's training forward is compiled."""
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
-
-    # The LoRA initialisation draws from the global RNG: seed it so every process starts identical.
-    torch.manual_seed(args.seed)
-    models.unet.add_adapter(
-        LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=UNET_TARGET_MODULES)
-    )
-    if args.train_text_encoder:
-        models.text_encoder.add_adapter(
-            LoraConfig(
-                r=args.text_encoder_rank,
-                lora_alpha=args.text_encoder_rank,
-                init_lora_weights="gaussian",
-                target_modules=TEXT_ENCODER_TARGET_MODULES,
-            )
-        )
-    cast_training_params([models.unet, models.text_encoder], dtype=torch.float32)
-
-    if args.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
-            models.text_encoder.activation_checkpointing_enable()
-    if args.compile:
-        compile_for_training(models.unet)
-    return models
-
-
-def load_base_model(args, weight_dtype, device) -> tuple:
+def load_base_components(args, weight_dtype, device) -> tuple:
     """The base model's scheduler, tokenizer, text encoder, VAE and UNet: from its folder; from the Hugging Face
     cache alone when it holds them all (no network needed, none asked); else from the Hub, if it answers."""
     from huggingface_hub import constants
@@ -927,7 +866,9 @@ def load_base_model(args, weight_dtype, device) -> tuple:
     if not Path(base).is_dir() and not constants.is_offline_mode():
         with contextlib.suppress(OSError):
             return base_model_components(args, weight_dtype, device, local_files_only=True)
-        check_hub_reachable(base_model_source(args))
+        source = base_model_source(args)
+        needed = f"base model {base}, which is not in the Hugging Face cache"
+        check_hub_reachable(base, source.index_file, needed, how_to_get(source), args.revision)
     return base_model_components(args, weight_dtype, device, local_files_only=False)
 
 
@@ -963,116 +904,36 @@ def base_model_components(args, weight_dtype, device, local_files_only: bool) ->
         raise TrainingError(f"cannot load base model {base}: {first_line(error)}") from error
 
 
-def looks_like_folder(name: str) -> bool:
-    """A name the Hub could never hold: a path from here, from the root or from home, or one of several levels."""
-    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or name.count("/") > 1
+def add_lora_adapters(args, models: Models) -> Models:
+    """Add the LoRA adapters (fp32, alpha = rank, seeded) to the UNet and, with --train_text_encoder, the text encoder;
+    with --gradient_checkpointing, both models recompute their activations in the backward pass; with --compile, the
+    UNet's training forward is compiled."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
 
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A model the run loads by folder or Hub id, as its flag names it: what to check and what to tell the user."""
-
-    what: str  # "base model", as messages call it
-    name: str
-    flag: str
-    kind: str  # what the folder must hold, e.g. "a diffusers Stable Diffusion 2.1 pipeline"
-    example: str  # a Hub id that works
-    index_file: str  # the file every such repo holds
-    revision: str | None
-
-
-def base_model_source(args) -> ModelSource:
-    return ModelSource(
-        "base model",
-        args.pretrained_model_name_or_path,
-        "--pretrained_model_name_or_path",
-        "a diffusers Stable Diffusion 2.1 pipeline",
-        DEFAULT_BASE_MODEL,
-        "model_index.json",
-        args.revision,
+    # The LoRA initialisation draws from the global RNG: seed it so every process starts identical.
+    torch.manual_seed(args.seed)
+    models.unet.add_adapter(
+        LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=UNET_TARGET_MODULES)
     )
-
-
-def score_model_source(args) -> ModelSource:
-    return ModelSource(
-        "score model",
-        args.score_model,
-        "--score_model",
-        "a transformers CLIP model",
-        DEFAULT_SCORE_MODEL,
-        "config.json",
-        None,
-    )
-
-
-def check_model_source(source: ModelSource, cache_dir):
-    """Find in seconds a model that cannot load: a folder that is not there, or a Hub id that is neither in the
-    cache nor reachable (instead of minutes of retries, or a missing-file error that blames the model)."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    if Path(source.name).is_dir():
-        return
-    if looks_like_folder(source.name):
-        raise TrainingError(
-            f"{source.flag}: no such folder: {source.name}: pass the folder of {source.kind} or a Hub id like "
-            f"{source.example}"
+    if args.train_text_encoder:
+        models.text_encoder.add_adapter(
+            LoraConfig(
+                r=args.text_encoder_rank,
+                lora_alpha=args.text_encoder_rank,
+                init_lora_weights="gaussian",
+                target_modules=TEXT_ENCODER_TARGET_MODULES,
+            )
         )
-    try:
-        snapshot_download(source.name, revision=source.revision, cache_dir=cache_dir, local_files_only=True)
-        return
-    except LocalEntryNotFoundError:
-        pass
-    except HFValidationError as error:
-        raise TrainingError(
-            f"{source.flag}: no such folder or Hub id: {source.name} ({first_line(error)}): pass the folder of "
-            f"{source.kind} or a Hub id like {source.example}"
-        ) from error
-    if constants.is_offline_mode():
-        raise TrainingError(
-            f"{source.what} {source.name} is not in the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}) and "
-            f"HF_HUB_OFFLINE=1 is set: {how_to_get(source)}"
-        )
-    check_hub_reachable(source)
+    cast_training_params([models.unet, models.text_encoder], dtype=torch.float32)
 
-
-def how_to_get(source: ModelSource) -> str:
-    fetch = (
-        f"python download.py --base_model {source.name}"
-        if source.flag == "--pretrained_model_name_or_path"
-        else f"hf download {source.name}"
-    )
-    return (
-        f"run `{fetch}` where there is a network and use its cache here (HF_HOME, with HF_HUB_OFFLINE=1), "
-        f"or pass {source.flag} /path/to/folder"
-    )
-
-
-def check_hub_reachable(source: ModelSource):
-    """One request without retries: a Hub that cannot be reached at all (connection refused, no route, no DNS)
-    fails the run now, in one line. A Hub that answers slowly is left to the loaders' own retries."""
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-    from huggingface_hub.utils import httpx  # the HTTP library of huggingface_hub, under the name it exports
-
-    try:
-        get_hf_file_metadata(hf_hub_url(source.name, source.index_file, revision=source.revision))
-    except httpx.ConnectError as error:
-        raise TrainingError(
-            f"cannot reach the Hub at {constants.ENDPOINT} ({first_line(error)}) to fetch {source.what} "
-            f"{source.name}, which is not in the Hugging Face cache: {how_to_get(source)}"
-        ) from error
-    except RepositoryNotFoundError as error:
-        raise TrainingError(
-            f"no model {source.name} on {constants.ENDPOINT}: check {source.flag} (a Hub id such as "
-            f"{source.example}, or a folder); a private model needs `hf auth login`"
-        ) from error
-    except RevisionNotFoundError as error:
-        raise TrainingError(
-            f"{source.what} {source.name} has no revision {source.revision}: check --revision"
-        ) from error
-    except (httpx.HTTPError, OSError):
-        pass  # slow, overloaded or gated: the loaders retry and report it
+    if args.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            models.text_encoder.activation_checkpointing_enable()
+    if args.compile:
+        compile_for_training(models.unet)
+    return models
 
 
 def compile_for_training(unet):
@@ -1083,738 +944,6 @@ def compile_for_training(unet):
 
     torch._inductor.config.layout_optimization = False
     unet.compile()
-
-
-def published_layout(text_encoder_layers: dict) -> dict:
-    """Text-encoder LoRA keys with CLIPTextModel's text_model level, which transformers 5 dropped: the published
-    LoRA, transformers-4 stacks and kohya's converter spell them so, and diffusers maps them to either."""
-    return {
-        key if key.startswith("text_model.") else f"text_model.{key}": value
-        for key, value in text_encoder_layers.items()
-    }
-
-
-def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple:
-    from peft.utils import get_peft_model_state_dict
-
-    unet_layers = get_peft_model_state_dict(unet)
-    text_encoder_layers = (
-        get_peft_model_state_dict(text_encoder, save_embedding_layers=False) if train_text_encoder else None
-    )
-    return unet_layers, text_encoder_layers
-
-
-def adapter_metadata(model) -> dict:
-    config = model.peft_config["default"]
-    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
-
-
-def save_lora(path: Path, unet, text_encoder, train_text_encoder: bool):
-    """Write the LoRA to the file `path` in the diffusers format generate.py loads.
-
-    The safetensors header carries each adapter's LoraConfig (rank, alpha, target modules), so the
-    strength trained is the strength applied; training_settings.json beside it names the base model and steps.
-    """
-    from diffusers import StableDiffusionPipeline
-
-    unet_layers, text_encoder_layers = lora_state_dicts(unet, text_encoder, train_text_encoder)
-    StableDiffusionPipeline.save_lora_weights(
-        path.parent,
-        unet_lora_layers=unet_layers,
-        text_encoder_lora_layers=published_layout(text_encoder_layers) if train_text_encoder else None,
-        unet_lora_adapter_metadata=adapter_metadata(unet),
-        text_encoder_lora_adapter_metadata=adapter_metadata(text_encoder) if train_text_encoder else None,
-        weight_name=path.name,
-        safe_serialization=True,
-    )
-    # safetensors writes through a private temporary file (mode 0600): give the weights the mode any file made the
-    # usual way gets under the user's umask.
-    path.chmod(0o666 & ~current_umask())
-
-
-def current_umask() -> int:
-    umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
-    os.umask(umask)
-    return umask
-
-
-def load_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
-    """Load a checkpoint's LoRA back into the adapters; every adapter weight must be present. Text-encoder keys
-    may have the text_model level or not (checkpoints written before this script saved the published layout)."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    path = directory / LORA_WEIGHTS_NAME
-    if not path.is_file():
-        raise TrainingError(f"checkpoint {directory} has no {LORA_WEIGHTS_NAME}")
-    state = load_file(path)
-    for prefix, model, wanted in (("unet.", unet, True), ("text_encoder.", text_encoder, train_text_encoder)):
-        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        if not wanted:
-            continue
-        if prefix == "text_encoder." and not hasattr(model, "text_model"):
-            part = {k.removeprefix("text_model."): v for k, v in part.items()}
-        expected = set(lora_state_dicts(unet, text_encoder, train_text_encoder)[0 if prefix == "unet." else 1])
-        if set(part) != expected:
-            raise TrainingError(
-                f"the LoRA in {directory} does not match this run's --rank/--text_encoder_rank/"
-                f"--train_text_encoder ({len(set(part) ^ expected)} mismatched tensors)"
-            )
-        set_peft_model_state_dict(model, part, adapter_name="default")
-
-
-# ----------------------------------------------------------------------------------------------
-# Accelerator, output folder, checkpoints
-# ----------------------------------------------------------------------------------------------
-
-
-def no_accelerator_device() -> bool:
-    return not (
-        torch.cuda.is_available()
-        or (hasattr(torch, "xpu") and torch.xpu.is_available())
-        or torch.backends.mps.is_available()
-    )
-
-
-def make_accelerator(args):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
-
-    log_with = None if args.report_to == "none" else args.report_to
-    if args.report_to == "wandb" and not is_wandb_available():
-        raise TrainingError("--report_to wandb needs wandb: pip install wandb (or use --report_to tensorboard)")
-    if args.report_to == "tensorboard" and not is_tensorboard_available():
-        log_with = None
-        print(
-            "note: TensorBoard is not installed, so metrics go only to the progress bar "
-            "(pip install tensorboard to log them)",
-            file=sys.stderr,
-        )
-    # Without a GPU, accelerate forms a gloo process group under torchrun only when asked for the CPU.
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=log_with,
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir)
-        ),
-        cpu=no_accelerator_device(),
-    )
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != world_size:
-        raise TrainingError(
-            f"accelerate formed a group of {accelerator.num_processes} process(es) but WORLD_SIZE is "
-            f"{world_size}: every process would train alone on all the data; check the launcher config"
-        )
-    configure_logging(accelerator)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-    return accelerator
-
-
-def configure_logging(accelerator):
-    import diffusers
-    import huggingface_hub
-    import transformers
-
-    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
-    logger.setLevel(logging.INFO if accelerator.is_local_main_process else logging.WARNING)
-    # huggingface_hub prints through its own handler and also passes each record on to ours: every line twice.
-    huggingface_hub.utils.logging.disable_propagation()
-    # Notes no user can act on: transformers falls back from torchvision (which does not import beside the CPU
-    # torch build) to PIL for an image processor the pipeline never runs, and a weight-loading bar per model.
-    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
-    transformers.utils.logging.disable_progress_bar()
-    # diffusers still passes huggingface_hub an argument that it ignores, and huggingface_hub warns about it.
-    warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
-    if not accelerator.is_local_main_process:  # one copy of the libraries' warnings is enough
-        transformers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
-
-
-def checkpoint_step(path: Path):
-    match = CHECKPOINT_PATTERN.match(path.name)
-    return int(match.group(1)) if match else None
-
-
-def is_complete_checkpoint(path: Path) -> bool:
-    """save_checkpoint() writes the settings last, after the LoRA and every process's RNG state."""
-    return all((path / name).is_file() for name in (SETTINGS_NAME, LORA_WEIGHTS_NAME, "random_states_0.pkl"))
-
-
-def checkpoint_folders(output_dir: Path) -> list:
-    """checkpoint-N folders, oldest first (temporary checkpoint-N.tmp folders excluded)."""
-    return sorted(
-        (p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None),
-        key=checkpoint_step,
-    )
-
-
-def complete_checkpoints(output_dir: Path) -> list:
-    return [p for p in checkpoint_folders(output_dir) if is_complete_checkpoint(p)]
-
-
-def prepare_output_dir(args, accelerator, resuming: bool):
-    """Refuse to clobber an earlier run unless asked; clear leftovers of interrupted checkpoint writes."""
-    output_dir = Path(args.output_dir)
-    # A killed run's half-written checkpoint-N.tmp is no run to protect: 'latest' starts afresh and clears it.
-    earlier = [p for p in (output_dir / LORA_WEIGHTS_NAME, *complete_checkpoints(output_dir)) if p.exists()]
-    if earlier and not resuming and not args.overwrite_output_dir:
-        how = (
-            "it has no complete checkpoint to resume"
-            if args.resume_from_checkpoint == "latest"
-            else "resume it with --resume_from_checkpoint latest"
-        )
-        raise TrainingError(
-            f"{output_dir} already holds a training run ({earlier[0].name}); {how}, "
-            "or pass --overwrite_output_dir to replace it"
-        )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if not resuming:  # a fresh start: old grids, logs and model card would mix with the new run's
-            for path in previous_outputs(args):
-                remove(path)
-            for folder in (output_dir / "validation", output_dir / args.logging_dir):
-                if folder.is_dir() and within(folder, output_dir) and not any(folder.iterdir()):
-                    folder.rmdir()
-        for stale in output_dir.glob("checkpoint-*.tmp"):
-            remove(stale)
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-
-
-def preflight(args):
-    """What would otherwise fail after the model load or after training, checked before anything is loaded or
-    created: the base model (and the --validation_score model) can be found, and every place the run writes to
-    can be written."""
-    check_model_source(base_model_source(args), args.cache_dir)
-    if args.validation_score:
-        check_model_source(score_model_source(args), args.cache_dir)
-    output_dir = Path(args.output_dir)
-    folders = {output_dir: "--output_dir", output_dir / "validation": "--output_dir"}
-    if args.report_to != "none":
-        folders[output_dir / args.logging_dir] = "--logging_dir"
-    for folder, flag in folders.items():
-        check_writable(folder, flag)
-    final = output_dir / LORA_WEIGHTS_NAME
-    if final.exists() and not final.is_file():
-        raise TrainingError(f"cannot write the LoRA to {final}: it is a folder; pass another --output_dir")
-
-
-def check_writable(folder: Path, flag: str):
-    """That `folder` exists as a folder we may write into, or can be created, by writing a file into the nearest
-    folder that exists (for root, permission bits say nothing) and removing it again."""
-    existing = next(path for path in (folder, *folder.parents) if path.exists())
-    if not existing.is_dir():
-        raise TrainingError(f"cannot write to {folder}: {existing} is a file, not a folder; pass another {flag}")
-    try:
-        tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-").close()
-    except OSError as error:
-        raise TrainingError(
-            f"cannot write to {folder}: {existing} is not writable ({error.strerror or first_line(error)}); "
-            f"pass another {flag}"
-        ) from error
-
-
-def within(path: Path, folder: Path) -> bool:
-    return path.resolve() != folder.resolve() and path.resolve().is_relative_to(folder.resolve())
-
-
-def previous_outputs(args) -> list:
-    """What an earlier run of this script wrote into output_dir; files this script does not write are never listed."""
-    output_dir = Path(args.output_dir)
-    if not output_dir.is_dir():
-        return []
-    paths = [output_dir / name for name in (LORA_WEIGHTS_NAME, SETTINGS_NAME)]
-    paths += [staging_path(path) for path in (*paths, output_dir / MODEL_CARD_NAME)]
-    paths += [p for p in output_dir.glob("checkpoint-*") if CHECKPOINT_PATTERN.match(p.name.removesuffix(".tmp"))]
-    paths += [p for p in (output_dir / "validation").glob("step-*") if VALIDATION_GRID_PATTERN.match(p.name)]
-    tracker_folder = output_dir / args.logging_dir / TRACKER_PROJECT
-    if within(tracker_folder, output_dir):  # never a tracker folder shared with runs outside output_dir
-        paths.append(tracker_folder)
-    card = output_dir / MODEL_CARD_NAME
-    if card.is_file() and "trained with `finetune_lora.py`" in card.read_text(encoding="utf-8", errors="replace"):
-        paths.append(card)
-    return [p for p in paths if p.exists()]
-
-
-def find_resume_checkpoint(args):
-    """The checkpoint folder to resume from, or None for a fresh start ('latest' with none written yet)."""
-    if args.resume_from_checkpoint is None:
-        return None
-    output_dir = Path(args.output_dir)
-    if args.resume_from_checkpoint == "latest":
-        for path in checkpoint_folders(output_dir):
-            if not is_complete_checkpoint(path):
-                logger.warning(f"ignoring incomplete checkpoint {path} (its run was killed while writing it)")
-        checkpoints = complete_checkpoints(output_dir)
-        if not checkpoints:
-            logger.info(f"No checkpoint in {output_dir} yet: starting a new run.")
-            return None
-        return checkpoints[-1]
-    path = Path(args.resume_from_checkpoint)
-    if not path.is_dir():
-        path = output_dir / args.resume_from_checkpoint
-    if not path.is_dir():
-        raise TrainingError(
-            f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist "
-            f"(nor in {output_dir}); use 'latest' to start fresh when there is none"
-        )
-    if not is_complete_checkpoint(path):
-        raise TrainingError(
-            f"checkpoint {path} is incomplete (the run was killed while writing it); resume from an earlier one"
-        )
-    return path
-
-
-def resume(accelerator, checkpoint: Path, settings: dict) -> int:
-    """Restore LoRA, optimizer, LR scheduler and RNG states; return the step the checkpoint was written at."""
-    rng_file = checkpoint / f"random_states_{accelerator.process_index}.pkl"
-    if not rng_file.is_file():
-        raise TrainingError(
-            f"{checkpoint} has no RNG state for process {accelerator.process_index} ({rng_file.name}): "
-            "it was written by a run with fewer processes; resume with the same process count"
-        )
-    saved = json.loads((checkpoint / SETTINGS_NAME).read_text())
-    differing = [
-        key
-        for key in ("seed", "train_batch_size", "gradient_accumulation_steps", "num_processes", "resolution")
-        if saved.get(key) != settings.get(key)
-    ]
-    if differing:
-        logger.warning(
-            f"resuming with different {', '.join(differing)} than {checkpoint.name} was trained with: "
-            "the run will not match an uninterrupted one"
-        )
-    logger.info(f"Resuming from {checkpoint}")
-    # DeepSpeed checkpoints leave the frozen base model out (see save_checkpoint): load them non-strictly.
-    deepspeed = {"load_module_strict": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
-    try:
-        accelerator.load_state(str(checkpoint), **deepspeed)
-    except FileNotFoundError as error:
-        raise TrainingError(
-            f"checkpoint {checkpoint} is incomplete ({Path(error.filename or '?').name} is missing); "
-            "resume from an earlier one"
-        ) from error
-    # accelerate only logs a failed RNG restore and carries on; check that it really happened.
-    try:
-        restored = torch.equal(torch.get_rng_state(), torch.load(rng_file, weights_only=False)["torch_manual_seed"])
-    except (KeyError, TypeError, EOFError, RuntimeError, pickle.UnpicklingError):
-        restored = False
-    if not restored:
-        raise TrainingError(
-            f"the RNG state in {rng_file} could not be restored, so the resumed run would not "
-            "continue the interrupted one exactly; resume from an earlier checkpoint"
-        )
-    return saved["global_step"]
-
-
-@contextlib.contextmanager
-def written_or_reported(output_dir: Path, target: Path, staging: Path | None = None):
-    """A failed write (a full disk, a lost mount) as one line that names what could not be written and how to go on
-    from the last complete checkpoint, which no write touches before its successor is complete; the half-written
-    `staging` folder is removed to give the space back."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except BaseException as error:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        if not isinstance(error, (OSError, RuntimeError, SafetensorError)):  # torch.save: a full disk is a RuntimeError
-            raise
-        good = complete_checkpoints(output_dir)
-        how = (
-            f"the last complete checkpoint is {good[-1]}: make room, then run the same command with "
-            "--resume_from_checkpoint latest"
-            if good
-            else "no checkpoint was complete yet: make room, then run the same command again"
-        )
-        free = shutil.disk_usage(output_dir).free / 2**20 if output_dir.is_dir() else 0
-        raise TrainingError(f"cannot write {target} ({first_line(error)}; {free:.1f} MiB free there); {how}") from error
-
-
-def save_checkpoint(accelerator, output_dir: Path, step: int, settings: dict, limit, validation) -> Path:
-    """Write checkpoint-N: every process its RNG state, the save hook the LoRA, then the main process the settings
-    (and the validation grid, if given) before renaming it into place; then rotate old checkpoints."""
-    path = output_dir / f"checkpoint-{step}"
-    if accelerator.is_main_process:
-        remove(staging_path(path))
-    accelerator.wait_for_everyone()
-    # DeepSpeed saves its engine's own checkpoint as well as calling the save hook: leave the frozen base model out.
-    deepspeed = {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
-    with written_or_reported(output_dir, path, staging_path(path)):
-        accelerator.save_state(str(staging_path(path)), **deepspeed)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # The staging folder the processes wrote to: completed, then renamed.
-        with written_or_reported(output_dir, path), atomic_write(path) as staging:
-            if validation:
-                validation.save(staging / "validation.png", step)
-            write_json(staging / SETTINGS_NAME, {**settings, "global_step": step})
-        if limit is not None:
-            for old in complete_checkpoints(output_dir)[:-limit]:
-                shutil.rmtree(old)
-        logger.info(f"Saved {path}")
-    accelerator.wait_for_everyone()
-    return path
-
-
-# ----------------------------------------------------------------------------------------------
-# Stopping: signals and a dead launcher
-# ----------------------------------------------------------------------------------------------
-
-
-class StopRequest:
-    """Set by SIGTERM/SIGINT or by the death of the launcher; the loop checks it after every step."""
-
-    def __init__(self):
-        self.reason = None
-        launched = "ACCELERATE_MIXED_PRECISION" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
-        # A launcher that dies without passing its signal on (SIGKILL; accelerate before 1.16 forwarded no
-        # SIGTERM) leaves this process orphaned, so a changed parent means "stop" too.
-        self.launcher_pid = os.getppid() if launched else None
-
-    def __call__(self, signum, frame):
-        self.reason = self.reason or signal.Signals(signum).name
-        # A cluster's SIGTERM reaches this process twice (from the scheduler, and forwarded by accelerate launch):
-        # both are one request. A second Ctrl-C is a person who wants it to stop now.
-        if signum == signal.SIGINT:
-            signal.signal(signum, signal.SIG_DFL)
-
-    def requested(self) -> bool:
-        if self.reason is None and self.launcher_pid is not None and os.getppid() != self.launcher_pid:
-            self.reason = "launcher exit"
-        return self.reason is not None
-
-    def agreed(self, accelerator) -> bool:
-        """Whether any process was asked to stop. Every process must call this at the same point (it is a
-        collective): a process that stopped alone would leave the others waiting forever at the next one."""
-        return accelerator.reduce(torch.tensor(float(self.requested()), device=accelerator.device), "max").item() > 0
-
-    def exit_code(self) -> int:
-        return 128 + (signal.SIGINT if self.reason == "SIGINT" else signal.SIGTERM)
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    stop = StopRequest()
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield stop
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def stop_if_requested(stop: StopRequest, accelerator, phase: str):
-    """Setup (image check, model load, latent caching, first validation) can take many minutes: a stop
-    asked for meanwhile ends the run there, before its first step, with nothing new to save."""
-    if stop.agreed(accelerator):
-        raise TrainingError(
-            f"stopped by {stop.reason or 'another process'} while {phase}, before the first training "
-            "step: nothing new was saved; run the same command to start again",
-            exit_code=stop.exit_code(),
-        )
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation, model card, Hub
-# ----------------------------------------------------------------------------------------------
-
-
-def validation_grid(args, accelerator, models: Models, step: int) -> tuple:
-    """Sample the validation prompts with the models in memory: rows are repetitions (seed, seed+1, ...), columns
-    prompts, under labels that name them and the step. Return the grid and the rows of images."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline(
-        vae=models.vae,
-        text_encoder=accelerator.unwrap_model(models.text_encoder),
-        tokenizer=models.tokenizer,
-        unet=accelerator.unwrap_model(models.unet),
-        scheduler=DDIMScheduler.from_config(models.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    size, rows = args.resolution, []
-    # A compiled UNet samples eagerly here: compiling its inference graph would cost more than the sampling saves.
-    with torch.no_grad(), accelerator.autocast(), torch.compiler.set_stance("force_eager"):
-        for repetition in range(args.num_validation_images):
-            generator = torch.Generator("cpu").manual_seed(args.seed + repetition)
-            rows.append(
-                pipeline(
-                    args.validation_prompts,
-                    num_inference_steps=VALIDATION_INFERENCE_STEPS,
-                    height=size,
-                    width=size,
-                    generator=generator,
-                ).images
-            )
-    seeds = [args.seed + repetition for repetition in range(args.num_validation_images)]
-    return labelled_grid(rows, args.validation_prompts, seeds, step), rows
-
-
-def labelled_grid(rows: list, prompts: list, seeds: list, step: int) -> Image.Image:
-    """Square images in rows (one per seed) and columns (one per prompt), the step and each column's prompt written
-    above them (up to four lines of it), each row's seed to their left; the images start at the bottom right."""
-    from PIL import ImageDraw, ImageFont
-
-    size = rows[0][0].width
-    font = ImageFont.load_default(size=max(10, size // 32))
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line_height = round(measure.textbbox((0, 0), "Ag", font=font)[3] * 1.3)
-    columns = [wrapped(prompt, font, measure, size - 8, max_lines=4) for prompt in prompts]
-    left = 8 + max(round(measure.textlength(f"seed {seed}", font=font)) for seed in seeds) + 8
-    top = line_height * (2 + max(len(lines) for lines in columns))
-    grid = Image.new("RGB", (left + size * len(prompts), top + size * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((8, line_height // 2), f"step {step}", fill="black", font=font)
-    for column, lines in enumerate(columns):
-        for number, line in enumerate(lines):
-            draw.text((left + column * size + 4, line_height * (3 + 2 * number) // 2), line, fill="black", font=font)
-    for row, (images, seed) in enumerate(zip(rows, seeds, strict=True)):
-        draw.text((8, top + row * size + size // 2), f"seed {seed}", fill="black", font=font, anchor="lm")
-        for column, image in enumerate(images):
-            grid.paste(image, (left + column * size, top + row * size))
-    return grid
-
-
-def wrapped(text: str, font, draw, width: int, max_lines: int) -> list:
-    """`text` broken into lines no wider than `width` pixels, at most `max_lines` of them, the last cut with '...'."""
-    lines = []
-    for word in text.split():
-        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines]
-        while lines[-1] and draw.textlength(lines[-1] + "...", font=font) > width:
-            lines[-1] = lines[-1][:-1]
-        lines[-1] += "..."
-    return lines
-
-
-class Validation:
-    """Validation grids, sampled at most once per step, saved where asked and logged to the trackers, with their CLIP
-    scores when a `scorer` (load_scorer) is given."""
-
-    def __init__(self, args, accelerator, models: Models, scorer):
-        self.args, self.accelerator, self.models, self.scorer = args, accelerator, models, scorer
-        self.step, self.grid, self.scores = None, None, {}
-
-    def save(self, path: Path, step: int) -> Path:
-        """Write the grid of `step` to `path` (a PNG) with its prompts, seeds and CLIP scores beside it (JSON)."""
-        if self.step != step:
-            self.step, (self.grid, rows) = step, validation_grid(self.args, self.accelerator, self.models, step)
-            logger.info(
-                f"Validation grid at step {step}: {self.args.num_validation_images} x {len(self.args.validation_prompts)} images"
-            )
-            array = np.asarray(self.grid)
-            for tracker in self.accelerator.trackers:
-                if tracker.name == "tensorboard":
-                    tracker.log_images({"validation": array[None]}, step=step, dataformats="NHWC")
-                elif tracker.name == "wandb":
-                    tracker.log_images({"validation": [array]}, step=step)
-            self.scores = self.score(rows, step)
-        seeds = [self.args.seed + r for r in range(self.args.num_validation_images)]
-        with written_or_reported(Path(self.args.output_dir), path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(path) as staging:
-                self.grid.save(staging, format="PNG")
-            with atomic_write(path.with_suffix(".json")) as staging:
-                write_json(
-                    staging,
-                    {"step": step, "columns (prompts)": self.args.validation_prompts, "rows (seeds)": seeds}
-                    | self.scores,
-                )
-        return path
-
-    def score(self, rows: list, step: int) -> dict:
-        """The CLIP scores of the validation images, logged to the trackers; empty without a scorer."""
-        if self.scorer is None:
-            return {}
-        per_prompt = clip_scores(self.scorer, rows, self.args.validation_prompts, self.accelerator.device)
-        mean = sum(per_prompt) / len(per_prompt)
-        self.accelerator.log({"validation/clip_score": mean}, step=step)
-        logger.info(f"Validation CLIP score: {mean:.2f}")
-        return {"clip_score": mean, "clip_score (per prompt)": per_prompt, "score_model": self.args.score_model}
-
-
-def load_scorer(args, accelerator):
-    """The --score_model CLIP model and processor for --validation_score, on the main process only (validation runs
-    there), or None. Loaded before the data and the base model, so that a model that cannot load stops the run at
-    once; kept on the CPU in fp32 between validations, so training has the device memory it has without it."""
-    if not (args.validation_score and accelerator.is_main_process):
-        return None
-    from transformers import CLIPModel, CLIPProcessor
-
-    name = args.score_model
-    try:
-        model, loading = CLIPModel.from_pretrained(
-            name, dtype=torch.float32, cache_dir=args.cache_dir, output_loading_info=True
-        )
-        processor = CLIPProcessor.from_pretrained(name, cache_dir=args.cache_dir)
-    except (OSError, ValueError) as error:
-        raise TrainingError(
-            f"cannot load --score_model {name} as a CLIP model ({first_line(error)}): pass the folder of a "
-            f"transformers CLIP model, or a Hub id such as {DEFAULT_SCORE_MODEL} that is cached or reachable"
-        ) from error
-    # Weights the checkpoint lacks would be random (a text encoder alone loads so): scores from them mean nothing.
-    if model.config.model_type != "clip" or loading["missing_keys"]:
-        raise TrainingError(
-            f"--score_model {name} holds a {model.config.model_type} model with {len(loading['missing_keys'])} "
-            "CLIP weights missing, not a whole CLIPModel: pass the folder of a transformers CLIP model (image and "
-            f"text towers), or a Hub id such as {DEFAULT_SCORE_MODEL}"
-        )
-    limit = model.config.text_config.max_position_embeddings
-    if any(len(ids) > limit for ids in processor.tokenizer(args.validation_prompts).input_ids):
-        logger.warning(f"--validation_score reads the first {limit} tokens of each prompt: the longer ones are cut")
-    return model.eval(), processor
-
-
-def clip_scores(scorer, rows: list, prompts: list, device) -> list:
-    """The CLIP score of each prompt (Hessel et al. 2021, as torchmetrics' CLIPScore): the mean over its images (a
-    column of `rows`) of 100 * max(cosine(image embedding, prompt embedding), 0), with the model's preprocessing."""
-    model, processor = scorer
-    limit = model.config.text_config.max_position_embeddings
-    inputs = processor(
-        text=prompts,
-        images=[image for row in rows for image in row],
-        return_tensors="pt",
-        padding=True,
-        truncation=True,
-        max_length=limit,
-    )
-    model.to(device)
-    with torch.inference_mode():
-        images = model.get_image_features(pixel_values=inputs.pixel_values.to(device)).pooler_output
-        texts = model.get_text_features(
-            input_ids=inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device)
-        ).pooler_output
-    model.to("cpu")
-    cosines = F.cosine_similarity(images.view(len(rows), len(prompts), -1), texts[None], dim=-1)
-    return (100 * cosines.clamp(min=0)).mean(0).tolist()
-
-
-def tracker_config(args) -> dict:
-    """The hyper-parameters for the tracker: plain values only. No flag holds a secret (the Hub token never
-    passes through argv), so logging every flag logs none."""
-    return {
-        key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-        for key, value in vars(args).items()
-    }
-
-
-def write_model_card(output_dir: Path, args, records: Records, settings: dict, grid_path):
-    grid_line = f"![validation grid]({grid_path.relative_to(output_dir).as_posix()})\n\n" if grid_path else ""
-    prompts = "".join(f"- {p}\n" for p in args.validation_prompts or [])
-    card = (
-        "---\n"
-        f"base_model: {args.pretrained_model_name_or_path}\n"
-        "library_name: diffusers\n"
-        "tags:\n- stable-diffusion\n- text-to-image\n- diffusers\n- lora\n- faces\n"
-        "---\n\n"
-        f"# LoRA for {args.pretrained_model_name_or_path}: text to face\n\n"
-        f"LoRA adapters for the UNet (rank {args.rank}, alpha {args.rank})"
-        + (
-            f" and the text encoder (rank {args.text_encoder_rank}, alpha {args.text_encoder_rank})"
-            if args.train_text_encoder
-            else ""
-        )
-        + f", trained with `finetune_lora.py` for {settings['global_step']} steps on {records.description} "
-        f"({len(records)} images) at {args.resolution}x{args.resolution}.\n\n"
-        f"{grid_line}"
-        + (f"Validation prompts (columns), one seed per row:\n\n{prompts}\n" if prompts else "")
-        + "## Use\n\n```python\nfrom diffusers import StableDiffusionPipeline\n\n"
-        f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
-        'pipe.load_lora_weights("<this folder or Hub repo>")\n'
-        'image = pipe("A smiling young woman with curly brown hair.").images[0]\n```\n\n'
-        "## Training settings\n\n```json\n" + json.dumps(settings, indent=2) + "\n```\n"
-    )
-    with atomic_write(output_dir / MODEL_CARD_NAME) as staging:
-        staging.write_text(card)
-
-
-def hub_repo(args) -> str:
-    """Create (or reuse) the Hub repository early, so a missing login fails before hours of training."""
-    from huggingface_hub import create_repo
-    from huggingface_hub.errors import HfHubHTTPError
-
-    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
-    try:
-        return create_repo(repo_id, exist_ok=True).repo_id
-    except (HfHubHTTPError, OSError, ValueError) as error:
-        raise TrainingError(
-            f"cannot create Hub repo {repo_id} ({first_line(error)}); log in with `hf auth login` or set HF_TOKEN"
-        ) from error
-
-
-def push_to_hub(repo_id: str, output_dir: Path, step: int):
-    """Upload output_dir without its checkpoints; a failure leaves the trained LoRA where it is, saying how to upload it."""
-    from huggingface_hub import upload_folder
-    from huggingface_hub.errors import HTTPError  # huggingface_hub's HTTP client's base error (connection, timeout)
-
-    try:
-        upload_folder(
-            repo_id=repo_id,
-            folder_path=output_dir,
-            commit_message=f"LoRA after {step} steps",
-            ignore_patterns=["checkpoint-*", "*.tmp"],
-        )
-    except (HTTPError, OSError, ValueError) as error:
-        raise TrainingError(
-            f"training finished, but the upload to {repo_id} failed ({first_line(error)}); the LoRA "
-            f"is in {output_dir}: upload it with `hf upload {repo_id} {output_dir} . --exclude 'checkpoint-*'`"
-        ) from error
-    logger.info(f"Uploaded {output_dir} to https://huggingface.co/{repo_id}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Training: the steps of main(), in order
-# ----------------------------------------------------------------------------------------------
-
-
-def run_settings(args, plan: Plan, records: Records) -> dict:
-    """What a LoRA is trained with; travels beside every saved LoRA, with the step it was saved at, as
-    training_settings.json."""
-    return {
-        "base_model": args.pretrained_model_name_or_path,
-        "revision": args.revision,
-        "rank": args.rank,
-        "lora_alpha": args.rank,
-        "train_text_encoder": args.train_text_encoder,
-        "text_encoder_rank": args.text_encoder_rank if args.train_text_encoder else None,
-        "text_encoder_lora_alpha": args.text_encoder_rank if args.train_text_encoder else None,
-        "resolution": args.resolution,
-        "center_crop": args.center_crop,
-        "random_flip": args.random_flip,
-        "learning_rate": args.learning_rate,
-        "learning_rate_text_encoder": args.learning_rate_text_encoder,
-        "lr_scheduler": args.lr_scheduler,
-        "train_batch_size": args.train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "num_processes": plan.num_processes,
-        "total_batch_size": plan.total_batch_size,
-        "max_train_steps": plan.max_train_steps,
-        "seed": args.seed,
-        "data": records.description,
-        "num_images": len(records),
-    }
-
-
-def configure_deepspeed(accelerator, plan: Plan, max_grad_norm: float):
-    """accelerate sizes DeepSpeed's batches from a prepared DataLoader, and this script prepares none (its batches
-    follow from the seed, see epoch_batches); an accelerate-config DeepSpeed plugin leaves them "auto", which
-    prepare() rejects. DeepSpeed also accumulates and clips by itself: give it this run's numbers."""
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = plan.batch_size
-    config["gradient_accumulation_steps"] = plan.accumulation_steps
-    config["train_batch_size"] = plan.total_batch_size
-    config["gradient_clipping"] = max_grad_norm
 
 
 def make_optimizer(args, models: Models, total_batch_size: int):
@@ -1883,24 +1012,18 @@ def prepare_training(args, accelerator, models: Models, plan: Plan) -> tuple:
     return models, Optimization(optimizer, lr_scheduler, parameters)
 
 
-def register_lora_hooks(accelerator, models: Models, train_text_encoder: bool):
-    """Make accelerate's save_state/load_state write and read only the LoRA weights, never the frozen base model."""
-    unet, text_encoder = accelerator.unwrap_model(models.unet), accelerator.unwrap_model(models.text_encoder)
-
-    def save_model_hook(hooked_models, weights, directory):
-        if accelerator.is_main_process:
-            save_lora(Path(directory) / LORA_WEIGHTS_NAME, unet, text_encoder, train_text_encoder)
-        weights.clear()
-
-    def load_model_hook(hooked_models, directory):
-        load_lora(Path(directory), unet, text_encoder, train_text_encoder)
-        hooked_models.clear()
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+def configure_deepspeed(accelerator, plan: Plan, max_grad_norm: float):
+    """accelerate sizes DeepSpeed's batches from a prepared DataLoader, and this script prepares none (its batches
+    follow from the seed, see epoch_batches); an accelerate-config DeepSpeed plugin leaves them "auto", which
+    prepare() rejects. DeepSpeed also accumulates and clips by itself: give it this run's numbers."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = plan.batch_size
+    config["gradient_accumulation_steps"] = plan.accumulation_steps
+    config["train_batch_size"] = plan.total_batch_size
+    config["gradient_clipping"] = max_grad_norm
 
 
-def training_dataset(args, accelerator, records: Records, models: Models, stop: StopRequest) -> CaptionedImages:
+def training_dataset(args, accelerator, records: Records, models: Models, stop) -> CaptionedImages:
     """The captioned images of each step; with --cache_latents, their latents, encoded once here."""
     dataset = CaptionedImages(records, args.resolution, args.center_crop, args.random_flip)
     if not args.cache_latents:
@@ -1964,16 +1087,6 @@ def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_s
     return cache
 
 
-def start_logging(args, accelerator, models: Models, scorer):
-    """Start the metrics trackers (main process); return the Validation that samples the grids, on the main process
-    when --validation_prompts are given, else None (the other processes wait for it at the next collective)."""
-    if accelerator.is_main_process:
-        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args))
-    if args.validation_prompts and accelerator.is_main_process:
-        return Validation(args, accelerator, models, scorer)
-    return None
-
-
 def release_vae(vae, keep_decoder: bool):
     """Free the VAE once the latents are cached: the encoder is never used again, the decoder only by validation
     (it then stays where validation runs). Their weights go to the meta device; the config the loss reads stays."""
@@ -1981,6 +1094,11 @@ def release_vae(vae, keep_decoder: bool):
     for part in parts:
         if part is not None:  # a VAE without quant convolutions has None there
             part.to("meta")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss and the loop
+# ----------------------------------------------------------------------------------------------
 
 
 def encode_prompts(captions, models: Models, device, cache) -> torch.Tensor:
@@ -2156,6 +1274,348 @@ def log_step(accelerator, progress, step: int, loss: float, optimization: Optimi
     accelerator.log(logs, step=step)
 
 
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: the LoRA file, save, resume, stop
+# ----------------------------------------------------------------------------------------------
+
+
+def published_layout(text_encoder_layers: dict) -> dict:
+    """Text-encoder LoRA keys with CLIPTextModel's text_model level, which transformers 5 dropped: the published
+    LoRA, transformers-4 stacks and kohya's converter spell them so, and diffusers maps them to either."""
+    return {
+        key if key.startswith("text_model.") else f"text_model.{key}": value
+        for key, value in text_encoder_layers.items()
+    }
+
+
+def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple:
+    from peft.utils import get_peft_model_state_dict
+
+    unet_layers = get_peft_model_state_dict(unet)
+    text_encoder_layers = (
+        get_peft_model_state_dict(text_encoder, save_embedding_layers=False) if train_text_encoder else None
+    )
+    return unet_layers, text_encoder_layers
+
+
+def adapter_metadata(model) -> dict:
+    config = model.peft_config["default"]
+    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+
+
+def save_lora(path: Path, unet, text_encoder, train_text_encoder: bool):
+    """Write the LoRA to the file `path` in the diffusers format generate.py loads.
+
+    The safetensors header carries each adapter's LoraConfig (rank, alpha, target modules), so the
+    strength trained is the strength applied; training_settings.json beside it names the base model and steps.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    unet_layers, text_encoder_layers = lora_state_dicts(unet, text_encoder, train_text_encoder)
+    StableDiffusionPipeline.save_lora_weights(
+        path.parent,
+        unet_lora_layers=unet_layers,
+        text_encoder_lora_layers=published_layout(text_encoder_layers) if train_text_encoder else None,
+        unet_lora_adapter_metadata=adapter_metadata(unet),
+        text_encoder_lora_adapter_metadata=adapter_metadata(text_encoder) if train_text_encoder else None,
+        weight_name=path.name,
+        safe_serialization=True,
+    )
+    # safetensors writes through a private temporary file (mode 0600): give the weights the mode any file made the
+    # usual way gets under the user's umask.
+    path.chmod(0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    return umask
+
+
+def restore_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
+    """Load a checkpoint's LoRA back into the adapters; every adapter weight must be present. Text-encoder keys
+    may have the text_model level or not (checkpoints written before this script saved the published layout)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = directory / LORA_WEIGHTS_NAME
+    if not path.is_file():
+        raise TrainingError(f"checkpoint {directory} has no {LORA_WEIGHTS_NAME}")
+    state = load_file(path)
+    for prefix, model, wanted in (("unet.", unet, True), ("text_encoder.", text_encoder, train_text_encoder)):
+        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        if not wanted:
+            continue
+        if prefix == "text_encoder." and not hasattr(model, "text_model"):
+            part = {k.removeprefix("text_model."): v for k, v in part.items()}
+        expected = set(lora_state_dicts(unet, text_encoder, train_text_encoder)[0 if prefix == "unet." else 1])
+        if set(part) != expected:
+            raise TrainingError(
+                f"the LoRA in {directory} does not match this run's --rank/--text_encoder_rank/"
+                f"--train_text_encoder ({len(set(part) ^ expected)} mismatched tensors)"
+            )
+        set_peft_model_state_dict(model, part, adapter_name="default")
+
+
+def register_lora_hooks(accelerator, models: Models, train_text_encoder: bool):
+    """Make accelerate's save_state/load_state write and read only the LoRA weights, never the frozen base model."""
+    unet, text_encoder = accelerator.unwrap_model(models.unet), accelerator.unwrap_model(models.text_encoder)
+
+    def save_model_hook(hooked_models, weights, directory):
+        if accelerator.is_main_process:
+            save_lora(Path(directory) / LORA_WEIGHTS_NAME, unet, text_encoder, train_text_encoder)
+        weights.clear()
+
+    def load_model_hook(hooked_models, directory):
+        restore_lora(Path(directory), unet, text_encoder, train_text_encoder)
+        hooked_models.clear()
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def checkpoint_step(path: Path):
+    match = CHECKPOINT_PATTERN.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """save_checkpoint() writes the settings last, after the LoRA and every process's RNG state."""
+    return all((path / name).is_file() for name in (SETTINGS_NAME, LORA_WEIGHTS_NAME, "random_states_0.pkl"))
+
+
+def complete_checkpoints(output_dir: Path, warn: bool = False) -> list:
+    """The complete checkpoint-N folders, oldest first (checkpoint-N.tmp, being written, is none); with `warn`, each
+    incomplete checkpoint-N (its run was killed while writing it) is named in a warning."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
+    complete = []
+    for path in sorted(found, key=checkpoint_step):
+        if is_complete_checkpoint(path):
+            complete.append(path)
+        elif warn:
+            logger.warning(f"ignoring incomplete checkpoint {path} (its run was killed while writing it)")
+    return complete
+
+
+def prepare_output_dir(args, accelerator, resuming: bool):
+    """Refuse to clobber an earlier run unless asked; clear leftovers of interrupted checkpoint writes."""
+    output_dir = Path(args.output_dir)
+    # A killed run's half-written checkpoint-N.tmp is no run to protect: 'latest' starts afresh and clears it.
+    earlier = [p for p in (output_dir / LORA_WEIGHTS_NAME, *complete_checkpoints(output_dir)) if p.exists()]
+    if earlier and not resuming and not args.overwrite_output_dir:
+        how = (
+            "it has no complete checkpoint to resume"
+            if args.resume_from_checkpoint == "latest"
+            else "resume it with --resume_from_checkpoint latest"
+        )
+        raise TrainingError(
+            f"{output_dir} already holds a training run ({earlier[0].name}); {how}, "
+            "or pass --overwrite_output_dir to replace it"
+        )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # A fresh start: old grids, logs and model card would mix with the new run's.
+        stale = [*output_dir.glob("checkpoint-*.tmp"), *([] if resuming else previous_outputs(args))]
+        for path in dict.fromkeys(stale):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if not resuming:
+            for folder in (output_dir / "validation", output_dir / args.logging_dir):
+                if folder.is_dir() and within(folder, output_dir) and not any(folder.iterdir()):
+                    folder.rmdir()
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def previous_outputs(args) -> list:
+    """What an earlier run of this script wrote into output_dir; files this script does not write are never listed."""
+    output_dir = Path(args.output_dir)
+    if not output_dir.is_dir():
+        return []
+    paths = [output_dir / name for name in (LORA_WEIGHTS_NAME, SETTINGS_NAME, MODEL_CARD_NAME + ".tmp")]
+    paths += [path.with_name(path.name + ".tmp") for path in paths[:2]]  # atomic_write's staging files
+    paths += [p for p in output_dir.glob("checkpoint-*") if CHECKPOINT_PATTERN.match(p.name.removesuffix(".tmp"))]
+    paths += [p for p in (output_dir / "validation").glob("step-*") if VALIDATION_GRID_PATTERN.match(p.name)]
+    tracker_folder = output_dir / args.logging_dir / TRACKER_PROJECT
+    if within(tracker_folder, output_dir):  # never a tracker folder shared with runs outside output_dir
+        paths.append(tracker_folder)
+    card = output_dir / MODEL_CARD_NAME
+    if card.is_file() and "trained with `finetune_lora.py`" in card.read_text(encoding="utf-8", errors="replace"):
+        paths.append(card)
+    return [p for p in paths if p.exists()]
+
+
+def within(path: Path, folder: Path) -> bool:
+    return path.resolve() != folder.resolve() and path.resolve().is_relative_to(folder.resolve())
+
+
+def find_resume_checkpoint(args):
+    """The checkpoint folder to resume from, or None for a fresh start ('latest' with none written yet)."""
+    if args.resume_from_checkpoint is None:
+        return None
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = complete_checkpoints(output_dir, warn=True)
+        if not checkpoints:
+            logger.info(f"No checkpoint in {output_dir} yet: starting a new run.")
+        return checkpoints[-1] if checkpoints else None
+    path = Path(args.resume_from_checkpoint)
+    if not path.is_dir():
+        path = output_dir / args.resume_from_checkpoint
+    if not path.is_dir():
+        raise TrainingError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist "
+            f"(nor in {output_dir}); use 'latest' to start fresh when there is none"
+        )
+    if not is_complete_checkpoint(path):
+        raise TrainingError(
+            f"checkpoint {path} is incomplete (the run was killed while writing it); resume from an earlier one"
+        )
+    return path
+
+
+def resume(accelerator, checkpoint: Path, settings: dict) -> int:
+    """Restore LoRA, optimizer, LR scheduler and RNG states; return the step the checkpoint was written at."""
+    rng_file = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+    if not rng_file.is_file():
+        raise TrainingError(
+            f"{checkpoint} has no RNG state for process {accelerator.process_index} ({rng_file.name}): "
+            "it was written by a run with fewer processes; resume with the same process count"
+        )
+    saved = json.loads((checkpoint / SETTINGS_NAME).read_text())
+    differing = [
+        key
+        for key in ("seed", "train_batch_size", "gradient_accumulation_steps", "num_processes", "resolution")
+        if saved.get(key) != settings.get(key)
+    ]
+    if differing:
+        logger.warning(
+            f"resuming with different {', '.join(differing)} than {checkpoint.name} was trained with: "
+            "the run will not match an uninterrupted one"
+        )
+    logger.info(f"Resuming from {checkpoint}")
+    # DeepSpeed checkpoints leave the frozen base model out (see save_checkpoint): load them non-strictly.
+    deepspeed = {"load_module_strict": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+    try:
+        accelerator.load_state(str(checkpoint), **deepspeed)
+    except FileNotFoundError as error:
+        raise TrainingError(
+            f"checkpoint {checkpoint} is incomplete ({Path(error.filename or '?').name} is missing); "
+            "resume from an earlier one"
+        ) from error
+    # accelerate only logs a failed RNG restore and carries on; check that it really happened.
+    try:
+        restored = torch.equal(torch.get_rng_state(), torch.load(rng_file, weights_only=False)["torch_manual_seed"])
+    except (KeyError, TypeError, EOFError, RuntimeError, pickle.UnpicklingError):
+        restored = False
+    if not restored:
+        raise TrainingError(
+            f"the RNG state in {rng_file} could not be restored, so the resumed run would not "
+            "continue the interrupted one exactly; resume from an earlier checkpoint"
+        )
+    return saved["global_step"]
+
+
+@contextlib.contextmanager
+def written_or_reported(output_dir: Path, target: Path):
+    """A failed write (a full disk, a lost mount) as one line that names what could not be written and how to go on
+    from the last complete checkpoint, which no write touches before its successor is complete. Only writes go
+    in here: any other error (out of memory while sampling) would be reported as a full disk."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:  # torch.save: a full disk is a RuntimeError
+        good = complete_checkpoints(output_dir)
+        how = (
+            f"the last complete checkpoint is {good[-1]}: make room, then run the same command with "
+            "--resume_from_checkpoint latest"
+            if good
+            else "no checkpoint was complete yet: make room, then run the same command again"
+        )
+        free = shutil.disk_usage(output_dir).free / 2**20 if output_dir.is_dir() else 0
+        raise TrainingError(f"cannot write {target} ({first_line(error)}; {free:.1f} MiB free there); {how}") from error
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, settings: dict, limit, validation) -> Path:
+    """Write checkpoint-N into checkpoint-N.tmp, renamed into place when complete: every process its RNG state, the
+    save hook the LoRA, then the main process the validation grid (if given) and the settings, last. Then remove
+    the oldest checkpoints beyond `limit`."""
+    path = output_dir / f"checkpoint-{step}"
+    if validation:
+        validation.sample(step)
+    # DeepSpeed saves its engine's own checkpoint as well as calling the save hook: leave the frozen base model out.
+    deepspeed = {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+    main = accelerator.is_main_process
+    # The main process renames the folder; the others write their part into it under atomic_write's staging name.
+    folder = atomic_write(path) if main else contextlib.nullcontext(path.with_name(path.name + ".tmp"))
+    with written_or_reported(output_dir, path), folder as staging:
+        accelerator.save_state(str(staging), **deepspeed)
+        accelerator.wait_for_everyone()
+        if validation:
+            validation.write(staging / "validation.png")
+        if main:
+            write_json(staging / SETTINGS_NAME, {**settings, "global_step": step})
+    if main:
+        for old in complete_checkpoints(output_dir)[:-limit] if limit is not None else []:
+            shutil.rmtree(old)
+        logger.info(f"Saved {path}")
+    accelerator.wait_for_everyone()
+    return path
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT or by the death of the launcher; the loop checks it after every step."""
+
+    def __init__(self):
+        self.reason = None
+        launched = "ACCELERATE_MIXED_PRECISION" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+        # A launcher that dies without passing its signal on (SIGKILL; accelerate before 1.16 forwarded no
+        # SIGTERM) leaves this process orphaned, so a changed parent means "stop" too.
+        self.launcher_pid = os.getppid() if launched else None
+
+    def __call__(self, signum, frame):
+        self.reason = self.reason or signal.Signals(signum).name
+        # A cluster's SIGTERM reaches this process twice (from the scheduler, and forwarded by accelerate launch):
+        # both are one request. A second Ctrl-C is a person who wants it to stop now.
+        if signum == signal.SIGINT:
+            signal.signal(signum, signal.SIG_DFL)
+
+    def requested(self) -> bool:
+        if self.reason is None and self.launcher_pid is not None and os.getppid() != self.launcher_pid:
+            self.reason = "launcher exit"
+        return self.reason is not None
+
+    def agreed(self, accelerator) -> bool:
+        """Whether any process was asked to stop. Every process must call this at the same point (it is a
+        collective): a process that stopped alone would leave the others waiting forever at the next one."""
+        return accelerator.reduce(torch.tensor(float(self.requested()), device=accelerator.device), "max").item() > 0
+
+    def exit_code(self) -> int:
+        return 128 + (signal.SIGINT if self.reason == "SIGINT" else signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    stop = StopRequest()
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def stop_if_requested(stop: StopRequest, accelerator, phase: str):
+    """Setup (image check, model load, latent caching, first validation) can take many minutes: a stop
+    asked for meanwhile ends the run there, before its first step, with nothing new to save."""
+    if stop.agreed(accelerator):
+        raise TrainingError(
+            f"stopped by {stop.reason or 'another process'} while {phase}, before the first training "
+            "step: nothing new was saved; run the same command to start again",
+            exit_code=stop.exit_code(),
+        )
+
+
 def lora_checksum(unet, text_encoder, train_text_encoder: bool) -> str:
     digest = hashlib.sha256()
     for layers in lora_state_dicts(unet, text_encoder, train_text_encoder):
@@ -2188,10 +1648,458 @@ def save_final_lora(args, accelerator, models: Models, settings: dict, step: int
                 write_json(staging, lora_settings)
             write_model_card(output_dir, args, records, lora_settings, grid)
         logger.info(f"Saved the LoRA to {output_dir / LORA_WEIGHTS_NAME} after {step} steps")
-        # generate.py holds the one converter to kohya keys; the scripts share no module.
+        # tools/export_kohya.py is the one converter to kohya keys.
         print(f"For AUTOMATIC1111 and ComfyUI: {kohya_export_command(output_dir)}", file=sys.stderr)
         print(f"Next: {next_command(args)}", file=sys.stderr)
     accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: grids and their CLIP scores
+# ----------------------------------------------------------------------------------------------
+
+
+class Validation:
+    """Validation grids, sampled at most once per step and logged to the trackers, with their CLIP scores when a
+    `scorer` (load_validation_scorer) is given; written by write() where asked."""
+
+    def __init__(self, args, accelerator, models: Models, scorer):
+        self.args, self.accelerator, self.models, self.scorer = args, accelerator, models, scorer
+        self.step, self.grid, self.scores = None, None, {}
+
+    def sample(self, step: int):
+        """Sample, log and score the grid of `step`, once; it writes nothing, and runs outside the writes' error
+        handler (written_or_reported)."""
+        if self.step == step:
+            return
+        self.grid, rows = validation_grid(self.args, self.accelerator, self.models, step)
+        logger.info(
+            f"Validation grid at step {step}: {self.args.num_validation_images} x {len(self.args.validation_prompts)} images"
+        )
+        array = np.asarray(self.grid)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"validation": array[None]}, step=step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({"validation": [array]}, step=step)
+        self.step, self.scores = step, self.score(rows, step)
+
+    def write(self, path: Path) -> Path:
+        """The last grid sampled to `path` (a PNG), its prompts, seeds and CLIP scores beside it (JSON)."""
+        seeds = [self.args.seed + r for r in range(self.args.num_validation_images)]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as staging:
+            self.grid.save(staging, format="PNG")
+        with atomic_write(path.with_suffix(".json")) as staging:
+            labels = {"step": self.step, "columns (prompts)": self.args.validation_prompts, "rows (seeds)": seeds}
+            write_json(staging, labels | self.scores)
+        return path
+
+    def save(self, path: Path, step: int) -> Path:
+        """The grid of `step` sampled, then written to `path`."""
+        self.sample(step)
+        with written_or_reported(Path(self.args.output_dir), path):
+            return self.write(path)
+
+    def score(self, rows: list, step: int) -> dict:
+        """The CLIP scores of the validation images, logged to the trackers; empty without a scorer."""
+        if self.scorer is None:
+            return {}
+        per_prompt = clip_scores(self.scorer, rows, self.args.validation_prompts, self.accelerator.device)
+        mean = sum(per_prompt) / len(per_prompt)
+        self.accelerator.log({"validation/clip_score": mean}, step=step)
+        logger.info(f"Validation CLIP score: {mean:.2f}")
+        return {"clip_score": mean, "clip_score (per prompt)": per_prompt, "score_model": self.args.score_model}
+
+
+def validation_grid(args, accelerator, models: Models, step: int) -> tuple:
+    """Sample the validation prompts with the models in memory: rows are repetitions (seed, seed+1, ...), columns
+    prompts, under labels that name them and the step. Return the grid and the rows of images."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        vae=models.vae,
+        text_encoder=accelerator.unwrap_model(models.text_encoder),
+        tokenizer=models.tokenizer,
+        unet=accelerator.unwrap_model(models.unet),
+        scheduler=DDIMScheduler.from_config(models.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    size, rows = args.resolution, []
+    # A compiled UNet samples eagerly here: compiling its inference graph would cost more than the sampling saves.
+    with torch.no_grad(), accelerator.autocast(), torch.compiler.set_stance("force_eager"):
+        for repetition in range(args.num_validation_images):
+            generator = torch.Generator("cpu").manual_seed(args.seed + repetition)
+            rows.append(
+                pipeline(
+                    args.validation_prompts,
+                    num_inference_steps=VALIDATION_INFERENCE_STEPS,
+                    height=size,
+                    width=size,
+                    generator=generator,
+                ).images
+            )
+    seeds = [args.seed + repetition for repetition in range(args.num_validation_images)]
+    return labelled_grid(rows, args.validation_prompts, seeds, step), rows
+
+
+def labelled_grid(rows: list, prompts: list, seeds: list, step: int) -> Image.Image:
+    """Square images in rows (one per seed) and columns (one per prompt), the step and each column's prompt written
+    above them (up to four lines of it), each row's seed to their left; the images start at the bottom right."""
+    from PIL import ImageDraw, ImageFont
+
+    size = rows[0][0].width
+    font = ImageFont.load_default(size=max(10, size // 32))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_height = round(measure.textbbox((0, 0), "Ag", font=font)[3] * 1.3)
+    columns = [wrap(prompt, font, size - 8, max_lines=4) for prompt in prompts]
+    left = 8 + max(round(measure.textlength(f"seed {seed}", font=font)) for seed in seeds) + 8
+    top = line_height * (2 + max(len(lines) for lines in columns))
+    grid = Image.new("RGB", (left + size * len(prompts), top + size * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((8, line_height // 2), f"step {step}", fill="black", font=font)
+    for column, lines in enumerate(columns):
+        for number, line in enumerate(lines):
+            draw.text((left + column * size + 4, line_height * (3 + 2 * number) // 2), line, fill="black", font=font)
+    for row, (images, seed) in enumerate(zip(rows, seeds, strict=True)):
+        draw.text((8, top + row * size + size // 2), f"seed {seed}", fill="black", font=font, anchor="lm")
+        for column, image in enumerate(images):
+            grid.paste(image, (left + column * size, top + row * size))
+    return grid
+
+
+def load_validation_scorer(args, accelerator):
+    """The --score_model CLIP model and processor for --validation_score, on the main process only (validation runs
+    there), or None. Loaded before the data and the base model, so that a model that cannot load stops the run at
+    once; kept on the CPU in fp32 between validations, so training has the device memory it has without it."""
+    if not (args.validation_score and accelerator.is_main_process):
+        return None
+    from transformers import CLIPModel, CLIPProcessor
+
+    name = args.score_model
+    try:
+        model, loading = CLIPModel.from_pretrained(
+            name, dtype=torch.float32, cache_dir=args.cache_dir, output_loading_info=True
+        )
+        processor = CLIPProcessor.from_pretrained(name, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as error:
+        raise TrainingError(
+            f"cannot load --score_model {name} as a CLIP model ({first_line(error)}): pass the folder of a "
+            f"transformers CLIP model, or a Hub id such as {DEFAULT_SCORE_MODEL} that is cached or reachable"
+        ) from error
+    # Weights the checkpoint lacks would be random (a text encoder alone loads so): scores from them mean nothing.
+    if model.config.model_type != "clip" or loading["missing_keys"]:
+        raise TrainingError(
+            f"--score_model {name} holds a {model.config.model_type} model with {len(loading['missing_keys'])} "
+            "CLIP weights missing, not a whole CLIPModel: pass the folder of a transformers CLIP model (image and "
+            f"text towers), or a Hub id such as {DEFAULT_SCORE_MODEL}"
+        )
+    limit = model.config.text_config.max_position_embeddings
+    if any(len(ids) > limit for ids in processor.tokenizer(args.validation_prompts).input_ids):
+        logger.warning(f"--validation_score reads the first {limit} tokens of each prompt: the longer ones are cut")
+    return model.eval(), processor
+
+
+def clip_scores(scorer, rows: list, prompts: list, device) -> list:
+    """The CLIP score of each prompt (Hessel et al. 2021, as torchmetrics' CLIPScore): the mean over its images (a
+    column of `rows`) of 100 * max(cosine(image embedding, prompt embedding), 0), with the model's preprocessing."""
+    model, processor = scorer
+    limit = model.config.text_config.max_position_embeddings
+    inputs = processor(
+        text=prompts,
+        images=[image for row in rows for image in row],
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=limit,
+    )
+    model.to(device)
+    with torch.inference_mode():
+        images = model.get_image_features(pixel_values=inputs.pixel_values.to(device)).pooler_output
+        texts = model.get_text_features(
+            input_ids=inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device)
+        ).pooler_output
+    model.to("cpu")
+    cosines = F.cosine_similarity(images.view(len(rows), len(prompts), -1), texts[None], dim=-1)
+    return (100 * cosines.clamp(min=0)).mean(0).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup and the end of the run: preflight, accelerator, logging, model card, Hub, next commands
+# ----------------------------------------------------------------------------------------------
+
+
+def preflight(args):
+    """What would otherwise fail after the model load or after training, checked before anything is loaded or
+    created: the base model (and the --validation_score model) can be found, and every place the run writes to
+    can be written."""
+    check_model_source(base_model_source(args), args.cache_dir)
+    if args.validation_score:
+        check_model_source(score_model_source(args), args.cache_dir)
+    output_dir = Path(args.output_dir)
+    folders = {output_dir: "--output_dir", output_dir / "validation": "--output_dir"}
+    if args.report_to != "none":
+        folders[output_dir / args.logging_dir] = "--logging_dir"
+    for folder, flag in folders.items():
+        check_writable(folder, flag)
+    final = output_dir / LORA_WEIGHTS_NAME
+    if final.exists() and not final.is_file():
+        raise TrainingError(f"cannot write the LoRA to {final}: it is a folder; pass another --output_dir")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model the run loads by folder or Hub id, as its flag names it: what to check and what to tell the user."""
+
+    what: str  # "base model", as messages call it
+    name: str
+    flag: str
+    kind: str  # what the folder must hold, e.g. "a diffusers Stable Diffusion 2.1 pipeline"
+    example: str  # a Hub id that works
+    index_file: str  # the file every such repo holds
+    revision: str | None
+
+
+def base_model_source(args) -> ModelSource:
+    return ModelSource(
+        "base model",
+        args.pretrained_model_name_or_path,
+        "--pretrained_model_name_or_path",
+        "a diffusers Stable Diffusion 2.1 pipeline",
+        DEFAULT_BASE_MODEL,
+        "model_index.json",
+        args.revision,
+    )
+
+
+def score_model_source(args) -> ModelSource:
+    return ModelSource(
+        "score model",
+        args.score_model,
+        "--score_model",
+        "a transformers CLIP model",
+        DEFAULT_SCORE_MODEL,
+        "config.json",
+        None,
+    )
+
+
+def check_model_source(source: ModelSource, cache_dir):
+    """Find in seconds a model that cannot load: a folder that is not there, or a Hub id that is neither in the
+    cache nor reachable (instead of minutes of retries, or a missing-file error that blames the model)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    if Path(source.name).is_dir():
+        return
+    if names_a_folder(source.name):
+        raise TrainingError(
+            f"{source.flag}: no such folder: {source.name}: pass the folder of {source.kind} or a Hub id like "
+            f"{source.example}"
+        )
+    try:
+        snapshot_download(source.name, revision=source.revision, cache_dir=cache_dir, local_files_only=True)
+        return
+    except LocalEntryNotFoundError:
+        pass
+    except HFValidationError as error:
+        raise TrainingError(
+            f"{source.flag}: no such folder or Hub id: {source.name} ({first_line(error)}): pass the folder of "
+            f"{source.kind} or a Hub id like {source.example}"
+        ) from error
+    cache = cache_dir or constants.HF_HUB_CACHE
+    needed = f"{source.what} {source.name}, which is not in the Hugging Face cache ({cache})"
+    check_hub_reachable(source.name, source.index_file, needed, how_to_get(source), source.revision)
+
+
+def how_to_get(source: ModelSource) -> str:
+    fetch = (
+        f"python download.py --base_model {source.name}"
+        if source.flag == "--pretrained_model_name_or_path"
+        else f"hf download {source.name}"
+    )
+    return (
+        f"run `{fetch}` where there is a network and use its cache here (HF_HOME, with HF_HUB_OFFLINE=1), "
+        f"or pass {source.flag} /path/to/folder"
+    )
+
+
+def no_accelerator_device() -> bool:
+    return not (
+        torch.cuda.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
+        or torch.backends.mps.is_available()
+    )
+
+
+def make_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
+
+    log_with = None if args.report_to == "none" else args.report_to
+    if args.report_to == "wandb" and not is_wandb_available():
+        raise TrainingError("--report_to wandb needs wandb: pip install wandb (or use --report_to tensorboard)")
+    if args.report_to == "tensorboard" and not is_tensorboard_available():
+        log_with = None
+        print(
+            "note: TensorBoard is not installed, so metrics go only to the progress bar "
+            "(pip install tensorboard to log them)",
+            file=sys.stderr,
+        )
+    # Without a GPU, accelerate forms a gloo process group under torchrun only when asked for the CPU.
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=log_with,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir)
+        ),
+        cpu=no_accelerator_device(),
+    )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != world_size:
+        raise TrainingError(
+            f"accelerate formed a group of {accelerator.num_processes} process(es) but WORLD_SIZE is "
+            f"{world_size}: every process would train alone on all the data; check the launcher config"
+        )
+    configure_logging(accelerator)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def configure_logging(accelerator):
+    import diffusers
+    import huggingface_hub
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
+    logger.setLevel(logging.INFO if accelerator.is_local_main_process else logging.WARNING)
+    # huggingface_hub prints through its own handler and also passes each record on to ours: every line twice.
+    huggingface_hub.utils.logging.disable_propagation()
+    # Notes no user can act on: transformers falls back from torchvision (which does not import beside the CPU
+    # torch build) to PIL for an image processor the pipeline never runs, and a weight-loading bar per model.
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()
+    # diffusers still passes huggingface_hub an argument that it ignores, and huggingface_hub warns about it.
+    warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+    if not accelerator.is_local_main_process:  # one copy of the libraries' warnings is enough
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+
+
+def start_logging(args, accelerator, models: Models, scorer):
+    """Start the metrics trackers (main process); return the Validation that samples the grids, on the main process
+    when --validation_prompts are given, else None (the other processes wait for it at the next collective)."""
+    if accelerator.is_main_process:
+        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args))
+    if args.validation_prompts and accelerator.is_main_process:
+        return Validation(args, accelerator, models, scorer)
+    return None
+
+
+def tracker_config(args) -> dict:
+    """The hyper-parameters for the tracker: plain values only. No flag holds a secret (the Hub token never
+    passes through argv), so logging every flag logs none."""
+    return {
+        key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+        for key, value in vars(args).items()
+    }
+
+
+def training_settings(args, plan: Plan, records: Records) -> dict:
+    """What a LoRA is trained with; travels beside every saved LoRA, with the step it was saved at, as
+    training_settings.json."""
+    return {
+        "base_model": args.pretrained_model_name_or_path,
+        "revision": args.revision,
+        "rank": args.rank,
+        "lora_alpha": args.rank,
+        "train_text_encoder": args.train_text_encoder,
+        "text_encoder_rank": args.text_encoder_rank if args.train_text_encoder else None,
+        "text_encoder_lora_alpha": args.text_encoder_rank if args.train_text_encoder else None,
+        "resolution": args.resolution,
+        "center_crop": args.center_crop,
+        "random_flip": args.random_flip,
+        "learning_rate": args.learning_rate,
+        "learning_rate_text_encoder": args.learning_rate_text_encoder,
+        "lr_scheduler": args.lr_scheduler,
+        "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "num_processes": plan.num_processes,
+        "total_batch_size": plan.total_batch_size,
+        "max_train_steps": plan.max_train_steps,
+        "seed": args.seed,
+        "data": records.description,
+        "num_images": len(records),
+    }
+
+
+def write_model_card(output_dir: Path, args, records: Records, settings: dict, grid_path):
+    grid_line = f"![validation grid]({grid_path.relative_to(output_dir).as_posix()})\n\n" if grid_path else ""
+    prompts = "".join(f"- {p}\n" for p in args.validation_prompts or [])
+    card = (
+        "---\n"
+        f"base_model: {args.pretrained_model_name_or_path}\n"
+        "library_name: diffusers\n"
+        "tags:\n- stable-diffusion\n- text-to-image\n- diffusers\n- lora\n- faces\n"
+        "---\n\n"
+        f"# LoRA for {args.pretrained_model_name_or_path}: text to face\n\n"
+        f"LoRA adapters for the UNet (rank {args.rank}, alpha {args.rank})"
+        + (
+            f" and the text encoder (rank {args.text_encoder_rank}, alpha {args.text_encoder_rank})"
+            if args.train_text_encoder
+            else ""
+        )
+        + f", trained with `finetune_lora.py` for {settings['global_step']} steps on {records.description} "
+        f"({len(records)} images) at {args.resolution}x{args.resolution}.\n\n"
+        f"{grid_line}"
+        + (f"Validation prompts (columns), one seed per row:\n\n{prompts}\n" if prompts else "")
+        + "## Use\n\n```python\nfrom diffusers import StableDiffusionPipeline\n\n"
+        f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")\n'
+        'pipe.load_lora_weights("<this folder or Hub repo>")\n'
+        'image = pipe("A smiling young woman with curly brown hair.").images[0]\n```\n\n'
+        "## Training settings\n\n```json\n" + json.dumps(settings, indent=2) + "\n```\n"
+    )
+    with atomic_write(output_dir / MODEL_CARD_NAME) as staging:
+        staging.write_text(card)
+
+
+def hub_repo(args) -> str:
+    """Create (or reuse) the Hub repository early, so a missing login fails before hours of training."""
+    from huggingface_hub import create_repo
+    from huggingface_hub.errors import HfHubHTTPError
+
+    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+    try:
+        return create_repo(repo_id, exist_ok=True).repo_id
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise TrainingError(
+            f"cannot create Hub repo {repo_id} ({first_line(error)}); log in with `hf auth login` or set HF_TOKEN"
+        ) from error
+
+
+def push_to_hub(repo_id: str, output_dir: Path, step: int):
+    """Upload output_dir without its checkpoints; a failure leaves the trained LoRA where it is, saying how to upload it."""
+    from huggingface_hub import upload_folder
+    from huggingface_hub.errors import HTTPError  # huggingface_hub's HTTP client's base error (connection, timeout)
+
+    try:
+        upload_folder(
+            repo_id=repo_id,
+            folder_path=output_dir,
+            commit_message=f"LoRA after {step} steps",
+            ignore_patterns=["checkpoint-*", "*.tmp"],
+        )
+    except (HTTPError, OSError, ValueError) as error:
+        raise TrainingError(
+            f"training finished, but the upload to {repo_id} failed ({first_line(error)}); the LoRA "
+            f"is in {output_dir}: upload it with `hf upload {repo_id} {output_dir} . --exclude 'checkpoint-*'`"
+        ) from error
+    logger.info(f"Uploaded {output_dir} to https://huggingface.co/{repo_id}")
 
 
 def next_command(args) -> str:
@@ -2206,17 +2114,121 @@ def next_command(args) -> str:
 
 
 def kohya_export_command(output_dir: Path) -> str:
-    """The generate.py command that writes the trained LoRA with kohya's keys, as AUTOMATIC1111 and ComfyUI read it."""
-    return shlex.join(
-        [
-            "python",
-            "generate.py",
-            "--export_kohya",
-            f"{output_dir.resolve().name}.safetensors",
-            "--lora",
-            str(output_dir),
-        ]
+    """The command that writes the trained LoRA with kohya's keys, as AUTOMATIC1111 and ComfyUI read it."""
+    name = f"{output_dir.resolve().name}.safetensors"
+    return shlex.join(["python", "tools/export_kohya.py", name, "--lora", str(output_dir)])
+
+
+def write_json(path: Path, value):
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers every script shares, copied from generate.py (tests/test_copies.py keeps them identical)
+# ----------------------------------------------------------------------------------------------
+
+
+# Copied from generate.first_line
+def first_line(error: BaseException) -> str:
+    """An exception as one line of an error message: its first line, or its type when its text is empty."""
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    text = text.strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# Copied from generate.names_a_folder
+def names_a_folder(name: str) -> bool:
+    """Whether a model flag's value names a local folder rather than a Hub id: whatever exists on disk, a path (from
+    the root, from here, from home) and anything that is not owner/name (`runwayml` alone is a folder)."""
+    return (
+        Path(name).expanduser().exists()
+        or name.startswith(("/", ".", "~"))
+        or not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
     )
+
+
+# Copied from generate.check_writable with GenerateError->TrainingError
+def check_writable(folder: Path, flag: str):
+    """Fail now, before any model is loaded, if `folder` cannot be created or written to; create nothing. A file is
+    created and removed in the deepest folder that exists: permission bits say nothing for root or a read-only
+    mount."""
+    existing = next(path for path in (folder.absolute(), *folder.absolute().parents) if path.exists())
+    if not existing.is_dir():
+        raise TrainingError(f"cannot write to {folder}: {existing} is a file, not a folder; pass another {flag}")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise TrainingError(
+            f"cannot write to {folder}: {existing} is not writable ({first_line(error)}); pass another {flag}"
+        ) from None
+
+
+# Copied from generate.check_hub_reachable with GenerateError->TrainingError
+def check_hub_reachable(repo_id: str, filename: str, needed: str, fix: str, revision: str | None = None):
+    """One request for `filename` of `repo_id`, without retries, before a loader asks for it. Fail now, in one line
+    naming what is `needed` and the `fix`, with HF_HUB_OFFLINE=1 or a Hub that cannot be reached at all (refused,
+    no route, no DNS), where huggingface_hub would retry for about 25 s and then blame the cache; and when the Hub
+    answers that the repo or the revision does not exist. A Hub that answers otherwise, however slowly, is left to
+    the loaders and their retries."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import httpx  # huggingface_hub's HTTP library, under the name it exports
+
+    if constants.HF_HUB_OFFLINE:
+        raise TrainingError(f"cannot load {needed}, with HF_HUB_OFFLINE=1: {fix}")
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision))
+    except httpx.ConnectError as error:
+        reason = re.sub(r"^\[Errno -?\d+\] ", "", first_line(error))
+        raise TrainingError(
+            f"cannot reach the Hub at {constants.ENDPOINT} ({reason}) to fetch {needed}: {fix}"
+        ) from None
+    except RepositoryNotFoundError:
+        raise TrainingError(
+            f"no repository {repo_id} on {constants.ENDPOINT}: check the name (a private one needs `hf auth login`)"
+        ) from None
+    except RevisionNotFoundError:
+        raise TrainingError(f"{repo_id} has no revision {revision}: check --revision") from None
+    except (httpx.HTTPError, OSError):
+        pass  # slow, overloaded or gated: the loaders retry and report it
+
+
+# Copied from generate.atomic_write
+@contextlib.contextmanager
+def atomic_write(path: Path):
+    """Yield a staging path, `<path>.tmp`, to write `path` (a file or a folder) to; when the block ends, rename it to
+    `path` in one step, so that `path` is never seen half-written. A failed block leaves nothing behind; a killed
+    run leaves `<path>.tmp`, which the next write of `path` writes over."""
+    staging = path.with_name(path.name + ".tmp")
+    try:
+        yield staging
+        if path.is_dir():
+            shutil.rmtree(path)  # os.replace cannot replace a folder that holds files
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging) if staging.is_dir() else staging.unlink(missing_ok=True)
+        raise
+
+
+# Copied from generate.wrap
+def wrap(text: str, font, max_width: float, max_lines: int) -> list:
+    """Greedy word wrap of `text` to `max_width` pixels of `font`, at most `max_lines` lines, the last ending in
+    " ..." when the text is cut."""
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and font.getlength(candidate) > max_width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    lines.append(line)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and font.getlength(last + " ...") > max_width:
+            last = last.rsplit(" ", 1)[0] if " " in last else last[:-1]
+        lines = lines[: max_lines - 1] + [last + " ..."]
+    return lines
 
 
 def main(argv=None) -> int:
@@ -2227,7 +2239,7 @@ def main(argv=None) -> int:
             preflight(args)
             accelerator = make_accelerator(args)
             checkpoint = find_resume_checkpoint(args)  # a wrong name fails here, not after minutes of loading
-            scorer = load_scorer(args, accelerator)
+            scorer = load_validation_scorer(args, accelerator)
             prepare_output_dir(args, accelerator, resuming=checkpoint is not None)
             repo_id = hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
             records = load_records(args, accelerator.is_local_main_process)
@@ -2235,7 +2247,7 @@ def main(argv=None) -> int:
             models = add_lora_adapters(args, load_frozen_models(args, accelerator))
             stop_if_requested(stop, accelerator, "loading the base model")
             plan = make_plan(args, len(records), accelerator.num_processes)
-            settings = run_settings(args, plan, records)
+            settings = training_settings(args, plan, records)
             models, optimization = prepare_training(args, accelerator, models, plan)
             register_lora_hooks(accelerator, models, args.train_text_encoder)
             first_step = resume(accelerator, checkpoint, settings) if checkpoint else 0

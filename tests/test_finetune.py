@@ -663,3 +663,24 @@ def test_under_bf16_mixed_precision_the_lora_trains_and_is_saved_in_fp32(tiny_mo
     assert all(not torch.equal(final[k], after_one[k]) for k in final if ".lora_B." in k)
     width, height = Image.open(output / "checkpoint-1" / "validation.png").size
     assert width > 64 and height > 64  # one image and its labels
+
+
+class FailingValidation(finetune_lora.Validation):
+    """Validation whose sampling runs out of memory, as a too-large grid would on a GPU."""
+
+    def sample(self, step):
+        if step > 0:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        super().sample(step)
+
+
+def test_an_error_in_validation_at_a_checkpoint_is_not_reported_as_a_full_disk(
+    tiny_model, face_folder, tmp_path, capfd, monkeypatch
+):
+    monkeypatch.setattr(finetune_lora, "Validation", FailingValidation)
+    args = train_args(tiny_model, face_folder, tmp_path / "run", "--max_train_steps", "1", "--checkpointing_steps", "1")
+    args[len(args) - 1 - args[::-1].index("none")] = "a face"  # the --validation_prompts of train_args
+    with pytest.raises(RuntimeError, match="out of memory"):
+        finetune_lora.main([*args, "--num_validation_images", "1"])
+    assert "make room" not in capfd.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint-1").exists()

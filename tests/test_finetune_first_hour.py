@@ -116,8 +116,8 @@ def test_offline_without_the_model_in_the_cache_says_so_in_one_line(face_folder,
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(
-        f"error: base model {finetune_lora.DEFAULT_BASE_MODEL} is not in the Hugging Face cache "
-        f"({tmp_path / 'empty-hf-home' / 'hub'}) and HF_HUB_OFFLINE=1 is set: "
+        f"error: cannot load base model {finetune_lora.DEFAULT_BASE_MODEL}, which is not in the Hugging Face cache "
+        f"({tmp_path / 'empty-hf-home' / 'hub'}), with HF_HUB_OFFLINE=1: "
     )
     assert "python download.py --base_model" in line
     assert not (tmp_path / "run").exists()
@@ -428,7 +428,10 @@ def test_a_run_logs_only_what_a_user_can_act_on_labels_its_grids_and_ends_with_t
     assert np.abs(grids[0][:top] - header).max() > 100  # "step 0" and "step 2"
     assert np.array_equal(grids[0][top:, :left], side)  # the same seed
 
-    # The last line is a command that samples the LoRA just trained.
+    # The line before it converts the LoRA with tools/export_kohya.py; the last is a command that samples it.
+    assert log.strip().splitlines()[-2] == (
+        f"For AUTOMATIC1111 and ComfyUI: python tools/export_kohya.py run.safetensors --lora {output}"
+    )
     last = log.strip().splitlines()[-1]
     prefix = f"Next: python generate.py --lora {output / finetune_lora.LORA_WEIGHTS_NAME} --prompt "
     assert last.startswith(prefix), last
