@@ -5,6 +5,7 @@ Real LoRA files on the tiny SD2.1-shaped pipeline, real PNGs, real pixels compar
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,16 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
+from safetensors.torch import save_file
 from test_generate import PROMPT, TEXT_ENCODER_TARGETS, UNET_TARGETS, pixels, run, write_published_layout_lora
 
 import generate
+
+KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+MODULES = {
+    "unet": 4 * 2 * 4,
+    "text_encoder": 4 * 2,
+}  # q, k, v, out of two attentions in four UNet blocks; of two CLIP layers
 
 
 def write_alpha_lora(model_path, folder, rank=4, alpha=8, seed=3):
@@ -215,3 +223,17 @@ def test_switching_loras_restores_the_base_weights_bit_for_bit(tiny_model, loras
     assert all(torch.equal(value, fused_a[name]) for name, value in weights().items())
     switch.use(())
     assert all(torch.equal(value, base[name]) for name, value in weights().items())
+
+
+def non_lora_file(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    save_file({"model.layer.weight": torch.ones(4, 4)}, path)
+    return path
+
+
+def old_diffusers_lora(tmp_path):
+    """Keys in diffusers' old attention-processor layout: loadable, but not a layout --export_kohya converts."""
+    path = tmp_path / "old.safetensors"
+    prefix = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora"
+    save_file({f"{prefix}.down.weight": torch.ones(4, 32), f"{prefix}.up.weight": torch.ones(32, 4)}, path)
+    return path
