@@ -1028,19 +1028,20 @@ def training_dataset(args, accelerator, records: Records, models: Models, stop) 
     dataset = CaptionedImages(records, args.resolution, args.center_crop, args.random_flip)
     if not args.cache_latents:
         return dataset
-    latents = cache_latents(dataset, models, accelerator, args.train_batch_size)
+    latents = cache_latents(dataset, models, accelerator, args.train_batch_size, stop)
     release_vae(models.vae, keep_decoder=bool(args.validation_prompts) and accelerator.is_main_process)
     stop_if_requested(stop, accelerator, "caching latents")
     return CaptionedImages(records, args.resolution, args.center_crop, args.random_flip, latents)
 
 
 @torch.no_grad()
-def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_size: int) -> dict:
+def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_size: int, stop) -> dict:
     """VAE-encode every record once (and its mirror image with --random_flip): {(record, flipped): the latent
     distribution's parameters}.
 
     The records go in rounds of batch_size per process: each process decodes and encodes its share of a round,
     and all processes gather the round, so the time divides by the process count; every process keeps all latents.
+    A stop request ends the caching between two rounds.
     """
     from tqdm.auto import tqdm
 
@@ -1055,6 +1056,8 @@ def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_s
         desc="caching latents",
         disable=not accelerator.is_local_main_process,
     ):
+        if stop.agreed(accelerator):  # a pre-emption's grace is seconds; caching can take hours
+            break
         pixels, readable = [], []
         for position in range(
             start + accelerator.process_index * batch_size, start + (accelerator.process_index + 1) * batch_size
@@ -1234,23 +1237,33 @@ def train(args, accelerator, models, optimization, plan, dataset, settings, vali
                 log_step(accelerator, progress, step, loss, optimization, images_per_second)
                 last_step_end = now
 
-                if stop.agreed(accelerator):
-                    path = save_checkpoint(accelerator, output_dir, step, settings, args.checkpoints_total_limit, None)
-                    progress.close()
-                    if accelerator.is_main_process:
-                        print(
-                            f"Stopped by {stop.reason or 'another process'} after step {step}; saved {path}. "
-                            "Resume with the same command and --resume_from_checkpoint latest",
-                            file=sys.stderr,
-                        )
-                    return stop.exit_code(), step
                 if step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, output_dir, step, settings, args.checkpoints_total_limit, validation)
+                # After the checkpoint: its validation grid gives up at a stop request, which is then acted on here.
+                if stop.agreed(accelerator):
+                    return stop_with_checkpoint(args, accelerator, progress, settings, step, stop), step
                 if step >= plan.max_train_steps:
                     break
             if validation and (epoch + 1) % args.validation_epochs == 0:
                 validation.save(grid_path(output_dir, step), step)
+            if stop.agreed(accelerator):
+                return stop_with_checkpoint(args, accelerator, progress, settings, step, stop), step
     return 0, step
+
+
+def stop_with_checkpoint(args, accelerator, progress, settings: dict, step: int, stop) -> int:
+    """Checkpoint `step` (unless its checkpoint was just written), say how to resume, and return the exit code."""
+    path = Path(args.output_dir) / f"checkpoint-{step}"
+    if not path.is_dir():  # a checkpoint folder exists only once complete (save_checkpoint renames it into place)
+        save_checkpoint(accelerator, Path(args.output_dir), step, settings, args.checkpoints_total_limit, None)
+    progress.close()
+    if accelerator.is_main_process:
+        print(
+            f"Stopped by {stop.reason or 'another process'} after step {step}; saved {path}. "
+            "Resume with the same command and --resume_from_checkpoint latest",
+            file=sys.stderr,
+        )
+    return stop.exit_code()
 
 
 def grid_path(output_dir: Path, step: int) -> Path:
@@ -1551,7 +1564,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, settings: dict, li
     with written_or_reported(output_dir, path), folder as staging:
         accelerator.save_state(str(staging), **deepspeed)
         accelerator.wait_for_everyone()
-        if validation:
+        if validation and validation.step == step:  # not when the grid gave way to a stop request
             validation.write(staging / "validation.png")
         if main:
             write_json(staging / SETTINGS_NAME, {**settings, "global_step": step})
@@ -1564,7 +1577,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, settings: dict, li
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGINT or by the death of the launcher; the loop checks it after every step."""
+    """Set by SIGTERM/SIGINT or by the death of the launcher; the loop checks it after every step and validation
+    grid, latent caching between rounds, a validation grid between denoising steps."""
 
     def __init__(self):
         self.reason = None
@@ -1663,19 +1677,25 @@ class Validation:
     """Validation grids, sampled at most once per step and logged to the trackers, with their CLIP scores when a
     `scorer` (load_validation_scorer) is given; written by write() where asked."""
 
-    def __init__(self, args, accelerator, models: Models, scorer):
-        self.args, self.accelerator, self.models, self.scorer = args, accelerator, models, scorer
+    def __init__(self, args, accelerator, models: Models, scorer, stop):
+        self.args, self.accelerator, self.models, self.scorer, self.stop = args, accelerator, models, scorer, stop
         self.step, self.grid, self.scores = None, None, {}
 
-    def sample(self, step: int):
+    def sample(self, step: int) -> bool:
         """Sample, log and score the grid of `step`, once; it writes nothing, and runs outside the writes' error
-        handler (written_or_reported)."""
+        handler (written_or_reported). A stop request gives the grid up (False): a pre-emption's grace is seconds,
+        a grid can take minutes."""
         if self.step == step:
-            return
-        self.grid, rows = validation_grid(self.args, self.accelerator, self.models, step)
+            return True
         logger.info(
-            f"Validation grid at step {step}: {self.args.num_validation_images} x {len(self.args.validation_prompts)} images"
+            f"Sampling the validation grid of step {step}: "
+            f"{self.args.num_validation_images} x {len(self.args.validation_prompts)} images"
         )
+        try:
+            self.grid, rows = validation_grid(self.args, self.accelerator, self.models, step, self.stop)
+        except GaveUp:
+            logger.info(f"Validation grid of step {step} given up: the run was asked to stop")
+            return False
         array = np.asarray(self.grid)
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
@@ -1683,6 +1703,7 @@ class Validation:
             elif tracker.name == "wandb":
                 tracker.log_images({"validation": [array]}, step=step)
         self.step, self.scores = step, self.score(rows, step)
+        return True
 
     def write(self, path: Path) -> Path:
         """The last grid sampled to `path` (a PNG), its prompts, seeds and CLIP scores beside it (JSON)."""
@@ -1695,9 +1716,10 @@ class Validation:
             write_json(staging, labels | self.scores)
         return path
 
-    def save(self, path: Path, step: int) -> Path:
-        """The grid of `step` sampled, then written to `path`."""
-        self.sample(step)
+    def save(self, path: Path, step: int) -> Path | None:
+        """The grid of `step` sampled, then written to `path`; None when it gave way to a stop request."""
+        if not self.sample(step):
+            return None
         with written_or_reported(Path(self.args.output_dir), path):
             return self.write(path)
 
@@ -1712,9 +1734,20 @@ class Validation:
         return {"clip_score": mean, "clip_score (per prompt)": per_prompt, "score_model": self.args.score_model}
 
 
-def validation_grid(args, accelerator, models: Models, step: int) -> tuple:
+class GaveUp(Exception):
+    """Raised between two denoising steps of a validation grid when the run is asked to stop."""
+
+
+def validation_grid(args, accelerator, models: Models, step: int, stop) -> tuple:
     """Sample the validation prompts with the models in memory: rows are repetitions (seed, seed+1, ...), columns
-    prompts, under labels that name them and the step. Return the grid and the rows of images."""
+    prompts, under labels that name them and the step. Return the grid and the rows of images; raise GaveUp at a
+    stop request."""
+
+    def give_up_on_stop(pipeline, denoising_step, timestep, tensors):
+        if stop.requested():
+            raise GaveUp
+        return tensors
+
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline(
@@ -1740,6 +1773,7 @@ def validation_grid(args, accelerator, models: Models, step: int) -> tuple:
                     height=size,
                     width=size,
                     generator=generator,
+                    callback_on_step_end=give_up_on_stop,
                 ).images
             )
     seeds = [args.seed + repetition for repetition in range(args.num_validation_images)]
@@ -1991,13 +2025,13 @@ def configure_logging(accelerator):
         diffusers.utils.logging.set_verbosity_error()
 
 
-def start_logging(args, accelerator, models: Models, scorer):
+def start_logging(args, accelerator, models: Models, scorer, stop):
     """Start the metrics trackers (main process); return the Validation that samples the grids, on the main process
     when --validation_prompts are given, else None (the other processes wait for it at the next collective)."""
     if accelerator.is_main_process:
         accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args))
     if args.validation_prompts and accelerator.is_main_process:
-        return Validation(args, accelerator, models, scorer)
+        return Validation(args, accelerator, models, scorer, stop)
     return None
 
 
@@ -2252,7 +2286,7 @@ def main(argv=None) -> int:
             register_lora_hooks(accelerator, models, args.train_text_encoder)
             first_step = resume(accelerator, checkpoint, settings) if checkpoint else 0
             dataset = training_dataset(args, accelerator, records, models, stop)
-            validation = start_logging(args, accelerator, models, scorer)
+            validation = start_logging(args, accelerator, models, scorer, stop)
             exit_code, step = train(
                 args, accelerator, models, optimization, plan, dataset, settings, validation, first_step, stop
             )

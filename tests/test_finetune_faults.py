@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tiny_sd21 import make_face_folder
 from train_helpers import SCRIPT, accelerate_launch, lora, one_thread, train_args  # noqa: F401  (one_thread: autouse fixture)
 
 import finetune_lora
@@ -268,41 +269,79 @@ def test_sigterm_during_setup_ends_the_run_at_once_with_nothing_saved(tiny_model
     assert not list(output.glob("checkpoint-*")) and not (output / "pytorch_lora_weights.safetensors").exists()
 
 
-def test_the_trainer_stops_and_checkpoints_when_only_its_launcher_is_signalled(tiny_model, face_folder, tmp_path):
-    output = tmp_path / "run"
-    launcher = start(
-        accelerate_launch(
-            train_args(
-                tiny_model,
-                face_folder,
-                output,
-                "--max_train_steps",
-                "400",
-                "--checkpointing_steps",
-                "1000",
-                "--verbose",
-            ),
+def test_a_preempted_run_checkpoints_within_the_launchers_grace_wherever_it_is_and_resumes(tiny_model, tmp_path):
+    """accelerate launch (1.16) passes a SIGTERM on to the trainer and SIGKILLs it 5 s later, so a "Stopped by" line,
+    exit code 143 and a complete checkpoint can only come from a trainer that was in time. A cluster signals the
+    whole process group (the trainer then gets SIGTERM twice); a run is pre-empted here between two steps, during
+    latent caching, during a validation grid, and once through its launcher alone, resuming each time."""
+    # 160 images in both flips: caching them takes seconds, long enough to be interrupted.
+    data = make_face_folder(tmp_path / "faces", count=160, size=64)
+
+    def command(output):
+        flags = ["--cache_latents", "--random_flip", "--max_train_steps", "12", "--checkpointing_steps", "4"]
+        flags += ["--validation_prompts", "a face", "a smiling face", "--num_validation_images", "6"]
+        return accelerate_launch(
+            train_args(tiny_model, data, output, *flags, "--resume_from_checkpoint", "latest", "--verbose"),
             "--num_processes",
             "1",
         )
-    )
-    trainers = []
-    try:
-        read_until(launcher, "first batch")
-        trainers = children(launcher.pid)
-        assert trainers, "no training process under the launcher"
-        launcher.send_signal(signal.SIGTERM)  # what a scheduler does; accelerate launch (1.16) passes it on
-        launcher.wait(timeout=60)
-        rest = launcher.stderr.read()  # open until the trainer, which shares the pipe, exits
-        assert wait_until_gone(trainers), "the trainer outlived its launcher"
-    finally:
-        for pid in trainers:
-            if running(pid):
-                os.kill(pid, signal.SIGKILL)
-    assert "Stopped by SIGTERM after step" in rest, rest[-3000:]
-    assert launcher.returncode == 128 + signal.SIGTERM
-    [checkpoint] = output.glob("checkpoint-*")
-    assert finetune_lora.is_complete_checkpoint(checkpoint)
+
+    reference = subprocess.run(command(tmp_path / "reference"), capture_output=True, text=True, env=cpu_env())
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    output = tmp_path / "run"
+
+    def preempt(marker, group=True):
+        launcher = start(command(output))
+        trainers = []
+        try:
+            read_until(launcher, marker)
+            trainers = children(launcher.pid)
+            if group:
+                os.killpg(launcher.pid, signal.SIGTERM)
+            else:
+                launcher.send_signal(signal.SIGTERM)
+            rest = launcher.stderr.read()  # open until the trainer, which shares the pipe, exits
+            launcher.wait(timeout=60)
+            assert wait_until_gone(trainers), "the trainer outlived its launcher"
+        finally:
+            for pid in trainers:
+                if running(pid):
+                    os.kill(pid, signal.SIGKILL)
+        assert launcher.returncode == 128 + signal.SIGTERM, rest[-3000:]
+        assert "Traceback" not in rest, rest[-3000:]
+        return rest
+
+    def checkpoints():
+        return sorted(finetune_lora.checkpoint_step(path) for path in finetune_lora.complete_checkpoints(output))
+
+    rest = preempt("first batch")  # after the step-0 grid, as the first step starts
+    step = checkpoints()[-1]
+    assert f"Stopped by SIGTERM after step {step}; saved {output / f'checkpoint-{step}'}" in rest, rest[-3000:]
+    assert 1 <= step < 4 and checkpoints() == [step]
+
+    rest = preempt("caching latents")  # resumed runs cache the latents again, before any step
+    assert "error: stopped by SIGTERM while caching latents" in rest, rest[-3000:]
+    bars = re.findall(r"caching latents: +(\d+)%", rest)
+    assert bars and int(bars[-1]) < 100, "the caching ran to its end instead of stopping"
+    assert checkpoints() == [step]
+
+    rest = preempt("Sampling the validation grid of step 4")  # the grid of checkpoint-4
+    assert "Validation grid of step 4 given up" in rest, rest[-3000:]
+    assert f"Stopped by SIGTERM after step 4; saved {output / 'checkpoint-4'}" in rest, rest[-3000:]
+    assert checkpoints() == [step, 4] and not (output / "checkpoint-4" / "validation.png").exists()
+
+    rest = preempt("Sampling the validation grid of step 8", group=False)
+    assert "Validation grid of step 8 given up" in rest and "Stopped by SIGTERM after step 8" in rest, rest[-3000:]
+    assert checkpoints() == [step, 4, 8]
+
+    resumed = subprocess.run(command(output), capture_output=True, text=True, env=cpu_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {output / 'checkpoint-8'}" in resumed.stderr
+    expected, got = lora(tmp_path / "reference"), lora(output)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=0, msg=key)
 
 
 def test_latest_skips_half_written_checkpoints_and_a_broken_rng_state_fails_loudly(
