@@ -720,9 +720,9 @@ def load_base_components(args, weight_dtype, device) -> tuple:
     if not Path(base).is_dir() and not constants.is_offline_mode():
         with contextlib.suppress(OSError):
             return base_model_components(args, weight_dtype, device, local_files_only=True)
-        source = base_model_source(args)
         needed = f"base model {base}, which is not in the Hugging Face cache"
-        check_hub_reachable(base, source.index_file, needed, how_to_get(source), args.revision)
+        fix = how_to_get(base, "--pretrained_model_name_or_path")
+        check_hub_reachable(base, "model_index.json", needed, fix, args.revision)
     return base_model_components(args, weight_dtype, device, local_files_only=False)
 
 
@@ -1146,57 +1146,48 @@ def log_step(accelerator, progress, step: int, loss: float, optimization: Optimi
 # ----------------------------------------------------------------------------------------------
 
 
-def published_layout(text_encoder_layers: dict) -> dict:
-    """Text-encoder LoRA keys with CLIPTextModel's text_model level, which transformers 5 dropped: the published
-    LoRA, transformers-4 stacks and kohya's converter spell them so, and diffusers maps them to either."""
-    return {
-        key if key.startswith("text_model.") else f"text_model.{key}": value
-        for key, value in text_encoder_layers.items()
-    }
-
-
 def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple:
+    """The adapters' weights: the UNet's, and the text encoder's (None when it is not trained)."""
     from peft.utils import get_peft_model_state_dict
 
-    unet_layers = get_peft_model_state_dict(unet)
-    text_encoder_layers = (
-        get_peft_model_state_dict(text_encoder, save_embedding_layers=False) if train_text_encoder else None
-    )
-    return unet_layers, text_encoder_layers
-
-
-def adapter_metadata(model) -> dict:
-    config = model.peft_config["default"]
-    return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+    text_encoder_layers = None
+    if train_text_encoder:
+        text_encoder_layers = get_peft_model_state_dict(text_encoder, save_embedding_layers=False)
+    return get_peft_model_state_dict(unet), text_encoder_layers
 
 
 def save_lora(path: Path, unet, text_encoder, train_text_encoder: bool):
-    """Write the LoRA to the file `path` in the diffusers format generate.py loads.
+    """Write the LoRA to the file `path` in the diffusers format generate.py loads, each adapter's LoraConfig (rank,
+    alpha, target modules) in the safetensors header, so that the strength trained is the strength applied.
 
-    The safetensors header carries each adapter's LoraConfig (rank, alpha, target modules), so the
-    strength trained is the strength applied; training_settings.json beside it names the base model and steps.
+    Text-encoder keys get CLIPTextModel's text_model level, which transformers 5 dropped: the published LoRA,
+    transformers-4 stacks and kohya's converter spell them so, and diffusers maps them to either.
     """
     from diffusers import StableDiffusionPipeline
 
+    def adapter_metadata(model) -> dict:
+        config = model.peft_config["default"]
+        return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+
     unet_layers, text_encoder_layers = lora_state_dicts(unet, text_encoder, train_text_encoder)
+    if train_text_encoder:
+        text_encoder_layers = {
+            k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text_encoder_layers.items()
+        }
     StableDiffusionPipeline.save_lora_weights(
         path.parent,
         unet_lora_layers=unet_layers,
-        text_encoder_lora_layers=published_layout(text_encoder_layers) if train_text_encoder else None,
+        text_encoder_lora_layers=text_encoder_layers,
         unet_lora_adapter_metadata=adapter_metadata(unet),
         text_encoder_lora_adapter_metadata=adapter_metadata(text_encoder) if train_text_encoder else None,
         weight_name=path.name,
         safe_serialization=True,
     )
     # safetensors writes through a private temporary file (mode 0600): give the weights the mode any file made the
-    # usual way gets under the user's umask.
-    path.chmod(0o666 & ~current_umask())
-
-
-def current_umask() -> int:
-    umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    # usual way gets under the user's umask. Reading the umask means setting it: it is put straight back.
+    umask = os.umask(0o022)
     os.umask(umask)
-    return umask
+    path.chmod(0o666 & ~umask)
 
 
 def restore_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
@@ -1209,17 +1200,17 @@ def restore_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
     if not path.is_file():
         raise TrainingError(f"checkpoint {directory} has no {LORA_WEIGHTS_NAME}")
     state = load_file(path)
-    for prefix, model, wanted in (("unet.", unet, True), ("text_encoder.", text_encoder, train_text_encoder)):
+    expected = lora_state_dicts(unet, text_encoder, train_text_encoder)
+    for prefix, model, layers in (("unet.", unet, expected[0]), ("text_encoder.", text_encoder, expected[1])):
         part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        if not wanted:
+        if layers is None:
             continue
         if prefix == "text_encoder." and not hasattr(model, "text_model"):
             part = {k.removeprefix("text_model."): v for k, v in part.items()}
-        expected = set(lora_state_dicts(unet, text_encoder, train_text_encoder)[0 if prefix == "unet." else 1])
-        if set(part) != expected:
+        if set(part) != set(layers):
             raise TrainingError(
                 f"the LoRA in {directory} does not match this run's --rank/--text_encoder_rank/"
-                f"--train_text_encoder ({len(set(part) ^ expected)} mismatched tensors)"
+                f"--train_text_encoder ({len(set(part) ^ set(layers))} mismatched tensors)"
             )
         set_peft_model_state_dict(model, part, adapter_name="default")
 
@@ -1254,41 +1245,34 @@ def is_complete_checkpoint(path: Path) -> bool:
 def complete_checkpoints(output_dir: Path, warn: bool = False) -> list:
     """The complete checkpoint-N folders, oldest first (checkpoint-N.tmp, being written, is none); with `warn`, each
     incomplete checkpoint-N (its run was killed while writing it) is named in a warning."""
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
-    complete = []
-    for path in sorted(found, key=checkpoint_step):
-        if is_complete_checkpoint(path):
-            complete.append(path)
-        elif warn:
-            logger.warning(f"ignoring incomplete checkpoint {path} (its run was killed while writing it)")
-    return complete
+    found = sorted((p for p in output_dir.glob("checkpoint-*") if checkpoint_step(p) is not None), key=checkpoint_step)
+    for path in [p for p in found if not is_complete_checkpoint(p)] if warn else []:
+        logger.warning(f"ignoring incomplete checkpoint {path} (its run was killed while writing it)")
+    return [p for p in found if is_complete_checkpoint(p)]
 
 
 def prepare_output_dir(args, accelerator, resuming: bool):
-    """Refuse to clobber an earlier run unless asked; clear leftovers of interrupted checkpoint writes."""
+    """Refuse to clobber an earlier run unless asked; clear leftovers of interrupted checkpoint writes, and at a fresh
+    start what an earlier run wrote (its grids, logs and model card would mix with the new run's)."""
     output_dir = Path(args.output_dir)
     # A killed run's half-written checkpoint-N.tmp is no run to protect: 'latest' starts afresh and clears it.
     earlier = [p for p in (output_dir / LORA_WEIGHTS_NAME, *complete_checkpoints(output_dir)) if p.exists()]
     if earlier and not resuming and not args.overwrite_output_dir:
-        how = (
-            "it has no complete checkpoint to resume"
-            if args.resume_from_checkpoint == "latest"
-            else "resume it with --resume_from_checkpoint latest"
-        )
+        how = "resume it with --resume_from_checkpoint latest"
+        if args.resume_from_checkpoint == "latest":
+            how = "it has no complete checkpoint to resume"
         raise TrainingError(
             f"{output_dir} already holds a training run ({earlier[0].name}); {how}, "
             "or pass --overwrite_output_dir to replace it"
         )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        # A fresh start: old grids, logs and model card would mix with the new run's.
         stale = [*output_dir.glob("checkpoint-*.tmp"), *([] if resuming else previous_outputs(args))]
         for path in dict.fromkeys(stale):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        if not resuming:
-            for folder in (output_dir / "validation", output_dir / args.logging_dir):
-                if folder.is_dir() and within(folder, output_dir) and not any(folder.iterdir()):
-                    folder.rmdir()
+        for folder in [] if resuming else [output_dir / "validation", output_dir / args.logging_dir]:
+            if folder.is_dir() and within(folder, output_dir) and not any(folder.iterdir()):
+                folder.rmdir()
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
 
@@ -1296,10 +1280,8 @@ def prepare_output_dir(args, accelerator, resuming: bool):
 def previous_outputs(args) -> list:
     """What an earlier run of this script wrote into output_dir; files this script does not write are never listed."""
     output_dir = Path(args.output_dir)
-    if not output_dir.is_dir():
-        return []
-    paths = [output_dir / name for name in (LORA_WEIGHTS_NAME, SETTINGS_NAME, MODEL_CARD_NAME + ".tmp")]
-    paths += [path.with_name(path.name + ".tmp") for path in paths[:2]]  # atomic_write's staging files
+    names = [LORA_WEIGHTS_NAME, SETTINGS_NAME]
+    paths = [output_dir / name for name in [*names, *(name + ".tmp" for name in names), MODEL_CARD_NAME + ".tmp"]]
     paths += [p for p in output_dir.glob("checkpoint-*") if CHECKPOINT_PATTERN.match(p.name.removesuffix(".tmp"))]
     paths += [p for p in (output_dir / "validation").glob("step-*") if VALIDATION_GRID_PATTERN.match(p.name)]
     tracker_folder = output_dir / args.logging_dir / TRACKER_PROJECT
@@ -1326,8 +1308,7 @@ def find_resume_checkpoint(args):
             logger.info(f"No checkpoint in {output_dir} yet: starting a new run.")
         return checkpoints[-1] if checkpoints else None
     path = Path(args.resume_from_checkpoint)
-    if not path.is_dir():
-        path = output_dir / args.resume_from_checkpoint
+    path = path if path.is_dir() else output_dir / args.resume_from_checkpoint
     if not path.is_dir():
         raise TrainingError(
             f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist "
@@ -1349,12 +1330,8 @@ def resume(accelerator, checkpoint: Path, settings: dict) -> int:
             "it was written by a run with fewer processes; resume with the same process count"
         )
     saved = json.loads((checkpoint / SETTINGS_NAME).read_text())
-    differing = [
-        key
-        for key in ("seed", "train_batch_size", "gradient_accumulation_steps", "num_processes", "resolution")
-        if saved.get(key) != settings.get(key)
-    ]
-    if differing:
+    same = ("seed", "train_batch_size", "gradient_accumulation_steps", "num_processes", "resolution")
+    if differing := [key for key in same if saved.get(key) != settings.get(key)]:
         logger.warning(
             f"resuming with different {', '.join(differing)} than {checkpoint.name} was trained with: "
             "the run will not match an uninterrupted one"
@@ -1393,12 +1370,10 @@ def written_or_reported(output_dir: Path, target: Path):
         yield
     except (OSError, RuntimeError, SafetensorError) as error:  # torch.save: a full disk is a RuntimeError
         good = complete_checkpoints(output_dir)
-        how = (
-            f"the last complete checkpoint is {good[-1]}: make room, then run the same command with "
-            "--resume_from_checkpoint latest"
-            if good
-            else "no checkpoint was complete yet: make room, then run the same command again"
-        )
+        how = "no checkpoint was complete yet: make room, then run the same command again"
+        if good:
+            how = f"the last complete checkpoint is {good[-1]}: make room, then run the same command with "
+            how += "--resume_from_checkpoint latest"
         free = shutil.disk_usage(output_dir).free / 2**20 if output_dir.is_dir() else 0
         raise TrainingError(f"cannot write {target} ({first_line(error)}; {free:.1f} MiB free there); {how}") from error
 
@@ -1724,9 +1699,9 @@ def preflight(args):
     """What would otherwise fail after the model load or after training, checked before anything is loaded or
     created: the base model (and the --validation_score model) can be found, and every place the run writes to
     can be written."""
-    check_model_source(base_model_source(args), args.cache_dir)
+    check_model(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", args.revision, args.cache_dir)
     if args.validation_score:
-        check_model_source(score_model_source(args), args.cache_dir)
+        check_model(args.score_model, "--score_model", None, args.cache_dir)
     output_dir = Path(args.output_dir)
     folders = {output_dir: "--output_dir", output_dir / "validation": "--output_dir"}
     if args.report_to != "none":
@@ -1738,80 +1713,53 @@ def preflight(args):
         raise TrainingError(f"cannot write the LoRA to {final}: it is a folder; pass another --output_dir")
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """A model the run loads by folder or Hub id, as its flag names it: what to check and what to tell the user."""
-
-    what: str  # "base model", as messages call it
-    name: str
-    flag: str
-    kind: str  # what the folder must hold, e.g. "a diffusers Stable Diffusion 2.1 pipeline"
-    example: str  # a Hub id that works
-    index_file: str  # the file every such repo holds
-    revision: str | None
-
-
-def base_model_source(args) -> ModelSource:
-    return ModelSource(
+# What each model flag loads: what messages call it, what its folder holds, a Hub id that works, a file every such
+# repository holds.
+MODEL_FLAGS = {
+    "--pretrained_model_name_or_path": (
         "base model",
-        args.pretrained_model_name_or_path,
-        "--pretrained_model_name_or_path",
         "a diffusers Stable Diffusion 2.1 pipeline",
         DEFAULT_BASE_MODEL,
         "model_index.json",
-        args.revision,
-    )
+    ),
+    "--score_model": ("score model", "a transformers CLIP model", DEFAULT_SCORE_MODEL, "config.json"),
+}
 
 
-def score_model_source(args) -> ModelSource:
-    return ModelSource(
-        "score model",
-        args.score_model,
-        "--score_model",
-        "a transformers CLIP model",
-        DEFAULT_SCORE_MODEL,
-        "config.json",
-        None,
-    )
-
-
-def check_model_source(source: ModelSource, cache_dir):
+def check_model(name: str, flag: str, revision: str | None, cache_dir):
     """Find in seconds a model that cannot load: a folder that is not there, or a Hub id that is neither in the
     cache nor reachable (instead of minutes of retries, or a missing-file error that blames the model)."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    if Path(source.name).is_dir():
+    what, kind, example, index_file = MODEL_FLAGS[flag]
+    if Path(name).is_dir():
         return
-    if names_a_folder(source.name):
-        raise TrainingError(
-            f"{source.flag}: no such folder: {source.name}: pass the folder of {source.kind} or a Hub id like "
-            f"{source.example}"
-        )
+    if names_a_folder(name):
+        raise TrainingError(f"{flag}: no such folder: {name}: pass the folder of {kind} or a Hub id like {example}")
     try:
-        snapshot_download(source.name, revision=source.revision, cache_dir=cache_dir, local_files_only=True)
+        snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=True)
         return
     except LocalEntryNotFoundError:
         pass
     except HFValidationError as error:
         raise TrainingError(
-            f"{source.flag}: no such folder or Hub id: {source.name} ({first_line(error)}): pass the folder of "
-            f"{source.kind} or a Hub id like {source.example}"
+            f"{flag}: no such folder or Hub id: {name} ({first_line(error)}): pass the folder of {kind} or a Hub id "
+            f"like {example}"
         ) from error
-    cache = cache_dir or constants.HF_HUB_CACHE
-    needed = f"{source.what} {source.name}, which is not in the Hugging Face cache ({cache})"
-    check_hub_reachable(source.name, source.index_file, needed, how_to_get(source), source.revision)
+    needed = f"{what} {name}, which is not in the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE})"
+    check_hub_reachable(name, index_file, needed, how_to_get(name, flag), revision)
 
 
-def how_to_get(source: ModelSource) -> str:
+def how_to_get(name: str, flag: str) -> str:
     fetch = (
-        f"python download.py --base_model {source.name}"
-        if source.flag == "--pretrained_model_name_or_path"
-        else f"hf download {source.name}"
+        f"python download.py --base_model {name}"
+        if flag == "--pretrained_model_name_or_path"
+        else f"hf download {name}"
     )
     return (
         f"run `{fetch}` where there is a network and use its cache here (HF_HOME, with HF_HUB_OFFLINE=1), "
-        f"or pass {source.flag} /path/to/folder"
+        f"or pass {flag} /path/to/folder"
     )
 
 
