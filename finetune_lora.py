@@ -1491,8 +1491,15 @@ def save_final_lora(args, accelerator, models: Models, settings: dict, step: int
                 write_json(staging, lora_settings)
             write_model_card(output_dir, args, records, lora_settings, grid)
         logger.info(f"Saved the LoRA to {output_dir / LORA_WEIGHTS_NAME} after {step} steps")
-        # tools/export_kohya.py is the one converter to kohya keys.
-        print(f"For AUTOMATIC1111 and ComfyUI: {kohya_export_command(output_dir)}", file=sys.stderr)
+        # tools/export_kohya.py is the one converter to kohya keys, as AUTOMATIC1111 and ComfyUI read them.
+        kohya = [
+            "python",
+            "tools/export_kohya.py",
+            f"{output_dir.resolve().name}.safetensors",
+            "--lora",
+            str(output_dir),
+        ]
+        print(f"For AUTOMATIC1111 and ComfyUI: {shlex.join(kohya)}", file=sys.stderr)
         print(f"Next: {next_command(args)}", file=sys.stderr)
     accelerator.wait_for_everyone()
 
@@ -1831,40 +1838,28 @@ def start_logging(args, accelerator, models: Models, scorer, stop):
     """Start the metrics trackers (main process); return the Validation that samples the grids, on the main process
     when --validation_prompts are given, else None (the other processes wait for it at the next collective)."""
     if accelerator.is_main_process:
-        accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(args))
+        # Plain values only. No flag holds a secret (the Hub token never passes through argv): all can be logged.
+        config = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in vars(args).items()}
+        accelerator.init_trackers(TRACKER_PROJECT, config=config)
     if args.validation_prompts and accelerator.is_main_process:
         return Validation(args, accelerator, models, scorer, stop)
     return None
 
 
-def tracker_config(args) -> dict:
-    """The hyper-parameters for the tracker: plain values only. No flag holds a secret (the Hub token never
-    passes through argv), so logging every flag logs none."""
-    return {
-        key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-        for key, value in vars(args).items()
-    }
-
-
 def training_settings(args, plan: Plan, records: Records) -> dict:
     """What a LoRA is trained with; travels beside every saved LoRA, with the step it was saved at, as
     training_settings.json."""
+    text_encoder_rank = args.text_encoder_rank if args.train_text_encoder else None
+    flags = "resolution center_crop random_flip learning_rate learning_rate_text_encoder lr_scheduler train_batch_size"
     return {
         "base_model": args.pretrained_model_name_or_path,
         "revision": args.revision,
         "rank": args.rank,
         "lora_alpha": args.rank,
         "train_text_encoder": args.train_text_encoder,
-        "text_encoder_rank": args.text_encoder_rank if args.train_text_encoder else None,
-        "text_encoder_lora_alpha": args.text_encoder_rank if args.train_text_encoder else None,
-        "resolution": args.resolution,
-        "center_crop": args.center_crop,
-        "random_flip": args.random_flip,
-        "learning_rate": args.learning_rate,
-        "learning_rate_text_encoder": args.learning_rate_text_encoder,
-        "lr_scheduler": args.lr_scheduler,
-        "train_batch_size": args.train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "text_encoder_rank": text_encoder_rank,
+        "text_encoder_lora_alpha": text_encoder_rank,
+        **{name: getattr(args, name) for name in [*flags.split(), "gradient_accumulation_steps"]},
         "num_processes": plan.num_processes,
         "total_batch_size": plan.total_batch_size,
         "max_train_steps": plan.max_train_steps,
@@ -1947,12 +1942,6 @@ def next_command(args) -> str:
     if args.resolution != 768:  # generate.py's default size
         command += ["--height", str(args.resolution), "--width", str(args.resolution)]
     return shlex.join(command)
-
-
-def kohya_export_command(output_dir: Path) -> str:
-    """The command that writes the trained LoRA with kohya's keys, as AUTOMATIC1111 and ComfyUI read it."""
-    name = f"{output_dir.resolve().name}.safetensors"
-    return shlex.join(["python", "tools/export_kohya.py", name, "--lora", str(output_dir)])
 
 
 def write_json(path: Path, value):
