@@ -66,13 +66,12 @@ def parse_args(argv=None):
         "folder",
         type=Path,
         metavar="FOLDER",
-        help="The --output_dir of a generate.py run: its images are scored and the scores.* files written in it.",
+        help="the --output_dir of a generate.py run: its images are scored, the scores.* files written in it",
     )
     parser.add_argument(
         "--score_model",
         default=DEFAULT_SCORE_MODEL,
-        help="Hub id or local folder of the transformers CLIP model that judges the images, run in fp32 so that "
-        f"scores compare between machines (default: {DEFAULT_SCORE_MODEL})",
+        help=f"Hub id or folder of the transformers CLIP model that judges, in fp32 (default: {DEFAULT_SCORE_MODEL})",
     )
     parser.add_argument(
         "--device",
@@ -190,60 +189,42 @@ def scoring_device(name: str) -> torch.device:
 # The images and what they were asked for, from the settings their PNGs carry
 
 
-class ScoredImage(NamedTuple):
-    path: Path
-    settings: dict  # as its PNG stores them (PNG_SETTINGS_KEY)
-
-
-def read_scored_images(paths) -> list:
-    """The images among `paths` that generate.py wrote, with their settings; grid figures and other PNGs are left
-    out."""
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                settings = json.loads(getattr(image, "text", {})[PNG_SETTINGS_KEY])
-        except (OSError, KeyError, TypeError, ValueError):
-            continue
-        images.append(ScoredImage(path, settings))
-    return images
-
-
-def axis_values(images: list) -> dict:
-    """{axis: its values in the order given} over every image's placeholder axes."""
-    values = {}
-    for image in images:
-        for axis, texts in image.settings.get("placeholder_values", {}).items():
-            values.setdefault(axis, {}).update(dict.fromkeys(texts))
-    return {axis: list(texts) for axis, texts in values.items()}
-
-
-def check_placeholder_names(names, folder: Path):
-    """scores.csv has a column per placeholder beside its own (SCORE_COLUMNS, AXIS_predicted): refuse a placeholder
-    named like one of those, whose values would overwrite that column."""
-    for name in names:
-        if name in SCORE_COLUMNS or name.endswith("_predicted"):
-            raise ScoreRunError(
-                f"the placeholder {{{name}}} of the images in {folder} has the name of a scores.csv column: rename "
-                f"the placeholder, e.g. {{{name}_value}}, and sample again"
-            )
-
-
-def read_folder(folder: Path) -> list:
-    """The images of FOLDER that generate.py wrote; fail now, before the CLIP model is loaded, if there are none or
-    the scores cannot be written beside them."""
+def read_folder(folder: Path) -> dict:
+    """{path: settings} of the images of FOLDER that generate.py wrote (grid figures and other PNGs are left out);
+    fail now, before the CLIP model is loaded, if there are none or the scores cannot be written beside them."""
     if not folder.is_dir():
         raise ScoreRunError(f"{folder}: no such folder: pass the --output_dir of a generate.py run")
     check_writable(folder, "FOLDER")
     pngs = sorted(folder.glob("*.png"))
-    images = read_scored_images(pngs)
+    images = {}
+    for path in pngs:
+        try:
+            with Image.open(path) as image:
+                images[path] = json.loads(getattr(image, "text", {})[PNG_SETTINGS_KEY])
+        except (OSError, KeyError, TypeError, ValueError):
+            pass  # not an image generate.py wrote
     if not images:
         raise ScoreRunError(
             f"{folder}: none of its {len(pngs)} PNG file(s) is an image written by generate.py (with "
             f"{PNG_SETTINGS_KEY} settings): pass the --output_dir of a generate.py run"
         )
-    check_placeholder_names(axis_values(images), folder)
+    # scores.csv has a column per placeholder beside its own: one named like those would overwrite it
+    for name in axis_values(images):
+        if name in SCORE_COLUMNS or name.endswith("_predicted"):
+            raise ScoreRunError(
+                f"the placeholder {{{name}}} of the images in {folder} has the name of a scores.csv column: rename "
+                f"the placeholder, e.g. {{{name}_value}}, and sample again"
+            )
     return images
+
+
+def axis_values(images: dict) -> dict:
+    """{axis: its values in the order given} over every image's placeholder axes."""
+    values = {}
+    for settings in images.values():
+        for axis, texts in settings.get("placeholder_values", {}).items():
+            values.setdefault(axis, {}).update(dict.fromkeys(texts))
+    return {axis: list(texts) for axis, texts in values.items()}
 
 
 # CLIP: the model, the embeddings, a row of scores per image
@@ -299,45 +280,33 @@ def load_scorer(name: str, device: torch.device) -> Scorer:
     return Scorer(name, model.eval().to(device), processor)
 
 
-def clip_embeddings(model, processor, images, texts, device, batch_size: int = 32) -> tuple:
-    """(image_features, text_features): the CLIP embeddings of `images` (PIL images, or paths opened a batch at a
-    time) and of `texts`, each row of length 1, so that a dot product is a cosine. The CLIP score of an image and
-    its prompt is 100 * max(cosine, 0) (Hessel et al. 2021, as torchmetrics' CLIPScore); CLIP's zero-shot choice
-    among texts is the one of highest cosine. `model` (a transformers CLIPModel, already on `device`) sees the
-    inputs through its own `processor`, each text cut to its context (max_position_embeddings tokens), `batch_size`
-    images or texts per forward pass."""
-    from PIL import Image
-
-    def rgb(image):
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-
-    def unit(batches: list, width: int) -> torch.Tensor:
-        features = torch.cat(batches) if batches else torch.empty(0, width)
-        return torch.nn.functional.normalize(features.float(), dim=-1)
-
-    limit = model.config.text_config.max_position_embeddings
+def clip_embeddings(scorer: Scorer, paths: list, texts: list, device) -> tuple:
+    """(image_features, text_features): the CLIP embeddings of the images at `paths` and of `texts`, each of length
+    1, so that a dot product is a cosine; each text cut to the model's context, SCORE_BATCH_SIZE per forward pass."""
+    model, processor = scorer.model, scorer.processor
     image_batches, text_batches = [], []
     with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = [rgb(image) for image in images[start : start + batch_size]]
+        for start in range(0, len(paths), SCORE_BATCH_SIZE):
+            batch = []
+            for path in paths[start : start + SCORE_BATCH_SIZE]:
+                with Image.open(path) as image:
+                    batch.append(image.convert("RGB"))
             pixels = processor(images=batch, return_tensors="pt").pixel_values.to(device)
             image_batches.append(model.get_image_features(pixel_values=pixels).pooler_output)
-        for start in range(0, len(texts), batch_size):
+        for start in range(0, len(texts), SCORE_BATCH_SIZE):
             tokens = processor.tokenizer(
-                list(texts[start : start + batch_size]),
+                texts[start : start + SCORE_BATCH_SIZE],
                 padding=True,
                 truncation=True,
-                max_length=limit,
+                max_length=model.config.text_config.max_position_embeddings,
                 return_tensors="pt",
             ).to(device)
             text_batches.append(model.get_text_features(**tokens).pooler_output)
-    width = model.config.projection_dim
-    return unit(image_batches, width).cpu(), unit(text_batches, width).cpu()
+    features = (torch.cat(batches).float() for batches in (image_batches, text_batches))
+    return tuple(torch.nn.functional.normalize(feature, dim=-1).cpu() for feature in features)
 
 
+# Copied from generate.fill_placeholders
 def fill_placeholders(text: str, texts: dict) -> str:
     """`text` with each {name} in `texts` replaced by its value; other {names} stay."""
     return PLACEHOLDER.sub(lambda match: texts.get(match.group(1), match.group(0)), text)
@@ -356,18 +325,6 @@ def agreement_candidates(settings) -> dict:
     }
 
 
-def say_if_truncated(scorer: Scorer, prompts):
-    """Say once, for all `prompts`, how many are longer than the score model reads (clip_embeddings cuts them)."""
-    limit = scorer.model.config.text_config.max_position_embeddings
-    cut = sum(len(ids) > limit for ids in scorer.processor.tokenizer(list(prompts)).input_ids)
-    if cut:
-        print(
-            f"note: {cut} prompt(s) are longer than the {limit} tokens --score_model reads: their CLIP scores and "
-            "agreement see only the start",
-            file=sys.stderr,
-        )
-
-
 def lora_columns(settings) -> dict:
     """The LoRAs of an image as the scores.csv columns lora and lora_scale; none for the base model alone."""
     # PNGs from before several LoRAs held the one LoRA in flat lora_* entries
@@ -379,34 +336,32 @@ def lora_columns(settings) -> dict:
     }
 
 
-def varying_settings(images: list) -> list:
-    """The SCORED_SETTINGS that differ among `images` (a --grid guidance_scale=... sweep): a scores.csv column each,
-    and part of each summary group, so that a sweep of them is not pooled into one number."""
-    return [key for key in SCORED_SETTINGS if len({image.settings.get(key) for image in images}) > 1]
-
-
-def score_images(scorer: Scorer, images: list, varying: list, device) -> list:
+def score_images(scorer: Scorer, images: dict, varying: list, device) -> list:
     """A row per image: file, prompt, seed, LoRAs, its `varying` settings, its placeholder values, its CLIP score
-    and, for each placeholder axis, CLIP's zero-shot choice among the axis's values."""
-    candidates = [agreement_candidates(image.settings) for image in images]
-    prompts = [image.settings["prompt"] for image in images]
-    say_if_truncated(scorer, dict.fromkeys(prompts))
+    and, for each placeholder axis, CLIP's zero-shot choice among the axis's values (the most similar prompt)."""
+    candidates = [agreement_candidates(settings) for settings in images.values()]
+    prompts = list(dict.fromkeys(settings["prompt"] for settings in images.values()))
+    limit = scorer.model.config.text_config.max_position_embeddings
+    if cut := sum(len(ids) > limit for ids in scorer.processor.tokenizer(prompts).input_ids):
+        print(
+            f"note: {cut} prompt(s) are longer than the {limit} tokens --score_model reads: their CLIP scores and "
+            "agreement see only the start",
+            file=sys.stderr,
+        )
     candidate_texts = [text for options in candidates for by_value in options.values() for text in by_value.values()]
     texts = list(dict.fromkeys(prompts + candidate_texts))  # each text embedded once
-    pictures, text_features = clip_embeddings(
-        scorer.model, scorer.processor, [image.path for image in images], texts, device, SCORE_BATCH_SIZE
-    )
+    pictures, text_features = clip_embeddings(scorer, list(images), texts, device)
     embedded = dict(zip(texts, text_features, strict=True))
     rows = []
-    for image, picture, options in zip(images, pictures, candidates, strict=True):
+    for (path, settings), picture, options in zip(images.items(), pictures, candidates, strict=True):
         row = {
-            "file": image.path.name,
-            "prompt": image.settings["prompt"],
-            "seed": image.settings["seed"],
-            **lora_columns(image.settings),
-            **{key: image.settings.get(key) for key in varying},
-            **image.settings.get("placeholders", {}),
-            "clip_score": 100 * max(float(picture @ embedded[image.settings["prompt"]]), 0.0),
+            "file": path.name,
+            "prompt": settings["prompt"],
+            "seed": settings["seed"],
+            **lora_columns(settings),
+            **{key: settings.get(key) for key in varying},
+            **settings.get("placeholders", {}),
+            "clip_score": 100 * max(float(picture @ embedded[settings["prompt"]]), 0.0),
         }
         for axis, prompts_by_value in options.items():
             similarity = torch.stack([embedded[text] for text in prompts_by_value.values()]) @ picture
@@ -418,7 +373,7 @@ def score_images(scorer: Scorer, images: list, varying: list, device) -> list:
 # The summary: per group, the mean CLIP score and the agreement of each axis, as a table, JSON and heat maps
 
 
-def score_notes(images: list, values: dict) -> list:
+def score_notes(images: dict, values: dict) -> list:
     """Why an axis gets no agreement: a single value, or a placeholder only the negative prompt holds."""
     notes = []
     for axis, texts in values.items():
@@ -427,7 +382,7 @@ def score_notes(images: list, values: dict) -> list:
                 f"{axis} has one value ({texts[0]}): nothing for CLIP to choose between, so no agreement; "
                 f"give --grid {axis}=V1,V2,..."
             )
-        elif not any(f"{{{axis}}}" in image.settings.get("template", "") for image in images):
+        elif not any(f"{{{axis}}}" in settings.get("template", "") for settings in images.values()):
             notes.append(f"{axis} is not in the prompt (only the negative prompt): no agreement measured")
     return notes
 
@@ -621,10 +576,12 @@ def score_table(summary: dict, chance: dict, varying: list) -> str:
     return "\n".join("  ".join(map(str.ljust, line, widths)).rstrip() for line in lines)
 
 
-def report_scores(scorer: Scorer, images: list, device: torch.device, output_dir: Path):
+def report_scores(scorer: Scorer, images: dict, device: torch.device, output_dir: Path):
     """Score `images` on `device`, write scores.csv, scores.json and scores.png to `output_dir` and print the table."""
     start = time.perf_counter()
-    varying = varying_settings(images)
+    # A sampling setting that varies (a --grid guidance_scale=... sweep) gets a column and splits the groups, so that
+    # a sweep of it is not pooled into one number
+    varying = [key for key in SCORED_SETTINGS if len({settings.get(key) for settings in images.values()}) > 1]
     rows = score_images(scorer, images, varying, device)
     values = axis_values(images)
     notes = score_notes(images, values)
