@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -230,14 +229,8 @@ def axis_values(images: dict) -> dict:
 # CLIP: the model, the embeddings, a row of scores per image
 
 
-class Scorer(NamedTuple):
-    name: str  # the --score_model value
-    model: object  # transformers CLIPModel, fp32
-    processor: object  # its CLIPProcessor
-
-
-def load_scorer(name: str, device: torch.device) -> Scorer:
-    """The --score_model CLIP model and processor on `device`, in fp32 on every device so that scores compare
+def load_scorer(name: str, device: torch.device) -> tuple:
+    """(model, processor): the --score_model CLIP model, on `device`, in fp32 on every device so that scores compare
     between machines, from its folder, the Hugging Face cache or the Hub."""
     from transformers import CLIPModel, CLIPProcessor
 
@@ -277,13 +270,12 @@ def load_scorer(name: str, device: torch.device) -> Scorer:
             f"{f' ({len(missing)} weights missing, {missing[0]} first)' if missing else ''}: pass a transformers "
             f"CLIP checkpoint such as {DEFAULT_SCORE_MODEL}"
         )
-    return Scorer(name, model.eval().to(device), processor)
+    return model.eval().to(device), processor
 
 
-def clip_embeddings(scorer: Scorer, paths: list, texts: list, device) -> tuple:
+def clip_embeddings(model, processor, paths: list, texts: list, device) -> tuple:
     """(image_features, text_features): the CLIP embeddings of the images at `paths` and of `texts`, each of length
     1, so that a dot product is a cosine; each text cut to the model's context, SCORE_BATCH_SIZE per forward pass."""
-    model, processor = scorer.model, scorer.processor
     image_batches, text_batches = [], []
     with torch.inference_mode():
         for start in range(0, len(paths), SCORE_BATCH_SIZE):
@@ -336,13 +328,13 @@ def lora_columns(settings) -> dict:
     }
 
 
-def score_images(scorer: Scorer, images: dict, varying: list, device) -> list:
+def score_images(model, processor, images: dict, varying: list, device) -> list:
     """A row per image: file, prompt, seed, LoRAs, its `varying` settings, its placeholder values, its CLIP score
     and, for each placeholder axis, CLIP's zero-shot choice among the axis's values (the most similar prompt)."""
     candidates = [agreement_candidates(settings) for settings in images.values()]
     prompts = list(dict.fromkeys(settings["prompt"] for settings in images.values()))
-    limit = scorer.model.config.text_config.max_position_embeddings
-    if cut := sum(len(ids) > limit for ids in scorer.processor.tokenizer(prompts).input_ids):
+    limit = model.config.text_config.max_position_embeddings
+    if cut := sum(len(ids) > limit for ids in processor.tokenizer(prompts).input_ids):
         print(
             f"note: {cut} prompt(s) are longer than the {limit} tokens --score_model reads: their CLIP scores and "
             "agreement see only the start",
@@ -350,7 +342,7 @@ def score_images(scorer: Scorer, images: dict, varying: list, device) -> list:
         )
     candidate_texts = [text for options in candidates for by_value in options.values() for text in by_value.values()]
     texts = list(dict.fromkeys(prompts + candidate_texts))  # each text embedded once
-    pictures, text_features = clip_embeddings(scorer, list(images), texts, device)
+    pictures, text_features = clip_embeddings(model, processor, list(images), texts, device)
     embedded = dict(zip(texts, text_features, strict=True))
     rows = []
     for (path, settings), picture, options in zip(images.items(), pictures, candidates, strict=True):
@@ -441,12 +433,11 @@ def confusion_panel(confusion: dict, rate: float, font, cell: int = 40) -> Image
     draw.text((left, margin // 2), f"predicted (agreement {rate:.0%})", fill="black", font=font)
     draw.text((margin, top - line_height), "asked", fill="black", font=font)
     for column, value in enumerate(values):
-        x = left + column * column_width + (column_width - font.getlength(value)) / 2
-        draw.text((x, line_height), value, fill="black", font=font)
+        draw.text((left + (column + 0.5) * column_width, line_height), value, fill="black", font=font, anchor="ma")
     for row, (asked, counts) in enumerate(confusion.items()):
         total = max(sum(counts.values()), 1)
         y = top + row * cell
-        draw.text((margin, y + (cell - line_height) / 2), asked, fill="black", font=font)
+        draw.text((margin, y + cell / 2), asked, fill="black", font=font, anchor="lm")
         for column, count in enumerate(counts.values()):
             share = count / total
             x = left + column * column_width
@@ -454,13 +445,8 @@ def confusion_panel(confusion: dict, rate: float, font, cell: int = 40) -> Image
             draw.rectangle(
                 [x, y, x + column_width - 1, y + cell - 1], fill=shade, outline="black" if row == column else "gray"
             )
-            text = str(count)
-            draw.text(
-                (x + (column_width - font.getlength(text)) / 2, y + (cell - line_height) / 2),
-                text,
-                fill="white" if share > 0.5 else "black",
-                font=font,
-            )
+            colour = "white" if share > 0.5 else "black"
+            draw.text((x + column_width / 2, y + cell / 2), str(count), fill=colour, font=font, anchor="mm")
     return panel
 
 
@@ -472,11 +458,10 @@ def group_label(name: str, group: dict) -> str:
     return loras + name.removeprefix(group["lora"])
 
 
-def scores_figure(summary: dict, values: dict, scorer_name: str) -> Image.Image | None:
-    """The confusion heat maps, a row per axis and a column per summary group (the base model beside the LoRAs, each
-    varying setting's values side by side), under a title and their labels; None when no axis was measured. A group
-    without images of an axis leaves its square blank; the figure is as wide as its labels need."""
-    axes = [axis for axis in values if any(axis in group["agreement"] for group in summary.values())]
+def scores_figure(summary: dict, axes: list, scorer_name: str) -> Image.Image | None:
+    """The confusion heat maps, a row per measured axis and a column per summary group (the base model beside the
+    LoRAs, each varying setting's values side by side), under a title and their labels; None when no axis was
+    measured. A group without images of an axis leaves its square blank; the figure is as wide as its labels need."""
     if not axes:
         return None
     font = ImageFont.load_default(size=FONT_SIZE)
@@ -503,10 +488,11 @@ def scores_figure(summary: dict, values: dict, scorer_name: str) -> Image.Image 
     for number, line in enumerate(title):
         draw.text((margin, margin + number * line_height), line, fill="black", font=font)
     for column, label in enumerate(labels):
-        x = left + column * width + (width - font.getlength(label)) / 2
-        draw.text((x, top - margin - line_height), label, fill="black", font=font)
+        draw.text(
+            (left + (column + 0.5) * width, top - margin - line_height), label, fill="black", font=font, anchor="ma"
+        )
     for row, axis in enumerate(axes):
-        draw.text((margin, top + row * height + (height - line_height) / 2), axis, fill="black", font=font)
+        draw.text((margin, top + (row + 0.5) * height), axis, fill="black", font=font, anchor="lm")
     for (row, column), panel in panels.items():
         figure.paste(panel, (left + column * width, top + row * height))
     return figure
@@ -576,29 +562,6 @@ def score_table(summary: dict, chance: dict, varying: list) -> str:
     return "\n".join("  ".join(map(str.ljust, line, widths)).rstrip() for line in lines)
 
 
-def report_scores(scorer: Scorer, images: dict, device: torch.device, output_dir: Path):
-    """Score `images` on `device`, write scores.csv, scores.json and scores.png to `output_dir` and print the table."""
-    start = time.perf_counter()
-    # A sampling setting that varies (a --grid guidance_scale=... sweep) gets a column and splits the groups, so that
-    # a sweep of it is not pooled into one number
-    varying = [key for key in SCORED_SETTINGS if len({settings.get(key) for settings in images.values()}) > 1]
-    rows = score_images(scorer, images, varying, device)
-    values = axis_values(images)
-    notes = score_notes(images, values)
-    summary = summarize_scores(rows, values, varying)
-    figure = scores_figure(summary, values, scorer.name)
-    measured = [axis for axis in values if any(axis in group["agreement"] for group in summary.values())]
-    # What picking a value at random agrees: with a few images per value, a rate near it says little.
-    chance = {axis: 1 / len(values[axis]) for axis in measured}
-    record = {"score_model": scorer.name, "images": len(rows), "chance": chance, "groups": summary, "notes": notes}
-    paths = write_scores(rows, record, figure, output_dir)
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    print(f"scored {len(rows)} image(s) with {scorer.name} in {time.perf_counter() - start:.1f} s:")
-    print(score_table(summary, chance, varying))
-    print(f"wrote {', '.join(str(path) for path in paths)}")
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     try:
@@ -606,7 +569,27 @@ def main(argv=None) -> int:
         quiet_library_logs()
         device = scoring_device(args.device)
         images = read_folder(args.folder)
-        report_scores(load_scorer(args.score_model, device), images, device, args.folder)
+        model, processor = load_scorer(args.score_model, device)
+        start = time.perf_counter()
+        # A sampling setting that varies (a --grid guidance_scale=... sweep) gets a column and splits the groups, so
+        # that a sweep of it is not pooled into one number
+        varying = [key for key in SCORED_SETTINGS if len({settings.get(key) for settings in images.values()}) > 1]
+        rows = score_images(model, processor, images, varying, device)
+        values = axis_values(images)
+        notes = score_notes(images, values)
+        summary = summarize_scores(rows, values, varying)
+        measured = [axis for axis in values if any(axis in group["agreement"] for group in summary.values())]
+        # What picking a value at random agrees: with a few images per value, a rate near it says little.
+        chance = {axis: 1 / len(values[axis]) for axis in measured}
+        record = {"score_model": args.score_model, "images": len(rows), "chance": chance, "groups": summary}
+        record["notes"] = notes
+        figure = scores_figure(summary, measured, args.score_model)
+        paths = write_scores(rows, record, figure, args.folder)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(f"scored {len(rows)} image(s) with {args.score_model} in {time.perf_counter() - start:.1f} s:")
+        print(score_table(summary, chance, varying))
+        print(f"wrote {', '.join(str(path) for path in paths)}")
         return 0
     except ScoreRunError as error:
         print(f"error: {error}", file=sys.stderr)
