@@ -73,9 +73,7 @@ def parse_args(argv=None):
         help=f"Hub id or folder of the transformers CLIP model that judges, in fp32 (default: {DEFAULT_SCORE_MODEL})",
     )
     parser.add_argument(
-        "--device",
-        default="auto",
-        help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps (default: auto)",
+        "--device", default="auto", help="auto (the default: cuda, else mps, else cpu), cpu, cuda[:N] or mps"
     )
     return parser.parse_args(argv)
 
@@ -276,6 +274,7 @@ def load_scorer(name: str, device: torch.device) -> tuple:
 def clip_embeddings(model, processor, paths: list, texts: list, device) -> tuple:
     """(image_features, text_features): the CLIP embeddings of the images at `paths` and of `texts`, each of length
     1, so that a dot product is a cosine; each text cut to the model's context, SCORE_BATCH_SIZE per forward pass."""
+    limit = model.config.text_config.max_position_embeddings
     image_batches, text_batches = [], []
     with torch.inference_mode():
         for start in range(0, len(paths), SCORE_BATCH_SIZE):
@@ -286,14 +285,9 @@ def clip_embeddings(model, processor, paths: list, texts: list, device) -> tuple
             pixels = processor(images=batch, return_tensors="pt").pixel_values.to(device)
             image_batches.append(model.get_image_features(pixel_values=pixels).pooler_output)
         for start in range(0, len(texts), SCORE_BATCH_SIZE):
-            tokens = processor.tokenizer(
-                texts[start : start + SCORE_BATCH_SIZE],
-                padding=True,
-                truncation=True,
-                max_length=model.config.text_config.max_position_embeddings,
-                return_tensors="pt",
-            ).to(device)
-            text_batches.append(model.get_text_features(**tokens).pooler_output)
+            batch = texts[start : start + SCORE_BATCH_SIZE]
+            tokens = processor.tokenizer(batch, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+            text_batches.append(model.get_text_features(**tokens.to(device)).pooler_output)
     features = (torch.cat(batches).float() for batches in (image_batches, text_batches))
     return tuple(torch.nn.functional.normalize(feature, dim=-1).cpu() for feature in features)
 
@@ -488,9 +482,7 @@ def scores_figure(summary: dict, axes: list, scorer_name: str) -> Image.Image | 
     for number, line in enumerate(title):
         draw.text((margin, margin + number * line_height), line, fill="black", font=font)
     for column, label in enumerate(labels):
-        draw.text(
-            (left + (column + 0.5) * width, top - margin - line_height), label, fill="black", font=font, anchor="ma"
-        )
+        draw.text((left + (column + 0.5) * width, top - margin), label, fill="black", font=font, anchor="md")
     for row, axis in enumerate(axes):
         draw.text((margin, top + (row + 0.5) * height), axis, fill="black", font=font, anchor="lm")
     for (row, column), panel in panels.items():
