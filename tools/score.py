@@ -446,10 +446,8 @@ def confusion_panel(confusion: dict, rate: float, font, cell: int = 40) -> Image
 
 def group_label(name: str, group: dict) -> str:
     """A group's name above its heat maps: the base model's as such, each LoRA by its last two path parts."""
-    if group["lora"] == NO_LORA:
-        return "base model" + name.removeprefix(NO_LORA)
     loras = " + ".join("/".join(Path(lora).parts[-2:]) for lora in group["lora"].split(" + "))
-    return loras + name.removeprefix(group["lora"])
+    return ("base model" if group["lora"] == NO_LORA else loras) + name.removeprefix(group["lora"])
 
 
 def scores_figure(summary: dict, axes: list, scorer_name: str) -> Image.Image | None:
