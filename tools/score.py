@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -66,18 +65,15 @@ def parse_args(argv=None):
         "folder",
         type=Path,
         metavar="FOLDER",
-        help="The --output_dir of a generate.py run: its images are scored and the scores.* files written in it.",
+        help="the --output_dir of a generate.py run: its images are scored, the scores.* files written in it",
     )
     parser.add_argument(
         "--score_model",
         default=DEFAULT_SCORE_MODEL,
-        help="Hub id or local folder of the transformers CLIP model that judges the images, run in fp32 so that "
-        f"scores compare between machines (default: {DEFAULT_SCORE_MODEL})",
+        help=f"Hub id or folder of the transformers CLIP model that judges, in fp32 (default: {DEFAULT_SCORE_MODEL})",
     )
     parser.add_argument(
-        "--device",
-        default="auto",
-        help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps (default: auto)",
+        "--device", default="auto", help="auto (the default: cuda, else mps, else cpu), cpu, cuda[:N] or mps"
     )
     return parser.parse_args(argv)
 
@@ -190,73 +186,49 @@ def scoring_device(name: str) -> torch.device:
 # The images and what they were asked for, from the settings their PNGs carry
 
 
-class ScoredImage(NamedTuple):
-    path: Path
-    settings: dict  # as its PNG stores them (PNG_SETTINGS_KEY)
-
-
-def read_scored_images(paths) -> list:
-    """The images among `paths` that generate.py wrote, with their settings; grid figures and other PNGs are left
-    out."""
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                settings = json.loads(getattr(image, "text", {})[PNG_SETTINGS_KEY])
-        except (OSError, KeyError, TypeError, ValueError):
-            continue
-        images.append(ScoredImage(path, settings))
-    return images
-
-
-def axis_values(images: list) -> dict:
-    """{axis: its values in the order given} over every image's placeholder axes."""
-    values = {}
-    for image in images:
-        for axis, texts in image.settings.get("placeholder_values", {}).items():
-            values.setdefault(axis, {}).update(dict.fromkeys(texts))
-    return {axis: list(texts) for axis, texts in values.items()}
-
-
-def check_placeholder_names(names, folder: Path):
-    """scores.csv has a column per placeholder beside its own (SCORE_COLUMNS, AXIS_predicted): refuse a placeholder
-    named like one of those, whose values would overwrite that column."""
-    for name in names:
-        if name in SCORE_COLUMNS or name.endswith("_predicted"):
-            raise ScoreRunError(
-                f"the placeholder {{{name}}} of the images in {folder} has the name of a scores.csv column: rename "
-                f"the placeholder, e.g. {{{name}_value}}, and sample again"
-            )
-
-
-def read_folder(folder: Path) -> list:
-    """The images of FOLDER that generate.py wrote; fail now, before the CLIP model is loaded, if there are none or
-    the scores cannot be written beside them."""
+def read_folder(folder: Path) -> dict:
+    """{path: settings} of the images of FOLDER that generate.py wrote (grid figures and other PNGs are left out);
+    fail now, before the CLIP model is loaded, if there are none or the scores cannot be written beside them."""
     if not folder.is_dir():
         raise ScoreRunError(f"{folder}: no such folder: pass the --output_dir of a generate.py run")
     check_writable(folder, "FOLDER")
     pngs = sorted(folder.glob("*.png"))
-    images = read_scored_images(pngs)
+    images = {}
+    for path in pngs:
+        try:
+            with Image.open(path) as image:
+                images[path] = json.loads(getattr(image, "text", {})[PNG_SETTINGS_KEY])
+        except (OSError, KeyError, TypeError, ValueError):
+            pass  # not an image generate.py wrote
     if not images:
         raise ScoreRunError(
             f"{folder}: none of its {len(pngs)} PNG file(s) is an image written by generate.py (with "
             f"{PNG_SETTINGS_KEY} settings): pass the --output_dir of a generate.py run"
         )
-    check_placeholder_names(axis_values(images), folder)
+    # scores.csv has a column per placeholder beside its own: one named like those would overwrite it
+    for name in axis_values(images):
+        if name in SCORE_COLUMNS or name.endswith("_predicted"):
+            raise ScoreRunError(
+                f"the placeholder {{{name}}} of the images in {folder} has the name of a scores.csv column: rename "
+                f"the placeholder, e.g. {{{name}_value}}, and sample again"
+            )
     return images
+
+
+def axis_values(images: dict) -> dict:
+    """{axis: its values in the order given} over every image's placeholder axes."""
+    values = {}
+    for settings in images.values():
+        for axis, texts in settings.get("placeholder_values", {}).items():
+            values.setdefault(axis, {}).update(dict.fromkeys(texts))
+    return {axis: list(texts) for axis, texts in values.items()}
 
 
 # CLIP: the model, the embeddings, a row of scores per image
 
 
-class Scorer(NamedTuple):
-    name: str  # the --score_model value
-    model: object  # transformers CLIPModel, fp32
-    processor: object  # its CLIPProcessor
-
-
-def load_scorer(name: str, device: torch.device) -> Scorer:
-    """The --score_model CLIP model and processor on `device`, in fp32 on every device so that scores compare
+def load_scorer(name: str, device: torch.device) -> tuple:
+    """(model, processor): the --score_model CLIP model, on `device`, in fp32 on every device so that scores compare
     between machines, from its folder, the Hugging Face cache or the Hub."""
     from transformers import CLIPModel, CLIPProcessor
 
@@ -296,48 +268,31 @@ def load_scorer(name: str, device: torch.device) -> Scorer:
             f"{f' ({len(missing)} weights missing, {missing[0]} first)' if missing else ''}: pass a transformers "
             f"CLIP checkpoint such as {DEFAULT_SCORE_MODEL}"
         )
-    return Scorer(name, model.eval().to(device), processor)
+    return model.eval().to(device), processor
 
 
-def clip_embeddings(model, processor, images, texts, device, batch_size: int = 32) -> tuple:
-    """(image_features, text_features): the CLIP embeddings of `images` (PIL images, or paths opened a batch at a
-    time) and of `texts`, each row of length 1, so that a dot product is a cosine. The CLIP score of an image and
-    its prompt is 100 * max(cosine, 0) (Hessel et al. 2021, as torchmetrics' CLIPScore); CLIP's zero-shot choice
-    among texts is the one of highest cosine. `model` (a transformers CLIPModel, already on `device`) sees the
-    inputs through its own `processor`, each text cut to its context (max_position_embeddings tokens), `batch_size`
-    images or texts per forward pass."""
-    from PIL import Image
-
-    def rgb(image):
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-
-    def unit(batches: list, width: int) -> torch.Tensor:
-        features = torch.cat(batches) if batches else torch.empty(0, width)
-        return torch.nn.functional.normalize(features.float(), dim=-1)
-
+def clip_embeddings(model, processor, paths: list, texts: list, device) -> tuple:
+    """(image_features, text_features): the CLIP embeddings of the images at `paths` and of `texts`, each of length
+    1, so that a dot product is a cosine; each text cut to the model's context, SCORE_BATCH_SIZE per forward pass."""
     limit = model.config.text_config.max_position_embeddings
     image_batches, text_batches = [], []
     with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = [rgb(image) for image in images[start : start + batch_size]]
+        for start in range(0, len(paths), SCORE_BATCH_SIZE):
+            batch = []
+            for path in paths[start : start + SCORE_BATCH_SIZE]:
+                with Image.open(path) as image:
+                    batch.append(image.convert("RGB"))
             pixels = processor(images=batch, return_tensors="pt").pixel_values.to(device)
             image_batches.append(model.get_image_features(pixel_values=pixels).pooler_output)
-        for start in range(0, len(texts), batch_size):
-            tokens = processor.tokenizer(
-                list(texts[start : start + batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=limit,
-                return_tensors="pt",
-            ).to(device)
-            text_batches.append(model.get_text_features(**tokens).pooler_output)
-    width = model.config.projection_dim
-    return unit(image_batches, width).cpu(), unit(text_batches, width).cpu()
+        for start in range(0, len(texts), SCORE_BATCH_SIZE):
+            batch = texts[start : start + SCORE_BATCH_SIZE]
+            tokens = processor.tokenizer(batch, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+            text_batches.append(model.get_text_features(**tokens.to(device)).pooler_output)
+    features = (torch.cat(batches).float() for batches in (image_batches, text_batches))
+    return tuple(torch.nn.functional.normalize(feature, dim=-1).cpu() for feature in features)
 
 
+# Copied from generate.fill_placeholders
 def fill_placeholders(text: str, texts: dict) -> str:
     """`text` with each {name} in `texts` replaced by its value; other {names} stay."""
     return PLACEHOLDER.sub(lambda match: texts.get(match.group(1), match.group(0)), text)
@@ -356,18 +311,6 @@ def agreement_candidates(settings) -> dict:
     }
 
 
-def say_if_truncated(scorer: Scorer, prompts):
-    """Say once, for all `prompts`, how many are longer than the score model reads (clip_embeddings cuts them)."""
-    limit = scorer.model.config.text_config.max_position_embeddings
-    cut = sum(len(ids) > limit for ids in scorer.processor.tokenizer(list(prompts)).input_ids)
-    if cut:
-        print(
-            f"note: {cut} prompt(s) are longer than the {limit} tokens --score_model reads: their CLIP scores and "
-            "agreement see only the start",
-            file=sys.stderr,
-        )
-
-
 def lora_columns(settings) -> dict:
     """The LoRAs of an image as the scores.csv columns lora and lora_scale; none for the base model alone."""
     # PNGs from before several LoRAs held the one LoRA in flat lora_* entries
@@ -379,34 +322,32 @@ def lora_columns(settings) -> dict:
     }
 
 
-def varying_settings(images: list) -> list:
-    """The SCORED_SETTINGS that differ among `images` (a --grid guidance_scale=... sweep): a scores.csv column each,
-    and part of each summary group, so that a sweep of them is not pooled into one number."""
-    return [key for key in SCORED_SETTINGS if len({image.settings.get(key) for image in images}) > 1]
-
-
-def score_images(scorer: Scorer, images: list, varying: list, device) -> list:
+def score_images(model, processor, images: dict, varying: list, device) -> list:
     """A row per image: file, prompt, seed, LoRAs, its `varying` settings, its placeholder values, its CLIP score
-    and, for each placeholder axis, CLIP's zero-shot choice among the axis's values."""
-    candidates = [agreement_candidates(image.settings) for image in images]
-    prompts = [image.settings["prompt"] for image in images]
-    say_if_truncated(scorer, dict.fromkeys(prompts))
+    and, for each placeholder axis, CLIP's zero-shot choice among the axis's values (the most similar prompt)."""
+    candidates = [agreement_candidates(settings) for settings in images.values()]
+    prompts = list(dict.fromkeys(settings["prompt"] for settings in images.values()))
+    limit = model.config.text_config.max_position_embeddings
+    if cut := sum(len(ids) > limit for ids in processor.tokenizer(prompts).input_ids):
+        print(
+            f"note: {cut} prompt(s) are longer than the {limit} tokens --score_model reads: their CLIP scores and "
+            "agreement see only the start",
+            file=sys.stderr,
+        )
     candidate_texts = [text for options in candidates for by_value in options.values() for text in by_value.values()]
     texts = list(dict.fromkeys(prompts + candidate_texts))  # each text embedded once
-    pictures, text_features = clip_embeddings(
-        scorer.model, scorer.processor, [image.path for image in images], texts, device, SCORE_BATCH_SIZE
-    )
+    pictures, text_features = clip_embeddings(model, processor, list(images), texts, device)
     embedded = dict(zip(texts, text_features, strict=True))
     rows = []
-    for image, picture, options in zip(images, pictures, candidates, strict=True):
+    for (path, settings), picture, options in zip(images.items(), pictures, candidates, strict=True):
         row = {
-            "file": image.path.name,
-            "prompt": image.settings["prompt"],
-            "seed": image.settings["seed"],
-            **lora_columns(image.settings),
-            **{key: image.settings.get(key) for key in varying},
-            **image.settings.get("placeholders", {}),
-            "clip_score": 100 * max(float(picture @ embedded[image.settings["prompt"]]), 0.0),
+            "file": path.name,
+            "prompt": settings["prompt"],
+            "seed": settings["seed"],
+            **lora_columns(settings),
+            **{key: settings.get(key) for key in varying},
+            **settings.get("placeholders", {}),
+            "clip_score": 100 * max(float(picture @ embedded[settings["prompt"]]), 0.0),
         }
         for axis, prompts_by_value in options.items():
             similarity = torch.stack([embedded[text] for text in prompts_by_value.values()]) @ picture
@@ -418,7 +359,7 @@ def score_images(scorer: Scorer, images: list, varying: list, device) -> list:
 # The summary: per group, the mean CLIP score and the agreement of each axis, as a table, JSON and heat maps
 
 
-def score_notes(images: list, values: dict) -> list:
+def score_notes(images: dict, values: dict) -> list:
     """Why an axis gets no agreement: a single value, or a placeholder only the negative prompt holds."""
     notes = []
     for axis, texts in values.items():
@@ -427,7 +368,7 @@ def score_notes(images: list, values: dict) -> list:
                 f"{axis} has one value ({texts[0]}): nothing for CLIP to choose between, so no agreement; "
                 f"give --grid {axis}=V1,V2,..."
             )
-        elif not any(f"{{{axis}}}" in image.settings.get("template", "") for image in images):
+        elif not any(f"{{{axis}}}" in settings.get("template", "") for settings in images.values()):
             notes.append(f"{axis} is not in the prompt (only the negative prompt): no agreement measured")
     return notes
 
@@ -486,12 +427,11 @@ def confusion_panel(confusion: dict, rate: float, font, cell: int = 40) -> Image
     draw.text((left, margin // 2), f"predicted (agreement {rate:.0%})", fill="black", font=font)
     draw.text((margin, top - line_height), "asked", fill="black", font=font)
     for column, value in enumerate(values):
-        x = left + column * column_width + (column_width - font.getlength(value)) / 2
-        draw.text((x, line_height), value, fill="black", font=font)
+        draw.text((left + (column + 0.5) * column_width, line_height), value, fill="black", font=font, anchor="ma")
     for row, (asked, counts) in enumerate(confusion.items()):
         total = max(sum(counts.values()), 1)
         y = top + row * cell
-        draw.text((margin, y + (cell - line_height) / 2), asked, fill="black", font=font)
+        draw.text((margin, y + cell / 2), asked, fill="black", font=font, anchor="lm")
         for column, count in enumerate(counts.values()):
             share = count / total
             x = left + column * column_width
@@ -499,29 +439,21 @@ def confusion_panel(confusion: dict, rate: float, font, cell: int = 40) -> Image
             draw.rectangle(
                 [x, y, x + column_width - 1, y + cell - 1], fill=shade, outline="black" if row == column else "gray"
             )
-            text = str(count)
-            draw.text(
-                (x + (column_width - font.getlength(text)) / 2, y + (cell - line_height) / 2),
-                text,
-                fill="white" if share > 0.5 else "black",
-                font=font,
-            )
+            colour = "white" if share > 0.5 else "black"
+            draw.text((x + column_width / 2, y + cell / 2), str(count), fill=colour, font=font, anchor="mm")
     return panel
 
 
 def group_label(name: str, group: dict) -> str:
     """A group's name above its heat maps: the base model's as such, each LoRA by its last two path parts."""
-    if group["lora"] == NO_LORA:
-        return "base model" + name.removeprefix(NO_LORA)
     loras = " + ".join("/".join(Path(lora).parts[-2:]) for lora in group["lora"].split(" + "))
-    return loras + name.removeprefix(group["lora"])
+    return ("base model" if group["lora"] == NO_LORA else loras) + name.removeprefix(group["lora"])
 
 
-def scores_figure(summary: dict, values: dict, scorer_name: str) -> Image.Image | None:
-    """The confusion heat maps, a row per axis and a column per summary group (the base model beside the LoRAs, each
-    varying setting's values side by side), under a title and their labels; None when no axis was measured. A group
-    without images of an axis leaves its square blank; the figure is as wide as its labels need."""
-    axes = [axis for axis in values if any(axis in group["agreement"] for group in summary.values())]
+def scores_figure(summary: dict, axes: list, scorer_name: str) -> Image.Image | None:
+    """The confusion heat maps, a row per measured axis and a column per summary group (the base model beside the
+    LoRAs, each varying setting's values side by side), under a title and their labels; None when no axis was
+    measured. A group without images of an axis leaves its square blank; the figure is as wide as its labels need."""
     if not axes:
         return None
     font = ImageFont.load_default(size=FONT_SIZE)
@@ -548,10 +480,9 @@ def scores_figure(summary: dict, values: dict, scorer_name: str) -> Image.Image 
     for number, line in enumerate(title):
         draw.text((margin, margin + number * line_height), line, fill="black", font=font)
     for column, label in enumerate(labels):
-        x = left + column * width + (width - font.getlength(label)) / 2
-        draw.text((x, top - margin - line_height), label, fill="black", font=font)
+        draw.text((left + (column + 0.5) * width, top - margin), label, fill="black", font=font, anchor="md")
     for row, axis in enumerate(axes):
-        draw.text((margin, top + row * height + (height - line_height) / 2), axis, fill="black", font=font)
+        draw.text((margin, top + (row + 0.5) * height), axis, fill="black", font=font, anchor="lm")
     for (row, column), panel in panels.items():
         figure.paste(panel, (left + column * width, top + row * height))
     return figure
@@ -621,27 +552,6 @@ def score_table(summary: dict, chance: dict, varying: list) -> str:
     return "\n".join("  ".join(map(str.ljust, line, widths)).rstrip() for line in lines)
 
 
-def report_scores(scorer: Scorer, images: list, device: torch.device, output_dir: Path):
-    """Score `images` on `device`, write scores.csv, scores.json and scores.png to `output_dir` and print the table."""
-    start = time.perf_counter()
-    varying = varying_settings(images)
-    rows = score_images(scorer, images, varying, device)
-    values = axis_values(images)
-    notes = score_notes(images, values)
-    summary = summarize_scores(rows, values, varying)
-    figure = scores_figure(summary, values, scorer.name)
-    measured = [axis for axis in values if any(axis in group["agreement"] for group in summary.values())]
-    # What picking a value at random agrees: with a few images per value, a rate near it says little.
-    chance = {axis: 1 / len(values[axis]) for axis in measured}
-    record = {"score_model": scorer.name, "images": len(rows), "chance": chance, "groups": summary, "notes": notes}
-    paths = write_scores(rows, record, figure, output_dir)
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-    print(f"scored {len(rows)} image(s) with {scorer.name} in {time.perf_counter() - start:.1f} s:")
-    print(score_table(summary, chance, varying))
-    print(f"wrote {', '.join(str(path) for path in paths)}")
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     try:
@@ -649,7 +559,27 @@ def main(argv=None) -> int:
         quiet_library_logs()
         device = scoring_device(args.device)
         images = read_folder(args.folder)
-        report_scores(load_scorer(args.score_model, device), images, device, args.folder)
+        model, processor = load_scorer(args.score_model, device)
+        start = time.perf_counter()
+        # A sampling setting that varies (a --grid guidance_scale=... sweep) gets a column and splits the groups, so
+        # that a sweep of it is not pooled into one number
+        varying = [key for key in SCORED_SETTINGS if len({settings.get(key) for settings in images.values()}) > 1]
+        rows = score_images(model, processor, images, varying, device)
+        values = axis_values(images)
+        notes = score_notes(images, values)
+        summary = summarize_scores(rows, values, varying)
+        measured = [axis for axis in values if any(axis in group["agreement"] for group in summary.values())]
+        # What picking a value at random agrees: with a few images per value, a rate near it says little.
+        chance = {axis: 1 / len(values[axis]) for axis in measured}
+        record = {"score_model": args.score_model, "images": len(rows), "chance": chance, "groups": summary}
+        record["notes"] = notes
+        figure = scores_figure(summary, measured, args.score_model)
+        paths = write_scores(rows, record, figure, args.folder)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        print(f"scored {len(rows)} image(s) with {args.score_model} in {time.perf_counter() - start:.1f} s:")
+        print(score_table(summary, chance, varying))
+        print(f"wrote {', '.join(str(path) for path in paths)}")
         return 0
     except ScoreRunError as error:
         print(f"error: {error}", file=sys.stderr)
