@@ -1251,6 +1251,25 @@ def complete_checkpoints(output_dir: Path, warn: bool = False) -> list:
     return [p for p in found if is_complete_checkpoint(p)]
 
 
+def lock_output_dir(args, accelerator):
+    """One run writes output_dir at a time: the main process locks it for the whole run (see lock_folder), and a
+    second run stops before it loads anything, every one of its processes with the main process's words."""
+    lock, refusal = None, [None]
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            lock = lock_folder(Path(args.output_dir), "--output_dir")
+        except TrainingError as error:
+            refusal = [str(error)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(refusal)
+    if refusal[0]:
+        raise TrainingError(refusal[0])
+    return lock
+
+
 def prepare_output_dir(args, accelerator, resuming: bool):
     """Refuse to clobber an earlier run unless asked; clear leftovers of interrupted checkpoint writes, and at a fresh
     start what an earlier run wrote (its grids, logs and model card would mix with the new run's)."""
@@ -2035,6 +2054,40 @@ def atomic_write(path: Path):
         raise
 
 
+def lock_folder(folder: Path, flag: str):
+    """An exclusive OS lock (flock) on `folder`, held while the returned descriptor is open; None where there are no
+    such locks (Windows). The OS drops it when the process ends however it ends, so a killed run leaves no stale
+    lock, and nothing is written into the folder. On NFS and Lustre it holds only where the mount supports flock
+    (Lustre: -o flock); where it fails, the run goes on unlocked and says so."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise TrainingError(
+            f"{folder} is being written by another run ({lock_holder(folder)}): wait for it to end, or pass "
+            f"another {flag}"
+        ) from None
+    except OSError as error:
+        print(f"note: cannot lock {folder} ({first_line(error)}): make sure no other run writes there", file=sys.stderr)
+    return descriptor
+
+
+def lock_holder(folder: Path) -> str:
+    """The process that holds the flock on `folder`, as Linux lists it in /proc/locks (major:minor:inode)."""
+    device = os.stat(folder)
+    key = f"{os.major(device.st_dev):02x}:{os.minor(device.st_dev):02x}:{device.st_ino}"
+    with contextlib.suppress(OSError):
+        for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines()):
+            if fields[1:2] == ["FLOCK"] and fields[5] == key:
+                return f"process {fields[4]}"
+    return "another process"
+
+
 # Copied from generate.wrap
 def wrap(text: str, font, max_width: float, max_lines: int) -> list:
     """Greedy word wrap of `text` to `max_width` pixels of `font`, at most `max_lines` lines, the last ending in
@@ -2057,12 +2110,13 @@ def wrap(text: str, font, max_width: float, max_lines: int) -> list:
 
 
 def main(argv=None) -> int:
-    accelerator = None
+    accelerator = lock = None
     try:
         args = parse_args(argv)
         with stop_on_signals() as stop:
             preflight(args)
             accelerator = make_accelerator(args)
+            lock = lock_output_dir(args, accelerator)
             checkpoint = find_resume_checkpoint(args)  # a wrong name fails here, not after minutes of loading
             scorer = load_validation_scorer(args, accelerator)
             prepare_output_dir(args, accelerator, resuming=checkpoint is not None)
@@ -2093,6 +2147,8 @@ def main(argv=None) -> int:
         print("error: interrupted; what was saved stays", file=sys.stderr)
         return 130
     finally:
+        if lock is not None:
+            os.close(lock)  # releases output_dir for the next run
         if accelerator is not None:
             accelerator.end_training()
 

@@ -439,3 +439,30 @@ def test_a_second_run_does_not_overwrite_the_first_unless_asked(tiny_model, face
     ]
     assert [p.name for p in (output / "validation").iterdir()] == ["favourite.png"]
     assert "for 2 steps" in (output / "README.md").read_text()
+
+
+def test_a_second_run_into_a_folder_being_trained_stops_at_once_and_the_first_finishes_intact(
+    tiny_model, face_folder, tmp_path, capfd
+):
+    output = tmp_path / "run"
+    args = train_args(tiny_model, face_folder, output, "--max_train_steps", "6", "--checkpointing_steps", "2")
+    port = free_port()
+    first = start(
+        accelerate_launch([*args, "--verbose"], "--multi_gpu", "--num_processes", 2, "--main_process_port", port)
+    )
+    try:
+        read_until(first, "first batch")
+        capfd.readouterr()
+        assert finetune_lora.main([*args, "--seed", "1"]) == 1
+        [line] = capfd.readouterr().err.splitlines()
+        holder = re.search(rf"^error: {re.escape(str(output))} is being written by another run \(process (\d+)\)", line)
+        assert holder and running(int(holder[1])) and int(holder[1]) != os.getpid(), line
+        rest = first.stderr.read()
+    finally:
+        first.wait(timeout=300)
+    assert first.returncode == 0, rest[-3000:]
+    assert json.loads((output / "training_settings.json").read_text())["seed"] == 0
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    # The lock ends with its run: the folder is free again, and holds a finished run to protect.
+    assert finetune_lora.main([*args, "--seed", "1"]) == 1
+    assert "already holds a training run" in capfd.readouterr().err
