@@ -7,29 +7,22 @@ Usage:
     python download.py --revision <commit>               # a pinned revision, for reproducible runs
     HF_HUB_OFFLINE=1 python generate.py ...              # afterwards: no network needed
 
-The LoRA lands at `<local_dir>/<filename>`, which with the defaults is
-`./checkpoints/lora30k/pytorch_lora_weights.safetensors`, the path `generate.py` reads. Each run asks the Hub for
-the file's ETag, which for an LFS file is the sha256 of its bytes: a LoRA already in place with that sha256 is up to
-date, and nothing is transferred. Otherwise the file is downloaded into `<local_dir>/.cache/text2face/` first; it
-must match the sha256, parse as safetensors and hold LoRA weights for both the UNet and the text encoder, and only
-then is it renamed over the LoRA. So a download that fails a check is deleted, and the LoRA already in place, if
-any, stays as it was. A download that is interrupted -- a dropped connection, Ctrl-C, a killed or pre-empted run --
-keeps its bytes in a `.part` file there, and the next run resumes from them with a Range request (unless the file
-changed on the Hub meanwhile, or --force is given: then it starts over). Files get the permissions your umask
-gives any new file.
+The LoRA lands at `<local_dir>/<filename>`, by default `./checkpoints/lora30k/pytorch_lora_weights.safetensors`,
+where `generate.py` reads it. The Hub's ETag of an LFS file is the sha256 of its bytes: a LoRA in place with that
+sha256 is up to date and nothing is transferred. Otherwise the file goes to `<local_dir>/.cache/text2face/` first
+and must match the sha256 and be a whole LoRA (check_lora) before it is renamed over the LoRA, so a download that
+fails a check is deleted and the LoRA in place stays as it was. An interrupted download (a dropped connection,
+Ctrl-C, a pre-empted run) keeps its bytes in a `.part` file there, and the next run resumes with a Range request
+(unless the file changed on the Hub, or --force is given). Files get the permissions your umask gives any new file.
 
-`--base_model` fetches only what `StableDiffusionPipeline.from_pretrained` loads -- `model_index.json`, each
-component's configs and tokenizer files, and its `.safetensors` weights -- into the Hugging Face cache
-(`HF_HOME`), never the multi-GB single-file checkpoints at the repo root, `.ckpt` files or `.bin` duplicates.
-It always fetches the base model's main branch (`--revision` pins the LoRA only). Run again without a network or
-with HF_HUB_OFFLINE=1, it uses the cached snapshot as it is, without the Hub's file listing to check it against.
-Stopped and run again, it keeps the files already complete and starts the one it was fetching over.
+`--base_model` fetches only what `StableDiffusionPipeline.from_pretrained` loads (`model_index.json`, each
+component's configs, tokenizer files and `.safetensors` weights) into the Hugging Face cache (`HF_HOME`), never
+single-file checkpoints, `.ckpt` files or `.bin` duplicates, always from the main branch (`--revision` pins the
+LoRA only). Offline, it uses the cached snapshot as it is; stopped and run again, it keeps the files complete.
 
-With HF_HUB_OFFLINE=1 nothing is downloaded: what is here already is used, and when something asked for is
-missing, the error says what is cached and what is not. Exit status: 0 done, 1 failed, 2 bad command line,
-130 interrupted.
-
-Private or gated repos need a token: run `hf auth login` or set `HF_TOKEN`. `HF_ENDPOINT` selects a mirror.
+With HF_HUB_OFFLINE=1 nothing is downloaded, and when something asked for is missing, the error says what is
+cached and what is not. Exit status: 0 done, 1 failed, 2 bad command line, 130 interrupted. Private or gated repos
+need a token: run `hf auth login` or set `HF_TOKEN`. `HF_ENDPOINT` selects a mirror.
 """
 
 import argparse
@@ -84,13 +77,17 @@ WEIGHT_SUFFIXES = tuple(".safetensors .bin .ckpt .pt .pth .msgpack .h5 .onnx .on
 # `model-00001-of-00002.safetensors`: a shard number is not a variant.
 SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}")
 # LoRA down/up weights in the layouts diffusers saves and loads: peft (`lora_A`), older diffusers
-# (`lora.down`, `lora_linear_layer.down`) and kohya (`lora_down`, with `lora_unet_`/`lora_te_` prefixes).
+# (`lora.down`, `lora_linear_layer.down`) and kohya (`lora_down`, with `lora_unet_`/`lora_te_` prefixes and an
+# `alpha` per module).
 LORA_KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|"
     r"lora_linear_layer\.up|lora_down|lora_up)\.weight$"
 )
 LORA_DOWN_PARTS = ("lora_A", "lora.down", "lora_linear_layer.down", "lora_down")
 COMPONENT_PREFIXES = {"unet": ("unet.", "lora_unet_"), "text_encoder": ("text_encoder.", "lora_te_", "lora_te1_")}
+# The model family of a LoRA whose UNet cross-attention (attn2.to_k/to_v) or text encoder (q_proj) reads this many
+# features; Stable Diffusion 2.x reads 1024 in both. In the pattern that finds them, "." also matches kohya's "_".
+OTHER_FAMILIES = {768: "Stable Diffusion 1.x", 2048: "SDXL"}
 
 
 class DownloadError(Exception):
@@ -142,21 +139,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--revision",
         default="main",
-        help="Branch, tag or commit hash of the LoRA repo; a commit hash makes the download "
-        "reproducible. The --base_model is always fetched from its main branch (default: main).",
+        help="Branch, tag or commit of the LoRA repo; a commit makes it reproducible (default: main).",
     )
     parser.add_argument(
         "--local_dir",
         type=Path,
         default=Path("."),
-        help="Folder the LoRA is written under, keeping its repo path: <local_dir>/<filename> "
-        "(default: ., the current folder, the layout generate.py reads).",
+        help="The LoRA goes to <local_dir>/<filename> (default: ., the layout generate.py reads).",
     )
     parser.add_argument(
         "--force",
         action="store_true",
-        help="Download from the first byte again, even if the LoRA is up to date or a partial download is there "
-        "to resume (default: off).",
+        help="Download from the first byte, even an up-to-date LoRA or a partial download (default: off).",
     )
     parser.add_argument(
         "--base_model",
@@ -173,9 +167,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--variant",
         choices=["fp16"],
         default=None,
-        help="With --base_model: fetch the fp16 weights only, for components that have them; "
-        "generate.py then needs --variant fp16 too (diffusers: variant='fp16') "
-        "(default: none, the full-precision weights).",
+        help="With --base_model: only the fp16 weights; generate.py then needs --variant fp16 too (default: fp32).",
     )
     args = parser.parse_args(argv)
     if args.variant is not None and args.base_model is None:
@@ -198,14 +190,10 @@ def check_offline_cache(target: Path, base_model: str | None):
 
 
 def fetch_lora(repo_id: str, filename: str, revision: str, local_dir: Path, force: bool) -> Path:
-    """The file to install at `<local_dir>/<filename>`: a new download, or that LoRA itself when it is up to date.
-
-    The LoRA in place is up to date when its sha256 is the file's ETag on the Hub (a small non-LFS file's ETag is no
-    sha256: it is downloaded again). A download arrives in `<staging>/<filename>.<etag>.part`, continuing from the
-    bytes a stopped run left there, and is checked against the sha256 once complete; a `.part` of another ETag (an
-    older file on the Hub) is deleted first. Only when the Hub cannot be reached at all is the LoRA in place used
-    as it is.
-    """
+    """The file to install at `<local_dir>/<filename>`: a new download, or that LoRA itself when its sha256 is the
+    file's ETag on the Hub (a small non-LFS file's ETag is none: it is downloaded again), or when the Hub cannot be
+    reached at all. A download goes to `<staging>/<filename>.<etag>.part`, continuing from the bytes a stopped run
+    left there (a `.part` of another ETag, an older file, is deleted first), and is checked against the sha256."""
     target = local_dir / filename
     url = hf_hub_url(repo_id, filename, revision=revision)
     try:
@@ -268,6 +256,7 @@ def download_into(partial: Path, url: str, size: int | None, name: str):
                         bar.reset()
                     for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
                         file.write(chunk)
+                        file.flush()  # to disk at once: a killed run keeps what it received, for the next to resume
                         bar.update(len(chunk))
                 return
             except httpx2.TransportError:
@@ -275,45 +264,60 @@ def download_into(partial: Path, url: str, size: int | None, name: str):
                     raise
 
 
-def describe_lora(path: Path) -> dict:
-    """Parse the safetensors file at `path` and count its LoRA modules and ranks per component.
+def check_lora(path: Path) -> dict:
+    """Read the LoRA at `path` and check that it is whole: every key a LoRA weight of the UNet or the text encoder,
+    each module with its down and up matrix of one rank, no NaN or infinity, both components there, and not made for
+    another model family. Returns {component: (module count, ranks)}; raises DownloadError naming the first fault."""
+    import torch
 
-    Raises DownloadError if it is not safetensors or lacks UNet or text-encoder LoRA weights.
-    """
     try:
-        with safe_open(path, framework="numpy") as weights:
-            shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}
+        with safe_open(path, framework="pt") as weights:
+            tensors = {key: weights.get_tensor(key) for key in weights.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise DownloadError(f"is not a safetensors file ({first_line(error)})") from None
-    modules, ranks = defaultdict(set), defaultdict(set)
-    for key, shape in shapes.items():
+    faults, modules = defaultdict(list), defaultdict(dict)  # {fault: keys}, {(component, module): {is down: shape}}
+    for key, tensor in tensors.items():
         match = LORA_KEY.match(key)
-        component = match and next(
-            (name for name, prefixes in COMPONENT_PREFIXES.items() if key.startswith(prefixes)), None
-        )
-        if component is None:
-            continue
-        modules[component].add(match["module"])
-        if match["part"] in LORA_DOWN_PARTS:
-            ranks[component].add(shape[0])
-    missing = [name for name in COMPONENT_PREFIXES if not modules[name]]
-    if missing:
+        component = next((name for name, prefixes in COMPONENT_PREFIXES.items() if key.startswith(prefixes)), None)
+        if key.startswith(("text_encoder_2.", "lora_te2_")):
+            faults["is an SDXL LoRA (it adapts a second text encoder)"].append(key)
+        elif component is None or not (match or key.endswith(".alpha")):
+            faults["holds keys that are no UNet or text-encoder LoRA weight"].append(key)
+        elif match:
+            modules[component, match["module"]][match["part"] in LORA_DOWN_PARTS] = tensor.shape
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            faults["holds NaN or infinite weights"].append(key)
+    for (_, module), parts in modules.items():
+        if len(parts) < 2:
+            faults["lacks the down or the up matrix of a module"].append(module)
+        elif parts[True][0] != parts[False][1]:
+            faults["has a module whose down and up matrices differ in rank"].append(module)
+        elif re.search(r"attn2.to_[kv]|self_attn.q_proj", module) and parts[True][1] in OTHER_FAMILIES:
+            faults[f"is a LoRA for {OTHER_FAMILIES[parts[True][1]]}, not Stable Diffusion 2.x"].append(module)
+    if faults:
+        fault, keys = next(iter(faults.items()))
+        raise DownloadError(f"{fault}: {keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else ""))
+    summary = {}
+    for name in COMPONENT_PREFIXES:
+        downs = [parts[True] for (component, _), parts in modules.items() if component == name]
+        summary[name] = (len(downs), sorted({shape[0] for shape in downs}))
+    if missing := [name for name, (count, _) in summary.items() if not count]:
         raise DownloadError(
             f"holds no LoRA weights for the {' or the '.join(missing)} "
             f"(expected keys like 'unet.<module>.lora_A.weight' and "
             f"'text_encoder.<module>.lora_A.weight')"
         )
-    return {name: (len(modules[name]), sorted(ranks[name])) for name in COMPONENT_PREFIXES}
+    return summary
 
 
 def install_lora(lora: Path, target: Path, filename: str) -> dict:
-    """`describe_lora` of `lora`, then rename it over `target`, where generate.py reads it.
+    """`check_lora` of `lora`, then rename it over `target`, where generate.py reads it.
 
     This rename is the one write to where the LoRA is read, and it is atomic: a reader finds the old LoRA or the
     new one, never part of one. A file that is not a valid LoRA is deleted and `target` is left as it was.
     """
     try:
-        components = describe_lora(lora)
+        components = check_lora(lora)
     except DownloadError as error:
         lora.unlink()
         name = f"the download of {filename}" if lora != target else str(target)

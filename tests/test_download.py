@@ -375,6 +375,47 @@ def test_a_rejected_download_leaves_the_previous_lora_in_place(hub, tmp_path):
     assert len(hub.file_gets(LORA_FILE)) == 3
 
 
+def broken_lora(tmp_path: Path, fault: str) -> bytes:
+    """A LoRA with one of the faults that would otherwise be applied in part, or for the wrong model, without a word."""
+    if fault == "renamed key":  # one flipped byte in the safetensors header
+        return lora_bytes(tmp_path).replace(b"attn1.to_q.lora_A.weight", b"attn1.to_q.lora_A.weighu", 1)
+    if fault == "SD 1.x":
+        return lora_bytes(tmp_path, width=768)
+    lora_bytes(tmp_path)
+    tensors = load_file(tmp_path / "lora.safetensors")
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
+    if fault == "missing lora_A":
+        del tensors[key]
+    elif fault == "NaN":
+        tensors[key][0, 0] = np.nan
+    elif fault == "SDXL keys":
+        tensors["text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = tensors[key]
+    save_file(tensors, tmp_path / "broken.safetensors")
+    return (tmp_path / "broken.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("missing lora_A", "lacks the down or the up matrix of a module: unet.down_blocks.0.attentions.0."),
+        ("renamed key", "holds keys that are no UNet or text-encoder LoRA weight: unet.down_blocks.0."),
+        ("SDXL keys", "is an SDXL LoRA (it adapts a second text encoder): text_encoder_2."),
+        ("NaN", "holds NaN or infinite weights: unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),
+        ("SD 1.x", "is a LoRA for Stable Diffusion 1.x, not Stable Diffusion 2.x: text_encoder.text_model.encoder."),
+    ],
+)
+def test_a_lora_that_is_not_whole_is_refused_and_the_good_one_stays(hub, tmp_path, fault, message):
+    good = lora_bytes(tmp_path)
+    hub.add_repo(LORA_REPO, {LORA_FILE: good})
+    workdir = tmp_path / "work"
+    assert run_download(hub.url, workdir).returncode == 0
+    hub.add_repo(LORA_REPO, {LORA_FILE: broken_lora(tmp_path, fault)})
+    line = error_line(run_download(hub.url, workdir))
+    assert message in line and f"{Path(LORA_FILE)} is unchanged" in line, line
+    assert (workdir / LORA_FILE).read_bytes() == good
+    assert not list((workdir / ".cache").rglob("*.safetensors*"))  # the download was deleted
+
+
 def test_no_network_says_how_to_run_offline(tmp_path):
     message = error_line(run_download(closed_port_url(), tmp_path / "work"))
     assert "cannot reach" in message and "HF_HUB_OFFLINE=1" in message
