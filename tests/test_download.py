@@ -107,12 +107,14 @@ def run_download(
     )
 
 
-def stop_download_midway(hub: FakeHub, workdir: Path, stop: signal.Signals) -> tuple[Path, str]:
+def stop_download_midway(
+    hub: FakeHub, workdir: Path, stop: signal.Signals, stall_after: int = 12 * 2**20
+) -> tuple[Path, str]:
     """Start download.py, send it `stop` once part of the LoRA is on disk; return the partial file and its stderr.
 
-    The hub stalls after 12 MiB, which download.py writes to disk as they arrive.
+    The hub stalls after `stall_after` bytes, which download.py writes to disk as they arrive.
     """
-    hub.cut_next_download(LORA_FILE, after_bytes=12 * 2**20, stall=True)
+    hub.cut_next_download(LORA_FILE, after_bytes=stall_after, stall=True)
     env = dict(download_env(hub.url, workdir), HF_HUB_DOWNLOAD_TIMEOUT="600")  # wait for the stalled hub, not retry
     process = subprocess.Popen(
         [sys.executable, str(DOWNLOAD_PY)],
@@ -124,7 +126,7 @@ def stop_download_midway(hub: FakeHub, workdir: Path, stop: signal.Signals) -> t
     )
     try:
         for _ in range(1200):
-            partials = [p for p in workdir.rglob("*") if p.is_file() and p.stat().st_size >= 2**20]
+            partials = [p for p in workdir.rglob("*.part") if p.stat().st_size >= min(stall_after, 2**20)]
             if partials or process.poll() is not None:
                 break
             time.sleep(0.1)
@@ -266,6 +268,15 @@ def test_a_killed_download_resumes_from_the_bytes_on_disk(hub, tmp_path):
     assert first["range"] is None and resumed["range"] == f"bytes={on_disk}-"
     assert first["sent"] + resumed["sent"] < 1.5 * len(lora)
     assert not partial.exists()
+
+
+def test_a_small_download_killed_midway_keeps_every_byte_it_received(hub, tmp_path):
+    lora = lora_bytes(tmp_path, width=600)  # 600 KiB, less than one buffer or chunk of 1 MiB
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora})
+    partial, _ = stop_download_midway(hub, tmp_path / "work", signal.SIGKILL, stall_after=300 * 1024)
+    assert partial.stat().st_size == 300 * 1024
+    assert run_download(hub.url, tmp_path / "work").returncode == 0
+    assert hub.file_gets(LORA_FILE)[1]["range"] == f"bytes={300 * 1024}-"
 
 
 def test_ctrl_c_says_to_run_again_and_a_partial_download_of_an_older_file_is_discarded(hub, tmp_path):
