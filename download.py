@@ -156,7 +156,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="?",
         type=hub_repo_id,
         const=DEFAULT_BASE_MODEL,
-        default=None,
         metavar="MODEL_ID",
         help="Also fetch a diffusers base model into the Hugging Face cache so generate.py and "
         f"finetune_lora.py can run with HF_HUB_OFFLINE=1; MODEL_ID defaults to {DEFAULT_BASE_MODEL} "
@@ -165,12 +164,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--variant",
         choices=["fp16"],
-        default=None,
         help="With --base_model: only the fp16 weights; generate.py then needs --variant fp16 too (default: fp32).",
     )
     args = parser.parse_args(argv)
     if args.variant is not None and args.base_model is None:
         parser.error("--variant applies to the base model: add --base_model")
+    if Path(args.filename).is_absolute() or ".." in Path(args.filename).parts:  # it names a path under --local_dir
+        parser.error(f"--filename {args.filename} is not a path inside the repo: give it relative, without '..'")
     return args
 
 

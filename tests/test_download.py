@@ -171,6 +171,11 @@ def test_help_documents_every_flag():
             "download.py: error: argument --base_model: './models/sd21' is not a Hub repo id",
         ),
         (["--repo_id", "~/loras"], "download.py: error: argument --repo_id: '~/loras' is not a Hub repo id"),
+        (["--filename", "/etc/lora.safetensors"], "download.py: error: --filename /etc/lora.safetensors is not a path"),
+        (
+            ["--filename", "../../lora.safetensors"],
+            "download.py: error: --filename ../../lora.safetensors is not a path",
+        ),
     ],
 )
 def test_a_bad_command_line_gets_one_line(tmp_path, flags, message):
