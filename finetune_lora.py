@@ -61,6 +61,9 @@ MODEL_CARD_NAME = "README.md"
 UNET_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+# What opening or decoding an unreadable image raises: a truncated or corrupt file, or one of more than 179 million
+# pixels (twice PIL's Image.MAX_IMAGE_PIXELS), which PIL refuses to open as a decompression bomb.
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 VALIDATION_INFERENCE_STEPS = 30
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 VALIDATION_GRID_PATTERN = re.compile(r"^step-\d{6}\.(png|json)(\.tmp)?$")  # validation/step-N.png, its prompts
@@ -143,7 +146,8 @@ def parse_args(argv=None):
     data.add_argument(
         "--train_data_dir",
         help="Image folder (nested folders allowed) with metadata.jsonl/metadata.csv inside it, or with "
-        "--captions_file; with --dataset_name, load_dataset's data_dir (default: none).",
+        "--captions_file; images PIL cannot read, or of over 179 million pixels, are skipped. With --dataset_name, "
+        "load_dataset's data_dir (default: none).",
     )
     data.add_argument(
         "--captions_file",
@@ -393,7 +397,12 @@ def read_caption_table(path: Path, image_column: str, caption_column: str) -> tu
         if record.get(image_column) in (None, ""):
             nameless.append(number)
         else:
-            table.setdefault(str(record[image_column]), []).extend(as_caption_list(record.get(caption_column), path))
+            key, captions = str(record[image_column]), as_caption_list(record.get(caption_column), path)
+            if table.setdefault(key, captions) != captions:  # a list holds several captions; two rows are a mistake
+                raise TrainingError(
+                    f"captions file {path} gives {key} two different captions (record {number}): keep one row per "
+                    "image, with a list of captions if it has several"
+                )
     return table, nameless
 
 
@@ -441,7 +450,7 @@ def unreadable_images(root: Path, names: list, show_progress: bool) -> list:
         try:
             # Opening parses the header; that is the whole check here.
             Image.open(root / name).close()
-        except (OSError, SyntaxError, ValueError):
+        except UNREADABLE:
             bad.append(name)
     return bad
 
@@ -612,6 +621,15 @@ def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, rng:
     return image.crop((left, top, left + resolution, top + resolution))
 
 
+def as_rgb(image: Image.Image) -> Image.Image:
+    """The image as the eye sees it, in 8-bit RGB: turned by its EXIF orientation, and 16-bit grey scaled from its
+    0-65535 range (PIL's convert("RGB") clips it, so all but the darkest pixels come out white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float tensor (3, H, W) in [-1, 1]."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
@@ -641,7 +659,7 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def pixels(self, index: int, flip: bool, rng: random.Random) -> torch.Tensor:
         with self.records.source.open(index) as image:
-            image = resize_and_crop(image.convert("RGB"), self.resolution, self.center_crop, rng)
+            image = resize_and_crop(as_rgb(image), self.resolution, self.center_crop, rng)
         return to_tensor(ImageOps.mirror(image) if flip else image)
 
     def __getitem__(self, item):
@@ -651,7 +669,7 @@ class CaptionedImages(torch.utils.data.Dataset):
             caption, flip, rng = self.draw(candidate, sample_seed)
             try:
                 return {**self.model_input(candidate, flip, rng), "caption": caption, "index": candidate}
-            except (OSError, SyntaxError, ValueError) as error:
+            except UNREADABLE as error:
                 logger.warning(f"skipping unreadable image {self.records.source.name(candidate)}: {first_line(error)}")
         raise TrainingError("no training image could be decoded")
 
@@ -921,7 +939,7 @@ def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_s
                 index, flip = keys[position]
                 try:
                     image = dataset.pixels(index, flip, random.Random(0))
-                except (OSError, SyntaxError, ValueError) as error:
+                except UNREADABLE as error:
                     logger.warning(
                         f"skipping unreadable image {dataset.records.source.name(index)}: {first_line(error)}"
                     )
@@ -1284,10 +1302,17 @@ def prepare_output_dir(args, accelerator, resuming: bool):
             f"{output_dir} already holds a training run ({earlier[0].name}); {how}, "
             "or pass --overwrite_output_dir to replace it"
         )
+    stale = dict.fromkeys([*output_dir.glob("checkpoint-*.tmp"), *([] if resuming else previous_outputs(args))])
+    # Nothing is deleted through a symbolic link (into another run, or a dataset): checked before anything is deleted.
+    linked = [p for p in stale if any(q.is_symlink() for q in [p, *p.parents] if output_dir in q.parents)]
+    if linked:
+        raise TrainingError(
+            f"{linked[0]} is or lies in a symbolic link, and a run deletes only what it wrote itself: remove the "
+            "link, or pass another --output_dir"
+        )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        stale = [*output_dir.glob("checkpoint-*.tmp"), *([] if resuming else previous_outputs(args))]
-        for path in dict.fromkeys(stale):
+        for path in stale:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         for folder in [] if resuming else [output_dir / "validation", output_dir / args.logging_dir]:
             if folder.is_dir() and within(folder, output_dir) and not any(folder.iterdir()):
@@ -1316,8 +1341,9 @@ def within(path: Path, folder: Path) -> bool:
     return path.resolve() != folder.resolve() and path.resolve().is_relative_to(folder.resolve())
 
 
-def find_resume_checkpoint(args):
-    """The checkpoint folder to resume from, or None for a fresh start ('latest' with none written yet)."""
+def find_resume_checkpoint(args, accelerator):
+    """The checkpoint folder to resume from, or None for a fresh start ('latest' with none written yet). 'latest' is
+    the newest checkpoint in which checkpoint_fault finds nothing wrong; each newer one is named with its fault."""
     if args.resume_from_checkpoint is None:
         return None
     output_dir = Path(args.output_dir)
@@ -1325,7 +1351,18 @@ def find_resume_checkpoint(args):
         checkpoints = complete_checkpoints(output_dir, warn=True)
         if not checkpoints:
             logger.info(f"No checkpoint in {output_dir} yet: starting a new run.")
-        return checkpoints[-1] if checkpoints else None
+        faults = []
+        for path in reversed(checkpoints):
+            if (fault := checkpoint_fault(path, accelerator)) is None:
+                return path
+            logger.warning(f"skipping {path}: {fault}")
+            faults.append(f"{path.name}: {fault}")
+        if faults:
+            raise TrainingError(
+                f"no checkpoint in {output_dir} can be resumed ({faults[0]}, and {len(faults) - 1} more); pass "
+                "--overwrite_output_dir to start again"
+            )
+        return None
     path = Path(args.resume_from_checkpoint)
     path = path if path.is_dir() else output_dir / args.resume_from_checkpoint
     if not path.is_dir():
@@ -1337,17 +1374,45 @@ def find_resume_checkpoint(args):
         raise TrainingError(
             f"checkpoint {path} is incomplete (the run was killed while writing it); resume from an earlier one"
         )
+    if fault := checkpoint_fault(path, accelerator):
+        raise TrainingError(f"checkpoint {path} cannot be resumed: {fault}; resume from an earlier one")
     return path
 
 
+def checkpoint_fault(path: Path, accelerator) -> str | None:
+    """What keeps the checkpoint at `path` from being resumed, or None. Every file resume reads is read here first
+    (settings, LoRA, optimizer and scheduler states, every process's RNG state), so a truncated or corrupt one is
+    found before the run trusts it; the .bin and .pkl files as accelerate reads them, with torch's weights_only
+    unpickler, which builds tensors and plain values only."""
+    from accelerate.utils import load
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    readers = {
+        SETTINGS_NAME: lambda file: int(json.loads(file.read_text())["global_step"]),
+        LORA_WEIGHTS_NAME: load_file,
+    }
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed keeps these states in its own files
+        readers |= {"optimizer.bin": functools.partial(load, map_location="cpu"), "scheduler.bin": load}
+    for process in range(accelerator.num_processes):
+        readers[f"random_states_{process}.pkl"] = lambda file: load(file)["torch_manual_seed"]
+    broken = (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError, SafetensorError)
+    for name, read in readers.items():
+        if not (path / name).is_file():
+            fewer = " (a run with fewer processes wrote it: resume with as many)" if "random_states" in name else ""
+            return f"it has no {name}{fewer}"
+        try:
+            read(path / name)
+        except pickle.UnpicklingError:
+            return f"its {name} does not load (torch's weights_only unpickler finds more than tensors and values)"
+        except broken as error:
+            return f"its {name} does not load ({first_line(error)})"
+    return None
+
+
 def resume(accelerator, checkpoint: Path, settings: dict) -> int:
-    """Restore LoRA, optimizer, LR scheduler and RNG states; return the step the checkpoint was written at."""
-    rng_file = checkpoint / f"random_states_{accelerator.process_index}.pkl"
-    if not rng_file.is_file():
-        raise TrainingError(
-            f"{checkpoint} has no RNG state for process {accelerator.process_index} ({rng_file.name}): "
-            "it was written by a run with fewer processes; resume with the same process count"
-        )
+    """Restore LoRA, optimizer, LR scheduler and RNG states (checkpoint_fault has read them all); return the step the
+    checkpoint was written at."""
     saved = json.loads((checkpoint / SETTINGS_NAME).read_text())
     same = ("seed", "train_batch_size", "gradient_accumulation_steps", "num_processes", "resolution")
     if differing := [key for key in same if saved.get(key) != settings.get(key)]:
@@ -1365,16 +1430,6 @@ def resume(accelerator, checkpoint: Path, settings: dict) -> int:
             f"checkpoint {checkpoint} is incomplete ({Path(error.filename or '?').name} is missing); "
             "resume from an earlier one"
         ) from error
-    # accelerate only logs a failed RNG restore and carries on; check that it really happened.
-    try:
-        restored = torch.equal(torch.get_rng_state(), torch.load(rng_file, weights_only=False)["torch_manual_seed"])
-    except (KeyError, TypeError, EOFError, RuntimeError, pickle.UnpicklingError):
-        restored = False
-    if not restored:
-        raise TrainingError(
-            f"the RNG state in {rng_file} could not be restored, so the resumed run would not "
-            "continue the interrupted one exactly; resume from an earlier checkpoint"
-        )
     return saved["global_step"]
 
 
@@ -1739,16 +1794,16 @@ def preflight(args):
         raise TrainingError(f"cannot write the LoRA to {final}: it is a folder; pass another --output_dir")
 
 
-# What each model flag loads: what messages call it, what its folder holds, a Hub id that works, a file every such
-# repository holds.
+# What each model flag loads: what messages call it, what its folder holds, a Hub id that works, what every such
+# folder or repository holds (the first, a file to ask the Hub for).
 MODEL_FLAGS = {
     "--pretrained_model_name_or_path": (
         "base model",
         "a diffusers Stable Diffusion 2.1 pipeline",
         DEFAULT_BASE_MODEL,
-        "model_index.json",
+        ["model_index.json", "scheduler", "tokenizer", "text_encoder", "vae", "unet"],
     ),
-    "--score_model": ("score model", "a transformers CLIP model", DEFAULT_SCORE_MODEL, "config.json"),
+    "--score_model": ("score model", "a transformers CLIP model", DEFAULT_SCORE_MODEL, ["config.json"]),
 }
 
 
@@ -1758,8 +1813,13 @@ def check_model(name: str, flag: str, revision: str | None, cache_dir):
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    what, kind, example, index_file = MODEL_FLAGS[flag]
+    what, kind, example, parts = MODEL_FLAGS[flag]
     if Path(name).is_dir():
+        if missing := [part for part in parts if not (Path(name) / part).exists()]:
+            raise TrainingError(
+                f"{flag} {name} has no {', '.join(missing)}: pass the folder of {kind}, complete, or a Hub id like "
+                f"{example}"
+            )
         return
     if names_a_folder(name):
         raise TrainingError(f"{flag}: no such folder: {name}: pass the folder of {kind} or a Hub id like {example}")
@@ -1774,7 +1834,7 @@ def check_model(name: str, flag: str, revision: str | None, cache_dir):
             f"like {example}"
         ) from error
     needed = f"{what} {name}, which is not in the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE})"
-    check_hub_reachable(name, index_file, needed, how_to_get(name, flag), revision)
+    check_hub_reachable(name, parts[0], needed, how_to_get(name, flag), revision)
 
 
 def how_to_get(name: str, flag: str) -> str:
@@ -2117,7 +2177,9 @@ def main(argv=None) -> int:
             preflight(args)
             accelerator = make_accelerator(args)
             lock = lock_output_dir(args, accelerator)
-            checkpoint = find_resume_checkpoint(args)  # a wrong name fails here, not after minutes of loading
+            checkpoint = find_resume_checkpoint(
+                args, accelerator
+            )  # a wrong name fails here, not after minutes of loading
             scorer = load_validation_scorer(args, accelerator)
             prepare_output_dir(args, accelerator, resuming=checkpoint is not None)
             repo_id = hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None

@@ -382,6 +382,47 @@ def test_records_without_a_caption_or_an_image_name_are_skipped_and_counted(face
     assert "1 caption records without an image name (skipped)" in caplog.text and "#9" in caplog.text
 
 
+def test_training_pixels_are_read_as_the_eye_sees_them_and_a_decompression_bomb_is_skipped(tmp_path, caplog):
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    Image.fromarray(np.full((64, 64), 32768, dtype=np.uint16)).save(folder / "grey16.png")  # mode I;16, mid-grey
+    # Wider than high, black on the left; EXIF orientation 6 shows it turned a quarter clockwise: black on top.
+    sideways = np.zeros((64, 96, 3), dtype=np.uint8)
+    sideways[:, 48:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(sideways).save(folder / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    Image.new("1", (20000, 20000)).save(folder / "bomb.png")  # 400 million pixels in 48 kB
+    names = ["grey16.png", "rotated.jpg", "bomb.png"]
+    (folder / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": n, "text": "a face"}) + "\n" for n in names)
+    )
+    argv = ["--train_data_dir", str(folder), "--output_dir", str(tmp_path / "out")]
+    with caplog.at_level("INFO", logger="finetune_lora"):
+        loaded = finetune_lora.load_records(finetune_lora.parse_args(argv), show_progress=False)
+    assert loaded.source.names == ["grey16.png", "rotated.jpg"]
+    assert "1 unreadable images (skipped)" in caplog.text and "bomb.png" in caplog.text
+    dataset = finetune_lora.CaptionedImages(loaded, 64, True, False)
+    grey = dataset[0, 0]["pixel_values"]
+    assert grey.shape == (3, 64, 64) and abs(grey.mean().item()) < 0.01  # 32768 / 65535 of full scale, not white
+    rotated = dataset[1, 0]["pixel_values"]
+    assert rotated[:, :8].mean() < -0.95 and rotated[:, -8:].mean() > 0.95
+
+
+def test_two_caption_rows_that_disagree_about_an_image_are_refused(face_folder, tmp_path, capfd):
+    metadata = face_folder / "metadata.jsonl"
+    records = [json.loads(line) for line in metadata.read_text().splitlines()]
+    same, other = dict(records[0]), {"file_name": records[1]["file_name"], "text": "someone else"}
+    metadata.write_text("".join(json.dumps(record) + "\n" for record in [*records, same, other]))
+    args = ["--train_data_dir", str(face_folder), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(finetune_lora.TrainingError) as refused:
+        finetune_lora.load_records(finetune_lora.parse_args(args), show_progress=False)
+    assert str(refused.value) == (
+        f"captions file {metadata} gives {records[1]['file_name']} two different captions (record {len(records) + 2}): "
+        "keep one row per image, with a list of captions if it has several"
+    )
+
+
 @pytest.mark.parametrize("cache", [[], ["--cache_latents"]], ids=["decoded-per-step", "cache-latents"])
 def test_a_corrupt_and_a_truncated_image_are_skipped_and_named(tiny_model, face_folder, tmp_path, caplog, cache):
     records = [json.loads(line) for line in (face_folder / "metadata.jsonl").read_text().splitlines()]

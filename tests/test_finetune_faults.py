@@ -3,6 +3,7 @@ half-written checkpoints, overwrite protection. Real subprocesses and real signa
 
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -370,7 +371,60 @@ def test_latest_skips_half_written_checkpoints_and_a_broken_rng_state_fails_loud
     torch.save({"step": 0}, good / "random_states_0.pkl")
     capfd.readouterr()
     assert finetune_lora.main([*args, "--resume_from_checkpoint", str(good), "--max_train_steps", "3"]) == 1
-    assert "could not be restored" in capfd.readouterr().err
+    [line] = capfd.readouterr().err.splitlines()
+    assert line.startswith(f"error: checkpoint {good} cannot be resumed: its random_states_0.pkl does not load ("), line
+
+
+class RunsCode:
+    """A pickle that would touch `path` when unpickled: what a checkpoint from a stranger may hold."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_latest_resumes_from_the_newest_checkpoint_that_loads_and_ends_as_an_uninterrupted_run(
+    tiny_model, face_folder, tmp_path, caplog, capfd
+):
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert finetune_lora.main(train_args(tiny_model, face_folder, reference, "--max_train_steps", "6")) == 0
+    args = train_args(tiny_model, face_folder, run, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    assert finetune_lora.main(args) == 0
+    marker = tmp_path / "code-ran"
+    corruptions = {
+        "pytorch_lora_weights.safetensors": lambda data: b"",
+        "optimizer.bin": lambda data: data[: len(data) // 2],
+        "scheduler.bin": lambda data: b"",
+        "random_states_0.pkl": lambda data: os.urandom(len(data)),
+        "training_settings.json": lambda data: data[:-10],
+    }
+    resume = [*args, "--resume_from_checkpoint", "latest", "--max_train_steps", "6"]
+    trials = [*corruptions.items(), ("random_states_0.pkl", lambda data: pickle.dumps(RunsCode(marker), protocol=2))]
+    for number, (name, corrupt) in enumerate(trials):
+        trial = tmp_path / f"trial-{number}"
+        shutil.copytree(run, trial)
+        file = trial / "checkpoint-4" / name
+        file.write_bytes(corrupt(file.read_bytes()))
+        caplog.clear()
+        with caplog.at_level("INFO", logger="finetune_lora"):
+            assert finetune_lora.main([*resume, "--output_dir", str(trial)]) == 0, name
+        assert f"skipping {trial / 'checkpoint-4'}: its {name} does not load (" in caplog.text, name
+        assert f"Resuming from {trial / 'checkpoint-2'}" in caplog.text, name
+        expected, got = lora(reference), lora(trial)
+        assert all(torch.equal(expected[key], got[key]) for key in expected), name
+    assert not marker.exists()  # the checkpoint's pickle was refused, not run
+
+    # With no checkpoint left to resume, the run stops in one line instead of starting afresh over them.
+    trial = tmp_path / "trial-none"
+    shutil.copytree(run, trial)
+    for checkpoint in trial.glob("checkpoint-*"):
+        (checkpoint / "optimizer.bin").write_bytes(b"")
+    capfd.readouterr()
+    assert finetune_lora.main([*args, "--output_dir", str(trial), "--resume_from_checkpoint", "latest"]) == 1
+    [line] = capfd.readouterr().err.splitlines()
+    assert line.startswith(f"error: no checkpoint in {trial} can be resumed (checkpoint-4: its optimizer.bin"), line
 
 
 def test_latest_starts_afresh_after_a_kill_during_the_first_checkpoint_write(tiny_model, face_folder, tmp_path, caplog):
@@ -466,3 +520,17 @@ def test_a_second_run_into_a_folder_being_trained_stops_at_once_and_the_first_fi
     # The lock ends with its run: the folder is free again, and holds a finished run to protect.
     assert finetune_lora.main([*args, "--seed", "1"]) == 1
     assert "already holds a training run" in capfd.readouterr().err
+
+
+def test_overwrite_refuses_a_symbolic_link_before_it_deletes_anything(tiny_model, face_folder, tmp_path, capfd):
+    output, elsewhere = tmp_path / "run", tmp_path / "other-run" / "checkpoint-10"
+    args = train_args(tiny_model, face_folder, output, "--max_train_steps", "1", "--checkpointing_steps", "1")
+    assert finetune_lora.main(args) == 0
+    shutil.copytree(output / "checkpoint-1", elsewhere)
+    (output / "checkpoint-10").symlink_to(elsewhere, target_is_directory=True)
+    before = sorted((p, p.stat().st_size) for p in tmp_path.rglob("*") if p.is_file())
+    capfd.readouterr()
+    assert finetune_lora.main([*args, "--overwrite_output_dir"]) == 1
+    [line] = capfd.readouterr().err.splitlines()
+    assert line.startswith(f"error: {output / 'checkpoint-10'} is or lies in a symbolic link"), line
+    assert sorted((p, p.stat().st_size) for p in tmp_path.rglob("*") if p.is_file()) == before

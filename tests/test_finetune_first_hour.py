@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -134,6 +135,20 @@ def test_a_base_model_path_that_does_not_exist_is_no_such_folder(face_folder, tm
     assert error_lines(err) == [
         f"error: --pretrained_model_name_or_path: no such folder: {shown}: pass the folder of a diffusers Stable "
         f"Diffusion 2.1 pipeline or a Hub id like {finetune_lora.DEFAULT_BASE_MODEL}"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("part", ["tokenizer", "unet", "model_index.json"])
+def test_a_base_model_folder_missing_a_part_is_one_line_before_anything_loads(
+    tiny_model, face_folder, tmp_path, capfd, part
+):
+    model = shutil.copytree(tiny_model, tmp_path / "sd21")
+    shutil.rmtree(model / part) if (model / part).is_dir() else (model / part).unlink()
+    assert finetune_lora.main(train_args(model, face_folder, tmp_path / "run")) == 1
+    assert error_lines(capfd.readouterr().err) == [
+        f"error: --pretrained_model_name_or_path {model} has no {part}: pass the folder of a diffusers Stable "
+        f"Diffusion 2.1 pipeline, complete, or a Hub id like {finetune_lora.DEFAULT_BASE_MODEL}"
     ]
     assert not (tmp_path / "run").exists()
 
