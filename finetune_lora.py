@@ -64,7 +64,6 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # What opening or decoding an unreadable image raises: a truncated or corrupt file, or one of more than 179 million
 # pixels (twice PIL's Image.MAX_IMAGE_PIXELS), which PIL refuses to open as a decompression bomb.
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-VALIDATION_INFERENCE_STEPS = 30
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 VALIDATION_GRID_PATTERN = re.compile(r"^step-\d{6}\.(png|json)(\.tmp)?$")  # validation/step-N.png, its prompts
 TRACKER_PROJECT = "text2face-lora"  # the tracker's run folder under --logging_dir
@@ -250,11 +249,16 @@ def parse_args(argv=None):
     saving.add_argument(
         "--validation_prompts",
         nargs="+",
-        help="Sampled at step 0, every --validation_epochs and at each checkpoint; 'none': no validation "
+        help="Sampled at step 0, at each checkpoint, at the end (and every --validation_epochs); 'none': none "
         "(default: DEFAULT_VALIDATION_PROMPTS in this script).",
     )
     saving.add_argument("--num_validation_images", type=int, default=5, help="Seeds per prompt (rows of the grid).")
-    saving.add_argument("--validation_epochs", type=int, default=1, help="Validate every this many epochs.")
+    saving.add_argument(
+        "--validation_inference_steps", type=int, default=30, help="Denoising steps of each validation image (DDIM)."
+    )
+    saving.add_argument(
+        "--validation_epochs", type=int, help="Also validate every this many epochs (default: at checkpoints only)."
+    )
     saving.add_argument(
         "--validation_score",
         action="store_true",
@@ -299,6 +303,7 @@ def check_args(args):
         )
     counts = "rank text_encoder_rank train_batch_size gradient_accumulation_steps num_train_epochs max_train_steps"
     counts += " checkpointing_steps checkpoints_total_limit num_validation_images validation_epochs max_train_samples"
+    counts += " validation_inference_steps"
     for name in counts.split():
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TrainingError(f"--{name} must be at least 1")
@@ -897,6 +902,8 @@ def configure_deepspeed(accelerator, plan: Plan, max_grad_norm: float):
 
 def training_dataset(args, accelerator, records: Records, models: Models, stop) -> CaptionedImages:
     """The captioned images of each step; with --cache_latents, their latents, encoded once here."""
+    if accelerator.is_main_process:
+        warn_long_captions(records, models.tokenizer, args.validation_prompts)
     dataset = CaptionedImages(records, args.resolution, args.center_crop, args.random_flip)
     if not args.cache_latents:
         return dataset
@@ -904,6 +911,19 @@ def training_dataset(args, accelerator, records: Records, models: Models, stop) 
     release_vae(models.vae, keep_decoder=bool(args.validation_prompts) and accelerator.is_main_process)
     stop_if_requested(stop, accelerator, "caching latents")
     return CaptionedImages(records, args.resolution, args.center_crop, args.random_flip, latents)
+
+
+def warn_long_captions(records: Records, tokenizer, prompts: list):
+    """CLIP reads 77 tokens (start and end included): one line for the run that counts the texts it cuts, where the
+    diffusers pipeline would warn at every validation grid (configure_logging silences it)."""
+    limit = tokenizer.model_max_length
+    texts = sorted({caption for captions in records.captions for caption in captions} | set(prompts))
+    cut = [len(ids) for ids in tokenizer(texts, verbose=False).input_ids if len(ids) > limit]
+    if cut:
+        logger.warning(
+            f"{len(cut)} of {len(texts)} captions and validation prompts are longer than the {limit} CLIP tokens the "
+            f"text encoder reads, and are cut there (the longest: {max(cut)} tokens)"
+        )
 
 
 @torch.no_grad()
@@ -1107,17 +1127,18 @@ def train(args, accelerator, models, optimization, plan, dataset, settings, vali
                 now = time.perf_counter()
                 images_per_second = plan.total_batch_size / max(now - last_step_end, 1e-9)
                 log_step(accelerator, progress, step, loss, optimization, images_per_second)
-                last_step_end = now
 
                 if step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, output_dir, step, settings, args.checkpoints_total_limit, validation)
+                last_step_end = time.perf_counter()  # the rate is training's: checkpoints and grids are not in it
                 # After the checkpoint: its validation grid gives up at a stop request, which is then acted on here.
                 if stop.agreed(accelerator):
                     return stop_with_checkpoint(args, accelerator, progress, settings, step, stop), step
                 if step >= plan.max_train_steps:
                     break
-            if validation and (epoch + 1) % args.validation_epochs == 0:
+            if validation and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0:
                 validation.save(grid_path(output_dir, step), step)
+                last_step_end = time.perf_counter()
             if stop.agreed(accelerator):
                 return stop_with_checkpoint(args, accelerator, progress, settings, step, stop), step
     return 0, step
@@ -1575,6 +1596,13 @@ def save_final_lora(args, accelerator, models: Models, settings: dict, step: int
         ]
         print(f"For AUTOMATIC1111 and ComfyUI: {shlex.join(kohya)}", file=sys.stderr)
         print(f"Next: {next_command(args)}", file=sys.stderr)
+        total = time.perf_counter() - validation.started if validation else 0
+        if validation and validation.seconds > total / 3:
+            logger.info(
+                f"Validation took {validation.seconds:.0f} s of the {total:.0f} s of training and validation: shorten "
+                "it with --validation_inference_steps or --num_validation_images, or switch it off with "
+                "--validation_prompts none"
+            )
     accelerator.wait_for_everyone()
 
 
@@ -1590,6 +1618,7 @@ class Validation:
     def __init__(self, args, accelerator, models: Models, scorer, stop):
         self.args, self.accelerator, self.models, self.scorer, self.stop = args, accelerator, models, scorer, stop
         self.step, self.grid, self.scores = None, None, {}
+        self.started, self.seconds = time.perf_counter(), 0.0  # the run's time from here, and the grids' share
 
     def sample(self, step: int) -> bool:
         """Sample, log and score the grid of `step`, once; it writes nothing, and runs outside the writes' error
@@ -1601,11 +1630,14 @@ class Validation:
             f"Sampling the validation grid of step {step}: "
             f"{self.args.num_validation_images} x {len(self.args.validation_prompts)} images"
         )
+        start = time.perf_counter()
         try:
             self.grid, rows = validation_grid(self.args, self.accelerator, self.models, step, self.stop)
         except GaveUp:
             logger.info(f"Validation grid of step {step} given up: the run was asked to stop")
             return False
+        finally:
+            self.seconds += time.perf_counter() - start
         array = np.asarray(self.grid)
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
@@ -1679,7 +1711,7 @@ def validation_grid(args, accelerator, models: Models, step: int, stop) -> tuple
             rows.append(
                 pipeline(
                     args.validation_prompts,
-                    num_inference_steps=VALIDATION_INFERENCE_STEPS,
+                    num_inference_steps=args.validation_inference_steps,
                     height=size,
                     width=size,
                     generator=generator,
@@ -1906,6 +1938,12 @@ def configure_logging(accelerator):
     # torch build) to PIL for an image processor the pipeline never runs, and a weight-loading bar per model.
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()
+    # The pipeline and the tokenizer warn of a long prompt at every validation grid; warn_long_captions says it once.
+    for name in (
+        "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
+        "transformers.tokenization_utils_base",
+    ):
+        logging.getLogger(name).setLevel(logging.ERROR)
     # diffusers still passes huggingface_hub an argument that it ignores, and huggingface_hub warns about it.
     warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
     if not accelerator.is_local_main_process:  # one copy of the libraries' warnings is enough

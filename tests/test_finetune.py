@@ -8,6 +8,7 @@ import csv
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -725,3 +726,26 @@ def test_an_error_in_validation_at_a_checkpoint_is_not_reported_as_a_full_disk(
         finetune_lora.main([*args, "--num_validation_images", "1"])
     assert "make room" not in capfd.readouterr().err
     assert not (tmp_path / "run" / "checkpoint-1").exists()
+
+
+def test_a_short_run_validates_at_its_checkpoints_and_says_once_that_long_texts_are_cut(
+    tiny_model, face_folder, tmp_path, capfd, caplog
+):
+    metadata = face_folder / "metadata.jsonl"
+    records = [json.loads(line) for line in metadata.read_text().splitlines()]
+    records[0]["text"] = "a smiling face " * 40  # 120 CLIP tokens
+    metadata.write_text("".join(json.dumps(record) + "\n" for record in records))
+    output = tmp_path / "run"
+    args = train_args(tiny_model, face_folder, output, "--max_train_steps", "6", "--checkpointing_steps", "3")
+    args[args.index("--validation_prompts") + 1 : args.index("--validation_prompts") + 2] = ["a face " * 50, "a face"]
+    args += ["--num_validation_images", "1", "--validation_inference_steps", "2"]
+    capfd.readouterr()
+    with caplog.at_level("INFO"):
+        assert finetune_lora.main(args) == 0
+    err = caplog.text + capfd.readouterr().err.replace("\r", "\n")  # the script's log, and the libraries' prints
+    cut = [line for line in err.splitlines() if "CLIP" in line or "truncated" in line or "Token indices" in line]
+    assert len(cut) == 1 and "2 of 10 captions and validation prompts are longer than the 77 CLIP tokens" in cut[0], cut
+    # Four steps an epoch: no grid at an epoch's end unless --validation_epochs asks for one.
+    assert re.findall(r"Sampling the validation grid of step (\d+)", err) == ["0", "3", "6"]
+    assert sorted(p.name for p in (output / "validation").glob("*.png")) == ["step-000000.png", "step-000006.png"]
+    assert (output / "checkpoint-3" / "validation.png").is_file()
