@@ -108,11 +108,8 @@ def test_readme_command_runs_under_accelerate_launch_and_its_lora_changes_the_im
             "validation.json",
             "validation.png",
         ]
-    assert sorted(p.name for p in (output / "validation").glob("*.png")) == [
-        "step-000000.png",
-        "step-000004.png",
-        "step-000008.png",
-    ]
+    # Grids at step 0 and the end; the checkpoints' are in their folders (no epoch grids without --validation_epochs).
+    assert sorted(p.name for p in (output / "validation").glob("*.png")) == ["step-000000.png", "step-000008.png"]
 
     settings = json.loads((output / "training_settings.json").read_text())
     assert (settings["global_step"], settings["rank"], settings["lora_alpha"]) == (8, 4, 4)
