@@ -1584,6 +1584,13 @@ def save_final_lora(args, accelerator, models: Models, settings: dict, step: int
                 write_json(staging, lora_settings)
             write_model_card(output_dir, args, records, lora_settings, grid)
         logger.info(f"Saved the LoRA to {output_dir / LORA_WEIGHTS_NAME} after {step} steps")
+        total = time.perf_counter() - validation.started if validation else 0
+        if validation and validation.seconds > total / 3:
+            logger.info(
+                f"Validation took {validation.seconds:.0f} s of the {total:.0f} s of training and validation: shorten "
+                "it with --validation_inference_steps or --num_validation_images, or switch it off with "
+                "--validation_prompts none"
+            )
         # tools/export_kohya.py is the one converter to kohya keys, as AUTOMATIC1111 and ComfyUI read them.
         kohya = [
             "python",
@@ -1594,13 +1601,6 @@ def save_final_lora(args, accelerator, models: Models, settings: dict, step: int
         ]
         print(f"For AUTOMATIC1111 and ComfyUI: {shlex.join(kohya)}", file=sys.stderr)
         print(f"Next: {next_command(args)}", file=sys.stderr)
-        total = time.perf_counter() - validation.started if validation else 0
-        if validation and validation.seconds > total / 3:
-            logger.info(
-                f"Validation took {validation.seconds:.0f} s of the {total:.0f} s of training and validation: shorten "
-                "it with --validation_inference_steps or --num_validation_images, or switch it off with "
-                "--validation_prompts none"
-            )
     accelerator.wait_for_everyone()
 
 
