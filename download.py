@@ -266,7 +266,7 @@ def download_into(partial: Path, url: str, size: int | None, name: str):
 
 def check_lora(path: Path) -> dict:
     """Read the LoRA at `path` and check that it is whole: every key a LoRA weight of the UNet or the text encoder,
-    each module with its down and up matrix of one rank, no NaN or infinity, both components there, and not made for
+    each module with its down and up matrix of one rank, float weights without NaN or infinity, and not made for
     another model family. Returns {component: (module count, ranks)}; raises DownloadError naming the first fault."""
     import torch
 
@@ -285,7 +285,9 @@ def check_lora(path: Path) -> dict:
             faults["holds keys that are no UNet or text-encoder LoRA weight"].append(key)
         elif match:
             modules[component, match["module"]][match["part"] in LORA_DOWN_PARTS] = tensor.shape
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not tensor.is_floating_point():  # a quantized LoRA: diffusers would fail on it after many lines
+            faults[f"holds {tensor.dtype} weights, not floating point"].append(key)
+        elif not torch.isfinite(tensor).all():
             faults["holds NaN or infinite weights"].append(key)
     for (_, module), parts in modules.items():
         if len(parts) < 2:
@@ -301,23 +303,19 @@ def check_lora(path: Path) -> dict:
     for name in COMPONENT_PREFIXES:
         downs = [parts[True] for (component, _), parts in modules.items() if component == name]
         summary[name] = (len(downs), sorted({shape[0] for shape in downs}))
-    if missing := [name for name, (count, _) in summary.items() if not count]:
-        raise DownloadError(
-            f"holds no LoRA weights for the {' or the '.join(missing)} "
-            f"(expected keys like 'unet.<module>.lora_A.weight' and "
-            f"'text_encoder.<module>.lora_A.weight')"
-        )
     return summary
 
 
 def install_lora(lora: Path, target: Path, filename: str) -> dict:
-    """`check_lora` of `lora`, then rename it over `target`, where generate.py reads it.
-
-    This rename is the one write to where the LoRA is read, and it is atomic: a reader finds the old LoRA or the
-    new one, never part of one. A file that is not a valid LoRA is deleted and `target` is left as it was.
-    """
+    """`check_lora` of `lora`, then rename it over `target`, where generate.py reads it: the one write there, atomic,
+    so a reader finds the old LoRA or the new one, never part of one. A LoRA refused is deleted, `target` kept."""
     try:
         components = check_lora(lora)
+        if missing := [name for name, (count, _) in components.items() if not count]:  # Text2Face adapts both
+            raise DownloadError(
+                f"holds no LoRA weights for the {' or the '.join(missing)} (expected keys like "
+                "'unet.<module>.lora_A.weight' and 'text_encoder.<module>.lora_A.weight')"
+            )
     except DownloadError as error:
         lora.unlink()
         name = f"the download of {filename}" if lora != target else str(target)

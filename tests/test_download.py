@@ -404,6 +404,8 @@ def broken_lora(tmp_path: Path, fault: str) -> bytes:
         del tensors[key]
     elif fault == "NaN":
         tensors[key][0, 0] = np.nan
+    elif fault == "int8":
+        tensors[key] = tensors[key].astype(np.int8)
     elif fault == "SDXL keys":
         tensors["text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = tensors[key]
     save_file(tensors, tmp_path / "broken.safetensors")
@@ -417,6 +419,7 @@ def broken_lora(tmp_path: Path, fault: str) -> bytes:
         ("renamed key", "holds keys that are no UNet or text-encoder LoRA weight: unet.down_blocks.0."),
         ("SDXL keys", "is an SDXL LoRA (it adapts a second text encoder): text_encoder_2."),
         ("NaN", "holds NaN or infinite weights: unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),
+        ("int8", "holds torch.int8 weights, not floating point: unet.down_blocks.0.attentions.0.transformer_blocks.0."),
         ("SD 1.x", "is a LoRA for Stable Diffusion 1.x, not Stable Diffusion 2.x: text_encoder.text_model.encoder."),
     ],
 )
