@@ -396,7 +396,7 @@ def test_validation_score_logs_the_clip_score_of_each_validation_and_writes_it_b
     "score_model, message",
     [
         ("NO_CLIP", "--score_model: no such folder:"),
-        ("TINY_MODEL", "cannot load --score_model"),
+        ("TINY_MODEL", "has no config.json: pass the folder of a transformers CLIP model"),
         ("someone/clip-not-cached", "score model someone/clip-not-cached, which is not in the Hugging Face cache"),
         ("TEXT_ENCODER", "holds a clip_text_model model with 398 CLIP weights missing, not a whole CLIPModel"),
         ("INCOMPLETE", "holds a clip model with 1 CLIP weights missing, not a whole CLIPModel"),
