@@ -1,63 +1,38 @@
 """Generate face images from text with Stable Diffusion 2.1 and the Text2Face LoRA (UNet + text encoder).
 
-One face from a prompt (fetches the published LoRA into checkpoints/lora30k on first use):
+Image i of a prompt is sampled from torch.Generator("cpu").manual_seed(seed + i), as diffusers'
+StableDiffusionPipeline samples it, and saved as NNNNN-s<seed>-<prompt slug>.png (never overwritten) with its
+settings in the PNG; without --output_dir a run writes to outputs/<first prompt slug>-<settings hash>.
 
     python generate.py --prompt "A happy 55 year old male with blond hair and a goatee smiles with visible teeth."
-
-Several prompts, four images each, in batches of four, with a negative prompt and another sampler:
-
-    python generate.py --prompts_file prompts.txt --num_images 4 --batch_size 4 \
-        --negative_prompt "blurry, low quality" --scheduler dpm++ --steps 25
-
-Your own LoRA (the --output_dir of finetune_lora.py) at half strength; two LoRAs together, each at its own
-strength; the base model alone:
-
+    python generate.py --prompts_file prompts.txt --num_images 4 --batch_size 4 --scheduler dpm++ --steps 25
     python generate.py --prompt "..." --lora my-lora --lora_scale 0.5
     python generate.py --prompt "..." --lora checkpoints/lora30k --lora my-style.safetensors --lora_scale 1.0 0.6
     python generate.py --prompt "..." --lora none
+    HF_HUB_OFFLINE=1 python generate.py --prompt "..." --variant fp16
+    python generate.py --from_png outputs/<run folder>/00000-s42-a-happy-55-year-old-male-with-blond-hair.png
 
-A grid figure, as AUTOMATIC1111's X/Y plot: a single --grid lays out the columns; of two, the first gives the
-rows. An axis is a {placeholder} of the prompt or negative prompt, or one of lora (none is the base model),
-lora_scale, seed, guidance_scale, steps and scheduler; everything else is equal, the seed included. Each prompt gets
-a figure, NNNNN-grid-s<seed>-<prompt slug>.png, its cells written beside it as images of their own; --compare is
-short for --grid lora=none,<the --lora> (the README figure, examples.png, is the last command):
+Grid figures (AUTOMATIC1111's X/Y plot), one per prompt, NNNNN-grid-s<seed>-<slug>.png beside its cells; an axis
+is a {placeholder} of the prompt or one of lora, lora_scale, seed, guidance_scale, steps, scheduler; --compare is
+--grid lora=none,<the --lora> (the last command draws the README's examples.png):
 
     python generate.py --prompt "A {age} year old {ethnicity} woman, neutral expression" \
         --grid age=20,40,60,80 --grid ethnicity=Asian,Black,Latina,White --seed 7
     python generate.py --prompt "..." --grid lora=run/checkpoint-1000,run/checkpoint-2000 --grid lora_scale=0,0.5,1
     python generate.py --compare --prompt "A happy {age} year old man with blond hair and a goatee smiles." \
         --grid age=25,55,85 --output_dir outputs/examples
-
-Side jobs are scripts of their own: CLIP scores of a run's images against their prompts and {placeholder} values,
-and the LoRA with kohya keys for AUTOMATIC1111 and ComfyUI:
-
     python tools/score.py outputs/examples
     python tools/export_kohya.py text2face.safetensors --lora my-lora
 
-Offline, from the base model's fp16 files that `python download.py --base_model --variant fp16` fetched:
-
-    HF_HUB_OFFLINE=1 python generate.py --prompt "..." --variant fp16
-
-Render an image again, a grid cell included, from the settings in its PNG (flags given beside it override them):
-
-    python generate.py --from_png \
-        outputs/<run folder>/00000-s42-a-happy-55-year-old-male-with-blond-hair-and-a-goatee-smiles.png
-
-A synthetic dataset on every GPU of the machine (one process each; on a CPU host --multi_gpu --num_processes 2
-starts two): prompts one a line or JSONL ({"prompt": ..., "negative_prompt": ..., "seed": ...}), or a template
-whose --grid values (any number of axes) --no_figure expands into every combination; killed, the same command
-adds what is missing; metadata.jsonl captions the folder for finetune_lora.py:
+A dataset on every GPU (prompts one a line or JSONL {"prompt", "negative_prompt", "seed"}, or every combination
+of the --grid values with --no_figure); the same command after a kill adds what is missing, and metadata.jsonl
+captions the folder for finetune_lora.py:
 
     accelerate launch --multi_gpu --num_processes 8 generate.py --prompts_file prompts.jsonl --num_images 4 \
         --batch_size 8 --output_dir synth/
     accelerate launch generate.py --prompt "A {age} year old {ethnicity} woman" --grid age=20,40,60,80 \
         --grid ethnicity=Asian,Black,Latina,White --no_figure --num_images 50 --output_dir synth/
     accelerate launch finetune_lora.py --train_data_dir synth/
-
-Image i of a prompt is sampled from torch.Generator("cpu").manual_seed(seed + i), so a seed gives the same
-faces as diffusers' StableDiffusionPipeline with the same LoRA, scale and settings. Images are named
-NNNNN-s<seed>-<prompt slug>.png in --output_dir, NNNNN their place in the run, and are never overwritten; without
---output_dir each run writes to a folder of its own, outputs/<first prompt slug>-<settings hash>.
 """
 
 import argparse
@@ -165,21 +140,18 @@ def parse_args(argv=None):
         "--prompt",
         action="append",
         default=[],
-        help="Text describing the face; repeat for several prompts. A {name} in it is filled from --grid name=... "
-        "(default: none; --from_png takes the image's)",
+        help="Text describing the face; repeatable; {name} is filled from --grid name=... (default: none)",
     )
     group.add_argument(
         "--prompts_file",
         type=Path,
-        help="UTF-8 text file, one prompt a line (blank and # lines skipped), or JSONL (a .jsonl file, or a first "
-        'line starting with {): {"prompt": ..., "negative_prompt": ..., "seed": ...} a line (default: none)',
+        help='One prompt a line (# lines skipped), or JSONL {"prompt", "negative_prompt", "seed"} (default: none)',
     )
     group.add_argument("--negative_prompt", default="", help="What no image should show (default: '')")
     group.add_argument(
         "--from_png",
         type=Path,
-        help="Render an image this script wrote (a grid cell too) again from the settings in its PNG; flags given "
-        "beside it override them (default: none)",
+        help="Render a PNG this script wrote again from its settings; flags given override them (default: none)",
     )
 
     group = parser.add_argument_group("sampling")
@@ -200,7 +172,7 @@ def parse_args(argv=None):
         "--batch_size",
         type=lambda text: text if text == "auto" else int(text),
         default=1,
-        help="Images sampled together, or auto: on CUDA as many as 80%% of the free memory holds, else 1 (default: 1)",
+        help="Images sampled together; auto: as many as 80%% of free CUDA memory holds (default: 1)",
     )
 
     group = parser.add_argument_group("model")
@@ -210,14 +182,13 @@ def parse_args(argv=None):
     group.add_argument(
         "--variant",
         choices=["fp16"],
-        help="Load the *.fp16.safetensors weights (`python download.py --base_model --variant fp16` fetches them), "
-        "cast to --dtype (default: the full-precision files)",
+        help="Load the *.fp16.safetensors weights, cast to --dtype (default: the full-precision files)",
     )
     group.add_argument(
         "--lora",
         action="append",
-        help=f"LoRA folder, .safetensors file (diffusers/PEFT or kohya keys) or Hub repo id, or {NO_LORA} for the base "
-        f"model alone; repeat to apply several (default: {DEFAULT_LORA}, fetched from {LORA_HUB_REPO} if missing)",
+        help=f"LoRA folder, .safetensors file (diffusers or kohya keys) or Hub id, or {NO_LORA}; repeatable "
+        f"(default: {DEFAULT_LORA}, fetched from {LORA_HUB_REPO} if missing)",
     )
     group.add_argument(
         "--lora_weight_name",
@@ -229,7 +200,7 @@ def parse_args(argv=None):
         type=float,
         nargs="+",
         default=[1.0],
-        help="Strength of the LoRAs, 0 the base model, 1 as trained: one for all or one per --lora (default: 1.0)",
+        help="LoRA strength, 0 the base model, 1 as trained: one for all or one per --lora (default: 1.0)",
     )
 
     group = parser.add_argument_group("grid figures")
@@ -238,9 +209,8 @@ def parse_args(argv=None):
         action="append",
         default=[],
         metavar="AXIS=V1,V2,...",
-        help="A figure per prompt, everything else equal, the seed included: a single --grid lays out its columns; "
-        "of two, the first gives the rows. AXIS is a {placeholder} of the prompt or negative prompt, or one of "
-        f"{', '.join(SETTING_AXES)} (default: no grid)",
+        help="A figure per prompt: a single --grid gives the columns; of two, the first gives the rows. AXIS is a "
+        f"{{placeholder}} or one of {', '.join(SETTING_AXES)} (default: no grid)",
     )
     group.add_argument(
         "--compare", action="store_true", help=f"Short for --grid lora={NO_LORA},<the --lora> (default: off)"
@@ -248,8 +218,8 @@ def parse_args(argv=None):
     group.add_argument(
         "--no_figure",
         action="store_true",
-        help="Sample every combination of the --grid values, any number of axes, as images without a figure and "
-        f"without its {MAX_CELLS}-image limit (default: off)",
+        help=f"Every combination of any number of --grid axes, as images: no figure, no {MAX_CELLS}-image limit "
+        "(default: off)",
     )
     group.add_argument("--yes", action="store_true", help=f"Sample a figure of over {MAX_CELLS} images (default: off)")
 
@@ -257,8 +227,8 @@ def parse_args(argv=None):
     group.add_argument(
         "--output_dir",
         type=Path,
-        help="Folder for the PNGs, metadata.jsonl and generate_run.json; the same command again adds only what is "
-        f"missing (default: {DEFAULT_OUTPUT_ROOT}/<prompt slug>-<settings hash>)",
+        help="Folder of the run; the same command again adds what is missing "
+        f"(default: {DEFAULT_OUTPUT_ROOT}/<slug>-<hash>)",
     )
     group.add_argument(
         "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps (default: auto)"
@@ -267,17 +237,14 @@ def parse_args(argv=None):
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="torch.compile the UNet and the VAE decoder with the LoRA fused in (on CUDA with fused QKV, TF32 and "
-        "CUDA graphs): sampling spends its time in both; finetune_lora.py --compile compiles the UNet alone, as "
-        "training never decodes and keeps its LoRA unfused. The warm-up is timed apart; not with a grid that "
-        "switches LoRAs (default: off; --from_png: as the image was made)",
+        help="torch.compile the UNet and VAE decoder, LoRA fused in (CUDA: fused QKV, TF32, CUDA graphs); "
+        "finetune_lora.py compiles the UNet alone, as training never decodes (default: off)",
     )
     group.add_argument(
         "--dtype",
         choices=["auto", *DTYPES],
         default="auto",
-        help="Weights' precision; auto: fp16 on cuda, else fp32, with --from_png the image's, fp32 for fp16 on "
-        "the CPU (default: auto)",
+        help="Precision; auto: fp16 on cuda, else fp32; with --from_png the image's (default: auto)",
     )
     # Not flags: what a --from_png image adds, the --dtype it was made with and the sha256 of each of its LoRAs.
     parser.set_defaults(made_with=None, lora_sha256={})
