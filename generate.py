@@ -104,7 +104,6 @@ RUN_FILE_NAME = "generate_run.json"  # in --output_dir: the settings of the run 
 METADATA_NAME = "metadata.jsonl"  # in --output_dir: a caption line per image, as finetune_lora.py reads it
 PROMPT_RECORD_TYPES = {"prompt": str, "negative_prompt": str, "seed": int}  # the keys of a JSONL prompts line
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest
-ESTIMATE_ABOVE = 10_000  # jobs; a run this long says how long it will take once its first batch is timed
 PLACEHOLDER = re.compile(r"\{(\w+)\}")  # {age} in a prompt: filled from the --grid axis of that name
 MAX_CELLS = 64  # a bigger grid needs --yes: a typo in a --grid value list should not start hours of sampling
 TITLE_LINES = 5  # at most this many lines of title above a grid figure
@@ -996,21 +995,24 @@ class LoraSwitch:
 # Sampling: batches of cells that share their LoRAs, sampler, steps and guidance, each image from its own seed
 
 
-def write_images(pipe, switch, own_batches, args, lora_files: dict, dtype, output_dir: Path, progress):
+def write_images(pipe, switch, own_batches, args, lora_files: dict, dtype, output_dir: Path):
     """Sample this process's batches of (file name, cell) pairs, writing each image with its settings as soon as its
-    batch is done; an image a killed run wrote already is sampled with its batch but kept as it is."""
+    batch is done, and yield the paths of each batch; an image a killed run wrote already is kept as it is."""
+    if not own_batches:  # without a pipeline when the folder held every image
+        return
     own_scheduler = pipe.scheduler
     for batch in own_batches:
         first = batch[0][1]
         switch.use(first.lora_scales)
         pipe.scheduler = scheduler_for(first.scheduler, own_scheduler)
         images = sample(pipe, [cell for _, cell in batch], args.height, args.width)
+        written = []
         for (name, cell), image in zip(batch, images, strict=True):
             settings = image_settings(cell, args, sampler_name(cell.scheduler, pipe.scheduler), lora_files, dtype)
-            path = output_dir / name
-            if write_new_file(path, functools.partial(image.save, format="PNG", pnginfo=png_info(settings))):
-                progress.wrote(path)
-        progress.batch_done(len(batch))
+            path, save = output_dir / name, functools.partial(image.save, format="PNG", pnginfo=png_info(settings))
+            if write_new_file(path, save):
+                written.append(path)
+        yield written
 
 
 def sample(pipe, cells, height: int, width: int) -> list:
@@ -1057,26 +1059,19 @@ def sampler_name(name: str | None, scheduler) -> str:
     )
 
 
-def denoising_inputs(pipe, args) -> tuple:
-    """Latents and text conditioning of one image at --height x --width, as one UNet step takes them; two of each
-    when classifier-free guidance runs the UNet on a pair."""
-    unet = pipe.unet
-    pairs = 2 if args.guidance_scale > 1 else 1
-    size = (args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
-    latents = torch.zeros(pairs, unet.config.in_channels, *size, dtype=unet.dtype, device=unet.device)
-    context = torch.zeros(
-        pairs, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, dtype=unet.dtype, device=unet.device
-    )
-    return latents, context
-
-
 def auto_batch_size(pipe, args, image_count: int) -> int:
     """--batch_size auto: off CUDA 1 (a CPU is busy with one image, a larger batch only adds memory); on CUDA as many
     images as 80% of the free memory holds, from the peak memory of one UNet step and one VAE decode of one image."""
     device = pipe.device
     if device.type != "cuda":
         return 1
-    latents, context = denoising_inputs(pipe, args)
+    # One image at --height x --width, two of it when classifier-free guidance runs the UNet on a pair.
+    unet, pairs = pipe.unet, 2 if args.guidance_scale > 1 else 1
+    size = (args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
+    latents = torch.zeros(pairs, unet.config.in_channels, *size, dtype=unet.dtype, device=device)
+    context = torch.zeros(
+        pairs, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, dtype=unet.dtype, device=device
+    )
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     idle = torch.cuda.memory_allocated(device)
@@ -1088,41 +1083,6 @@ def auto_batch_size(pipe, args, image_count: int) -> int:
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(image_count, int(0.8 * free) // max(per_image, 1)))
-
-
-def say_if_slow(step_seconds: float, args):
-    """Before the first image, say how long each takes when that is over a minute, and what is faster. The time of
-    the faster settings is the measured step scaled by pixels and steps; attention grows faster than the pixel
-    count, so it errs long."""
-    per_image = step_seconds * args.steps
-    if per_image <= 60:
-        return
-    fast = step_seconds * 512 * 512 / (args.height * args.width) * 25
-    hint = (
-        f"; --height 512 --width 512 --steps 25 --scheduler dpm++ takes about {duration(fast)}"
-        if fast < per_image
-        else ""
-    )
-    print(
-        f"note: on the CPU each {args.width}x{args.height} image at {args.steps} steps takes "
-        f"about {duration(per_image)} (one step measured: {step_seconds:.1f} s){hint}",
-        file=sys.stderr,
-    )
-
-
-def unet_step_seconds(pipe, args) -> float:
-    """Seconds of one denoising step of one image, timed (the first step's warm-up included, so it errs long)."""
-    latents, context = denoising_inputs(pipe, args)
-    start = time.perf_counter()
-    with torch.no_grad():
-        pipe.unet(torch.randn_like(latents), 999, encoder_hidden_states=context)
-    return time.perf_counter() - start
-
-
-def duration(seconds: float) -> str:
-    if seconds >= 90 * 60:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def compile_models(pipe, cells, args):
@@ -1513,47 +1473,6 @@ def start_run(output_dir: Path, record: dict, jobs, batch_size: int, state) -> t
     return missing[state.process_index :: state.num_processes], sum(name in present for name, _ in jobs)
 
 
-class Progress:
-    """The main process's bar over the images of all processes: its own counted as it writes them, and with several
-    processes every process's, counted in the folder (the one place where they show) after each of its batches;
-    on the other processes it does nothing."""
-
-    def __init__(self, output_dir: Path, jobs, done: int, state):
-        self.output_dir, self.names, self.processes = output_dir, {name for name, _ in jobs}, state.num_processes
-        self.missing = len(jobs) - done
-        self.bar = tqdm(
-            total=len(jobs), initial=done, desc="images", unit="image", position=0, disable=not state.is_main_process
-        )
-        self.started = time.perf_counter()
-        self.estimated = len(jobs) <= ESTIMATE_ABOVE  # a longer run says how long it takes after its first batch
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exception):
-        self.bar.close()  # before an interruption's message, which would otherwise end up above the bar
-
-    def wrote(self, path: Path):
-        """One image of this process written: a line for it in a one-process run (with several, the lines would
-        break the bar and flood the logs), one more on the bar."""
-        if self.processes == 1:
-            tqdm.write(f"wrote {path}")
-        self.bar.update(1)
-
-    def batch_done(self, count: int):
-        if self.bar.disable:
-            return
-        if not self.estimated:
-            rate = count * self.processes / (time.perf_counter() - self.started)
-            tqdm.write(
-                f"{self.missing} image(s) at {rate:.2f} images/s (the first batch, times {self.processes} process(es)) "
-                f"take about {duration(self.missing / rate)}"
-            )
-            self.estimated = True
-        if self.processes > 1:
-            self.bar.update(len(self.names.intersection(os.listdir(self.output_dir))) - self.bar.n)
-
-
 def read_captions(output_dir: Path) -> list:
     """A metadata.jsonl line for each image in the folder, from the settings its PNG carries, in file name order:
     file_name, text (the prompt as sampled), seed and each {placeholder}'s value, as finetune_lora.py (and the
@@ -1664,17 +1583,24 @@ def main(argv=None) -> int:
                 f"{state.num_processes} process(es), {device} ({str(dtype).removeprefix('torch.')}), "
                 f"batch size {batch_size}"
             )
-            if device.type == "cpu" and mine:
-                say_if_slow(unet_step_seconds(pipe, args), args)
         if args.compile and mine:
             compile_models(pipe, [cell for _, cell in mine[0]], args)
 
         sampling = True
-        with Progress(output_dir, jobs, done, state) as progress:
-            if mine:  # without a pipeline when the folder held every image
-                write_images(pipe, switch, mine, args, lora_files, dtype, output_dir, progress)
+        names, start = {name for name, _ in jobs}, time.perf_counter()
+        bar = tqdm(
+            total=len(jobs), initial=done, desc="images", unit="image", position=0, disable=not state.is_main_process
+        )
+        with bar:  # closed before an interruption's message, which would otherwise end up above it
+            for written in write_images(pipe, switch, mine, args, lora_files, dtype, output_dir):
+                if state.num_processes == 1:  # with several, a line per image would break the bar and flood the logs
+                    bar.update(len(written))
+                    for path in written:
+                        tqdm.write(f"wrote {path}")
+                elif state.is_main_process:  # every process's images show in the folder
+                    bar.update(len(names.intersection(os.listdir(output_dir))) - bar.n)
             state.wait_for_everyone()
-            elapsed = time.perf_counter() - progress.started
+        elapsed = time.perf_counter() - start
         command = shlex.join(["python", "generate.py", *argv])
         finish_run(args, prompts, axes, jobs, output_dir, len(jobs) - done, elapsed, state, command)
         return 0
