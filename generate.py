@@ -848,24 +848,25 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
         ) from None
 
 
-def lora_module_counts(state_dict) -> dict:
-    """How many layers the LoRA adapts in the UNet and in the text encoder, after diffusers' key conversion."""
+class LoraFile(NamedTuple):
+    """A LoRA of the run, read and checked: its --lora value, its weights file, their sha256, and how many layers it
+    adapts in each of LORA_COMPONENTS."""
+
+    name: str
+    path: Path
+    sha256: str
+    layers: dict
+
+
+def read_lora(name: str, weight_name: str = DEFAULT_LORA_WEIGHT_NAME, expected_sha256: dict | None = None):
+    """The LoRA `name` (a --lora value), read and checked: an unreadable file or one that is no SD LoRA is an error,
+    and with --from_png it must be the very file the image was made with: `expected_sha256` maps (--lora value,
+    --lora_weight_name) to the sha256 the PNG names."""
     from diffusers import StableDiffusionPipeline
-
-    # A copy: diffusers empties a kohya state dict while converting it.
-    converted, _ = StableDiffusionPipeline.lora_state_dict(dict(state_dict))
-    up_weight = re.compile(r"lora_B\.|lora\.up\.|lora_up\.")
-    return {
-        component: sum(1 for key in converted if key.startswith(f"{component}.") and up_weight.search(key))
-        for component in LORA_COMPONENTS
-    }
-
-
-def read_lora(path: Path):
-    """The LoRA state dict and the sha256 of its file; an unreadable file or one that is no SD LoRA is an error."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    path = resolve_lora(name, weight_name)
     try:
         state_dict = load_file(path)
     except (SafetensorError, OSError) as error:
@@ -873,7 +874,14 @@ def read_lora(path: Path):
             f"LoRA file {path} is not a readable safetensors file ({first_line(error)}): download it again with "
             "`python download.py`"
         ) from None
-    if not any(lora_module_counts(state_dict).values()):
+    # The layers after diffusers' key conversion, of a copy: diffusers empties a kohya state dict while converting.
+    converted, _ = StableDiffusionPipeline.lora_state_dict(dict(state_dict))
+    up_weight = re.compile(r"lora_B\.|lora\.up\.|lora_up\.")
+    layers = {
+        component: sum(1 for key in converted if key.startswith(f"{component}.") and up_weight.search(key))
+        for component in LORA_COMPONENTS
+    }
+    if not any(layers.values()):
         raise GenerateError(
             f"none of the {len(state_dict)} keys in LoRA {path} belong to a UNet or text-encoder LoRA (expected keys "
             "like unet.<module>.lora_A.weight or kohya's lora_unet_<module>.lora_down.weight)"
@@ -882,65 +890,14 @@ def read_lora(path: Path):
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
-    return state_dict, digest.hexdigest()
-
-
-class LoraFile(NamedTuple):
-    """A LoRA of the run, read and checked: its --lora value, its weights file, their state dict and sha256."""
-
-    name: str
-    path: Path
-    state_dict: dict
-    sha256: str
-
-
-def prepare_lora(name: str, weight_name: str, expected_sha256: dict) -> LoraFile:
-    """The LoRA `name` (a --lora value), read and checked; with --from_png it must be the very file the image was
-    made with: `expected_sha256` maps (--lora value, --lora_weight_name) to the sha256 the PNG names."""
-    path = resolve_lora(name, weight_name)
-    state_dict, sha256 = read_lora(path)
-    expected = expected_sha256.get((name, weight_name), sha256)
+    sha256 = digest.hexdigest()
+    expected = (expected_sha256 or {}).get((name, weight_name), sha256)
     if expected != sha256:
         raise GenerateError(
             f"LoRA {path} has sha256 {sha256[:12]}..., but the PNG was made with {expected[:12]}...: "
             "use the LoRA it names"
         )
-    return LoraFile(name, path, state_dict, sha256)
-
-
-def count_lora_layers(model, adapter: str) -> int:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return sum(
-        1 for module in model.modules() if isinstance(module, BaseTunerLayer) and adapter in module.active_adapters
-    )
-
-
-def add_lora_adapter(pipe, lora: LoraFile, adapter: str):
-    """Add the LoRA as unfused adapter `adapter` to the UNet and the text encoder; check every LoRA module found its
-    layer. It is loaded from its file so that diffusers applies the alphas in the file's header. diffusers skips a
-    component whose keys match nothing with only a log line, which would silently sample the base model; here that
-    is an error."""
-    expected = lora_module_counts(lora.state_dict)
-    try:
-        pipe.load_lora_weights(str(lora.path), adapter_name=adapter)
-    except (ValueError, RuntimeError, KeyError) as error:
-        raise GenerateError(f"LoRA {lora.path} does not fit --base_model: {first_line(error)}") from None
-    for component, expected_count in expected.items():
-        found = count_lora_layers(getattr(pipe, component), adapter)
-        if found != expected_count:
-            raise GenerateError(
-                f"LoRA {lora.path} has {expected_count} {component} modules but only {found} matched the base "
-                "model's layers: it was trained for another model"
-            )
-
-
-def fuse_loras(pipe, lora_scales, adapters: dict):
-    """Fold `lora_scales` ((--lora value, scale), ...) into the weights: sampling then costs what the base model
-    costs. `adapters` names the adapter of each --lora value."""
-    names = [adapters[name] for name, _ in lora_scales]
-    pipe.set_adapters(names, [scale for _, scale in lora_scales])
-    pipe.fuse_lora(components=LORA_COMPONENTS, lora_scale=1.0, adapter_names=names)
+    return LoraFile(name, path, sha256, layers)
 
 
 class LoraSwitch:
@@ -952,18 +909,35 @@ class LoraSwitch:
     """
 
     def __init__(self, pipe, lora_files: dict, settings: set):
-        """`lora_files`: {--lora value: LoraFile}; `settings`: every lora_scales of the run's cells."""
+        """`lora_files`: {--lora value: LoraFile}; `settings`: every lora_scales of the run's cells. Each LoRA is an
+        adapter of the UNet and the text encoder, each of its modules checked to have found its layer."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.pipe = pipe
         self.adapters = {name: f"lora{number}" for number, name in enumerate(lora_files)}
         for name, lora in lora_files.items():
-            add_lora_adapter(pipe, lora, self.adapters[name])
+            # Loaded from its file, so that diffusers applies the alphas in the file's header.
+            try:
+                pipe.load_lora_weights(str(lora.path), adapter_name=self.adapters[name])
+            except (ValueError, RuntimeError, KeyError) as error:
+                raise GenerateError(f"LoRA {lora.path} does not fit --base_model: {first_line(error)}") from None
+            # diffusers skips a component whose keys match nothing with only a log line: the base model, silently.
+            for component, expected in lora.layers.items():
+                found = sum(
+                    1
+                    for module in getattr(pipe, component).modules()
+                    if isinstance(module, BaseTunerLayer) and self.adapters[name] in module.active_adapters
+                )
+                if found != expected:
+                    raise GenerateError(
+                        f"LoRA {lora.path} has {expected} {component} modules but only {found} matched the base "
+                        "model's layers: it was trained for another model"
+                    )
         self.fused = None  # the lora_scales fused now; None: nothing yet
         if len(settings) == 1:
             (only,) = settings
             if only:
-                fuse_loras(pipe, only, self.adapters)
+                self.fuse(only)
                 pipe.unload_lora_weights()
             self.fused = only
             return
@@ -986,10 +960,17 @@ class LoraSwitch:
                     weight.copy_(copy)
         if lora_scales:
             self.pipe.enable_lora()
-            fuse_loras(self.pipe, lora_scales, self.adapters)
+            self.fuse(lora_scales)
         else:
             self.pipe.disable_lora()
         self.fused = lora_scales
+
+    def fuse(self, lora_scales: tuple):
+        """Fold `lora_scales` ((--lora value, scale), ...) into the weights: sampling then costs what the base model
+        costs."""
+        names = [self.adapters[name] for name, _ in lora_scales]
+        self.pipe.set_adapters(names, [scale for _, scale in lora_scales])
+        self.pipe.fuse_lora(components=LORA_COMPONENTS, lora_scale=1.0, adapter_names=names)
 
 
 # Sampling: batches of cells that share their LoRAs, sampler, steps and guidance, each image from its own seed
@@ -1565,7 +1546,7 @@ def main(argv=None) -> int:
         state, device = process_state(args.device)
         dtype = pick_dtype(args.dtype, device, args.made_with)
         lora_names = dict.fromkeys(name for cell in cells for name, _ in cell.lora_scales)
-        lora_files = {name: prepare_lora(name, args.lora_weight_name, args.lora_sha256) for name in lora_names}
+        lora_files = {name: read_lora(name, args.lora_weight_name, args.lora_sha256) for name in lora_names}
         record = run_record(args, prompts, lora_files, dtype, figures_drawn(args, axes))
         output_dir = args.output_dir or default_output_dir(record, prompts)
         check_same_run(output_dir, record, jobs)
