@@ -1361,13 +1361,6 @@ def run_record(args, prompts, lora_files: dict, dtype, drawn: bool) -> dict:
     return json.loads(json.dumps(record))  # as it reads back from the file: tuples as lists
 
 
-def default_output_dir(record: dict, prompts) -> Path:
-    """Without --output_dir, the run's own folder under outputs/, named after its first prompt and its settings: the
-    same command finds its folder again and adds what is missing, another command gets a folder of its own."""
-    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8]
-    return DEFAULT_OUTPUT_ROOT / f"{slugify(prompts[0]['prompt'], 40)}-{digest}"
-
-
 def setting_difference(key: str, here, there) -> str:
     """One setting that differs, with both values when they are short; of a list, its length or the first element
     that differs."""
@@ -1418,22 +1411,11 @@ def check_same_run(output_dir: Path, record: dict, jobs):
         )
 
 
-def agreed_batch_size(pipe, args, jobs, state) -> int:
-    """The --batch_size; auto measured on every process and the smallest taken, as all must cut the same batches.
-    Without a pipeline (nothing to sample), auto is 1."""
-    if args.batch_size != "auto":
-        return args.batch_size
-    if pipe is None:
-        return 1
-    from accelerate.utils import gather_object
-
-    return min(gather_object([auto_batch_size(pipe, args, len(jobs))]))
-
-
-def start_run(output_dir: Path, record: dict, jobs, batch_size: int, state) -> tuple:
+def start_run(pipe, args, output_dir: Path, record: dict, jobs, state) -> tuple:
     """The folder prepared by the main process (created, a killed run's temporary files removed, the run's settings
     saved unless they are there), and the batches that lack a PNG dealt out between the processes in turn; return
-    (this process's batches, the number of the run's images there already).
+    (this process's batches, the number of the run's images there already, the batch size). --batch_size auto is
+    measured on every process and the smallest taken, as all must cut the same batches (1 without a pipeline).
 
     The batches are cut from all the jobs, whatever the number of processes or the images a killed run left: a
     batch may round differently from its images sampled apart, so this keeps the pixels of one uninterrupted process.
@@ -1447,17 +1429,22 @@ def start_run(output_dir: Path, record: dict, jobs, batch_size: int, state) -> t
             staging.unlink(missing_ok=True)
         text = json.dumps(record, indent=1, sort_keys=True)
         write_new_file(output_dir / RUN_FILE_NAME, lambda staging: staging.write_text(text, "utf-8"))
+    batch_size = args.batch_size
+    if batch_size == "auto":
+        from accelerate.utils import gather_object
+
+        batch_size = min(gather_object([auto_batch_size(pipe, args, len(jobs)) if pipe else 1]))
     state.wait_for_everyone()
     present = set(os.listdir(output_dir))
     missing = [batch for batch in batches(jobs, batch_size) if any(name not in present for name, _ in batch)]
     state.wait_for_everyone()  # every process has listed the folder before any writes to it
-    return missing[state.process_index :: state.num_processes], sum(name in present for name, _ in jobs)
+    return missing[state.process_index :: state.num_processes], sum(name in present for name, _ in jobs), batch_size
 
 
-def read_captions(output_dir: Path) -> list:
-    """A metadata.jsonl line for each image in the folder, from the settings its PNG carries, in file name order:
-    file_name, text (the prompt as sampled), seed and each {placeholder}'s value, as finetune_lora.py (and the
-    Hugging Face imagefolder) reads them. Grid figures and PNGs of other programs have none."""
+def write_metadata(output_dir: Path) -> int:
+    """metadata.jsonl rebuilt from the settings the folder's PNGs carry, replaced in one step; return its lines. A line
+    an image, in file name order: file_name, text (the prompt as sampled), seed and each {placeholder}'s value, as
+    finetune_lora.py (and the Hugging Face imagefolder) reads them; grid figures and other programs' PNGs have none."""
     lines = []
     for path in sorted(output_dir.glob("*.png")):
         try:
@@ -1467,12 +1454,6 @@ def read_captions(output_dir: Path) -> list:
         except (OSError, KeyError, TypeError, ValueError):
             continue
         lines.append(json.dumps({**settings.get("placeholders", {}), **caption}))
-    return lines
-
-
-def write_metadata(output_dir: Path) -> int:
-    """metadata.jsonl rebuilt from the images in the folder (read_captions), replaced in one step; their count."""
-    lines = read_captions(output_dir)
     path = output_dir / METADATA_NAME
     try:
         with atomic_write(path) as staging:
@@ -1480,18 +1461,6 @@ def write_metadata(output_dir: Path) -> int:
     except OSError as error:
         raise GenerateError(f"cannot write {path} ({first_line(error)}): free space or make it writable") from None
     return len(lines)
-
-
-def caption_after_failure(output_dir: Path, state) -> int:
-    """On the main process of a run stopped after its folder was prepared, metadata.jsonl for the images on disk;
-    return their count. A failure to write it (the full disk that stopped the run) leaves the error already being
-    reported."""
-    if not state.is_main_process:
-        return 0
-    try:
-        return write_metadata(output_dir)
-    except GenerateError:
-        return len(read_captions(output_dir))
 
 
 def interrupt_on_sigterm(signal_number, frame):
@@ -1548,7 +1517,10 @@ def main(argv=None) -> int:
         lora_names = dict.fromkeys(name for cell in cells for name, _ in cell.lora_scales)
         lora_files = {name: read_lora(name, args.lora_weight_name, args.lora_sha256) for name in lora_names}
         record = run_record(args, prompts, lora_files, dtype, figures_drawn(args, axes))
-        output_dir = args.output_dir or default_output_dir(record, prompts)
+        # Without --output_dir, the run's own folder, named after its first prompt and settings: the same command
+        # finds it again and adds what is missing, another command gets a folder of its own.
+        digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8]
+        output_dir = args.output_dir or DEFAULT_OUTPUT_ROOT / f"{slugify(prompts[0]['prompt'], 40)}-{digest}"
         check_same_run(output_dir, record, jobs)
 
         pipe = switch = None  # the same command after a complete run only checks the folder: no model to load
@@ -1556,8 +1528,7 @@ def main(argv=None) -> int:
             pipe = load_pipeline(args, device, dtype)
             warn_long_prompts(pipe.tokenizer, cells)
             switch = LoraSwitch(pipe, lora_files, {cell.lora_scales for cell in cells})
-        batch_size = agreed_batch_size(pipe, args, jobs, state)
-        mine, done = start_run(output_dir, record, jobs, batch_size, state)
+        mine, done, batch_size = start_run(pipe, args, output_dir, record, jobs, state)
         if state.is_main_process:
             print(
                 f"{len(jobs)} image(s), {done} of them in {output_dir} already; the other {len(jobs) - done} on "
@@ -1585,26 +1556,24 @@ def main(argv=None) -> int:
         command = shlex.join(["python", "generate.py", *argv])
         finish_run(args, prompts, axes, jobs, output_dir, len(jobs) - done, elapsed, state, command)
         return 0
-    except GenerateError as error:
+    except (GenerateError, KeyboardInterrupt) as error:
+        interrupted, main_process = isinstance(error, KeyboardInterrupt), state is None or state.is_main_process
         # Before sampling, every process meets the same error: the main process says it. A write error while
         # sampling may be one process's own: it says it.
-        if state is None or state.is_main_process or sampling:
+        if not interrupted and (main_process or sampling):
             print(f"error: {error}", file=sys.stderr)
-        if sampling:
-            caption_after_failure(output_dir, state)
-        return 1
-    except KeyboardInterrupt:
-        if state is not None and not state.is_main_process:
-            return 130
-        if not sampling:
-            print("interrupted before any image was written", file=sys.stderr)
-        else:
-            written = caption_after_failure(output_dir, state) - done
+        if sampling and main_process:  # caption what is on disk
+            with contextlib.suppress(GenerateError):  # a full disk stopped the run: that error is reported
+                write_metadata(output_dir)
+        if interrupted and main_process and sampling:
+            written = len({name for name, _ in jobs}.intersection(os.listdir(output_dir))) - done
             print(
                 f"interrupted: {written} image(s) written to {output_dir}; run the same command again to finish",
                 file=sys.stderr,
             )
-        return 130
+        elif interrupted and main_process:
+            print("interrupted before any image was written", file=sys.stderr)
+        return 130 if interrupted else 1
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
 
