@@ -134,76 +134,50 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     usage, examples = __doc__.split("\n\n", 1)
     parser = OneLineParser(description=usage, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_argument_group("prompts")
-    group.add_argument(
+    add = parser.add_argument_group("prompts").add_argument
+    add(
         "--prompt",
         action="append",
         default=[],
         help="Text describing the face; repeatable; {name} is filled from --grid name=... (default: none)",
     )
-    group.add_argument(
+    add(
         "--prompts_file",
         type=Path,
         help='One prompt a line (# lines skipped), or JSONL {"prompt", "negative_prompt", "seed"} (default: none)',
     )
-    group.add_argument("--negative_prompt", default="", help="What no image should show (default: '')")
-    group.add_argument(
-        "--from_png",
-        type=Path,
-        help="Render a PNG this script wrote again from its settings; flags given override them (default: none)",
-    )
+    add("--negative_prompt", default="", help="What no image should show (default: '')")
+    add("--from_png", type=Path, help="Render a PNG's settings again; flags given override them (default: none)")
 
-    group = parser.add_argument_group("sampling")
-    group.add_argument(
-        "--num_images", type=int, default=1, help="Images per prompt; image i uses seed + i (default: 1)"
-    )
-    group.add_argument("--seed", type=int, default=42, help="Seed of each prompt's first image (default: 42)")
-    group.add_argument("--steps", type=int, default=50, help="Denoising steps; dpm++ needs about 25 (default: 50)")
-    group.add_argument(
-        "--guidance_scale", type=float, default=7.5, help="Classifier-free guidance, 0 or more; 1 is off (default: 7.5)"
-    )
-    group.add_argument("--height", type=int, default=768, help="Height in pixels, a multiple of 8 (default: 768)")
-    group.add_argument("--width", type=int, default=768, help="Width in pixels, a multiple of 8 (default: 768)")
-    group.add_argument(
-        "--scheduler", choices=sorted(SCHEDULERS), help="Sampler (default: the base model's own, DDIM for SD2.1)"
-    )
-    group.add_argument(
+    add = parser.add_argument_group("sampling").add_argument
+    add("--num_images", type=int, default=1, help="Images per prompt; image i uses seed + i (default: 1)")
+    add("--seed", type=int, default=42, help="Seed of each prompt's first image (default: 42)")
+    add("--steps", type=int, default=50, help="Denoising steps; dpm++ needs about 25 (default: 50)")
+    add("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance; 1 is off (default: 7.5)")
+    add("--height", type=int, default=768, help="Height in pixels, a multiple of 8 (default: 768)")
+    add("--width", type=int, default=768, help="Width in pixels, a multiple of 8 (default: 768)")
+    add("--scheduler", choices=sorted(SCHEDULERS), help="Sampler (default: the base model's own, DDIM for SD2.1)")
+    add(
         "--batch_size",
         type=lambda text: text if text == "auto" else int(text),
         default=1,
         help="Images sampled together; auto: as many as 80%% of free CUDA memory holds (default: 1)",
     )
 
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--base_model", default=DEFAULT_BASE_MODEL, help="Hub id or folder of an SD2.1 pipeline (default: %(default)s)"
-    )
-    group.add_argument(
-        "--variant",
-        choices=["fp16"],
-        help="Load the *.fp16.safetensors weights, cast to --dtype (default: the full-precision files)",
-    )
-    group.add_argument(
+    add = parser.add_argument_group("model").add_argument
+    add("--base_model", default=DEFAULT_BASE_MODEL, help="Hub id or folder of SD2.1 (default: %(default)s)")
+    add("--variant", choices=["fp16"], help="Load the *.fp16.safetensors, cast to --dtype (default: full precision)")
+    add(
         "--lora",
         action="append",
-        help=f"LoRA folder, .safetensors file (diffusers or kohya keys) or Hub id, or {NO_LORA}; repeatable "
+        help=f"LoRA folder, .safetensors (diffusers or kohya keys) or Hub id, or {NO_LORA}; repeatable "
         f"(default: {DEFAULT_LORA}, fetched from {LORA_HUB_REPO} if missing)",
     )
-    group.add_argument(
-        "--lora_weight_name",
-        default=DEFAULT_LORA_WEIGHT_NAME,
-        help="Weights file in a --lora folder or Hub repo (default: %(default)s)",
-    )
-    group.add_argument(
-        "--lora_scale",
-        type=float,
-        nargs="+",
-        default=[1.0],
-        help="LoRA strength, 0 the base model, 1 as trained: one for all or one per --lora (default: 1.0)",
-    )
+    add("--lora_weight_name", default=DEFAULT_LORA_WEIGHT_NAME, help="File in a --lora folder (default: %(default)s)")
+    add("--lora_scale", type=float, nargs="+", default=[1.0], help="One, or one per --lora; 0 is off (default: 1.0)")
 
-    group = parser.add_argument_group("grid figures")
-    group.add_argument(
+    add = parser.add_argument_group("grid figures").add_argument
+    add(
         "--grid",
         action="append",
         default=[],
@@ -211,40 +185,21 @@ def parse_args(argv=None):
         help="A figure per prompt: a single --grid gives the columns; of two, the first gives the rows. AXIS is a "
         f"{{placeholder}} or one of {', '.join(SETTING_AXES)} (default: no grid)",
     )
-    group.add_argument(
-        "--compare", action="store_true", help=f"Short for --grid lora={NO_LORA},<the --lora> (default: off)"
-    )
-    group.add_argument(
-        "--no_figure",
-        action="store_true",
-        help=f"Every combination of any number of --grid axes, as images: no figure, no {MAX_CELLS}-image limit "
-        "(default: off)",
-    )
-    group.add_argument("--yes", action="store_true", help=f"Sample a figure of over {MAX_CELLS} images (default: off)")
+    add("--compare", action="store_true", help=f"Short for --grid lora={NO_LORA},<the --lora> (default: off)")
+    add("--no_figure", action="store_true", help="Every combination of the --grid axes as images (default: off)")
+    add("--yes", action="store_true", help=f"Sample a figure of over {MAX_CELLS} images (default: off)")
 
-    group = parser.add_argument_group("output and hardware")
-    group.add_argument(
-        "--output_dir",
-        type=Path,
-        help="Folder of the run; the same command again adds what is missing "
-        f"(default: {DEFAULT_OUTPUT_ROOT}/<slug>-<hash>)",
-    )
-    group.add_argument(
-        "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps (default: auto)"
-    )
-    group.add_argument(
+    add = parser.add_argument_group("output and hardware").add_argument
+    add("--output_dir", type=Path, help=f"Resumable folder of the run (default: {DEFAULT_OUTPUT_ROOT}/<slug>-<hash>)")
+    add("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps (default: auto)")
+    add(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=False,
         help="torch.compile the UNet and VAE decoder, LoRA fused in (CUDA: fused QKV, TF32, CUDA graphs); "
         "finetune_lora.py compiles the UNet alone, as training never decodes (default: off)",
     )
-    group.add_argument(
-        "--dtype",
-        choices=["auto", *DTYPES],
-        default="auto",
-        help="Precision; auto: fp16 on cuda, else fp32; with --from_png the image's (default: auto)",
-    )
+    add("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: fp16 on CUDA, else fp32 (default: auto)")
     # Not flags: what a --from_png image adds, the --dtype it was made with and the sha256 of each of its LoRAs.
     parser.set_defaults(made_with=None, lora_sha256={})
 
