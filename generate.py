@@ -281,7 +281,10 @@ def png_defaults(args) -> dict:
         )
     try:
         settings = json.loads(text.get(PNG_SETTINGS_KEY))
-        loras = stored_loras(settings)
+        loras = settings.get("loras")
+        if loras is None:  # PNGs from before several LoRAs held the one LoRA in flat lora_* entries
+            flat = {"lora": settings["lora"], "sha256": settings["lora_sha256"], "scale": settings["lora_scale"]}
+            loras = [flat] if settings["lora"] is not None else []
         complete = isinstance(settings["prompt"], str) and all(key in settings for key in PNG_FLAGS[:-2])
         complete = complete and all(isinstance(entry["scale"], (int, float)) for entry in loras)
     except (TypeError, ValueError, KeyError):
@@ -303,15 +306,6 @@ def png_defaults(args) -> dict:
     if loras and "lora_scale" not in axes:
         defaults["lora_scale"] = [float(entry["scale"]) for entry in loras]
     return defaults
-
-
-def stored_loras(settings) -> list:
-    """The LoRAs of stored settings; PNGs from before several LoRAs held the one LoRA in flat lora_* entries."""
-    if "loras" in settings:
-        return settings["loras"]
-    if settings["lora"] is None:
-        return []
-    return [{"lora": settings["lora"], "sha256": settings["lora_sha256"], "scale": settings["lora_scale"]}]
 
 
 # Prompts, and the images of the run: a cell per prompt, image number and combination of the --grid values
@@ -406,7 +400,7 @@ def plan(args, prompts) -> tuple:
         for image in range(args.num_images)
         for combination in combinations
     ]
-    if figures_drawn(args, axes) and len(cells) > MAX_CELLS and not args.yes:
+    if axes and not args.no_figure and len(cells) > MAX_CELLS and not args.yes:
         rows = len(axes[0].texts) if len(axes) == 2 else 1
         raise GenerateError(
             f"the grid has {len(cells)} images ({len(prompts) * args.num_images} figure(s) of {rows} x "
@@ -515,31 +509,23 @@ def parse_axis(spec: str, args) -> Axis:
     texts = [text.strip() for text in listed.split(",")]
     if "" in texts:
         raise GenerateError(f"--grid {spec}: a value of {name} is missing; give {name}=V1,V2,... with none empty")
-    try:
-        values = [axis_value(name, text, args) for text in texts]
-    except ValueError:
-        raise GenerateError(f"--grid {spec}: {name} takes {SETTING_AXES[name]}") from None
-    return Axis(name, texts, values)
-
-
-def axis_value(name: str, text: str, args):
-    """A --grid value as its cells use it; ValueError if it is not a value of that setting."""
-    if name == "lora":
+    if name == "lora":  # a cell's lora_scales
         if len(args.lora_scale) != 1:
             raise GenerateError("--grid lora=... shows each LoRA alone: give one --lora_scale, the strength of each")
-        return () if text == NO_LORA else ((text, args.lora_scale[0]),)
-    if name == "scheduler" and text not in SCHEDULERS:
-        raise ValueError(text)
-    if name not in ("seed", "steps", "guidance_scale", "lora_scale"):
-        return text
-    value = int(text) if name in ("seed", "steps") else float(text)
-    check_setting(name, [value] if name == "lora_scale" else value, f"--grid {name}", args.num_images)
-    return value
-
-
-def figures_drawn(args, axes) -> bool:
-    """Whether the run draws grid figures: a grid without --no_figure."""
-    return bool(axes) and not args.no_figure
+        return Axis(name, texts, [() if text == NO_LORA else ((text, args.lora_scale[0]),) for text in texts])
+    if name not in ("seed", "steps", "guidance_scale", "lora_scale", "scheduler"):  # a {placeholder}
+        return Axis(name, texts, texts)
+    try:
+        if name == "scheduler" and not set(texts) <= set(SCHEDULERS):
+            raise ValueError(texts)
+        values = [
+            text if name == "scheduler" else int(text) if name in ("seed", "steps") else float(text) for text in texts
+        ]
+    except ValueError:
+        raise GenerateError(f"--grid {spec}: {name} takes {SETTING_AXES[name]}") from None
+    for value in values:
+        check_setting(name, [value] if name == "lora_scale" else value, f"--grid {name}", args.num_images)
+    return Axis(name, texts, values)
 
 
 # Models and LoRAs: the device, the base pipeline, and each LoRA read, checked and fused into its weights
@@ -583,9 +569,8 @@ def pick_dtype(name: str, device: torch.device, made_with: str | None = None) ->
 
 
 def quiet_library_logs():
-    """Keep out of the log what a user cannot act on: the libraries' warnings (torchvision missing, fp16 on the
-    CPU) unless TRANSFORMERS_VERBOSITY or DIFFUSERS_VERBOSITY ask for them, and, when stderr is no terminal,
-    their loading bars, whose redraws only clutter a log file."""
+    """Keep out of the log what a user cannot act on: the libraries' warnings (unless *_VERBOSITY asks for them)
+    and, when stderr is no terminal, their loading bars."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -654,8 +639,8 @@ def check_hub_reachable(repo_id: str, filename: str, needed: str, fix: str, revi
 
 
 def from_cache_or_hub(fetch, hub_file: tuple):
-    """fetch(local_files_only=True) when the Hugging Face cache has it all; else fetch() from a Hub that answers.
-    `hub_file` holds the arguments of check_hub_reachable."""
+    """fetch(local_files_only=True) when the cache has it all, else fetch() from a Hub that answers (`hub_file`: the
+    arguments of check_hub_reachable)."""
     try:
         return fetch(local_files_only=True)
     except OSError:  # not cached, or not all of it
@@ -691,8 +676,7 @@ def base_model_hub_file(args) -> tuple:
 
 
 def check_inputs(args, output_dir: Path):
-    """What can be checked before a model is loaded: the --output_dir, a --base_model folder, and whether the Hub
-    answers when the --base_model is not cached."""
+    """Before a model is loaded: the --output_dir, a --base_model folder, or the Hub when the model is not cached."""
     from huggingface_hub import try_to_load_from_cache
 
     check_writable(output_dir, "--output_dir")
@@ -709,8 +693,7 @@ def check_inputs(args, output_dir: Path):
 
 
 def load_pipeline(args, device: torch.device, dtype: torch.dtype):
-    """The --base_model pipeline (from its folder, else from the Hugging Face cache, else from the Hub) on `device`,
-    with PyTorch SDPA attention everywhere."""
+    """The --base_model pipeline (its folder, else the Hugging Face cache, else the Hub) on `device`, SDPA attention."""
     from diffusers import StableDiffusionPipeline
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -936,15 +919,24 @@ def write_images(pipe, switch, own_batches, args, lora_files: dict, dtype, outpu
     batch is done, and yield the paths of each batch; an image a killed run wrote already is kept as it is."""
     if not own_batches:  # without a pipeline when the folder held every image
         return
-    own_scheduler = pipe.scheduler
+    import diffusers
+
+    own = pipe.scheduler  # the base model's, named as AUTOMATIC1111 names its class, or by the class
+    own_name = type(own).__name__
+    own_name = next(
+        (label for name, overrides, label in SCHEDULERS.values() if (name, overrides) == (own_name, {})), own_name
+    )
     for batch in own_batches:
-        first = batch[0][1]
+        first = batch[0][1]  # the cells of a batch share their LoRAs, scheduler, steps and guidance
         switch.use(first.lora_scales)
-        pipe.scheduler = scheduler_for(first.scheduler, own_scheduler)
+        pipe.scheduler, sampler = own, own_name
+        if first.scheduler is not None:
+            class_name, overrides, sampler = SCHEDULERS[first.scheduler]
+            pipe.scheduler = getattr(diffusers, class_name).from_config(own.config, **overrides)
         images = sample(pipe, [cell for _, cell in batch], args.height, args.width)
         written = []
         for (name, cell), image in zip(batch, images, strict=True):
-            settings = image_settings(cell, args, sampler_name(cell.scheduler, pipe.scheduler), lora_files, dtype)
+            settings = image_settings(cell, args, sampler, lora_files, dtype)
             path, save = output_dir / name, functools.partial(image.save, format="PNG", pnginfo=png_info(settings))
             if write_new_file(path, save):
                 written.append(path)
@@ -962,37 +954,6 @@ def sample(pipe, cells, height: int, width: int) -> list:
         width=width,
         generator=[torch.Generator("cpu").manual_seed(cell.seed) for cell in cells],
     ).images
-
-
-def batches(jobs, batch_size: int):
-    """The (file name, cell) pairs `jobs` in batches one pipeline call samples: the same LoRAs, sampler, steps and
-    guidance, at most `batch_size`, in the order each kind first appears."""
-    kinds = {}
-    for name, cell in jobs:
-        kinds.setdefault((cell.lora_scales, cell.scheduler, cell.steps, cell.guidance_scale), []).append((name, cell))
-    for kind in kinds.values():
-        for start in range(0, len(kind), batch_size):
-            yield kind[start : start + batch_size]
-
-
-def scheduler_for(name: str | None, own):
-    """The scheduler of --scheduler `name`, configured from the base model's own scheduler `own` (None: `own`)."""
-    if name is None:
-        return own
-    import diffusers
-
-    class_name, overrides, _ = SCHEDULERS[name]
-    return getattr(diffusers, class_name).from_config(own.config, **overrides)
-
-
-def sampler_name(name: str | None, scheduler) -> str:
-    """The AUTOMATIC1111 name of --scheduler `name`; the model's own `scheduler` is named by its class if unknown."""
-    if name is not None:
-        return SCHEDULERS[name][2]
-    own = type(scheduler).__name__
-    return next(
-        (label for class_name, overrides, label in SCHEDULERS.values() if class_name == own and not overrides), own
-    )
 
 
 def auto_batch_size(pipe, args, image_count: int) -> int:
@@ -1391,7 +1352,12 @@ def start_run(pipe, args, output_dir: Path, record: dict, jobs, state) -> tuple:
         batch_size = min(gather_object([auto_batch_size(pipe, args, len(jobs)) if pipe else 1]))
     state.wait_for_everyone()
     present = set(os.listdir(output_dir))
-    missing = [batch for batch in batches(jobs, batch_size) if any(name not in present for name, _ in batch)]
+    # Batches one pipeline call samples: the same LoRAs, sampler, steps and guidance, in the order each first appears.
+    kinds = {}
+    for name, cell in jobs:
+        kinds.setdefault((cell.lora_scales, cell.scheduler, cell.steps, cell.guidance_scale), []).append((name, cell))
+    batches = [kind[start : start + batch_size] for kind in kinds.values() for start in range(0, len(kind), batch_size)]
+    missing = [batch for batch in batches if any(name not in present for name, _ in batch)]
     state.wait_for_everyone()  # every process has listed the folder before any writes to it
     return missing[state.process_index :: state.num_processes], sum(name in present for name, _ in jobs), batch_size
 
@@ -1428,7 +1394,7 @@ def finish_run(args, prompts, axes, jobs, output_dir: Path, sampled: int, elapse
     the totals of the `sampled` images, and the commands that score the folder and that train on it."""
     if not state.is_main_process:
         return
-    if figures_drawn(args, axes):
+    if axes and not args.no_figure:
         draw_figures(args, prompts, axes, jobs, command, output_dir)
     count = write_metadata(output_dir)
     if sampled:
@@ -1471,7 +1437,7 @@ def main(argv=None) -> int:
         dtype = pick_dtype(args.dtype, device, args.made_with)
         lora_names = dict.fromkeys(name for cell in cells for name, _ in cell.lora_scales)
         lora_files = {name: read_lora(name, args.lora_weight_name, args.lora_sha256) for name in lora_names}
-        record = run_record(args, prompts, lora_files, dtype, figures_drawn(args, axes))
+        record = run_record(args, prompts, lora_files, dtype, bool(axes) and not args.no_figure)
         # Without --output_dir, the run's own folder, named after its first prompt and settings: the same command
         # finds it again and adds what is missing, another command gets a folder of its own.
         digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8]
