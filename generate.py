@@ -229,16 +229,12 @@ def check_args(args):
     check_setting("lora_scale", args.lora_scale)
     if args.lora != [NO_LORA] and len(args.lora_scale) not in (1, len(args.lora)):
         raise GenerateError(
-            f"--lora_scale has {len(args.lora_scale)} values for {len(args.lora)} --lora: give one scale for all "
-            "LoRAs or one per --lora (a sweep of strengths is --grid lora_scale=V1,V2,...)"
+            f"--lora_scale has {len(args.lora_scale)} values for {len(args.lora)} --lora (a sweep of strengths is --grid lora_scale=V1,V2,...)"
         )
     for name in ("seed", "steps", "guidance_scale"):
         check_setting(name, getattr(args, name), num_images=args.num_images)
     if args.height % 8 or args.width % 8 or args.height < 8 or args.width < 8:
-        raise GenerateError(
-            f"--height {args.height} / --width {args.width}: both must be positive multiples of 8 (the VAE "
-            "downsamples by 8)"
-        )
+        raise GenerateError(f"--height {args.height} / --width {args.width}: both must be positive multiples of 8")
     if args.no_figure and not (args.grid or args.compare):
         raise GenerateError("--no_figure expands the --grid values into images without a figure: add --grid AXIS=...")
 
@@ -259,10 +255,8 @@ def check_setting(name: str, value, where: str = "", num_images: int = 1):
             "or more to follow the prompt closely"
         )
     if name == "lora_scale" and not all(math.isfinite(scale) for scale in value):
-        raise GenerateError(
-            f"{where} {' '.join(f'{scale:g}' for scale in value)} is not finite: use numbers such as 0 (the base "
-            "model), 0.5 or 1 (the LoRA as trained)"
-        )
+        shown = " ".join(f"{scale:g}" for scale in value)
+        raise GenerateError(f"{where} {shown} is not finite: use numbers such as 0 (the base model), 0.5 or 1")
 
 
 def png_defaults(args) -> dict:
@@ -276,9 +270,7 @@ def png_defaults(args) -> dict:
     except OSError as error:
         raise GenerateError(f"--from_png {path}: cannot read the image ({first_line(error)})") from None
     if PNG_GRID_KEY in text:
-        raise GenerateError(
-            f"--from_png {path} is a grid figure: pass one of its cells, written beside it as images of their own"
-        )
+        raise GenerateError(f"--from_png {path} is a grid figure: pass one of its cells, the images beside it")
     try:
         settings = json.loads(text.get(PNG_SETTINGS_KEY))
         loras = settings.get("loras")
@@ -291,7 +283,7 @@ def png_defaults(args) -> dict:
         complete = False
     if not complete:
         raise GenerateError(
-            f"--from_png {path} carries no complete {PNG_SETTINGS_KEY} settings: pass an image written by generate.py"
+            f"--from_png {path} carries no complete {PNG_SETTINGS_KEY} settings: pass a generate.py PNG"
         )
     defaults = {key: settings[key] for key in PNG_FLAGS if key in settings}
     defaults.update({key: str(value) for key, value in defaults.items() if isinstance(value, (int, float, str))})
@@ -409,8 +401,7 @@ def plan(args, prompts) -> tuple:
         )
     if args.compile and len({cell.lora_scales for cell in cells}) > 1:
         raise GenerateError(
-            "--compile compiles the model with the LoRA fused in, and this grid switches LoRAs or strengths "
-            "between its cells, which would recompile it each time: drop --compile"
+            "--compile compiles the model with the LoRA fused in, and this grid switches LoRAs: drop --compile"
         )
     return axes, cells
 
@@ -469,10 +460,7 @@ def grid_axes(args, prompts) -> list:
         axes.append(Axis("lora", [NO_LORA, " + ".join(name for name, _ in lora_scales)], [(), lora_scales]))
     names = [axis.name for axis in axes]
     if len(axes) > 2 and not args.no_figure:
-        raise GenerateError(
-            f"a grid figure has at most two axes, rows and columns; got {', '.join(names)}: pass --no_figure for "
-            "every combination as images without figures"
-        )
+        raise GenerateError(f"a grid figure has at most two axes, got {', '.join(names)}: pass --no_figure for images")
     twice = [name for number, name in enumerate(names) if name in names[:number]]
     if twice:
         raise GenerateError(f"--grid {twice[0]} is given twice (--compare is a lora axis): give each axis once")
@@ -489,14 +477,11 @@ def grid_axes(args, prompts) -> list:
     for name in names:
         if name not in SETTING_AXES and name not in placeholders:
             raise GenerateError(
-                f"--grid {name}: unknown axis; there is no {{{name}}} in the prompt or negative prompt, and the "
-                f"settings are {', '.join(SETTING_AXES)}"
+                f"--grid {name}: unknown axis; no {{{name}}} in the prompts and no setting of that name"
             )
     missing = sorted(placeholders - set(names))
     if missing:
-        raise GenerateError(
-            f"{{{missing[0]}}} in the prompt has no grid axis: add --grid {missing[0]}=V1,V2,... or write the value in"
-        )
+        raise GenerateError(f"{{{missing[0]}}} in the prompt has no grid axis: add --grid {missing[0]}=V1,V2,...")
     return axes
 
 
@@ -529,24 +514,6 @@ def parse_axis(spec: str, args) -> Axis:
 
 
 # Models and LoRAs: the device, the base pipeline, and each LoRA read, checked and fused into its weights
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise GenerateError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise GenerateError(f"--device {name}: no such CUDA device on this machine (found {torch.cuda.device_count()})")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise GenerateError("--device mps: Apple MPS is not available on this machine")
-    return device
 
 
 def pick_dtype(name: str, device: torch.device, made_with: str | None = None) -> torch.dtype:
@@ -757,18 +724,12 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
             return Path(hf_hub_download(LORA_HUB_REPO, f"{DEFAULT_LORA}/{DEFAULT_LORA_WEIGHT_NAME}", local_dir="."))
         except Exception as error:  # any failure to fetch leaves the user the same remedy
             raise GenerateError(
-                f"the LoRA is not in {DEFAULT_LORA} and fetching it from {LORA_HUB_REPO} failed ({first_line(error)}): "
-                "run `python download.py`"
+                f"fetching {LORA_HUB_REPO} failed ({first_line(error)}): run `python download.py`"
             ) from None
     if path.is_dir():
-        raise GenerateError(
-            f"--lora folder {lora} has no {weight_name}: pass --lora_weight_name, or run `python download.py` for the "
-            "published LoRA"
-        )
+        raise GenerateError(f"--lora folder {lora} has no {weight_name}: pass --lora_weight_name")
     if names_a_folder(lora) or lora.endswith(".safetensors"):
-        raise GenerateError(
-            f"--lora {lora} does not exist: run `python download.py` to fetch the published LoRA, or fix the path"
-        )
+        raise GenerateError(f"--lora {lora} does not exist: fix the path, or `python download.py` the published LoRA")
     hub_file = (
         lora,
         weight_name,
@@ -780,10 +741,7 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
     except GenerateError:
         raise
     except Exception as error:  # no such file there: the same remedy
-        raise GenerateError(
-            f"--lora {lora} is not a local file or folder, and the Hub has no {weight_name} there "
-            f"({first_line(error)}): run `python download.py` or fix the path"
-        ) from None
+        raise GenerateError(f"--lora {lora}: no such file, folder or Hub file ({first_line(error)}): fix it") from None
 
 
 class LoraFile(NamedTuple):
@@ -831,10 +789,7 @@ def read_lora(name: str, weight_name: str = DEFAULT_LORA_WEIGHT_NAME, expected_s
     sha256 = digest.hexdigest()
     expected = (expected_sha256 or {}).get((name, weight_name), sha256)
     if expected != sha256:
-        raise GenerateError(
-            f"LoRA {path} has sha256 {sha256[:12]}..., but the PNG was made with {expected[:12]}...: "
-            "use the LoRA it names"
-        )
+        raise GenerateError(f"LoRA {path} has sha256 {sha256[:12]}..., but the PNG was made with {expected[:12]}...")
     return LoraFile(name, path, sha256, layers)
 
 
@@ -983,13 +938,9 @@ def auto_batch_size(pipe, args, image_count: int) -> int:
 
 
 def compile_models(pipe, cells, args):
-    """Compile the UNet and the VAE decoder in place and compile them now, on a 2-step batch of the first batch's
-    shape (`cells`): the time is printed apart, and the timed sampling runs compiled code only.
-
-    In place (module.compile()), so the modules keep their names and state-dict keys. On CUDA the graphs are
-    autotuned and replayed as CUDA graphs (mode max-autotune), which suits the fixed-shape denoising loop; a last
-    smaller batch compiles once more. On the CPU the default mode: autotuning there costs minutes and gains little.
-    """
+    """Compile the UNet and the VAE decoder in place (their state-dict keys kept) and now, on a 2-step batch of the
+    first batch's shape (`cells`), so that the time is printed apart. On CUDA max-autotune with CUDA graphs, which
+    suit the fixed-shape denoising loop; on the CPU the default mode, as autotuning there costs minutes."""
     start = time.perf_counter()
     options = {"fullgraph": True, "dynamic": False}
     if pipe.device.type == "cuda":
@@ -1236,29 +1187,41 @@ def ordinal_width(count: int) -> int:
     return max(5, len(str(count - 1)))
 
 
-def process_state(device_flag: str) -> tuple:
+def process_state(name: str) -> tuple:
     """accelerate's state of this process (the one process under python, one of several under accelerate launch)
-    and its device: the --device, or with auto and several processes the device accelerate gives this one."""
+    and its device: --device `name`, or with auto and several processes the device accelerate gives this one."""
     from accelerate import PartialState
 
-    device = pick_device(device_flag)
+    if name == "auto":
+        device = torch.device(
+            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        )
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda", "mps"):
+            raise GenerateError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+        if device.type == "cuda" and (
+            not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+        ):
+            raise GenerateError(f"--device {name}: no such CUDA device here (found {torch.cuda.device_count()})")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise GenerateError("--device mps: Apple MPS is not available on this machine")
     state = PartialState(cpu=device.type == "cpu")  # on the CPU, several processes join over gloo
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if state.num_processes != world_size:
         raise GenerateError(
-            f"accelerate formed a group of {state.num_processes} process(es) but WORLD_SIZE is {world_size}: every "
-            "process would sample every image; check the launcher config"
+            f"accelerate formed {state.num_processes} process(es) but WORLD_SIZE is {world_size}: check the launcher"
         )
-    return state, state.device if device_flag == "auto" and state.num_processes > 1 else device
+    return state, state.device if name == "auto" and state.num_processes > 1 else device
 
 
 def run_record(args, prompts, lora_files: dict, dtype, drawn: bool) -> dict:
-    """What decides the run's images and their pixels, as generate_run.json keeps it. The batch size, --device, the
-    number of processes and --compile are left out, so a resumed run may change them: on the same device class
-    they change the pixels at most by floating-point rounding (compiled kernels and batched GPU matmuls round
-    differently), as any rerun on another GPU would. A folder base model is kept as its resolved path and a LoRA as
-    its sha256, so another spelling of the same path is the same run; each prompt as a short digest, so a
-    difference names the prompt."""
+    """What decides the run's images, as generate_run.json keeps it. The batch size, --device, the number of processes
+    and --compile may change on resuming: they change pixels at most by floating-point rounding. A folder base model
+    is kept as its resolved path, a LoRA as its sha256, each prompt as a short digest, so a difference names it."""
     folder = base_model_folder(args.base_model)
     record = {
         "prompts": [hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:16] for prompt in prompts],
@@ -1312,8 +1275,7 @@ def check_same_run(output_dir: Path, record: dict, jobs):
     except FileNotFoundError:
         if output_dir.is_dir() and any((output_dir / name).exists() for name, _ in jobs):
             raise GenerateError(
-                f"--output_dir {output_dir} holds images with this run's names but no {RUN_FILE_NAME} to tell "
-                f"whether they have its settings: {fix}"
+                f"--output_dir {output_dir} holds this run's file names but no {RUN_FILE_NAME}: {fix}"
             ) from None
         return
     except (OSError, ValueError) as error:
@@ -1328,14 +1290,10 @@ def check_same_run(output_dir: Path, record: dict, jobs):
 
 
 def start_run(pipe, args, output_dir: Path, record: dict, jobs, state) -> tuple:
-    """The folder prepared by the main process (created, a killed run's temporary files removed, the run's settings
-    saved unless they are there), and the batches that lack a PNG dealt out between the processes in turn; return
-    (this process's batches, the number of the run's images there already, the batch size). --batch_size auto is
-    measured on every process and the smallest taken, as all must cut the same batches (1 without a pipeline).
-
-    The batches are cut from all the jobs, whatever the number of processes or the images a killed run left: a
-    batch may round differently from its images sampled apart, so this keeps the pixels of one uninterrupted process.
-    """
+    """Prepare the folder on the main process (created, a killed run's temporary files removed, the settings saved)
+    and deal out the batches that lack a PNG; return (this process's batches, the run's images there already, the
+    batch size). --batch_size auto takes the smallest of every process's, as all must cut the same batches, and the
+    batches are cut from all the jobs, so a resumed run keeps the pixels of one uninterrupted process."""
     if state.is_main_process:
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -1384,11 +1342,6 @@ def write_metadata(output_dir: Path) -> int:
     return len(lines)
 
 
-def interrupt_on_sigterm(signal_number, frame):
-    """SIGTERM (SLURM, timeout, torchrun stopping a failed run's other processes) ends the run as Ctrl-C does."""
-    raise KeyboardInterrupt
-
-
 def finish_run(args, prompts, axes, jobs, output_dir: Path, sampled: int, elapsed: float, state, command: str):
     """On the main process: the grid figures (`command`: the generate.py command line they record), metadata.jsonl,
     the totals of the `sampled` images, and the commands that score the folder and that train on it."""
@@ -1421,7 +1374,7 @@ def main(argv=None) -> int:
     output_dir = state = None
     sampling = False  # whether processes may be writing images: a stop then captions what is on disk
     done = 0  # the run's images in the folder before this command sampled any
-    previous_sigterm = signal.signal(signal.SIGTERM, interrupt_on_sigterm)
+    previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         args = parse_args(argv)
         quiet_library_logs()  # before the first diffusers or transformers import: reading a LoRA warns too
