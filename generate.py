@@ -381,17 +381,41 @@ class Axis(NamedTuple):
 
 
 def plan(args, prompts) -> tuple:
-    """The run's grid axes (rows first) and its cells, in the order of their file names: prompt by prompt, image by
-    image, and within a grid row by row. Every value is checked here, before any model or LoRA is looked for: a
-    figure of more than MAX_CELLS images needs --yes, and --compile the same LoRAs in every image."""
+    """The run's grid axes (rows first) and its images, (file name, Cell) pairs in file name order: prompt by prompt,
+    image by image (image i takes seed + i), and within a grid row by row. Every value is checked here, before any
+    model or LoRA is looked for: a figure of over MAX_CELLS images needs --yes, --compile the same LoRAs throughout."""
     axes = grid_axes(args, prompts)
-    combinations = list(itertools.product(*(list(zip(axis.texts, axis.values, strict=True)) for axis in axes)))
-    cells = [
-        make_cell(args, record, image, dict(zip([axis.name for axis in axes], combination, strict=True)), axes)
-        for record in prompts
-        for image in range(args.num_images)
-        for combination in combinations
-    ]
+    placeholder_axes = [axis for axis in axes if axis.name not in SETTING_AXES]
+    combinations = itertools.product(*(list(zip(axis.texts, axis.values, strict=True)) for axis in axes))
+    cells = []
+    for record, image, combination in itertools.product(prompts, range(args.num_images), list(combinations)):
+        fields = {
+            "negative_prompt": record.get("negative_prompt", args.negative_prompt),
+            "seed": record.get("seed", args.seed),
+            "steps": args.steps,
+            "guidance_scale": args.guidance_scale,
+            "scheduler": args.scheduler,
+            "lora_scales": run_lora_scales(args),
+        }
+        choices = dict(zip([axis.name for axis in axes], combination, strict=True))  # name: (text, value)
+        texts = {name: text for name, (text, _) in choices.items()}
+        for name in sorted(choices, key=lambda name: name != "lora"):  # the LoRAs first, then their strength
+            value = choices[name][1]
+            if name == "lora":
+                fields["lora_scales"] = value
+            elif name == "lora_scale":
+                fields["lora_scales"] = tuple((lora, value) for lora, _ in fields["lora_scales"])
+            elif name in SETTING_AXES:
+                fields[name] = value
+        fields.update(negative_prompt=fill_placeholders(fields["negative_prompt"], texts), seed=fields["seed"] + image)
+        cell = Cell(
+            prompt=fill_placeholders(record["prompt"], texts),
+            **fields,
+            template=record["prompt"],
+            placeholders=tuple((axis.name, texts[axis.name]) for axis in placeholder_axes),
+            placeholder_values=tuple((axis.name, tuple(axis.texts)) for axis in placeholder_axes),
+        )
+        cells.append(cell)
     if axes and not args.no_figure and len(cells) > MAX_CELLS and not args.yes:
         rows = len(axes[0].texts) if len(axes) == 2 else 1
         raise GenerateError(
@@ -403,7 +427,11 @@ def plan(args, prompts) -> tuple:
         raise GenerateError(
             "--compile compiles the model with the LoRA fused in, and this grid switches LoRAs: drop --compile"
         )
-    return axes, cells
+    width = ordinal_width(len(cells))
+    # A file name depends only on the image's place in the run and its cell, never on the number of processes.
+    return axes, [
+        (f"{number:0{width}d}-s{cell.seed}-{slugify(cell.prompt)}.png", cell) for number, cell in enumerate(cells)
+    ]
 
 
 def run_lora_scales(args) -> tuple:
@@ -412,36 +440,6 @@ def run_lora_scales(args) -> tuple:
         return ()
     scales = args.lora_scale * len(args.lora) if len(args.lora_scale) == 1 else args.lora_scale
     return tuple(zip(args.lora, scales, strict=True))
-
-
-def make_cell(args, record: dict, image: int, choices: dict, axes: list) -> Cell:
-    """Image `image` of the prompt `record` where each grid axis takes its (text, value) in `choices`."""
-    fields = {
-        "negative_prompt": record.get("negative_prompt", args.negative_prompt),
-        "seed": record.get("seed", args.seed),
-        "steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "scheduler": args.scheduler,
-        "lora_scales": run_lora_scales(args),
-    }
-    texts = {name: text for name, (text, _) in choices.items()}
-    for name in sorted(choices, key=lambda name: name != "lora"):  # the LoRAs first, then their strength
-        value = choices[name][1]
-        if name == "lora":
-            fields["lora_scales"] = value
-        elif name == "lora_scale":
-            fields["lora_scales"] = tuple((lora, value) for lora, _ in fields["lora_scales"])
-        elif name in SETTING_AXES:
-            fields[name] = value
-    fields.update(negative_prompt=fill_placeholders(fields["negative_prompt"], texts), seed=fields["seed"] + image)
-    placeholder_axes = [axis for axis in axes if axis.name not in SETTING_AXES]
-    return Cell(
-        prompt=fill_placeholders(record["prompt"], texts),
-        **fields,
-        template=record["prompt"],
-        placeholders=tuple((axis.name, texts[axis.name]) for axis in placeholder_axes),
-        placeholder_values=tuple((axis.name, tuple(axis.texts)) for axis in placeholder_axes),
-    )
 
 
 def fill_placeholders(text: str, texts: dict) -> str:
@@ -745,10 +743,9 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
 
 
 class LoraFile(NamedTuple):
-    """A LoRA of the run, read and checked: its --lora value, its weights file, their sha256, and how many layers it
-    adapts in each of LORA_COMPONENTS."""
+    """A LoRA of the run, read and checked: its weights file, their sha256, and the layers it adapts in each of
+    LORA_COMPONENTS."""
 
-    name: str
     path: Path
     sha256: str
     layers: dict
@@ -790,7 +787,7 @@ def read_lora(name: str, weight_name: str = DEFAULT_LORA_WEIGHT_NAME, expected_s
     expected = (expected_sha256 or {}).get((name, weight_name), sha256)
     if expected != sha256:
         raise GenerateError(f"LoRA {path} has sha256 {sha256[:12]}..., but the PNG was made with {expected[:12]}...")
-    return LoraFile(name, path, sha256, layers)
+    return LoraFile(path, sha256, layers)
 
 
 class LoraSwitch:
@@ -958,30 +955,19 @@ def compile_models(pipe, cells, args):
 
 def image_settings(cell: Cell, args, sampler: str, lora_files: dict, dtype) -> dict:
     """Everything needed to render the cell's image again, as stored in its PNG (and read by tools/score.py)."""
-    return {
-        "prompt": cell.prompt,
-        "negative_prompt": cell.negative_prompt,
-        "seed": cell.seed,
-        "steps": cell.steps,
-        "guidance_scale": cell.guidance_scale,
-        "scheduler": cell.scheduler,
-        "sampler": sampler,
-        "height": args.height,
-        "width": args.width,
-        "base_model": args.base_model,
-        "variant": args.variant,
-        "lora_weight_name": args.lora_weight_name,
-        "loras": [
+    run_flags = ("height", "width", "base_model", "variant", "lora_weight_name", "compile")
+    settings = {**cell._asdict(), "sampler": sampler, **{key: getattr(args, key) for key in run_flags}}
+    settings.update(
+        loras=[
             {"lora": name, "file": str(lora_files[name].path), "sha256": lora_files[name].sha256, "scale": scale}
-            for name, scale in cell.lora_scales
+            for name, scale in settings.pop("lora_scales")
         ],
-        "dtype": str(dtype).removeprefix("torch."),
-        "generator": "cpu",
-        "compile": args.compile,
-        "template": cell.template,
-        "placeholders": dict(cell.placeholders),
-        "placeholder_values": {name: list(texts) for name, texts in cell.placeholder_values},
-    }
+        dtype=str(dtype).removeprefix("torch."),
+        generator="cpu",
+        placeholders=dict(cell.placeholders),
+        placeholder_values={name: list(texts) for name, texts in cell.placeholder_values},
+    )
+    return settings
 
 
 def png_info(settings) -> PngImagePlugin.PngInfo:
@@ -1379,12 +1365,8 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         quiet_library_logs()  # before the first diffusers or transformers import: reading a LoRA warns too
         prompts = read_prompts(args)
-        axes, cells = plan(args, prompts)
-        width = ordinal_width(len(cells))
-        # A file name depends only on the image's place in the run and its cell, never on the number of processes.
-        jobs = [
-            (f"{number:0{width}d}-s{cell.seed}-{slugify(cell.prompt)}.png", cell) for number, cell in enumerate(cells)
-        ]
+        axes, jobs = plan(args, prompts)
+        names, cells = {name for name, _ in jobs}, [cell for _, cell in jobs]
         check_inputs(args, args.output_dir or DEFAULT_OUTPUT_ROOT)
         state, device = process_state(args.device)
         dtype = pick_dtype(args.dtype, device, args.made_with)
@@ -1398,7 +1380,7 @@ def main(argv=None) -> int:
         check_same_run(output_dir, record, jobs)
 
         pipe = switch = None  # the same command after a complete run only checks the folder: no model to load
-        if not {name for name, _ in jobs} <= set(os.listdir(output_dir) if output_dir.is_dir() else []):
+        if not names <= set(os.listdir(output_dir) if output_dir.is_dir() else []):
             pipe = load_pipeline(args, device, dtype)
             warn_long_prompts(pipe.tokenizer, cells)
             switch = LoraSwitch(pipe, lora_files, {cell.lora_scales for cell in cells})
@@ -1413,7 +1395,7 @@ def main(argv=None) -> int:
             compile_models(pipe, [cell for _, cell in mine[0]], args)
 
         sampling = True
-        names, start = {name for name, _ in jobs}, time.perf_counter()
+        start = time.perf_counter()
         bar = tqdm(
             total=len(jobs), initial=done, desc="images", unit="image", position=0, disable=not state.is_main_process
         )
@@ -1440,7 +1422,7 @@ def main(argv=None) -> int:
             with contextlib.suppress(GenerateError):  # a full disk stopped the run: that error is reported
                 write_metadata(output_dir)
         if interrupted and main_process and sampling:
-            written = len({name for name, _ in jobs}.intersection(os.listdir(output_dir))) - done
+            written = len(names.intersection(os.listdir(output_dir))) - done
             print(
                 f"interrupted: {written} image(s) written to {output_dir}; run the same command again to finish",
                 file=sys.stderr,
