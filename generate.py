@@ -539,11 +539,8 @@ def quiet_library_logs():
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    for library, variable in (
-        (transformers_logging, "TRANSFORMERS_VERBOSITY"),
-        (diffusers_logging, "DIFFUSERS_VERBOSITY"),
-    ):
-        if variable not in os.environ:
+    for library, name in ((transformers_logging, "TRANSFORMERS"), (diffusers_logging, "DIFFUSERS")):
+        if f"{name}_VERBOSITY" not in os.environ:
             library.set_verbosity_error()
         if not sys.stderr.isatty():
             library.disable_progress_bar()
@@ -1008,10 +1005,8 @@ def slugify(prompt: str, limit: int = 60) -> str:
 
 
 def write_new_file(path: Path, write) -> bool:
-    """Write `path` with `write(staging)` under a temporary name beside it, then hard-link it into place; False,
-    and nothing written, if `path` exists: a file is never replaced, even by another process taking the name
-    meanwhile, and an interrupted write leaves no partial file. A failed write (a full disk) is a GenerateError
-    naming the file."""
+    """Write `path` with `write(staging)` to a temporary name beside it, then hard-link it into place; False if `path`
+    exists: a file is never replaced, even by another process meanwhile, nor left half-written."""
     staging = path.with_name(f".{uuid.uuid4().hex}.tmp")
     try:
         write(staging)
@@ -1048,43 +1043,61 @@ def atomic_write(path: Path):
 
 
 def draw_figures(args, prompts, axes, jobs, command: str, output_dir: Path):
-    """A figure per prompt and image number, the first of two axes down the rows and the last across the columns;
-    each records the command that made it (`command`) and each cell's box and file. A figure there already (a
-    resumed run's) is kept."""
+    """A figure per prompt and image number, the first of two axes down the rows and the last across the columns: a
+    wrapped title and column labels above the cells, row labels left of them. Each records the command that made it
+    (`command`) and each cell's box and file; a figure there already (a resumed run's) is kept."""
     rows, columns = (axes[0] if len(axes) == 2 else None), axes[-1]
     row_labels, column_labels = axis_labels(rows, args.base_model), axis_labels(columns, args.base_model)
-    per_figure = len(row_labels) * len(column_labels)
+    shown = {"rows": (rows, row_labels), "columns": (columns, column_labels)}
     figures = [
         (record, record.get("seed", args.seed) + image) for record in prompts for image in range(args.num_images)
     ]
+    per_figure = len(row_labels) * len(column_labels)
     for number, (record, seed) in enumerate(figures):
         name = f"{number:0{ordinal_width(len(figures))}d}-grid-s{seed}-{slugify(record['prompt'])}.png"
         if (output_dir / name).exists():
             continue
         files = [name for name, _ in jobs[number * per_figure : (number + 1) * per_figure]]
-        images = [
-            [Image.open(output_dir / files[row * len(column_labels) + column]) for column in range(len(column_labels))]
-            for row in range(len(row_labels))
-        ]
-        seeded = "seed" in (rows and rows.name, columns.name)
-        title = record["prompt"] if seeded else f"{record['prompt']} (seed {seed})"
-        picture, corners = grid_figure(images, row_labels, column_labels, title)
-        width, height = images[0][0].size
-        shown = {"rows": (rows, row_labels), "columns": (columns, column_labels)}
-        grid = {
-            "command": command,
-            **{
-                key: axis and {"axis": axis.name, "values": axis.texts, "labels": labels}
-                for key, (axis, labels) in shown.items()
-            },
-            "cells": [
-                {"row": row, "column": column, "box": [*corner, width, height], "file": file}
-                for ((row, column), corner), file in zip(sorted(corners.items()), files, strict=True)
-            ],
-        }
+        images = [Image.open(output_dir / file) for file in files]
+        width, height = images[0].size
+        font = ImageFont.load_default(size=max(11, width // 32))
+        line_height, margin = math.ceil(font.size * 1.25), max(4, width // 64)
+        fitted = [fit_left(label, font, 2 * width) for label in row_labels]
+        left = math.ceil(max(font.getlength(label) for label in fitted)) + 2 * margin
+        title = (
+            record["prompt"] if "seed" in (rows and rows.name, columns.name) else f"{record['prompt']} (seed {seed})"
+        )
+        title_lines = wrap(title, font, left + len(column_labels) * width - 2 * margin, TITLE_LINES)
+        top = margin + (len(title_lines) + 1) * line_height + margin
+        figure = Image.new("RGB", (left + len(column_labels) * width, top + len(row_labels) * height), "white")
+        draw = ImageDraw.Draw(figure)
+        for line_number, line in enumerate(title_lines):
+            draw.text((margin, margin + line_number * line_height), line, fill="black", font=font)
+        for column, label in enumerate(column_labels):
+            label = fit_left(label, font, width - margin)
+            x = left + column * width + (width - font.getlength(label)) / 2
+            draw.text((x, top - margin - line_height), label, fill="black", font=font)
+        for row, label in enumerate(fitted):
+            draw.text((margin, top + row * height + (height - line_height) / 2), label, fill="black", font=font)
+        cells = []
+        for index, (image, file) in enumerate(zip(images, files, strict=True)):
+            row, column = divmod(index, len(column_labels))
+            figure.paste(image, (left + column * width, top + row * height))
+            cells.append(
+                {
+                    "row": row,
+                    "column": column,
+                    "box": [left + column * width, top + row * height, width, height],
+                    "file": file,
+                }
+            )
         info = PngImagePlugin.PngInfo()
-        info.add_text(PNG_GRID_KEY, json.dumps(grid))
-        write_new_file(output_dir / name, functools.partial(picture.save, format="PNG", pnginfo=info))
+        axes_shown = {
+            key: axis and {"axis": axis.name, "values": axis.texts, "labels": labels}
+            for key, (axis, labels) in shown.items()
+        }
+        info.add_text(PNG_GRID_KEY, json.dumps({"command": command, **axes_shown, "cells": cells}))
+        write_new_file(output_dir / name, functools.partial(figure.save, format="PNG", pnginfo=info))
         labels = "; ".join(f"{key}: {', '.join(labels)}" for key, (axis, labels) in shown.items() if axis)
         tqdm.write(f"wrote {output_dir / name} ({labels})")
 
@@ -1106,33 +1119,6 @@ def axis_labels(axis: Axis | None, base_model: str) -> list:
     short[DEFAULT_LORA] = "Text2Face LoRA"
     base = "SD2.1" if base_model == DEFAULT_BASE_MODEL else Path(base_model).name
     return [" + ".join(short[name] for name, _ in lora_scales) if lora_scales else base for lora_scales in axis.values]
-
-
-def grid_figure(images, row_labels, column_labels, title: str) -> tuple:
-    """The figure of `images` [row][column] (all of one size): a wrapped title and a line of column labels above
-    the cells, row labels left of them. Return it with each cell's (left, top) corner by (row, column)."""
-    width, height = images[0][0].size
-    font = ImageFont.load_default(size=max(11, width // 32))
-    line_height, margin = math.ceil(font.size * 1.25), max(4, width // 64)
-    row_labels = [fit_left(label, font, 2 * width) for label in row_labels]
-    left = math.ceil(max(font.getlength(label) for label in row_labels)) + 2 * margin
-    title_lines = wrap(title, font, left + len(column_labels) * width - 2 * margin, TITLE_LINES)
-    top = margin + (len(title_lines) + 1) * line_height + margin
-    figure = Image.new("RGB", (left + len(column_labels) * width, top + len(images) * height), "white")
-    draw = ImageDraw.Draw(figure)
-    for number, line in enumerate(title_lines):
-        draw.text((margin, margin + number * line_height), line, fill="black", font=font)
-    for column, label in enumerate(column_labels):
-        label = fit_left(label, font, width - margin)
-        x = left + column * width + (width - font.getlength(label)) / 2
-        draw.text((x, top - margin - line_height), label, fill="black", font=font)
-    corners = {}
-    for row, (row_images, label) in enumerate(zip(images, row_labels, strict=True)):
-        draw.text((margin, top + row * height + (height - line_height) / 2), label, fill="black", font=font)
-        for column, image in enumerate(row_images):
-            corners[row, column] = (left + column * width, top + row * height)
-            figure.paste(image, corners[row, column])
-    return figure, corners
 
 
 def fit_left(text: str, font, max_width: float) -> str:
@@ -1178,30 +1164,26 @@ def process_state(name: str) -> tuple:
     and its device: --device `name`, or with auto and several processes the device accelerate gives this one."""
     from accelerate import PartialState
 
-    if name == "auto":
-        device = torch.device(
-            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-        )
-    else:
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            device = None
-        if device is None or device.type not in ("cpu", "cuda", "mps"):
-            raise GenerateError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-        if device.type == "cuda" and (
-            not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
-        ):
-            raise GenerateError(f"--device {name}: no such CUDA device here (found {torch.cuda.device_count()})")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise GenerateError("--device mps: Apple MPS is not available on this machine")
+    auto = name == "auto"
+    if auto:
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise GenerateError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():  # 0 without CUDA
+        raise GenerateError(f"--device {name}: no such CUDA device here (found {torch.cuda.device_count()})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise GenerateError("--device mps: Apple MPS is not available on this machine")
     state = PartialState(cpu=device.type == "cpu")  # on the CPU, several processes join over gloo
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if state.num_processes != world_size:
         raise GenerateError(
             f"accelerate formed {state.num_processes} process(es) but WORLD_SIZE is {world_size}: check the launcher"
         )
-    return state, state.device if name == "auto" and state.num_processes > 1 else device
+    return state, state.device if auto and state.num_processes > 1 else device
 
 
 def run_record(args, prompts, lora_files: dict, dtype, drawn: bool) -> dict:
