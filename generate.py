@@ -800,33 +800,29 @@ class LoraSwitch:
         adapter of the UNet and the text encoder, each of its modules checked to have found its layer."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        self.pipe = pipe
+        self.pipe, self.fused = pipe, None  # the lora_scales fused now; None: nothing yet
         self.adapters = {name: f"lora{number}" for number, name in enumerate(lora_files)}
         for name, lora in lora_files.items():
-            # Loaded from its file, so that diffusers applies the alphas in the file's header.
-            try:
+            try:  # from its file, so that diffusers applies the alphas in the file's header
                 pipe.load_lora_weights(str(lora.path), adapter_name=self.adapters[name])
             except (ValueError, RuntimeError, KeyError) as error:
                 raise GenerateError(f"LoRA {lora.path} does not fit --base_model: {first_line(error)}") from None
             # diffusers skips a component whose keys match nothing with only a log line: the base model, silently.
             for component, expected in lora.layers.items():
+                modules = getattr(pipe, component).modules()
                 found = sum(
-                    1
-                    for module in getattr(pipe, component).modules()
-                    if isinstance(module, BaseTunerLayer) and self.adapters[name] in module.active_adapters
+                    isinstance(one, BaseTunerLayer) and self.adapters[name] in one.active_adapters for one in modules
                 )
                 if found != expected:
                     raise GenerateError(
                         f"LoRA {lora.path} has {expected} {component} modules but only {found} matched the base "
                         "model's layers: it was trained for another model"
                     )
-        self.fused = None  # the lora_scales fused now; None: nothing yet
         if len(settings) == 1:
-            (only,) = settings
-            if only:
-                self.fuse(only)
+            (self.fused,) = settings
+            if self.fused:
+                self.fuse(self.fused)
                 pipe.unload_lora_weights()
-            self.fused = only
             return
         layers = [
             module.get_base_layer()
@@ -1214,11 +1210,8 @@ def setting_difference(key: str, here, there) -> str:
     if isinstance(here, list) and isinstance(there, list):
         if len(here) != len(there):
             return f"{key}: {len(here)} here, {len(there)} there"
-        number, one, other = next(
-            (number, one, other)
-            for number, (one, other) in enumerate(zip(here, there, strict=True), start=1)
-            if one != other
-        )
+        number = next(number for number in range(1, len(here) + 1) if here[number - 1] != there[number - 1])
+        one, other = here[number - 1], there[number - 1]
         if key == "prompts":
             return f"prompt {number} differs"
         if key == "loras":
@@ -1228,9 +1221,7 @@ def setting_difference(key: str, here, there) -> str:
             return f"{which} scale {one[1]} here, {other[1]} there"
         return setting_difference(f"{key} {number}", one, other)
     shown = [json.dumps(value) for value in (here, there)]
-    if max(len(text) for text in shown) > 40:
-        return key
-    return f"{key} {shown[0]} here, {shown[1]} there"
+    return key if max(map(len, shown)) > 40 else f"{key} {shown[0]} here, {shown[1]} there"
 
 
 def check_same_run(output_dir: Path, record: dict, jobs):
