@@ -229,7 +229,8 @@ def check_args(args):
     check_setting("lora_scale", args.lora_scale)
     if args.lora != [NO_LORA] and len(args.lora_scale) not in (1, len(args.lora)):
         raise GenerateError(
-            f"--lora_scale has {len(args.lora_scale)} values for {len(args.lora)} --lora (a sweep of strengths is --grid lora_scale=V1,V2,...)"
+            f"--lora_scale has {len(args.lora_scale)} values for {len(args.lora)} --lora: give one or one per --lora "
+            "(a sweep of strengths is --grid lora_scale=V1,V2,...)"
         )
     for name in ("seed", "steps", "guidance_scale"):
         check_setting(name, getattr(args, name), num_images=args.num_images)
@@ -688,11 +689,9 @@ def warn_long_prompts(tokenizer, cells):
     for kind, prompt in dict.fromkeys(texts):
         ids = tokenizer(prompt).input_ids
         if len(ids) > limit:
-            cut = tokenizer.decode(ids[limit - 1 : -1])
+            cut = f'"...{tokenizer.decode(ids[limit - 1 : -1])}"'
             print(
-                f"warning: {kind} is {len(ids)} CLIP tokens but CLIP reads only the first {limit}, so its end is cut: "
-                f'"...{cut}"',
-                file=sys.stderr,
+                f"warning: {kind} is {len(ids)} CLIP tokens, CLIP reads the first {limit}: cut {cut}", file=sys.stderr
             )
 
 
@@ -776,11 +775,8 @@ def read_lora(name: str, weight_name: str = DEFAULT_LORA_WEIGHT_NAME, expected_s
             f"none of the {len(state_dict)} keys in LoRA {path} belong to a UNet or text-encoder LoRA (expected keys "
             "like unet.<module>.lora_A.weight or kohya's lora_unet_<module>.lora_down.weight)"
         )
-    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    sha256 = digest.hexdigest()
+        sha256 = hashlib.file_digest(file, "sha256").hexdigest()
     expected = (expected_sha256 or {}).get((name, weight_name), sha256)
     if expected != sha256:
         raise GenerateError(f"LoRA {path} has sha256 {sha256[:12]}..., but the PNG was made with {expected[:12]}...")
