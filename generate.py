@@ -135,12 +135,7 @@ def parse_args(argv=None):
     usage, examples = __doc__.split("\n\n", 1)
     parser = OneLineParser(description=usage, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument_group("prompts").add_argument
-    add(
-        "--prompt",
-        action="append",
-        default=[],
-        help="Text describing the face; repeatable; {name} is filled from --grid name=... (default: none)",
-    )
+    add("--prompt", action="append", default=[], help="Repeatable; {name} is filled from --grid (default: none)")
     add(
         "--prompts_file",
         type=Path,
@@ -475,9 +470,7 @@ def grid_axes(args, prompts) -> list:
     placeholders = {name for text in texts for name in PLACEHOLDER.findall(text)}
     for name in names:
         if name not in SETTING_AXES and name not in placeholders:
-            raise GenerateError(
-                f"--grid {name}: unknown axis; no {{{name}}} in the prompts and no setting of that name"
-            )
+            raise GenerateError(f"--grid {name}: unknown axis; no {{{name}}} in the prompts, no such setting")
     missing = sorted(placeholders - set(names))
     if missing:
         raise GenerateError(f"{{{missing[0]}}} in the prompt has no grid axis: add --grid {missing[0]}=V1,V2,...")
@@ -611,24 +604,18 @@ def from_cache_or_hub(fetch, hub_file: tuple):
     return fetch(local_files_only=False)
 
 
-def base_model_folder(base_model: str) -> Path | None:
-    """The local folder --base_model names, or None for a Hub id; a path that does not exist is an error."""
-    if not names_a_folder(base_model):
-        return None
-    folder = Path(base_model).expanduser()
-    if not folder.is_dir():
+def base_model_source(args) -> tuple:
+    """The local folder --base_model names (None for a Hub id; a path that does not exist is an error), and the
+    arguments of check_hub_reachable for a Hub id and its --variant."""
+    folder = Path(args.base_model).expanduser() if names_a_folder(args.base_model) else None
+    if folder is not None and not folder.is_dir():
         raise GenerateError(
             f"--base_model: no such folder: {folder}: pass the folder of a diffusers Stable Diffusion 2.1 "
             f"pipeline or a Hub id like {DEFAULT_BASE_MODEL}"
         )
-    return folder
-
-
-def base_model_hub_file(args) -> tuple:
-    """check_hub_reachable's arguments for a --base_model Hub id and its --variant."""
     download_flags = "--base_model" if args.base_model == DEFAULT_BASE_MODEL else f"--base_model {args.base_model}"
     download_flags += f" --variant {args.variant}" if args.variant else ""
-    return (
+    return folder, (
         args.base_model,
         "model_index.json",
         f"--base_model {args.base_model}, whose {args.variant or 'full-precision'} weights are not all in the "
@@ -643,7 +630,8 @@ def check_inputs(args, output_dir: Path):
     from huggingface_hub import try_to_load_from_cache
 
     check_writable(output_dir, "--output_dir")
-    if base_model_folder(args.base_model) is None:
+    folder, hub_file = base_model_source(args)
+    if folder is None:
         try:
             cached = try_to_load_from_cache(args.base_model, "model_index.json")
         except ValueError as error:  # a repo id the Hub would refuse
@@ -652,7 +640,7 @@ def check_inputs(args, output_dir: Path):
                 f"fix it, e.g. {DEFAULT_BASE_MODEL}"
             ) from None
         if not isinstance(cached, str):
-            check_hub_reachable(*base_model_hub_file(args))
+            check_hub_reachable(*hub_file)
 
 
 def load_pipeline(args, device: torch.device, dtype: torch.dtype):
@@ -660,7 +648,7 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    folder = base_model_folder(args.base_model)
+    folder, hub_file = base_model_source(args)
     fetch = functools.partial(
         StableDiffusionPipeline.from_pretrained,
         folder or args.base_model,
@@ -670,7 +658,7 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
         requires_safety_checker=False,
     )
     try:
-        pipe = fetch(local_files_only=True) if folder else from_cache_or_hub(fetch, base_model_hub_file(args))
+        pipe = fetch(local_files_only=True) if folder else from_cache_or_hub(fetch, hub_file)
     except (OSError, ValueError) as error:
         raise GenerateError(f"cannot load --base_model {args.base_model}: {first_line(error)}") from None
     # SDPA is what diffusers and transformers pick today; set it explicitly so speed does not hang on their defaults.
@@ -690,9 +678,7 @@ def warn_long_prompts(tokenizer, cells):
         ids = tokenizer(prompt).input_ids
         if len(ids) > limit:
             cut = f'"...{tokenizer.decode(ids[limit - 1 : -1])}"'
-            print(
-                f"warning: {kind} is {len(ids)} CLIP tokens, CLIP reads the first {limit}: cut {cut}", file=sys.stderr
-            )
+            print(f"warning: {kind} is {len(ids)} CLIP tokens, over {limit}: its end is cut: {cut}", file=sys.stderr)
 
 
 def resolve_lora(lora: str, weight_name: str) -> Path:
@@ -1182,7 +1168,7 @@ def run_record(args, prompts, lora_files: dict, dtype, drawn: bool) -> dict:
     """What decides the run's images, as generate_run.json keeps it. The batch size, --device, the number of processes
     and --compile may change on resuming: they change pixels at most by floating-point rounding. A folder base model
     is kept as its resolved path, a LoRA as its sha256, each prompt as a short digest, so a difference names it."""
-    folder = base_model_folder(args.base_model)
+    folder, _ = base_model_source(args)
     record = {
         "prompts": [hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:16] for prompt in prompts],
         "num_images": args.num_images,
