@@ -1,63 +1,38 @@
 """Generate face images from text with Stable Diffusion 2.1 and the Text2Face LoRA (UNet + text encoder).
 
-One face from a prompt (fetches the published LoRA into checkpoints/lora30k on first use):
+Image i of a prompt is sampled from torch.Generator("cpu").manual_seed(seed + i), as diffusers'
+StableDiffusionPipeline samples it, and saved as NNNNN-s<seed>-<prompt slug>.png (never overwritten) with its
+settings in the PNG; without --output_dir a run writes to outputs/<first prompt slug>-<settings hash>.
 
     python generate.py --prompt "A happy 55 year old male with blond hair and a goatee smiles with visible teeth."
-
-Several prompts, four images each, in batches of four, with a negative prompt and another sampler:
-
-    python generate.py --prompts_file prompts.txt --num_images 4 --batch_size 4 \
-        --negative_prompt "blurry, low quality" --scheduler dpm++ --steps 25
-
-Your own LoRA (the --output_dir of finetune_lora.py) at half strength; two LoRAs together, each at its own
-strength; the base model alone:
-
+    python generate.py --prompts_file prompts.txt --num_images 4 --batch_size 4 --scheduler dpm++ --steps 25
     python generate.py --prompt "..." --lora my-lora --lora_scale 0.5
     python generate.py --prompt "..." --lora checkpoints/lora30k --lora my-style.safetensors --lora_scale 1.0 0.6
     python generate.py --prompt "..." --lora none
+    HF_HUB_OFFLINE=1 python generate.py --prompt "..." --variant fp16
+    python generate.py --from_png outputs/<run folder>/00000-s42-a-happy-55-year-old-male-with-blond-hair.png
 
-A grid figure, as AUTOMATIC1111's X/Y plot: a single --grid lays out the columns; of two, the first gives the
-rows. An axis is a {placeholder} of the prompt or negative prompt, or one of lora (none is the base model),
-lora_scale, seed, guidance_scale, steps and scheduler; everything else is equal, the seed included. Each prompt gets
-a figure, NNNNN-grid-s<seed>-<prompt slug>.png, its cells written beside it as images of their own; --compare is
-short for --grid lora=none,<the --lora> (the README figure, examples.png, is the last command):
+Grid figures (AUTOMATIC1111's X/Y plot), one per prompt, NNNNN-grid-s<seed>-<slug>.png beside its cells; an axis
+is a {placeholder} of the prompt or one of lora, lora_scale, seed, guidance_scale, steps, scheduler; --compare is
+--grid lora=none,<the --lora> (the last command draws the README's examples.png):
 
     python generate.py --prompt "A {age} year old {ethnicity} woman, neutral expression" \
         --grid age=20,40,60,80 --grid ethnicity=Asian,Black,Latina,White --seed 7
     python generate.py --prompt "..." --grid lora=run/checkpoint-1000,run/checkpoint-2000 --grid lora_scale=0,0.5,1
     python generate.py --compare --prompt "A happy {age} year old man with blond hair and a goatee smiles." \
         --grid age=25,55,85 --output_dir outputs/examples
-
-Side jobs are scripts of their own: CLIP scores of a run's images against their prompts and {placeholder} values,
-and the LoRA with kohya keys for AUTOMATIC1111 and ComfyUI:
-
     python tools/score.py outputs/examples
     python tools/export_kohya.py text2face.safetensors --lora my-lora
 
-Offline, from the base model's fp16 files that `python download.py --base_model --variant fp16` fetched:
-
-    HF_HUB_OFFLINE=1 python generate.py --prompt "..." --variant fp16
-
-Render an image again, a grid cell included, from the settings in its PNG (flags given beside it override them):
-
-    python generate.py --from_png \
-        outputs/<run folder>/00000-s42-a-happy-55-year-old-male-with-blond-hair-and-a-goatee-smiles.png
-
-A synthetic dataset on every GPU of the machine (one process each; on a CPU host --multi_gpu --num_processes 2
-starts two): prompts one a line or JSONL ({"prompt": ..., "negative_prompt": ..., "seed": ...}), or a template
-whose --grid values (any number of axes) --no_figure expands into every combination; killed, the same command
-adds what is missing; metadata.jsonl captions the folder for finetune_lora.py:
+A dataset on every GPU (prompts one a line or JSONL {"prompt", "negative_prompt", "seed"}, or every combination
+of the --grid values with --no_figure); the same command after a kill adds what is missing, and metadata.jsonl
+captions the folder for finetune_lora.py:
 
     accelerate launch --multi_gpu --num_processes 8 generate.py --prompts_file prompts.jsonl --num_images 4 \
         --batch_size 8 --output_dir synth/
     accelerate launch generate.py --prompt "A {age} year old {ethnicity} woman" --grid age=20,40,60,80 \
         --grid ethnicity=Asian,Black,Latina,White --no_figure --num_images 50 --output_dir synth/
     accelerate launch finetune_lora.py --train_data_dir synth/
-
-Image i of a prompt is sampled from torch.Generator("cpu").manual_seed(seed + i), so a seed gives the same
-faces as diffusers' StableDiffusionPipeline with the same LoRA, scale and settings. Images are named
-NNNNN-s<seed>-<prompt slug>.png in --output_dir, NNNNN their place in the run, and are never overwritten; without
---output_dir each run writes to a folder of its own, outputs/<first prompt slug>-<settings hash>.
 """
 
 import argparse
@@ -129,7 +104,6 @@ RUN_FILE_NAME = "generate_run.json"  # in --output_dir: the settings of the run 
 METADATA_NAME = "metadata.jsonl"  # in --output_dir: a caption line per image, as finetune_lora.py reads it
 PROMPT_RECORD_TYPES = {"prompt": str, "negative_prompt": str, "seed": int}  # the keys of a JSONL prompts line
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest
-ESTIMATE_ABOVE = 10_000  # jobs; a run this long says how long it will take once its first batch is timed
 PLACEHOLDER = re.compile(r"\{(\w+)\}")  # {age} in a prompt: filled from the --grid axis of that name
 MAX_CELLS = 64  # a bigger grid needs --yes: a typo in a --grid value list should not start hours of sampling
 TITLE_LINES = 5  # at most this many lines of title above a grid figure
@@ -160,125 +134,67 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     usage, examples = __doc__.split("\n\n", 1)
     parser = OneLineParser(description=usage, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_argument_group("prompts")
-    group.add_argument(
-        "--prompt",
-        action="append",
-        default=[],
-        help="Text describing the face; repeat for several prompts. A {name} in it is filled from --grid name=... "
-        "(default: none; --from_png takes the image's)",
-    )
-    group.add_argument(
+    add = parser.add_argument_group("prompts").add_argument
+    add("--prompt", action="append", default=[], help="Repeatable; {name} is filled from --grid (default: none)")
+    add(
         "--prompts_file",
         type=Path,
-        help="UTF-8 text file, one prompt a line (blank and # lines skipped), or JSONL (a .jsonl file, or a first "
-        'line starting with {): {"prompt": ..., "negative_prompt": ..., "seed": ...} a line (default: none)',
+        help='One prompt a line (# lines skipped), or JSONL {"prompt", "negative_prompt", "seed"} (default: none)',
     )
-    group.add_argument("--negative_prompt", default="", help="What no image should show (default: '')")
-    group.add_argument(
-        "--from_png",
-        type=Path,
-        help="Render an image this script wrote (a grid cell too) again from the settings in its PNG; flags given "
-        "beside it override them (default: none)",
-    )
+    add("--negative_prompt", default="", help="What no image should show (default: '')")
+    add("--from_png", type=Path, help="Render a PNG's settings again; flags given override them (default: none)")
 
-    group = parser.add_argument_group("sampling")
-    group.add_argument(
-        "--num_images", type=int, default=1, help="Images per prompt; image i uses seed + i (default: 1)"
-    )
-    group.add_argument("--seed", type=int, default=42, help="Seed of each prompt's first image (default: 42)")
-    group.add_argument("--steps", type=int, default=50, help="Denoising steps; dpm++ needs about 25 (default: 50)")
-    group.add_argument(
-        "--guidance_scale", type=float, default=7.5, help="Classifier-free guidance, 0 or more; 1 is off (default: 7.5)"
-    )
-    group.add_argument("--height", type=int, default=768, help="Height in pixels, a multiple of 8 (default: 768)")
-    group.add_argument("--width", type=int, default=768, help="Width in pixels, a multiple of 8 (default: 768)")
-    group.add_argument(
-        "--scheduler", choices=sorted(SCHEDULERS), help="Sampler (default: the base model's own, DDIM for SD2.1)"
-    )
-    group.add_argument(
+    add = parser.add_argument_group("sampling").add_argument
+    add("--num_images", type=int, default=1, help="Images per prompt; image i uses seed + i (default: 1)")
+    add("--seed", type=int, default=42, help="Seed of each prompt's first image (default: 42)")
+    add("--steps", type=int, default=50, help="Denoising steps; dpm++ needs about 25 (default: 50)")
+    add("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance; 1 is off (default: 7.5)")
+    add("--height", type=int, default=768, help="Height in pixels, a multiple of 8 (default: 768)")
+    add("--width", type=int, default=768, help="Width in pixels, a multiple of 8 (default: 768)")
+    add("--scheduler", choices=sorted(SCHEDULERS), help="Sampler (default: the base model's own, DDIM for SD2.1)")
+    add(
         "--batch_size",
         type=lambda text: text if text == "auto" else int(text),
         default=1,
-        help="Images sampled together, or auto: on CUDA as many as 80%% of the free memory holds, else 1 (default: 1)",
+        help="Images sampled together; auto: as many as 80%% of free CUDA memory holds (default: 1)",
     )
 
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--base_model", default=DEFAULT_BASE_MODEL, help="Hub id or folder of an SD2.1 pipeline (default: %(default)s)"
-    )
-    group.add_argument(
-        "--variant",
-        choices=["fp16"],
-        help="Load the *.fp16.safetensors weights (`python download.py --base_model --variant fp16` fetches them), "
-        "cast to --dtype (default: the full-precision files)",
-    )
-    group.add_argument(
+    add = parser.add_argument_group("model").add_argument
+    add("--base_model", default=DEFAULT_BASE_MODEL, help="Hub id or folder of SD2.1 (default: %(default)s)")
+    add("--variant", choices=["fp16"], help="Load the *.fp16.safetensors, cast to --dtype (default: full precision)")
+    add(
         "--lora",
         action="append",
-        help=f"LoRA folder, .safetensors file (diffusers/PEFT or kohya keys) or Hub repo id, or {NO_LORA} for the base "
-        f"model alone; repeat to apply several (default: {DEFAULT_LORA}, fetched from {LORA_HUB_REPO} if missing)",
+        help=f"LoRA folder, .safetensors (diffusers or kohya keys) or Hub id, or {NO_LORA}; repeatable "
+        f"(default: {DEFAULT_LORA}, fetched from {LORA_HUB_REPO} if missing)",
     )
-    group.add_argument(
-        "--lora_weight_name",
-        default=DEFAULT_LORA_WEIGHT_NAME,
-        help="Weights file in a --lora folder or Hub repo (default: %(default)s)",
-    )
-    group.add_argument(
-        "--lora_scale",
-        type=float,
-        nargs="+",
-        default=[1.0],
-        help="Strength of the LoRAs, 0 the base model, 1 as trained: one for all or one per --lora (default: 1.0)",
-    )
+    add("--lora_weight_name", default=DEFAULT_LORA_WEIGHT_NAME, help="File in a --lora folder (default: %(default)s)")
+    add("--lora_scale", type=float, nargs="+", default=[1.0], help="One, or one per --lora; 0 is off (default: 1.0)")
 
-    group = parser.add_argument_group("grid figures")
-    group.add_argument(
+    add = parser.add_argument_group("grid figures").add_argument
+    add(
         "--grid",
         action="append",
         default=[],
         metavar="AXIS=V1,V2,...",
-        help="A figure per prompt, everything else equal, the seed included: a single --grid lays out its columns; "
-        "of two, the first gives the rows. AXIS is a {placeholder} of the prompt or negative prompt, or one of "
-        f"{', '.join(SETTING_AXES)} (default: no grid)",
+        help="A figure per prompt: a single --grid gives the columns; of two, the first gives the rows. AXIS is a "
+        f"{{placeholder}} or one of {', '.join(SETTING_AXES)} (default: no grid)",
     )
-    group.add_argument(
-        "--compare", action="store_true", help=f"Short for --grid lora={NO_LORA},<the --lora> (default: off)"
-    )
-    group.add_argument(
-        "--no_figure",
-        action="store_true",
-        help="Sample every combination of the --grid values, any number of axes, as images without a figure and "
-        f"without its {MAX_CELLS}-image limit (default: off)",
-    )
-    group.add_argument("--yes", action="store_true", help=f"Sample a figure of over {MAX_CELLS} images (default: off)")
+    add("--compare", action="store_true", help=f"Short for --grid lora={NO_LORA},<the --lora> (default: off)")
+    add("--no_figure", action="store_true", help="Every combination of the --grid axes as images (default: off)")
+    add("--yes", action="store_true", help=f"Sample a figure of over {MAX_CELLS} images (default: off)")
 
-    group = parser.add_argument_group("output and hardware")
-    group.add_argument(
-        "--output_dir",
-        type=Path,
-        help="Folder for the PNGs, metadata.jsonl and generate_run.json; the same command again adds only what is "
-        f"missing (default: {DEFAULT_OUTPUT_ROOT}/<prompt slug>-<settings hash>)",
-    )
-    group.add_argument(
-        "--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps (default: auto)"
-    )
-    group.add_argument(
+    add = parser.add_argument_group("output and hardware").add_argument
+    add("--output_dir", type=Path, help=f"Resumable folder of the run (default: {DEFAULT_OUTPUT_ROOT}/<slug>-<hash>)")
+    add("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N or mps (default: auto)")
+    add(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="torch.compile the UNet and the VAE decoder with the LoRA fused in (on CUDA with fused QKV, TF32 and "
-        "CUDA graphs): sampling spends its time in both; finetune_lora.py --compile compiles the UNet alone, as "
-        "training never decodes and keeps its LoRA unfused. The warm-up is timed apart; not with a grid that "
-        "switches LoRAs (default: off; --from_png: as the image was made)",
+        help="torch.compile the UNet and VAE decoder, LoRA fused in (CUDA: fused QKV, TF32, CUDA graphs); "
+        "finetune_lora.py compiles the UNet alone, as training never decodes (default: off)",
     )
-    group.add_argument(
-        "--dtype",
-        choices=["auto", *DTYPES],
-        default="auto",
-        help="Weights' precision; auto: fp16 on cuda, else fp32, with --from_png the image's, fp32 for fp16 on "
-        "the CPU (default: auto)",
-    )
+    add("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: fp16 on CUDA, else fp32 (default: auto)")
     # Not flags: what a --from_png image adds, the --dtype it was made with and the sha256 of each of its LoRAs.
     parser.set_defaults(made_with=None, lora_sha256={})
 
@@ -308,16 +224,13 @@ def check_args(args):
     check_setting("lora_scale", args.lora_scale)
     if args.lora != [NO_LORA] and len(args.lora_scale) not in (1, len(args.lora)):
         raise GenerateError(
-            f"--lora_scale has {len(args.lora_scale)} values for {len(args.lora)} --lora: give one scale for all "
-            "LoRAs or one per --lora (a sweep of strengths is --grid lora_scale=V1,V2,...)"
+            f"--lora_scale has {len(args.lora_scale)} values for {len(args.lora)} --lora: give one or one per --lora "
+            "(a sweep of strengths is --grid lora_scale=V1,V2,...)"
         )
     for name in ("seed", "steps", "guidance_scale"):
         check_setting(name, getattr(args, name), num_images=args.num_images)
     if args.height % 8 or args.width % 8 or args.height < 8 or args.width < 8:
-        raise GenerateError(
-            f"--height {args.height} / --width {args.width}: both must be positive multiples of 8 (the VAE "
-            "downsamples by 8)"
-        )
+        raise GenerateError(f"--height {args.height} / --width {args.width}: both must be positive multiples of 8")
     if args.no_figure and not (args.grid or args.compare):
         raise GenerateError("--no_figure expands the --grid values into images without a figure: add --grid AXIS=...")
 
@@ -338,10 +251,8 @@ def check_setting(name: str, value, where: str = "", num_images: int = 1):
             "or more to follow the prompt closely"
         )
     if name == "lora_scale" and not all(math.isfinite(scale) for scale in value):
-        raise GenerateError(
-            f"{where} {' '.join(f'{scale:g}' for scale in value)} is not finite: use numbers such as 0 (the base "
-            "model), 0.5 or 1 (the LoRA as trained)"
-        )
+        shown = " ".join(f"{scale:g}" for scale in value)
+        raise GenerateError(f"{where} {shown} is not finite: use numbers such as 0 (the base model), 0.5 or 1")
 
 
 def png_defaults(args) -> dict:
@@ -355,19 +266,20 @@ def png_defaults(args) -> dict:
     except OSError as error:
         raise GenerateError(f"--from_png {path}: cannot read the image ({first_line(error)})") from None
     if PNG_GRID_KEY in text:
-        raise GenerateError(
-            f"--from_png {path} is a grid figure: pass one of its cells, written beside it as images of their own"
-        )
+        raise GenerateError(f"--from_png {path} is a grid figure: pass one of its cells, the images beside it")
     try:
         settings = json.loads(text.get(PNG_SETTINGS_KEY))
-        loras = stored_loras(settings)
+        loras = settings.get("loras")
+        if loras is None:  # PNGs from before several LoRAs held the one LoRA in flat lora_* entries
+            flat = {"lora": settings["lora"], "sha256": settings["lora_sha256"], "scale": settings["lora_scale"]}
+            loras = [flat] if settings["lora"] is not None else []
         complete = isinstance(settings["prompt"], str) and all(key in settings for key in PNG_FLAGS[:-2])
         complete = complete and all(isinstance(entry["scale"], (int, float)) for entry in loras)
     except (TypeError, ValueError, KeyError):
         complete = False
     if not complete:
         raise GenerateError(
-            f"--from_png {path} carries no complete {PNG_SETTINGS_KEY} settings: pass an image written by generate.py"
+            f"--from_png {path} carries no complete {PNG_SETTINGS_KEY} settings: pass a generate.py PNG"
         )
     defaults = {key: settings[key] for key in PNG_FLAGS if key in settings}
     defaults.update({key: str(value) for key, value in defaults.items() if isinstance(value, (int, float, str))})
@@ -382,15 +294,6 @@ def png_defaults(args) -> dict:
     if loras and "lora_scale" not in axes:
         defaults["lora_scale"] = [float(entry["scale"]) for entry in loras]
     return defaults
-
-
-def stored_loras(settings) -> list:
-    """The LoRAs of stored settings; PNGs from before several LoRAs held the one LoRA in flat lora_* entries."""
-    if "loras" in settings:
-        return settings["loras"]
-    if settings["lora"] is None:
-        return []
-    return [{"lora": settings["lora"], "sha256": settings["lora_sha256"], "scale": settings["lora_scale"]}]
 
 
 # Prompts, and the images of the run: a cell per prompt, image number and combination of the --grid values
@@ -474,18 +377,42 @@ class Axis(NamedTuple):
 
 
 def plan(args, prompts) -> tuple:
-    """The run's grid axes (rows first) and its cells, in the order of their file names: prompt by prompt, image by
-    image, and within a grid row by row. Every value is checked here, before any model or LoRA is looked for: a
-    figure of more than MAX_CELLS images needs --yes, and --compile the same LoRAs in every image."""
+    """The run's grid axes (rows first) and its images, (file name, Cell) pairs in file name order: prompt by prompt,
+    image by image (image i takes seed + i), and within a grid row by row. Every value is checked here, before any
+    model or LoRA is looked for: a figure of over MAX_CELLS images needs --yes, --compile the same LoRAs throughout."""
     axes = grid_axes(args, prompts)
-    combinations = list(itertools.product(*(list(zip(axis.texts, axis.values, strict=True)) for axis in axes)))
-    cells = [
-        make_cell(args, record, image, dict(zip([axis.name for axis in axes], combination, strict=True)), axes)
-        for record in prompts
-        for image in range(args.num_images)
-        for combination in combinations
-    ]
-    if figures_drawn(args, axes) and len(cells) > MAX_CELLS and not args.yes:
+    placeholder_axes = [axis for axis in axes if axis.name not in SETTING_AXES]
+    combinations = itertools.product(*(list(zip(axis.texts, axis.values, strict=True)) for axis in axes))
+    cells = []
+    for record, image, combination in itertools.product(prompts, range(args.num_images), list(combinations)):
+        fields = {
+            "negative_prompt": record.get("negative_prompt", args.negative_prompt),
+            "seed": record.get("seed", args.seed),
+            "steps": args.steps,
+            "guidance_scale": args.guidance_scale,
+            "scheduler": args.scheduler,
+            "lora_scales": run_lora_scales(args),
+        }
+        choices = dict(zip([axis.name for axis in axes], combination, strict=True))  # name: (text, value)
+        texts = {name: text for name, (text, _) in choices.items()}
+        for name in sorted(choices, key=lambda name: name != "lora"):  # the LoRAs first, then their strength
+            value = choices[name][1]
+            if name == "lora":
+                fields["lora_scales"] = value
+            elif name == "lora_scale":
+                fields["lora_scales"] = tuple((lora, value) for lora, _ in fields["lora_scales"])
+            elif name in SETTING_AXES:
+                fields[name] = value
+        fields.update(negative_prompt=fill_placeholders(fields["negative_prompt"], texts), seed=fields["seed"] + image)
+        cell = Cell(
+            prompt=fill_placeholders(record["prompt"], texts),
+            **fields,
+            template=record["prompt"],
+            placeholders=tuple((axis.name, texts[axis.name]) for axis in placeholder_axes),
+            placeholder_values=tuple((axis.name, tuple(axis.texts)) for axis in placeholder_axes),
+        )
+        cells.append(cell)
+    if axes and not args.no_figure and len(cells) > MAX_CELLS and not args.yes:
         rows = len(axes[0].texts) if len(axes) == 2 else 1
         raise GenerateError(
             f"the grid has {len(cells)} images ({len(prompts) * args.num_images} figure(s) of {rows} x "
@@ -494,10 +421,13 @@ def plan(args, prompts) -> tuple:
         )
     if args.compile and len({cell.lora_scales for cell in cells}) > 1:
         raise GenerateError(
-            "--compile compiles the model with the LoRA fused in, and this grid switches LoRAs or strengths "
-            "between its cells, which would recompile it each time: drop --compile"
+            "--compile compiles the model with the LoRA fused in, and this grid switches LoRAs: drop --compile"
         )
-    return axes, cells
+    width = ordinal_width(len(cells))
+    # A file name depends only on the image's place in the run and its cell, never on the number of processes.
+    return axes, [
+        (f"{number:0{width}d}-s{cell.seed}-{slugify(cell.prompt)}.png", cell) for number, cell in enumerate(cells)
+    ]
 
 
 def run_lora_scales(args) -> tuple:
@@ -506,36 +436,6 @@ def run_lora_scales(args) -> tuple:
         return ()
     scales = args.lora_scale * len(args.lora) if len(args.lora_scale) == 1 else args.lora_scale
     return tuple(zip(args.lora, scales, strict=True))
-
-
-def make_cell(args, record: dict, image: int, choices: dict, axes: list) -> Cell:
-    """Image `image` of the prompt `record` where each grid axis takes its (text, value) in `choices`."""
-    fields = {
-        "negative_prompt": record.get("negative_prompt", args.negative_prompt),
-        "seed": record.get("seed", args.seed),
-        "steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "scheduler": args.scheduler,
-        "lora_scales": run_lora_scales(args),
-    }
-    texts = {name: text for name, (text, _) in choices.items()}
-    for name in sorted(choices, key=lambda name: name != "lora"):  # the LoRAs first, then their strength
-        value = choices[name][1]
-        if name == "lora":
-            fields["lora_scales"] = value
-        elif name == "lora_scale":
-            fields["lora_scales"] = tuple((lora, value) for lora, _ in fields["lora_scales"])
-        elif name in SETTING_AXES:
-            fields[name] = value
-    fields.update(negative_prompt=fill_placeholders(fields["negative_prompt"], texts), seed=fields["seed"] + image)
-    placeholder_axes = [axis for axis in axes if axis.name not in SETTING_AXES]
-    return Cell(
-        prompt=fill_placeholders(record["prompt"], texts),
-        **fields,
-        template=record["prompt"],
-        placeholders=tuple((axis.name, texts[axis.name]) for axis in placeholder_axes),
-        placeholder_values=tuple((axis.name, tuple(axis.texts)) for axis in placeholder_axes),
-    )
 
 
 def fill_placeholders(text: str, texts: dict) -> str:
@@ -554,10 +454,7 @@ def grid_axes(args, prompts) -> list:
         axes.append(Axis("lora", [NO_LORA, " + ".join(name for name, _ in lora_scales)], [(), lora_scales]))
     names = [axis.name for axis in axes]
     if len(axes) > 2 and not args.no_figure:
-        raise GenerateError(
-            f"a grid figure has at most two axes, rows and columns; got {', '.join(names)}: pass --no_figure for "
-            "every combination as images without figures"
-        )
+        raise GenerateError(f"a grid figure has at most two axes, got {', '.join(names)}: pass --no_figure for images")
     twice = [name for number, name in enumerate(names) if name in names[:number]]
     if twice:
         raise GenerateError(f"--grid {twice[0]} is given twice (--compare is a lora axis): give each axis once")
@@ -573,15 +470,10 @@ def grid_axes(args, prompts) -> list:
     placeholders = {name for text in texts for name in PLACEHOLDER.findall(text)}
     for name in names:
         if name not in SETTING_AXES and name not in placeholders:
-            raise GenerateError(
-                f"--grid {name}: unknown axis; there is no {{{name}}} in the prompt or negative prompt, and the "
-                f"settings are {', '.join(SETTING_AXES)}"
-            )
+            raise GenerateError(f"--grid {name}: unknown axis; no {{{name}}} in the prompts, no such setting")
     missing = sorted(placeholders - set(names))
     if missing:
-        raise GenerateError(
-            f"{{{missing[0]}}} in the prompt has no grid axis: add --grid {missing[0]}=V1,V2,... or write the value in"
-        )
+        raise GenerateError(f"{{{missing[0]}}} in the prompt has no grid axis: add --grid {missing[0]}=V1,V2,...")
     return axes
 
 
@@ -594,52 +486,26 @@ def parse_axis(spec: str, args) -> Axis:
     texts = [text.strip() for text in listed.split(",")]
     if "" in texts:
         raise GenerateError(f"--grid {spec}: a value of {name} is missing; give {name}=V1,V2,... with none empty")
+    if name == "lora":  # a cell's lora_scales
+        if len(args.lora_scale) != 1:
+            raise GenerateError("--grid lora=... shows each LoRA alone: give one --lora_scale, the strength of each")
+        return Axis(name, texts, [() if text == NO_LORA else ((text, args.lora_scale[0]),) for text in texts])
+    if name not in ("seed", "steps", "guidance_scale", "lora_scale", "scheduler"):  # a {placeholder}
+        return Axis(name, texts, texts)
     try:
-        values = [axis_value(name, text, args) for text in texts]
+        if name == "scheduler" and not set(texts) <= set(SCHEDULERS):
+            raise ValueError(texts)
+        values = [
+            text if name == "scheduler" else int(text) if name in ("seed", "steps") else float(text) for text in texts
+        ]
     except ValueError:
         raise GenerateError(f"--grid {spec}: {name} takes {SETTING_AXES[name]}") from None
+    for value in values:
+        check_setting(name, [value] if name == "lora_scale" else value, f"--grid {name}", args.num_images)
     return Axis(name, texts, values)
 
 
-def axis_value(name: str, text: str, args):
-    """A --grid value as its cells use it; ValueError if it is not a value of that setting."""
-    if name == "lora":
-        if len(args.lora_scale) != 1:
-            raise GenerateError("--grid lora=... shows each LoRA alone: give one --lora_scale, the strength of each")
-        return () if text == NO_LORA else ((text, args.lora_scale[0]),)
-    if name == "scheduler" and text not in SCHEDULERS:
-        raise ValueError(text)
-    if name not in ("seed", "steps", "guidance_scale", "lora_scale"):
-        return text
-    value = int(text) if name in ("seed", "steps") else float(text)
-    check_setting(name, [value] if name == "lora_scale" else value, f"--grid {name}", args.num_images)
-    return value
-
-
-def figures_drawn(args, axes) -> bool:
-    """Whether the run draws grid figures: a grid without --no_figure."""
-    return bool(axes) and not args.no_figure
-
-
 # Models and LoRAs: the device, the base pipeline, and each LoRA read, checked and fused into its weights
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise GenerateError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise GenerateError(f"--device {name}: no such CUDA device on this machine (found {torch.cuda.device_count()})")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise GenerateError("--device mps: Apple MPS is not available on this machine")
-    return device
 
 
 def pick_dtype(name: str, device: torch.device, made_with: str | None = None) -> torch.dtype:
@@ -662,17 +528,13 @@ def pick_dtype(name: str, device: torch.device, made_with: str | None = None) ->
 
 
 def quiet_library_logs():
-    """Keep out of the log what a user cannot act on: the libraries' warnings (torchvision missing, fp16 on the
-    CPU) unless TRANSFORMERS_VERBOSITY or DIFFUSERS_VERBOSITY ask for them, and, when stderr is no terminal,
-    their loading bars, whose redraws only clutter a log file."""
+    """Keep out of the log what a user cannot act on: the libraries' warnings (unless *_VERBOSITY asks for them)
+    and, when stderr is no terminal, their loading bars."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    for library, variable in (
-        (transformers_logging, "TRANSFORMERS_VERBOSITY"),
-        (diffusers_logging, "DIFFUSERS_VERBOSITY"),
-    ):
-        if variable not in os.environ:
+    for library, name in ((transformers_logging, "TRANSFORMERS"), (diffusers_logging, "DIFFUSERS")):
+        if f"{name}_VERBOSITY" not in os.environ:
             library.set_verbosity_error()
         if not sys.stderr.isatty():
             library.disable_progress_bar()
@@ -733,8 +595,8 @@ def check_hub_reachable(repo_id: str, filename: str, needed: str, fix: str, revi
 
 
 def from_cache_or_hub(fetch, hub_file: tuple):
-    """fetch(local_files_only=True) when the Hugging Face cache has it all; else fetch() from a Hub that answers.
-    `hub_file` holds the arguments of check_hub_reachable."""
+    """fetch(local_files_only=True) when the cache has it all, else fetch() from a Hub that answers (`hub_file`: the
+    arguments of check_hub_reachable)."""
     try:
         return fetch(local_files_only=True)
     except OSError:  # not cached, or not all of it
@@ -742,24 +604,18 @@ def from_cache_or_hub(fetch, hub_file: tuple):
     return fetch(local_files_only=False)
 
 
-def base_model_folder(base_model: str) -> Path | None:
-    """The local folder --base_model names, or None for a Hub id; a path that does not exist is an error."""
-    if not names_a_folder(base_model):
-        return None
-    folder = Path(base_model).expanduser()
-    if not folder.is_dir():
+def base_model_source(args) -> tuple:
+    """The local folder --base_model names (None for a Hub id; a path that does not exist is an error), and the
+    arguments of check_hub_reachable for a Hub id and its --variant."""
+    folder = Path(args.base_model).expanduser() if names_a_folder(args.base_model) else None
+    if folder is not None and not folder.is_dir():
         raise GenerateError(
             f"--base_model: no such folder: {folder}: pass the folder of a diffusers Stable Diffusion 2.1 "
             f"pipeline or a Hub id like {DEFAULT_BASE_MODEL}"
         )
-    return folder
-
-
-def base_model_hub_file(args) -> tuple:
-    """check_hub_reachable's arguments for a --base_model Hub id and its --variant."""
     download_flags = "--base_model" if args.base_model == DEFAULT_BASE_MODEL else f"--base_model {args.base_model}"
     download_flags += f" --variant {args.variant}" if args.variant else ""
-    return (
+    return folder, (
         args.base_model,
         "model_index.json",
         f"--base_model {args.base_model}, whose {args.variant or 'full-precision'} weights are not all in the "
@@ -770,12 +626,12 @@ def base_model_hub_file(args) -> tuple:
 
 
 def check_inputs(args, output_dir: Path):
-    """What can be checked before a model is loaded: the --output_dir, a --base_model folder, and whether the Hub
-    answers when the --base_model is not cached."""
+    """Before a model is loaded: the --output_dir, a --base_model folder, or the Hub when the model is not cached."""
     from huggingface_hub import try_to_load_from_cache
 
     check_writable(output_dir, "--output_dir")
-    if base_model_folder(args.base_model) is None:
+    folder, hub_file = base_model_source(args)
+    if folder is None:
         try:
             cached = try_to_load_from_cache(args.base_model, "model_index.json")
         except ValueError as error:  # a repo id the Hub would refuse
@@ -784,16 +640,15 @@ def check_inputs(args, output_dir: Path):
                 f"fix it, e.g. {DEFAULT_BASE_MODEL}"
             ) from None
         if not isinstance(cached, str):
-            check_hub_reachable(*base_model_hub_file(args))
+            check_hub_reachable(*hub_file)
 
 
 def load_pipeline(args, device: torch.device, dtype: torch.dtype):
-    """The --base_model pipeline (from its folder, else from the Hugging Face cache, else from the Hub) on `device`,
-    with PyTorch SDPA attention everywhere."""
+    """The --base_model pipeline (its folder, else the Hugging Face cache, else the Hub) on `device`, SDPA attention."""
     from diffusers import StableDiffusionPipeline
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    folder = base_model_folder(args.base_model)
+    folder, hub_file = base_model_source(args)
     fetch = functools.partial(
         StableDiffusionPipeline.from_pretrained,
         folder or args.base_model,
@@ -803,7 +658,7 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
         requires_safety_checker=False,
     )
     try:
-        pipe = fetch(local_files_only=True) if folder else from_cache_or_hub(fetch, base_model_hub_file(args))
+        pipe = fetch(local_files_only=True) if folder else from_cache_or_hub(fetch, hub_file)
     except (OSError, ValueError) as error:
         raise GenerateError(f"cannot load --base_model {args.base_model}: {first_line(error)}") from None
     # SDPA is what diffusers and transformers pick today; set it explicitly so speed does not hang on their defaults.
@@ -822,12 +677,8 @@ def warn_long_prompts(tokenizer, cells):
     for kind, prompt in dict.fromkeys(texts):
         ids = tokenizer(prompt).input_ids
         if len(ids) > limit:
-            cut = tokenizer.decode(ids[limit - 1 : -1])
-            print(
-                f"warning: {kind} is {len(ids)} CLIP tokens but CLIP reads only the first {limit}, so its end is cut: "
-                f'"...{cut}"',
-                file=sys.stderr,
-            )
+            cut = f'"...{tokenizer.decode(ids[limit - 1 : -1])}"'
+            print(f"warning: {kind} is {len(ids)} CLIP tokens, over {limit}: its end is cut: {cut}", file=sys.stderr)
 
 
 def resolve_lora(lora: str, weight_name: str) -> Path:
@@ -853,18 +704,12 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
             return Path(hf_hub_download(LORA_HUB_REPO, f"{DEFAULT_LORA}/{DEFAULT_LORA_WEIGHT_NAME}", local_dir="."))
         except Exception as error:  # any failure to fetch leaves the user the same remedy
             raise GenerateError(
-                f"the LoRA is not in {DEFAULT_LORA} and fetching it from {LORA_HUB_REPO} failed ({first_line(error)}): "
-                "run `python download.py`"
+                f"fetching {LORA_HUB_REPO} failed ({first_line(error)}): run `python download.py`"
             ) from None
     if path.is_dir():
-        raise GenerateError(
-            f"--lora folder {lora} has no {weight_name}: pass --lora_weight_name, or run `python download.py` for the "
-            "published LoRA"
-        )
+        raise GenerateError(f"--lora folder {lora} has no {weight_name}: pass --lora_weight_name")
     if names_a_folder(lora) or lora.endswith(".safetensors"):
-        raise GenerateError(
-            f"--lora {lora} does not exist: run `python download.py` to fetch the published LoRA, or fix the path"
-        )
+        raise GenerateError(f"--lora {lora} does not exist: fix the path, or `python download.py` the published LoRA")
     hub_file = (
         lora,
         weight_name,
@@ -876,30 +721,27 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
     except GenerateError:
         raise
     except Exception as error:  # no such file there: the same remedy
-        raise GenerateError(
-            f"--lora {lora} is not a local file or folder, and the Hub has no {weight_name} there "
-            f"({first_line(error)}): run `python download.py` or fix the path"
-        ) from None
+        raise GenerateError(f"--lora {lora}: no such file, folder or Hub file ({first_line(error)}): fix it") from None
 
 
-def lora_module_counts(state_dict) -> dict:
-    """How many layers the LoRA adapts in the UNet and in the text encoder, after diffusers' key conversion."""
+class LoraFile(NamedTuple):
+    """A LoRA of the run, read and checked: its weights file, their sha256, and the layers it adapts in each of
+    LORA_COMPONENTS."""
+
+    path: Path
+    sha256: str
+    layers: dict
+
+
+def read_lora(name: str, weight_name: str = DEFAULT_LORA_WEIGHT_NAME, expected_sha256: dict | None = None):
+    """The LoRA `name` (a --lora value), read and checked: an unreadable file or one that is no SD LoRA is an error,
+    and with --from_png it must be the very file the image was made with: `expected_sha256` maps (--lora value,
+    --lora_weight_name) to the sha256 the PNG names."""
     from diffusers import StableDiffusionPipeline
-
-    # A copy: diffusers empties a kohya state dict while converting it.
-    converted, _ = StableDiffusionPipeline.lora_state_dict(dict(state_dict))
-    up_weight = re.compile(r"lora_B\.|lora\.up\.|lora_up\.")
-    return {
-        component: sum(1 for key in converted if key.startswith(f"{component}.") and up_weight.search(key))
-        for component in LORA_COMPONENTS
-    }
-
-
-def read_lora(path: Path):
-    """The LoRA state dict and the sha256 of its file; an unreadable file or one that is no SD LoRA is an error."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    path = resolve_lora(name, weight_name)
     try:
         state_dict = load_file(path)
     except (SafetensorError, OSError) as error:
@@ -907,74 +749,24 @@ def read_lora(path: Path):
             f"LoRA file {path} is not a readable safetensors file ({first_line(error)}): download it again with "
             "`python download.py`"
         ) from None
-    if not any(lora_module_counts(state_dict).values()):
+    # The layers after diffusers' key conversion, of a copy: diffusers empties a kohya state dict while converting.
+    converted, _ = StableDiffusionPipeline.lora_state_dict(dict(state_dict))
+    up_weight = re.compile(r"lora_B\.|lora\.up\.|lora_up\.")
+    layers = {
+        component: sum(1 for key in converted if key.startswith(f"{component}.") and up_weight.search(key))
+        for component in LORA_COMPONENTS
+    }
+    if not any(layers.values()):
         raise GenerateError(
             f"none of the {len(state_dict)} keys in LoRA {path} belong to a UNet or text-encoder LoRA (expected keys "
             "like unet.<module>.lora_A.weight or kohya's lora_unet_<module>.lora_down.weight)"
         )
-    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return state_dict, digest.hexdigest()
-
-
-class LoraFile(NamedTuple):
-    """A LoRA of the run, read and checked: its --lora value, its weights file, their state dict and sha256."""
-
-    name: str
-    path: Path
-    state_dict: dict
-    sha256: str
-
-
-def prepare_lora(name: str, weight_name: str, expected_sha256: dict) -> LoraFile:
-    """The LoRA `name` (a --lora value), read and checked; with --from_png it must be the very file the image was
-    made with: `expected_sha256` maps (--lora value, --lora_weight_name) to the sha256 the PNG names."""
-    path = resolve_lora(name, weight_name)
-    state_dict, sha256 = read_lora(path)
-    expected = expected_sha256.get((name, weight_name), sha256)
+        sha256 = hashlib.file_digest(file, "sha256").hexdigest()
+    expected = (expected_sha256 or {}).get((name, weight_name), sha256)
     if expected != sha256:
-        raise GenerateError(
-            f"LoRA {path} has sha256 {sha256[:12]}..., but the PNG was made with {expected[:12]}...: "
-            "use the LoRA it names"
-        )
-    return LoraFile(name, path, state_dict, sha256)
-
-
-def count_lora_layers(model, adapter: str) -> int:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return sum(
-        1 for module in model.modules() if isinstance(module, BaseTunerLayer) and adapter in module.active_adapters
-    )
-
-
-def add_lora_adapter(pipe, lora: LoraFile, adapter: str):
-    """Add the LoRA as unfused adapter `adapter` to the UNet and the text encoder; check every LoRA module found its
-    layer. It is loaded from its file so that diffusers applies the alphas in the file's header. diffusers skips a
-    component whose keys match nothing with only a log line, which would silently sample the base model; here that
-    is an error."""
-    expected = lora_module_counts(lora.state_dict)
-    try:
-        pipe.load_lora_weights(str(lora.path), adapter_name=adapter)
-    except (ValueError, RuntimeError, KeyError) as error:
-        raise GenerateError(f"LoRA {lora.path} does not fit --base_model: {first_line(error)}") from None
-    for component, expected_count in expected.items():
-        found = count_lora_layers(getattr(pipe, component), adapter)
-        if found != expected_count:
-            raise GenerateError(
-                f"LoRA {lora.path} has {expected_count} {component} modules but only {found} matched the base "
-                "model's layers: it was trained for another model"
-            )
-
-
-def fuse_loras(pipe, lora_scales, adapters: dict):
-    """Fold `lora_scales` ((--lora value, scale), ...) into the weights: sampling then costs what the base model
-    costs. `adapters` names the adapter of each --lora value."""
-    names = [adapters[name] for name, _ in lora_scales]
-    pipe.set_adapters(names, [scale for _, scale in lora_scales])
-    pipe.fuse_lora(components=LORA_COMPONENTS, lora_scale=1.0, adapter_names=names)
+        raise GenerateError(f"LoRA {path} has sha256 {sha256[:12]}..., but the PNG was made with {expected[:12]}...")
+    return LoraFile(path, sha256, layers)
 
 
 class LoraSwitch:
@@ -986,20 +778,33 @@ class LoraSwitch:
     """
 
     def __init__(self, pipe, lora_files: dict, settings: set):
-        """`lora_files`: {--lora value: LoraFile}; `settings`: every lora_scales of the run's cells."""
+        """`lora_files`: {--lora value: LoraFile}; `settings`: every lora_scales of the run's cells. Each LoRA is an
+        adapter of the UNet and the text encoder, each of its modules checked to have found its layer."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        self.pipe = pipe
+        self.pipe, self.fused = pipe, None  # the lora_scales fused now; None: nothing yet
         self.adapters = {name: f"lora{number}" for number, name in enumerate(lora_files)}
         for name, lora in lora_files.items():
-            add_lora_adapter(pipe, lora, self.adapters[name])
-        self.fused = None  # the lora_scales fused now; None: nothing yet
+            try:  # from its file, so that diffusers applies the alphas in the file's header
+                pipe.load_lora_weights(str(lora.path), adapter_name=self.adapters[name])
+            except (ValueError, RuntimeError, KeyError) as error:
+                raise GenerateError(f"LoRA {lora.path} does not fit --base_model: {first_line(error)}") from None
+            # diffusers skips a component whose keys match nothing with only a log line: the base model, silently.
+            for component, expected in lora.layers.items():
+                modules = getattr(pipe, component).modules()
+                found = sum(
+                    isinstance(one, BaseTunerLayer) and self.adapters[name] in one.active_adapters for one in modules
+                )
+                if found != expected:
+                    raise GenerateError(
+                        f"LoRA {lora.path} has {expected} {component} modules but only {found} matched the base "
+                        "model's layers: it was trained for another model"
+                    )
         if len(settings) == 1:
-            (only,) = settings
-            if only:
-                fuse_loras(pipe, only, self.adapters)
+            (self.fused,) = settings
+            if self.fused:
+                self.fuse(self.fused)
                 pipe.unload_lora_weights()
-            self.fused = only
             return
         layers = [
             module.get_base_layer()
@@ -1020,30 +825,49 @@ class LoraSwitch:
                     weight.copy_(copy)
         if lora_scales:
             self.pipe.enable_lora()
-            fuse_loras(self.pipe, lora_scales, self.adapters)
+            self.fuse(lora_scales)
         else:
             self.pipe.disable_lora()
         self.fused = lora_scales
+
+    def fuse(self, lora_scales: tuple):
+        """Fold `lora_scales` ((--lora value, scale), ...) into the weights: sampling then costs what the base model
+        costs."""
+        names = [self.adapters[name] for name, _ in lora_scales]
+        self.pipe.set_adapters(names, [scale for _, scale in lora_scales])
+        self.pipe.fuse_lora(components=LORA_COMPONENTS, lora_scale=1.0, adapter_names=names)
 
 
 # Sampling: batches of cells that share their LoRAs, sampler, steps and guidance, each image from its own seed
 
 
-def write_images(pipe, switch, own_batches, args, lora_files: dict, dtype, output_dir: Path, progress):
+def write_images(pipe, switch, own_batches, args, lora_files: dict, dtype, output_dir: Path):
     """Sample this process's batches of (file name, cell) pairs, writing each image with its settings as soon as its
-    batch is done; an image a killed run wrote already is sampled with its batch but kept as it is."""
-    own_scheduler = pipe.scheduler
+    batch is done, and yield the paths of each batch; an image a killed run wrote already is kept as it is."""
+    if not own_batches:  # without a pipeline when the folder held every image
+        return
+    import diffusers
+
+    own = pipe.scheduler  # the base model's, named as AUTOMATIC1111 names its class, or by the class
+    own_name = type(own).__name__
+    own_name = next(
+        (label for name, overrides, label in SCHEDULERS.values() if (name, overrides) == (own_name, {})), own_name
+    )
     for batch in own_batches:
-        first = batch[0][1]
+        first = batch[0][1]  # the cells of a batch share their LoRAs, scheduler, steps and guidance
         switch.use(first.lora_scales)
-        pipe.scheduler = scheduler_for(first.scheduler, own_scheduler)
+        pipe.scheduler, sampler = own, own_name
+        if first.scheduler is not None:
+            class_name, overrides, sampler = SCHEDULERS[first.scheduler]
+            pipe.scheduler = getattr(diffusers, class_name).from_config(own.config, **overrides)
         images = sample(pipe, [cell for _, cell in batch], args.height, args.width)
+        written = []
         for (name, cell), image in zip(batch, images, strict=True):
-            settings = image_settings(cell, args, sampler_name(cell.scheduler, pipe.scheduler), lora_files, dtype)
-            path = output_dir / name
-            if write_new_file(path, functools.partial(image.save, format="PNG", pnginfo=png_info(settings))):
-                progress.wrote(path)
-        progress.batch_done(len(batch))
+            settings = image_settings(cell, args, sampler, lora_files, dtype)
+            path, save = output_dir / name, functools.partial(image.save, format="PNG", pnginfo=png_info(settings))
+            if write_new_file(path, save):
+                written.append(path)
+        yield written
 
 
 def sample(pipe, cells, height: int, width: int) -> list:
@@ -1059,57 +883,19 @@ def sample(pipe, cells, height: int, width: int) -> list:
     ).images
 
 
-def batches(jobs, batch_size: int):
-    """The (file name, cell) pairs `jobs` in batches one pipeline call samples: the same LoRAs, sampler, steps and
-    guidance, at most `batch_size`, in the order each kind first appears."""
-    kinds = {}
-    for name, cell in jobs:
-        kinds.setdefault((cell.lora_scales, cell.scheduler, cell.steps, cell.guidance_scale), []).append((name, cell))
-    for kind in kinds.values():
-        for start in range(0, len(kind), batch_size):
-            yield kind[start : start + batch_size]
-
-
-def scheduler_for(name: str | None, own):
-    """The scheduler of --scheduler `name`, configured from the base model's own scheduler `own` (None: `own`)."""
-    if name is None:
-        return own
-    import diffusers
-
-    class_name, overrides, _ = SCHEDULERS[name]
-    return getattr(diffusers, class_name).from_config(own.config, **overrides)
-
-
-def sampler_name(name: str | None, scheduler) -> str:
-    """The AUTOMATIC1111 name of --scheduler `name`; the model's own `scheduler` is named by its class if unknown."""
-    if name is not None:
-        return SCHEDULERS[name][2]
-    own = type(scheduler).__name__
-    return next(
-        (label for class_name, overrides, label in SCHEDULERS.values() if class_name == own and not overrides), own
-    )
-
-
-def denoising_inputs(pipe, args) -> tuple:
-    """Latents and text conditioning of one image at --height x --width, as one UNet step takes them; two of each
-    when classifier-free guidance runs the UNet on a pair."""
-    unet = pipe.unet
-    pairs = 2 if args.guidance_scale > 1 else 1
-    size = (args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
-    latents = torch.zeros(pairs, unet.config.in_channels, *size, dtype=unet.dtype, device=unet.device)
-    context = torch.zeros(
-        pairs, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, dtype=unet.dtype, device=unet.device
-    )
-    return latents, context
-
-
 def auto_batch_size(pipe, args, image_count: int) -> int:
     """--batch_size auto: off CUDA 1 (a CPU is busy with one image, a larger batch only adds memory); on CUDA as many
     images as 80% of the free memory holds, from the peak memory of one UNet step and one VAE decode of one image."""
     device = pipe.device
     if device.type != "cuda":
         return 1
-    latents, context = denoising_inputs(pipe, args)
+    # One image at --height x --width, two of it when classifier-free guidance runs the UNet on a pair.
+    unet, pairs = pipe.unet, 2 if args.guidance_scale > 1 else 1
+    size = (args.height // pipe.vae_scale_factor, args.width // pipe.vae_scale_factor)
+    latents = torch.zeros(pairs, unet.config.in_channels, *size, dtype=unet.dtype, device=device)
+    context = torch.zeros(
+        pairs, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, dtype=unet.dtype, device=device
+    )
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     idle = torch.cuda.memory_allocated(device)
@@ -1123,49 +909,10 @@ def auto_batch_size(pipe, args, image_count: int) -> int:
     return max(1, min(image_count, int(0.8 * free) // max(per_image, 1)))
 
 
-def say_if_slow(step_seconds: float, args):
-    """Before the first image, say how long each takes when that is over a minute, and what is faster. The time of
-    the faster settings is the measured step scaled by pixels and steps; attention grows faster than the pixel
-    count, so it errs long."""
-    per_image = step_seconds * args.steps
-    if per_image <= 60:
-        return
-    fast = step_seconds * 512 * 512 / (args.height * args.width) * 25
-    hint = (
-        f"; --height 512 --width 512 --steps 25 --scheduler dpm++ takes about {duration(fast)}"
-        if fast < per_image
-        else ""
-    )
-    print(
-        f"note: on the CPU each {args.width}x{args.height} image at {args.steps} steps takes "
-        f"about {duration(per_image)} (one step measured: {step_seconds:.1f} s){hint}",
-        file=sys.stderr,
-    )
-
-
-def unet_step_seconds(pipe, args) -> float:
-    """Seconds of one denoising step of one image, timed (the first step's warm-up included, so it errs long)."""
-    latents, context = denoising_inputs(pipe, args)
-    start = time.perf_counter()
-    with torch.no_grad():
-        pipe.unet(torch.randn_like(latents), 999, encoder_hidden_states=context)
-    return time.perf_counter() - start
-
-
-def duration(seconds: float) -> str:
-    if seconds >= 90 * 60:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
 def compile_models(pipe, cells, args):
-    """Compile the UNet and the VAE decoder in place and compile them now, on a 2-step batch of the first batch's
-    shape (`cells`): the time is printed apart, and the timed sampling runs compiled code only.
-
-    In place (module.compile()), so the modules keep their names and state-dict keys. On CUDA the graphs are
-    autotuned and replayed as CUDA graphs (mode max-autotune), which suits the fixed-shape denoising loop; a last
-    smaller batch compiles once more. On the CPU the default mode: autotuning there costs minutes and gains little.
-    """
+    """Compile the UNet and the VAE decoder in place (their state-dict keys kept) and now, on a 2-step batch of the
+    first batch's shape (`cells`), so that the time is printed apart. On CUDA max-autotune with CUDA graphs, which
+    suit the fixed-shape denoising loop; on the CPU the default mode, as autotuning there costs minutes."""
     start = time.perf_counter()
     options = {"fullgraph": True, "dynamic": False}
     if pipe.device.type == "cuda":
@@ -1183,30 +930,19 @@ def compile_models(pipe, cells, args):
 
 def image_settings(cell: Cell, args, sampler: str, lora_files: dict, dtype) -> dict:
     """Everything needed to render the cell's image again, as stored in its PNG (and read by tools/score.py)."""
-    return {
-        "prompt": cell.prompt,
-        "negative_prompt": cell.negative_prompt,
-        "seed": cell.seed,
-        "steps": cell.steps,
-        "guidance_scale": cell.guidance_scale,
-        "scheduler": cell.scheduler,
-        "sampler": sampler,
-        "height": args.height,
-        "width": args.width,
-        "base_model": args.base_model,
-        "variant": args.variant,
-        "lora_weight_name": args.lora_weight_name,
-        "loras": [
+    run_flags = ("height", "width", "base_model", "variant", "lora_weight_name", "compile")
+    settings = {**cell._asdict(), "sampler": sampler, **{key: getattr(args, key) for key in run_flags}}
+    settings.update(
+        loras=[
             {"lora": name, "file": str(lora_files[name].path), "sha256": lora_files[name].sha256, "scale": scale}
-            for name, scale in cell.lora_scales
+            for name, scale in settings.pop("lora_scales")
         ],
-        "dtype": str(dtype).removeprefix("torch."),
-        "generator": "cpu",
-        "compile": args.compile,
-        "template": cell.template,
-        "placeholders": dict(cell.placeholders),
-        "placeholder_values": {name: list(texts) for name, texts in cell.placeholder_values},
-    }
+        dtype=str(dtype).removeprefix("torch."),
+        generator="cpu",
+        placeholders=dict(cell.placeholders),
+        placeholder_values={name: list(texts) for name, texts in cell.placeholder_values},
+    )
+    return settings
 
 
 def png_info(settings) -> PngImagePlugin.PngInfo:
@@ -1247,10 +983,8 @@ def slugify(prompt: str, limit: int = 60) -> str:
 
 
 def write_new_file(path: Path, write) -> bool:
-    """Write `path` with `write(staging)` under a temporary name beside it, then hard-link it into place; False,
-    and nothing written, if `path` exists: a file is never replaced, even by another process taking the name
-    meanwhile, and an interrupted write leaves no partial file. A failed write (a full disk) is a GenerateError
-    naming the file."""
+    """Write `path` with `write(staging)` to a temporary name beside it, then hard-link it into place; False if `path`
+    exists: a file is never replaced, even by another process meanwhile, nor left half-written."""
     staging = path.with_name(f".{uuid.uuid4().hex}.tmp")
     try:
         write(staging)
@@ -1287,43 +1021,61 @@ def atomic_write(path: Path):
 
 
 def draw_figures(args, prompts, axes, jobs, command: str, output_dir: Path):
-    """A figure per prompt and image number, the first of two axes down the rows and the last across the columns;
-    each records the command that made it (`command`) and each cell's box and file. A figure there already (a
-    resumed run's) is kept."""
+    """A figure per prompt and image number, the first of two axes down the rows and the last across the columns: a
+    wrapped title and column labels above the cells, row labels left of them. Each records the command that made it
+    (`command`) and each cell's box and file; a figure there already (a resumed run's) is kept."""
     rows, columns = (axes[0] if len(axes) == 2 else None), axes[-1]
     row_labels, column_labels = axis_labels(rows, args.base_model), axis_labels(columns, args.base_model)
-    per_figure = len(row_labels) * len(column_labels)
+    shown = {"rows": (rows, row_labels), "columns": (columns, column_labels)}
     figures = [
         (record, record.get("seed", args.seed) + image) for record in prompts for image in range(args.num_images)
     ]
+    per_figure = len(row_labels) * len(column_labels)
     for number, (record, seed) in enumerate(figures):
         name = f"{number:0{ordinal_width(len(figures))}d}-grid-s{seed}-{slugify(record['prompt'])}.png"
         if (output_dir / name).exists():
             continue
         files = [name for name, _ in jobs[number * per_figure : (number + 1) * per_figure]]
-        images = [
-            [Image.open(output_dir / files[row * len(column_labels) + column]) for column in range(len(column_labels))]
-            for row in range(len(row_labels))
-        ]
-        seeded = "seed" in (rows and rows.name, columns.name)
-        title = record["prompt"] if seeded else f"{record['prompt']} (seed {seed})"
-        picture, corners = grid_figure(images, row_labels, column_labels, title)
-        width, height = images[0][0].size
-        shown = {"rows": (rows, row_labels), "columns": (columns, column_labels)}
-        grid = {
-            "command": command,
-            **{
-                key: axis and {"axis": axis.name, "values": axis.texts, "labels": labels}
-                for key, (axis, labels) in shown.items()
-            },
-            "cells": [
-                {"row": row, "column": column, "box": [*corner, width, height], "file": file}
-                for ((row, column), corner), file in zip(sorted(corners.items()), files, strict=True)
-            ],
-        }
+        images = [Image.open(output_dir / file) for file in files]
+        width, height = images[0].size
+        font = ImageFont.load_default(size=max(11, width // 32))
+        line_height, margin = math.ceil(font.size * 1.25), max(4, width // 64)
+        fitted = [fit_left(label, font, 2 * width) for label in row_labels]
+        left = math.ceil(max(font.getlength(label) for label in fitted)) + 2 * margin
+        title = (
+            record["prompt"] if "seed" in (rows and rows.name, columns.name) else f"{record['prompt']} (seed {seed})"
+        )
+        title_lines = wrap(title, font, left + len(column_labels) * width - 2 * margin, TITLE_LINES)
+        top = margin + (len(title_lines) + 1) * line_height + margin
+        figure = Image.new("RGB", (left + len(column_labels) * width, top + len(row_labels) * height), "white")
+        draw = ImageDraw.Draw(figure)
+        for line_number, line in enumerate(title_lines):
+            draw.text((margin, margin + line_number * line_height), line, fill="black", font=font)
+        for column, label in enumerate(column_labels):
+            label = fit_left(label, font, width - margin)
+            x = left + column * width + (width - font.getlength(label)) / 2
+            draw.text((x, top - margin - line_height), label, fill="black", font=font)
+        for row, label in enumerate(fitted):
+            draw.text((margin, top + row * height + (height - line_height) / 2), label, fill="black", font=font)
+        cells = []
+        for index, (image, file) in enumerate(zip(images, files, strict=True)):
+            row, column = divmod(index, len(column_labels))
+            figure.paste(image, (left + column * width, top + row * height))
+            cells.append(
+                {
+                    "row": row,
+                    "column": column,
+                    "box": [left + column * width, top + row * height, width, height],
+                    "file": file,
+                }
+            )
         info = PngImagePlugin.PngInfo()
-        info.add_text(PNG_GRID_KEY, json.dumps(grid))
-        write_new_file(output_dir / name, functools.partial(picture.save, format="PNG", pnginfo=info))
+        axes_shown = {
+            key: axis and {"axis": axis.name, "values": axis.texts, "labels": labels}
+            for key, (axis, labels) in shown.items()
+        }
+        info.add_text(PNG_GRID_KEY, json.dumps({"command": command, **axes_shown, "cells": cells}))
+        write_new_file(output_dir / name, functools.partial(figure.save, format="PNG", pnginfo=info))
         labels = "; ".join(f"{key}: {', '.join(labels)}" for key, (axis, labels) in shown.items() if axis)
         tqdm.write(f"wrote {output_dir / name} ({labels})")
 
@@ -1345,33 +1097,6 @@ def axis_labels(axis: Axis | None, base_model: str) -> list:
     short[DEFAULT_LORA] = "Text2Face LoRA"
     base = "SD2.1" if base_model == DEFAULT_BASE_MODEL else Path(base_model).name
     return [" + ".join(short[name] for name, _ in lora_scales) if lora_scales else base for lora_scales in axis.values]
-
-
-def grid_figure(images, row_labels, column_labels, title: str) -> tuple:
-    """The figure of `images` [row][column] (all of one size): a wrapped title and a line of column labels above
-    the cells, row labels left of them. Return it with each cell's (left, top) corner by (row, column)."""
-    width, height = images[0][0].size
-    font = ImageFont.load_default(size=max(11, width // 32))
-    line_height, margin = math.ceil(font.size * 1.25), max(4, width // 64)
-    row_labels = [fit_left(label, font, 2 * width) for label in row_labels]
-    left = math.ceil(max(font.getlength(label) for label in row_labels)) + 2 * margin
-    title_lines = wrap(title, font, left + len(column_labels) * width - 2 * margin, TITLE_LINES)
-    top = margin + (len(title_lines) + 1) * line_height + margin
-    figure = Image.new("RGB", (left + len(column_labels) * width, top + len(images) * height), "white")
-    draw = ImageDraw.Draw(figure)
-    for number, line in enumerate(title_lines):
-        draw.text((margin, margin + number * line_height), line, fill="black", font=font)
-    for column, label in enumerate(column_labels):
-        label = fit_left(label, font, width - margin)
-        x = left + column * width + (width - font.getlength(label)) / 2
-        draw.text((x, top - margin - line_height), label, fill="black", font=font)
-    corners = {}
-    for row, (row_images, label) in enumerate(zip(images, row_labels, strict=True)):
-        draw.text((margin, top + row * height + (height - line_height) / 2), label, fill="black", font=font)
-        for column, image in enumerate(row_images):
-            corners[row, column] = (left + column * width, top + row * height)
-            figure.paste(image, corners[row, column])
-    return figure, corners
 
 
 def fit_left(text: str, font, max_width: float) -> str:
@@ -1412,30 +1137,38 @@ def ordinal_width(count: int) -> int:
     return max(5, len(str(count - 1)))
 
 
-def process_state(device_flag: str) -> tuple:
+def process_state(name: str) -> tuple:
     """accelerate's state of this process (the one process under python, one of several under accelerate launch)
-    and its device: the --device, or with auto and several processes the device accelerate gives this one."""
+    and its device: --device `name`, or with auto and several processes the device accelerate gives this one."""
     from accelerate import PartialState
 
-    device = pick_device(device_flag)
+    auto = name == "auto"
+    if auto:
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise GenerateError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():  # 0 without CUDA
+        raise GenerateError(f"--device {name}: no such CUDA device here (found {torch.cuda.device_count()})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise GenerateError("--device mps: Apple MPS is not available on this machine")
     state = PartialState(cpu=device.type == "cpu")  # on the CPU, several processes join over gloo
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if state.num_processes != world_size:
         raise GenerateError(
-            f"accelerate formed a group of {state.num_processes} process(es) but WORLD_SIZE is {world_size}: every "
-            "process would sample every image; check the launcher config"
+            f"accelerate formed {state.num_processes} process(es) but WORLD_SIZE is {world_size}: check the launcher"
         )
-    return state, state.device if device_flag == "auto" and state.num_processes > 1 else device
+    return state, state.device if auto and state.num_processes > 1 else device
 
 
 def run_record(args, prompts, lora_files: dict, dtype, drawn: bool) -> dict:
-    """What decides the run's images and their pixels, as generate_run.json keeps it. The batch size, --device, the
-    number of processes and --compile are left out, so a resumed run may change them: on the same device class
-    they change the pixels at most by floating-point rounding (compiled kernels and batched GPU matmuls round
-    differently), as any rerun on another GPU would. A folder base model is kept as its resolved path and a LoRA as
-    its sha256, so another spelling of the same path is the same run; each prompt as a short digest, so a
-    difference names the prompt."""
-    folder = base_model_folder(args.base_model)
+    """What decides the run's images, as generate_run.json keeps it. The batch size, --device, the number of processes
+    and --compile may change on resuming: they change pixels at most by floating-point rounding. A folder base model
+    is kept as its resolved path, a LoRA as its sha256, each prompt as a short digest, so a difference names it."""
+    folder, _ = base_model_source(args)
     record = {
         "prompts": [hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:16] for prompt in prompts],
         "num_images": args.num_images,
@@ -1453,24 +1186,14 @@ def run_record(args, prompts, lora_files: dict, dtype, drawn: bool) -> dict:
     return json.loads(json.dumps(record))  # as it reads back from the file: tuples as lists
 
 
-def default_output_dir(record: dict, prompts) -> Path:
-    """Without --output_dir, the run's own folder under outputs/, named after its first prompt and its settings: the
-    same command finds its folder again and adds what is missing, another command gets a folder of its own."""
-    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8]
-    return DEFAULT_OUTPUT_ROOT / f"{slugify(prompts[0]['prompt'], 40)}-{digest}"
-
-
 def setting_difference(key: str, here, there) -> str:
     """One setting that differs, with both values when they are short; of a list, its length or the first element
     that differs."""
     if isinstance(here, list) and isinstance(there, list):
         if len(here) != len(there):
             return f"{key}: {len(here)} here, {len(there)} there"
-        number, one, other = next(
-            (number, one, other)
-            for number, (one, other) in enumerate(zip(here, there, strict=True), start=1)
-            if one != other
-        )
+        number = next(number for number in range(1, len(here) + 1) if here[number - 1] != there[number - 1])
+        one, other = here[number - 1], there[number - 1]
         if key == "prompts":
             return f"prompt {number} differs"
         if key == "loras":
@@ -1480,9 +1203,7 @@ def setting_difference(key: str, here, there) -> str:
             return f"{which} scale {one[1]} here, {other[1]} there"
         return setting_difference(f"{key} {number}", one, other)
     shown = [json.dumps(value) for value in (here, there)]
-    if max(len(text) for text in shown) > 40:
-        return key
-    return f"{key} {shown[0]} here, {shown[1]} there"
+    return key if max(map(len, shown)) > 40 else f"{key} {shown[0]} here, {shown[1]} there"
 
 
 def check_same_run(output_dir: Path, record: dict, jobs):
@@ -1495,8 +1216,7 @@ def check_same_run(output_dir: Path, record: dict, jobs):
     except FileNotFoundError:
         if output_dir.is_dir() and any((output_dir / name).exists() for name, _ in jobs):
             raise GenerateError(
-                f"--output_dir {output_dir} holds images with this run's names but no {RUN_FILE_NAME} to tell "
-                f"whether they have its settings: {fix}"
+                f"--output_dir {output_dir} holds this run's file names but no {RUN_FILE_NAME}: {fix}"
             ) from None
         return
     except (OSError, ValueError) as error:
@@ -1510,26 +1230,11 @@ def check_same_run(output_dir: Path, record: dict, jobs):
         )
 
 
-def agreed_batch_size(pipe, args, jobs, state) -> int:
-    """The --batch_size; auto measured on every process and the smallest taken, as all must cut the same batches.
-    Without a pipeline (nothing to sample), auto is 1."""
-    if args.batch_size != "auto":
-        return args.batch_size
-    if pipe is None:
-        return 1
-    from accelerate.utils import gather_object
-
-    return min(gather_object([auto_batch_size(pipe, args, len(jobs))]))
-
-
-def start_run(output_dir: Path, record: dict, jobs, batch_size: int, state) -> tuple:
-    """The folder prepared by the main process (created, a killed run's temporary files removed, the run's settings
-    saved unless they are there), and the batches that lack a PNG dealt out between the processes in turn; return
-    (this process's batches, the number of the run's images there already).
-
-    The batches are cut from all the jobs, whatever the number of processes or the images a killed run left: a
-    batch may round differently from its images sampled apart, so this keeps the pixels of one uninterrupted process.
-    """
+def start_run(pipe, args, output_dir: Path, record: dict, jobs, state) -> tuple:
+    """Prepare the folder on the main process (created, a killed run's temporary files removed, the settings saved)
+    and deal out the batches that lack a PNG; return (this process's batches, the run's images there already, the
+    batch size). --batch_size auto takes the smallest of every process's, as all must cut the same batches, and the
+    batches are cut from all the jobs, so a resumed run keeps the pixels of one uninterrupted process."""
     if state.is_main_process:
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -1539,58 +1244,27 @@ def start_run(output_dir: Path, record: dict, jobs, batch_size: int, state) -> t
             staging.unlink(missing_ok=True)
         text = json.dumps(record, indent=1, sort_keys=True)
         write_new_file(output_dir / RUN_FILE_NAME, lambda staging: staging.write_text(text, "utf-8"))
+    batch_size = args.batch_size
+    if batch_size == "auto":
+        from accelerate.utils import gather_object
+
+        batch_size = min(gather_object([auto_batch_size(pipe, args, len(jobs)) if pipe else 1]))
     state.wait_for_everyone()
     present = set(os.listdir(output_dir))
-    missing = [batch for batch in batches(jobs, batch_size) if any(name not in present for name, _ in batch)]
+    # Batches one pipeline call samples: the same LoRAs, sampler, steps and guidance, in the order each first appears.
+    kinds = {}
+    for name, cell in jobs:
+        kinds.setdefault((cell.lora_scales, cell.scheduler, cell.steps, cell.guidance_scale), []).append((name, cell))
+    batches = [kind[start : start + batch_size] for kind in kinds.values() for start in range(0, len(kind), batch_size)]
+    missing = [batch for batch in batches if any(name not in present for name, _ in batch)]
     state.wait_for_everyone()  # every process has listed the folder before any writes to it
-    return missing[state.process_index :: state.num_processes], sum(name in present for name, _ in jobs)
+    return missing[state.process_index :: state.num_processes], sum(name in present for name, _ in jobs), batch_size
 
 
-class Progress:
-    """The main process's bar over the images of all processes: its own counted as it writes them, and with several
-    processes every process's, counted in the folder (the one place where they show) after each of its batches;
-    on the other processes it does nothing."""
-
-    def __init__(self, output_dir: Path, jobs, done: int, state):
-        self.output_dir, self.names, self.processes = output_dir, {name for name, _ in jobs}, state.num_processes
-        self.missing = len(jobs) - done
-        self.bar = tqdm(
-            total=len(jobs), initial=done, desc="images", unit="image", position=0, disable=not state.is_main_process
-        )
-        self.started = time.perf_counter()
-        self.estimated = len(jobs) <= ESTIMATE_ABOVE  # a longer run says how long it takes after its first batch
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exception):
-        self.bar.close()  # before an interruption's message, which would otherwise end up above the bar
-
-    def wrote(self, path: Path):
-        """One image of this process written: a line for it in a one-process run (with several, the lines would
-        break the bar and flood the logs), one more on the bar."""
-        if self.processes == 1:
-            tqdm.write(f"wrote {path}")
-        self.bar.update(1)
-
-    def batch_done(self, count: int):
-        if self.bar.disable:
-            return
-        if not self.estimated:
-            rate = count * self.processes / (time.perf_counter() - self.started)
-            tqdm.write(
-                f"{self.missing} image(s) at {rate:.2f} images/s (the first batch, times {self.processes} process(es)) "
-                f"take about {duration(self.missing / rate)}"
-            )
-            self.estimated = True
-        if self.processes > 1:
-            self.bar.update(len(self.names.intersection(os.listdir(self.output_dir))) - self.bar.n)
-
-
-def read_captions(output_dir: Path) -> list:
-    """A metadata.jsonl line for each image in the folder, from the settings its PNG carries, in file name order:
-    file_name, text (the prompt as sampled), seed and each {placeholder}'s value, as finetune_lora.py (and the
-    Hugging Face imagefolder) reads them. Grid figures and PNGs of other programs have none."""
+def write_metadata(output_dir: Path) -> int:
+    """metadata.jsonl rebuilt from the settings the folder's PNGs carry, replaced in one step; return its lines. A line
+    an image, in file name order: file_name, text (the prompt as sampled), seed and each {placeholder}'s value, as
+    finetune_lora.py (and the Hugging Face imagefolder) reads them; grid figures and other programs' PNGs have none."""
     lines = []
     for path in sorted(output_dir.glob("*.png")):
         try:
@@ -1600,12 +1274,6 @@ def read_captions(output_dir: Path) -> list:
         except (OSError, KeyError, TypeError, ValueError):
             continue
         lines.append(json.dumps({**settings.get("placeholders", {}), **caption}))
-    return lines
-
-
-def write_metadata(output_dir: Path) -> int:
-    """metadata.jsonl rebuilt from the images in the folder (read_captions), replaced in one step; their count."""
-    lines = read_captions(output_dir)
     path = output_dir / METADATA_NAME
     try:
         with atomic_write(path) as staging:
@@ -1615,29 +1283,12 @@ def write_metadata(output_dir: Path) -> int:
     return len(lines)
 
 
-def caption_after_failure(output_dir: Path, state) -> int:
-    """On the main process of a run stopped after its folder was prepared, metadata.jsonl for the images on disk;
-    return their count. A failure to write it (the full disk that stopped the run) leaves the error already being
-    reported."""
-    if not state.is_main_process:
-        return 0
-    try:
-        return write_metadata(output_dir)
-    except GenerateError:
-        return len(read_captions(output_dir))
-
-
-def interrupt_on_sigterm(signal_number, frame):
-    """SIGTERM (SLURM, timeout, torchrun stopping a failed run's other processes) ends the run as Ctrl-C does."""
-    raise KeyboardInterrupt
-
-
 def finish_run(args, prompts, axes, jobs, output_dir: Path, sampled: int, elapsed: float, state, command: str):
     """On the main process: the grid figures (`command`: the generate.py command line they record), metadata.jsonl,
     the totals of the `sampled` images, and the commands that score the folder and that train on it."""
     if not state.is_main_process:
         return
-    if figures_drawn(args, axes):
+    if axes and not args.no_figure:
         draw_figures(args, prompts, axes, jobs, command, output_dir)
     count = write_metadata(output_dir)
     if sampled:
@@ -1664,73 +1315,76 @@ def main(argv=None) -> int:
     output_dir = state = None
     sampling = False  # whether processes may be writing images: a stop then captions what is on disk
     done = 0  # the run's images in the folder before this command sampled any
-    previous_sigterm = signal.signal(signal.SIGTERM, interrupt_on_sigterm)
+    previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         args = parse_args(argv)
         quiet_library_logs()  # before the first diffusers or transformers import: reading a LoRA warns too
         prompts = read_prompts(args)
-        axes, cells = plan(args, prompts)
-        width = ordinal_width(len(cells))
-        # A file name depends only on the image's place in the run and its cell, never on the number of processes.
-        jobs = [
-            (f"{number:0{width}d}-s{cell.seed}-{slugify(cell.prompt)}.png", cell) for number, cell in enumerate(cells)
-        ]
+        axes, jobs = plan(args, prompts)
+        names, cells = {name for name, _ in jobs}, [cell for _, cell in jobs]
         check_inputs(args, args.output_dir or DEFAULT_OUTPUT_ROOT)
         state, device = process_state(args.device)
         dtype = pick_dtype(args.dtype, device, args.made_with)
         lora_names = dict.fromkeys(name for cell in cells for name, _ in cell.lora_scales)
-        lora_files = {name: prepare_lora(name, args.lora_weight_name, args.lora_sha256) for name in lora_names}
-        record = run_record(args, prompts, lora_files, dtype, figures_drawn(args, axes))
-        output_dir = args.output_dir or default_output_dir(record, prompts)
+        lora_files = {name: read_lora(name, args.lora_weight_name, args.lora_sha256) for name in lora_names}
+        record = run_record(args, prompts, lora_files, dtype, bool(axes) and not args.no_figure)
+        # Without --output_dir, the run's own folder, named after its first prompt and settings: the same command
+        # finds it again and adds what is missing, another command gets a folder of its own.
+        digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8]
+        output_dir = args.output_dir or DEFAULT_OUTPUT_ROOT / f"{slugify(prompts[0]['prompt'], 40)}-{digest}"
         check_same_run(output_dir, record, jobs)
 
         pipe = switch = None  # the same command after a complete run only checks the folder: no model to load
-        if not {name for name, _ in jobs} <= set(os.listdir(output_dir) if output_dir.is_dir() else []):
+        if not names <= set(os.listdir(output_dir) if output_dir.is_dir() else []):
             pipe = load_pipeline(args, device, dtype)
             warn_long_prompts(pipe.tokenizer, cells)
             switch = LoraSwitch(pipe, lora_files, {cell.lora_scales for cell in cells})
-        batch_size = agreed_batch_size(pipe, args, jobs, state)
-        mine, done = start_run(output_dir, record, jobs, batch_size, state)
+        mine, done, batch_size = start_run(pipe, args, output_dir, record, jobs, state)
         if state.is_main_process:
             print(
                 f"{len(jobs)} image(s), {done} of them in {output_dir} already; the other {len(jobs) - done} on "
                 f"{state.num_processes} process(es), {device} ({str(dtype).removeprefix('torch.')}), "
                 f"batch size {batch_size}"
             )
-            if device.type == "cpu" and mine:
-                say_if_slow(unet_step_seconds(pipe, args), args)
         if args.compile and mine:
             compile_models(pipe, [cell for _, cell in mine[0]], args)
 
         sampling = True
-        with Progress(output_dir, jobs, done, state) as progress:
-            if mine:  # without a pipeline when the folder held every image
-                write_images(pipe, switch, mine, args, lora_files, dtype, output_dir, progress)
+        start = time.perf_counter()
+        bar = tqdm(
+            total=len(jobs), initial=done, desc="images", unit="image", position=0, disable=not state.is_main_process
+        )
+        with bar:  # closed before an interruption's message, which would otherwise end up above it
+            for written in write_images(pipe, switch, mine, args, lora_files, dtype, output_dir):
+                if state.num_processes == 1:  # with several, a line per image would break the bar and flood the logs
+                    bar.update(len(written))
+                    for path in written:
+                        tqdm.write(f"wrote {path}")
+                elif state.is_main_process:  # every process's images show in the folder
+                    bar.update(len(names.intersection(os.listdir(output_dir))) - bar.n)
             state.wait_for_everyone()
-            elapsed = time.perf_counter() - progress.started
+        elapsed = time.perf_counter() - start
         command = shlex.join(["python", "generate.py", *argv])
         finish_run(args, prompts, axes, jobs, output_dir, len(jobs) - done, elapsed, state, command)
         return 0
-    except GenerateError as error:
+    except (GenerateError, KeyboardInterrupt) as error:
+        interrupted, main_process = isinstance(error, KeyboardInterrupt), state is None or state.is_main_process
         # Before sampling, every process meets the same error: the main process says it. A write error while
         # sampling may be one process's own: it says it.
-        if state is None or state.is_main_process or sampling:
+        if not interrupted and (main_process or sampling):
             print(f"error: {error}", file=sys.stderr)
-        if sampling:
-            caption_after_failure(output_dir, state)
-        return 1
-    except KeyboardInterrupt:
-        if state is not None and not state.is_main_process:
-            return 130
-        if not sampling:
-            print("interrupted before any image was written", file=sys.stderr)
-        else:
-            written = caption_after_failure(output_dir, state) - done
+        if sampling and main_process:  # caption what is on disk
+            with contextlib.suppress(GenerateError):  # a full disk stopped the run: that error is reported
+                write_metadata(output_dir)
+        if interrupted and main_process and sampling:
+            written = len(names.intersection(os.listdir(output_dir))) - done
             print(
                 f"interrupted: {written} image(s) written to {output_dir}; run the same command again to finish",
                 file=sys.stderr,
             )
-        return 130
+        elif interrupted and main_process:
+            print("interrupted before any image was written", file=sys.stderr)
+        return 130 if interrupted else 1
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
 

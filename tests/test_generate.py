@@ -186,14 +186,11 @@ def test_lora_changes_both_unet_and_text_encoder(tiny_model, lora_file, tmp_path
     args = generate.parse_args(["--base_model", str(tiny_model), "--lora", str(path)])
     pipe = generate.load_pipeline(args, torch.device("cpu"), torch.float32)
     text_before, unet_before = component_outputs(pipe)
-    state_dict, sha256 = generate.read_lora(path)
-
-    generate.add_lora_adapter(pipe, generate.LoraFile(str(path), path, state_dict, sha256), "lora0")
-    assert (
-        generate.count_lora_layers(pipe.unet, "lora0") == 4 * 2 * 4
-    )  # q, k, v, out of self- and cross-attention in four blocks
-    assert generate.count_lora_layers(pipe.text_encoder, "lora0") == 4 * 2  # q, k, v, out in two layers
-    generate.fuse_loras(pipe, ((str(path), 1.0),), {str(path): "lora0"})
+    lora = generate.read_lora(str(path))
+    assert lora.layers["unet"] == 4 * 2 * 4  # q, k, v, out of self- and cross-attention in four blocks
+    assert lora.layers["text_encoder"] == 4 * 2  # q, k, v, out in two layers
+    # LoraSwitch checks that each of these found its layer of the model, and fuses the LoRA.
+    generate.LoraSwitch(pipe, {str(path): lora}, {((str(path), 1.0),)})
     text_after, unet_after = component_outputs(pipe)
     assert (text_after - text_before).abs().mean() > 1e-3
     assert (unet_after - unet_before).abs().mean() > 1e-3
@@ -223,7 +220,12 @@ def test_from_png_reproduces_the_pixels(tiny_model, lora_file, tmp_path):
         settings["seed"] == 7 and settings["scheduler"] == "euler_a" and settings["negative_prompt"] == "blurry, dark"
     )
     assert settings["loras"] == [
-        {"lora": str(lora_file), "file": str(lora_file), "sha256": generate.read_lora(lora_file)[1], "scale": 0.8}
+        {
+            "lora": str(lora_file),
+            "file": str(lora_file),
+            "sha256": generate.read_lora(str(lora_file)).sha256,
+            "scale": 0.8,
+        }
     ]
     assert text["parameters"].splitlines() == [
         PROMPT,
@@ -612,7 +614,7 @@ def test_default_lora_is_fetched_from_the_hub_on_first_use(tiny_model, lora_file
         (image,) = (tmp_path / "outputs").glob("*/*.png")
         settings = json.loads(Image.open(image).text["text2face"])
         assert [(lora["lora"], lora["sha256"]) for lora in settings["loras"]] == [
-            ("checkpoints/lora30k", generate.read_lora(lora_file)[1])
+            ("checkpoints/lora30k", generate.read_lora(str(lora_file)).sha256)
         ]
     else:
         assert result.returncode != 0 and "Traceback" not in result.stderr

@@ -4,7 +4,6 @@ trains on the folder as it is. Real processes over gloo, real PNGs, pixels compa
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -195,7 +194,7 @@ def test_finetune_trains_on_the_folder_with_no_extra_flags(tiny_model, reference
     assert (output / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_jsonl_prompts_carry_their_own_seed_and_negative_prompt(tiny_model, tmp_path, capsys, monkeypatch):
+def test_jsonl_prompts_carry_their_own_seed_and_negative_prompt(tiny_model, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         json.dumps({"prompt": "an old man", "seed": 7, "negative_prompt": "glasses"})
@@ -205,13 +204,7 @@ def test_jsonl_prompts_carry_their_own_seed_and_negative_prompt(tiny_model, tmp_
     )
     output_dir = tmp_path / "synth"
     flags = ["--base_model", tiny_model, "--prompts_file", prompts, "--num_images", "2", *TINY_FLAGS, "--device", "cpu"]
-    monkeypatch.setattr(generate, "ESTIMATE_ABOVE", 3)  # a run of more images says how long it takes
     assert generate.main([*flags, "--output_dir", output_dir]) == 0
-    assert re.search(
-        r"^4 image\(s\) at [\d.]+ images/s \(the first batch, times 1 process\(es\)\) take about \d+ s$",
-        capsys.readouterr().out,
-        re.MULTILINE,
-    )
     names = sorted(pngs(output_dir))
     assert names == ["00000-s7-an-old-man.png", "00001-s8-an-old-man.png"] + [
         "00002-s42-a-young-woman.png",

@@ -269,31 +269,6 @@ def test_help_shows_every_default(tmp_path):
     assert re.search(r"--steps STEPS .*\(default: 50\)", " ".join(text.split()))
 
 
-# 10. On the CPU, an estimate before the first image, and seconds per image.
-
-
-def settings_of(argv):
-    """The settings of a command line, as main() has them before any model loads."""
-    return generate.parse_args(argv)
-
-
-def test_a_slow_cpu_run_says_so_before_the_first_image_with_the_faster_settings(capsys):
-    args = settings_of(["--prompt", PROMPT])  # 768 x 768, 50 steps
-    generate.say_if_slow(6.0, args)
-    (line,) = capsys.readouterr().err.splitlines()
-    assert line == (
-        "note: on the CPU each 768x768 image at 50 steps takes about 5 min (one step measured: 6.0 s); "
-        "--height 512 --width 512 --steps 25 --scheduler dpm++ takes about 67 s"
-    )
-    generate.say_if_slow(1.0, args)  # under a minute an image: nothing to say
-    assert capsys.readouterr().err == ""
-    generate.say_if_slow(7.2, settings_of(["--prompt", PROMPT, "--steps", "5000"]))
-    assert "takes about 10.0 h (one step measured: 7.2 s); --height 512" in capsys.readouterr().err
-    generate.say_if_slow(36.0, settings_of(["--prompt", PROMPT, "--height", "512", "--width", "512", "--steps", "25"]))
-    (line,) = capsys.readouterr().err.splitlines()
-    assert line.endswith("512x512 image at 25 steps takes about 15 min (one step measured: 36.0 s)")  # nothing faster
-
-
 # 11. A quiet log; 10. seconds per image.
 
 
