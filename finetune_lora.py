@@ -2150,6 +2150,7 @@ def atomic_write(path: Path):
         raise
 
 
+# Copied from generate.lock_folder with GenerateError->TrainingError
 def lock_folder(folder: Path, flag: str):
     """An exclusive OS lock (flock) on `folder`, held while the returned descriptor is open; None where there are no
     such locks (Windows). The OS drops it when the process ends however it ends, so a killed run leaves no stale
@@ -2173,6 +2174,7 @@ def lock_folder(folder: Path, flag: str):
     return descriptor
 
 
+# Copied from generate.lock_holder
 def lock_holder(folder: Path) -> str:
     """The process that holds the flock on `folder`, as Linux lists it in /proc/locks (major:minor:inode)."""
     device = os.stat(folder)

