@@ -1,20 +1,18 @@
 """Audit a folder that generate.py wrote: who the model draws when the prompt does not say, and whether it copies.
 
---audit: for each group of images (the prompt template before its placeholders are filled, the base model and each
-LoRA with its strength), the share of faces CLIP reads as each value of an attribute (zero-shot: the image against
-"a photo of a {value} person" for each value, the most similar wins), with 95% Wilson intervals and an evenness
-(normalized entropy: 1 is even, 0 is one value only), as in "Stable Bias" (Luccioni et al. 2023). Bare --audit
-audits gender, age and ethnicity with FairFace's categories. Written into FOLDER: audit.csv (a row per image),
-audit.json (per group, and the exact texts each attribute was chosen among) and audit.png (stacked bars).
+--audit: per group of images (the prompt template before its placeholders are filled; the base model, each LoRA
+and strength), the share of faces CLIP reads as each value of an attribute (zero-shot: the most similar of "a photo
+of a {value} person" over the values), with 95% Wilson intervals and an evenness (normalized entropy: 1 even, 0 one
+value only), as "Stable Bias" (Luccioni et al. 2023). Bare: gender, age and ethnicity in FairFace's categories.
+Written into FOLDER: audit.csv (a row per image), audit.json (per group; the texts chosen among), audit.png (bars).
 
---train_data_dir: each generated image's nearest training image by cosine similarity of image embeddings (CLIP or
-DINOv2), its rank among all pairs, and a flag above --copy_threshold (Somepalli et al. 2023, Carlini et al. 2023);
-per group, the mean pairwise similarity of its images (diversity). The training embeddings are cached in FOLDER
-(train_embeddings.safetensors) and reused for every image whose path, size and modification time are unchanged.
-Written into FOLDER: memorization.csv, memorization.json and memorization.png (the closest pairs).
+--train_data_dir: each image's nearest training image by cosine similarity of CLIP or DINOv2 image embeddings, the
+rank of the pair, a flag at --copy_threshold (Somepalli et al. 2023, Carlini et al. 2023) and, per group, the mean
+pairwise similarity of its images (diversity). The training embeddings are cached in FOLDER/train_embeddings.
+safetensors, reused for each image of unchanged path, size and modification time. Written into FOLDER:
+memorization.csv, memorization.json and memorization.png (the closest pairs).
 
-    python generate.py --compare --lora Text2Face-LoRa --prompt "a photo of a person" --num_images 50 \
-        --output_dir outputs/neutral
+    python generate.py --compare --prompt "a photo of a person" --num_images 50 --output_dir outputs/neutral
     python tools/audit.py outputs/neutral --audit
     python tools/audit.py outputs/neutral --audit gender=man,woman --audit "age=child,young adult,elderly"
     python tools/audit.py outputs/neutral --train_data_dir ffhq/images --embedding_model facebook/dinov2-base
@@ -45,16 +43,12 @@ DEFAULT_AUDIT = {
     "age": ["child", "teenage", "young adult", "middle-aged", "elderly"],
     "ethnicity": ["White", "Black", "Latino Hispanic", "East Asian", "Southeast Asian", "Indian", "Middle Eastern"],
 }
-# Cosine of two CLIP ViT-L/14 image embeddings above which a pair is flagged: near-duplicate level (see --help)
-DEFAULT_COPY_THRESHOLD = 0.95
+DEFAULT_COPY_THRESHOLD = 0.95  # the CLIP ViT-L/14 image cosine flagged as a copy: a near duplicate (see --help)
 PNG_SETTINGS_KEY = "text2face"  # the PNG text entry in which generate.py stores an image's settings as JSON
 NO_LORA = "none"  # generate.py's --lora value of the base model alone
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}  # as finetune_lora.py reads
 SCORE_BATCH_SIZE = 32  # images, or texts, per forward pass
 CACHE_NAME = "train_embeddings.safetensors"  # in FOLDER
-WILSON_Z = 1.959964  # the normal quantile of a 95% interval
-PAIRS_SHOWN = 8  # closest pairs in memorization.png
-THUMB = 128  # pixels a side of each face in memorization.png
 FONT_SIZE = 11
 AUDIT_COLUMNS = ("file", "template", "prompt", "seed", "group", "lora", "lora_scale", "base_model")
 COLOURS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f"]
@@ -108,9 +102,7 @@ def parse_args(argv=None):
         "for the default CLIP ViT-L/14: resized or re-encoded copies of one photograph stay above it, distinct "
         "photographs rarely reach it; a screen, not proof: look at memorization.png, and set your own for DINOv2)",
     )
-    parser.add_argument(
-        "--block_size", type=int, default=4096, help="training embeddings per matrix product (bounds the memory)"
-    )
+    parser.add_argument("--block_size", type=int, default=4096, help="training images compared at once (bounds memory)")
     parser.add_argument(
         "--device", default="auto", help="auto (the default: cuda, else mps, else cpu), cpu, cuda[:N] or mps"
     )
@@ -123,12 +115,10 @@ def check_args(args) -> dict:
         raise AuditError("nothing to do: pass --audit, --train_data_dir DIR, or both")
     if args.block_size < 1:
         raise AuditError(f"--block_size {args.block_size}: give a positive number")
-    if args.audit is None:
-        return {}
-    if "{value}" not in args.audit_template:
+    if args.audit and "{value}" not in args.audit_template:
         raise AuditError(f"--audit_template {args.audit_template!r} has no {{value}}: e.g. '{DEFAULT_TEMPLATE}'")
     attributes = {}
-    for spec in args.audit:
+    for spec in args.audit or []:
         if not spec:
             attributes.update({name: values for name, values in DEFAULT_AUDIT.items() if name not in attributes})
             continue
@@ -267,18 +257,21 @@ def load_model(name: str, flag: str, device: torch.device, text_too: bool) -> tu
     return model.eval().to(device), processor
 
 
-def embed_images(model, processor, paths: list, device, progress: bool = False) -> torch.Tensor:
+def embed_images(model, processor, paths: list, device) -> torch.Tensor:
     """The image embeddings (CLIP's projected image features, DINOv2's class token) of the images at `paths`, each
     of length 1 so that a dot product is a cosine, SCORE_BATCH_SIZE per forward pass."""
     from tqdm import tqdm
 
     batches = []
-    with torch.inference_mode(), tqdm(total=len(paths), unit="image", disable=not progress or None) as bar:
+    with torch.inference_mode(), tqdm(total=len(paths), unit="image", disable=None) as bar:
         for start in range(0, len(paths), SCORE_BATCH_SIZE):
             batch = []
             for path in paths[start : start + SCORE_BATCH_SIZE]:
-                with Image.open(path) as image:
-                    batch.append(image.convert("RGB"))
+                try:
+                    with Image.open(path) as image:
+                        batch.append(image.convert("RGB"))
+                except OSError as error:  # finetune_lora.py skips such a file, so it was not trained on
+                    raise AuditError(f"cannot read {path} ({first_line(error)}): remove it or replace it") from None
             pixels = processor(images=batch, return_tensors="pt").pixel_values.to(device)
             if model.config.model_type == "clip":
                 batches.append(model.get_image_features(pixel_values=pixels).pooler_output)
@@ -286,14 +279,6 @@ def embed_images(model, processor, paths: list, device, progress: bool = False) 
                 batches.append(model(pixel_values=pixels).pooler_output)
             bar.update(len(batch))
     features = torch.cat(batches).float() if batches else torch.empty(0, 0)
-    return torch.nn.functional.normalize(features, dim=-1).cpu()
-
-
-def embed_texts(model, processor, texts: list, device) -> torch.Tensor:
-    """CLIP's text embeddings of `texts`, each of length 1."""
-    with torch.inference_mode():
-        tokens = processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
-        features = model.get_text_features(**tokens).pooler_output.float()
     return torch.nn.functional.normalize(features, dim=-1).cpu()
 
 
@@ -348,30 +333,25 @@ def groups_of(rows: list) -> dict:
 # The audit: CLIP's zero-shot reading of each unprompted attribute, and its distribution per group
 
 
-def audit_texts(attributes: dict, template: str) -> dict:
-    """{attribute: {value: the text it is read through}}, as audit.json records them."""
-    return {
-        name: {value: template.replace("{value}", value) for value in values} for name, values in attributes.items()
-    }
-
-
-def audit_images(model, processor, images: dict, rows: list, texts: dict, device):
-    """Add to each row the value CLIP picks for each attribute: the value whose text is most similar to the image."""
+def audit_images(model, processor, images: dict, texts: dict, device) -> list:
+    """The images' rows, each with the value CLIP picks for each attribute: the one whose text is most similar."""
     flat = [text for by_value in texts.values() for text in by_value.values()]
-    pictures, text_features = (
-        embed_images(model, processor, list(images), device),
-        embed_texts(model, processor, flat, device),
-    )
-    embedded = dict(zip(flat, text_features, strict=True))
+    pictures = embed_images(model, processor, list(images), device)
+    with torch.inference_mode():
+        tokens = processor.tokenizer(flat, padding=True, truncation=True, return_tensors="pt").to(device)
+        features = model.get_text_features(**tokens).pooler_output.float()
+    embedded = dict(zip(flat, torch.nn.functional.normalize(features, dim=-1).cpu(), strict=True))
+    rows = image_rows(images)
     for row, picture in zip(rows, pictures, strict=True):
         for name, by_value in texts.items():
             similarity = torch.stack([embedded[text] for text in by_value.values()]) @ picture
             row[name] = list(by_value)[int(similarity.argmax())]
+    return rows
 
 
-def wilson_interval(count: int, total: int, z: float = WILSON_Z) -> tuple:
-    """The Wilson score interval of a share count / total (Wilson 1927): unlike p +- z sqrt(p(1-p)/n), it stays in
-    [0, 1] and is not empty at 0 or n."""
+def wilson_interval(count: int, total: int, z: float = 1.959964) -> tuple:
+    """The Wilson score interval (Wilson 1927; 95% for this z) of the share count / total: unlike p +- z sqrt(p(1-p)
+    / n), it stays in [0, 1] and is not empty at 0 or n."""
     share = count / total
     centre = (share + z * z / (2 * total)) / (1 + z * z / total)
     half = z / (1 + z * z / total) * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total))
@@ -409,10 +389,8 @@ def audit_table(summary: dict) -> str:
     for name, group in summary.items():
         for attribute, result in group["attributes"].items():
             shares = "  ".join(
-                f"{value} {share:.0%} ({low:.0%}-{high:.0%})"
-                for (value, share), (low, high) in zip(
-                    result["shares"].items(), result["intervals"].values(), strict=True
-                )
+                f"{value} {result['shares'][value]:.0%} ({low:.0%}-{high:.0%})"
+                for value, (low, high) in result["intervals"].items()
             )
             lines.append([name, attribute, str(group["images"]), f"{result['evenness']:.2f}", shares])
     widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
@@ -458,18 +436,18 @@ def audit_figure(summary: dict, attributes: dict, scorer_name: str, bar: int = 4
 
 def training_files(folder: Path) -> list:
     """[(path relative to the folder, size, modification time in ns)] of every image in the training folder."""
-    if not folder.is_dir():
-        raise AuditError(f"--train_data_dir {folder}: no such folder: pass the folder finetune_lora.py trains on")
     paths = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
     if not paths:
-        raise AuditError(f"--train_data_dir {folder} holds no image ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise AuditError(
+            f"--train_data_dir {folder} is no folder or holds no image ({', '.join(sorted(IMAGE_EXTENSIONS))}): pass "
+            "the folder finetune_lora.py trains on"
+        )
     return [(path.relative_to(folder).as_posix(), path.stat().st_size, path.stat().st_mtime_ns) for path in paths]
 
 
 def training_embeddings(model, processor, args, files: list, device) -> torch.Tensor:
-    """The embeddings of the training images, in the order of `files`: from FOLDER's cache for each image whose
-    path, size and modification time it holds for the same model and folder, embedded for the others; the cache is
-    written again when anything changed."""
+    """The training images' embeddings, in the order of `files`: from FOLDER's cache for each image of the path, size
+    and modification time it holds for this model and folder, embedded for the others (the cache then rewritten)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import save_file
 
@@ -484,12 +462,12 @@ def training_embeddings(model, processor, args, files: list, device) -> torch.Te
     missing = [entry for entry in files if entry not in cached]
     print(f"training embeddings: {len(files) - len(missing)} cached, {len(missing)} to embed")
     paths = [args.train_data_dir / name for name, _, _ in missing]
-    cached |= dict(zip(missing, embed_images(model, processor, paths, device, progress=True), strict=True))
+    cached |= dict(zip(missing, embed_images(model, processor, paths, device), strict=True))
     embeddings = torch.stack([cached[entry] for entry in files])
     if missing or len(cached) != len(files):
-        metadata = json.dumps({**owner, "files": files})
+        metadata = {"cache": json.dumps({**owner, "files": files})}
         with atomic_write(cache_path) as staging:
-            save_file({"embeddings": embeddings.contiguous()}, staging, metadata={"cache": metadata})
+            save_file({"embeddings": embeddings.contiguous()}, staging, metadata=metadata)
     return embeddings
 
 
@@ -508,27 +486,26 @@ def nearest_training(generated: torch.Tensor, training: torch.Tensor, block_size
 def diversity(embeddings: torch.Tensor) -> float | None:
     """The mean cosine similarity of each pair of distinct images (1: one face again and again); None for one."""
     count = len(embeddings)
-    if count < 2:
-        return None
-    return float(((embeddings @ embeddings.T).sum() - count) / (count * (count - 1)))
+    return float(((embeddings @ embeddings.T).sum() - count) / (count * (count - 1))) if count > 1 else None
 
 
-def pairs_figure(pairs: list, folder: Path, train_dir: Path, model_name: str) -> Image.Image:
-    """The closest pairs, a row each: the generated face beside its nearest training face, the similarity under."""
+def pairs_figure(rows: list, folder: Path, train_dir: Path, model_name: str, shown=8, thumb=128) -> Image.Image:
+    """The `shown` closest pairs, a row each: a generated face beside its nearest training face, similarity under."""
+    pairs = sorted(rows, key=lambda row: row["rank"])[:shown]
     font = ImageFont.load_default(size=FONT_SIZE)
     line, margin = math.ceil(font.size * 1.6), 8
     title = f"Closest generated | training pairs, {model_name}"
-    width = max(2 * THUMB + 3 * margin, math.ceil(font.getlength(title)) + 2 * margin)
-    figure = Image.new("RGB", (width, margin + line + len(pairs) * (THUMB + line + margin)), "white")
+    width = max(2 * thumb + 3 * margin, math.ceil(font.getlength(title)) + 2 * margin)
+    figure = Image.new("RGB", (width, margin + line + len(pairs) * (thumb + line + margin)), "white")
     draw = ImageDraw.Draw(figure)
     draw.text((margin, margin), title, fill="black", font=font)
     for number, row in enumerate(pairs):
-        y = margin + line + number * (THUMB + line + margin)
+        y = margin + line + number * (thumb + line + margin)
         for column, path in enumerate([folder / row["file"], train_dir / row["nearest"]]):
             with Image.open(path) as image:
-                figure.paste(image.convert("RGB").resize((THUMB, THUMB)), (margin + column * (THUMB + margin), y))
+                figure.paste(image.convert("RGB").resize((thumb, thumb)), (margin + column * (thumb + margin), y))
         label = f"#{row['rank']}  {row['similarity']:.3f}{'  copy?' if row['copied'] else ''}"
-        draw.text((margin, y + THUMB + 2), label, fill="black", font=font)
+        draw.text((margin, y + thumb + 2), label, fill="black", font=font)
     return figure
 
 
@@ -554,8 +531,11 @@ def write_outputs(folder: Path, stem: str, rows: list, record: dict, figure: Ima
 def run_audit(args, attributes: dict, images: dict, device) -> tuple:
     """The audit, printed: ("audit", its rows, its record, its figure)."""
     model, processor = load_model(args.score_model, "--score_model", device, text_too=True)
-    rows, texts = image_rows(images), audit_texts(attributes, args.audit_template)
-    audit_images(model, processor, images, rows, texts, device)
+    # the exact texts each attribute is chosen among, recorded in audit.json
+    texts = {
+        name: {v: args.audit_template.replace("{value}", v) for v in values} for name, values in attributes.items()
+    }
+    rows = audit_images(model, processor, images, texts, device)
     summary = summarize_audit(groups_of(rows), attributes)
     print(f"audited {len(rows)} image(s) with {args.score_model}:\n{audit_table(summary)}")
     record = {"score_model": args.score_model, "images": len(rows), "texts": texts, "groups": summary}
@@ -569,8 +549,7 @@ def run_memorization(args, images: dict, files: list, device) -> tuple:
     training = training_embeddings(model, processor, args, files, device)
     generated = embed_images(model, processor, list(images), device)
     similarity, index = nearest_training(generated, training, args.block_size)
-    ranks = torch.empty(len(similarity), dtype=torch.long)
-    ranks[similarity.argsort(descending=True)] = torch.arange(1, len(similarity) + 1)  # 1: the closest pair
+    ranks = similarity.argsort(descending=True).argsort() + 1  # 1: the closest pair
     rows = image_rows(images)
     for number, row in enumerate(rows):
         row |= {"nearest": files[int(index[number])][0], "similarity": round(float(similarity[number]), 6)}
@@ -587,8 +566,7 @@ def run_memorization(args, images: dict, files: list, device) -> tuple:
     print(f"{len(flagged)} of {len(rows)} image(s) at or above {args.copy_threshold} similarity to a training image")
     for name, group in groups.items():
         print(f"  {name}: {group['images']} image(s), mean pairwise similarity {group['diversity'] or math.nan:.3f}")
-    pairs = sorted(rows, key=lambda row: row["rank"])[:PAIRS_SHOWN]
-    return "memorization", rows, record, pairs_figure(pairs, args.folder, args.train_data_dir, args.embedding_model)
+    return "memorization", rows, record, pairs_figure(rows, args.folder, args.train_data_dir, args.embedding_model)
 
 
 def main(argv=None) -> int:
