@@ -383,16 +383,17 @@ def summarize_audit(groups: dict, attributes: dict) -> dict:
     return summary
 
 
-def audit_table(summary: dict) -> str:
-    """The summary as text: a line per group and attribute with the shares and the evenness."""
-    lines = [["group", "attribute", "images", "evenness", "shares (95% interval)"]]
-    for name, group in summary.items():
-        for attribute, result in group["attributes"].items():
+def audit_table(summary: dict, attributes: dict) -> str:
+    """The summary as text: a line per attribute and group (base model beside LoRA) with shares and evenness."""
+    lines = [["attribute", "group", "images", "evenness", "shares (95% interval)"]]
+    for attribute in attributes:
+        for name, group in summary.items():
+            result = group["attributes"][attribute]
             shares = "  ".join(
                 f"{value} {result['shares'][value]:.0%} ({low:.0%}-{high:.0%})"
                 for value, (low, high) in result["intervals"].items()
             )
-            lines.append([name, attribute, str(group["images"]), f"{result['evenness']:.2f}", shares])
+            lines.append([attribute, name, str(group["images"]), f"{result['evenness']:.2f}", shares])
     widths = [max(len(line[column]) for line in lines) for column in range(len(lines[0]))]
     return "\n".join("  ".join(map(str.ljust, line, widths)).rstrip() for line in lines)
 
@@ -537,7 +538,7 @@ def run_audit(args, attributes: dict, images: dict, device) -> tuple:
     }
     rows = audit_images(model, processor, images, texts, device)
     summary = summarize_audit(groups_of(rows), attributes)
-    print(f"audited {len(rows)} image(s) with {args.score_model}:\n{audit_table(summary)}")
+    print(f"audited {len(rows)} image(s) with {args.score_model}:\n{audit_table(summary, attributes)}")
     record = {"score_model": args.score_model, "images": len(rows), "texts": texts, "groups": summary}
     return "audit", rows, record, audit_figure(summary, attributes, args.score_model)
 
