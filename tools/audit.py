@@ -49,6 +49,7 @@ NO_LORA = "none"  # generate.py's --lora value of the base model alone
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}  # as finetune_lora.py reads
 SCORE_BATCH_SIZE = 32  # images, or texts, per forward pass
 CACHE_NAME = "train_embeddings.safetensors"  # in FOLDER
+CACHE_EVERY = 4096  # training images embedded between two writes of the cache
 FONT_SIZE = 11
 AUDIT_COLUMNS = ("file", "template", "prompt", "seed", "group", "lora", "lora_scale", "base_model")
 COLOURS = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f"]
@@ -99,8 +100,8 @@ def parse_args(argv=None):
         type=float,
         default=DEFAULT_COPY_THRESHOLD,
         help=f"cosine similarity at or above which a pair is flagged as a copy (default: {DEFAULT_COPY_THRESHOLD}, "
-        "for the default CLIP ViT-L/14: resized or re-encoded copies of one photograph stay above it, distinct "
-        "photographs rarely reach it; a screen, not proof: look at memorization.png, and set your own for DINOv2)",
+        "meant for CLIP ViT-L/14 as a near-duplicate level, between distinct faces and resized or re-encoded copies; "
+        "not calibrated here: see the README to calibrate it, look at memorization.png, set your own for DINOv2)",
     )
     parser.add_argument("--block_size", type=int, default=4096, help="training images compared at once (bounds memory)")
     parser.add_argument(
@@ -278,8 +279,7 @@ def embed_images(model, processor, paths: list, device) -> torch.Tensor:
             else:
                 batches.append(model(pixel_values=pixels).pooler_output)
             bar.update(len(batch))
-    features = torch.cat(batches).float() if batches else torch.empty(0, 0)
-    return torch.nn.functional.normalize(features, dim=-1).cpu()
+    return torch.nn.functional.normalize(torch.cat(batches).float(), dim=-1).cpu()
 
 
 # The images and their groups, from the settings their PNGs carry
@@ -440,8 +440,7 @@ def training_files(folder: Path) -> list:
     paths = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
     if not paths:
         raise AuditError(
-            f"--train_data_dir {folder} is no folder or holds no image ({', '.join(sorted(IMAGE_EXTENSIONS))}): pass "
-            "the folder finetune_lora.py trains on"
+            f"--train_data_dir {folder} is no folder or holds no image: pass the one finetune_lora.py reads"
         )
     return [(path.relative_to(folder).as_posix(), path.stat().st_size, path.stat().st_mtime_ns) for path in paths]
 
@@ -462,14 +461,15 @@ def training_embeddings(model, processor, args, files: list, device) -> torch.Te
                 cached = dict(zip(map(tuple, metadata["files"]), file.get_tensor("embeddings"), strict=True))
     missing = [entry for entry in files if entry not in cached]
     print(f"training embeddings: {len(files) - len(missing)} cached, {len(missing)} to embed")
-    paths = [args.train_data_dir / name for name, _, _ in missing]
-    cached |= dict(zip(missing, embed_images(model, processor, paths, device), strict=True))
-    embeddings = torch.stack([cached[entry] for entry in files])
-    if missing or len(cached) != len(files):
-        metadata = {"cache": json.dumps({**owner, "files": files})}
+    for start in range(0, len(missing), CACHE_EVERY):  # the cache written as it grows: a stopped run goes on from it
+        chunk = missing[start : start + CACHE_EVERY]
+        paths = [args.train_data_dir / name for name, _, _ in chunk]
+        cached |= dict(zip(chunk, embed_images(model, processor, paths, device), strict=True))
+        done = [entry for entry in files if entry in cached]  # of a removed or changed image, the entry goes
+        metadata = {"cache": json.dumps({**owner, "files": done})}
         with atomic_write(cache_path) as staging:
-            save_file({"embeddings": embeddings.contiguous()}, staging, metadata=metadata)
-    return embeddings
+            save_file({"embeddings": torch.stack([cached[entry] for entry in done])}, staging, metadata=metadata)
+    return torch.stack([cached[entry] for entry in files])
 
 
 def nearest_training(generated: torch.Tensor, training: torch.Tensor, block_size: int) -> tuple:
@@ -561,7 +561,7 @@ def run_memorization(args, images: dict, files: list, device) -> tuple:
         for name, members in groups_of(rows).items()
     }
     flagged = [row["file"] for row in rows if row["copied"]]
-    record = {"embedding_model": args.embedding_model, "train_data_dir": str(args.train_data_dir)}
+    record = {"embedding_model": args.embedding_model, "train_data_dir": str(args.train_data_dir), "images": len(rows)}
     record |= {"training_images": len(files), "copy_threshold": args.copy_threshold, "copied": flagged}
     record |= {"most_similar": float(similarity.max()), "groups": groups}
     print(f"{len(flagged)} of {len(rows)} image(s) at or above {args.copy_threshold} similarity to a training image")
