@@ -205,6 +205,8 @@ def text_only(tiny_model, tiny_clip, tmp_path):
         ("empty training folder", "holds no image"),
         ("no image encoder", "without an image encoder"),
         ("no generate.py PNG", "none of its 1 PNG file(s) is an image written by generate.py"),
+        ("template without {value}", "has no {value}"),
+        ("nothing asked", "nothing to do"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(case, expected, sampled, tiny_clip, text_only, tmp_path, capsys):
@@ -215,6 +217,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, expected, sampled, tiny_
         "empty training folder": [sampled, "--train_data_dir", empty, "--score_model", tiny_clip],
         "no image encoder": [sampled, "--train_data_dir", sampled, "--embedding_model", text_only],
         "no generate.py PNG": [empty, "--audit", "--score_model", tiny_clip],
+        "template without {value}": [sampled, "--audit", "--audit_template", "a person", "--score_model", tiny_clip],
+        "nothing asked": [sampled, "--score_model", tiny_clip],
     }[case]
     if case == "no generate.py PNG":
         Image.new("RGB", (8, 8)).save(empty / "photo.png")

@@ -246,7 +246,7 @@ def load_model(name: str, flag: str, device: torch.device, text_too: bool) -> tu
         except (OSError, ValueError) as error:
             if folder is not None or not local_files_only:
                 raise AuditError(
-                    f"cannot load {flag} {name} ({first_line(error)}): pass {kinds} such as {DEFAULT_SCORE_MODEL}"
+                    f"cannot load {flag} {name} ({first_line(error)}): pass {kinds}, a folder or a Hub id"
                 ) from None
     # transformers fills weights a checkpoint lacks with random ones, and says so only in the log quieted
     missing = sorted(key for key in loading["missing_keys"] if text_too or not key.startswith("text"))
