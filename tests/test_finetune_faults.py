@@ -535,3 +535,36 @@ def test_overwrite_refuses_a_symbolic_link_before_it_deletes_anything(tiny_model
     [line] = capfd.readouterr().err.splitlines()
     assert line.startswith(f"error: {output / 'checkpoint-10'} is or lies in a symbolic link"), line
     assert sorted((p, p.stat().st_size) for p in tmp_path.rglob("*") if p.is_file()) == before
+
+
+def test_two_processes_preempted_during_the_main_process_grid_stop_together_and_resume(tiny_model, tmp_path):
+    """Validation samples on the main process alone: a stop it sees mid-grid must reach the other process, waiting at
+    the checkpoint, so that both save the same step and exit; the resumed pair ends as an uninterrupted pair."""
+    data = make_face_folder(tmp_path / "faces", count=8, size=64)
+
+    def command(output):
+        flags = ["--max_train_steps", "8", "--checkpointing_steps", "4", "--validation_prompts", "a face"]
+        flags += ["--num_validation_images", "8", "--resume_from_checkpoint", "latest", "--verbose"]
+        launcher = ["--multi_gpu", "--num_processes", 2, "--main_process_port", free_port()]
+        return accelerate_launch(train_args(tiny_model, data, output, *flags), *launcher)
+
+    reference = subprocess.run(command(tmp_path / "reference"), capture_output=True, text=True, env=cpu_env())
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    output = tmp_path / "run"
+    launcher = start(command(output))
+    try:
+        read_until(launcher, "Sampling the validation grid of step 4")
+        os.killpg(launcher.pid, signal.SIGTERM)
+        rest = launcher.stderr.read()
+    finally:
+        launcher.wait(timeout=120)
+    assert launcher.returncode == 128 + signal.SIGTERM, rest[-3000:]
+    assert "Validation grid of step 4 given up" in rest and "Stopped by SIGTERM after step 4" in rest, rest[-3000:]
+    assert [p.name for p in output.glob("checkpoint-*")] == ["checkpoint-4"]
+    assert finetune_lora.is_complete_checkpoint(output / "checkpoint-4")
+    assert (output / "checkpoint-4" / "random_states_1.pkl").is_file()
+
+    resumed = subprocess.run(command(output), capture_output=True, text=True, env=cpu_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = lora(tmp_path / "reference"), lora(output)
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
