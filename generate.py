@@ -1457,6 +1457,8 @@ def finish_run(args, prompts, axes, jobs, output_dir: Path, sampled: int, elapse
         )
     else:
         print(f"nothing to sample: all {count} image(s) of this run are in {output_dir}")
+    if args.from_png is not None and len(jobs) == 1:
+        print(compare_with_source(output_dir / jobs[0][0], args.from_png))
     if any(axis.name not in SETTING_AXES for axis in axes):
         score = shlex.join(["python", "tools/score.py", str(output_dir)])
         print(f"to score how well the images follow their {{placeholder}} values: {score}")
@@ -1467,6 +1469,21 @@ def finish_run(args, prompts, axes, jobs, output_dir: Path, sampled: int, elapse
     if resolution != 768:  # finetune_lora.py's default, which would upscale smaller images
         train += ["--resolution", str(resolution)]
     print(f"{count} captioned image(s) in {output_dir / METADATA_NAME}; to train on them: {shlex.join(train)}")
+
+
+def compare_with_source(image: Path, source: Path) -> str:
+    """Whether a --from_png image came out as the image it was rendered from, pixel for pixel, or by how much not."""
+    with Image.open(image) as new, Image.open(source) as old:
+        new, old = np.asarray(new.convert("RGB"), dtype=np.int16), np.asarray(old.convert("RGB"), dtype=np.int16)
+    if new.shape != old.shape:
+        return f"{image} is {new.shape[1]}x{new.shape[0]}, {source} {old.shape[1]}x{old.shape[0]}"
+    differing = int((new != old).sum())
+    if not differing:
+        return f"{image} matches {source} pixel for pixel"
+    return (
+        f"{image} differs from {source} in {differing} of {new.size} subpixels, by up to "
+        f"{int(np.abs(new - old).max())} levels (flags given, another device or dtype, or other library versions)"
+    )
 
 
 def main(argv=None) -> int:
@@ -1492,6 +1509,9 @@ def main(argv=None) -> int:
         # finds it again and adds what is missing, another command gets a folder of its own.
         digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8]
         output_dir = args.output_dir or DEFAULT_OUTPUT_ROOT / f"{slugify(prompts[0]['prompt'], 40)}-{digest}"
+        if args.from_png is not None and args.output_dir is None:  # rendering again always renders: a new folder
+            again = (DEFAULT_OUTPUT_ROOT / "from_png" / f"{args.from_png.stem}-{n}" for n in itertools.count(1))
+            output_dir = next(folder for folder in again if not folder.exists())
         lock, created = lock_output_dir(output_dir, state)
         check_same_run(output_dir, record, jobs)
         if state.is_main_process:

@@ -163,3 +163,20 @@ def test_an_edited_png_is_checked_as_strictly_as_the_flags(tiny_model, tmp_path,
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: ") and message in line, line
     assert not (tmp_path / "again").exists()
+
+
+def test_from_png_always_renders_into_a_folder_of_its_own_and_says_whether_it_matches(
+    tiny_model, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--base_model", str(tiny_model), "--height", "64", "--width", "64", "--steps", "2", "--device", "cpu"]
+    assert generate.main([*flags, "--prompt", PROMPT, "--lora", "none"]) == 0
+    [source] = (tmp_path / "outputs").glob("*/*.png")
+    for number in (1, 2):  # the second time too: a render again is never "nothing to sample"
+        capsys.readouterr()
+        assert generate.main(["--from_png", str(source), "--device", "cpu"]) == 0
+        out = capsys.readouterr().out
+        again = Path("outputs", "from_png", f"{source.stem}-{number}", source.name)
+        assert f"{again} matches {source} pixel for pixel" in out and "nothing to sample" not in out, out
+    assert generate.main(["--from_png", str(source), "--device", "cpu", "--steps", "3"]) == 0
+    assert f"differs from {source} in " in capsys.readouterr().out
