@@ -177,7 +177,12 @@ def parse_args(argv=None):
     )
 
     add = parser.add_argument_group("model").add_argument
-    add("--base_model", default=DEFAULT_BASE_MODEL, help="Hub id or folder of SD2.1 (default: %(default)s)")
+    add(
+        "--base_model",
+        "--pretrained_model_name_or_path",  # the diffusers spelling, which finetune_lora.py uses
+        default=DEFAULT_BASE_MODEL,
+        help="Hub id or folder of SD2.1 (default: %(default)s)",
+    )
     add("--variant", choices=["fp16"], help="Load the *.fp16.safetensors, cast to --dtype (default: full precision)")
     add(
         "--lora",

@@ -180,3 +180,9 @@ def test_from_png_always_renders_into_a_folder_of_its_own_and_says_whether_it_ma
         assert f"{again} matches {source} pixel for pixel" in out and "nothing to sample" not in out, out
     assert generate.main(["--from_png", str(source), "--device", "cpu", "--steps", "3"]) == 0
     assert f"differs from {source} in " in capsys.readouterr().out
+
+
+def test_the_base_model_flag_takes_the_training_scripts_spelling_too(tiny_model, tmp_path):
+    flags = ["--prompt", PROMPT, "--lora", "none", "--steps", "2", "--height", "64", "--width", "64"]
+    args = generate.parse_args([*flags, "--pretrained_model_name_or_path", str(tiny_model)])
+    assert args.base_model == str(tiny_model)
