@@ -188,7 +188,7 @@ def parse_args(argv=None):
         help="Start afresh in an output_dir that holds a run: deletes its weights, checkpoints, grids, logs and card.",
     )
     training.add_argument(
-        "--seed", type=int, default=0, help="Seed of the LoRA init, data order, crops, flips, noise and validation."
+        "--seed", type=int, default=42, help="Seed of the LoRA init, data order, crops, flips, noise and validation."
     )
     training.add_argument("--train_batch_size", type=int, default=4, help="Images per process per forward pass.")
     training.add_argument("--num_train_epochs", type=int, default=20, help="Passes over the data.")
@@ -1523,9 +1523,11 @@ class StopRequest:
         self.launcher_pid = os.getppid() if launched else None
 
     def __call__(self, signum, frame):
-        self.reason = self.reason or signal.Signals(signum).name
         # A cluster's SIGTERM reaches this process twice (from the scheduler, and forwarded by accelerate launch):
-        # both are one request. A second Ctrl-C is a person who wants it to stop now.
+        # both are one request. A Ctrl-C reaches it with the SIGTERM the launcher sends on: the Ctrl-C is the
+        # user's, whichever comes first. A second Ctrl-C is a person who wants it to stop now.
+        if self.reason is None or signum == signal.SIGINT:
+            self.reason = signal.Signals(signum).name
         if signum == signal.SIGINT:
             signal.signal(signum, signal.SIG_DFL)
 
@@ -1914,6 +1916,7 @@ def make_accelerator(args):
             "(pip install tensorboard to log them)",
             file=sys.stderr,
         )
+    check_process_count()
     # Without a GPU, accelerate forms a gloo process group under torchrun only when asked for the CPU.
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -1934,6 +1937,26 @@ def make_accelerator(args):
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
+
+
+# Copied from generate.check_process_count with GenerateError->TrainingError
+def check_process_count():
+    """`accelerate launch --num_processes N` without --multi_gpu starts N processes only on a host with N GPUs; on
+    others it starts one, which would then do the work of N alone."""
+    import psutil  # accelerate's dependency
+
+    if "WORLD_SIZE" in os.environ or "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        return  # several processes were started, or no accelerate launch
+    with contextlib.suppress(psutil.Error):
+        script = Path(sys.argv[0]).name
+        launcher = itertools.takewhile(lambda part: Path(part).name != script, psutil.Process().parent().cmdline())
+        flags = [part for flag in launcher for part in flag.split("=", 1)]
+        asked = flags[flags.index("--num_processes") + 1] if "--num_processes" in flags[:-1] else "1"
+        if asked.isdigit() and int(asked) > 1:
+            raise TrainingError(
+                f"accelerate launch --num_processes {asked} started 1 process, as it does without --multi_gpu where "
+                f"there are not {asked} GPUs: add --multi_gpu (it starts {asked} processes on CPUs too)"
+            )
 
 
 def configure_logging(accelerator):

@@ -1303,6 +1303,7 @@ def process_state(name: str) -> tuple:
         raise GenerateError(f"--device {name}: no such CUDA device here (found {torch.cuda.device_count()})")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise GenerateError("--device mps: Apple MPS is not available on this machine")
+    check_process_count()
     state = PartialState(cpu=device.type == "cpu")  # on the CPU, several processes join over gloo
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if state.num_processes != world_size:
@@ -1310,6 +1311,25 @@ def process_state(name: str) -> tuple:
             f"accelerate formed {state.num_processes} process(es) but WORLD_SIZE is {world_size}: check the launcher"
         )
     return state, state.device if auto and state.num_processes > 1 else device
+
+
+def check_process_count():
+    """`accelerate launch --num_processes N` without --multi_gpu starts N processes only on a host with N GPUs; on
+    others it starts one, which would then do the work of N alone."""
+    import psutil  # accelerate's dependency
+
+    if "WORLD_SIZE" in os.environ or "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        return  # several processes were started, or no accelerate launch
+    with contextlib.suppress(psutil.Error):
+        script = Path(sys.argv[0]).name
+        launcher = itertools.takewhile(lambda part: Path(part).name != script, psutil.Process().parent().cmdline())
+        flags = [part for flag in launcher for part in flag.split("=", 1)]
+        asked = flags[flags.index("--num_processes") + 1] if "--num_processes" in flags[:-1] else "1"
+        if asked.isdigit() and int(asked) > 1:
+            raise GenerateError(
+                f"accelerate launch --num_processes {asked} started 1 process, as it does without --multi_gpu where "
+                f"there are not {asked} GPUs: add --multi_gpu (it starts {asked} processes on CPUs too)"
+            )
 
 
 def run_record(args, prompts, lora_files: dict, dtype, drawn: bool) -> dict:
