@@ -3,6 +3,7 @@ starts one process, and both scripts stop in one line saying what starts N; with
 its commands, a user error ends in that line alone, without accelerate's traceback."""
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -60,3 +61,20 @@ def test_one_process_asked_runs(tiny_model, face_folder, tmp_path):
     result = launch("generate.py", script_args("generate.py", tiny_model, face_folder, tmp_path / "out"), "--quiet")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "on 1 process(es)" in result.stdout
+
+
+def test_ctrl_c_is_reported_once_as_sigint(tiny_model, face_folder, tmp_path):
+    """A Ctrl-C reaches the launcher and the trainer together; the launcher then sends the trainer a SIGTERM too."""
+    args = train_args(tiny_model, face_folder, tmp_path / "out", "--max_train_steps", "400", "--verbose")
+    command = accelerate_launch(args, "--quiet", "--num_processes", "1")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    for line in launcher.stderr:
+        if "first batch" in line:
+            break
+    os.killpg(launcher.pid, signal.SIGINT)
+    rest = launcher.stderr.read()
+    launcher.wait(timeout=60)
+    stops = [line for line in rest.splitlines() if "Stopped by" in line]
+    assert len(stops) == 1 and stops[0].startswith("Stopped by SIGINT after step "), rest[-3000:]
+    assert "Traceback" not in rest, rest[-3000:]
