@@ -748,7 +748,7 @@ def load_base_components(args, weight_dtype, device) -> tuple:
         with contextlib.suppress(OSError):
             return base_model_components(args, weight_dtype, device, local_files_only=True)
         needed = f"base model {base}, which is not in the Hugging Face cache"
-        fix = how_to_get(base, "--pretrained_model_name_or_path")
+        fix = how_to_get({"--pretrained_model_name_or_path": base})
         check_hub_reachable(base, "model_index.json", needed, fix, args.revision)
     return base_model_components(args, weight_dtype, device, local_files_only=False)
 
@@ -1825,9 +1825,20 @@ def preflight(args):
     """What would otherwise fail after the model load or after training, checked before anything is loaded or
     created: the base model (and the --validation_score model) can be found, and every place the run writes to
     can be written."""
-    check_model(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", args.revision, args.cache_dir)
+    from huggingface_hub import constants
+
+    models = {"--pretrained_model_name_or_path": (args.pretrained_model_name_or_path, args.revision)}
     if args.validation_score:
-        check_model(args.score_model, "--score_model", None, args.cache_dir)
+        models["--score_model"] = (args.score_model, None)
+    missing = {
+        flag: name for flag, (name, revision) in models.items() if not check_model(name, flag, revision, args.cache_dir)
+    }
+    if missing:  # one message names all the Hub must give, and the one command that fetches it all
+        flag, name = next(iter(missing.items()))
+        needed = " and ".join(f"{MODEL_FLAGS[flag][0]} {name}" for flag, name in missing.items())
+        needed += f", {'which is' if len(missing) == 1 else 'which are'} not in the Hugging Face cache "
+        needed += f"({args.cache_dir or constants.HF_HUB_CACHE})"
+        check_hub_reachable(name, MODEL_FLAGS[flag][3][0], needed, how_to_get(missing), models[flag][1])
     output_dir = Path(args.output_dir)
     folders = {output_dir: "--output_dir", output_dir / "validation": "--output_dir"}
     if args.report_to != "none":
@@ -1852,10 +1863,10 @@ MODEL_FLAGS = {
 }
 
 
-def check_model(name: str, flag: str, revision: str | None, cache_dir):
-    """Find in seconds a model that cannot load: a folder that is not there, or a Hub id that is neither in the
-    cache nor reachable (instead of minutes of retries, or a missing-file error that blames the model)."""
-    from huggingface_hub import constants, snapshot_download
+def check_model(name: str, flag: str, revision: str | None, cache_dir) -> bool:
+    """Find in seconds a model that cannot load: a folder that is not there or not whole, or a Hub id that is not
+    valid. Returns whether it is here (a folder, or in the cache); one that is not must come from the Hub."""
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     what, kind, example, parts = MODEL_FLAGS[flag]
@@ -1865,33 +1876,29 @@ def check_model(name: str, flag: str, revision: str | None, cache_dir):
                 f"{flag} {name} has no {', '.join(missing)}: pass the folder of {kind}, complete, or a Hub id like "
                 f"{example}"
             )
-        return
+        return True
     if names_a_folder(name):
         raise TrainingError(f"{flag}: no such folder: {name}: pass the folder of {kind} or a Hub id like {example}")
     try:
         snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=True)
-        return
+        return True
     except LocalEntryNotFoundError:
-        pass
+        return False
     except HFValidationError as error:
         raise TrainingError(
             f"{flag}: no such folder or Hub id: {name} ({first_line(error)}): pass the folder of {kind} or a Hub id "
             f"like {example}"
         ) from error
-    needed = f"{what} {name}, which is not in the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE})"
-    check_hub_reachable(name, parts[0], needed, how_to_get(name, flag), revision)
 
 
-def how_to_get(name: str, flag: str) -> str:
-    fetch = (
-        f"python download.py --base_model {name}"
-        if flag == "--pretrained_model_name_or_path"
-        else f"hf download {name}"
+def how_to_get(missing: dict) -> str:
+    """The fix for the models {flag: Hub id} that are neither here nor reachable: download.py fetches them all."""
+    download = {"--pretrained_model_name_or_path": "--base_model", "--score_model": "--score_model"}
+    fetch = shlex.join(
+        ["python", "download.py", *(part for flag, name in missing.items() for part in (download[flag], name))]
     )
-    return (
-        f"run `{fetch}` where there is a network and use its cache here (HF_HOME, with HF_HUB_OFFLINE=1), "
-        f"or pass {flag} /path/to/folder"
-    )
+    folders = " and ".join(f"{flag} /path/to/folder" for flag in missing)
+    return f"run `{fetch}` where there is a network and use its cache here (HF_HOME, with HF_HUB_OFFLINE=1), or pass {folders}"
 
 
 def no_accelerator_device() -> bool:

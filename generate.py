@@ -664,12 +664,13 @@ def base_model_source(args) -> tuple:
     )
 
 
-def check_inputs(args, output_dir: Path):
-    """Before a model is loaded: the --output_dir, a --base_model folder, or the Hub when the model is not cached."""
+def check_inputs(args, output_dir: Path, lora_names):
+    """Before a model is loaded: the --output_dir, a --base_model folder, or the Hub when the model is not cached,
+    asked once for all it must give (the base model, and the published LoRA if it is not here yet either)."""
     from huggingface_hub import try_to_load_from_cache
 
     check_writable(output_dir, "--output_dir")
-    folder, hub_file = base_model_source(args)
+    folder, (repo_id, filename, needed, fix) = base_model_source(args)
     if folder is None:
         try:
             cached = try_to_load_from_cache(args.base_model, "model_index.json")
@@ -678,8 +679,11 @@ def check_inputs(args, output_dir: Path):
                 f"--base_model {args.base_model} is no folder and no valid Hub id ({first_line(error)}): "
                 f"fix it, e.g. {DEFAULT_BASE_MODEL}"
             ) from None
+        lora = Path(DEFAULT_LORA) / DEFAULT_LORA_WEIGHT_NAME
+        if DEFAULT_LORA in lora_names and args.lora_weight_name == lora.name and not lora.is_file():
+            needed += f", and the LoRA {LORA_HUB_REPO}/{DEFAULT_LORA}, not in {DEFAULT_LORA} yet"
         if not isinstance(cached, str):
-            check_hub_reachable(*hub_file)
+            check_hub_reachable(repo_id, filename, needed, fix)
 
 
 def load_pipeline(args, device: torch.device, dtype: torch.dtype):
@@ -1520,10 +1524,10 @@ def main(argv=None) -> int:
         prompts = read_prompts(args)
         axes, jobs = plan(args, prompts)
         names, cells = {name for name, _ in jobs}, [cell for _, cell in jobs]
-        check_inputs(args, args.output_dir or DEFAULT_OUTPUT_ROOT)
+        lora_names = dict.fromkeys(name for cell in cells for name, _ in cell.lora_scales)
+        check_inputs(args, args.output_dir or DEFAULT_OUTPUT_ROOT, lora_names)
         state, device = process_state(args.device)
         dtype = pick_dtype(args.dtype, device, args.made_with)
-        lora_names = dict.fromkeys(name for cell in cells for name, _ in cell.lora_scales)
         lora_files = {name: read_lora(name, args.lora_weight_name, args.lora_sha256) for name in lora_names}
         record = run_record(args, prompts, lora_files, dtype, bool(axes) and not args.no_figure)
         # Without --output_dir, the run's own folder, named after its first prompt and settings: the same command

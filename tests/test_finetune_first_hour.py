@@ -124,6 +124,23 @@ def test_offline_without_the_model_in_the_cache_says_so_in_one_line(face_folder,
     assert not (tmp_path / "run").exists()
 
 
+def test_offline_one_line_names_every_missing_model_and_the_one_command_that_fetches_them(face_folder, tmp_path):
+    env = {**online_env(tmp_path / "empty-hf-home", "http://127.0.0.1:9"), "HF_HUB_OFFLINE": "1"}
+    result, _ = run_script(
+        ["--train_data_dir", face_folder, "--output_dir", tmp_path / "run", "--validation_score"], env
+    )
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(
+        f"error: cannot load base model {finetune_lora.DEFAULT_BASE_MODEL} and score model "
+        f"{finetune_lora.DEFAULT_SCORE_MODEL}, which are not in the Hugging Face cache "
+        f"({tmp_path / 'empty-hf-home' / 'hub'}), with HF_HUB_OFFLINE=1: run `python download.py --base_model "
+        f"{finetune_lora.DEFAULT_BASE_MODEL} --score_model {finetune_lora.DEFAULT_SCORE_MODEL}` where there is a network"
+    ), line
+    assert "--pretrained_model_name_or_path /path/to/folder and --score_model /path/to/folder" in line
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("name", ["./models/sd21", "~/sd21", "/absolute/sd21", "data/models/sd21"])
 def test_a_base_model_path_that_does_not_exist_is_no_such_folder(face_folder, tmp_path, capfd, monkeypatch, name):
     monkeypatch.chdir(tmp_path)

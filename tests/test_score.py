@@ -294,7 +294,8 @@ def one_error_line(capsys) -> str:
         ("TINY_MODEL", "--score_model: no config.json in"),
         (
             "someone/clip-not-cached",
-            "someone/clip-not-cached, which is not in the Hugging Face cache, with HF_HUB_OFFLINE=1: run `hf download",
+            "someone/clip-not-cached, which is not in the Hugging Face cache, with HF_HUB_OFFLINE=1: run "
+            "`python download.py --score_model someone/clip-not-cached`",
         ),
         ("TEXT_ENCODER", "text-encoder is a clip_text_model model, not a CLIP model with image and text towers"),
         ("INCOMPLETE", "incomplete is incomplete, not a CLIP model with image and text towers (1 weights missing, "),

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -257,7 +258,8 @@ def load_scorer(name: str, device: torch.device) -> tuple:
                 name,
                 "config.json",
                 f"--score_model {name}, which is not in the Hugging Face cache",
-                f"run `hf download {name}` on a machine with network, or pass --score_model /path/to/clip-folder",
+                f"run `{shlex.join(['python', 'download.py', '--score_model', name])}` on a machine with network, "
+                "or pass --score_model /path/to/clip-folder",
             )
     # transformers fills weights a checkpoint lacks with random ones, and says so only in the log quieted above
     missing = sorted(loading["missing_keys"])
