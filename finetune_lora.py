@@ -2253,6 +2253,7 @@ def wrap(text: str, font, max_width: float, max_lines: int) -> list:
 def main(argv=None) -> int:
     accelerator = lock = None
     created = []  # the folders made for --output_dir: removed if the run ends before writing to them
+    training = False  # until then every process meets the same error, and the main process alone says it
     try:
         args = parse_args(argv)
         with stop_on_signals() as stop:
@@ -2275,6 +2276,7 @@ def main(argv=None) -> int:
             first_step = resume(accelerator, checkpoint, settings) if checkpoint else 0
             dataset = training_dataset(args, accelerator, records, models, stop)
             validation = start_logging(args, accelerator, models, scorer, stop)
+            training = True
             exit_code, step = train(
                 args, accelerator, models, optimization, plan, dataset, settings, validation, first_step, stop
             )
@@ -2284,7 +2286,8 @@ def main(argv=None) -> int:
             push_to_hub(repo_id, Path(args.output_dir), step)
         return exit_code
     except TrainingError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if training or os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:  # outside the signal handlers of the run: reading the flags, uploading
         print("error: interrupted; what was saved stays", file=sys.stderr)

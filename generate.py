@@ -1577,7 +1577,8 @@ def main(argv=None) -> int:
         finish_run(args, prompts, axes, jobs, output_dir, len(jobs) - done, elapsed, state, command)
         return 0
     except (GenerateError, KeyboardInterrupt) as error:
-        interrupted, main_process = isinstance(error, KeyboardInterrupt), state is None or state.is_main_process
+        interrupted = isinstance(error, KeyboardInterrupt)
+        main_process = state.is_main_process if state else os.environ.get("RANK", "0") == "0"
         # Before sampling, every process meets the same error: the main process says it. A write error while
         # sampling may be one process's own: it says it.
         if not interrupted and (main_process or sampling):

@@ -516,7 +516,7 @@ def test_a_second_run_into_a_folder_being_trained_stops_at_once_and_the_first_fi
     finally:
         first.wait(timeout=300)
     assert first.returncode == 0, rest[-3000:]
-    assert json.loads((output / "training_settings.json").read_text())["seed"] == 0
+    assert json.loads((output / "training_settings.json").read_text())["seed"] == 42
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     # The lock ends with its run: the folder is free again, and holds a finished run to protect.
     assert finetune_lora.main([*args, "--seed", "1"]) == 1

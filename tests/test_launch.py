@@ -4,6 +4,7 @@ its commands, a user error ends in that line alone, without accelerate's traceba
 
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,12 @@ import pytest
 from train_helpers import accelerate_launch, train_args
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def launch(script: str, script_args, *launcher_args):
@@ -78,3 +85,14 @@ def test_ctrl_c_is_reported_once_as_sigint(tiny_model, face_folder, tmp_path):
     stops = [line for line in rest.splitlines() if "Stopped by" in line]
     assert len(stops) == 1 and stops[0].startswith("Stopped by SIGINT after step "), rest[-3000:]
     assert "Traceback" not in rest, rest[-3000:]
+
+
+@pytest.mark.parametrize("script", ["generate.py", "finetune_lora.py"])
+def test_a_user_error_under_two_processes_is_said_once(script, face_folder, tmp_path):
+    port = free_port()
+    args = script_args(script, tmp_path / "no-such-model", face_folder, tmp_path / "out")
+    result = launch(script, args, "--quiet", "--multi_gpu", "--num_processes", "2", "--main_process_port", port)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no such folder" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
