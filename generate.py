@@ -823,7 +823,6 @@ def read_lora(name: str, weight_name: str = DEFAULT_LORA_WEIGHT_NAME, expected_s
     """The LoRA `name` (a --lora value), read and checked: an unreadable file or one that is no SD LoRA is an error,
     and with --from_png it must be the very file the image was made with: `expected_sha256` maps (--lora value,
     --lora_weight_name) to the sha256 the PNG names."""
-    from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
     path = resolve_lora(name, weight_name)
@@ -835,16 +834,9 @@ def read_lora(name: str, weight_name: str = DEFAULT_LORA_WEIGHT_NAME, expected_s
             "`python download.py`"
         ) from None
     try:
-        check_lora(state_dict)
+        layers = {component: count for component, (count, _) in check_lora(state_dict).items()}
     except GenerateError as error:
         raise GenerateError(f"LoRA {path} {error}: pass a whole LoRA for Stable Diffusion 2.x") from None
-    # The layers after diffusers' key conversion, of a copy: diffusers empties a kohya state dict while converting.
-    converted, _ = StableDiffusionPipeline.lora_state_dict(dict(state_dict))
-    up_weight = re.compile(r"lora_B\.|lora\.up\.|lora_up\.")
-    layers = {
-        component: sum(1 for key in converted if key.startswith(f"{component}.") and up_weight.search(key))
-        for component in LORA_COMPONENTS
-    }
     if not any(layers.values()):
         raise GenerateError(
             f"none of the {len(state_dict)} keys in LoRA {path} belong to a UNet or text-encoder LoRA (expected keys "
@@ -1158,8 +1150,8 @@ def draw_figures(args, prompts, axes, jobs, command: str, output_dir: Path):
     wrapped title and column labels above the cells, row labels left of them. Each records the command that made it
     (`command`) and each cell's box and file; a figure there already (a resumed run's) is kept."""
     rows, columns = (axes[0] if len(axes) == 2 else None), axes[-1]
-    row_labels, column_labels = axis_labels(rows, args), axis_labels(columns, args)
-    shown = {"rows": (rows, row_labels), "columns": (columns, column_labels)}
+    shown = {"rows": (rows, axis_labels(rows, args)), "columns": (columns, axis_labels(columns, args))}
+    (_, row_labels), (_, column_labels) = shown.values()
     figures = [
         (record, record.get("seed", args.seed) + image) for record in prompts for image in range(args.num_images)
     ]
@@ -1183,29 +1175,25 @@ def draw_figures(args, prompts, axes, jobs, command: str, output_dir: Path):
         top = margin + (len(title_lines) + max(map(len, column_lines))) * line_height + margin
         figure = Image.new("RGB", (left + len(column_labels) * width, top + len(row_labels) * height), "white")
         draw = ImageDraw.Draw(figure)
-        for line_number, line in enumerate(title_lines):
-            draw.text((margin, margin + line_number * line_height), line, fill="black", font=font)
-        for column, lines in enumerate(column_lines):  # each label's last line just above the cells
-            for line_number, line in enumerate(lines):
+        # (x, y) of each line: the title's from the top; a column label's ending just above its cells, each line
+        # centred; a row label's centred beside its row.
+        texts = [((margin, margin + index * line_height), line) for index, line in enumerate(title_lines)]
+        for column, lines in enumerate(column_lines):
+            for index, line in enumerate(lines):
                 x = left + column * width + (width - font.getlength(line)) / 2
-                y = top - margin - (len(lines) - line_number) * line_height
-                draw.text((x, y), line, fill="black", font=font)
-        for row, lines in enumerate(row_lines):  # centred beside the row
-            for line_number, line in enumerate(lines):
-                y = top + row * height + (height - len(lines) * line_height) / 2 + line_number * line_height
-                draw.text((margin, y), line, fill="black", font=font)
+                texts.append(((x, top - margin - (len(lines) - index) * line_height), line))
+        for row, lines in enumerate(row_lines):
+            for index, line in enumerate(lines):
+                y = top + row * height + (height - len(lines) * line_height) / 2 + index * line_height
+                texts.append(((margin, y), line))
+        for xy, line in texts:
+            draw.text(xy, line, fill="black", font=font)
         cells = []
         for index, (image, file) in enumerate(zip(images, files, strict=True)):
             row, column = divmod(index, len(column_labels))
-            figure.paste(image, (left + column * width, top + row * height))
-            cells.append(
-                {
-                    "row": row,
-                    "column": column,
-                    "box": [left + column * width, top + row * height, width, height],
-                    "file": file,
-                }
-            )
+            box = [left + column * width, top + row * height, width, height]
+            figure.paste(image, box[:2])
+            cells.append({"row": row, "column": column, "box": box, "file": file})
         info = PngImagePlugin.PngInfo()
         axes_shown = {
             key: axis and {"axis": axis.name, "values": axis.texts, "labels": labels}
@@ -1217,22 +1205,10 @@ def draw_figures(args, prompts, axes, jobs, command: str, output_dir: Path):
         tqdm.write(f"wrote {output_dir / name} ({labels})")
 
 
-def lora_label(name: str, weight_name: str) -> str:
-    """A --lora value as figures and file names show it: the name of its folder (of a weights file named
-    `weight_name`, the folder holding it), the stem of any other .safetensors, a Hub id as it is."""
-    path = Path(name).expanduser()
-    if name == DEFAULT_LORA:
-        return "Text2Face LoRA"
-    if not names_a_folder(name):
-        return name
-    if path.suffix == ".safetensors" and path.name == weight_name:
-        path = path.absolute().parent
-    return path.stem if path.suffix == ".safetensors" else path.absolute().name
-
-
 def axis_labels(axis: Axis | None, args) -> list:
-    """What each value of `axis` is called above its column or beside its row: name=value, but for lora the base
-    model's name (for none) and each LoRA's lora_label; LoRAs whose labels coincide show their --lora values."""
+    """What each value of `axis` is called above its column or beside its row: name=value; for lora the base model's
+    name (none) or each LoRA's folder name (the folder of a `--lora_weight_name` file), the stem of another
+    .safetensors, a Hub id as it is, and the --lora value where two labels would coincide."""
     if axis is None:
         return [""]
     if axis.name != "lora":
@@ -1242,6 +1218,18 @@ def axis_labels(axis: Axis | None, args) -> list:
     short = {name: name if labels.count(label) > 1 else label for name, label in zip(names, labels, strict=True)}
     base = "SD2.1" if args.base_model == DEFAULT_BASE_MODEL else Path(args.base_model).name
     return [" + ".join(short[name] for name, _ in lora_scales) if lora_scales else base for lora_scales in axis.values]
+
+
+def lora_label(name: str, weight_name: str) -> str:
+    """A --lora value as figures and file names show it (axis_labels)."""
+    path = Path(name).expanduser()
+    if name == DEFAULT_LORA:
+        return "Text2Face LoRA"
+    if not names_a_folder(name):
+        return name
+    if path.name == weight_name:
+        path = path.absolute().parent
+    return path.stem if path.suffix == ".safetensors" else path.absolute().name
 
 
 def label_lines(label: str, font, max_width: float, max_lines: int = 3) -> list:
@@ -1419,17 +1407,10 @@ def check_same_run(output_dir: Path, record: dict, jobs):
 
 
 def start_run(pipe, args, output_dir: Path, record: dict, jobs, state) -> tuple:
-    """Prepare the folder on the main process (created, a killed run's temporary files removed, the settings saved)
-    and deal out the batches that lack a PNG; return (this process's batches, the run's images there already, the
+    """Save the settings in the folder on the main process and deal out the batches that lack a PNG; return (this process's batches, the run's images there already, the
     batch size). --batch_size auto takes the smallest of every process's, as all must cut the same batches, and the
     batches are cut from all the jobs, so a resumed run keeps the pixels of one uninterrupted process."""
     if state.is_main_process:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise GenerateError(f"cannot create --output_dir {output_dir}: {first_line(error)}") from None
-        for staging in output_dir.glob("*.tmp"):
-            staging.unlink(missing_ok=True)
         text = json.dumps(record, indent=1, sort_keys=True)
         write_new_file(output_dir / RUN_FILE_NAME, lambda staging: staging.write_text(text, "utf-8"))
     batch_size = args.batch_size
@@ -1450,8 +1431,10 @@ def start_run(pipe, args, output_dir: Path, record: dict, jobs, state) -> tuple:
 
 
 def remove_damaged_images(output_dir: Path, names: set):
-    """Delete the images of this run in the folder that do not read whole (a zero-byte or truncated PNG, as a full
-    disk or a crashed file system leaves): they are sampled again like any missing one."""
+    """Delete a killed run's temporary files and the images of this run in the folder that do not read whole (a
+    zero-byte or truncated PNG, as a full disk or a crashed file system leaves): they are sampled again."""
+    for staging in output_dir.glob("*.tmp"):
+        staging.unlink(missing_ok=True)
     for name in sorted(names & set(os.listdir(output_dir))):
         try:
             with Image.open(output_dir / name) as image:
