@@ -417,31 +417,20 @@ def plan(args, prompts) -> tuple:
     model or LoRA is looked for: a figure of over MAX_CELLS images needs --yes, --compile the same LoRAs throughout."""
     axes = grid_axes(args, prompts)
     placeholder_axes = [axis for axis in axes if axis.name not in SETTING_AXES]
-    combinations = itertools.product(*(list(zip(axis.texts, axis.values, strict=True)) for axis in axes))
+    combinations = list(itertools.product(*(list(zip(axis.texts, axis.values, strict=True)) for axis in axes)))
     cells = []
-    for record, image, combination in itertools.product(prompts, range(args.num_images), list(combinations)):
-        fields = {
-            "negative_prompt": record.get("negative_prompt", args.negative_prompt),
-            "seed": record.get("seed", args.seed),
-            "steps": args.steps,
-            "guidance_scale": args.guidance_scale,
-            "scheduler": args.scheduler,
-            "lora_scales": run_lora_scales(args),
-        }
-        choices = dict(zip([axis.name for axis in axes], combination, strict=True))  # name: (text, value)
-        texts = {name: text for name, (text, _) in choices.items()}
-        for name in sorted(choices, key=lambda name: name != "lora"):  # the LoRAs first, then their strength
-            value = choices[name][1]
-            if name == "lora":
-                fields["lora_scales"] = value
-            elif name == "lora_scale":
-                fields["lora_scales"] = tuple((lora, value) for lora, _ in fields["lora_scales"])
-            elif name in SETTING_AXES:
-                fields[name] = value
-        fields.update(negative_prompt=fill_placeholders(fields["negative_prompt"], texts), seed=fields["seed"] + image)
+    for record, image, combination in itertools.product(prompts, range(args.num_images), combinations):
+        texts = {axis.name: text for axis, (text, _) in zip(axes, combination, strict=True)}
+        chosen = {axis.name: value for axis, (_, value) in zip(axes, combination, strict=True)}
+        lora_scales = chosen.get("lora", run_lora_scales(args))
+        if "lora_scale" in chosen:  # the strength of the cell's LoRAs
+            lora_scales = tuple((lora, chosen["lora_scale"]) for lora, _ in lora_scales)
         cell = Cell(
             prompt=fill_placeholders(record["prompt"], texts),
-            **fields,
+            negative_prompt=fill_placeholders(record.get("negative_prompt", args.negative_prompt), texts),
+            seed=chosen.get("seed", record.get("seed", args.seed)) + image,
+            **{name: chosen.get(name, getattr(args, name)) for name in ("steps", "guidance_scale", "scheduler")},
+            lora_scales=lora_scales,
             template=record["prompt"],
             placeholders=tuple((axis.name, texts[axis.name]) for axis in placeholder_axes),
             placeholder_values=tuple((axis.name, tuple(axis.texts)) for axis in placeholder_axes),
