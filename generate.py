@@ -183,7 +183,10 @@ def parse_args(argv=None):
         default=DEFAULT_BASE_MODEL,
         help="Hub id or folder of SD2.1 (default: %(default)s)",
     )
-    add("--variant", choices=["fp16"], help="Load the *.fp16.safetensors, cast to --dtype (default: full precision)")
+    add(
+        "--variant",
+        help="Weights variant, e.g. fp16: the *.fp16.safetensors, cast to --dtype (default: full precision)",
+    )
     add(
         "--lora",
         action="append",
@@ -238,9 +241,8 @@ def check_args(args):
     for flag in ("num_images", "batch_size"):
         if getattr(args, flag) != "auto" and getattr(args, flag) < 1:
             raise GenerateError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    for flag, choices in (("scheduler", SCHEDULERS), ("variant", ["fp16"])):
-        if getattr(args, flag) not in (None, *choices):
-            raise GenerateError(f"--{flag} {getattr(args, flag)}: choose one of {', '.join(sorted(choices))}")
+    if args.scheduler not in (None, *SCHEDULERS):  # a --from_png image's: argparse checks only the flag's choices
+        raise GenerateError(f"--scheduler {args.scheduler}: choose one of {', '.join(sorted(SCHEDULERS))}")
     if NO_LORA in args.lora and len(args.lora) > 1:
         raise GenerateError(f"--lora {NO_LORA} samples the base model alone: drop the other --lora")
     check_setting("lora_scale", args.lora_scale)
@@ -308,7 +310,7 @@ def png_defaults(args) -> dict:
         )
     # Checked as strictly as the flags: an edited PNG's settings are one line, not a traceback after the model load.
     kinds = dict.fromkeys(["seed", "steps", "height", "width"], int) | {"guidance_scale": (int, float)}
-    kinds |= {"negative_prompt": str, "base_model": str, "scheduler": (str, type(None))}
+    kinds |= {"negative_prompt": str, "base_model": str, "scheduler": (str, type(None)), "variant": (str, type(None))}
     for key, kind in kinds.items():
         if key in settings and (not isinstance(settings[key], kind) or isinstance(settings[key], bool)):
             raise GenerateError(f"--from_png {path}: its {key} is {settings[key]!r}: pass --{key}, or an unedited PNG")
@@ -415,31 +417,20 @@ def plan(args, prompts) -> tuple:
     model or LoRA is looked for: a figure of over MAX_CELLS images needs --yes, --compile the same LoRAs throughout."""
     axes = grid_axes(args, prompts)
     placeholder_axes = [axis for axis in axes if axis.name not in SETTING_AXES]
-    combinations = itertools.product(*(list(zip(axis.texts, axis.values, strict=True)) for axis in axes))
+    combinations = list(itertools.product(*(list(zip(axis.texts, axis.values, strict=True)) for axis in axes)))
     cells = []
-    for record, image, combination in itertools.product(prompts, range(args.num_images), list(combinations)):
-        fields = {
-            "negative_prompt": record.get("negative_prompt", args.negative_prompt),
-            "seed": record.get("seed", args.seed),
-            "steps": args.steps,
-            "guidance_scale": args.guidance_scale,
-            "scheduler": args.scheduler,
-            "lora_scales": run_lora_scales(args),
-        }
-        choices = dict(zip([axis.name for axis in axes], combination, strict=True))  # name: (text, value)
-        texts = {name: text for name, (text, _) in choices.items()}
-        for name in sorted(choices, key=lambda name: name != "lora"):  # the LoRAs first, then their strength
-            value = choices[name][1]
-            if name == "lora":
-                fields["lora_scales"] = value
-            elif name == "lora_scale":
-                fields["lora_scales"] = tuple((lora, value) for lora, _ in fields["lora_scales"])
-            elif name in SETTING_AXES:
-                fields[name] = value
-        fields.update(negative_prompt=fill_placeholders(fields["negative_prompt"], texts), seed=fields["seed"] + image)
+    for record, image, combination in itertools.product(prompts, range(args.num_images), combinations):
+        texts = {axis.name: text for axis, (text, _) in zip(axes, combination, strict=True)}
+        chosen = {axis.name: value for axis, (_, value) in zip(axes, combination, strict=True)}
+        lora_scales = chosen.get("lora", run_lora_scales(args))
+        if "lora_scale" in chosen:  # the strength of the cell's LoRAs
+            lora_scales = tuple((lora, chosen["lora_scale"]) for lora, _ in lora_scales)
         cell = Cell(
             prompt=fill_placeholders(record["prompt"], texts),
-            **fields,
+            negative_prompt=fill_placeholders(record.get("negative_prompt", args.negative_prompt), texts),
+            seed=chosen.get("seed", record.get("seed", args.seed)) + image,
+            **{name: chosen.get(name, getattr(args, name)) for name in ("steps", "guidance_scale", "scheduler")},
+            lora_scales=lora_scales,
             template=record["prompt"],
             placeholders=tuple((axis.name, texts[axis.name]) for axis in placeholder_axes),
             placeholder_values=tuple((axis.name, tuple(axis.texts)) for axis in placeholder_axes),
@@ -457,9 +448,15 @@ def plan(args, prompts) -> tuple:
             "--compile compiles the model with the LoRA fused in, and this grid switches LoRAs: drop --compile"
         )
     width = ordinal_width(len(cells))
-    # A file name depends only on the image's place in the run and its cell, never on the number of processes.
+    # A file name depends only on the image's place in the run and its cell, never on the number of processes; with
+    # a lora axis it ends in the cell's LoRAs (-base for none), so that base and LoRA images differ by name.
+    tags = {cell.lora_scales: "" for cell in cells}
+    if any(axis.name == "lora" for axis in axes):
+        labels = [[slugify(lora_label(name, args.lora_weight_name), 30) for name, _ in key] for key in tags]
+        tags = {key: "-" + ("-".join(label) or "base") for key, label in zip(tags, labels, strict=True)}
     return axes, [
-        (f"{number:0{width}d}-s{cell.seed}-{slugify(cell.prompt)}.png", cell) for number, cell in enumerate(cells)
+        (f"{number:0{width}d}-s{cell.seed}-{slugify(cell.prompt)}{tags[cell.lora_scales]}.png", cell)
+        for number, cell in enumerate(cells)
     ]
 
 
@@ -819,7 +816,6 @@ def read_lora(name: str, weight_name: str = DEFAULT_LORA_WEIGHT_NAME, expected_s
     """The LoRA `name` (a --lora value), read and checked: an unreadable file or one that is no SD LoRA is an error,
     and with --from_png it must be the very file the image was made with: `expected_sha256` maps (--lora value,
     --lora_weight_name) to the sha256 the PNG names."""
-    from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
     path = resolve_lora(name, weight_name)
@@ -831,16 +827,9 @@ def read_lora(name: str, weight_name: str = DEFAULT_LORA_WEIGHT_NAME, expected_s
             "`python download.py`"
         ) from None
     try:
-        check_lora(state_dict)
+        layers = {component: count for component, (count, _) in check_lora(state_dict).items()}
     except GenerateError as error:
         raise GenerateError(f"LoRA {path} {error}: pass a whole LoRA for Stable Diffusion 2.x") from None
-    # The layers after diffusers' key conversion, of a copy: diffusers empties a kohya state dict while converting.
-    converted, _ = StableDiffusionPipeline.lora_state_dict(dict(state_dict))
-    up_weight = re.compile(r"lora_B\.|lora\.up\.|lora_up\.")
-    layers = {
-        component: sum(1 for key in converted if key.startswith(f"{component}.") and up_weight.search(key))
-        for component in LORA_COMPONENTS
-    }
     if not any(layers.values()):
         raise GenerateError(
             f"none of the {len(state_dict)} keys in LoRA {path} belong to a UNet or text-encoder LoRA (expected keys "
@@ -1154,8 +1143,8 @@ def draw_figures(args, prompts, axes, jobs, command: str, output_dir: Path):
     wrapped title and column labels above the cells, row labels left of them. Each records the command that made it
     (`command`) and each cell's box and file; a figure there already (a resumed run's) is kept."""
     rows, columns = (axes[0] if len(axes) == 2 else None), axes[-1]
-    row_labels, column_labels = axis_labels(rows, args.base_model), axis_labels(columns, args.base_model)
-    shown = {"rows": (rows, row_labels), "columns": (columns, column_labels)}
+    shown = {"rows": (rows, axis_labels(rows, args)), "columns": (columns, axis_labels(columns, args))}
+    (_, row_labels), (_, column_labels) = shown.values()
     figures = [
         (record, record.get("seed", args.seed) + image) for record in prompts for image in range(args.num_images)
     ]
@@ -1169,35 +1158,35 @@ def draw_figures(args, prompts, axes, jobs, command: str, output_dir: Path):
         width, height = images[0].size
         font = ImageFont.load_default(size=max(11, width // 32))
         line_height, margin = math.ceil(font.size * 1.25), max(4, width // 64)
-        fitted = [fit_left(label, font, 2 * width) for label in row_labels]
-        left = math.ceil(max(font.getlength(label) for label in fitted)) + 2 * margin
+        row_lines = [label_lines(label, font, 2 * width) for label in row_labels]
+        column_lines = [label_lines(label, font, width - margin) for label in column_labels]
+        left = math.ceil(max(font.getlength(line) for lines in row_lines for line in lines)) + 2 * margin
         title = (
             record["prompt"] if "seed" in (rows and rows.name, columns.name) else f"{record['prompt']} (seed {seed})"
         )
         title_lines = wrap(title, font, left + len(column_labels) * width - 2 * margin, TITLE_LINES)
-        top = margin + (len(title_lines) + 1) * line_height + margin
+        top = margin + (len(title_lines) + max(map(len, column_lines))) * line_height + margin
         figure = Image.new("RGB", (left + len(column_labels) * width, top + len(row_labels) * height), "white")
         draw = ImageDraw.Draw(figure)
-        for line_number, line in enumerate(title_lines):
-            draw.text((margin, margin + line_number * line_height), line, fill="black", font=font)
-        for column, label in enumerate(column_labels):
-            label = fit_left(label, font, width - margin)
-            x = left + column * width + (width - font.getlength(label)) / 2
-            draw.text((x, top - margin - line_height), label, fill="black", font=font)
-        for row, label in enumerate(fitted):
-            draw.text((margin, top + row * height + (height - line_height) / 2), label, fill="black", font=font)
+        # (x, y) of each line: the title's from the top; a column label's ending just above its cells, each line
+        # centred; a row label's centred beside its row.
+        texts = [((margin, margin + index * line_height), line) for index, line in enumerate(title_lines)]
+        for column, lines in enumerate(column_lines):
+            for index, line in enumerate(lines):
+                x = left + column * width + (width - font.getlength(line)) / 2
+                texts.append(((x, top - margin - (len(lines) - index) * line_height), line))
+        for row, lines in enumerate(row_lines):
+            for index, line in enumerate(lines):
+                y = top + row * height + (height - len(lines) * line_height) / 2 + index * line_height
+                texts.append(((margin, y), line))
+        for xy, line in texts:
+            draw.text(xy, line, fill="black", font=font)
         cells = []
         for index, (image, file) in enumerate(zip(images, files, strict=True)):
             row, column = divmod(index, len(column_labels))
-            figure.paste(image, (left + column * width, top + row * height))
-            cells.append(
-                {
-                    "row": row,
-                    "column": column,
-                    "box": [left + column * width, top + row * height, width, height],
-                    "file": file,
-                }
-            )
+            box = [left + column * width, top + row * height, width, height]
+            figure.paste(image, box[:2])
+            cells.append({"row": row, "column": column, "box": box, "file": file})
         info = PngImagePlugin.PngInfo()
         axes_shown = {
             key: axis and {"axis": axis.name, "values": axis.texts, "labels": labels}
@@ -1209,32 +1198,60 @@ def draw_figures(args, prompts, axes, jobs, command: str, output_dir: Path):
         tqdm.write(f"wrote {output_dir / name} ({labels})")
 
 
-def axis_labels(axis: Axis | None, base_model: str) -> list:
-    """What each value of `axis` is called above its column or beside its row: name=value, but the base model's
-    name for lora=none and a LoRA's path without the leading folders all of them share (run/checkpoint-500,
-    run/checkpoint-1000 -> checkpoint-500, checkpoint-1000)."""
+def axis_labels(axis: Axis | None, args) -> list:
+    """What each value of `axis` is called above its column or beside its row: name=value; for lora the base model's
+    name (none) or each LoRA's folder name (the folder of a `--lora_weight_name` file), the stem of another
+    .safetensors, a Hub id as it is, and the --lora value where two labels would coincide."""
     if axis is None:
         return [""]
     if axis.name != "lora":
         return [f"{axis.name}={text}" for text in axis.texts]
     names = list(dict.fromkeys(name for lora_scales in axis.values for name, _ in lora_scales))
-    parts = [Path(name).parts for name in names]
-    shared = 0
-    while all(len(part) > shared + 1 for part in parts) and len({part[shared] for part in parts}) == 1:
-        shared += 1
-    short = {name: "/".join(part[shared:]) for name, part in zip(names, parts, strict=True)}
-    short[DEFAULT_LORA] = "Text2Face LoRA"
-    base = "SD2.1" if base_model == DEFAULT_BASE_MODEL else Path(base_model).name
+    labels = [lora_label(name, args.lora_weight_name) for name in names]
+    short = {name: name if labels.count(label) > 1 else label for name, label in zip(names, labels, strict=True)}
+    base = "SD2.1" if args.base_model == DEFAULT_BASE_MODEL else Path(args.base_model).name
     return [" + ".join(short[name] for name, _ in lora_scales) if lora_scales else base for lora_scales in axis.values]
 
 
-def fit_left(text: str, font, max_width: float) -> str:
-    """`text`, cut at its start behind "..." until it fits `max_width`: the end of a path tells checkpoints apart."""
-    if font.getlength(text) <= max_width:
-        return text
-    while text and font.getlength("..." + text) > max_width:
-        text = text[1:]
-    return "..." + text
+def lora_label(name: str, weight_name: str) -> str:
+    """A --lora value as figures and file names show it (axis_labels)."""
+    path = Path(name).expanduser()
+    if name == DEFAULT_LORA:
+        return "Text2Face LoRA"
+    if not names_a_folder(name):
+        return name
+    if path.name == weight_name:
+        path = path.absolute().parent
+    return path.stem if path.suffix == ".safetensors" else path.absolute().name
+
+
+def label_lines(label: str, font, max_width: float, max_lines: int = 3) -> list:
+    """`label` in lines of at most `max_width` pixels of `font`: whole if it fits, else its `name=` on a line of its
+    own and the value wrapped below it, at words and inside words too long for a line. Only the value is ever cut,
+    behind "...", after `max_lines` lines of it: a reader always sees which axis a value belongs to."""
+    if font.getlength(label) <= max_width:
+        return [label]
+    name, equals, value = label.partition("=") if "=" in label else ("", "", label)
+    head = split_to_width(name + equals, font, max_width) if equals else []
+    lines = [
+        piece for line in wrap(value, font, max_width, max_lines) for piece in split_to_width(line, font, max_width)
+    ]
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and font.getlength(last + "...") > max_width:
+            last = last[:-1]
+        lines = lines[: max_lines - 1] + [last + "..."]
+    return head + lines
+
+
+def split_to_width(text: str, font, max_width: float) -> list:
+    """`text` cut into lines of at most `max_width` pixels of `font`, anywhere: a word wider than a line goes on."""
+    lines = [""]
+    for char in text:
+        if lines[-1] and font.getlength(lines[-1] + char) > max_width:
+            lines.append("")
+        lines[-1] += char
+    return lines
 
 
 def wrap(text: str, font, max_width: float, max_lines: int) -> list:
@@ -1403,17 +1420,10 @@ def check_same_run(output_dir: Path, record: dict, jobs):
 
 
 def start_run(pipe, args, output_dir: Path, record: dict, jobs, state) -> tuple:
-    """Prepare the folder on the main process (created, a killed run's temporary files removed, the settings saved)
-    and deal out the batches that lack a PNG; return (this process's batches, the run's images there already, the
+    """Save the settings in the folder on the main process and deal out the batches that lack a PNG; return (this process's batches, the run's images there already, the
     batch size). --batch_size auto takes the smallest of every process's, as all must cut the same batches, and the
     batches are cut from all the jobs, so a resumed run keeps the pixels of one uninterrupted process."""
     if state.is_main_process:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise GenerateError(f"cannot create --output_dir {output_dir}: {first_line(error)}") from None
-        for staging in output_dir.glob("*.tmp"):
-            staging.unlink(missing_ok=True)
         text = json.dumps(record, indent=1, sort_keys=True)
         write_new_file(output_dir / RUN_FILE_NAME, lambda staging: staging.write_text(text, "utf-8"))
     batch_size = args.batch_size
@@ -1434,8 +1444,10 @@ def start_run(pipe, args, output_dir: Path, record: dict, jobs, state) -> tuple:
 
 
 def remove_damaged_images(output_dir: Path, names: set):
-    """Delete the images of this run in the folder that do not read whole (a zero-byte or truncated PNG, as a full
-    disk or a crashed file system leaves): they are sampled again like any missing one."""
+    """Delete a killed run's temporary files and the images of this run in the folder that do not read whole (a
+    zero-byte or truncated PNG, as a full disk or a crashed file system leaves): they are sampled again."""
+    for staging in output_dir.glob("*.tmp"):
+        staging.unlink(missing_ok=True)
     for name in sorted(names & set(os.listdir(output_dir))):
         try:
             with Image.open(output_dir / name) as image:
@@ -1445,26 +1457,28 @@ def remove_damaged_images(output_dir: Path, names: set):
             (output_dir / name).unlink()
 
 
-def write_metadata(output_dir: Path) -> int:
-    """metadata.jsonl rebuilt from the settings the folder's PNGs carry, replaced in one step; return its lines. A line
-    an image, in file name order: file_name, text (the prompt as sampled), seed and each {placeholder}'s value, as
+def write_metadata(output_dir: Path) -> list:
+    """metadata.jsonl rebuilt from the settings the folder's PNGs carry, replaced in one step; return its records. A
+    line an image, in file name order: file_name, text (the prompt as sampled), seed, lora (the LoRAs that made it,
+    `--lora value:scale` joined by " + ", or none for the base model) and each {placeholder}'s value, as
     finetune_lora.py (and the Hugging Face imagefolder) reads them; grid figures and other programs' PNGs have none."""
-    lines = []
+    records = []
     for path in sorted(output_dir.glob("*.png")):
         try:
             with Image.open(path) as image:
                 settings = json.loads(image.info[PNG_SETTINGS_KEY])  # info: the text chunks before the pixels
+            loras = " + ".join(f"{entry['lora']}:{entry['scale']:g}" for entry in settings["loras"])
             caption = {"file_name": path.name, "text": settings["prompt"], "seed": settings["seed"]}
         except (OSError, KeyError, TypeError, ValueError):
             continue
-        lines.append(json.dumps({**settings.get("placeholders", {}), **caption}))
+        records.append({**settings.get("placeholders", {}), **caption, "lora": loras or NO_LORA})
     path = output_dir / METADATA_NAME
     try:
         with atomic_write(path) as staging:
-            staging.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+            staging.write_text("".join(f"{json.dumps(record)}\n" for record in records), encoding="utf-8")
     except OSError as error:
         raise GenerateError(f"cannot write {path} ({first_line(error)}): free space or make it writable") from None
-    return len(lines)
+    return records
 
 
 def finish_run(args, prompts, axes, jobs, output_dir: Path, sampled: int, elapsed: float, state, command: str):
@@ -1474,7 +1488,8 @@ def finish_run(args, prompts, axes, jobs, output_dir: Path, sampled: int, elapse
         return
     if axes and not args.no_figure:
         draw_figures(args, prompts, axes, jobs, command, output_dir)
-    count = write_metadata(output_dir)
+    records = write_metadata(output_dir)
+    count = len(records)
     if sampled:
         print(
             f"{sampled} image(s) in {elapsed:.1f} s, {elapsed / sampled:.1f} s/image, "
@@ -1493,6 +1508,13 @@ def finish_run(args, prompts, axes, jobs, output_dir: Path, sampled: int, elapse
     resolution = min(args.height, args.width)
     if resolution != 768:  # finetune_lora.py's default, which would upscale smaller images
         train += ["--resolution", str(resolution)]
+    models = sorted({record["lora"] for record in records})
+    if len(models) > 1:  # training on the base model's images and a LoRA's together would learn neither
+        print(
+            f"{count} captioned image(s) in {output_dir / METADATA_NAME}, made by {len(models)} models "
+            f"({', '.join(models)}; each line's lora says which): train on the images of one of them, not this folder"
+        )
+        return
     print(f"{count} captioned image(s) in {output_dir / METADATA_NAME}; to train on them: {shlex.join(train)}")
 
 

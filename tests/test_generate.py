@@ -354,7 +354,7 @@ def test_compare_is_the_lora_grid_of_the_base_model_and_the_lora(tiny_model, lor
         assert np.array_equal(pixels(one), pixels(other))
     figure, record, cells = figure_and_cells(tmp_path / "compare")
     assert record["rows"] is None and record["columns"]["axis"] == "lora"
-    assert record["columns"]["labels"] == [Path(tiny_model).name, lora_file.name]  # the base model, the LoRA
+    assert record["columns"]["labels"] == [Path(tiny_model).name, lora_file.stem]  # the base model, the LoRA
     check_cells_are_in_the_figure(figure, record)
 
     # Each column is what a plain run of its LoRA gives, bit for bit, although the grid switched LoRAs between them.
