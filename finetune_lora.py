@@ -1026,7 +1026,9 @@ class DiskCache:
 
         path = self.folder / f"shard-{digest(*entries)[:16]}.safetensors"
         with atomic_write(path) as staging:
-            save_file({key: tensor.clone() for key, tensor in entries.items()}, staging)
+            save_file(
+                {key: tensor.clone(memory_format=torch.contiguous_format) for key, tensor in entries.items()}, staging
+            )
             with staging.open("rb+") as handle:
                 os.fsync(handle.fileno())
 
