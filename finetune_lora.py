@@ -4,8 +4,10 @@ The loop is the diffusers text-to-image LoRA example's: accelerate drives device
 accumulation and data-parallel processes; peft adds the low-rank adapters, the only weights trained. The data is an
 image folder with its captions in metadata.jsonl or metadata.csv inside it (the imagefolder convention) or in
 --captions_file, or a dataset on the Hub (--dataset_name). Every random draw follows from --seed and the step, so a
-resumed run continues the interrupted one exactly. The defaults are the published Text2Face run's (768 px, rank 8,
-learning rates 1e-5, validation grids of four face prompts); the README shows the command that trained it.
+resumed run continues the interrupted one exactly. --cache_latents and --cache_text_embeddings encode once, into
+safetensors shards on disk (--encoding_cache_dir) keyed by image, caption and model hashes, that later runs reuse.
+The defaults are the published Text2Face run's (768 px, rank 8, learning rates 1e-5, validation grids of four face
+prompts); the README shows the command that trained it.
 
     accelerate launch finetune_lora.py --train_data_dir=$TRAIN_DIR --train_text_encoder --center_crop \\
       --output_dir=outputs/text2face --resume_from_checkpoint latest
@@ -365,14 +367,13 @@ class FolderImages:
         return self.names[index]
 
     def digest(self, index) -> str:
-        """sha256 of the file's bytes."""
-        with (self.root / self.names[index]).open("rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+        return hashlib.sha256((self.root / self.names[index]).read_bytes()).hexdigest()
 
 
 class HubImages:
     def __init__(self, dataset, column: str, label: str):
         self.dataset, self.column, self.label = dataset, column, label
+        self.stored = dataset.with_format("arrow")  # the records as stored, their images not decoded
 
     def open(self, index):
         image = self.dataset[index][self.column]
@@ -383,12 +384,10 @@ class HubImages:
 
     def digest(self, index) -> str:
         """sha256 of the record's image as stored: its encoded bytes, or the file it names."""
-        value = self.dataset.with_format("arrow")[index][self.column][0].as_py()
+        value = self.stored[index][self.column][0].as_py()
         if isinstance(value, dict) and value.get("bytes") is None:
             value = value.get("path")
-        if isinstance(value, str):
-            return FolderImages(Path(value).parent, [Path(value).name]).digest(0)
-        return hashlib.sha256(pickle.dumps(value)).hexdigest()
+        return hashlib.sha256(Path(value).read_bytes() if isinstance(value, str) else pickle.dumps(value)).hexdigest()
 
 
 def read_caption_table(path: Path, image_column: str, caption_column: str) -> tuple:
@@ -676,11 +675,12 @@ class CaptionedImages(torch.utils.data.Dataset):
     a warning, so one bad file neither stops a long run nor makes the batch order depend on chance.
     """
 
-    def __init__(self, records, resolution, center_crop, random_flip, latent_cache=None, text_cache=None):
+    def __init__(self, records: Records, resolution: int, center_crop: bool, random_flip: bool):
         self.records, self.resolution = records, resolution
         self.center_crop, self.random_flip = center_crop, random_flip
-        self.latent_cache = latent_cache  # DiskCache of (record, flipped): latent distribution parameters
-        self.text_cache = text_cache  # DiskCache of caption: text-encoder hidden states
+        # DiskCaches (training_dataset sets them) of (record, flipped): latent distribution parameters, and of
+        # caption: text-encoder hidden states
+        self.latent_cache = self.text_cache = None
 
     def __len__(self):
         return len(self.records)
@@ -935,8 +935,8 @@ def training_dataset(args, accelerator, records: Records, models: Models, stop) 
     states and their latents, read from --encoding_cache_dir, where what is missing is encoded here first."""
     if accelerator.is_main_process:
         warn_long_captions(records, models.tokenizer, args.validation_prompts)
+    dataset = CaptionedImages(records, args.resolution, args.center_crop, args.random_flip)
     folder, dtype = Path(args.encoding_cache_dir), str(models.weight_dtype)
-    text_cache = latent_cache = None
     if args.cache_text_embeddings:
         text_encoder = weights_digest(models.text_encoder.state_dict())
         captions = sorted({caption for captions in records.captions for caption in captions})
@@ -945,7 +945,7 @@ def training_dataset(args, accelerator, records: Records, models: Models, stop) 
         def encode(texts):
             return dict(zip(texts, encode_text(texts, models, accelerator.device).cpu(), strict=True))
 
-        text_cache = fill_cache(folder / "text", keys, encode, "text embeddings", accelerator, args, stop)
+        dataset.text_cache = fill_cache(folder / "text", keys, encode, "text embeddings", accelerator, args, stop)
     if args.cache_latents:
         vae = weights_digest(models.vae.state_dict())
         flips = (False, True) if args.random_flip else (False,)
@@ -955,11 +955,10 @@ def training_dataset(args, accelerator, records: Records, models: Models, stop) 
             for index, image in enumerate(images)
             for flip in flips
         }
-        dataset = CaptionedImages(records, args.resolution, args.center_crop, args.random_flip)
         encode = functools.partial(encode_latents, dataset, models, accelerator.device)
-        latent_cache = fill_cache(folder / "latents", keys, encode, "latents", accelerator, args, stop)
+        dataset.latent_cache = fill_cache(folder / "latents", keys, encode, "latents", accelerator, args, stop)
         release_vae(models.vae, keep_decoder=bool(args.validation_prompts) and accelerator.is_main_process)
-    return CaptionedImages(records, args.resolution, args.center_crop, args.random_flip, latent_cache, text_cache)
+    return dataset
 
 
 def digest(*parts) -> str:
@@ -1002,23 +1001,25 @@ class DiskCache:
         self.read_index(accelerator)
 
     def read_index(self, accelerator):
-        """{key: shard} of every shard that loads. The main process reads first and deletes what does not load
-        (and killed writers' temporary files): a shard is never trusted that way, and every process finds the same."""
+        """{key: shard} of every shard that loads. The main process reads first and deletes what does not load, and
+        so every process finds the same shards."""
         from safetensors import SafetensorError, safe_open
 
         self.index = {}
-        for main_turn in (True, False):
-            if accelerator.is_main_process == main_turn:
-                for shard in sorted(self.folder.glob("shard-*.safetensors")):
-                    try:
-                        with safe_open(shard, framework="pt") as handle:
-                            self.index.update(dict.fromkeys(handle.keys(), shard))
-                    except (OSError, SafetensorError) as error:
-                        logger.warning(f"deleting {shard}, which does not load ({first_line(error)}): re-encoding it")
-                        shard.unlink(missing_ok=True)
-                for leftover in self.folder.glob("*.tmp") if main_turn else []:
-                    leftover.unlink(missing_ok=True)
-            accelerator.wait_for_everyone()
+        with accelerator.main_process_first():
+            for shard in sorted(self.folder.glob("shard-*.safetensors")):
+                try:
+                    with safe_open(shard, framework="pt") as handle:
+                        self.index.update(dict.fromkeys(handle.keys(), shard))
+                except (OSError, SafetensorError) as error:
+                    logger.warning(f"deleting {shard}, which does not load ({first_line(error)}): re-encoding it")
+                    shard.unlink(missing_ok=True)
+            # A killed writer's staging file; one younger than an hour may be another run's, still writing.
+            for leftover in self.folder.glob("*.tmp") if accelerator.is_main_process else []:
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - leftover.stat().st_mtime > 3600:
+                        leftover.unlink()
+        accelerator.wait_for_everyone()  # before any process writes a shard that another would then see
 
     def write(self, entries: dict):
         """One new shard of `entries` ({key: tensor}), written in full before it is seen."""
@@ -1039,9 +1040,10 @@ class DiskCache:
         from safetensors import safe_open
 
         key = self.keys[item]
-        if self.index[key] not in self.handles:
-            self.handles[self.index[key]] = safe_open(self.index[key], framework="pt")
-        return self.handles[self.index[key]].get_tensor(key)
+        shard = self.index[key]
+        if shard not in self.handles:
+            self.handles[shard] = safe_open(shard, framework="pt")
+        return self.handles[shard].get_tensor(key)
 
     def __getstate__(self):  # a DataLoader worker opens its own handles
         return {**self.__dict__, "handles": {}}
