@@ -4,8 +4,10 @@ The loop is the diffusers text-to-image LoRA example's: accelerate drives device
 accumulation and data-parallel processes; peft adds the low-rank adapters, the only weights trained. The data is an
 image folder with its captions in metadata.jsonl or metadata.csv inside it (the imagefolder convention) or in
 --captions_file, or a dataset on the Hub (--dataset_name). Every random draw follows from --seed and the step, so a
-resumed run continues the interrupted one exactly. The defaults are the published Text2Face run's (768 px, rank 8,
-learning rates 1e-5, validation grids of four face prompts); the README shows the command that trained it.
+resumed run continues the interrupted one exactly. --cache_latents and --cache_text_embeddings encode once, into
+safetensors shards on disk (--encoding_cache_dir) keyed by image, caption and model hashes, that later runs reuse.
+The defaults are the published Text2Face run's (768 px, rank 8, learning rates 1e-5, validation grids of four face
+prompts); the README shows the command that trained it.
 
     accelerate launch finetune_lora.py --train_data_dir=$TRAIN_DIR --train_text_encoder --center_crop \\
       --output_dir=outputs/text2face --resume_from_checkpoint latest
@@ -60,6 +62,8 @@ SETTINGS_NAME = "training_settings.json"  # written last into a checkpoint: its 
 MODEL_CARD_NAME = "README.md"
 UNET_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# Entries per cache shard: at 768 px a latent is 147 KB in fp16, a caption's hidden states 158 KB; 40 MB a shard.
+SHARD_ENTRIES = 256
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # What opening or decoding an unreadable image raises: a truncated or corrupt file, or one of more than 179 million
 # pixels (twice PIL's Image.MAX_IMAGE_PIXELS), which PIL refuses to open as a decompression bomb.
@@ -170,12 +174,19 @@ def parse_args(argv=None):
     data.add_argument(
         "--cache_latents",
         action="store_true",
-        help="VAE-encode every image once before training (both flips with --random_flip); needs --center_crop.",
+        help="VAE-encode every image once, before training, into --encoding_cache_dir (both flips with "
+        "--random_flip; 1.5 GB per 10,000 images at 768 px in fp16); needs --center_crop.",
     )
     data.add_argument(
         "--cache_text_embeddings",
         action="store_true",
-        help="Encode each caption once and keep it in CPU memory (77 x 1024 values); not with --train_text_encoder.",
+        help="Encode each caption once, before training, into --encoding_cache_dir (77 x 1024 values); not with "
+        "--train_text_encoder.",
+    )
+    data.add_argument(
+        "--encoding_cache_dir",
+        help="Where the caches keep what they encoded, for every later run (resumed or not) of the same images, "
+        "captions and base model; --overwrite_output_dir leaves it (default: <output_dir>/encoding_cache).",
     )
 
     training = parser.add_argument_group("training")
@@ -284,6 +295,7 @@ def parse_args(argv=None):
     elif [prompt.lower() for prompt in args.validation_prompts] == ["none"]:
         args.validation_prompts = []
     check_args(args)
+    args.encoding_cache_dir = args.encoding_cache_dir or os.path.join(args.output_dir, "encoding_cache")
     return args
 
 
@@ -354,10 +366,14 @@ class FolderImages:
     def name(self, index):
         return self.names[index]
 
+    def digest(self, index) -> str:
+        return hashlib.sha256((self.root / self.names[index]).read_bytes()).hexdigest()
+
 
 class HubImages:
     def __init__(self, dataset, column: str, label: str):
         self.dataset, self.column, self.label = dataset, column, label
+        self.stored = dataset.with_format("arrow")  # the records as stored, their images not decoded
 
     def open(self, index):
         image = self.dataset[index][self.column]
@@ -365,6 +381,13 @@ class HubImages:
 
     def name(self, index):
         return f"{self.label}[{index}]"
+
+    def digest(self, index) -> str:
+        """sha256 of the record's image as stored: its encoded bytes, or the file it names."""
+        value = self.stored[index][self.column][0].as_py()
+        if isinstance(value, dict) and value.get("bytes") is None:
+            value = value.get("path")
+        return hashlib.sha256(Path(value).read_bytes() if isinstance(value, str) else pickle.dumps(value)).hexdigest()
 
 
 def read_caption_table(path: Path, image_column: str, caption_column: str) -> tuple:
@@ -652,10 +675,12 @@ class CaptionedImages(torch.utils.data.Dataset):
     a warning, so one bad file neither stops a long run nor makes the batch order depend on chance.
     """
 
-    def __init__(self, records: Records, resolution: int, center_crop: bool, random_flip: bool, latent_cache=None):
+    def __init__(self, records: Records, resolution: int, center_crop: bool, random_flip: bool):
         self.records, self.resolution = records, resolution
         self.center_crop, self.random_flip = center_crop, random_flip
-        self.latent_cache = latent_cache  # {(record, flipped): latent distribution parameters}, from cache_latents()
+        # DiskCaches (training_dataset sets them) of (record, flipped): latent distribution parameters, and of
+        # caption: text-encoder hidden states
+        self.latent_cache = self.text_cache = None
 
     def __len__(self):
         return len(self.records)
@@ -677,7 +702,8 @@ class CaptionedImages(torch.utils.data.Dataset):
             candidate = (index + offset) % len(self)
             caption, flip, rng = self.draw(candidate, sample_seed)
             try:
-                return {**self.model_input(candidate, flip, rng), "caption": caption, "index": candidate}
+                item = {**self.model_input(candidate, flip, rng), "caption": caption, "index": candidate}
+                return {**item, "hidden_states": self.text_cache[caption]} if self.text_cache else item
             except UNREADABLE as error:
                 logger.warning(f"skipping unreadable image {self.records.source.name(candidate)}: {first_line(error)}")
         raise TrainingError("no training image could be decoded")
@@ -691,9 +717,9 @@ class CaptionedImages(torch.utils.data.Dataset):
 
 
 def collate(examples):
-    key = "latents" if "latents" in examples[0] else "pixel_values"
+    tensors = [key for key in ("latents", "pixel_values", "hidden_states") if key in examples[0]]
     return {
-        key: torch.stack([e[key] for e in examples]),
+        **{key: torch.stack([e[key] for e in examples]) for key in tensors},
         "captions": [e["caption"] for e in examples],
         "indices": [e["index"] for e in examples],
     }
@@ -905,16 +931,49 @@ def configure_deepspeed(accelerator, plan: Plan, max_grad_norm: float):
 
 
 def training_dataset(args, accelerator, records: Records, models: Models, stop) -> CaptionedImages:
-    """The captioned images of each step; with --cache_latents, their latents, encoded once here."""
+    """The captioned images of each step; with --cache_text_embeddings and --cache_latents, their captions' hidden
+    states and their latents, read from --encoding_cache_dir, where what is missing is encoded here first."""
     if accelerator.is_main_process:
         warn_long_captions(records, models.tokenizer, args.validation_prompts)
     dataset = CaptionedImages(records, args.resolution, args.center_crop, args.random_flip)
-    if not args.cache_latents:
-        return dataset
-    latents = cache_latents(dataset, models, accelerator, args.train_batch_size, stop)
-    release_vae(models.vae, keep_decoder=bool(args.validation_prompts) and accelerator.is_main_process)
-    stop_if_requested(stop, accelerator, "caching latents")
-    return CaptionedImages(records, args.resolution, args.center_crop, args.random_flip, latents)
+    folder, dtype = Path(args.encoding_cache_dir), str(models.weight_dtype)
+    if args.cache_text_embeddings:
+        text_encoder = weights_digest(models.text_encoder.state_dict())
+        captions = sorted({caption for captions in records.captions for caption in captions})
+        keys = {caption: digest(caption, text_encoder, dtype) for caption in captions}
+
+        def encode(texts):
+            return dict(zip(texts, encode_text(texts, models, accelerator.device).cpu(), strict=True))
+
+        dataset.text_cache = fill_cache(folder / "text", keys, encode, "text embeddings", accelerator, args, stop)
+    if args.cache_latents:
+        vae = weights_digest(models.vae.state_dict())
+        flips = (False, True) if args.random_flip else (False,)
+        images = [records.source.digest(index) for index in range(len(records))]
+        keys = {
+            (index, flip): digest(image, args.resolution, args.center_crop, flip, vae, dtype)
+            for index, image in enumerate(images)
+            for flip in flips
+        }
+        encode = functools.partial(encode_latents, dataset, models, accelerator.device)
+        dataset.latent_cache = fill_cache(folder / "latents", keys, encode, "latents", accelerator, args, stop)
+        release_vae(models.vae, keep_decoder=bool(args.validation_prompts) and accelerator.is_main_process)
+    return dataset
+
+
+def digest(*parts) -> str:
+    """sha256 hex of `parts`: a cache entry's key, from all that decides its value."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def weights_digest(*state_dicts) -> str:
+    """sha256 hex of the names and values of the tensors of `state_dicts`."""
+    hashed = hashlib.sha256()
+    for tensors in state_dicts:
+        for key in sorted(tensors or {}):
+            hashed.update(key.encode())
+            hashed.update(tensors[key].detach().float().cpu().numpy().tobytes())
+    return hashed.hexdigest()
 
 
 def warn_long_captions(records: Records, tokenizer, prompts: list):
@@ -930,60 +989,111 @@ def warn_long_captions(records: Records, tokenizer, prompts: list):
         )
 
 
-@torch.no_grad()
-def cache_latents(dataset: CaptionedImages, models: Models, accelerator, batch_size: int, stop) -> dict:
-    """VAE-encode every record once (and its mirror image with --random_flip): {(record, flipped): the latent
-    distribution's parameters}.
+class DiskCache:
+    """Encoded tensors in safetensors shards (shard-*.safetensors) of up to SHARD_ENTRIES under `folder`, each named
+    by its key ({item: key} in `keys`), a sha256 of all that decides its value: a changed image, resolution or model
+    finds no entry and is encoded anew. The shards' headers are the index, read at the start; reads are
+    memory-mapped, so a process's memory holds its batches and the shard handles, not the dataset."""
 
-    The records go in rounds of batch_size per process: each process decodes and encodes its share of a round,
-    and all processes gather the round, so the time divides by the process count; every process keeps all latents.
-    A stop request ends the caching between two rounds.
-    """
+    def __init__(self, folder: Path, keys: dict, accelerator):
+        self.folder, self.keys, self.handles = folder, keys, {}
+        folder.mkdir(parents=True, exist_ok=True)
+        self.read_index(accelerator)
+
+    def read_index(self, accelerator):
+        """{key: shard} of every shard that loads. The main process reads first and deletes what does not load, and
+        so every process finds the same shards."""
+        from safetensors import SafetensorError, safe_open
+
+        self.index = {}
+        with accelerator.main_process_first():
+            for shard in sorted(self.folder.glob("shard-*.safetensors")):
+                try:
+                    with safe_open(shard, framework="pt") as handle:
+                        self.index.update(dict.fromkeys(handle.keys(), shard))
+                except (OSError, SafetensorError) as error:
+                    logger.warning(f"deleting {shard}, which does not load ({first_line(error)}): re-encoding it")
+                    shard.unlink(missing_ok=True)
+            # A killed writer's staging file; one younger than an hour may be another run's, still writing.
+            for leftover in self.folder.glob("*.tmp") if accelerator.is_main_process else []:
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - leftover.stat().st_mtime > 3600:
+                        leftover.unlink()
+        accelerator.wait_for_everyone()  # before any process writes a shard that another would then see
+
+    def write(self, entries: dict):
+        """One new shard of `entries` ({key: tensor}), written in full before it is seen."""
+        from safetensors.torch import save_file
+
+        path = self.folder / f"shard-{digest(*entries)[:16]}.safetensors"
+        with atomic_write(path) as staging:
+            save_file(
+                {key: tensor.clone(memory_format=torch.contiguous_format) for key, tensor in entries.items()}, staging
+            )
+            with staging.open("rb+") as handle:
+                os.fsync(handle.fileno())
+
+    def __contains__(self, item) -> bool:
+        return self.keys[item] in self.index
+
+    def __getitem__(self, item) -> torch.Tensor:
+        from safetensors import safe_open
+
+        key = self.keys[item]
+        shard = self.index[key]
+        if shard not in self.handles:
+            self.handles[shard] = safe_open(shard, framework="pt")
+        return self.handles[shard].get_tensor(key)
+
+    def __getstate__(self):  # a DataLoader worker opens its own handles
+        return {**self.__dict__, "handles": {}}
+
+
+@torch.no_grad()
+def fill_cache(folder: Path, keys: dict, encode, what: str, accelerator, args, stop) -> DiskCache:
+    """The DiskCache of `keys`, with its missing entries encoded first by all processes together: each process
+    encodes every num_processes-th one, --train_batch_size at a time (encode: [item] -> {item: tensor}, without the
+    items it cannot read), and writes its own shards. A stop request ends it between batches, keeping what is done;
+    the next run encodes the rest."""
     from tqdm.auto import tqdm
 
-    flips = (False, True) if dataset.random_flip else (False,)
-    keys = [(index, flip) for index in range(len(dataset)) for flip in flips]
-    blank = torch.zeros(
-        3, dataset.resolution, dataset.resolution
-    )  # fills the slots of unreadable images and the last round
-    cache = {}
+    cache = DiskCache(folder, keys, accelerator)
+    todo = {key: item for item, key in keys.items() if key not in cache.index}
+    logger.info(f"{what}: {len(set(keys.values())) - len(todo):,} cached, {len(todo):,} to encode")
+    share, size = list(todo.items())[accelerator.process_index :: accelerator.num_processes], args.train_batch_size
+    entries = {}
+    rounds = math.ceil(len(todo) / (size * accelerator.num_processes))
     for start in tqdm(
-        range(0, len(keys), batch_size * accelerator.num_processes),
-        desc="caching latents",
-        disable=not accelerator.is_local_main_process,
+        range(0, rounds * size, size), desc=f"caching {what}", disable=not accelerator.is_local_main_process
     ):
         if stop.agreed(accelerator):  # a pre-emption's grace is seconds; caching can take hours
             break
-        pixels, readable = [], []
-        for position in range(
-            start + accelerator.process_index * batch_size, start + (accelerator.process_index + 1) * batch_size
-        ):
-            image = None
-            if position < len(keys):
-                index, flip = keys[position]
-                try:
-                    image = dataset.pixels(index, flip, random.Random(0))
-                except UNREADABLE as error:
-                    logger.warning(
-                        f"skipping unreadable image {dataset.records.source.name(index)}: {first_line(error)}"
-                    )
-            pixels.append(blank if image is None else image)
-            readable.append(image is not None)
-        parameters = models.vae.encode(
-            torch.stack(pixels).to(accelerator.device, dtype=models.weight_dtype)
-        ).latent_dist.parameters
-        # Gathered in process order, so gathered row r is the record at keys[start + r].
-        parameters, readable = accelerator.gather(
-            (parameters, torch.tensor(readable, dtype=torch.int64, device=accelerator.device))
-        )
-        cache.update(
-            {
-                keys[start + row]: value
-                for row, (value, ok) in enumerate(zip(parameters.cpu(), readable.tolist(), strict=True))
-                if ok
-            }
-        )
+        batch = share[start : start + size]
+        encoded = encode([item for _, item in batch]) if batch else {}
+        entries.update({key: encoded[item] for key, item in batch if item in encoded})
+        if len(entries) >= SHARD_ENTRIES:
+            cache.write(entries)
+            entries = {}
+    if entries:
+        cache.write(entries)
+    accelerator.wait_for_everyone()
+    cache.read_index(accelerator)
+    stop_if_requested(stop, accelerator, f"caching {what}")
     return cache
+
+
+def encode_latents(dataset: CaptionedImages, models: Models, device, items: list) -> dict:
+    """{(record, flipped): its latent distribution's parameters}, for the readable ones of `items`."""
+    pixels = {}
+    for index, flip in items:
+        try:
+            pixels[index, flip] = dataset.pixels(index, flip, random.Random(0))
+        except UNREADABLE as error:
+            logger.warning(f"skipping unreadable image {dataset.records.source.name(index)}: {first_line(error)}")
+    if not pixels:
+        return {}
+    batch = torch.stack(list(pixels.values())).to(device, dtype=models.weight_dtype)
+    return dict(zip(pixels, models.vae.encode(batch).latent_dist.parameters.cpu(), strict=True))
 
 
 def release_vae(vae, keep_decoder: bool):
@@ -1000,17 +1110,6 @@ def release_vae(vae, keep_decoder: bool):
 # ----------------------------------------------------------------------------------------------
 
 
-def encode_prompts(captions, models: Models, device, cache) -> torch.Tensor:
-    """Text-encoder hidden states for the captions; taken from `cache` (per caption) when one is given."""
-    if cache is None:
-        return encode_text(captions, models, device)
-    missing = sorted({c for c in captions if c not in cache})
-    if missing:
-        with torch.no_grad():
-            cache.update(zip(missing, encode_text(missing, models, device).cpu(), strict=True))
-    return torch.stack([cache[c] for c in captions]).to(device)
-
-
 def encode_text(texts, models: Models, device) -> torch.Tensor:
     tokens = models.tokenizer(
         texts, max_length=models.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
@@ -1018,7 +1117,7 @@ def encode_text(texts, models: Models, device) -> torch.Tensor:
     return models.text_encoder(tokens, return_dict=False)[0]
 
 
-def diffusion_loss(batch, models: Models, args, accelerator, generator, text_cache) -> torch.Tensor:
+def diffusion_loss(batch, models: Models, args, accelerator, generator) -> torch.Tensor:
     """The denoising loss of one micro-batch; all its noise comes from `generator`."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.training_utils import compute_snr
@@ -1041,7 +1140,10 @@ def diffusion_loss(batch, models: Models, args, accelerator, generator, text_cac
         device
     )
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-    encoder_hidden_states = encode_prompts(batch["captions"], models, device, text_cache)
+    if "hidden_states" in batch:
+        encoder_hidden_states = batch["hidden_states"].to(device)
+    else:
+        encoder_hidden_states = encode_text(batch["captions"], models, device)
     target = (
         noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
     )
@@ -1073,7 +1175,7 @@ def epoch_steps(args, dataset: CaptionedImages, plan: Plan, epoch: int, first_st
         yield [(batch, derived_seed(args.seed, "noise", process_index, epoch, micro)) for micro, batch in step]
 
 
-def train_step(args, accelerator, models: Models, optimization: Optimization, micro_batches, text_cache) -> float:
+def train_step(args, accelerator, models: Models, optimization: Optimization, micro_batches) -> float:
     """One optimizer step: the forward and backward pass of each micro-batch, then the clipped update. Returns the
     loss over all processes, or the first non-finite micro-batch loss (before its backward pass, so that it never
     reaches the weights)."""
@@ -1081,7 +1183,7 @@ def train_step(args, accelerator, models: Models, optimization: Optimization, mi
     for batch, noise_seed in micro_batches:
         with accelerator.accumulate(models.unet, models.text_encoder):
             generator = torch.Generator("cpu").manual_seed(noise_seed)
-            loss = diffusion_loss(batch, models, args, accelerator, generator, text_cache)
+            loss = diffusion_loss(batch, models, args, accelerator, generator)
             mean_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean().item()
             if not math.isfinite(mean_loss):
                 return mean_loss
@@ -1104,7 +1206,6 @@ def train(args, accelerator, models, optimization, plan, dataset, settings, vali
     if validation and step == 0:
         validation.save(grid_path(output_dir, step), step)
     stop_if_requested(stop, accelerator, "preparing the run (checkpoint, step-0 validation)")
-    text_cache = {} if args.cache_text_embeddings else None
     models.unet.train()
     models.text_encoder.train(args.train_text_encoder)
     run_start_step, (first_epoch, first_step_in_epoch) = step, divmod(step, plan.steps_per_epoch)
@@ -1120,7 +1221,7 @@ def train(args, accelerator, models, optimization, plan, dataset, settings, vali
             for micro_batches in epoch_steps(args, dataset, plan, epoch, first_step, accelerator.process_index):
                 if args.verbose and step == run_start_step:
                     report_first_batch(accelerator, dataset.records, micro_batches[0][0])
-                loss = train_step(args, accelerator, models, optimization, micro_batches, text_cache)
+                loss = train_step(args, accelerator, models, optimization, micro_batches)
                 if not math.isfinite(loss):
                     good = complete_checkpoints(output_dir)
                     raise TrainingError(
@@ -1567,15 +1668,6 @@ def stop_if_requested(stop: StopRequest, accelerator, phase: str):
         )
 
 
-def lora_checksum(unet, text_encoder, train_text_encoder: bool) -> str:
-    digest = hashlib.sha256()
-    for layers in lora_state_dicts(unet, text_encoder, train_text_encoder):
-        for key in sorted(layers or {}):
-            digest.update(key.encode())
-            digest.update(layers[key].detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def save_final_lora(args, accelerator, models: Models, settings: dict, step: int, records: Records, validation):
     """Save the final LoRA, its settings, its last validation grid and the model card (main process); every process
     reports the checksum of its weights, which must agree."""
@@ -1585,7 +1677,7 @@ def save_final_lora(args, accelerator, models: Models, settings: dict, step: int
     if args.verbose:
         print(
             f"process {accelerator.process_index}/{accelerator.num_processes} final LoRA checksum: "
-            f"{lora_checksum(unet, text_encoder, args.train_text_encoder)}",
+            f"{weights_digest(*lora_state_dicts(unet, text_encoder, args.train_text_encoder))[:16]}",
             file=sys.stderr,
             flush=True,
         )
@@ -1843,6 +1935,8 @@ def preflight(args):
     folders = {output_dir: "--output_dir", output_dir / "validation": "--output_dir"}
     if args.report_to != "none":
         folders[output_dir / args.logging_dir] = "--logging_dir"
+    if args.cache_latents or args.cache_text_embeddings:
+        folders[Path(args.encoding_cache_dir)] = "--encoding_cache_dir"
     for folder, flag in folders.items():
         check_writable(folder, flag)
     final = output_dir / LORA_WEIGHTS_NAME

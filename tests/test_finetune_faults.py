@@ -297,7 +297,7 @@ def test_a_preempted_run_checkpoints_within_the_launchers_grace_wherever_it_is_a
         launcher = start(command(output))
         trainers = []
         try:
-            read_until(launcher, marker)
+            seen = read_until(launcher, marker)
             trainers = children(launcher.pid)
             if group:
                 os.killpg(launcher.pid, signal.SIGTERM)
@@ -312,7 +312,7 @@ def test_a_preempted_run_checkpoints_within_the_launchers_grace_wherever_it_is_a
                     os.kill(pid, signal.SIGKILL)
         assert launcher.returncode == 128 + signal.SIGTERM, rest[-3000:]
         assert "Traceback" not in rest, rest[-3000:]
-        return rest
+        return seen + rest
 
     def checkpoints():
         return sorted(finetune_lora.checkpoint_step(path) for path in finetune_lora.complete_checkpoints(output))
@@ -322,13 +322,19 @@ def test_a_preempted_run_checkpoints_within_the_launchers_grace_wherever_it_is_a
     assert f"Stopped by SIGTERM after step {step}; saved {output / f'checkpoint-{step}'}" in rest, rest[-3000:]
     assert 1 <= step < 4 and checkpoints() == [step]
 
-    rest = preempt("caching latents")  # resumed runs cache the latents again, before any step
+    # A resumed run finds the latents in <output_dir>/encoding_cache: without it, it encodes them all again.
+    shutil.rmtree(output / "encoding_cache")
+    rest = preempt("caching latents")
+    assert "latents: 0 cached, 320 to encode" in rest, rest[-3000:]
     assert "error: stopped by SIGTERM while caching latents" in rest, rest[-3000:]
     bars = re.findall(r"caching latents: +(\d+)%", rest)
     assert bars and int(bars[-1]) < 100, "the caching ran to its end instead of stopping"
     assert checkpoints() == [step]
 
     rest = preempt("Sampling the validation grid of step 4")  # the grid of checkpoint-4
+    # What was encoded before the stop was kept; this run encoded the rest.
+    cached, todo = map(int, re.search(r"latents: (\d+) cached, (\d+) to encode", rest).groups())
+    assert cached > 0 and todo > 0 and cached + todo == 320, rest[-3000:]
     assert "Validation grid of step 4 given up" in rest, rest[-3000:]
     assert f"Stopped by SIGTERM after step 4; saved {output / 'checkpoint-4'}" in rest, rest[-3000:]
     assert checkpoints() == [step, 4] and not (output / "checkpoint-4" / "validation.png").exists()
