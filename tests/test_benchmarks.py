@@ -1,5 +1,6 @@
 """Smoke tests of the benchmarks at --config tiny, one repetition: both run end to end as real processes
-against the real scripts and end with one JSON line of sane figures. No timing is asserted."""
+against the real scripts and end with one JSON line of sane figures. No timing is asserted. The three benchmark runs
+are marked slow: `python -m pytest -m slow` runs them, the default run skips them."""
 
 import json
 import math
@@ -7,6 +8,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # The tiny models are all per-op overhead: one thread a process keeps the shared test machine from thrashing.
@@ -32,6 +35,7 @@ def assert_positive(value):
     assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, value
 
 
+@pytest.mark.slow
 def test_bench_train_tiny_ends_with_the_ratios(tmp_path):
     report = last_json_line(
         run_bench("bench_train.py", "--config", "tiny", "--repeats", "1", "--work_dir", str(tmp_path))
@@ -54,6 +58,7 @@ def test_bench_train_tiny_ends_with_the_ratios(tmp_path):
     assert logs == ["baseline-0.log", "ours-0.log"]  # the run folders themselves are removed
 
 
+@pytest.mark.slow
 def test_bench_generate_tiny_ends_with_the_ratios(tmp_path):
     report = last_json_line(
         run_bench(
@@ -89,6 +94,7 @@ def test_bench_reports_a_missing_reference_folder_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_gpu_tiny_puts_eager_and_compile_side_by_side(tmp_path):
     # Four processes, two of them compiling (a few minutes on a cold Inductor cache and busy cores).
     report = last_json_line(run_bench("bench_gpu.py", "--config", "tiny", "--work_dir", str(tmp_path), timeout=1200))

@@ -1,7 +1,8 @@
 """--compile in generate.py and finetune_lora.py against their eager runs, on the tiny model on the CPU.
 
 Compiling takes about a minute per model here (seconds once Inductor's on-disk cache holds the graphs), so each
-script gets one test that makes every check on the same few runs.
+script gets one test that makes every check on the same few runs. Both are marked slow: `python -m pytest -m slow`
+runs them, the default run skips them.
 
 Tolerances. Inductor fuses operations and reorders float32 sums (GroupNorm, softmax, matmul epilogues), so a
 compiled forward differs from the eager one by a few float32 roundings (about 1e-7 relative), not more:
@@ -41,6 +42,7 @@ def png_settings(path) -> dict:
         return json.loads(image.text[generate.PNG_SETTINGS_KEY])
 
 
+@pytest.mark.slow
 def test_generate_compile_matches_eager_is_recorded_and_from_png_reproduces_it(tiny_model, tmp_path, capsys):
     lora_file = write_published_layout_lora(tiny_model, tmp_path / "lora.safetensors")
     # A trained LoRA changes the weights by a few percent. The fixture's (A and B of 0.5 x randn) changes the tiny
@@ -74,6 +76,7 @@ def test_generate_compile_matches_eager_is_recorded_and_from_png_reproduces_it(t
     assert png_settings(again) == png_settings(compiled[1])
 
 
+@pytest.mark.slow
 def test_finetune_compile_trains_as_eager_saves_the_same_keys_and_resumes_exactly(tiny_model, face_folder, tmp_path):
     def run(output, *extra):
         flags = ["--train_text_encoder", "--cache_latents", "--learning_rate", LEARNING_RATE, "--seed", "0"]

@@ -108,6 +108,12 @@ def run_download(
     )
 
 
+def default_sigint():
+    """A shell without job control starts background commands with SIGINT ignored, and children inherit that: the
+    child gets Python's default Ctrl-C handling back, as in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stop_download_midway(
     hub: FakeHub, workdir: Path, stop: signal.Signals, stall_after: int = 12 * 2**20
 ) -> tuple[Path, str]:
@@ -124,6 +130,7 @@ def stop_download_midway(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     try:
         for _ in range(1200):
@@ -513,6 +520,7 @@ def test_ctrl_c_keeps_the_partial_download_says_where_and_the_next_run_resumes_i
         env=dict(download_env(hub.url, workdir), HF_HUB_DOWNLOAD_TIMEOUT="600"),
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     partials = workdir / ".cache" / "text2face" / Path(LORA_FILE).parent
     for _ in range(1200):  # at most 2 minutes
