@@ -17,14 +17,8 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tests compare pixels against CPU fp32 references; a GPU would switch the scripts to fp16.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
-# One torch thread in this process and in every child: the tiny models are all per-op overhead, and on two shared
-# cores a second thread waits for a core another process holds (the in-process generate.py tests ran 20x slower).
-os.environ["OMP_NUM_THREADS"] = "1"
 
-import torch  # noqa: E402
 from tiny_sd21 import build_tiny_clip, build_tiny_sd21, make_face_folder  # noqa: E402
-
-torch.set_num_threads(1)  # in case torch was imported before OMP_NUM_THREADS was set
 
 
 @pytest.fixture(scope="session")
