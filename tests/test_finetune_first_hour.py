@@ -384,6 +384,7 @@ def test_the_defaults_are_the_published_recipe_and_the_readme_says_so():
         "pretrained_model_name_or_path",
         "train_data_dir",
         "output_dir",
+        "encoding_cache_dir",
         "resume_from_checkpoint",
         "validation_prompts",
     }
