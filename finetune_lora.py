@@ -9,19 +9,19 @@ safetensors shards on disk (--encoding_cache_dir) keyed by image, caption and mo
 The defaults are the published Text2Face run's (768 px, rank 8, learning rates 1e-5, validation grids of four face
 prompts); the README shows the command that trained it.
 
+Under DeepSpeed with fp16/bf16, DeepSpeed casts the UNet, its LoRA included, and keeps fp32 master weights in its
+optimizer: the LoRA files it saves are fp16/bf16. SIGTERM or SIGINT (Slurm pre-emption, Ctrl-C) ends the step,
+writes a checkpoint and exits with 128 + the signal; the same command with --resume_from_checkpoint latest goes on.
+The LoRA ends up in <output_dir>/pytorch_lora_weights.safetensors (and in every checkpoint-N/), in the format
+pipe.load_lora_weights and generate.py read, with training_settings.json beside it. tools/export_kohya.py converts
+it for AUTOMATIC1111 and ComfyUI (the last example).
+
     accelerate launch finetune_lora.py --train_data_dir=$TRAIN_DIR --train_text_encoder --center_crop \\
       --output_dir=outputs/text2face --resume_from_checkpoint latest
     accelerate launch finetune_lora.py --train_data_dir=ffhq/images --captions_file=ffhq_captions.json \\
       --output_dir=outputs/ffhq --resolution=512 --center_crop --cache_latents --validation_score
     accelerate launch --multi_gpu --num_processes 4 finetune_lora.py ...   # on CPUs too, with --multi_gpu
     accelerate launch --config_file deepspeed_zero2.yaml finetune_lora.py ...   # UNet LoRA only
-
-Under DeepSpeed with fp16/bf16, DeepSpeed casts the UNet, its LoRA included, and keeps fp32 master weights in its
-optimizer: the LoRA files it saves are fp16/bf16. SIGTERM or SIGINT (Slurm pre-emption, Ctrl-C) ends the step,
-writes a checkpoint and exits with 128 + the signal; the same command with --resume_from_checkpoint latest goes on.
-The LoRA ends up in <output_dir>/pytorch_lora_weights.safetensors (and in every checkpoint-N/), in the format
-pipe.load_lora_weights and generate.py read, with training_settings.json beside it. For AUTOMATIC1111 and ComfyUI:
-
     python tools/export_kohya.py text2face.safetensors --lora outputs/text2face
 """
 
@@ -122,7 +122,7 @@ def parse_args(argv=None):
     parser = OneLineParser(
         description="LoRA fine-tuning of Stable Diffusion 2.1 (UNet and text encoder).",
         formatter_class=DefaultsShown,
-        epilog=__doc__[__doc__.index("    accelerate") :],
+        epilog="examples:\n" + __doc__[__doc__.index("    accelerate") :],
     )
     model = parser.add_argument_group("model")
     model.add_argument(
