@@ -62,7 +62,6 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import tqdm
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 DEFAULT_REPO_ID = "michaeltrs/text2face"
 DEFAULT_FILENAME = "checkpoints/lora30k/pytorch_lora_weights.safetensors"
@@ -296,6 +295,8 @@ def check_lora(tensors: dict) -> dict:
 def install_lora(lora: Path, target: Path, filename: str) -> dict:
     """`check_lora` of `lora`, then rename it over `target`, where generate.py reads it: the one write there, atomic,
     so a reader finds the old LoRA or the new one, never part of one. A LoRA refused is deleted, `target` kept."""
+    from safetensors.torch import load_file  # torch is imported only when a LoRA is checked
+
     try:
         try:
             tensors = load_file(lora)

@@ -994,11 +994,12 @@ def warn_long_captions(records: Records, tokenizer, prompts: list):
 class DiskCache:
     """Encoded tensors in safetensors shards (shard-*.safetensors) of up to SHARD_ENTRIES under `folder`, each named
     by its key ({item: key} in `keys`), a sha256 of all that decides its value: a changed image, resolution or model
-    finds no entry and is encoded anew. The shards' headers are the index, read at the start; reads are
-    memory-mapped, so a process's memory holds its batches and the shard handles, not the dataset."""
+    finds no entry and is encoded anew. The shards' headers are the index, read at the start; each read maps its
+    shard and closes it, so a process's memory holds its batches, not the dataset (an open shard's pages that were
+    read stay resident: kept open, the shards of an epoch would fill memory as the old in-memory cache did)."""
 
     def __init__(self, folder: Path, keys: dict, accelerator):
-        self.folder, self.keys, self.handles = folder, keys, {}
+        self.folder, self.keys = folder, keys
         folder.mkdir(parents=True, exist_ok=True)
         self.read_index(accelerator)
 
@@ -1042,13 +1043,8 @@ class DiskCache:
         from safetensors import safe_open
 
         key = self.keys[item]
-        shard = self.index[key]
-        if shard not in self.handles:
-            self.handles[shard] = safe_open(shard, framework="pt")
-        return self.handles[shard].get_tensor(key)
-
-    def __getstate__(self):  # a DataLoader worker opens its own handles
-        return {**self.__dict__, "handles": {}}
+        with safe_open(self.index[key], framework="pt") as shard:  # the tensor keeps its pages mapped, not the shard
+            return shard.get_tensor(key)
 
 
 @torch.no_grad()
