@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from tiny_sd21 import make_face_folder
@@ -107,6 +108,7 @@ def test_two_processes_split_the_batches_and_end_with_the_same_weights(tiny_mode
     assert set(checksums) == {"0", "1"} and checksums["0"] == checksums["1"]
 
 
+@pytest.mark.slow
 def test_two_processes_share_the_latent_caching_and_train_as_without_it(tiny_model, face_folder, tmp_path):
     finals = {}
     for name, cache in (("decoded", []), ("cached", ["--cache_latents"])):
@@ -148,6 +150,7 @@ def test_two_processes_share_the_latent_caching_and_train_as_without_it(tiny_mod
         assert torch.equal(finals["cached"][key], value), key
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_its_second_checkpoint_resumes_to_the_same_weights(tiny_model, face_folder, tmp_path):
     def command(output):
         # 8 images / (batch 1 x 2 accumulated) = 4 steps per epoch; 4 epochs = 16 steps; a checkpoint every 3 steps,
@@ -271,6 +274,7 @@ def test_sigterm_during_setup_ends_the_run_at_once_with_nothing_saved(tiny_model
     assert not list(output.glob("checkpoint-*")) and not (output / "pytorch_lora_weights.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_preempted_run_checkpoints_within_the_launchers_grace_wherever_it_is_and_resumes(tiny_model, tmp_path):
     """accelerate launch (1.16) passes a SIGTERM on to the trainer and SIGKILLs it 5 s later, so a "Stopped by" line,
     exit code 143 and a complete checkpoint can only come from a trainer that was in time. A cluster signals the
@@ -543,6 +547,7 @@ def test_overwrite_refuses_a_symbolic_link_before_it_deletes_anything(tiny_model
     assert sorted((p, p.stat().st_size) for p in tmp_path.rglob("*") if p.is_file()) == before
 
 
+@pytest.mark.slow
 def test_two_processes_preempted_during_the_main_process_grid_stop_together_and_resume(tiny_model, tmp_path):
     """Validation samples on the main process alone: a stop it sees mid-grid must reach the other process, waiting at
     the checkpoint, so that both save the same step and exit; the resumed pair ends as an uninterrupted pair."""
