@@ -1233,7 +1233,9 @@ def train(args, accelerator, models, optimization, plan, dataset, settings, vali
 
                 if step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, output_dir, step, settings, args.checkpoints_total_limit, validation)
-                last_step_end = time.perf_counter()  # the rate is training's: checkpoints and grids are not in it
+                # The rates (img_s, the bar's it/s and time) are training's: checkpoints and grids are not in them.
+                last_step_end = time.perf_counter()
+                progress.unpause()
                 # After the checkpoint: its validation grid gives up at a stop request, which is then acted on here.
                 if stop.agreed(accelerator):
                     return stop_with_checkpoint(args, accelerator, progress, settings, step, stop), step
@@ -1242,6 +1244,7 @@ def train(args, accelerator, models, optimization, plan, dataset, settings, vali
             if validation and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0:
                 validation.save(grid_path(output_dir, step), step)
                 last_step_end = time.perf_counter()
+                progress.unpause()
             if stop.agreed(accelerator):
                 return stop_with_checkpoint(args, accelerator, progress, settings, step, stop), step
     return 0, step

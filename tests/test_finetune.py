@@ -746,3 +746,18 @@ def test_a_short_run_validates_at_its_checkpoints_and_says_once_that_long_texts_
     assert re.findall(r"Sampling the validation grid of step (\d+)", err) == ["0", "3", "6"]
     assert sorted(p.name for p in (output / "validation").glob("*.png")) == ["step-000000.png", "step-000006.png"]
     assert (output / "checkpoint-3" / "validation.png").is_file()
+
+
+def test_the_progress_bar_leaves_validation_out_of_its_rate_and_time(tiny_model, face_folder, tmp_path, capfd, caplog):
+    output = tmp_path / "run"
+    args = train_args(tiny_model, face_folder, output, "--max_train_steps", "4", "--checkpointing_steps", "1")
+    args[args.index("--validation_prompts") + 1] = "a face"
+    args += ["--num_validation_images", "4", "--validation_inference_steps", "10"]
+    capfd.readouterr()
+    with caplog.at_level("INFO"):
+        assert finetune_lora.main(args) == 0
+    bar = [line for line in capfd.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("steps: 100%")]
+    minutes, seconds = map(int, re.search(r"\[(\d+):(\d+)<", bar[-1]).groups())
+    validation = int(re.search(r"Validation took (\d+) s of the \d+ s", caplog.text)[1])
+    # A grid after each of the 4 steps: counted in, they would be most of the bar's time.
+    assert 60 * minutes + seconds < validation / 2, (bar[-1], validation)
