@@ -1232,22 +1232,32 @@ def train(args, accelerator, models, optimization, plan, dataset, settings, vali
                 log_step(accelerator, progress, step, loss, optimization, images_per_second)
 
                 if step % args.checkpointing_steps == 0:
+                    paused = time.perf_counter()
                     save_checkpoint(accelerator, output_dir, step, settings, args.checkpoints_total_limit, validation)
-                # The rates (img_s, the bar's it/s and time) are training's: checkpoints and grids are not in them.
-                last_step_end = time.perf_counter()
-                progress.unpause()
+                    leave_out_of_bar(progress, paused)
+                last_step_end = time.perf_counter()  # img_s is training's too
                 # After the checkpoint: its validation grid gives up at a stop request, which is then acted on here.
                 if stop.agreed(accelerator):
                     return stop_with_checkpoint(args, accelerator, progress, settings, step, stop), step
                 if step >= plan.max_train_steps:
                     break
             if validation and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0:
+                paused = time.perf_counter()
                 validation.save(grid_path(output_dir, step), step)
+                leave_out_of_bar(progress, paused)
                 last_step_end = time.perf_counter()
-                progress.unpause()
             if stop.agreed(accelerator):
                 return stop_with_checkpoint(args, accelerator, progress, settings, step, stop), step
     return 0, step
+
+
+def leave_out_of_bar(progress, paused: float):
+    """Move the bar's clock on by the time since `paused` (perf_counter), spent on a checkpoint or a grid, so that
+    its rate and time are training's. (tqdm's unpause() would also drop the steps not yet printed.)"""
+    if not progress.disable:
+        seconds = time.perf_counter() - paused
+        progress.start_t += seconds
+        progress.last_print_t += seconds
 
 
 def stop_with_checkpoint(args, accelerator, progress, settings: dict, step: int, stop) -> int:

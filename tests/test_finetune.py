@@ -6,12 +6,14 @@ Runs where the launcher is the point go through a real `accelerate launch` subpr
 
 import csv
 import http.server
+import io
 import json
 import os
 import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -761,3 +763,18 @@ def test_the_progress_bar_leaves_validation_out_of_its_rate_and_time(tiny_model,
     validation = int(re.search(r"Validation took (\d+) s of the \d+ s", caplog.text)[1])
     # A grid after each of the 4 steps: counted in, they would be most of the bar's time.
     assert 60 * minutes + seconds < validation / 2, (bar[-1], validation)
+
+
+def test_the_bar_leaves_out_a_pause_and_keeps_the_fast_steps_around_it():
+    from tqdm.auto import tqdm
+
+    with tqdm(total=40, file=io.StringIO()) as bar:  # tqdm prints at most every 0.1 s: most steps are not printed
+        for step in range(40):
+            time.sleep(0.025)
+            bar.update(1)
+            if step == 19:  # a 2 s checkpoint after 0.5 s of steps
+                paused = time.perf_counter()
+                time.sleep(2)
+                finetune_lora.leave_out_of_bar(bar, paused)
+        elapsed = bar.format_dict["elapsed"]
+    assert 0.9 < elapsed < 2.5, elapsed  # the 1 s of steps: not 0 (the steps dropped), not 3 (the pause counted)
