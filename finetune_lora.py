@@ -951,7 +951,7 @@ def training_dataset(args, accelerator, records: Records, models: Models, stop) 
         flips = (False, True) if args.random_flip else (False,)
         # Each process hashes its share of the files: the dataset is read once, not once per process.
         share = range(accelerator.process_index, len(records), accelerator.num_processes)
-        images = dict(gather_object([(index, records.source.digest(index)) for index in share]))
+        images = dict(gather_object([(index, image_digest(records.source, index)) for index in share]))
         keys = {
             (index, flip): digest(images[index], args.resolution, args.center_crop, flip, vae, dtype)
             for index in range(len(records))
@@ -961,6 +961,15 @@ def training_dataset(args, accelerator, records: Records, models: Models, stop) 
         dataset.latent_cache = fill_cache(folder / "latents", keys, encode, "latents", accelerator, args, stop)
         release_vae(models.vae, keep_decoder=bool(args.validation_prompts) and accelerator.is_main_process)
     return dataset
+
+
+def image_digest(source, index: int) -> str:
+    """The sha256 of image `index`'s file; for a file that cannot be read, a key of its own that no entry has, so
+    that encode_latents skips it and says so (raised here, it would leave the other processes waiting)."""
+    try:
+        return source.digest(index)
+    except OSError:
+        return f"unreadable {index}"
 
 
 def digest(*parts) -> str:

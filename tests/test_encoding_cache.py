@@ -111,3 +111,11 @@ def test_an_encoding_cache_dir_that_cannot_be_written_fails_before_anything_load
         f"error: cannot write to {a_file / 'cache'}: {a_file} is a file, not a folder; pass another --encoding_cache_dir"
     )
     assert not output.exists()
+
+
+def test_an_image_gone_before_it_is_hashed_gets_a_key_no_entry_has(face_folder):
+    names = sorted(str(path.relative_to(face_folder)) for path in face_folder.rglob("*.png"))[:2]
+    source = finetune_lora.FolderImages(face_folder, names)
+    (face_folder / names[1]).unlink()  # deleted after it was listed, as on a shared file system
+    readable, gone = (finetune_lora.image_digest(source, index) for index in range(2))
+    assert len(readable) == 64 and gone == "unreadable 1"  # encode_latents then skips it, like any unreadable image
