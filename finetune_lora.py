@@ -1052,7 +1052,8 @@ class DiskCache:
         from safetensors import safe_open
 
         key = self.keys[item]
-        with safe_open(self.index[key], framework="pt") as shard:  # the tensor keeps its pages mapped, not the shard
+        # The tensor holds a mapping of its own, valid once the shard is closed and released when it is freed.
+        with safe_open(self.index[key], framework="pt") as shard:
             return shard.get_tensor(key)
 
 

@@ -2,13 +2,13 @@
 in-memory dict it replaced, at two dataset sizes.
 
 Every run is a real `python finetune_lora.py` process on the tiny SD2.1-shaped model and a folder of synthetic
-captioned faces, --cache_latents --center_crop, UNet LoRA only, batch 4, 2K steps with a checkpoint every K steps,
-no validation. For each image count there are three runs:
-    cold    the disk cache, built by this run (a fresh cache folder)
+captioned faces, --cache_latents --center_crop, UNet LoRA only, batch 4, a checkpoint every K steps, no validation.
+For each image count there are three runs:
+    cold    the disk cache, built by this run (a fresh cache folder): 2K steps
     warm    the disk cache again, the same folder: nothing to encode; it trains for an epoch of the largest count
             at both counts (at least 2K steps), so that every latent is read and the two differ only in their data
     memory  the warm cache, but read whole into a dict of tensors in the process before the first step: the old
-            in-memory --cache_latents (every latent in host memory), the comparator of speed and memory
+            in-memory --cache_latents (every latent in host memory), the comparator of speed and memory: 2K steps
 Steady steps/s and start-up are bench_train.py's: K / (start of checkpoint 2K - end of checkpoint K), and the time
 from launch to checkpoint K less K steps at that rate (imports, model loading, hashing the images, encoding what is
 missing, the first step's warm-up). Peak memory is the training process's peak resident set (wait4's rusage).
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark the disk latent cache against the in-memory one.")
     parser.add_argument("--quick", action="store_true", help="100 and 1,000 images instead of 500 and 5,000.")
     parser.add_argument("--resolution", type=int, default=256, help="Training side in pixels.")
-    parser.add_argument("--checkpointing_steps", type=int, default=10, help="K: train 2K steps, time the second K.")
+    parser.add_argument("--checkpointing_steps", type=int, default=10, help="K: time steps K to 2K.")
     parser.add_argument(
         "--work_dir", type=Path, help="Keep the model, faces, caches and logs here (default: a temp folder)."
     )
@@ -123,12 +123,12 @@ def main(argv=None) -> int:
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
         model = prepare_model("tiny", work_dir, REPO / "benchmarks" / "sd21_configs")
-        figures, epoch = {}, max(2 * args.checkpointing_steps, math.ceil(max(args.counts) / BATCH_SIZE))
+        figures, timed = {}, 2 * args.checkpointing_steps
+        steps = {"cold": timed, "warm": max(timed, math.ceil(max(args.counts) / BATCH_SIZE)), "memory": timed}
         for count in args.counts:
             faces = unique_faces(work_dir, args.resolution, count)
             cache = work_dir / f"cache-{args.resolution}px-{count}"
             shutil.rmtree(cache, ignore_errors=True)
-            steps = {"cold": 2 * args.checkpointing_steps, "warm": epoch, "memory": 2 * args.checkpointing_steps}
             figures[count] = {
                 name: run(args, f"{name}-{count}", model, faces, cache, work_dir, steps[name]) for name in steps
             }

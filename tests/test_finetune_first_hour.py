@@ -352,9 +352,9 @@ def help_entries(text: str) -> dict:
 
 
 def test_help_shows_every_default_and_ends_with_the_docstrings_examples(capsys):
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit) as exited:
         finetune_lora.parse_args(["--help"])
-    assert exit.value.code == 0
+    assert exited.value.code == 0
     text = capsys.readouterr().out
     assert text.endswith(finetune_lora.__doc__[finetune_lora.__doc__.index("    accelerate") :])
     entries = help_entries(text)
