@@ -16,6 +16,7 @@ The in-memory cache's size is computed: entries x bytes per entry, read from a s
 
     python benchmarks/bench_cache.py --quick       # 100 and 1,000 images: about 5 minutes on 2 CPU cores
     python benchmarks/bench_cache.py               # 500 and 5,000 images at 256 px: about 20 minutes
+    python benchmarks/bench_cache.py --counts 8 16 --resolution 64 --checkpointing_steps 2   # the tests' smoke run
 
 The last line printed is one JSON object:
     {"rss_growth_over_memory_cache": disk peak RSS (big - small) / the in-memory cache's size at big,
@@ -50,13 +51,14 @@ BATCH_SIZE = 4
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark the disk latent cache against the in-memory one.")
     parser.add_argument("--quick", action="store_true", help="100 and 1,000 images instead of 500 and 5,000.")
+    parser.add_argument("--counts", type=int, nargs=2, metavar=("SMALL", "BIG"), help="Other image counts.")
     parser.add_argument("--resolution", type=int, default=256, help="Training side in pixels.")
     parser.add_argument("--checkpointing_steps", type=int, default=10, help="K: time steps K to 2K.")
     parser.add_argument(
         "--work_dir", type=Path, help="Keep the model, faces, caches and logs here (default: a temp folder)."
     )
     args = parser.parse_args(argv)
-    args.counts = (100, 1000) if args.quick else (500, 5000)
+    args.counts = tuple(args.counts or ((100, 1000) if args.quick else (500, 5000)))
     return args
 
 

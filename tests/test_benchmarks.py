@@ -124,3 +124,19 @@ def test_bench_gpu_tiny_puts_eager_and_compile_side_by_side(tmp_path):
     assert sorted(p.name for p in (tmp_path / "images").iterdir() if p.is_dir()) == ["compile-batch1", "eager-batch1"]
     for mode in ("eager", "compile"):
         assert len(list((tmp_path / "images" / f"{mode}-batch1").glob("*.png"))) == 3
+
+
+@pytest.mark.slow
+def test_bench_cache_tiny_ends_with_the_ratios(tmp_path):
+    flags = ["--counts", "8", "16", "--resolution", "64", "--checkpointing_steps", "2", "--work_dir", str(tmp_path)]
+    report = last_json_line(run_bench("bench_cache.py", *flags))
+    for key in ("warm_over_cold_startup", "disk_over_memory_steps_per_s", "memory_over_disk_cpu_s_per_step"):
+        assert_positive(report[key])
+    assert (report["resolution"], report["counts"]) == (64, [8, 16])
+    for count in ("8", "16"):
+        figures = report["figures"][count]
+        assert figures["memory_cache_bytes"] == int(count) * 8 * 8 * 8 * 4  # 8 x 8 x 8 fp32 latents, one per image
+        assert figures["disk_cache_bytes"] > figures["memory_cache_bytes"]  # the same tensors, in shards with headers
+        for run in ("cold", "warm", "memory"):
+            assert_positive(figures[run]["steps_per_s"])
+            assert_positive(figures[run]["peak_rss_bytes"])
