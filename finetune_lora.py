@@ -70,6 +70,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 VALIDATION_GRID_PATTERN = re.compile(r"^step-\d{6}\.(png|json)(\.tmp)?$")  # validation/step-N.png, its prompts
+VALIDATION_IMAGES_PER_CALL = 20  # the default 5 seeds x 4 prompts
 TRACKER_PROJECT = "text2face-lora"  # the tracker's run folder under --logging_dir
 DEFAULT_SCORE_MODEL = "openai/clip-vit-large-patch14"  # --score_model: CLIP ViT-L/14, as generate.py --score
 # Sampled into the validation grids unless --validation_prompts says otherwise: the published run's two prompts and
@@ -1829,23 +1830,30 @@ def validation_grid(args, accelerator, models: Models, step: int, stop) -> tuple
         requires_safety_checker=False,
     )
     pipeline.set_progress_bar_config(disable=True)
-    size, rows = args.resolution, []
-    # A compiled UNet samples eagerly here: compiling its inference graph would cost more than the sampling saves.
-    with torch.no_grad(), accelerator.autocast(), torch.compiler.set_stance("force_eager"):
-        for repetition in range(args.num_validation_images):
-            generator = torch.Generator("cpu").manual_seed(args.seed + repetition)
-            rows.append(
-                pipeline(
-                    args.validation_prompts,
+    prompts, seeds = args.validation_prompts, [args.seed + row for row in range(args.num_validation_images)]
+    # Whole rows per call, the default grid in one call: on a small model the cost is per call more than per image;
+    # the cap bounds a larger grid's memory. Each image draws its noise from its row's seed alone, so a row's prompts
+    # start from the same noise.
+    rows_per_call = max(1, VALIDATION_IMAGES_PER_CALL // len(prompts))
+    images = []
+    models.vae.enable_slicing()  # decoded one by one: 20 images at 768 px at once would take gigabytes
+    try:
+        # A compiled UNet samples eagerly here: compiling its inference graph would cost more than the sampling saves.
+        with torch.no_grad(), accelerator.autocast(), torch.compiler.set_stance("force_eager"):
+            for first in range(0, len(seeds), rows_per_call):
+                call_seeds = [seed for seed in seeds[first : first + rows_per_call] for _ in prompts]
+                images += pipeline(
+                    prompts * (len(call_seeds) // len(prompts)),
                     num_inference_steps=args.validation_inference_steps,
-                    height=size,
-                    width=size,
-                    generator=generator,
+                    height=args.resolution,
+                    width=args.resolution,
+                    generator=[torch.Generator("cpu").manual_seed(seed) for seed in call_seeds],
                     callback_on_step_end=give_up_on_stop,
                 ).images
-            )
-    seeds = [args.seed + repetition for repetition in range(args.num_validation_images)]
-    return labelled_grid(rows, args.validation_prompts, seeds, step), rows
+    finally:
+        models.vae.disable_slicing()
+    rows = [images[first : first + len(prompts)] for first in range(0, len(images), len(prompts))]
+    return labelled_grid(rows, prompts, seeds, step), rows
 
 
 def labelled_grid(rows: list, prompts: list, seeds: list, step: int) -> Image.Image:
