@@ -95,7 +95,7 @@ class TrainingError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# Arguments
+# Arguments, and what is checked before anything loads
 # ----------------------------------------------------------------------------------------------
 
 
@@ -339,6 +339,88 @@ def check_args(args):
             raise TrainingError(f"--{name} {getattr(args, name)} must be at least 0 and below 1")
 
 
+def preflight(args):
+    """What would otherwise fail after the model load or after training, checked before anything is loaded or
+    created: the base model (and the --validation_score model) can be found, and every place the run writes to
+    can be written."""
+    from huggingface_hub import constants
+
+    models = {"--pretrained_model_name_or_path": (args.pretrained_model_name_or_path, args.revision)}
+    if args.validation_score:
+        models["--score_model"] = (args.score_model, None)
+    missing = {
+        flag: name for flag, (name, revision) in models.items() if not check_model(name, flag, revision, args.cache_dir)
+    }
+    if missing:  # one message names all the Hub must give, and the one command that fetches it all
+        flag, name = next(iter(missing.items()))
+        needed = " and ".join(f"{MODEL_FLAGS[flag][0]} {name}" for flag, name in missing.items())
+        needed += f", {'which is' if len(missing) == 1 else 'which are'} not in the Hugging Face cache "
+        needed += f"({args.cache_dir or constants.HF_HUB_CACHE})"
+        check_hub_reachable(name, MODEL_FLAGS[flag][3][0], needed, how_to_get(missing), models[flag][1])
+    output_dir = Path(args.output_dir)
+    folders = {output_dir: "--output_dir", output_dir / "validation": "--output_dir"}
+    if args.report_to != "none":
+        folders[output_dir / args.logging_dir] = "--logging_dir"
+    if args.cache_latents or args.cache_text_embeddings:
+        folders[Path(args.encoding_cache_dir)] = "--encoding_cache_dir"
+    for folder, flag in folders.items():
+        check_writable(folder, flag)
+    final = output_dir / LORA_WEIGHTS_NAME
+    if final.exists() and not final.is_file():
+        raise TrainingError(f"cannot write the LoRA to {final}: it is a folder; pass another --output_dir")
+
+
+# What each model flag loads: what messages call it, what its folder holds, a Hub id that works, what every such
+# folder or repository holds (the first, a file to ask the Hub for).
+MODEL_FLAGS = {
+    "--pretrained_model_name_or_path": (
+        "base model",
+        "a diffusers Stable Diffusion 2.1 pipeline",
+        DEFAULT_BASE_MODEL,
+        ["model_index.json", "scheduler", "tokenizer", "text_encoder", "vae", "unet"],
+    ),
+    "--score_model": ("score model", "a transformers CLIP model", DEFAULT_SCORE_MODEL, ["config.json"]),
+}
+
+
+def check_model(name: str, flag: str, revision: str | None, cache_dir) -> bool:
+    """Find in seconds a model that cannot load: a folder that is not there or not whole, or a Hub id that is not
+    valid. Returns whether it is here (a folder, or in the cache); one that is not must come from the Hub."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    what, kind, example, parts = MODEL_FLAGS[flag]
+    if Path(name).is_dir():
+        if missing := [part for part in parts if not (Path(name) / part).exists()]:
+            raise TrainingError(
+                f"{flag} {name} has no {', '.join(missing)}: pass the folder of {kind}, complete, or a Hub id like "
+                f"{example}"
+            )
+        return True
+    if names_a_folder(name):
+        raise TrainingError(f"{flag}: no such folder: {name}: pass the folder of {kind} or a Hub id like {example}")
+    try:
+        snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=True)
+        return True
+    except LocalEntryNotFoundError:
+        return False
+    except HFValidationError as error:
+        raise TrainingError(
+            f"{flag}: no such folder or Hub id: {name} ({first_line(error)}): pass the folder of {kind} or a Hub id "
+            f"like {example}"
+        ) from error
+
+
+def how_to_get(missing: dict) -> str:
+    """The fix for the models {flag: Hub id} that are neither here nor reachable: download.py fetches them all."""
+    download = {"--pretrained_model_name_or_path": "--base_model", "--score_model": "--score_model"}
+    fetch = shlex.join(
+        ["python", "download.py", *(part for flag, name in missing.items() for part in (download[flag], name))]
+    )
+    folders = " and ".join(f"{flag} /path/to/folder" for flag in missing)
+    return f"run `{fetch}` where there is a network and use its cache here (HF_HOME, with HF_HUB_OFFLINE=1), or pass {folders}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Data: image records, captions, deterministic order
 # ----------------------------------------------------------------------------------------------
@@ -388,6 +470,94 @@ class HubImages:
         if isinstance(value, dict) and value.get("bytes") is None:
             value = value.get("path")
         return hashlib.sha256(Path(value).read_bytes() if isinstance(value, str) else pickle.dumps(value)).hexdigest()
+
+
+def load_records(args, show_progress: bool) -> Records:
+    records = load_hub_records(args) if args.dataset_name else load_folder_records(args, show_progress)
+    if args.max_train_samples is not None and args.max_train_samples < len(records):
+        chosen = sorted(random.Random(args.seed).sample(range(len(records)), args.max_train_samples))
+        if isinstance(records.source, FolderImages):
+            source = FolderImages(records.source.root, [records.source.names[i] for i in chosen])
+        else:
+            source = HubImages(records.source.dataset.select(chosen), records.source.column, records.source.label)
+        records = Records(source, [records.captions[i] for i in chosen], records.description)
+        logger.info(f"Training on {len(records)} of them (--max_train_samples).")
+    return records
+
+
+def load_folder_records(args, show_progress: bool) -> Records:
+    root = Path(args.train_data_dir)
+    if not root.is_dir():
+        raise TrainingError(f"--train_data_dir {root} is not a folder")
+    names = find_images(root)
+    if not names:
+        raise TrainingError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
+    if args.captions_file:
+        captions_path = Path(args.captions_file)
+        if not captions_path.is_file():
+            raise TrainingError(f"--captions_file {captions_path} does not exist")
+    else:
+        candidates = [root / "metadata.jsonl", root / "metadata.csv"]
+        present = [p for p in candidates if p.is_file()]
+        if not present:
+            raise TrainingError(f"no captions: put metadata.jsonl or metadata.csv in {root}, or pass --captions_file")
+        if len(present) > 1:
+            raise TrainingError(f"{root} holds both metadata.jsonl and metadata.csv; keep one")
+        captions_path = present[0]
+    table, nameless = read_caption_table(captions_path, args.image_column or "file_name", args.caption_column)
+    captions, unmatched = match_captions(names, table)
+    uncaptioned = [name for name in names if name not in captions]
+    unreadable = unreadable_images(root, sorted(captions), show_progress)
+    usable = sorted(set(captions) - set(unreadable))
+    logger.info(
+        f"Data: {len(names)} images found under {root}, {len(captions)} with captions from {captions_path}, "
+        f"{len(uncaptioned)} images without captions (skipped), {len(unmatched)} captions without an image, "
+        f"{len(unreadable)} unreadable images (skipped)"
+        + (f", {len(nameless)} caption records without an image name (skipped)." if nameless else ".")
+    )
+    for label, items in (
+        ("images without captions", uncaptioned),
+        ("captions without an image", unmatched),
+        ("unreadable images", unreadable),
+        ("caption records without an image name", [f"#{n}" for n in nameless]),
+    ):
+        if items:
+            logger.warning(f"{label}: {', '.join(items[:10])}{' ...' if len(items) > 10 else ''}")
+    if not usable:
+        raise TrainingError(
+            f"no image under {root} has a caption in {captions_path} (check the file names and --image_column)"
+        )
+    return Records(FolderImages(root, usable), [captions[name] for name in usable], f"{root} with {captions_path.name}")
+
+
+def load_hub_records(args) -> Records:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(
+            args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, data_dir=args.train_data_dir
+        )["train"]
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        raise TrainingError(f"cannot load dataset {args.dataset_name}: {first_line(error)}") from error
+    image_column = args.image_column or "image"
+    for column, flag in ((image_column, "--image_column"), (args.caption_column, "--caption_column")):
+        if column not in dataset.column_names:
+            raise TrainingError(
+                f"dataset {args.dataset_name} has no column '{column}' "
+                f"(columns: {', '.join(dataset.column_names)}); pass {flag}"
+            )
+    all_captions = [as_caption_list(value, args.dataset_name) for value in dataset[args.caption_column]]
+    keep = [index for index, captions in enumerate(all_captions) if captions]
+    logger.info(
+        f"Data: {len(dataset)} images in {args.dataset_name}, {len(keep)} with captions, "
+        f"{len(dataset) - len(keep)} without captions (skipped)."
+    )
+    if not keep:
+        raise TrainingError(f"no row of {args.dataset_name} has a caption in column '{args.caption_column}'")
+    dataset = dataset.select(keep)
+    return Records(
+        HubImages(dataset, image_column, args.dataset_name), [all_captions[i] for i in keep], args.dataset_name
+    )
 
 
 def read_caption_table(path: Path, image_column: str, caption_column: str) -> tuple:
@@ -487,99 +657,6 @@ def unreadable_images(root: Path, names: list, show_progress: bool) -> list:
     return bad
 
 
-def load_folder_records(args, show_progress: bool) -> Records:
-    root = Path(args.train_data_dir)
-    if not root.is_dir():
-        raise TrainingError(f"--train_data_dir {root} is not a folder")
-    names = find_images(root)
-    if not names:
-        raise TrainingError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
-    if args.captions_file:
-        captions_path = Path(args.captions_file)
-        if not captions_path.is_file():
-            raise TrainingError(f"--captions_file {captions_path} does not exist")
-    else:
-        candidates = [root / "metadata.jsonl", root / "metadata.csv"]
-        present = [p for p in candidates if p.is_file()]
-        if not present:
-            raise TrainingError(f"no captions: put metadata.jsonl or metadata.csv in {root}, or pass --captions_file")
-        if len(present) > 1:
-            raise TrainingError(f"{root} holds both metadata.jsonl and metadata.csv; keep one")
-        captions_path = present[0]
-    table, nameless = read_caption_table(captions_path, args.image_column or "file_name", args.caption_column)
-    captions, unmatched = match_captions(names, table)
-    uncaptioned = [name for name in names if name not in captions]
-    unreadable = unreadable_images(root, sorted(captions), show_progress)
-    usable = sorted(set(captions) - set(unreadable))
-    logger.info(
-        f"Data: {len(names)} images found under {root}, {len(captions)} with captions from {captions_path}, "
-        f"{len(uncaptioned)} images without captions (skipped), {len(unmatched)} captions without an image, "
-        f"{len(unreadable)} unreadable images (skipped)"
-        + (f", {len(nameless)} caption records without an image name (skipped)." if nameless else ".")
-    )
-    for label, items in (
-        ("images without captions", uncaptioned),
-        ("captions without an image", unmatched),
-        ("unreadable images", unreadable),
-        ("caption records without an image name", [f"#{n}" for n in nameless]),
-    ):
-        if items:
-            logger.warning(f"{label}: {', '.join(items[:10])}{' ...' if len(items) > 10 else ''}")
-    if not usable:
-        raise TrainingError(
-            f"no image under {root} has a caption in {captions_path} (check the file names and --image_column)"
-        )
-    return Records(FolderImages(root, usable), [captions[name] for name in usable], f"{root} with {captions_path.name}")
-
-
-def load_hub_records(args) -> Records:
-    from datasets import load_dataset
-
-    try:
-        dataset = load_dataset(
-            args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, data_dir=args.train_data_dir
-        )["train"]
-    except (FileNotFoundError, ValueError, ConnectionError) as error:
-        raise TrainingError(f"cannot load dataset {args.dataset_name}: {first_line(error)}") from error
-    image_column = args.image_column or "image"
-    for column, flag in ((image_column, "--image_column"), (args.caption_column, "--caption_column")):
-        if column not in dataset.column_names:
-            raise TrainingError(
-                f"dataset {args.dataset_name} has no column '{column}' "
-                f"(columns: {', '.join(dataset.column_names)}); pass {flag}"
-            )
-    all_captions = [as_caption_list(value, args.dataset_name) for value in dataset[args.caption_column]]
-    keep = [index for index, captions in enumerate(all_captions) if captions]
-    logger.info(
-        f"Data: {len(dataset)} images in {args.dataset_name}, {len(keep)} with captions, "
-        f"{len(dataset) - len(keep)} without captions (skipped)."
-    )
-    if not keep:
-        raise TrainingError(f"no row of {args.dataset_name} has a caption in column '{args.caption_column}'")
-    dataset = dataset.select(keep)
-    return Records(
-        HubImages(dataset, image_column, args.dataset_name), [all_captions[i] for i in keep], args.dataset_name
-    )
-
-
-def load_records(args, show_progress: bool) -> Records:
-    records = load_hub_records(args) if args.dataset_name else load_folder_records(args, show_progress)
-    if args.max_train_samples is not None and args.max_train_samples < len(records):
-        chosen = sorted(random.Random(args.seed).sample(range(len(records)), args.max_train_samples))
-        if isinstance(records.source, FolderImages):
-            source = FolderImages(records.source.root, [records.source.names[i] for i in chosen])
-        else:
-            source = HubImages(records.source.dataset.select(chosen), records.source.column, records.source.label)
-        records = Records(source, [records.captions[i] for i in chosen], records.description)
-        logger.info(f"Training on {len(records)} of them (--max_train_samples).")
-    return records
-
-
-def derived_seed(*keys) -> int:
-    """A 63-bit seed that depends only on `keys`: any step's randomness can be recreated without replaying the run."""
-    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
-
-
 @dataclass(frozen=True)
 class Plan:
     """How the records are cut into optimizer steps and epochs; computed once, by make_plan()."""
@@ -617,6 +694,11 @@ def make_plan(args, num_records: int, num_processes: int) -> Plan:
     return plan
 
 
+def derived_seed(*keys) -> int:
+    """A 63-bit seed that depends only on `keys`: any step's randomness can be recreated without replaying the run."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
+
+
 def epoch_batches(plan: Plan, seed: int, epoch: int, first_step: int, process_index: int) -> list:
     """This process's micro-batches of `epoch` from optimizer step `first_step` on: lists of (record, sample seed).
 
@@ -636,36 +718,6 @@ def epoch_batches(plan: Plan, seed: int, epoch: int, first_step: int, process_in
             positions = range(start, start + plan.batch_size)
             batches.append([(order[p], derived_seed(seed, "sample", epoch, p)) for p in positions])
     return batches
-
-
-def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, rng: random.Random) -> Image.Image:
-    """Scale the shorter side to `resolution`, then crop a square (centred, or at a seeded random place)."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    image = image.resize(
-        (max(resolution, round(width * scale)), max(resolution, round(height * scale))), Image.BILINEAR
-    )
-    width, height = image.size
-    if center_crop:
-        left, top = round((width - resolution) / 2), round((height - resolution) / 2)
-    else:
-        left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)
-    return image.crop((left, top, left + resolution, top + resolution))
-
-
-def as_rgb(image: Image.Image) -> Image.Image:
-    """The image as the eye sees it, in 8-bit RGB: turned by its EXIF orientation, and 16-bit grey scaled from its
-    0-65535 range (PIL's convert("RGB") clips it, so all but the darkest pixels come out white)."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
-    return image.convert("RGB")
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float tensor (3, H, W) in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 class CaptionedImages(torch.utils.data.Dataset):
@@ -714,6 +766,36 @@ class CaptionedImages(torch.utils.data.Dataset):
         if (index, flip) not in self.latent_cache:
             raise OSError("it could not be decoded when the latents were cached")
         return {"latents": self.latent_cache[index, flip]}
+
+
+def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, rng: random.Random) -> Image.Image:
+    """Scale the shorter side to `resolution`, then crop a square (centred, or at a seeded random place)."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    image = image.resize(
+        (max(resolution, round(width * scale)), max(resolution, round(height * scale))), Image.BILINEAR
+    )
+    width, height = image.size
+    if center_crop:
+        left, top = round((width - resolution) / 2), round((height - resolution) / 2)
+    else:
+        left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """The image as the eye sees it, in 8-bit RGB: turned by its EXIF orientation, and 16-bit grey scaled from its
+    0-65535 range (PIL's convert("RGB") clips it, so all but the darkest pixels come out white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor (3, H, W) in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def collate(examples):
@@ -853,32 +935,6 @@ def compile_for_training(unet):
     unet.compile()
 
 
-def make_optimizer(args, models: Models, total_batch_size: int):
-    """AdamW with one parameter group per model, so each LoRA trains at its own learning rate."""
-    scale = total_batch_size if args.scale_lr else 1
-    groups = [{"params": [p for p in models.unet.parameters() if p.requires_grad], "lr": args.learning_rate * scale}]
-    if args.train_text_encoder:
-        text_encoder_lr = (
-            args.learning_rate if args.learning_rate_text_encoder is None else args.learning_rate_text_encoder
-        )
-        groups.append(
-            {"params": [p for p in models.text_encoder.parameters() if p.requires_grad], "lr": text_encoder_lr * scale}
-        )
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes
-        except ImportError as error:
-            raise TrainingError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    else:
-        # On CUDA one fused kernel updates every LoRA tensor, instead of a handful of kernels per tensor.
-        optimizer_class = functools.partial(torch.optim.AdamW, fused=models.unet.device.type == "cuda")
-    optimizer = optimizer_class(
-        groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
-    )
-    return optimizer, [p for group in groups for p in group["params"]]
-
-
 @dataclass(frozen=True)
 class Optimization:
     """The optimizer and its LR schedule (both wrapped by accelerate), and the LoRA parameters they update."""
@@ -919,6 +975,32 @@ def prepare_training(args, accelerator, models: Models, plan: Plan) -> tuple:
     return models, Optimization(optimizer, lr_scheduler, parameters)
 
 
+def make_optimizer(args, models: Models, total_batch_size: int):
+    """AdamW with one parameter group per model, so each LoRA trains at its own learning rate."""
+    scale = total_batch_size if args.scale_lr else 1
+    groups = [{"params": [p for p in models.unet.parameters() if p.requires_grad], "lr": args.learning_rate * scale}]
+    if args.train_text_encoder:
+        text_encoder_lr = (
+            args.learning_rate if args.learning_rate_text_encoder is None else args.learning_rate_text_encoder
+        )
+        groups.append(
+            {"params": [p for p in models.text_encoder.parameters() if p.requires_grad], "lr": text_encoder_lr * scale}
+        )
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes
+        except ImportError as error:
+            raise TrainingError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        # On CUDA one fused kernel updates every LoRA tensor, instead of a handful of kernels per tensor.
+        optimizer_class = functools.partial(torch.optim.AdamW, fused=models.unet.device.type == "cuda")
+    optimizer = optimizer_class(
+        groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
+    )
+    return optimizer, [p for group in groups for p in group["params"]]
+
+
 def configure_deepspeed(accelerator, plan: Plan, max_grad_norm: float):
     """accelerate sizes DeepSpeed's batches from a prepared DataLoader, and this script prepares none (its batches
     follow from the seed, see epoch_batches); an accelerate-config DeepSpeed plugin leaves them "auto", which
@@ -928,6 +1010,185 @@ def configure_deepspeed(accelerator, plan: Plan, max_grad_norm: float):
     config["gradient_accumulation_steps"] = plan.accumulation_steps
     config["train_batch_size"] = plan.total_batch_size
     config["gradient_clipping"] = max_grad_norm
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss and the loop
+# ----------------------------------------------------------------------------------------------
+
+
+def encode_text(texts, models: Models, device) -> torch.Tensor:
+    tokens = models.tokenizer(
+        texts, max_length=models.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+    return models.text_encoder(tokens, return_dict=False)[0]
+
+
+def diffusion_loss(batch, models: Models, args, accelerator, generator) -> torch.Tensor:
+    """The denoising loss of one micro-batch; all its noise comes from `generator`."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.training_utils import compute_snr
+
+    device = accelerator.device
+    if "latents" in batch:
+        distribution = DiagonalGaussianDistribution(batch["latents"].to(device))
+    else:
+        with torch.no_grad():
+            distribution = models.vae.encode(batch["pixel_values"].to(device, dtype=models.weight_dtype)).latent_dist
+    latents = distribution.sample(generator=generator).to(models.weight_dtype) * models.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    if args.noise_offset:
+        # https://www.crosslabs.org//blog/diffusion-with-offset-noise
+        noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(
+            device, latents.dtype
+        )
+    scheduler = models.noise_scheduler
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(
+        device
+    )
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    if "hidden_states" in batch:
+        encoder_hidden_states = batch["hidden_states"].to(device)
+    else:
+        encoder_hidden_states = encode_text(batch["captions"], models, device)
+    target = (
+        noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    )
+    prediction = models.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    if args.snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    # Min-SNR weighting, https://arxiv.org/abs/2303.09556 section 3.4; v-prediction divides by SNR + 1.
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.clamp(snr, max=args.snr_gamma) / (
+        snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+    )
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (loss * weights).mean()
+
+
+def train_step(args, accelerator, models: Models, optimization: Optimization, micro_batches) -> float:
+    """One optimizer step: the forward and backward pass of each micro-batch, then the clipped update. Returns the
+    loss over all processes, or the first non-finite micro-batch loss (before its backward pass, so that it never
+    reaches the weights)."""
+    step_loss = 0.0
+    for batch, noise_seed in micro_batches:
+        with accelerator.accumulate(models.unet, models.text_encoder):
+            generator = torch.Generator("cpu").manual_seed(noise_seed)
+            loss = diffusion_loss(batch, models, args, accelerator, generator)
+            mean_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean().item()
+            if not math.isfinite(mean_loss):
+                return mean_loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(optimization.parameters, args.max_grad_norm)
+            optimization.optimizer.step()
+            optimization.lr_scheduler.step()
+            optimization.optimizer.zero_grad()
+        step_loss += mean_loss / len(micro_batches)
+    return step_loss
+
+
+def train(args, accelerator, models, optimization, plan, dataset, settings, validation, step, stop) -> tuple:
+    """The training loop, from `step` to plan.max_train_steps, with checkpoints and validation grids on the way.
+    Returns (exit code, step reached): 0 when done, 128+signal when stopped with a checkpoint to resume from."""
+    from tqdm.auto import tqdm
+
+    output_dir = Path(args.output_dir)
+    if validation and step == 0:
+        validation.save(grid_path(output_dir, step), step)
+    stop_if_requested(stop, accelerator, "preparing the run (checkpoint, step-0 validation)")
+    models.unet.train()
+    models.text_encoder.train(args.train_text_encoder)
+    run_start_step, (first_epoch, first_step_in_epoch) = step, divmod(step, plan.steps_per_epoch)
+    last_step_end = time.perf_counter()
+    # The bar is closed however the loop ends, so that what is printed next has a line of its own.
+    with tqdm(
+        total=plan.max_train_steps, initial=step, desc="steps", disable=not accelerator.is_local_main_process
+    ) as progress:
+        for epoch in range(first_epoch, plan.num_epochs):
+            if step >= plan.max_train_steps:
+                break
+            first_step = first_step_in_epoch if epoch == first_epoch else 0
+            for micro_batches in epoch_steps(args, dataset, plan, epoch, first_step, accelerator.process_index):
+                if args.verbose and step == run_start_step:
+                    report_first_batch(accelerator, dataset.records, micro_batches[0][0])
+                loss = train_step(args, accelerator, models, optimization, micro_batches)
+                if not math.isfinite(loss):
+                    good = complete_checkpoints(output_dir)
+                    raise TrainingError(
+                        f"the loss became {loss} at step {step + 1}; stopped without saving. "
+                        f"Last good checkpoint: {good[-1] if good else 'none'}. Lower the learning rate"
+                    )
+                step += 1
+                now = time.perf_counter()
+                images_per_second = plan.total_batch_size / max(now - last_step_end, 1e-9)
+                log_step(accelerator, progress, step, loss, optimization, images_per_second)
+
+                if step % args.checkpointing_steps == 0:
+                    paused = time.perf_counter()
+                    save_checkpoint(accelerator, output_dir, step, settings, args.checkpoints_total_limit, validation)
+                    leave_out_of_bar(progress, paused)
+                last_step_end = time.perf_counter()  # img_s is training's too
+                # After the checkpoint: its validation grid gives up at a stop request, which is then acted on here.
+                if stop.agreed(accelerator):
+                    return stop_with_checkpoint(args, accelerator, progress, settings, step, stop), step
+                if step >= plan.max_train_steps:
+                    break
+            if validation and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0:
+                paused = time.perf_counter()
+                validation.save(grid_path(output_dir, step), step)
+                leave_out_of_bar(progress, paused)
+                last_step_end = time.perf_counter()
+            if stop.agreed(accelerator):
+                return stop_with_checkpoint(args, accelerator, progress, settings, step, stop), step
+    return 0, step
+
+
+def epoch_steps(args, dataset: CaptionedImages, plan: Plan, epoch: int, first_step: int, process_index: int):
+    """This process's optimizer steps of `epoch` from `first_step` on: for each, its micro-batches, each with the seed
+    of its noise. All randomness of a micro-batch follows from (seed, process, epoch, position): resuming needs no
+    RNG replay."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=epoch_batches(plan, args.seed, epoch, first_step, process_index),
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(derived_seed(args.seed, "loader", epoch)),
+    )
+    micro_batches = enumerate(loader, start=first_step * plan.accumulation_steps)
+    while step := list(itertools.islice(micro_batches, plan.accumulation_steps)):
+        yield [(batch, derived_seed(args.seed, "noise", process_index, epoch, micro)) for micro, batch in step]
+
+
+def leave_out_of_bar(progress, paused: float):
+    """Move the bar's clock on by the time since `paused` (perf_counter), spent on a checkpoint or a grid, so that
+    its rate and time are training's. (tqdm's unpause() would also drop the steps not yet printed.)"""
+    if not progress.disable:
+        seconds = time.perf_counter() - paused
+        progress.start_t += seconds
+        progress.last_print_t += seconds
+
+
+def log_step(accelerator, progress, step: int, loss: float, optimization: Optimization, images_per_second: float):
+    logs = {"loss": loss, "lr": optimization.lr_scheduler.get_last_lr()[0], "img/s": images_per_second}
+    progress.update(1)
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}")
+    accelerator.log(logs, step=step)
+
+
+def report_first_batch(accelerator, records: Records, batch):
+    """Which images this process trains on first: shows the processes' data split, and that training started."""
+    print(
+        f"process {accelerator.process_index}/{accelerator.num_processes} first batch: "
+        + ", ".join(records.source.name(i) for i in batch["indices"]),
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The encoding caches (--cache_latents, --cache_text_embeddings) and the dataset
+# ----------------------------------------------------------------------------------------------
 
 
 def training_dataset(args, accelerator, records: Records, models: Models, stop) -> CaptionedImages:
@@ -963,6 +1224,19 @@ def training_dataset(args, accelerator, records: Records, models: Models, stop) 
     return dataset
 
 
+def warn_long_captions(records: Records, tokenizer, prompts: list):
+    """CLIP reads 77 tokens (start and end included): one line for the run that counts the texts it cuts, where the
+    diffusers pipeline would warn at every validation grid (configure_logging silences it)."""
+    limit = tokenizer.model_max_length
+    texts = sorted({caption for captions in records.captions for caption in captions} | set(prompts))
+    cut = [len(ids) for ids in tokenizer(texts, verbose=False).input_ids if len(ids) > limit]
+    if cut:
+        logger.warning(
+            f"{len(cut)} of {len(texts)} captions and validation prompts are longer than the {limit} CLIP tokens the "
+            f"text encoder reads, and are cut there (the longest: {max(cut)} tokens)"
+        )
+
+
 def image_digest(source, index: int) -> str:
     """The sha256 of image `index`'s file; for a file that cannot be read, a key of its own that no entry has, so
     that encode_latents skips it and says so (raised here, it would leave the other processes waiting)."""
@@ -985,19 +1259,6 @@ def weights_digest(*state_dicts) -> str:
             hashed.update(key.encode())
             hashed.update(tensors[key].detach().float().cpu().numpy().tobytes())
     return hashed.hexdigest()
-
-
-def warn_long_captions(records: Records, tokenizer, prompts: list):
-    """CLIP reads 77 tokens (start and end included): one line for the run that counts the texts it cuts, where the
-    diffusers pipeline would warn at every validation grid (configure_logging silences it)."""
-    limit = tokenizer.model_max_length
-    texts = sorted({caption for captions in records.captions for caption in captions} | set(prompts))
-    cut = [len(ids) for ids in tokenizer(texts, verbose=False).input_ids if len(ids) > limit]
-    if cut:
-        logger.warning(
-            f"{len(cut)} of {len(texts)} captions and validation prompts are longer than the {limit} CLIP tokens the "
-            f"text encoder reads, and are cut there (the longest: {max(cut)} tokens)"
-        )
 
 
 class DiskCache:
@@ -1114,160 +1375,35 @@ def release_vae(vae, keep_decoder: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-# The loss and the loop
+# Checkpoints: save, resume, the output folder, stop requests
 # ----------------------------------------------------------------------------------------------
 
 
-def encode_text(texts, models: Models, device) -> torch.Tensor:
-    tokens = models.tokenizer(
-        texts, max_length=models.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
-    return models.text_encoder(tokens, return_dict=False)[0]
-
-
-def diffusion_loss(batch, models: Models, args, accelerator, generator) -> torch.Tensor:
-    """The denoising loss of one micro-batch; all its noise comes from `generator`."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-    from diffusers.training_utils import compute_snr
-
-    device = accelerator.device
-    if "latents" in batch:
-        distribution = DiagonalGaussianDistribution(batch["latents"].to(device))
-    else:
-        with torch.no_grad():
-            distribution = models.vae.encode(batch["pixel_values"].to(device, dtype=models.weight_dtype)).latent_dist
-    latents = distribution.sample(generator=generator).to(models.weight_dtype) * models.vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-    if args.noise_offset:
-        # https://www.crosslabs.org//blog/diffusion-with-offset-noise
-        noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(
-            device, latents.dtype
-        )
-    scheduler = models.noise_scheduler
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(
-        device
-    )
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-    if "hidden_states" in batch:
-        encoder_hidden_states = batch["hidden_states"].to(device)
-    else:
-        encoder_hidden_states = encode_text(batch["captions"], models, device)
-    target = (
-        noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-    )
-    prediction = models.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-    if args.snr_gamma is None:
-        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
-    # Min-SNR weighting, https://arxiv.org/abs/2303.09556 section 3.4; v-prediction divides by SNR + 1.
-    snr = compute_snr(scheduler, timesteps)
-    weights = torch.clamp(snr, max=args.snr_gamma) / (
-        snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
-    )
-    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (loss * weights).mean()
-
-
-def epoch_steps(args, dataset: CaptionedImages, plan: Plan, epoch: int, first_step: int, process_index: int):
-    """This process's optimizer steps of `epoch` from `first_step` on: for each, its micro-batches, each with the seed
-    of its noise. All randomness of a micro-batch follows from (seed, process, epoch, position): resuming needs no
-    RNG replay."""
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=epoch_batches(plan, args.seed, epoch, first_step, process_index),
-        collate_fn=collate,
-        num_workers=args.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(derived_seed(args.seed, "loader", epoch)),
-    )
-    micro_batches = enumerate(loader, start=first_step * plan.accumulation_steps)
-    while step := list(itertools.islice(micro_batches, plan.accumulation_steps)):
-        yield [(batch, derived_seed(args.seed, "noise", process_index, epoch, micro)) for micro, batch in step]
-
-
-def train_step(args, accelerator, models: Models, optimization: Optimization, micro_batches) -> float:
-    """One optimizer step: the forward and backward pass of each micro-batch, then the clipped update. Returns the
-    loss over all processes, or the first non-finite micro-batch loss (before its backward pass, so that it never
-    reaches the weights)."""
-    step_loss = 0.0
-    for batch, noise_seed in micro_batches:
-        with accelerator.accumulate(models.unet, models.text_encoder):
-            generator = torch.Generator("cpu").manual_seed(noise_seed)
-            loss = diffusion_loss(batch, models, args, accelerator, generator)
-            mean_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean().item()
-            if not math.isfinite(mean_loss):
-                return mean_loss
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(optimization.parameters, args.max_grad_norm)
-            optimization.optimizer.step()
-            optimization.lr_scheduler.step()
-            optimization.optimizer.zero_grad()
-        step_loss += mean_loss / len(micro_batches)
-    return step_loss
-
-
-def train(args, accelerator, models, optimization, plan, dataset, settings, validation, step, stop) -> tuple:
-    """The training loop, from `step` to plan.max_train_steps, with checkpoints and validation grids on the way.
-    Returns (exit code, step reached): 0 when done, 128+signal when stopped with a checkpoint to resume from."""
-    from tqdm.auto import tqdm
-
-    output_dir = Path(args.output_dir)
-    if validation and step == 0:
-        validation.save(grid_path(output_dir, step), step)
-    stop_if_requested(stop, accelerator, "preparing the run (checkpoint, step-0 validation)")
-    models.unet.train()
-    models.text_encoder.train(args.train_text_encoder)
-    run_start_step, (first_epoch, first_step_in_epoch) = step, divmod(step, plan.steps_per_epoch)
-    last_step_end = time.perf_counter()
-    # The bar is closed however the loop ends, so that what is printed next has a line of its own.
-    with tqdm(
-        total=plan.max_train_steps, initial=step, desc="steps", disable=not accelerator.is_local_main_process
-    ) as progress:
-        for epoch in range(first_epoch, plan.num_epochs):
-            if step >= plan.max_train_steps:
-                break
-            first_step = first_step_in_epoch if epoch == first_epoch else 0
-            for micro_batches in epoch_steps(args, dataset, plan, epoch, first_step, accelerator.process_index):
-                if args.verbose and step == run_start_step:
-                    report_first_batch(accelerator, dataset.records, micro_batches[0][0])
-                loss = train_step(args, accelerator, models, optimization, micro_batches)
-                if not math.isfinite(loss):
-                    good = complete_checkpoints(output_dir)
-                    raise TrainingError(
-                        f"the loss became {loss} at step {step + 1}; stopped without saving. "
-                        f"Last good checkpoint: {good[-1] if good else 'none'}. Lower the learning rate"
-                    )
-                step += 1
-                now = time.perf_counter()
-                images_per_second = plan.total_batch_size / max(now - last_step_end, 1e-9)
-                log_step(accelerator, progress, step, loss, optimization, images_per_second)
-
-                if step % args.checkpointing_steps == 0:
-                    paused = time.perf_counter()
-                    save_checkpoint(accelerator, output_dir, step, settings, args.checkpoints_total_limit, validation)
-                    leave_out_of_bar(progress, paused)
-                last_step_end = time.perf_counter()  # img_s is training's too
-                # After the checkpoint: its validation grid gives up at a stop request, which is then acted on here.
-                if stop.agreed(accelerator):
-                    return stop_with_checkpoint(args, accelerator, progress, settings, step, stop), step
-                if step >= plan.max_train_steps:
-                    break
-            if validation and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0:
-                paused = time.perf_counter()
-                validation.save(grid_path(output_dir, step), step)
-                leave_out_of_bar(progress, paused)
-                last_step_end = time.perf_counter()
-            if stop.agreed(accelerator):
-                return stop_with_checkpoint(args, accelerator, progress, settings, step, stop), step
-    return 0, step
-
-
-def leave_out_of_bar(progress, paused: float):
-    """Move the bar's clock on by the time since `paused` (perf_counter), spent on a checkpoint or a grid, so that
-    its rate and time are training's. (tqdm's unpause() would also drop the steps not yet printed.)"""
-    if not progress.disable:
-        seconds = time.perf_counter() - paused
-        progress.start_t += seconds
-        progress.last_print_t += seconds
+def save_checkpoint(accelerator, output_dir: Path, step: int, settings: dict, limit, validation) -> Path:
+    """Write checkpoint-N into checkpoint-N.tmp, renamed into place when complete: every process its RNG state, the
+    save hook the LoRA, then the main process the validation grid (if given) and the settings, last. Then remove
+    the oldest checkpoints beyond `limit`."""
+    path = output_dir / f"checkpoint-{step}"
+    if validation:
+        validation.sample(step)
+    # DeepSpeed saves its engine's own checkpoint as well as calling the save hook: leave the frozen base model out.
+    deepspeed = {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+    main = accelerator.is_main_process
+    # The main process renames the folder; the others write their part into it under atomic_write's staging name.
+    folder = atomic_write(path) if main else contextlib.nullcontext(path.with_name(path.name + ".tmp"))
+    with written_or_reported(output_dir, path), folder as staging:
+        accelerator.save_state(str(staging), **deepspeed)
+        accelerator.wait_for_everyone()
+        if validation and validation.step == step:  # not when the grid gave way to a stop request
+            validation.write(staging / "validation.png")
+        if main:
+            write_json(staging / SETTINGS_NAME, {**settings, "global_step": step})
+    if main:
+        for old in complete_checkpoints(output_dir)[:-limit] if limit is not None else []:
+            shutil.rmtree(old)
+        logger.info(f"Saved {path}")
+    accelerator.wait_for_everyone()
+    return path
 
 
 def stop_with_checkpoint(args, accelerator, progress, settings: dict, step: int, stop) -> int:
@@ -1285,40 +1421,40 @@ def stop_with_checkpoint(args, accelerator, progress, settings: dict, step: int,
     return stop.exit_code()
 
 
-def grid_path(output_dir: Path, step: int) -> Path:
-    return output_dir / "validation" / f"step-{step:06d}.png"
+@contextlib.contextmanager
+def written_or_reported(output_dir: Path, target: Path):
+    """A failed write (a full disk, a lost mount) as one line that names what could not be written and how to go on
+    from the last complete checkpoint, which no write touches before its successor is complete. Only writes go
+    in here: any other error (out of memory while sampling) would be reported as a full disk."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:  # torch.save: a full disk is a RuntimeError
+        good = complete_checkpoints(output_dir)
+        how = "no checkpoint was complete yet: make room, then run the same command again"
+        if good:
+            how = f"the last complete checkpoint is {good[-1]}: make room, then run the same command with "
+            how += "--resume_from_checkpoint latest"
+        free = shutil.disk_usage(output_dir).free / 2**20 if output_dir.is_dir() else 0
+        raise TrainingError(f"cannot write {target} ({first_line(error)}; {free:.1f} MiB free there); {how}") from error
 
 
-def report_first_batch(accelerator, records: Records, batch):
-    """Which images this process trains on first: shows the processes' data split, and that training started."""
-    print(
-        f"process {accelerator.process_index}/{accelerator.num_processes} first batch: "
-        + ", ".join(records.source.name(i) for i in batch["indices"]),
-        file=sys.stderr,
-        flush=True,
-    )
+def register_lora_hooks(accelerator, models: Models, train_text_encoder: bool):
+    """Make accelerate's save_state/load_state write and read only the LoRA weights, never the frozen base model."""
+    unet, text_encoder = accelerator.unwrap_model(models.unet), accelerator.unwrap_model(models.text_encoder)
 
+    def save_model_hook(hooked_models, weights, directory):
+        if accelerator.is_main_process:
+            save_lora(Path(directory) / LORA_WEIGHTS_NAME, unet, text_encoder, train_text_encoder)
+        weights.clear()
 
-def log_step(accelerator, progress, step: int, loss: float, optimization: Optimization, images_per_second: float):
-    logs = {"loss": loss, "lr": optimization.lr_scheduler.get_last_lr()[0], "img/s": images_per_second}
-    progress.update(1)
-    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}")
-    accelerator.log(logs, step=step)
+    def load_model_hook(hooked_models, directory):
+        restore_lora(Path(directory), unet, text_encoder, train_text_encoder)
+        hooked_models.clear()
 
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: the LoRA file, save, resume, stop
-# ----------------------------------------------------------------------------------------------
-
-
-def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple:
-    """The adapters' weights: the UNet's, and the text encoder's (None when it is not trained)."""
-    from peft.utils import get_peft_model_state_dict
-
-    text_encoder_layers = None
-    if train_text_encoder:
-        text_encoder_layers = get_peft_model_state_dict(text_encoder, save_embedding_layers=False)
-    return get_peft_model_state_dict(unet), text_encoder_layers
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
 
 
 def save_lora(path: Path, unet, text_encoder, train_text_encoder: bool):
@@ -1380,21 +1516,14 @@ def restore_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
         set_peft_model_state_dict(model, part, adapter_name="default")
 
 
-def register_lora_hooks(accelerator, models: Models, train_text_encoder: bool):
-    """Make accelerate's save_state/load_state write and read only the LoRA weights, never the frozen base model."""
-    unet, text_encoder = accelerator.unwrap_model(models.unet), accelerator.unwrap_model(models.text_encoder)
+def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple:
+    """The adapters' weights: the UNet's, and the text encoder's (None when it is not trained)."""
+    from peft.utils import get_peft_model_state_dict
 
-    def save_model_hook(hooked_models, weights, directory):
-        if accelerator.is_main_process:
-            save_lora(Path(directory) / LORA_WEIGHTS_NAME, unet, text_encoder, train_text_encoder)
-        weights.clear()
-
-    def load_model_hook(hooked_models, directory):
-        restore_lora(Path(directory), unet, text_encoder, train_text_encoder)
-        hooked_models.clear()
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+    text_encoder_layers = None
+    if train_text_encoder:
+        text_encoder_layers = get_peft_model_state_dict(text_encoder, save_embedding_layers=False)
+    return get_peft_model_state_dict(unet), text_encoder_layers
 
 
 def checkpoint_step(path: Path):
@@ -1418,83 +1547,6 @@ def complete_checkpoints(output_dir: Path, warn: bool = False) -> list:
         elif warn:
             logger.warning(f"ignoring incomplete checkpoint {path} (its run was killed while writing it)")
     return complete
-
-
-# Copied from generate.lock_output_dir with GenerateError->TrainingError
-def lock_output_dir(output_dir: Path, state) -> tuple:
-    """One run writes a folder at a time: the main process creates --output_dir and locks it (lock_folder) until the
-    run ends, and a second run stops before it loads a model, every process with the main process's words. Returns
-    the lock and the folders created for it, which main() removes again if the run ends before writing to them."""
-    from accelerate.utils import broadcast_object_list
-
-    lock, created, refusal = None, [], [None]
-    if state.is_main_process:
-        created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            lock = lock_folder(output_dir, "--output_dir")
-        except OSError as error:
-            refusal = [f"cannot create --output_dir {output_dir}: {first_line(error)}"]
-        except TrainingError as error:
-            refusal = [str(error)]
-    if state.num_processes > 1:
-        broadcast_object_list(refusal)
-    if refusal[0]:
-        raise TrainingError(refusal[0])
-    return lock, created
-
-
-def prepare_output_dir(args, accelerator, resuming: bool):
-    """Refuse to clobber an earlier run unless asked; clear leftovers of interrupted checkpoint writes, and at a fresh
-    start what an earlier run wrote (its grids, logs and model card would mix with the new run's)."""
-    output_dir = Path(args.output_dir)
-    # A killed run's half-written checkpoint-N.tmp is no run to protect: 'latest' starts afresh and clears it.
-    earlier = [p for p in (output_dir / LORA_WEIGHTS_NAME, *complete_checkpoints(output_dir)) if p.exists()]
-    if earlier and not resuming and not args.overwrite_output_dir:
-        how = "resume it with --resume_from_checkpoint latest"
-        if args.resume_from_checkpoint == "latest":
-            how = "it has no complete checkpoint to resume"
-        raise TrainingError(
-            f"{output_dir} already holds a training run ({earlier[0].name}); {how}, "
-            "or pass --overwrite_output_dir to replace it"
-        )
-    stale = dict.fromkeys([*output_dir.glob("checkpoint-*.tmp"), *([] if resuming else previous_outputs(args))])
-    # Nothing is deleted through a symbolic link (into another run, or a dataset): checked before anything is deleted.
-    linked = [p for p in stale if any(q.is_symlink() for q in [p, *p.parents] if output_dir in q.parents)]
-    if linked:
-        raise TrainingError(
-            f"{linked[0]} is or lies in a symbolic link, and a run deletes only what it wrote itself: remove the "
-            "link, or pass another --output_dir"
-        )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for path in stale:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        for folder in [] if resuming else [output_dir / "validation", output_dir / args.logging_dir]:
-            if folder.is_dir() and within(folder, output_dir) and not any(folder.iterdir()):
-                folder.rmdir()
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-
-
-def previous_outputs(args) -> list:
-    """What an earlier run of this script wrote into output_dir; files this script does not write are never listed."""
-    output_dir = Path(args.output_dir)
-    names = [LORA_WEIGHTS_NAME, SETTINGS_NAME]
-    paths = [output_dir / name for name in [*names, *(name + ".tmp" for name in names), MODEL_CARD_NAME + ".tmp"]]
-    paths += [p for p in output_dir.glob("checkpoint-*") if CHECKPOINT_PATTERN.match(p.name.removesuffix(".tmp"))]
-    paths += [p for p in (output_dir / "validation").glob("step-*") if VALIDATION_GRID_PATTERN.match(p.name)]
-    tracker_folder = output_dir / args.logging_dir / TRACKER_PROJECT
-    if within(tracker_folder, output_dir):  # never a tracker folder shared with runs outside output_dir
-        paths.append(tracker_folder)
-    card = output_dir / MODEL_CARD_NAME
-    if card.is_file() and "trained with `finetune_lora.py`" in card.read_text(encoding="utf-8", errors="replace"):
-        paths.append(card)
-    return [p for p in paths if p.exists()]
-
-
-def within(path: Path, folder: Path) -> bool:
-    return path.resolve() != folder.resolve() and path.resolve().is_relative_to(folder.resolve())
 
 
 def find_resume_checkpoint(args, accelerator):
@@ -1587,50 +1639,81 @@ def resume(accelerator, checkpoint: Path, settings: dict) -> int:
     return saved["global_step"]
 
 
-@contextlib.contextmanager
-def written_or_reported(output_dir: Path, target: Path):
-    """A failed write (a full disk, a lost mount) as one line that names what could not be written and how to go on
-    from the last complete checkpoint, which no write touches before its successor is complete. Only writes go
-    in here: any other error (out of memory while sampling) would be reported as a full disk."""
-    from safetensors import SafetensorError
+# Copied from generate.lock_output_dir with GenerateError->TrainingError
+def lock_output_dir(output_dir: Path, state) -> tuple:
+    """One run writes a folder at a time: the main process creates --output_dir and locks it (lock_folder) until the
+    run ends, and a second run stops before it loads a model, every process with the main process's words. Returns
+    the lock and the folders created for it, which main() removes again if the run ends before writing to them."""
+    from accelerate.utils import broadcast_object_list
 
-    try:
-        yield
-    except (OSError, RuntimeError, SafetensorError) as error:  # torch.save: a full disk is a RuntimeError
-        good = complete_checkpoints(output_dir)
-        how = "no checkpoint was complete yet: make room, then run the same command again"
-        if good:
-            how = f"the last complete checkpoint is {good[-1]}: make room, then run the same command with "
-            how += "--resume_from_checkpoint latest"
-        free = shutil.disk_usage(output_dir).free / 2**20 if output_dir.is_dir() else 0
-        raise TrainingError(f"cannot write {target} ({first_line(error)}; {free:.1f} MiB free there); {how}") from error
+    lock, created, refusal = None, [], [None]
+    if state.is_main_process:
+        created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            lock = lock_folder(output_dir, "--output_dir")
+        except OSError as error:
+            refusal = [f"cannot create --output_dir {output_dir}: {first_line(error)}"]
+        except TrainingError as error:
+            refusal = [str(error)]
+    if state.num_processes > 1:
+        broadcast_object_list(refusal)
+    if refusal[0]:
+        raise TrainingError(refusal[0])
+    return lock, created
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, settings: dict, limit, validation) -> Path:
-    """Write checkpoint-N into checkpoint-N.tmp, renamed into place when complete: every process its RNG state, the
-    save hook the LoRA, then the main process the validation grid (if given) and the settings, last. Then remove
-    the oldest checkpoints beyond `limit`."""
-    path = output_dir / f"checkpoint-{step}"
-    if validation:
-        validation.sample(step)
-    # DeepSpeed saves its engine's own checkpoint as well as calling the save hook: leave the frozen base model out.
-    deepspeed = {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
-    main = accelerator.is_main_process
-    # The main process renames the folder; the others write their part into it under atomic_write's staging name.
-    folder = atomic_write(path) if main else contextlib.nullcontext(path.with_name(path.name + ".tmp"))
-    with written_or_reported(output_dir, path), folder as staging:
-        accelerator.save_state(str(staging), **deepspeed)
-        accelerator.wait_for_everyone()
-        if validation and validation.step == step:  # not when the grid gave way to a stop request
-            validation.write(staging / "validation.png")
-        if main:
-            write_json(staging / SETTINGS_NAME, {**settings, "global_step": step})
-    if main:
-        for old in complete_checkpoints(output_dir)[:-limit] if limit is not None else []:
-            shutil.rmtree(old)
-        logger.info(f"Saved {path}")
+def prepare_output_dir(args, accelerator, resuming: bool):
+    """Refuse to clobber an earlier run unless asked; clear leftovers of interrupted checkpoint writes, and at a fresh
+    start what an earlier run wrote (its grids, logs and model card would mix with the new run's)."""
+    output_dir = Path(args.output_dir)
+    # A killed run's half-written checkpoint-N.tmp is no run to protect: 'latest' starts afresh and clears it.
+    earlier = [p for p in (output_dir / LORA_WEIGHTS_NAME, *complete_checkpoints(output_dir)) if p.exists()]
+    if earlier and not resuming and not args.overwrite_output_dir:
+        how = "resume it with --resume_from_checkpoint latest"
+        if args.resume_from_checkpoint == "latest":
+            how = "it has no complete checkpoint to resume"
+        raise TrainingError(
+            f"{output_dir} already holds a training run ({earlier[0].name}); {how}, "
+            "or pass --overwrite_output_dir to replace it"
+        )
+    stale = dict.fromkeys([*output_dir.glob("checkpoint-*.tmp"), *([] if resuming else previous_outputs(args))])
+    # Nothing is deleted through a symbolic link (into another run, or a dataset): checked before anything is deleted.
+    linked = [p for p in stale if any(q.is_symlink() for q in [p, *p.parents] if output_dir in q.parents)]
+    if linked:
+        raise TrainingError(
+            f"{linked[0]} is or lies in a symbolic link, and a run deletes only what it wrote itself: remove the "
+            "link, or pass another --output_dir"
+        )
     accelerator.wait_for_everyone()
-    return path
+    if accelerator.is_main_process:
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for folder in [] if resuming else [output_dir / "validation", output_dir / args.logging_dir]:
+            if folder.is_dir() and within(folder, output_dir) and not any(folder.iterdir()):
+                folder.rmdir()
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def previous_outputs(args) -> list:
+    """What an earlier run of this script wrote into output_dir; files this script does not write are never listed."""
+    output_dir = Path(args.output_dir)
+    names = [LORA_WEIGHTS_NAME, SETTINGS_NAME]
+    paths = [output_dir / name for name in [*names, *(name + ".tmp" for name in names), MODEL_CARD_NAME + ".tmp"]]
+    paths += [p for p in output_dir.glob("checkpoint-*") if CHECKPOINT_PATTERN.match(p.name.removesuffix(".tmp"))]
+    paths += [p for p in (output_dir / "validation").glob("step-*") if VALIDATION_GRID_PATTERN.match(p.name)]
+    tracker_folder = output_dir / args.logging_dir / TRACKER_PROJECT
+    if within(tracker_folder, output_dir):  # never a tracker folder shared with runs outside output_dir
+        paths.append(tracker_folder)
+    card = output_dir / MODEL_CARD_NAME
+    if card.is_file() and "trained with `finetune_lora.py`" in card.read_text(encoding="utf-8", errors="replace"):
+        paths.append(card)
+    return [p for p in paths if p.exists()]
+
+
+def within(path: Path, folder: Path) -> bool:
+    return path.resolve() != folder.resolve() and path.resolve().is_relative_to(folder.resolve())
 
 
 class StopRequest:
@@ -1687,49 +1770,6 @@ def stop_if_requested(stop: StopRequest, accelerator, phase: str):
             "step: nothing new was saved; run the same command to start again",
             exit_code=stop.exit_code(),
         )
-
-
-def save_final_lora(args, accelerator, models: Models, settings: dict, step: int, records: Records, validation):
-    """Save the final LoRA, its settings, its last validation grid and the model card (main process); every process
-    reports the checksum of its weights, which must agree."""
-    output_dir = Path(args.output_dir)
-    unet, text_encoder = accelerator.unwrap_model(models.unet), accelerator.unwrap_model(models.text_encoder)
-    accelerator.wait_for_everyone()
-    if args.verbose:
-        print(
-            f"process {accelerator.process_index}/{accelerator.num_processes} final LoRA checksum: "
-            f"{weights_digest(*lora_state_dicts(unet, text_encoder, args.train_text_encoder))[:16]}",
-            file=sys.stderr,
-            flush=True,
-        )
-    if accelerator.is_main_process:
-        grid = validation.save(grid_path(output_dir, step), step) if validation else None
-        lora_settings = {**settings, "global_step": step}
-        with written_or_reported(output_dir, output_dir / LORA_WEIGHTS_NAME):
-            with atomic_write(output_dir / LORA_WEIGHTS_NAME) as staging:
-                save_lora(staging, unet, text_encoder, args.train_text_encoder)
-            with atomic_write(output_dir / SETTINGS_NAME) as staging:
-                write_json(staging, lora_settings)
-            write_model_card(output_dir, args, records, lora_settings, grid)
-        logger.info(f"Saved the LoRA to {output_dir / LORA_WEIGHTS_NAME} after {step} steps")
-        total = time.perf_counter() - validation.started if validation else 0
-        if validation and validation.seconds > total / 3:
-            logger.info(
-                f"Validation took {validation.seconds:.0f} s of the {total:.0f} s of training and validation: shorten "
-                "it with --validation_inference_steps or --num_validation_images, or switch it off with "
-                "--validation_prompts none"
-            )
-        # tools/export_kohya.py is the one converter to kohya keys, as AUTOMATIC1111 and ComfyUI read them.
-        kohya = [
-            "python",
-            "tools/export_kohya.py",
-            f"{output_dir.resolve().name}.safetensors",
-            "--lora",
-            str(output_dir),
-        ]
-        print(f"For AUTOMATIC1111 and ComfyUI: {shlex.join(kohya)}", file=sys.stderr)
-        print(f"Next: {next_command(args)}", file=sys.stderr)
-    accelerator.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1873,6 +1913,10 @@ def labelled_grid(rows: list, prompts: list, seeds: list, step: int) -> Image.Im
     return grid
 
 
+def grid_path(output_dir: Path, step: int) -> Path:
+    return output_dir / "validation" / f"step-{step:06d}.png"
+
+
 def load_validation_scorer(args, accelerator):
     """The --score_model CLIP model and processor for --validation_score, on the main process only (validation runs
     there), or None. Loaded before the data and the base model, so that a model that cannot load stops the run at
@@ -1930,98 +1974,8 @@ def clip_scores(scorer, rows: list, prompts: list, device) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# Setup and the end of the run: preflight, accelerator, logging, model card, Hub, next commands
+# The run's processes, logging and end: accelerator, trackers, the final LoRA, model card, Hub
 # ----------------------------------------------------------------------------------------------
-
-
-def preflight(args):
-    """What would otherwise fail after the model load or after training, checked before anything is loaded or
-    created: the base model (and the --validation_score model) can be found, and every place the run writes to
-    can be written."""
-    from huggingface_hub import constants
-
-    models = {"--pretrained_model_name_or_path": (args.pretrained_model_name_or_path, args.revision)}
-    if args.validation_score:
-        models["--score_model"] = (args.score_model, None)
-    missing = {
-        flag: name for flag, (name, revision) in models.items() if not check_model(name, flag, revision, args.cache_dir)
-    }
-    if missing:  # one message names all the Hub must give, and the one command that fetches it all
-        flag, name = next(iter(missing.items()))
-        needed = " and ".join(f"{MODEL_FLAGS[flag][0]} {name}" for flag, name in missing.items())
-        needed += f", {'which is' if len(missing) == 1 else 'which are'} not in the Hugging Face cache "
-        needed += f"({args.cache_dir or constants.HF_HUB_CACHE})"
-        check_hub_reachable(name, MODEL_FLAGS[flag][3][0], needed, how_to_get(missing), models[flag][1])
-    output_dir = Path(args.output_dir)
-    folders = {output_dir: "--output_dir", output_dir / "validation": "--output_dir"}
-    if args.report_to != "none":
-        folders[output_dir / args.logging_dir] = "--logging_dir"
-    if args.cache_latents or args.cache_text_embeddings:
-        folders[Path(args.encoding_cache_dir)] = "--encoding_cache_dir"
-    for folder, flag in folders.items():
-        check_writable(folder, flag)
-    final = output_dir / LORA_WEIGHTS_NAME
-    if final.exists() and not final.is_file():
-        raise TrainingError(f"cannot write the LoRA to {final}: it is a folder; pass another --output_dir")
-
-
-# What each model flag loads: what messages call it, what its folder holds, a Hub id that works, what every such
-# folder or repository holds (the first, a file to ask the Hub for).
-MODEL_FLAGS = {
-    "--pretrained_model_name_or_path": (
-        "base model",
-        "a diffusers Stable Diffusion 2.1 pipeline",
-        DEFAULT_BASE_MODEL,
-        ["model_index.json", "scheduler", "tokenizer", "text_encoder", "vae", "unet"],
-    ),
-    "--score_model": ("score model", "a transformers CLIP model", DEFAULT_SCORE_MODEL, ["config.json"]),
-}
-
-
-def check_model(name: str, flag: str, revision: str | None, cache_dir) -> bool:
-    """Find in seconds a model that cannot load: a folder that is not there or not whole, or a Hub id that is not
-    valid. Returns whether it is here (a folder, or in the cache); one that is not must come from the Hub."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    what, kind, example, parts = MODEL_FLAGS[flag]
-    if Path(name).is_dir():
-        if missing := [part for part in parts if not (Path(name) / part).exists()]:
-            raise TrainingError(
-                f"{flag} {name} has no {', '.join(missing)}: pass the folder of {kind}, complete, or a Hub id like "
-                f"{example}"
-            )
-        return True
-    if names_a_folder(name):
-        raise TrainingError(f"{flag}: no such folder: {name}: pass the folder of {kind} or a Hub id like {example}")
-    try:
-        snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=True)
-        return True
-    except LocalEntryNotFoundError:
-        return False
-    except HFValidationError as error:
-        raise TrainingError(
-            f"{flag}: no such folder or Hub id: {name} ({first_line(error)}): pass the folder of {kind} or a Hub id "
-            f"like {example}"
-        ) from error
-
-
-def how_to_get(missing: dict) -> str:
-    """The fix for the models {flag: Hub id} that are neither here nor reachable: download.py fetches them all."""
-    download = {"--pretrained_model_name_or_path": "--base_model", "--score_model": "--score_model"}
-    fetch = shlex.join(
-        ["python", "download.py", *(part for flag, name in missing.items() for part in (download[flag], name))]
-    )
-    folders = " and ".join(f"{flag} /path/to/folder" for flag in missing)
-    return f"run `{fetch}` where there is a network and use its cache here (HF_HOME, with HF_HUB_OFFLINE=1), or pass {folders}"
-
-
-def no_accelerator_device() -> bool:
-    return not (
-        torch.cuda.is_available()
-        or (hasattr(torch, "xpu") and torch.xpu.is_available())
-        or torch.backends.mps.is_available()
-    )
 
 
 def make_accelerator(args):
@@ -2059,6 +2013,14 @@ def make_accelerator(args):
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
+
+
+def no_accelerator_device() -> bool:
+    return not (
+        torch.cuda.is_available()
+        or (hasattr(torch, "xpu") and torch.xpu.is_available())
+        or torch.backends.mps.is_available()
+    )
 
 
 # Copied from generate.check_process_count with GenerateError->TrainingError
@@ -2140,6 +2102,49 @@ def training_settings(args, plan: Plan, records: Records) -> dict:
         "data": records.description,
         "num_images": len(records),
     }
+
+
+def save_final_lora(args, accelerator, models: Models, settings: dict, step: int, records: Records, validation):
+    """Save the final LoRA, its settings, its last validation grid and the model card (main process); every process
+    reports the checksum of its weights, which must agree."""
+    output_dir = Path(args.output_dir)
+    unet, text_encoder = accelerator.unwrap_model(models.unet), accelerator.unwrap_model(models.text_encoder)
+    accelerator.wait_for_everyone()
+    if args.verbose:
+        print(
+            f"process {accelerator.process_index}/{accelerator.num_processes} final LoRA checksum: "
+            f"{weights_digest(*lora_state_dicts(unet, text_encoder, args.train_text_encoder))[:16]}",
+            file=sys.stderr,
+            flush=True,
+        )
+    if accelerator.is_main_process:
+        grid = validation.save(grid_path(output_dir, step), step) if validation else None
+        lora_settings = {**settings, "global_step": step}
+        with written_or_reported(output_dir, output_dir / LORA_WEIGHTS_NAME):
+            with atomic_write(output_dir / LORA_WEIGHTS_NAME) as staging:
+                save_lora(staging, unet, text_encoder, args.train_text_encoder)
+            with atomic_write(output_dir / SETTINGS_NAME) as staging:
+                write_json(staging, lora_settings)
+            write_model_card(output_dir, args, records, lora_settings, grid)
+        logger.info(f"Saved the LoRA to {output_dir / LORA_WEIGHTS_NAME} after {step} steps")
+        total = time.perf_counter() - validation.started if validation else 0
+        if validation and validation.seconds > total / 3:
+            logger.info(
+                f"Validation took {validation.seconds:.0f} s of the {total:.0f} s of training and validation: shorten "
+                "it with --validation_inference_steps or --num_validation_images, or switch it off with "
+                "--validation_prompts none"
+            )
+        # tools/export_kohya.py is the one converter to kohya keys, as AUTOMATIC1111 and ComfyUI read them.
+        kohya = [
+            "python",
+            "tools/export_kohya.py",
+            f"{output_dir.resolve().name}.safetensors",
+            "--lora",
+            str(output_dir),
+        ]
+        print(f"For AUTOMATIC1111 and ComfyUI: {shlex.join(kohya)}", file=sys.stderr)
+        print(f"Next: {next_command(args)}", file=sys.stderr)
+    accelerator.wait_for_everyone()
 
 
 def write_model_card(output_dir: Path, args, records: Records, settings: dict, grid_path):
