@@ -3,9 +3,10 @@
 The loop is the diffusers text-to-image LoRA example's: accelerate drives devices, mixed precision, gradient
 accumulation and data-parallel processes; peft adds the low-rank adapters, the only weights trained. The data is an
 image folder with its captions in metadata.jsonl or metadata.csv inside it (the imagefolder convention) or in
---captions_file, or a dataset on the Hub (--dataset_name). Every random draw follows from --seed and the step, so a
-resumed run continues the interrupted one exactly. --cache_latents and --cache_text_embeddings encode once, into
-safetensors shards on disk (--encoding_cache_dir) keyed by image, caption and model hashes, that later runs reuse.
+--captions_file (tools/hub_dataset.py writes a Hub dataset as one). Every random draw follows from --seed and the
+step, so a resumed run continues the interrupted one exactly. --cache_latents and --cache_text_embeddings encode
+once, into safetensors shards on disk (--encoding_cache_dir) keyed by image, caption and model hashes, that later
+runs reuse.
 The defaults are the published Text2Face run's (768 px, rank 8, learning rates 1e-5, validation grids of four face
 prompts); the README shows the command that trained it.
 
@@ -149,20 +150,14 @@ def parse_args(argv=None):
     data.add_argument(
         "--train_data_dir",
         help="Image folder (nested folders allowed) with metadata.jsonl/metadata.csv inside it, or with "
-        "--captions_file; images PIL cannot read, or of over 179 million pixels, are skipped. With --dataset_name, "
-        "load_dataset's data_dir (default: none).",
+        "--captions_file; images PIL cannot read, or of over 179 million pixels, are skipped.",
     )
     data.add_argument(
         "--captions_file",
         help="Captions kept elsewhere: a JSON object {file: caption}, JSON/JSONL records or a CSV with a header, "
         "UTF-8; a caption may be a list, one drawn per step (default: metadata.jsonl/csv in --train_data_dir).",
     )
-    data.add_argument("--dataset_name", help="A Hub dataset (or local dataset folder) for datasets.load_dataset.")
-    data.add_argument("--dataset_config_name", help="Configuration of --dataset_name (default: its only one).")
-    data.add_argument(
-        "--image_column",
-        help="Column of the image (default: 'image' for --dataset_name, 'file_name' for captions files).",
-    )
+    data.add_argument("--image_column", default="file_name", help="Column of the image name in the captions file.")
     data.add_argument("--caption_column", default="text", help="Column of the caption (a string or list of strings).")
     data.add_argument(
         "--max_train_samples", type=int, help="Train on this many images, drawn with --seed (default: all)."
@@ -289,6 +284,13 @@ def parse_args(argv=None):
     saving.add_argument(
         "--verbose", action="store_true", help="Print each process's first batch and final LoRA checksum."
     )
+    for arg in sys.argv[1:] if argv is None else argv:
+        if (flag := str(arg).split("=", 1)[0]) in ("--dataset_name", "--dataset_config_name"):
+            parser.exit(
+                2,
+                f"error: {flag} moved: write the dataset as an image folder with `python tools/hub_dataset.py "
+                "DATASET FOLDER [--config NAME]`, then pass --train_data_dir FOLDER\n",
+            )
     args = parser.parse_args(argv)
     if args.validation_prompts is None:
         args.validation_prompts = list(DEFAULT_VALIDATION_PROMPTS)
@@ -301,10 +303,8 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Reject flag combinations that cannot work, before anything is loaded."""
-    if args.dataset_name is None and args.train_data_dir is None:
-        raise TrainingError("give --train_data_dir (an image folder) or --dataset_name")
-    if args.captions_file and args.dataset_name:
-        raise TrainingError("--captions_file goes with --train_data_dir, not --dataset_name")
+    if args.train_data_dir is None:
+        raise TrainingError("give --train_data_dir (an image folder; tools/hub_dataset.py writes a Hub dataset as one)")
     if args.resolution % 8 or args.resolution <= 0:
         raise TrainingError(f"--resolution {args.resolution} is not a positive multiple of 8 (the VAE downsamples 8x)")
     if args.cache_latents and not args.center_crop:
@@ -430,7 +430,7 @@ def how_to_get(missing: dict) -> str:
 class Records:
     """The training images (by name) and the captions of each."""
 
-    source: object  # FolderImages or HubImages: opens record i as a PIL image
+    source: "FolderImages"  # opens record i as a PIL image
     captions: list  # list[list[str]]
     description: str  # where the data came from, for logs and the model card
 
@@ -452,34 +452,11 @@ class FolderImages:
         return hashlib.sha256((self.root / self.names[index]).read_bytes()).hexdigest()
 
 
-class HubImages:
-    def __init__(self, dataset, column: str, label: str):
-        self.dataset, self.column, self.label = dataset, column, label
-        self.stored = dataset.with_format("arrow")  # the records as stored, their images not decoded
-
-    def open(self, index):
-        image = self.dataset[index][self.column]
-        return Image.open(image) if isinstance(image, str) else image
-
-    def name(self, index):
-        return f"{self.label}[{index}]"
-
-    def digest(self, index) -> str:
-        """sha256 of the record's image as stored: its encoded bytes, or the file it names."""
-        value = self.stored[index][self.column][0].as_py()
-        if isinstance(value, dict) and value.get("bytes") is None:
-            value = value.get("path")
-        return hashlib.sha256(Path(value).read_bytes() if isinstance(value, str) else pickle.dumps(value)).hexdigest()
-
-
 def load_records(args, show_progress: bool) -> Records:
-    records = load_hub_records(args) if args.dataset_name else load_folder_records(args, show_progress)
+    records = load_folder_records(args, show_progress)
     if args.max_train_samples is not None and args.max_train_samples < len(records):
         chosen = sorted(random.Random(args.seed).sample(range(len(records)), args.max_train_samples))
-        if isinstance(records.source, FolderImages):
-            source = FolderImages(records.source.root, [records.source.names[i] for i in chosen])
-        else:
-            source = HubImages(records.source.dataset.select(chosen), records.source.column, records.source.label)
+        source = FolderImages(records.source.root, [records.source.names[i] for i in chosen])
         records = Records(source, [records.captions[i] for i in chosen], records.description)
         logger.info(f"Training on {len(records)} of them (--max_train_samples).")
     return records
@@ -489,7 +466,9 @@ def load_folder_records(args, show_progress: bool) -> Records:
     root = Path(args.train_data_dir)
     if not root.is_dir():
         raise TrainingError(f"--train_data_dir {root} is not a folder")
-    names = find_images(root)
+    names = sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
     if not names:
         raise TrainingError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
     if args.captions_file:
@@ -504,7 +483,7 @@ def load_folder_records(args, show_progress: bool) -> Records:
         if len(present) > 1:
             raise TrainingError(f"{root} holds both metadata.jsonl and metadata.csv; keep one")
         captions_path = present[0]
-    table, nameless = read_caption_table(captions_path, args.image_column or "file_name", args.caption_column)
+    table, nameless = read_caption_table(captions_path, args.image_column, args.caption_column)
     captions, unmatched = match_captions(names, table)
     uncaptioned = [name for name in names if name not in captions]
     unreadable = unreadable_images(root, sorted(captions), show_progress)
@@ -528,36 +507,6 @@ def load_folder_records(args, show_progress: bool) -> Records:
             f"no image under {root} has a caption in {captions_path} (check the file names and --image_column)"
         )
     return Records(FolderImages(root, usable), [captions[name] for name in usable], f"{root} with {captions_path.name}")
-
-
-def load_hub_records(args) -> Records:
-    from datasets import load_dataset
-
-    try:
-        dataset = load_dataset(
-            args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, data_dir=args.train_data_dir
-        )["train"]
-    except (FileNotFoundError, ValueError, ConnectionError) as error:
-        raise TrainingError(f"cannot load dataset {args.dataset_name}: {first_line(error)}") from error
-    image_column = args.image_column or "image"
-    for column, flag in ((image_column, "--image_column"), (args.caption_column, "--caption_column")):
-        if column not in dataset.column_names:
-            raise TrainingError(
-                f"dataset {args.dataset_name} has no column '{column}' "
-                f"(columns: {', '.join(dataset.column_names)}); pass {flag}"
-            )
-    all_captions = [as_caption_list(value, args.dataset_name) for value in dataset[args.caption_column]]
-    keep = [index for index, captions in enumerate(all_captions) if captions]
-    logger.info(
-        f"Data: {len(dataset)} images in {args.dataset_name}, {len(keep)} with captions, "
-        f"{len(dataset) - len(keep)} without captions (skipped)."
-    )
-    if not keep:
-        raise TrainingError(f"no row of {args.dataset_name} has a caption in column '{args.caption_column}'")
-    dataset = dataset.select(keep)
-    return Records(
-        HubImages(dataset, image_column, args.dataset_name), [all_captions[i] for i in keep], args.dataset_name
-    )
 
 
 def read_caption_table(path: Path, image_column: str, caption_column: str) -> tuple:
@@ -616,13 +565,6 @@ def as_caption_list(value, path) -> list:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return [v for v in value if v.strip()]
     raise TrainingError(f"captions in {path} must be strings or lists of strings, found {type(value).__name__}")
-
-
-def find_images(root: Path) -> list:
-    """Relative POSIX paths of every image under `root`, sorted."""
-    return sorted(
-        p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
 
 
 def match_captions(names: list, table: dict) -> tuple:
@@ -848,49 +790,35 @@ def load_frozen_models(args, accelerator) -> Models:
 
 def load_base_components(args, weight_dtype, device) -> tuple:
     """The base model's scheduler, tokenizer, text encoder, VAE and UNet: from its folder; from the Hugging Face
-    cache alone when it holds them all (no network needed, none asked); else from the Hub, if it answers."""
-    from huggingface_hub import constants
-
-    base = args.pretrained_model_name_or_path
-    if not Path(base).is_dir() and not constants.is_offline_mode():
-        with contextlib.suppress(OSError):
-            return base_model_components(args, weight_dtype, device, local_files_only=True)
-        needed = f"base model {base}, which is not in the Hugging Face cache"
-        fix = how_to_get({"--pretrained_model_name_or_path": base})
-        check_hub_reachable(base, "model_index.json", needed, fix, args.revision)
-    return base_model_components(args, weight_dtype, device, local_files_only=False)
-
-
-def base_model_components(args, weight_dtype, device, local_files_only: bool) -> tuple:
-    """Each model goes to `device` as soon as it is loaded: the host never holds all three at once."""
+    cache alone when it holds them all (no network needed, none asked); else from the Hub, if it answers. Each model
+    goes to `device` as soon as it is loaded: the host never holds all three at once."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from huggingface_hub import constants
     from transformers import CLIPTextModel, CLIPTokenizer
 
     base = args.pretrained_model_name_or_path
-    source = dict(revision=args.revision, cache_dir=args.cache_dir, local_files_only=local_files_only)
-    try:
-        return (
-            DDPMScheduler.from_pretrained(base, subfolder="scheduler", **source),
-            CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **source),
-            CLIPTextModel.from_pretrained(
-                base,
-                subfolder="text_encoder",
-                variant=args.variant,
-                dtype=weight_dtype,
-                attn_implementation="sdpa",
-                **source,
-            ).to(device),
-            AutoencoderKL.from_pretrained(
-                base, subfolder="vae", variant=args.variant, torch_dtype=weight_dtype, **source
-            ).to(device),
-            UNet2DConditionModel.from_pretrained(
-                base, subfolder="unet", variant=args.variant, torch_dtype=weight_dtype, **source
-            ).to(device),
-        )
-    except OSError as error:
-        if local_files_only:
-            raise
-        raise TrainingError(f"cannot load base model {base}: {first_line(error)}") from error
+    cache_first = not Path(base).is_dir() and not constants.is_offline_mode()
+    for local_files_only in (True, False) if cache_first else (False,):
+        source = dict(revision=args.revision, cache_dir=args.cache_dir, local_files_only=local_files_only)
+        weights = dict(variant=args.variant, **source)
+        try:
+            return (
+                DDPMScheduler.from_pretrained(base, subfolder="scheduler", **source),
+                CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **source),
+                CLIPTextModel.from_pretrained(
+                    base, subfolder="text_encoder", dtype=weight_dtype, attn_implementation="sdpa", **weights
+                ).to(device),
+                AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=weight_dtype, **weights).to(device),
+                UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=weight_dtype, **weights).to(
+                    device
+                ),
+            )
+        except OSError as error:
+            if not local_files_only:
+                raise TrainingError(f"cannot load base model {base}: {first_line(error)}") from error
+        needed = f"base model {base}, which is not in the Hugging Face cache"
+        fix = how_to_get({"--pretrained_model_name_or_path": base})
+        check_hub_reachable(base, "model_index.json", needed, fix, args.revision)
 
 
 def add_lora_adapters(args, models: Models) -> Models:
@@ -900,20 +828,14 @@ def add_lora_adapters(args, models: Models) -> Models:
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
+    def lora(rank: int, modules: list) -> LoraConfig:
+        return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=modules)
+
     # The LoRA initialisation draws from the global RNG: seed it so every process starts identical.
     torch.manual_seed(args.seed)
-    models.unet.add_adapter(
-        LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=UNET_TARGET_MODULES)
-    )
+    models.unet.add_adapter(lora(args.rank, UNET_TARGET_MODULES))
     if args.train_text_encoder:
-        models.text_encoder.add_adapter(
-            LoraConfig(
-                r=args.text_encoder_rank,
-                lora_alpha=args.text_encoder_rank,
-                init_lora_weights="gaussian",
-                target_modules=TEXT_ENCODER_TARGET_MODULES,
-            )
-        )
+        models.text_encoder.add_adapter(lora(args.text_encoder_rank, TEXT_ENCODER_TARGET_MODULES))
     cast_training_params([models.unet, models.text_encoder], dtype=torch.float32)
 
     if args.gradient_checkpointing:
@@ -921,18 +843,14 @@ def add_lora_adapters(args, models: Models) -> Models:
         if args.train_text_encoder:
             models.text_encoder.activation_checkpointing_enable()
     if args.compile:
-        compile_for_training(models.unet)
+        from torch._inductor import config as inductor_config
+
+        # In place (module.compile(), not a torch.compile wrapper, whose state-dict keys would all start with
+        # _orig_mod.). Inductor's layout optimization turns off: its channels-last convolutions give wrong weight
+        # gradients in the backward pass (the mid block's LoRA gradients come out exactly zero).
+        inductor_config.layout_optimization = False
+        models.unet.compile()
     return models
-
-
-def compile_for_training(unet):
-    """Compile the UNet in place (module.compile(), not a torch.compile wrapper, whose state-dict keys would all start
-    with _orig_mod.). Inductor's layout optimization turns off: its channels-last convolutions give wrong weight
-    gradients in the backward pass (the mid block's LoRA gradients come out exactly zero)."""
-    import torch._inductor.config
-
-    torch._inductor.config.layout_optimization = False
-    unet.compile()
 
 
 @dataclass(frozen=True)
@@ -955,7 +873,15 @@ def prepare_training(args, accelerator, models: Models, plan: Plan) -> tuple:
                 "accelerate's DeepSpeed integration trains one model: drop --train_text_encoder "
                 "or train with DDP (accelerate launch --multi_gpu)"
             )
-        configure_deepspeed(accelerator, plan, args.max_grad_norm)
+        # accelerate sizes DeepSpeed's batches from a prepared DataLoader, and this script prepares none (its batches
+        # follow from the seed, see epoch_batches); an accelerate-config DeepSpeed plugin leaves them "auto", which
+        # prepare() rejects. DeepSpeed also accumulates and clips by itself: give it this run's numbers.
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=plan.batch_size,
+            gradient_accumulation_steps=plan.accumulation_steps,
+            train_batch_size=plan.total_batch_size,
+            gradient_clipping=args.max_grad_norm,
+        )
     optimizer, parameters = make_optimizer(args, models, plan.total_batch_size)
     # accelerate steps a prepared scheduler once per process per optimizer step.
     lr_scheduler = get_scheduler(
@@ -999,17 +925,6 @@ def make_optimizer(args, models: Models, total_batch_size: int):
         groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
     )
     return optimizer, [p for group in groups for p in group["params"]]
-
-
-def configure_deepspeed(accelerator, plan: Plan, max_grad_norm: float):
-    """accelerate sizes DeepSpeed's batches from a prepared DataLoader, and this script prepares none (its batches
-    follow from the seed, see epoch_batches); an accelerate-config DeepSpeed plugin leaves them "auto", which
-    prepare() rejects. DeepSpeed also accumulates and clips by itself: give it this run's numbers."""
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = plan.batch_size
-    config["gradient_accumulation_steps"] = plan.accumulation_steps
-    config["train_batch_size"] = plan.total_batch_size
-    config["gradient_clipping"] = max_grad_norm
 
 
 # ----------------------------------------------------------------------------------------------
