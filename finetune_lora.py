@@ -125,165 +125,139 @@ def parse_args(argv=None):
         formatter_class=DefaultsShown,
         epilog="examples:\n" + __doc__[__doc__.index("    accelerate") :],
     )
-    model = parser.add_argument_group("model")
-    model.add_argument(
+    add = parser.add_argument_group("model").add_argument
+    add(
         "--pretrained_model_name_or_path",
         type=os.path.expanduser,
         default=DEFAULT_BASE_MODEL,
         help="Base model: Hub id or local diffusers folder.",
     )
-    model.add_argument("--revision", help="Git revision of the base model on the Hub (default: its main branch).")
-    model.add_argument("--variant", help="Weight variant of the base model files, e.g. fp16 (default: full precision).")
-    model.add_argument("--cache_dir", help="Cache of downloaded models and datasets (default: $HF_HOME's).")
-    model.add_argument("--rank", type=int, default=8, help="LoRA rank of the UNet adapters; alpha equals the rank.")
-    model.add_argument("--text_encoder_rank", type=int, default=8, help="LoRA rank (and alpha) of the text encoder's.")
-    model.add_argument(
-        "--train_text_encoder", action="store_true", help="Also train LoRA adapters on the text encoder."
-    )
-    model.add_argument(
+    add("--revision", help="Git revision of the base model on the Hub (default: its main branch).")
+    add("--variant", help="Weight variant of the base model files, e.g. fp16 (default: full precision).")
+    add("--cache_dir", help="Cache of downloaded models and datasets (default: $HF_HOME's).")
+    add("--rank", type=int, default=8, help="LoRA rank of the UNet adapters; alpha equals the rank.")
+    add("--text_encoder_rank", type=int, default=8, help="LoRA rank (and alpha) of the text encoder's.")
+    add("--train_text_encoder", action="store_true", help="Also train LoRA adapters on the text encoder.")
+    add(
         "--prediction_type",
         choices=["epsilon", "v_prediction"],
         help="Training target (default: the base model scheduler's, v_prediction for SD2.1 768px).",
     )
 
-    data = parser.add_argument_group("data")
-    data.add_argument(
+    add = parser.add_argument_group("data").add_argument
+    add(
         "--train_data_dir",
         help="Image folder (nested folders allowed) with metadata.jsonl/metadata.csv inside it, or with "
         "--captions_file; images PIL cannot read, or of over 179 million pixels, are skipped.",
     )
-    data.add_argument(
+    add(
         "--captions_file",
         help="Captions kept elsewhere: a JSON object {file: caption}, JSON/JSONL records or a CSV with a header, "
         "UTF-8; a caption may be a list, one drawn per step (default: metadata.jsonl/csv in --train_data_dir).",
     )
-    data.add_argument("--image_column", default="file_name", help="Column of the image name in the captions file.")
-    data.add_argument("--caption_column", default="text", help="Column of the caption (a string or list of strings).")
-    data.add_argument(
-        "--max_train_samples", type=int, help="Train on this many images, drawn with --seed (default: all)."
-    )
-    data.add_argument("--resolution", type=int, default=768, help="Training side in pixels, a multiple of 8.")
-    data.add_argument("--center_crop", action="store_true", help="Crop the centre (default: a seeded random crop).")
-    data.add_argument("--random_flip", action="store_true", help="Flip half the images horizontally, seeded.")
-    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Image-decoding processes; 0: in this one.")
-    data.add_argument(
+    add("--image_column", default="file_name", help="Column of the image name in the captions file.")
+    add("--caption_column", default="text", help="Column of the caption (a string or list of strings).")
+    add("--max_train_samples", type=int, help="Train on this many images, drawn with --seed (default: all).")
+    add("--resolution", type=int, default=768, help="Training side in pixels, a multiple of 8.")
+    add("--center_crop", action="store_true", help="Crop the centre (default: a seeded random crop).")
+    add("--random_flip", action="store_true", help="Flip half the images horizontally, seeded.")
+    add("--dataloader_num_workers", type=int, default=0, help="Image-decoding processes; 0: in this one.")
+    add(
         "--cache_latents",
         action="store_true",
         help="VAE-encode every image once, before training, into --encoding_cache_dir (both flips with "
         "--random_flip; 1.5 GB per 10,000 images at 768 px in fp16); needs --center_crop.",
     )
-    data.add_argument(
+    add(
         "--cache_text_embeddings",
         action="store_true",
         help="Encode each caption once, before training, into --encoding_cache_dir (77 x 1024 values); not with "
         "--train_text_encoder.",
     )
-    data.add_argument(
+    add(
         "--encoding_cache_dir",
         help="Where the caches keep what they encoded, for every later run (resumed or not) of the same images, "
         "captions and base model; --overwrite_output_dir leaves it (default: <output_dir>/encoding_cache).",
     )
 
-    training = parser.add_argument_group("training")
-    training.add_argument(
-        "--output_dir", default="outputs/text2face-lora", help="Where everything the run writes goes."
-    )
-    training.add_argument(
+    add = parser.add_argument_group("training").add_argument
+    add("--output_dir", default="outputs/text2face-lora", help="Where everything the run writes goes.")
+    add(
         "--overwrite_output_dir",
         action="store_true",
         help="Start afresh in an output_dir that holds a run: deletes its weights, checkpoints, grids, logs and card.",
     )
-    training.add_argument(
-        "--seed", type=int, default=42, help="Seed of the LoRA init, data order, crops, flips, noise and validation."
-    )
-    training.add_argument("--train_batch_size", type=int, default=4, help="Images per process per forward pass.")
-    training.add_argument("--num_train_epochs", type=int, default=20, help="Passes over the data.")
-    training.add_argument(
-        "--max_train_steps", type=int, help="Optimizer steps; overrides --num_train_epochs (default: its steps)."
-    )
-    training.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Forward passes per step.")
-    training.add_argument(
-        "--gradient_checkpointing", action="store_true", help="Recompute activations in the backward pass."
-    )
-    training.add_argument("--learning_rate", type=float, default=1e-5, help="Of the UNet LoRA; 0 freezes it.")
-    training.add_argument(
+    add("--seed", type=int, default=42, help="Seed of the LoRA init, data order, crops, flips, noise and validation.")
+    add("--train_batch_size", type=int, default=4, help="Images per process per forward pass.")
+    add("--num_train_epochs", type=int, default=20, help="Passes over the data.")
+    add("--max_train_steps", type=int, help="Optimizer steps; overrides --num_train_epochs (default: its steps).")
+    add("--gradient_accumulation_steps", type=int, default=1, help="Forward passes per step.")
+    add("--gradient_checkpointing", action="store_true", help="Recompute activations in the backward pass.")
+    add("--learning_rate", type=float, default=1e-5, help="Of the UNet LoRA; 0 freezes it.")
+    add(
         "--learning_rate_text_encoder",
         type=float,
         help="Of the text-encoder LoRA; 0 freezes it (default: --learning_rate).",
     )
-    training.add_argument("--scale_lr", action="store_true", help="Multiply the learning rates by the total batch.")
-    training.add_argument(
+    add("--scale_lr", action="store_true", help="Multiply the learning rates by the total batch.")
+    add(
         "--lr_scheduler",
         default="constant",
         choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
         help="Learning-rate schedule.",
     )
-    training.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the schedule.")
-    training.add_argument("--snr_gamma", type=float, help="Min-SNR loss weighting gamma, 5.0 is usual (default: off).")
-    training.add_argument("--noise_offset", type=float, default=0.0, help="Offset-noise scale; 0 is off.")
-    training.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
-    training.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    training.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    training.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
-    training.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
-    training.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the LoRA's gradient norm to this.")
-    training.add_argument(
+    add("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the schedule.")
+    add("--snr_gamma", type=float, help="Min-SNR loss weighting gamma, 5.0 is usual (default: off).")
+    add("--noise_offset", type=float, default=0.0, help="Offset-noise scale; 0 is off.")
+    add("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
+    add("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    add("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    add("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    add("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
+    add("--max_grad_norm", type=float, default=1.0, help="Clip the LoRA's gradient norm to this.")
+    add(
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
         help="Of the frozen models (default: `accelerate config`'s); the LoRA stays fp32, except under DeepSpeed.",
     )
-    training.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere or newer GPUs.")
-    training.add_argument(
+    add("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere or newer GPUs.")
+    add(
         "--compile",
         action="store_true",
         help="torch.compile the UNet alone, in place: training's cost is its forward and backward (generate.py "
         "--compile adds the VAE decoder and fused QKV, for sampling). The first step pays a minute or more; "
         "validation samples eagerly.",
     )
-    training.add_argument(
-        "--enable_xformers_memory_efficient_attention", action="store_true", help="xformers attention, not SDPA."
-    )
+    add("--enable_xformers_memory_efficient_attention", action="store_true", help="xformers attention, not SDPA.")
 
-    saving = parser.add_argument_group("checkpoints, validation and logging")
-    saving.add_argument(
-        "--checkpointing_steps", type=int, default=5000, help="Write checkpoint-N every this many steps."
-    )
-    saving.add_argument("--checkpoints_total_limit", type=int, help="Keep the newest this many (default: all).")
-    saving.add_argument(
+    add = parser.add_argument_group("checkpoints, validation and logging").add_argument
+    add("--checkpointing_steps", type=int, default=5000, help="Write checkpoint-N every this many steps.")
+    add("--checkpoints_total_limit", type=int, help="Keep the newest this many (default: all).")
+    add(
         "--resume_from_checkpoint",
         help="'latest' (the newest complete checkpoint in output_dir, or a fresh start if none), a checkpoint-N "
         "in output_dir, or a checkpoint folder (default: a fresh start).",
     )
-    saving.add_argument(
+    add(
         "--validation_prompts",
         nargs="+",
         help="Sampled at step 0, at each checkpoint, at the end (and every --validation_epochs); 'none': none "
         "(default: DEFAULT_VALIDATION_PROMPTS in this script).",
     )
-    saving.add_argument("--num_validation_images", type=int, default=5, help="Seeds per prompt (rows of the grid).")
-    saving.add_argument(
-        "--validation_inference_steps", type=int, default=30, help="Denoising steps of each validation image (DDIM)."
-    )
-    saving.add_argument(
-        "--validation_epochs", type=int, help="Also validate every this many epochs (default: at checkpoints only)."
-    )
-    saving.add_argument(
+    add("--num_validation_images", type=int, default=5, help="Seeds per prompt (rows of the grid).")
+    add("--validation_inference_steps", type=int, default=30, help="Denoising steps of each validation image (DDIM).")
+    add("--validation_epochs", type=int, help="Also validate every this many epochs (default: at checkpoints only).")
+    add(
         "--validation_score",
         action="store_true",
         help="Log the validation images' mean CLIP score (validation/clip_score, and in the JSON beside each grid).",
     )
-    saving.add_argument("--score_model", default=DEFAULT_SCORE_MODEL, help="CLIP model of --validation_score.")
-    saving.add_argument(
-        "--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="Metrics tracker."
-    )
-    saving.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to output_dir.")
-    saving.add_argument(
-        "--push_to_hub", action="store_true", help="Upload output_dir at the end (token: HF_TOKEN or `hf auth login`)."
-    )
-    saving.add_argument("--hub_model_id", help="Hub repository of --push_to_hub (default: the output_dir name).")
-    saving.add_argument(
-        "--verbose", action="store_true", help="Print each process's first batch and final LoRA checksum."
-    )
+    add("--score_model", default=DEFAULT_SCORE_MODEL, help="CLIP model of --validation_score.")
+    add("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="Metrics tracker.")
+    add("--logging_dir", default="logs", help="Tracker folder, relative to output_dir.")
+    add("--push_to_hub", action="store_true", help="Upload output_dir at the end (token: HF_TOKEN or `hf auth login`).")
+    add("--hub_model_id", help="Hub repository of --push_to_hub (default: the output_dir name).")
+    add("--verbose", action="store_true", help="Print each process's first batch and final LoRA checksum.")
     for arg in sys.argv[1:] if argv is None else argv:
         if (flag := str(arg).split("=", 1)[0]) in ("--dataset_name", "--dataset_config_name"):
             parser.exit(
@@ -463,6 +437,8 @@ def load_records(args, show_progress: bool) -> Records:
 
 
 def load_folder_records(args, show_progress: bool) -> Records:
+    from tqdm.auto import tqdm
+
     root = Path(args.train_data_dir)
     if not root.is_dir():
         raise TrainingError(f"--train_data_dir {root} is not a folder")
@@ -476,8 +452,7 @@ def load_folder_records(args, show_progress: bool) -> Records:
         if not captions_path.is_file():
             raise TrainingError(f"--captions_file {captions_path} does not exist")
     else:
-        candidates = [root / "metadata.jsonl", root / "metadata.csv"]
-        present = [p for p in candidates if p.is_file()]
+        present = [p for p in (root / "metadata.jsonl", root / "metadata.csv") if p.is_file()]
         if not present:
             raise TrainingError(f"no captions: put metadata.jsonl or metadata.csv in {root}, or pass --captions_file")
         if len(present) > 1:
@@ -486,7 +461,12 @@ def load_folder_records(args, show_progress: bool) -> Records:
     table, nameless = read_caption_table(captions_path, args.image_column, args.caption_column)
     captions, unmatched = match_captions(names, table)
     uncaptioned = [name for name in names if name not in captions]
-    unreadable = unreadable_images(root, sorted(captions), show_progress)
+    unreadable = []
+    for name in tqdm(sorted(captions), desc="checking images", disable=not show_progress or len(captions) < 1000):
+        try:
+            Image.open(root / name).close()  # parses the header alone: truncated pixel data is caught when decoded
+        except UNREADABLE:
+            unreadable.append(name)
     usable = sorted(set(captions) - set(unreadable))
     logger.info(
         f"Data: {len(names)} images found under {root}, {len(captions)} with captions from {captions_path}, "
@@ -585,20 +565,6 @@ def match_captions(names: list, table: dict) -> tuple:
     return captions, unmatched
 
 
-def unreadable_images(root: Path, names: list, show_progress: bool) -> list:
-    """Names whose header PIL cannot parse (truncated pixel data is caught later, when decoded)."""
-    from tqdm.auto import tqdm
-
-    bad = []
-    for name in tqdm(names, desc="checking images", disable=not show_progress or len(names) < 1000):
-        try:
-            # Opening parses the header; that is the whole check here.
-            Image.open(root / name).close()
-        except UNREADABLE:
-            bad.append(name)
-    return bad
-
-
 @dataclass(frozen=True)
 class Plan:
     """How the records are cut into optimizer steps and epochs; computed once, by make_plan()."""
@@ -686,9 +652,11 @@ class CaptionedImages(torch.utils.data.Dataset):
         return caption, flip, rng
 
     def pixels(self, index: int, flip: bool, rng: random.Random) -> torch.Tensor:
+        """The image as a (3, H, W) tensor in [-1, 1]."""
         with self.records.source.open(index) as image:
             image = resize_and_crop(as_rgb(image), self.resolution, self.center_crop, rng)
-        return to_tensor(ImageOps.mirror(image) if flip else image)
+        array = np.asarray(ImageOps.mirror(image) if flip else image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, item):
         index, sample_seed = item
@@ -732,12 +700,6 @@ def as_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
     return image.convert("RGB")
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float tensor (3, H, W) in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def collate(examples):
@@ -1059,6 +1021,21 @@ def train(args, accelerator, models, optimization, plan, dataset, settings, vali
     return 0, step
 
 
+def stop_with_checkpoint(args, accelerator, progress, settings: dict, step: int, stop) -> int:
+    """Checkpoint `step` (unless its checkpoint was just written), say how to resume, and return the exit code."""
+    path = Path(args.output_dir) / f"checkpoint-{step}"
+    if not path.is_dir():  # a checkpoint folder exists only once complete (save_checkpoint renames it into place)
+        save_checkpoint(accelerator, Path(args.output_dir), step, settings, args.checkpoints_total_limit, None)
+    progress.close()
+    if accelerator.is_main_process:
+        print(
+            f"Stopped by {stop.reason or 'another process'} after step {step}; saved {path}. "
+            "Resume with the same command and --resume_from_checkpoint latest",
+            file=sys.stderr,
+        )
+    return stop.exit_code()
+
+
 def epoch_steps(args, dataset: CaptionedImages, plan: Plan, epoch: int, first_step: int, process_index: int):
     """This process's optimizer steps of `epoch` from `first_step` on: for each, its micro-batches, each with the seed
     of its noise. All randomness of a micro-batch follows from (seed, process, epoch, position): resuming needs no
@@ -1290,7 +1267,7 @@ def release_vae(vae, keep_decoder: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: save, resume, the output folder, stop requests
+# Checkpoints: save and resume
 # ----------------------------------------------------------------------------------------------
 
 
@@ -1319,21 +1296,6 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, settings: dict, li
         logger.info(f"Saved {path}")
     accelerator.wait_for_everyone()
     return path
-
-
-def stop_with_checkpoint(args, accelerator, progress, settings: dict, step: int, stop) -> int:
-    """Checkpoint `step` (unless its checkpoint was just written), say how to resume, and return the exit code."""
-    path = Path(args.output_dir) / f"checkpoint-{step}"
-    if not path.is_dir():  # a checkpoint folder exists only once complete (save_checkpoint renames it into place)
-        save_checkpoint(accelerator, Path(args.output_dir), step, settings, args.checkpoints_total_limit, None)
-    progress.close()
-    if accelerator.is_main_process:
-        print(
-            f"Stopped by {stop.reason or 'another process'} after step {step}; saved {path}. "
-            "Resume with the same command and --resume_from_checkpoint latest",
-            file=sys.stderr,
-        )
-    return stop.exit_code()
 
 
 @contextlib.contextmanager
@@ -1406,31 +1368,6 @@ def save_lora(path: Path, unet, text_encoder, train_text_encoder: bool):
     path.chmod(0o666 & ~umask)
 
 
-def restore_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
-    """Load a checkpoint's LoRA back into the adapters; every adapter weight must be present. Text-encoder keys
-    may have the text_model level or not (checkpoints written before this script saved the published layout)."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    path = directory / LORA_WEIGHTS_NAME
-    if not path.is_file():
-        raise TrainingError(f"checkpoint {directory} has no {LORA_WEIGHTS_NAME}")
-    state = load_file(path)
-    expected = lora_state_dicts(unet, text_encoder, train_text_encoder)
-    for prefix, model, layers in (("unet.", unet, expected[0]), ("text_encoder.", text_encoder, expected[1])):
-        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        if layers is None:
-            continue
-        if prefix == "text_encoder." and not hasattr(model, "text_model"):
-            part = {k.removeprefix("text_model."): v for k, v in part.items()}
-        if set(part) != set(layers):
-            raise TrainingError(
-                f"the LoRA in {directory} does not match this run's --rank/--text_encoder_rank/"
-                f"--train_text_encoder ({len(set(part) ^ set(layers))} mismatched tensors)"
-            )
-        set_peft_model_state_dict(model, part, adapter_name="default")
-
-
 def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple:
     """The adapters' weights: the UNet's, and the text encoder's (None when it is not trained)."""
     from peft.utils import get_peft_model_state_dict
@@ -1439,29 +1376,6 @@ def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple:
     if train_text_encoder:
         text_encoder_layers = get_peft_model_state_dict(text_encoder, save_embedding_layers=False)
     return get_peft_model_state_dict(unet), text_encoder_layers
-
-
-def checkpoint_step(path: Path):
-    match = CHECKPOINT_PATTERN.match(path.name)
-    return int(match.group(1)) if match else None
-
-
-def is_complete_checkpoint(path: Path) -> bool:
-    """save_checkpoint() writes the settings last, after the LoRA and every process's RNG state."""
-    return all((path / name).is_file() for name in (SETTINGS_NAME, LORA_WEIGHTS_NAME, "random_states_0.pkl"))
-
-
-def complete_checkpoints(output_dir: Path, warn: bool = False) -> list:
-    """The complete checkpoint-N folders, oldest first (checkpoint-N.tmp, being written, is none); with `warn`, each
-    incomplete checkpoint-N (its run was killed while writing it) is named in a warning."""
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
-    complete = []
-    for path in sorted(found, key=checkpoint_step):
-        if is_complete_checkpoint(path):
-            complete.append(path)
-        elif warn:
-            logger.warning(f"ignoring incomplete checkpoint {path} (its run was killed while writing it)")
-    return complete
 
 
 def find_resume_checkpoint(args, accelerator):
@@ -1493,13 +1407,30 @@ def find_resume_checkpoint(args, accelerator):
             f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist "
             f"(nor in {output_dir}); use 'latest' to start fresh when there is none"
         )
-    if not is_complete_checkpoint(path):
-        raise TrainingError(
-            f"checkpoint {path} is incomplete (the run was killed while writing it); resume from an earlier one"
-        )
-    if fault := checkpoint_fault(path, accelerator):
+    incomplete = None if is_complete_checkpoint(path) else "it is incomplete (its run was killed while writing it)"
+    if fault := incomplete or checkpoint_fault(path, accelerator):
         raise TrainingError(f"checkpoint {path} cannot be resumed: {fault}; resume from an earlier one")
     return path
+
+
+def complete_checkpoints(output_dir: Path, warn: bool = False) -> list:
+    """The complete checkpoint-N folders, oldest first (checkpoint-N.tmp, being written, is none); with `warn`, each
+    incomplete checkpoint-N (its run was killed while writing it) is named in a warning."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
+    complete = [path for path in sorted(found, key=checkpoint_step) if is_complete_checkpoint(path)]
+    for path in sorted(set(found) - set(complete)) if warn else []:
+        logger.warning(f"ignoring incomplete checkpoint {path} (its run was killed while writing it)")
+    return complete
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """save_checkpoint() writes the settings last, after the LoRA and every process's RNG state."""
+    return all((path / name).is_file() for name in (SETTINGS_NAME, LORA_WEIGHTS_NAME, "random_states_0.pkl"))
+
+
+def checkpoint_step(path: Path):
+    match = CHECKPOINT_PATTERN.match(path.name)
+    return int(match.group(1)) if match else None
 
 
 def checkpoint_fault(path: Path, accelerator) -> str | None:
@@ -1552,6 +1483,33 @@ def resume(accelerator, checkpoint: Path, settings: dict) -> int:
             "resume from an earlier one"
         ) from error
     return saved["global_step"]
+
+
+def restore_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
+    """Load a checkpoint's LoRA back into the adapters; every adapter weight must be present. Text-encoder keys
+    may have the text_model level or not (checkpoints written before this script saved the published layout)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(directory / LORA_WEIGHTS_NAME)  # checkpoint_fault has read it whole
+    expected = lora_state_dicts(unet, text_encoder, train_text_encoder)
+    for prefix, model, layers in (("unet.", unet, expected[0]), ("text_encoder.", text_encoder, expected[1])):
+        if layers is None:
+            continue
+        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        if prefix == "text_encoder." and not hasattr(model, "text_model"):
+            part = {k.removeprefix("text_model."): v for k, v in part.items()}
+        if set(part) != set(layers):
+            raise TrainingError(
+                f"the LoRA in {directory} does not match this run's --rank/--text_encoder_rank/"
+                f"--train_text_encoder ({len(set(part) ^ set(layers))} mismatched tensors)"
+            )
+        set_peft_model_state_dict(model, part, adapter_name="default")
+
+
+# ----------------------------------------------------------------------------------------------
+# The output folder, one run at a time; stop requests
+# ----------------------------------------------------------------------------------------------
 
 
 # Copied from generate.lock_output_dir with GenerateError->TrainingError
@@ -1916,7 +1874,11 @@ def make_accelerator(args):
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir)
         ),
-        cpu=no_accelerator_device(),
+        cpu=not (
+            torch.cuda.is_available()
+            or (hasattr(torch, "xpu") and torch.xpu.is_available())
+            or torch.backends.mps.is_available()
+        ),
     )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != world_size:
@@ -1928,14 +1890,6 @@ def make_accelerator(args):
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
-
-
-def no_accelerator_device() -> bool:
-    return not (
-        torch.cuda.is_available()
-        or (hasattr(torch, "xpu") and torch.xpu.is_available())
-        or torch.backends.mps.is_available()
-    )
 
 
 # Copied from generate.check_process_count with GenerateError->TrainingError
@@ -2050,14 +2004,8 @@ def save_final_lora(args, accelerator, models: Models, settings: dict, step: int
                 "--validation_prompts none"
             )
         # tools/export_kohya.py is the one converter to kohya keys, as AUTOMATIC1111 and ComfyUI read them.
-        kohya = [
-            "python",
-            "tools/export_kohya.py",
-            f"{output_dir.resolve().name}.safetensors",
-            "--lora",
-            str(output_dir),
-        ]
-        print(f"For AUTOMATIC1111 and ComfyUI: {shlex.join(kohya)}", file=sys.stderr)
+        kohya = ["python", "tools/export_kohya.py", f"{output_dir.resolve().name}.safetensors", "--lora", output_dir]
+        print(f"For AUTOMATIC1111 and ComfyUI: {shlex.join(map(str, kohya))}", file=sys.stderr)
         print(f"Next: {next_command(args)}", file=sys.stderr)
     accelerator.wait_for_everyone()
 
