@@ -27,6 +27,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (python tools/hub_dataset.py --help lists the flags)\n")
 
 
+# Copied from generate.first_line
+def first_line(error: BaseException) -> str:
+    """An exception as one line of an error message: its first line, or its type when its text is empty."""
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    text = text.strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def parse_args(argv=None):
     parser = OneLineParser(
         description=__doc__.split("\n\n")[0],
@@ -66,7 +74,7 @@ def write_folder(args) -> int:
         dataset = datasets.load_dataset(args.dataset, args.config, data_dir=args.data_dir, cache_dir=args.cache_dir)
         dataset = dataset[args.split]
     except (FileNotFoundError, ValueError, ConnectionError, KeyError) as error:
-        raise DatasetError(f"cannot load dataset {args.dataset}: {error}") from error
+        raise DatasetError(f"cannot load dataset {args.dataset}: {first_line(error)}") from error
     for column, flag in ((args.image_column, "--image_column"), (args.caption_column, "--caption_column")):
         if column not in dataset.column_names:
             raise DatasetError(
