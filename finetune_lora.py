@@ -580,7 +580,6 @@ class Plan:
 
 
 def make_plan(args, num_records: int, num_processes: int) -> Plan:
-    """The step counts of this run, logged once."""
     total_batch_size = args.train_batch_size * num_processes * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(num_records / total_batch_size)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -652,7 +651,6 @@ class CaptionedImages(torch.utils.data.Dataset):
         return caption, flip, rng
 
     def pixels(self, index: int, flip: bool, rng: random.Random) -> torch.Tensor:
-        """The image as a (3, H, W) tensor in [-1, 1]."""
         with self.records.source.open(index) as image:
             image = resize_and_crop(as_rgb(image), self.resolution, self.center_crop, rng)
         array = np.asarray(ImageOps.mirror(image) if flip else image, dtype=np.float32) / 127.5 - 1.0
@@ -1144,7 +1142,6 @@ def digest(*parts) -> str:
 
 
 def weights_digest(*state_dicts) -> str:
-    """sha256 hex of the names and values of the tensors of `state_dicts`."""
     hashed = hashlib.sha256()
     for tensors in state_dicts:
         for key in sorted(tensors or {}):
