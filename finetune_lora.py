@@ -96,7 +96,7 @@ class TrainingError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# Arguments, and what is checked before anything loads
+# Arguments
 # ----------------------------------------------------------------------------------------------
 
 
@@ -134,7 +134,7 @@ def parse_args(argv=None):
     )
     add("--revision", help="Git revision of the base model on the Hub (default: its main branch).")
     add("--variant", help="Weight variant of the base model files, e.g. fp16 (default: full precision).")
-    add("--cache_dir", help="Cache of downloaded models and datasets (default: $HF_HOME's).")
+    add("--cache_dir", help="Cache of downloaded models (default: $HF_HOME's).")
     add("--rank", type=int, default=8, help="LoRA rank of the UNet adapters; alpha equals the rank.")
     add("--text_encoder_rank", type=int, default=8, help="LoRA rank (and alpha) of the text encoder's.")
     add("--train_text_encoder", action="store_true", help="Also train LoRA adapters on the text encoder.")
@@ -311,88 +311,6 @@ def check_args(args):
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(args, name) < 1:
             raise TrainingError(f"--{name} {getattr(args, name)} must be at least 0 and below 1")
-
-
-def preflight(args):
-    """What would otherwise fail after the model load or after training, checked before anything is loaded or
-    created: the base model (and the --validation_score model) can be found, and every place the run writes to
-    can be written."""
-    from huggingface_hub import constants
-
-    models = {"--pretrained_model_name_or_path": (args.pretrained_model_name_or_path, args.revision)}
-    if args.validation_score:
-        models["--score_model"] = (args.score_model, None)
-    missing = {
-        flag: name for flag, (name, revision) in models.items() if not check_model(name, flag, revision, args.cache_dir)
-    }
-    if missing:  # one message names all the Hub must give, and the one command that fetches it all
-        flag, name = next(iter(missing.items()))
-        needed = " and ".join(f"{MODEL_FLAGS[flag][0]} {name}" for flag, name in missing.items())
-        needed += f", {'which is' if len(missing) == 1 else 'which are'} not in the Hugging Face cache "
-        needed += f"({args.cache_dir or constants.HF_HUB_CACHE})"
-        check_hub_reachable(name, MODEL_FLAGS[flag][3][0], needed, how_to_get(missing), models[flag][1])
-    output_dir = Path(args.output_dir)
-    folders = {output_dir: "--output_dir", output_dir / "validation": "--output_dir"}
-    if args.report_to != "none":
-        folders[output_dir / args.logging_dir] = "--logging_dir"
-    if args.cache_latents or args.cache_text_embeddings:
-        folders[Path(args.encoding_cache_dir)] = "--encoding_cache_dir"
-    for folder, flag in folders.items():
-        check_writable(folder, flag)
-    final = output_dir / LORA_WEIGHTS_NAME
-    if final.exists() and not final.is_file():
-        raise TrainingError(f"cannot write the LoRA to {final}: it is a folder; pass another --output_dir")
-
-
-# What each model flag loads: what messages call it, what its folder holds, a Hub id that works, what every such
-# folder or repository holds (the first, a file to ask the Hub for).
-MODEL_FLAGS = {
-    "--pretrained_model_name_or_path": (
-        "base model",
-        "a diffusers Stable Diffusion 2.1 pipeline",
-        DEFAULT_BASE_MODEL,
-        ["model_index.json", "scheduler", "tokenizer", "text_encoder", "vae", "unet"],
-    ),
-    "--score_model": ("score model", "a transformers CLIP model", DEFAULT_SCORE_MODEL, ["config.json"]),
-}
-
-
-def check_model(name: str, flag: str, revision: str | None, cache_dir) -> bool:
-    """Find in seconds a model that cannot load: a folder that is not there or not whole, or a Hub id that is not
-    valid. Returns whether it is here (a folder, or in the cache); one that is not must come from the Hub."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    what, kind, example, parts = MODEL_FLAGS[flag]
-    if Path(name).is_dir():
-        if missing := [part for part in parts if not (Path(name) / part).exists()]:
-            raise TrainingError(
-                f"{flag} {name} has no {', '.join(missing)}: pass the folder of {kind}, complete, or a Hub id like "
-                f"{example}"
-            )
-        return True
-    if names_a_folder(name):
-        raise TrainingError(f"{flag}: no such folder: {name}: pass the folder of {kind} or a Hub id like {example}")
-    try:
-        snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=True)
-        return True
-    except LocalEntryNotFoundError:
-        return False
-    except HFValidationError as error:
-        raise TrainingError(
-            f"{flag}: no such folder or Hub id: {name} ({first_line(error)}): pass the folder of {kind} or a Hub id "
-            f"like {example}"
-        ) from error
-
-
-def how_to_get(missing: dict) -> str:
-    """The fix for the models {flag: Hub id} that are neither here nor reachable: download.py fetches them all."""
-    download = {"--pretrained_model_name_or_path": "--base_model", "--score_model": "--score_model"}
-    fetch = shlex.join(
-        ["python", "download.py", *(part for flag, name in missing.items() for part in (download[flag], name))]
-    )
-    folders = " and ".join(f"{flag} /path/to/folder" for flag in missing)
-    return f"run `{fetch}` where there is a network and use its cache here (HF_HOME, with HF_HUB_OFFLINE=1), or pass {folders}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1844,8 +1762,90 @@ def clip_scores(scorer, rows: list, prompts: list, device) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# The run's processes, logging and end: accelerator, trackers, the final LoRA, model card, Hub
+# The run's setup: what is checked before anything loads, the processes, logging
 # ----------------------------------------------------------------------------------------------
+
+
+def preflight(args):
+    """What would otherwise fail after the model load or after training, checked before anything is loaded or
+    created: the base model (and the --validation_score model) can be found, and every place the run writes to
+    can be written."""
+    from huggingface_hub import constants
+
+    models = {"--pretrained_model_name_or_path": (args.pretrained_model_name_or_path, args.revision)}
+    if args.validation_score:
+        models["--score_model"] = (args.score_model, None)
+    missing = {
+        flag: name for flag, (name, revision) in models.items() if not check_model(name, flag, revision, args.cache_dir)
+    }
+    if missing:  # one message names all the Hub must give, and the one command that fetches it all
+        flag, name = next(iter(missing.items()))
+        needed = " and ".join(f"{MODEL_FLAGS[flag][0]} {name}" for flag, name in missing.items())
+        needed += f", {'which is' if len(missing) == 1 else 'which are'} not in the Hugging Face cache "
+        needed += f"({args.cache_dir or constants.HF_HUB_CACHE})"
+        check_hub_reachable(name, MODEL_FLAGS[flag][3][0], needed, how_to_get(missing), models[flag][1])
+    output_dir = Path(args.output_dir)
+    folders = {output_dir: "--output_dir", output_dir / "validation": "--output_dir"}
+    if args.report_to != "none":
+        folders[output_dir / args.logging_dir] = "--logging_dir"
+    if args.cache_latents or args.cache_text_embeddings:
+        folders[Path(args.encoding_cache_dir)] = "--encoding_cache_dir"
+    for folder, flag in folders.items():
+        check_writable(folder, flag)
+    final = output_dir / LORA_WEIGHTS_NAME
+    if final.exists() and not final.is_file():
+        raise TrainingError(f"cannot write the LoRA to {final}: it is a folder; pass another --output_dir")
+
+
+# What each model flag loads: what messages call it, what its folder holds, a Hub id that works, what every such
+# folder or repository holds (the first, a file to ask the Hub for).
+MODEL_FLAGS = {
+    "--pretrained_model_name_or_path": (
+        "base model",
+        "a diffusers Stable Diffusion 2.1 pipeline",
+        DEFAULT_BASE_MODEL,
+        ["model_index.json", "scheduler", "tokenizer", "text_encoder", "vae", "unet"],
+    ),
+    "--score_model": ("score model", "a transformers CLIP model", DEFAULT_SCORE_MODEL, ["config.json"]),
+}
+
+
+def check_model(name: str, flag: str, revision: str | None, cache_dir) -> bool:
+    """Find in seconds a model that cannot load: a folder that is not there or not whole, or a Hub id that is not
+    valid. Returns whether it is here (a folder, or in the cache); one that is not must come from the Hub."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    what, kind, example, parts = MODEL_FLAGS[flag]
+    if Path(name).is_dir():
+        if missing := [part for part in parts if not (Path(name) / part).exists()]:
+            raise TrainingError(
+                f"{flag} {name} has no {', '.join(missing)}: pass the folder of {kind}, complete, or a Hub id like "
+                f"{example}"
+            )
+        return True
+    if names_a_folder(name):
+        raise TrainingError(f"{flag}: no such folder: {name}: pass the folder of {kind} or a Hub id like {example}")
+    try:
+        snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=True)
+        return True
+    except LocalEntryNotFoundError:
+        return False
+    except HFValidationError as error:
+        raise TrainingError(
+            f"{flag}: no such folder or Hub id: {name} ({first_line(error)}): pass the folder of {kind} or a Hub id "
+            f"like {example}"
+        ) from error
+
+
+def how_to_get(missing: dict) -> str:
+    """The fix for the models {flag: Hub id} that are neither here nor reachable: download.py fetches them all."""
+    download = {"--pretrained_model_name_or_path": "--base_model", "--score_model": "--score_model"}
+    fetch = shlex.join(
+        ["python", "download.py", *(part for flag, name in missing.items() for part in (download[flag], name))]
+    )
+    folders = " and ".join(f"{flag} /path/to/folder" for flag in missing)
+    return f"run `{fetch}` where there is a network and use its cache here (HF_HOME, with HF_HUB_OFFLINE=1), or pass {folders}"
 
 
 def make_accelerator(args):
@@ -1947,27 +1947,9 @@ def start_logging(args, accelerator, models: Models, scorer, stop):
     return None
 
 
-def training_settings(args, plan: Plan, records: Records) -> dict:
-    """What a LoRA is trained with; travels beside every saved LoRA, with the step it was saved at, as
-    training_settings.json."""
-    text_encoder_rank = args.text_encoder_rank if args.train_text_encoder else None
-    flags = "resolution center_crop random_flip learning_rate learning_rate_text_encoder lr_scheduler train_batch_size"
-    return {
-        "base_model": args.pretrained_model_name_or_path,
-        "revision": args.revision,
-        "rank": args.rank,
-        "lora_alpha": args.rank,
-        "train_text_encoder": args.train_text_encoder,
-        "text_encoder_rank": text_encoder_rank,
-        "text_encoder_lora_alpha": text_encoder_rank,
-        **{name: getattr(args, name) for name in [*flags.split(), "gradient_accumulation_steps"]},
-        "num_processes": plan.num_processes,
-        "total_batch_size": plan.total_batch_size,
-        "max_train_steps": plan.max_train_steps,
-        "seed": args.seed,
-        "data": records.description,
-        "num_images": len(records),
-    }
+# ----------------------------------------------------------------------------------------------
+# The end of the run: the final LoRA, its settings and model card, the Hub
+# ----------------------------------------------------------------------------------------------
 
 
 def save_final_lora(args, accelerator, models: Models, settings: dict, step: int, records: Records, validation):
@@ -2005,6 +1987,29 @@ def save_final_lora(args, accelerator, models: Models, settings: dict, step: int
         print(f"For AUTOMATIC1111 and ComfyUI: {shlex.join(map(str, kohya))}", file=sys.stderr)
         print(f"Next: {next_command(args)}", file=sys.stderr)
     accelerator.wait_for_everyone()
+
+
+def training_settings(args, plan: Plan, records: Records) -> dict:
+    """What a LoRA is trained with; travels beside every saved LoRA, with the step it was saved at, as
+    training_settings.json."""
+    text_encoder_rank = args.text_encoder_rank if args.train_text_encoder else None
+    flags = "resolution center_crop random_flip learning_rate learning_rate_text_encoder lr_scheduler train_batch_size"
+    return {
+        "base_model": args.pretrained_model_name_or_path,
+        "revision": args.revision,
+        "rank": args.rank,
+        "lora_alpha": args.rank,
+        "train_text_encoder": args.train_text_encoder,
+        "text_encoder_rank": text_encoder_rank,
+        "text_encoder_lora_alpha": text_encoder_rank,
+        **{name: getattr(args, name) for name in [*flags.split(), "gradient_accumulation_steps"]},
+        "num_processes": plan.num_processes,
+        "total_batch_size": plan.total_batch_size,
+        "max_train_steps": plan.max_train_steps,
+        "seed": args.seed,
+        "data": records.description,
+        "num_images": len(records),
+    }
 
 
 def write_model_card(output_dir: Path, args, records: Records, settings: dict, grid_path):
