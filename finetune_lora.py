@@ -3,9 +3,10 @@
 The loop is the diffusers text-to-image LoRA example's: accelerate drives devices, mixed precision, gradient
 accumulation and data-parallel processes; peft adds the low-rank adapters, the only weights trained. The data is an
 image folder with its captions in metadata.jsonl or metadata.csv inside it (the imagefolder convention) or in
---captions_file, or a dataset on the Hub (--dataset_name). Every random draw follows from --seed and the step, so a
-resumed run continues the interrupted one exactly. --cache_latents and --cache_text_embeddings encode once, into
-safetensors shards on disk (--encoding_cache_dir) keyed by image, caption and model hashes, that later runs reuse.
+--captions_file (tools/hub_dataset.py writes a Hub dataset as one). Every random draw follows from --seed and the
+step, so a resumed run continues the interrupted one exactly. --cache_latents and --cache_text_embeddings encode
+once, into safetensors shards on disk (--encoding_cache_dir) keyed by image, caption and model hashes, that later
+runs reuse.
 The defaults are the published Text2Face run's (768 px, rank 8, learning rates 1e-5, validation grids of four face
 prompts); the README shows the command that trained it.
 
@@ -125,171 +126,146 @@ def parse_args(argv=None):
         formatter_class=DefaultsShown,
         epilog="examples:\n" + __doc__[__doc__.index("    accelerate") :],
     )
-    model = parser.add_argument_group("model")
-    model.add_argument(
+    add = parser.add_argument_group("model").add_argument
+    add(
         "--pretrained_model_name_or_path",
         type=os.path.expanduser,
         default=DEFAULT_BASE_MODEL,
         help="Base model: Hub id or local diffusers folder.",
     )
-    model.add_argument("--revision", help="Git revision of the base model on the Hub (default: its main branch).")
-    model.add_argument("--variant", help="Weight variant of the base model files, e.g. fp16 (default: full precision).")
-    model.add_argument("--cache_dir", help="Cache of downloaded models and datasets (default: $HF_HOME's).")
-    model.add_argument("--rank", type=int, default=8, help="LoRA rank of the UNet adapters; alpha equals the rank.")
-    model.add_argument("--text_encoder_rank", type=int, default=8, help="LoRA rank (and alpha) of the text encoder's.")
-    model.add_argument(
-        "--train_text_encoder", action="store_true", help="Also train LoRA adapters on the text encoder."
-    )
-    model.add_argument(
+    add("--revision", help="Git revision of the base model on the Hub (default: its main branch).")
+    add("--variant", help="Weight variant of the base model files, e.g. fp16 (default: full precision).")
+    add("--cache_dir", help="Cache of downloaded models (default: $HF_HOME's).")
+    add("--rank", type=int, default=8, help="LoRA rank of the UNet adapters; alpha equals the rank.")
+    add("--text_encoder_rank", type=int, default=8, help="LoRA rank (and alpha) of the text encoder's.")
+    add("--train_text_encoder", action="store_true", help="Also train LoRA adapters on the text encoder.")
+    add(
         "--prediction_type",
         choices=["epsilon", "v_prediction"],
         help="Training target (default: the base model scheduler's, v_prediction for SD2.1 768px).",
     )
 
-    data = parser.add_argument_group("data")
-    data.add_argument(
+    add = parser.add_argument_group("data").add_argument
+    add(
         "--train_data_dir",
         help="Image folder (nested folders allowed) with metadata.jsonl/metadata.csv inside it, or with "
-        "--captions_file; images PIL cannot read, or of over 179 million pixels, are skipped. With --dataset_name, "
-        "load_dataset's data_dir (default: none).",
+        "--captions_file; images PIL cannot read, or of over 179 million pixels, are skipped.",
     )
-    data.add_argument(
+    add(
         "--captions_file",
         help="Captions kept elsewhere: a JSON object {file: caption}, JSON/JSONL records or a CSV with a header, "
         "UTF-8; a caption may be a list, one drawn per step (default: metadata.jsonl/csv in --train_data_dir).",
     )
-    data.add_argument("--dataset_name", help="A Hub dataset (or local dataset folder) for datasets.load_dataset.")
-    data.add_argument("--dataset_config_name", help="Configuration of --dataset_name (default: its only one).")
-    data.add_argument(
-        "--image_column",
-        help="Column of the image (default: 'image' for --dataset_name, 'file_name' for captions files).",
-    )
-    data.add_argument("--caption_column", default="text", help="Column of the caption (a string or list of strings).")
-    data.add_argument(
-        "--max_train_samples", type=int, help="Train on this many images, drawn with --seed (default: all)."
-    )
-    data.add_argument("--resolution", type=int, default=768, help="Training side in pixels, a multiple of 8.")
-    data.add_argument("--center_crop", action="store_true", help="Crop the centre (default: a seeded random crop).")
-    data.add_argument("--random_flip", action="store_true", help="Flip half the images horizontally, seeded.")
-    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Image-decoding processes; 0: in this one.")
-    data.add_argument(
+    add("--image_column", default="file_name", help="Column of the image name in the captions file.")
+    add("--caption_column", default="text", help="Column of the caption (a string or list of strings).")
+    add("--max_train_samples", type=int, help="Train on this many images, drawn with --seed (default: all).")
+    add("--resolution", type=int, default=768, help="Training side in pixels, a multiple of 8.")
+    add("--center_crop", action="store_true", help="Crop the centre (default: a seeded random crop).")
+    add("--random_flip", action="store_true", help="Flip half the images horizontally, seeded.")
+    add("--dataloader_num_workers", type=int, default=0, help="Image-decoding processes; 0: in this one.")
+    add(
         "--cache_latents",
         action="store_true",
         help="VAE-encode every image once, before training, into --encoding_cache_dir (both flips with "
         "--random_flip; 1.5 GB per 10,000 images at 768 px in fp16); needs --center_crop.",
     )
-    data.add_argument(
+    add(
         "--cache_text_embeddings",
         action="store_true",
         help="Encode each caption once, before training, into --encoding_cache_dir (77 x 1024 values); not with "
         "--train_text_encoder.",
     )
-    data.add_argument(
+    add(
         "--encoding_cache_dir",
         help="Where the caches keep what they encoded, for every later run (resumed or not) of the same images, "
         "captions and base model; --overwrite_output_dir leaves it (default: <output_dir>/encoding_cache).",
     )
 
-    training = parser.add_argument_group("training")
-    training.add_argument(
-        "--output_dir", default="outputs/text2face-lora", help="Where everything the run writes goes."
-    )
-    training.add_argument(
+    add = parser.add_argument_group("training").add_argument
+    add("--output_dir", default="outputs/text2face-lora", help="Where everything the run writes goes.")
+    add(
         "--overwrite_output_dir",
         action="store_true",
         help="Start afresh in an output_dir that holds a run: deletes its weights, checkpoints, grids, logs and card.",
     )
-    training.add_argument(
-        "--seed", type=int, default=42, help="Seed of the LoRA init, data order, crops, flips, noise and validation."
-    )
-    training.add_argument("--train_batch_size", type=int, default=4, help="Images per process per forward pass.")
-    training.add_argument("--num_train_epochs", type=int, default=20, help="Passes over the data.")
-    training.add_argument(
-        "--max_train_steps", type=int, help="Optimizer steps; overrides --num_train_epochs (default: its steps)."
-    )
-    training.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Forward passes per step.")
-    training.add_argument(
-        "--gradient_checkpointing", action="store_true", help="Recompute activations in the backward pass."
-    )
-    training.add_argument("--learning_rate", type=float, default=1e-5, help="Of the UNet LoRA; 0 freezes it.")
-    training.add_argument(
+    add("--seed", type=int, default=42, help="Seed of the LoRA init, data order, crops, flips, noise and validation.")
+    add("--train_batch_size", type=int, default=4, help="Images per process per forward pass.")
+    add("--num_train_epochs", type=int, default=20, help="Passes over the data.")
+    add("--max_train_steps", type=int, help="Optimizer steps; overrides --num_train_epochs (default: its steps).")
+    add("--gradient_accumulation_steps", type=int, default=1, help="Forward passes per step.")
+    add("--gradient_checkpointing", action="store_true", help="Recompute activations in the backward pass.")
+    add("--learning_rate", type=float, default=1e-5, help="Of the UNet LoRA; 0 freezes it.")
+    add(
         "--learning_rate_text_encoder",
         type=float,
         help="Of the text-encoder LoRA; 0 freezes it (default: --learning_rate).",
     )
-    training.add_argument("--scale_lr", action="store_true", help="Multiply the learning rates by the total batch.")
-    training.add_argument(
+    add("--scale_lr", action="store_true", help="Multiply the learning rates by the total batch.")
+    add(
         "--lr_scheduler",
         default="constant",
         choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
         help="Learning-rate schedule.",
     )
-    training.add_argument("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the schedule.")
-    training.add_argument("--snr_gamma", type=float, help="Min-SNR loss weighting gamma, 5.0 is usual (default: off).")
-    training.add_argument("--noise_offset", type=float, default=0.0, help="Offset-noise scale; 0 is off.")
-    training.add_argument("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
-    training.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    training.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    training.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
-    training.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
-    training.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the LoRA's gradient norm to this.")
-    training.add_argument(
+    add("--lr_warmup_steps", type=int, default=0, help="Warm-up steps of the schedule.")
+    add("--snr_gamma", type=float, help="Min-SNR loss weighting gamma, 5.0 is usual (default: off).")
+    add("--noise_offset", type=float, default=0.0, help="Offset-noise scale; 0 is off.")
+    add("--use_8bit_adam", action="store_true", help="8-bit AdamW from bitsandbytes.")
+    add("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    add("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    add("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    add("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
+    add("--max_grad_norm", type=float, default=1.0, help="Clip the LoRA's gradient norm to this.")
+    add(
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
         help="Of the frozen models (default: `accelerate config`'s); the LoRA stays fp32, except under DeepSpeed.",
     )
-    training.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere or newer GPUs.")
-    training.add_argument(
+    add("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere or newer GPUs.")
+    add(
         "--compile",
         action="store_true",
         help="torch.compile the UNet alone, in place: training's cost is its forward and backward (generate.py "
         "--compile adds the VAE decoder and fused QKV, for sampling). The first step pays a minute or more; "
         "validation samples eagerly.",
     )
-    training.add_argument(
-        "--enable_xformers_memory_efficient_attention", action="store_true", help="xformers attention, not SDPA."
-    )
+    add("--enable_xformers_memory_efficient_attention", action="store_true", help="xformers attention, not SDPA.")
 
-    saving = parser.add_argument_group("checkpoints, validation and logging")
-    saving.add_argument(
-        "--checkpointing_steps", type=int, default=5000, help="Write checkpoint-N every this many steps."
-    )
-    saving.add_argument("--checkpoints_total_limit", type=int, help="Keep the newest this many (default: all).")
-    saving.add_argument(
+    add = parser.add_argument_group("checkpoints, validation and logging").add_argument
+    add("--checkpointing_steps", type=int, default=5000, help="Write checkpoint-N every this many steps.")
+    add("--checkpoints_total_limit", type=int, help="Keep the newest this many (default: all).")
+    add(
         "--resume_from_checkpoint",
         help="'latest' (the newest complete checkpoint in output_dir, or a fresh start if none), a checkpoint-N "
         "in output_dir, or a checkpoint folder (default: a fresh start).",
     )
-    saving.add_argument(
+    add(
         "--validation_prompts",
         nargs="+",
         help="Sampled at step 0, at each checkpoint, at the end (and every --validation_epochs); 'none': none "
         "(default: DEFAULT_VALIDATION_PROMPTS in this script).",
     )
-    saving.add_argument("--num_validation_images", type=int, default=5, help="Seeds per prompt (rows of the grid).")
-    saving.add_argument(
-        "--validation_inference_steps", type=int, default=30, help="Denoising steps of each validation image (DDIM)."
-    )
-    saving.add_argument(
-        "--validation_epochs", type=int, help="Also validate every this many epochs (default: at checkpoints only)."
-    )
-    saving.add_argument(
+    add("--num_validation_images", type=int, default=5, help="Seeds per prompt (rows of the grid).")
+    add("--validation_inference_steps", type=int, default=30, help="Denoising steps of each validation image (DDIM).")
+    add("--validation_epochs", type=int, help="Also validate every this many epochs (default: at checkpoints only).")
+    add(
         "--validation_score",
         action="store_true",
         help="Log the validation images' mean CLIP score (validation/clip_score, and in the JSON beside each grid).",
     )
-    saving.add_argument("--score_model", default=DEFAULT_SCORE_MODEL, help="CLIP model of --validation_score.")
-    saving.add_argument(
-        "--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="Metrics tracker."
-    )
-    saving.add_argument("--logging_dir", default="logs", help="Tracker folder, relative to output_dir.")
-    saving.add_argument(
-        "--push_to_hub", action="store_true", help="Upload output_dir at the end (token: HF_TOKEN or `hf auth login`)."
-    )
-    saving.add_argument("--hub_model_id", help="Hub repository of --push_to_hub (default: the output_dir name).")
-    saving.add_argument(
-        "--verbose", action="store_true", help="Print each process's first batch and final LoRA checksum."
-    )
+    add("--score_model", default=DEFAULT_SCORE_MODEL, help="CLIP model of --validation_score.")
+    add("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "none"], help="Metrics tracker.")
+    add("--logging_dir", default="logs", help="Tracker folder, relative to output_dir.")
+    add("--push_to_hub", action="store_true", help="Upload output_dir at the end (token: HF_TOKEN or `hf auth login`).")
+    add("--hub_model_id", help="Hub repository of --push_to_hub (default: the output_dir name).")
+    add("--verbose", action="store_true", help="Print each process's first batch and final LoRA checksum.")
+    for arg in sys.argv[1:] if argv is None else argv:
+        if (flag := str(arg).split("=", 1)[0]) in ("--dataset_name", "--dataset_config_name"):
+            parser.exit(
+                2,
+                f"error: {flag} moved: write the dataset as an image folder with `python tools/hub_dataset.py "
+                "DATASET FOLDER [--config NAME]`, then pass --train_data_dir FOLDER\n",
+            )
     args = parser.parse_args(argv)
     if args.validation_prompts is None:
         args.validation_prompts = list(DEFAULT_VALIDATION_PROMPTS)
@@ -302,10 +278,8 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Reject flag combinations that cannot work, before anything is loaded."""
-    if args.dataset_name is None and args.train_data_dir is None:
-        raise TrainingError("give --train_data_dir (an image folder) or --dataset_name")
-    if args.captions_file and args.dataset_name:
-        raise TrainingError("--captions_file goes with --train_data_dir, not --dataset_name")
+    if args.train_data_dir is None:
+        raise TrainingError("give --train_data_dir (an image folder; tools/hub_dataset.py writes a Hub dataset as one)")
     if args.resolution % 8 or args.resolution <= 0:
         raise TrainingError(f"--resolution {args.resolution} is not a positive multiple of 8 (the VAE downsamples 8x)")
     if args.cache_latents and not args.center_crop:
@@ -349,7 +323,7 @@ def check_args(args):
 class Records:
     """The training images (by name) and the captions of each."""
 
-    source: object  # FolderImages or HubImages: opens record i as a PIL image
+    source: "FolderImages"  # opens record i as a PIL image
     captions: list  # list[list[str]]
     description: str  # where the data came from, for logs and the model card
 
@@ -371,24 +345,67 @@ class FolderImages:
         return hashlib.sha256((self.root / self.names[index]).read_bytes()).hexdigest()
 
 
-class HubImages:
-    def __init__(self, dataset, column: str, label: str):
-        self.dataset, self.column, self.label = dataset, column, label
-        self.stored = dataset.with_format("arrow")  # the records as stored, their images not decoded
+def load_records(args, show_progress: bool) -> Records:
+    records = load_folder_records(args, show_progress)
+    if args.max_train_samples is not None and args.max_train_samples < len(records):
+        chosen = sorted(random.Random(args.seed).sample(range(len(records)), args.max_train_samples))
+        source = FolderImages(records.source.root, [records.source.names[i] for i in chosen])
+        records = Records(source, [records.captions[i] for i in chosen], records.description)
+        logger.info(f"Training on {len(records)} of them (--max_train_samples).")
+    return records
 
-    def open(self, index):
-        image = self.dataset[index][self.column]
-        return Image.open(image) if isinstance(image, str) else image
 
-    def name(self, index):
-        return f"{self.label}[{index}]"
+def load_folder_records(args, show_progress: bool) -> Records:
+    from tqdm.auto import tqdm
 
-    def digest(self, index) -> str:
-        """sha256 of the record's image as stored: its encoded bytes, or the file it names."""
-        value = self.stored[index][self.column][0].as_py()
-        if isinstance(value, dict) and value.get("bytes") is None:
-            value = value.get("path")
-        return hashlib.sha256(Path(value).read_bytes() if isinstance(value, str) else pickle.dumps(value)).hexdigest()
+    root = Path(args.train_data_dir)
+    if not root.is_dir():
+        raise TrainingError(f"--train_data_dir {root} is not a folder")
+    names = sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+    if not names:
+        raise TrainingError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
+    if args.captions_file:
+        captions_path = Path(args.captions_file)
+        if not captions_path.is_file():
+            raise TrainingError(f"--captions_file {captions_path} does not exist")
+    else:
+        present = [p for p in (root / "metadata.jsonl", root / "metadata.csv") if p.is_file()]
+        if not present:
+            raise TrainingError(f"no captions: put metadata.jsonl or metadata.csv in {root}, or pass --captions_file")
+        if len(present) > 1:
+            raise TrainingError(f"{root} holds both metadata.jsonl and metadata.csv; keep one")
+        captions_path = present[0]
+    table, nameless = read_caption_table(captions_path, args.image_column, args.caption_column)
+    captions, unmatched = match_captions(names, table)
+    uncaptioned = [name for name in names if name not in captions]
+    unreadable = []
+    for name in tqdm(sorted(captions), desc="checking images", disable=not show_progress or len(captions) < 1000):
+        try:
+            Image.open(root / name).close()  # parses the header alone: truncated pixel data is caught when decoded
+        except UNREADABLE:
+            unreadable.append(name)
+    usable = sorted(set(captions) - set(unreadable))
+    logger.info(
+        f"Data: {len(names)} images found under {root}, {len(captions)} with captions from {captions_path}, "
+        f"{len(uncaptioned)} images without captions (skipped), {len(unmatched)} captions without an image, "
+        f"{len(unreadable)} unreadable images (skipped)"
+        + (f", {len(nameless)} caption records without an image name (skipped)." if nameless else ".")
+    )
+    for label, items in (
+        ("images without captions", uncaptioned),
+        ("captions without an image", unmatched),
+        ("unreadable images", unreadable),
+        ("caption records without an image name", [f"#{n}" for n in nameless]),
+    ):
+        if items:
+            logger.warning(f"{label}: {', '.join(items[:10])}{' ...' if len(items) > 10 else ''}")
+    if not usable:
+        raise TrainingError(
+            f"no image under {root} has a caption in {captions_path} (check the file names and --image_column)"
+        )
+    return Records(FolderImages(root, usable), [captions[name] for name in usable], f"{root} with {captions_path.name}")
 
 
 def read_caption_table(path: Path, image_column: str, caption_column: str) -> tuple:
@@ -449,13 +466,6 @@ def as_caption_list(value, path) -> list:
     raise TrainingError(f"captions in {path} must be strings or lists of strings, found {type(value).__name__}")
 
 
-def find_images(root: Path) -> list:
-    """Relative POSIX paths of every image under `root`, sorted."""
-    return sorted(
-        p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
-
-
 def match_captions(names: list, table: dict) -> tuple:
     """Match caption keys to images by relative path, else by unique file name, else by unique stem."""
     by_key = {name: name for name in names}
@@ -474,113 +484,6 @@ def match_captions(names: list, table: dict) -> tuple:
     return captions, unmatched
 
 
-def unreadable_images(root: Path, names: list, show_progress: bool) -> list:
-    """Names whose header PIL cannot parse (truncated pixel data is caught later, when decoded)."""
-    from tqdm.auto import tqdm
-
-    bad = []
-    for name in tqdm(names, desc="checking images", disable=not show_progress or len(names) < 1000):
-        try:
-            # Opening parses the header; that is the whole check here.
-            Image.open(root / name).close()
-        except UNREADABLE:
-            bad.append(name)
-    return bad
-
-
-def load_folder_records(args, show_progress: bool) -> Records:
-    root = Path(args.train_data_dir)
-    if not root.is_dir():
-        raise TrainingError(f"--train_data_dir {root} is not a folder")
-    names = find_images(root)
-    if not names:
-        raise TrainingError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
-    if args.captions_file:
-        captions_path = Path(args.captions_file)
-        if not captions_path.is_file():
-            raise TrainingError(f"--captions_file {captions_path} does not exist")
-    else:
-        candidates = [root / "metadata.jsonl", root / "metadata.csv"]
-        present = [p for p in candidates if p.is_file()]
-        if not present:
-            raise TrainingError(f"no captions: put metadata.jsonl or metadata.csv in {root}, or pass --captions_file")
-        if len(present) > 1:
-            raise TrainingError(f"{root} holds both metadata.jsonl and metadata.csv; keep one")
-        captions_path = present[0]
-    table, nameless = read_caption_table(captions_path, args.image_column or "file_name", args.caption_column)
-    captions, unmatched = match_captions(names, table)
-    uncaptioned = [name for name in names if name not in captions]
-    unreadable = unreadable_images(root, sorted(captions), show_progress)
-    usable = sorted(set(captions) - set(unreadable))
-    logger.info(
-        f"Data: {len(names)} images found under {root}, {len(captions)} with captions from {captions_path}, "
-        f"{len(uncaptioned)} images without captions (skipped), {len(unmatched)} captions without an image, "
-        f"{len(unreadable)} unreadable images (skipped)"
-        + (f", {len(nameless)} caption records without an image name (skipped)." if nameless else ".")
-    )
-    for label, items in (
-        ("images without captions", uncaptioned),
-        ("captions without an image", unmatched),
-        ("unreadable images", unreadable),
-        ("caption records without an image name", [f"#{n}" for n in nameless]),
-    ):
-        if items:
-            logger.warning(f"{label}: {', '.join(items[:10])}{' ...' if len(items) > 10 else ''}")
-    if not usable:
-        raise TrainingError(
-            f"no image under {root} has a caption in {captions_path} (check the file names and --image_column)"
-        )
-    return Records(FolderImages(root, usable), [captions[name] for name in usable], f"{root} with {captions_path.name}")
-
-
-def load_hub_records(args) -> Records:
-    from datasets import load_dataset
-
-    try:
-        dataset = load_dataset(
-            args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, data_dir=args.train_data_dir
-        )["train"]
-    except (FileNotFoundError, ValueError, ConnectionError) as error:
-        raise TrainingError(f"cannot load dataset {args.dataset_name}: {first_line(error)}") from error
-    image_column = args.image_column or "image"
-    for column, flag in ((image_column, "--image_column"), (args.caption_column, "--caption_column")):
-        if column not in dataset.column_names:
-            raise TrainingError(
-                f"dataset {args.dataset_name} has no column '{column}' "
-                f"(columns: {', '.join(dataset.column_names)}); pass {flag}"
-            )
-    all_captions = [as_caption_list(value, args.dataset_name) for value in dataset[args.caption_column]]
-    keep = [index for index, captions in enumerate(all_captions) if captions]
-    logger.info(
-        f"Data: {len(dataset)} images in {args.dataset_name}, {len(keep)} with captions, "
-        f"{len(dataset) - len(keep)} without captions (skipped)."
-    )
-    if not keep:
-        raise TrainingError(f"no row of {args.dataset_name} has a caption in column '{args.caption_column}'")
-    dataset = dataset.select(keep)
-    return Records(
-        HubImages(dataset, image_column, args.dataset_name), [all_captions[i] for i in keep], args.dataset_name
-    )
-
-
-def load_records(args, show_progress: bool) -> Records:
-    records = load_hub_records(args) if args.dataset_name else load_folder_records(args, show_progress)
-    if args.max_train_samples is not None and args.max_train_samples < len(records):
-        chosen = sorted(random.Random(args.seed).sample(range(len(records)), args.max_train_samples))
-        if isinstance(records.source, FolderImages):
-            source = FolderImages(records.source.root, [records.source.names[i] for i in chosen])
-        else:
-            source = HubImages(records.source.dataset.select(chosen), records.source.column, records.source.label)
-        records = Records(source, [records.captions[i] for i in chosen], records.description)
-        logger.info(f"Training on {len(records)} of them (--max_train_samples).")
-    return records
-
-
-def derived_seed(*keys) -> int:
-    """A 63-bit seed that depends only on `keys`: any step's randomness can be recreated without replaying the run."""
-    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
-
-
 @dataclass(frozen=True)
 class Plan:
     """How the records are cut into optimizer steps and epochs; computed once, by make_plan()."""
@@ -596,7 +499,6 @@ class Plan:
 
 
 def make_plan(args, num_records: int, num_processes: int) -> Plan:
-    """The step counts of this run, logged once."""
     total_batch_size = args.train_batch_size * num_processes * args.gradient_accumulation_steps
     steps_per_epoch = math.ceil(num_records / total_batch_size)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -618,6 +520,11 @@ def make_plan(args, num_records: int, num_processes: int) -> Plan:
     return plan
 
 
+def derived_seed(*keys) -> int:
+    """A 63-bit seed that depends only on `keys`: any step's randomness can be recreated without replaying the run."""
+    return int.from_bytes(hashlib.sha256(repr(keys).encode()).digest()[:8], "little") >> 1
+
+
 def epoch_batches(plan: Plan, seed: int, epoch: int, first_step: int, process_index: int) -> list:
     """This process's micro-batches of `epoch` from optimizer step `first_step` on: lists of (record, sample seed).
 
@@ -637,36 +544,6 @@ def epoch_batches(plan: Plan, seed: int, epoch: int, first_step: int, process_in
             positions = range(start, start + plan.batch_size)
             batches.append([(order[p], derived_seed(seed, "sample", epoch, p)) for p in positions])
     return batches
-
-
-def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, rng: random.Random) -> Image.Image:
-    """Scale the shorter side to `resolution`, then crop a square (centred, or at a seeded random place)."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    image = image.resize(
-        (max(resolution, round(width * scale)), max(resolution, round(height * scale))), Image.BILINEAR
-    )
-    width, height = image.size
-    if center_crop:
-        left, top = round((width - resolution) / 2), round((height - resolution) / 2)
-    else:
-        left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)
-    return image.crop((left, top, left + resolution, top + resolution))
-
-
-def as_rgb(image: Image.Image) -> Image.Image:
-    """The image as the eye sees it, in 8-bit RGB: turned by its EXIF orientation, and 16-bit grey scaled from its
-    0-65535 range (PIL's convert("RGB") clips it, so all but the darkest pixels come out white)."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
-    return image.convert("RGB")
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float tensor (3, H, W) in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 class CaptionedImages(torch.utils.data.Dataset):
@@ -695,7 +572,8 @@ class CaptionedImages(torch.utils.data.Dataset):
     def pixels(self, index: int, flip: bool, rng: random.Random) -> torch.Tensor:
         with self.records.source.open(index) as image:
             image = resize_and_crop(as_rgb(image), self.resolution, self.center_crop, rng)
-        return to_tensor(ImageOps.mirror(image) if flip else image)
+        array = np.asarray(ImageOps.mirror(image) if flip else image, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, item):
         index, sample_seed = item
@@ -715,6 +593,30 @@ class CaptionedImages(torch.utils.data.Dataset):
         if (index, flip) not in self.latent_cache:
             raise OSError("it could not be decoded when the latents were cached")
         return {"latents": self.latent_cache[index, flip]}
+
+
+def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, rng: random.Random) -> Image.Image:
+    """Scale the shorter side to `resolution`, then crop a square (centred, or at a seeded random place)."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    image = image.resize(
+        (max(resolution, round(width * scale)), max(resolution, round(height * scale))), Image.BILINEAR
+    )
+    width, height = image.size
+    if center_crop:
+        left, top = round((width - resolution) / 2), round((height - resolution) / 2)
+    else:
+        left, top = rng.randint(0, width - resolution), rng.randint(0, height - resolution)
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """The image as the eye sees it, in 8-bit RGB: turned by its EXIF orientation, and 16-bit grey scaled from its
+    0-65535 range (PIL's convert("RGB") clips it, so all but the darkest pixels come out white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def collate(examples):
@@ -767,49 +669,35 @@ def load_frozen_models(args, accelerator) -> Models:
 
 def load_base_components(args, weight_dtype, device) -> tuple:
     """The base model's scheduler, tokenizer, text encoder, VAE and UNet: from its folder; from the Hugging Face
-    cache alone when it holds them all (no network needed, none asked); else from the Hub, if it answers."""
-    from huggingface_hub import constants
-
-    base = args.pretrained_model_name_or_path
-    if not Path(base).is_dir() and not constants.is_offline_mode():
-        with contextlib.suppress(OSError):
-            return base_model_components(args, weight_dtype, device, local_files_only=True)
-        needed = f"base model {base}, which is not in the Hugging Face cache"
-        fix = how_to_get({"--pretrained_model_name_or_path": base})
-        check_hub_reachable(base, "model_index.json", needed, fix, args.revision)
-    return base_model_components(args, weight_dtype, device, local_files_only=False)
-
-
-def base_model_components(args, weight_dtype, device, local_files_only: bool) -> tuple:
-    """Each model goes to `device` as soon as it is loaded: the host never holds all three at once."""
+    cache alone when it holds them all (no network needed, none asked); else from the Hub, if it answers. Each model
+    goes to `device` as soon as it is loaded: the host never holds all three at once."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from huggingface_hub import constants
     from transformers import CLIPTextModel, CLIPTokenizer
 
     base = args.pretrained_model_name_or_path
-    source = dict(revision=args.revision, cache_dir=args.cache_dir, local_files_only=local_files_only)
-    try:
-        return (
-            DDPMScheduler.from_pretrained(base, subfolder="scheduler", **source),
-            CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **source),
-            CLIPTextModel.from_pretrained(
-                base,
-                subfolder="text_encoder",
-                variant=args.variant,
-                dtype=weight_dtype,
-                attn_implementation="sdpa",
-                **source,
-            ).to(device),
-            AutoencoderKL.from_pretrained(
-                base, subfolder="vae", variant=args.variant, torch_dtype=weight_dtype, **source
-            ).to(device),
-            UNet2DConditionModel.from_pretrained(
-                base, subfolder="unet", variant=args.variant, torch_dtype=weight_dtype, **source
-            ).to(device),
-        )
-    except OSError as error:
-        if local_files_only:
-            raise
-        raise TrainingError(f"cannot load base model {base}: {first_line(error)}") from error
+    cache_first = not Path(base).is_dir() and not constants.is_offline_mode()
+    for local_files_only in (True, False) if cache_first else (False,):
+        source = dict(revision=args.revision, cache_dir=args.cache_dir, local_files_only=local_files_only)
+        weights = dict(variant=args.variant, **source)
+        try:
+            return (
+                DDPMScheduler.from_pretrained(base, subfolder="scheduler", **source),
+                CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", **source),
+                CLIPTextModel.from_pretrained(
+                    base, subfolder="text_encoder", dtype=weight_dtype, attn_implementation="sdpa", **weights
+                ).to(device),
+                AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=weight_dtype, **weights).to(device),
+                UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=weight_dtype, **weights).to(
+                    device
+                ),
+            )
+        except OSError as error:
+            if not local_files_only:
+                raise TrainingError(f"cannot load base model {base}: {first_line(error)}") from error
+        needed = f"base model {base}, which is not in the Hugging Face cache"
+        fix = how_to_get({"--pretrained_model_name_or_path": base})
+        check_hub_reachable(base, "model_index.json", needed, fix, args.revision)
 
 
 def add_lora_adapters(args, models: Models) -> Models:
@@ -819,20 +707,14 @@ def add_lora_adapters(args, models: Models) -> Models:
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
+    def lora(rank: int, modules: list) -> LoraConfig:
+        return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=modules)
+
     # The LoRA initialisation draws from the global RNG: seed it so every process starts identical.
     torch.manual_seed(args.seed)
-    models.unet.add_adapter(
-        LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian", target_modules=UNET_TARGET_MODULES)
-    )
+    models.unet.add_adapter(lora(args.rank, UNET_TARGET_MODULES))
     if args.train_text_encoder:
-        models.text_encoder.add_adapter(
-            LoraConfig(
-                r=args.text_encoder_rank,
-                lora_alpha=args.text_encoder_rank,
-                init_lora_weights="gaussian",
-                target_modules=TEXT_ENCODER_TARGET_MODULES,
-            )
-        )
+        models.text_encoder.add_adapter(lora(args.text_encoder_rank, TEXT_ENCODER_TARGET_MODULES))
     cast_training_params([models.unet, models.text_encoder], dtype=torch.float32)
 
     if args.gradient_checkpointing:
@@ -840,18 +722,62 @@ def add_lora_adapters(args, models: Models) -> Models:
         if args.train_text_encoder:
             models.text_encoder.activation_checkpointing_enable()
     if args.compile:
-        compile_for_training(models.unet)
+        from torch._inductor import config as inductor_config
+
+        # In place (module.compile(), not a torch.compile wrapper, whose state-dict keys would all start with
+        # _orig_mod.). Inductor's layout optimization turns off: its channels-last convolutions give wrong weight
+        # gradients in the backward pass (the mid block's LoRA gradients come out exactly zero).
+        inductor_config.layout_optimization = False
+        models.unet.compile()
     return models
 
 
-def compile_for_training(unet):
-    """Compile the UNet in place (module.compile(), not a torch.compile wrapper, whose state-dict keys would all start
-    with _orig_mod.). Inductor's layout optimization turns off: its channels-last convolutions give wrong weight
-    gradients in the backward pass (the mid block's LoRA gradients come out exactly zero)."""
-    import torch._inductor.config
+@dataclass(frozen=True)
+class Optimization:
+    """The optimizer and its LR schedule (both wrapped by accelerate), and the LoRA parameters they update."""
 
-    torch._inductor.config.layout_optimization = False
-    unet.compile()
+    optimizer: object
+    lr_scheduler: object
+    parameters: list  # every trained parameter, for gradient clipping
+
+
+def prepare_training(args, accelerator, models: Models, plan: Plan) -> tuple:
+    """AdamW and the LR schedule, then accelerate's wrapping (DDP, DeepSpeed) of the trained models, the optimizer and
+    the schedule, in the canonical order. Returns the models with the trained ones wrapped, and the Optimization."""
+    from diffusers.optimization import get_scheduler
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if args.train_text_encoder:
+            raise TrainingError(
+                "accelerate's DeepSpeed integration trains one model: drop --train_text_encoder "
+                "or train with DDP (accelerate launch --multi_gpu)"
+            )
+        # accelerate sizes DeepSpeed's batches from a prepared DataLoader, and this script prepares none (its batches
+        # follow from the seed, see epoch_batches); an accelerate-config DeepSpeed plugin leaves them "auto", which
+        # prepare() rejects. DeepSpeed also accumulates and clips by itself: give it this run's numbers.
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=plan.batch_size,
+            gradient_accumulation_steps=plan.accumulation_steps,
+            train_batch_size=plan.total_batch_size,
+            gradient_clipping=args.max_grad_norm,
+        )
+    optimizer, parameters = make_optimizer(args, models, plan.total_batch_size)
+    # accelerate steps a prepared scheduler once per process per optimizer step.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * plan.num_processes,
+        num_training_steps=plan.max_train_steps * plan.num_processes,
+    )
+    if args.train_text_encoder:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(
+            models.unet, models.text_encoder, optimizer, lr_scheduler
+        )
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
+        text_encoder = models.text_encoder
+    models = dataclasses.replace(models, unet=unet, text_encoder=text_encoder)
+    return models, Optimization(optimizer, lr_scheduler, parameters)
 
 
 def make_optimizer(args, models: Models, total_batch_size: int):
@@ -880,55 +806,198 @@ def make_optimizer(args, models: Models, total_batch_size: int):
     return optimizer, [p for group in groups for p in group["params"]]
 
 
-@dataclass(frozen=True)
-class Optimization:
-    """The optimizer and its LR schedule (both wrapped by accelerate), and the LoRA parameters they update."""
-
-    optimizer: object
-    lr_scheduler: object
-    parameters: list  # every trained parameter, for gradient clipping
+# ----------------------------------------------------------------------------------------------
+# The loss and the loop
+# ----------------------------------------------------------------------------------------------
 
 
-def prepare_training(args, accelerator, models: Models, plan: Plan) -> tuple:
-    """AdamW and the LR schedule, then accelerate's wrapping (DDP, DeepSpeed) of the trained models, the optimizer and
-    the schedule, in the canonical order. Returns the models with the trained ones wrapped, and the Optimization."""
-    from diffusers.optimization import get_scheduler
+def encode_text(texts, models: Models, device) -> torch.Tensor:
+    tokens = models.tokenizer(
+        texts, max_length=models.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+    return models.text_encoder(tokens, return_dict=False)[0]
 
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        if args.train_text_encoder:
-            raise TrainingError(
-                "accelerate's DeepSpeed integration trains one model: drop --train_text_encoder "
-                "or train with DDP (accelerate launch --multi_gpu)"
-            )
-        configure_deepspeed(accelerator, plan, args.max_grad_norm)
-    optimizer, parameters = make_optimizer(args, models, plan.total_batch_size)
-    # accelerate steps a prepared scheduler once per process per optimizer step.
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * plan.num_processes,
-        num_training_steps=plan.max_train_steps * plan.num_processes,
-    )
-    if args.train_text_encoder:
-        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(
-            models.unet, models.text_encoder, optimizer, lr_scheduler
-        )
+
+def diffusion_loss(batch, models: Models, args, accelerator, generator) -> torch.Tensor:
+    """The denoising loss of one micro-batch; all its noise comes from `generator`."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.training_utils import compute_snr
+
+    device = accelerator.device
+    if "latents" in batch:
+        distribution = DiagonalGaussianDistribution(batch["latents"].to(device))
     else:
-        unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
-        text_encoder = models.text_encoder
-    models = dataclasses.replace(models, unet=unet, text_encoder=text_encoder)
-    return models, Optimization(optimizer, lr_scheduler, parameters)
+        with torch.no_grad():
+            distribution = models.vae.encode(batch["pixel_values"].to(device, dtype=models.weight_dtype)).latent_dist
+    latents = distribution.sample(generator=generator).to(models.weight_dtype) * models.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    if args.noise_offset:
+        # https://www.crosslabs.org//blog/diffusion-with-offset-noise
+        noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(
+            device, latents.dtype
+        )
+    scheduler = models.noise_scheduler
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(
+        device
+    )
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    if "hidden_states" in batch:
+        encoder_hidden_states = batch["hidden_states"].to(device)
+    else:
+        encoder_hidden_states = encode_text(batch["captions"], models, device)
+    target = (
+        noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    )
+    prediction = models.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    if args.snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    # Min-SNR weighting, https://arxiv.org/abs/2303.09556 section 3.4; v-prediction divides by SNR + 1.
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.clamp(snr, max=args.snr_gamma) / (
+        snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+    )
+    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (loss * weights).mean()
 
 
-def configure_deepspeed(accelerator, plan: Plan, max_grad_norm: float):
-    """accelerate sizes DeepSpeed's batches from a prepared DataLoader, and this script prepares none (its batches
-    follow from the seed, see epoch_batches); an accelerate-config DeepSpeed plugin leaves them "auto", which
-    prepare() rejects. DeepSpeed also accumulates and clips by itself: give it this run's numbers."""
-    config = accelerator.state.deepspeed_plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = plan.batch_size
-    config["gradient_accumulation_steps"] = plan.accumulation_steps
-    config["train_batch_size"] = plan.total_batch_size
-    config["gradient_clipping"] = max_grad_norm
+def train_step(args, accelerator, models: Models, optimization: Optimization, micro_batches) -> float:
+    """One optimizer step: the forward and backward pass of each micro-batch, then the clipped update. Returns the
+    loss over all processes, or the first non-finite micro-batch loss (before its backward pass, so that it never
+    reaches the weights)."""
+    step_loss = 0.0
+    for batch, noise_seed in micro_batches:
+        with accelerator.accumulate(models.unet, models.text_encoder):
+            generator = torch.Generator("cpu").manual_seed(noise_seed)
+            loss = diffusion_loss(batch, models, args, accelerator, generator)
+            mean_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean().item()
+            if not math.isfinite(mean_loss):
+                return mean_loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(optimization.parameters, args.max_grad_norm)
+            optimization.optimizer.step()
+            optimization.lr_scheduler.step()
+            optimization.optimizer.zero_grad()
+        step_loss += mean_loss / len(micro_batches)
+    return step_loss
+
+
+def train(args, accelerator, models, optimization, plan, dataset, settings, validation, step, stop) -> tuple:
+    """The training loop, from `step` to plan.max_train_steps, with checkpoints and validation grids on the way.
+    Returns (exit code, step reached): 0 when done, 128+signal when stopped with a checkpoint to resume from."""
+    from tqdm.auto import tqdm
+
+    output_dir = Path(args.output_dir)
+    if validation and step == 0:
+        validation.save(grid_path(output_dir, step), step)
+    stop_if_requested(stop, accelerator, "preparing the run (checkpoint, step-0 validation)")
+    models.unet.train()
+    models.text_encoder.train(args.train_text_encoder)
+    run_start_step, (first_epoch, first_step_in_epoch) = step, divmod(step, plan.steps_per_epoch)
+    last_step_end = time.perf_counter()
+    # The bar is closed however the loop ends, so that what is printed next has a line of its own.
+    with tqdm(
+        total=plan.max_train_steps, initial=step, desc="steps", disable=not accelerator.is_local_main_process
+    ) as progress:
+        for epoch in range(first_epoch, plan.num_epochs):
+            if step >= plan.max_train_steps:
+                break
+            first_step = first_step_in_epoch if epoch == first_epoch else 0
+            for micro_batches in epoch_steps(args, dataset, plan, epoch, first_step, accelerator.process_index):
+                if args.verbose and step == run_start_step:
+                    report_first_batch(accelerator, dataset.records, micro_batches[0][0])
+                loss = train_step(args, accelerator, models, optimization, micro_batches)
+                if not math.isfinite(loss):
+                    good = complete_checkpoints(output_dir)
+                    raise TrainingError(
+                        f"the loss became {loss} at step {step + 1}; stopped without saving. "
+                        f"Last good checkpoint: {good[-1] if good else 'none'}. Lower the learning rate"
+                    )
+                step += 1
+                now = time.perf_counter()
+                images_per_second = plan.total_batch_size / max(now - last_step_end, 1e-9)
+                log_step(accelerator, progress, step, loss, optimization, images_per_second)
+
+                if step % args.checkpointing_steps == 0:
+                    paused = time.perf_counter()
+                    save_checkpoint(accelerator, output_dir, step, settings, args.checkpoints_total_limit, validation)
+                    leave_out_of_bar(progress, paused)
+                last_step_end = time.perf_counter()  # img_s is training's too
+                # After the checkpoint: its validation grid gives up at a stop request, which is then acted on here.
+                if stop.agreed(accelerator):
+                    return stop_with_checkpoint(args, accelerator, progress, settings, step, stop), step
+                if step >= plan.max_train_steps:
+                    break
+            if validation and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0:
+                paused = time.perf_counter()
+                validation.save(grid_path(output_dir, step), step)
+                leave_out_of_bar(progress, paused)
+                last_step_end = time.perf_counter()
+            if stop.agreed(accelerator):
+                return stop_with_checkpoint(args, accelerator, progress, settings, step, stop), step
+    return 0, step
+
+
+def stop_with_checkpoint(args, accelerator, progress, settings: dict, step: int, stop) -> int:
+    """Checkpoint `step` (unless its checkpoint was just written), say how to resume, and return the exit code."""
+    path = Path(args.output_dir) / f"checkpoint-{step}"
+    if not path.is_dir():  # a checkpoint folder exists only once complete (save_checkpoint renames it into place)
+        save_checkpoint(accelerator, Path(args.output_dir), step, settings, args.checkpoints_total_limit, None)
+    progress.close()
+    if accelerator.is_main_process:
+        print(
+            f"Stopped by {stop.reason or 'another process'} after step {step}; saved {path}. "
+            "Resume with the same command and --resume_from_checkpoint latest",
+            file=sys.stderr,
+        )
+    return stop.exit_code()
+
+
+def epoch_steps(args, dataset: CaptionedImages, plan: Plan, epoch: int, first_step: int, process_index: int):
+    """This process's optimizer steps of `epoch` from `first_step` on: for each, its micro-batches, each with the seed
+    of its noise. All randomness of a micro-batch follows from (seed, process, epoch, position): resuming needs no
+    RNG replay."""
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=epoch_batches(plan, args.seed, epoch, first_step, process_index),
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(derived_seed(args.seed, "loader", epoch)),
+    )
+    micro_batches = enumerate(loader, start=first_step * plan.accumulation_steps)
+    while step := list(itertools.islice(micro_batches, plan.accumulation_steps)):
+        yield [(batch, derived_seed(args.seed, "noise", process_index, epoch, micro)) for micro, batch in step]
+
+
+def leave_out_of_bar(progress, paused: float):
+    """Move the bar's clock on by the time since `paused` (perf_counter), spent on a checkpoint or a grid, so that
+    its rate and time are training's. (tqdm's unpause() would also drop the steps not yet printed.)"""
+    if not progress.disable:
+        seconds = time.perf_counter() - paused
+        progress.start_t += seconds
+        progress.last_print_t += seconds
+
+
+def log_step(accelerator, progress, step: int, loss: float, optimization: Optimization, images_per_second: float):
+    logs = {"loss": loss, "lr": optimization.lr_scheduler.get_last_lr()[0], "img/s": images_per_second}
+    progress.update(1)
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}")
+    accelerator.log(logs, step=step)
+
+
+def report_first_batch(accelerator, records: Records, batch):
+    """Which images this process trains on first: shows the processes' data split, and that training started."""
+    print(
+        f"process {accelerator.process_index}/{accelerator.num_processes} first batch: "
+        + ", ".join(records.source.name(i) for i in batch["indices"]),
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The encoding caches (--cache_latents, --cache_text_embeddings) and the dataset
+# ----------------------------------------------------------------------------------------------
 
 
 def training_dataset(args, accelerator, records: Records, models: Models, stop) -> CaptionedImages:
@@ -964,6 +1033,19 @@ def training_dataset(args, accelerator, records: Records, models: Models, stop) 
     return dataset
 
 
+def warn_long_captions(records: Records, tokenizer, prompts: list):
+    """CLIP reads 77 tokens (start and end included): one line for the run that counts the texts it cuts, where the
+    diffusers pipeline would warn at every validation grid (configure_logging silences it)."""
+    limit = tokenizer.model_max_length
+    texts = sorted({caption for captions in records.captions for caption in captions} | set(prompts))
+    cut = [len(ids) for ids in tokenizer(texts, verbose=False).input_ids if len(ids) > limit]
+    if cut:
+        logger.warning(
+            f"{len(cut)} of {len(texts)} captions and validation prompts are longer than the {limit} CLIP tokens the "
+            f"text encoder reads, and are cut there (the longest: {max(cut)} tokens)"
+        )
+
+
 def image_digest(source, index: int) -> str:
     """The sha256 of image `index`'s file; for a file that cannot be read, a key of its own that no entry has, so
     that encode_latents skips it and says so (raised here, it would leave the other processes waiting)."""
@@ -979,26 +1061,12 @@ def digest(*parts) -> str:
 
 
 def weights_digest(*state_dicts) -> str:
-    """sha256 hex of the names and values of the tensors of `state_dicts`."""
     hashed = hashlib.sha256()
     for tensors in state_dicts:
         for key in sorted(tensors or {}):
             hashed.update(key.encode())
             hashed.update(tensors[key].detach().float().cpu().numpy().tobytes())
     return hashed.hexdigest()
-
-
-def warn_long_captions(records: Records, tokenizer, prompts: list):
-    """CLIP reads 77 tokens (start and end included): one line for the run that counts the texts it cuts, where the
-    diffusers pipeline would warn at every validation grid (configure_logging silences it)."""
-    limit = tokenizer.model_max_length
-    texts = sorted({caption for captions in records.captions for caption in captions} | set(prompts))
-    cut = [len(ids) for ids in tokenizer(texts, verbose=False).input_ids if len(ids) > limit]
-    if cut:
-        logger.warning(
-            f"{len(cut)} of {len(texts)} captions and validation prompts are longer than the {limit} CLIP tokens the "
-            f"text encoder reads, and are cut there (the longest: {max(cut)} tokens)"
-        )
 
 
 class DiskCache:
@@ -1115,211 +1183,71 @@ def release_vae(vae, keep_decoder: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-# The loss and the loop
+# Checkpoints: save and resume
 # ----------------------------------------------------------------------------------------------
 
 
-def encode_text(texts, models: Models, device) -> torch.Tensor:
-    tokens = models.tokenizer(
-        texts, max_length=models.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
-    return models.text_encoder(tokens, return_dict=False)[0]
+def save_checkpoint(accelerator, output_dir: Path, step: int, settings: dict, limit, validation) -> Path:
+    """Write checkpoint-N into checkpoint-N.tmp, renamed into place when complete: every process its RNG state, the
+    save hook the LoRA, then the main process the validation grid (if given) and the settings, last. Then remove
+    the oldest checkpoints beyond `limit`."""
+    path = output_dir / f"checkpoint-{step}"
+    if validation:
+        validation.sample(step)
+    # DeepSpeed saves its engine's own checkpoint as well as calling the save hook: leave the frozen base model out.
+    deepspeed = {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+    main = accelerator.is_main_process
+    # The main process renames the folder; the others write their part into it under atomic_write's staging name.
+    folder = atomic_write(path) if main else contextlib.nullcontext(path.with_name(path.name + ".tmp"))
+    with written_or_reported(output_dir, path), folder as staging:
+        accelerator.save_state(str(staging), **deepspeed)
+        accelerator.wait_for_everyone()
+        if validation and validation.step == step:  # not when the grid gave way to a stop request
+            validation.write(staging / "validation.png")
+        if main:
+            write_json(staging / SETTINGS_NAME, {**settings, "global_step": step})
+    if main:
+        for old in complete_checkpoints(output_dir)[:-limit] if limit is not None else []:
+            shutil.rmtree(old)
+        logger.info(f"Saved {path}")
+    accelerator.wait_for_everyone()
+    return path
 
 
-def diffusion_loss(batch, models: Models, args, accelerator, generator) -> torch.Tensor:
-    """The denoising loss of one micro-batch; all its noise comes from `generator`."""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-    from diffusers.training_utils import compute_snr
+@contextlib.contextmanager
+def written_or_reported(output_dir: Path, target: Path):
+    """A failed write (a full disk, a lost mount) as one line that names what could not be written and how to go on
+    from the last complete checkpoint, which no write touches before its successor is complete. Only writes go
+    in here: any other error (out of memory while sampling) would be reported as a full disk."""
+    from safetensors import SafetensorError
 
-    device = accelerator.device
-    if "latents" in batch:
-        distribution = DiagonalGaussianDistribution(batch["latents"].to(device))
-    else:
-        with torch.no_grad():
-            distribution = models.vae.encode(batch["pixel_values"].to(device, dtype=models.weight_dtype)).latent_dist
-    latents = distribution.sample(generator=generator).to(models.weight_dtype) * models.vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
-    if args.noise_offset:
-        # https://www.crosslabs.org//blog/diffusion-with-offset-noise
-        noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(
-            device, latents.dtype
-        )
-    scheduler = models.noise_scheduler
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(
-        device
-    )
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-    if "hidden_states" in batch:
-        encoder_hidden_states = batch["hidden_states"].to(device)
-    else:
-        encoder_hidden_states = encode_text(batch["captions"], models, device)
-    target = (
-        noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-    )
-    prediction = models.unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-    if args.snr_gamma is None:
-        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
-    # Min-SNR weighting, https://arxiv.org/abs/2303.09556 section 3.4; v-prediction divides by SNR + 1.
-    snr = compute_snr(scheduler, timesteps)
-    weights = torch.clamp(snr, max=args.snr_gamma) / (
-        snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
-    )
-    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (loss * weights).mean()
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:  # torch.save: a full disk is a RuntimeError
+        good = complete_checkpoints(output_dir)
+        how = "no checkpoint was complete yet: make room, then run the same command again"
+        if good:
+            how = f"the last complete checkpoint is {good[-1]}: make room, then run the same command with "
+            how += "--resume_from_checkpoint latest"
+        free = shutil.disk_usage(output_dir).free / 2**20 if output_dir.is_dir() else 0
+        raise TrainingError(f"cannot write {target} ({first_line(error)}; {free:.1f} MiB free there); {how}") from error
 
 
-def epoch_steps(args, dataset: CaptionedImages, plan: Plan, epoch: int, first_step: int, process_index: int):
-    """This process's optimizer steps of `epoch` from `first_step` on: for each, its micro-batches, each with the seed
-    of its noise. All randomness of a micro-batch follows from (seed, process, epoch, position): resuming needs no
-    RNG replay."""
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=epoch_batches(plan, args.seed, epoch, first_step, process_index),
-        collate_fn=collate,
-        num_workers=args.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(derived_seed(args.seed, "loader", epoch)),
-    )
-    micro_batches = enumerate(loader, start=first_step * plan.accumulation_steps)
-    while step := list(itertools.islice(micro_batches, plan.accumulation_steps)):
-        yield [(batch, derived_seed(args.seed, "noise", process_index, epoch, micro)) for micro, batch in step]
+def register_lora_hooks(accelerator, models: Models, train_text_encoder: bool):
+    """Make accelerate's save_state/load_state write and read only the LoRA weights, never the frozen base model."""
+    unet, text_encoder = accelerator.unwrap_model(models.unet), accelerator.unwrap_model(models.text_encoder)
 
+    def save_model_hook(hooked_models, weights, directory):
+        if accelerator.is_main_process:
+            save_lora(Path(directory) / LORA_WEIGHTS_NAME, unet, text_encoder, train_text_encoder)
+        weights.clear()
 
-def train_step(args, accelerator, models: Models, optimization: Optimization, micro_batches) -> float:
-    """One optimizer step: the forward and backward pass of each micro-batch, then the clipped update. Returns the
-    loss over all processes, or the first non-finite micro-batch loss (before its backward pass, so that it never
-    reaches the weights)."""
-    step_loss = 0.0
-    for batch, noise_seed in micro_batches:
-        with accelerator.accumulate(models.unet, models.text_encoder):
-            generator = torch.Generator("cpu").manual_seed(noise_seed)
-            loss = diffusion_loss(batch, models, args, accelerator, generator)
-            mean_loss = accelerator.gather(loss.detach().repeat(args.train_batch_size)).mean().item()
-            if not math.isfinite(mean_loss):
-                return mean_loss
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(optimization.parameters, args.max_grad_norm)
-            optimization.optimizer.step()
-            optimization.lr_scheduler.step()
-            optimization.optimizer.zero_grad()
-        step_loss += mean_loss / len(micro_batches)
-    return step_loss
+    def load_model_hook(hooked_models, directory):
+        restore_lora(Path(directory), unet, text_encoder, train_text_encoder)
+        hooked_models.clear()
 
-
-def train(args, accelerator, models, optimization, plan, dataset, settings, validation, step, stop) -> tuple:
-    """The training loop, from `step` to plan.max_train_steps, with checkpoints and validation grids on the way.
-    Returns (exit code, step reached): 0 when done, 128+signal when stopped with a checkpoint to resume from."""
-    from tqdm.auto import tqdm
-
-    output_dir = Path(args.output_dir)
-    if validation and step == 0:
-        validation.save(grid_path(output_dir, step), step)
-    stop_if_requested(stop, accelerator, "preparing the run (checkpoint, step-0 validation)")
-    models.unet.train()
-    models.text_encoder.train(args.train_text_encoder)
-    run_start_step, (first_epoch, first_step_in_epoch) = step, divmod(step, plan.steps_per_epoch)
-    last_step_end = time.perf_counter()
-    # The bar is closed however the loop ends, so that what is printed next has a line of its own.
-    with tqdm(
-        total=plan.max_train_steps, initial=step, desc="steps", disable=not accelerator.is_local_main_process
-    ) as progress:
-        for epoch in range(first_epoch, plan.num_epochs):
-            if step >= plan.max_train_steps:
-                break
-            first_step = first_step_in_epoch if epoch == first_epoch else 0
-            for micro_batches in epoch_steps(args, dataset, plan, epoch, first_step, accelerator.process_index):
-                if args.verbose and step == run_start_step:
-                    report_first_batch(accelerator, dataset.records, micro_batches[0][0])
-                loss = train_step(args, accelerator, models, optimization, micro_batches)
-                if not math.isfinite(loss):
-                    good = complete_checkpoints(output_dir)
-                    raise TrainingError(
-                        f"the loss became {loss} at step {step + 1}; stopped without saving. "
-                        f"Last good checkpoint: {good[-1] if good else 'none'}. Lower the learning rate"
-                    )
-                step += 1
-                now = time.perf_counter()
-                images_per_second = plan.total_batch_size / max(now - last_step_end, 1e-9)
-                log_step(accelerator, progress, step, loss, optimization, images_per_second)
-
-                if step % args.checkpointing_steps == 0:
-                    paused = time.perf_counter()
-                    save_checkpoint(accelerator, output_dir, step, settings, args.checkpoints_total_limit, validation)
-                    leave_out_of_bar(progress, paused)
-                last_step_end = time.perf_counter()  # img_s is training's too
-                # After the checkpoint: its validation grid gives up at a stop request, which is then acted on here.
-                if stop.agreed(accelerator):
-                    return stop_with_checkpoint(args, accelerator, progress, settings, step, stop), step
-                if step >= plan.max_train_steps:
-                    break
-            if validation and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0:
-                paused = time.perf_counter()
-                validation.save(grid_path(output_dir, step), step)
-                leave_out_of_bar(progress, paused)
-                last_step_end = time.perf_counter()
-            if stop.agreed(accelerator):
-                return stop_with_checkpoint(args, accelerator, progress, settings, step, stop), step
-    return 0, step
-
-
-def leave_out_of_bar(progress, paused: float):
-    """Move the bar's clock on by the time since `paused` (perf_counter), spent on a checkpoint or a grid, so that
-    its rate and time are training's. (tqdm's unpause() would also drop the steps not yet printed.)"""
-    if not progress.disable:
-        seconds = time.perf_counter() - paused
-        progress.start_t += seconds
-        progress.last_print_t += seconds
-
-
-def stop_with_checkpoint(args, accelerator, progress, settings: dict, step: int, stop) -> int:
-    """Checkpoint `step` (unless its checkpoint was just written), say how to resume, and return the exit code."""
-    path = Path(args.output_dir) / f"checkpoint-{step}"
-    if not path.is_dir():  # a checkpoint folder exists only once complete (save_checkpoint renames it into place)
-        save_checkpoint(accelerator, Path(args.output_dir), step, settings, args.checkpoints_total_limit, None)
-    progress.close()
-    if accelerator.is_main_process:
-        print(
-            f"Stopped by {stop.reason or 'another process'} after step {step}; saved {path}. "
-            "Resume with the same command and --resume_from_checkpoint latest",
-            file=sys.stderr,
-        )
-    return stop.exit_code()
-
-
-def grid_path(output_dir: Path, step: int) -> Path:
-    return output_dir / "validation" / f"step-{step:06d}.png"
-
-
-def report_first_batch(accelerator, records: Records, batch):
-    """Which images this process trains on first: shows the processes' data split, and that training started."""
-    print(
-        f"process {accelerator.process_index}/{accelerator.num_processes} first batch: "
-        + ", ".join(records.source.name(i) for i in batch["indices"]),
-        file=sys.stderr,
-        flush=True,
-    )
-
-
-def log_step(accelerator, progress, step: int, loss: float, optimization: Optimization, images_per_second: float):
-    logs = {"loss": loss, "lr": optimization.lr_scheduler.get_last_lr()[0], "img/s": images_per_second}
-    progress.update(1)
-    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs['lr']:.2e}", img_s=f"{images_per_second:.1f}")
-    accelerator.log(logs, step=step)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: the LoRA file, save, resume, stop
-# ----------------------------------------------------------------------------------------------
-
-
-def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple:
-    """The adapters' weights: the UNet's, and the text encoder's (None when it is not trained)."""
-    from peft.utils import get_peft_model_state_dict
-
-    text_encoder_layers = None
-    if train_text_encoder:
-        text_encoder_layers = get_peft_model_state_dict(text_encoder, save_embedding_layers=False)
-    return get_peft_model_state_dict(unet), text_encoder_layers
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
 
 
 def save_lora(path: Path, unet, text_encoder, train_text_encoder: bool):
@@ -1356,21 +1284,135 @@ def save_lora(path: Path, unet, text_encoder, train_text_encoder: bool):
     path.chmod(0o666 & ~umask)
 
 
+def lora_state_dicts(unet, text_encoder, train_text_encoder: bool) -> tuple:
+    """The adapters' weights: the UNet's, and the text encoder's (None when it is not trained)."""
+    from peft.utils import get_peft_model_state_dict
+
+    text_encoder_layers = None
+    if train_text_encoder:
+        text_encoder_layers = get_peft_model_state_dict(text_encoder, save_embedding_layers=False)
+    return get_peft_model_state_dict(unet), text_encoder_layers
+
+
+def find_resume_checkpoint(args, accelerator):
+    """The checkpoint folder to resume from, or None for a fresh start ('latest' with none written yet). 'latest' is
+    the newest checkpoint in which checkpoint_fault finds nothing wrong; each newer one is named with its fault."""
+    if args.resume_from_checkpoint is None:
+        return None
+    output_dir = Path(args.output_dir)
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = complete_checkpoints(output_dir, warn=True)
+        if not checkpoints:
+            logger.info(f"No checkpoint in {output_dir} yet: starting a new run.")
+        faults = []
+        for path in reversed(checkpoints):
+            if (fault := checkpoint_fault(path, accelerator)) is None:
+                return path
+            logger.warning(f"skipping {path}: {fault}")
+            faults.append(f"{path.name}: {fault}")
+        if faults:
+            raise TrainingError(
+                f"no checkpoint in {output_dir} can be resumed ({faults[0]}, and {len(faults) - 1} more); pass "
+                "--overwrite_output_dir to start again"
+            )
+        return None
+    path = Path(args.resume_from_checkpoint)
+    path = path if path.is_dir() else output_dir / args.resume_from_checkpoint
+    if not path.is_dir():
+        raise TrainingError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist "
+            f"(nor in {output_dir}); use 'latest' to start fresh when there is none"
+        )
+    incomplete = None if is_complete_checkpoint(path) else "it is incomplete (its run was killed while writing it)"
+    if fault := incomplete or checkpoint_fault(path, accelerator):
+        raise TrainingError(f"checkpoint {path} cannot be resumed: {fault}; resume from an earlier one")
+    return path
+
+
+def complete_checkpoints(output_dir: Path, warn: bool = False) -> list:
+    """The complete checkpoint-N folders, oldest first (checkpoint-N.tmp, being written, is none); with `warn`, each
+    incomplete checkpoint-N (its run was killed while writing it) is named in a warning."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
+    complete = [path for path in sorted(found, key=checkpoint_step) if is_complete_checkpoint(path)]
+    for path in sorted(set(found) - set(complete)) if warn else []:
+        logger.warning(f"ignoring incomplete checkpoint {path} (its run was killed while writing it)")
+    return complete
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """save_checkpoint() writes the settings last, after the LoRA and every process's RNG state."""
+    return all((path / name).is_file() for name in (SETTINGS_NAME, LORA_WEIGHTS_NAME, "random_states_0.pkl"))
+
+
+def checkpoint_step(path: Path):
+    match = CHECKPOINT_PATTERN.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_fault(path: Path, accelerator) -> str | None:
+    """What keeps the checkpoint at `path` from being resumed, or None. Every file resume reads is read here first
+    (settings, LoRA, optimizer and scheduler states, every process's RNG state), so a truncated or corrupt one is
+    found before the run trusts it; the .bin and .pkl files as accelerate reads them, with torch's weights_only
+    unpickler, which builds tensors and plain values only."""
+    from accelerate.utils import load
+    from safetensors.torch import load_file
+
+    readers = {
+        SETTINGS_NAME: lambda file: int(json.loads(file.read_text())["global_step"]),
+        LORA_WEIGHTS_NAME: load_file,
+    }
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed keeps these states in its own files
+        readers |= {"optimizer.bin": functools.partial(load, map_location="cpu"), "scheduler.bin": load}
+    for process in range(accelerator.num_processes):
+        readers[f"random_states_{process}.pkl"] = lambda file: load(file)["torch_manual_seed"]
+    for name, read in readers.items():
+        if not (path / name).is_file():
+            fewer = " (a run with fewer processes wrote it: resume with as many)" if "random_states" in name else ""
+            return f"it has no {name}{fewer}"
+        try:
+            read(path / name)
+        except pickle.UnpicklingError:
+            return f"its {name} does not load (damaged, or more than tensors and values: weights_only refuses it)"
+        except Exception as error:  # what a damaged file raises depends on where it is damaged: any error is one
+            return f"its {name} does not load ({first_line(error)})"
+    return None
+
+
+def resume(accelerator, checkpoint: Path, settings: dict) -> int:
+    """Restore LoRA, optimizer, LR scheduler and RNG states (checkpoint_fault has read them all); return the step the
+    checkpoint was written at."""
+    saved = json.loads((checkpoint / SETTINGS_NAME).read_text())
+    same = ("seed", "train_batch_size", "gradient_accumulation_steps", "num_processes", "resolution")
+    if differing := [key for key in same if saved.get(key) != settings.get(key)]:
+        logger.warning(
+            f"resuming with different {', '.join(differing)} than {checkpoint.name} was trained with: "
+            "the run will not match an uninterrupted one"
+        )
+    logger.info(f"Resuming from {checkpoint}")
+    # DeepSpeed checkpoints leave the frozen base model out (see save_checkpoint): load them non-strictly.
+    deepspeed = {"load_module_strict": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+    try:
+        accelerator.load_state(str(checkpoint), **deepspeed)
+    except FileNotFoundError as error:
+        raise TrainingError(
+            f"checkpoint {checkpoint} is incomplete ({Path(error.filename or '?').name} is missing); "
+            "resume from an earlier one"
+        ) from error
+    return saved["global_step"]
+
+
 def restore_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
     """Load a checkpoint's LoRA back into the adapters; every adapter weight must be present. Text-encoder keys
     may have the text_model level or not (checkpoints written before this script saved the published layout)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    path = directory / LORA_WEIGHTS_NAME
-    if not path.is_file():
-        raise TrainingError(f"checkpoint {directory} has no {LORA_WEIGHTS_NAME}")
-    state = load_file(path)
+    state = load_file(directory / LORA_WEIGHTS_NAME)  # checkpoint_fault has read it whole
     expected = lora_state_dicts(unet, text_encoder, train_text_encoder)
     for prefix, model, layers in (("unet.", unet, expected[0]), ("text_encoder.", text_encoder, expected[1])):
-        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         if layers is None:
             continue
+        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         if prefix == "text_encoder." and not hasattr(model, "text_model"):
             part = {k.removeprefix("text_model."): v for k, v in part.items()}
         if set(part) != set(layers):
@@ -1381,44 +1423,9 @@ def restore_lora(directory: Path, unet, text_encoder, train_text_encoder: bool):
         set_peft_model_state_dict(model, part, adapter_name="default")
 
 
-def register_lora_hooks(accelerator, models: Models, train_text_encoder: bool):
-    """Make accelerate's save_state/load_state write and read only the LoRA weights, never the frozen base model."""
-    unet, text_encoder = accelerator.unwrap_model(models.unet), accelerator.unwrap_model(models.text_encoder)
-
-    def save_model_hook(hooked_models, weights, directory):
-        if accelerator.is_main_process:
-            save_lora(Path(directory) / LORA_WEIGHTS_NAME, unet, text_encoder, train_text_encoder)
-        weights.clear()
-
-    def load_model_hook(hooked_models, directory):
-        restore_lora(Path(directory), unet, text_encoder, train_text_encoder)
-        hooked_models.clear()
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-
-def checkpoint_step(path: Path):
-    match = CHECKPOINT_PATTERN.match(path.name)
-    return int(match.group(1)) if match else None
-
-
-def is_complete_checkpoint(path: Path) -> bool:
-    """save_checkpoint() writes the settings last, after the LoRA and every process's RNG state."""
-    return all((path / name).is_file() for name in (SETTINGS_NAME, LORA_WEIGHTS_NAME, "random_states_0.pkl"))
-
-
-def complete_checkpoints(output_dir: Path, warn: bool = False) -> list:
-    """The complete checkpoint-N folders, oldest first (checkpoint-N.tmp, being written, is none); with `warn`, each
-    incomplete checkpoint-N (its run was killed while writing it) is named in a warning."""
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
-    complete = []
-    for path in sorted(found, key=checkpoint_step):
-        if is_complete_checkpoint(path):
-            complete.append(path)
-        elif warn:
-            logger.warning(f"ignoring incomplete checkpoint {path} (its run was killed while writing it)")
-    return complete
+# ----------------------------------------------------------------------------------------------
+# The output folder, one run at a time; stop requests
+# ----------------------------------------------------------------------------------------------
 
 
 # Copied from generate.lock_output_dir with GenerateError->TrainingError
@@ -1498,142 +1505,6 @@ def within(path: Path, folder: Path) -> bool:
     return path.resolve() != folder.resolve() and path.resolve().is_relative_to(folder.resolve())
 
 
-def find_resume_checkpoint(args, accelerator):
-    """The checkpoint folder to resume from, or None for a fresh start ('latest' with none written yet). 'latest' is
-    the newest checkpoint in which checkpoint_fault finds nothing wrong; each newer one is named with its fault."""
-    if args.resume_from_checkpoint is None:
-        return None
-    output_dir = Path(args.output_dir)
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = complete_checkpoints(output_dir, warn=True)
-        if not checkpoints:
-            logger.info(f"No checkpoint in {output_dir} yet: starting a new run.")
-        faults = []
-        for path in reversed(checkpoints):
-            if (fault := checkpoint_fault(path, accelerator)) is None:
-                return path
-            logger.warning(f"skipping {path}: {fault}")
-            faults.append(f"{path.name}: {fault}")
-        if faults:
-            raise TrainingError(
-                f"no checkpoint in {output_dir} can be resumed ({faults[0]}, and {len(faults) - 1} more); pass "
-                "--overwrite_output_dir to start again"
-            )
-        return None
-    path = Path(args.resume_from_checkpoint)
-    path = path if path.is_dir() else output_dir / args.resume_from_checkpoint
-    if not path.is_dir():
-        raise TrainingError(
-            f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist "
-            f"(nor in {output_dir}); use 'latest' to start fresh when there is none"
-        )
-    if not is_complete_checkpoint(path):
-        raise TrainingError(
-            f"checkpoint {path} is incomplete (the run was killed while writing it); resume from an earlier one"
-        )
-    if fault := checkpoint_fault(path, accelerator):
-        raise TrainingError(f"checkpoint {path} cannot be resumed: {fault}; resume from an earlier one")
-    return path
-
-
-def checkpoint_fault(path: Path, accelerator) -> str | None:
-    """What keeps the checkpoint at `path` from being resumed, or None. Every file resume reads is read here first
-    (settings, LoRA, optimizer and scheduler states, every process's RNG state), so a truncated or corrupt one is
-    found before the run trusts it; the .bin and .pkl files as accelerate reads them, with torch's weights_only
-    unpickler, which builds tensors and plain values only."""
-    from accelerate.utils import load
-    from safetensors.torch import load_file
-
-    readers = {
-        SETTINGS_NAME: lambda file: int(json.loads(file.read_text())["global_step"]),
-        LORA_WEIGHTS_NAME: load_file,
-    }
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:  # DeepSpeed keeps these states in its own files
-        readers |= {"optimizer.bin": functools.partial(load, map_location="cpu"), "scheduler.bin": load}
-    for process in range(accelerator.num_processes):
-        readers[f"random_states_{process}.pkl"] = lambda file: load(file)["torch_manual_seed"]
-    for name, read in readers.items():
-        if not (path / name).is_file():
-            fewer = " (a run with fewer processes wrote it: resume with as many)" if "random_states" in name else ""
-            return f"it has no {name}{fewer}"
-        try:
-            read(path / name)
-        except pickle.UnpicklingError:
-            return f"its {name} does not load (damaged, or more than tensors and values: weights_only refuses it)"
-        except Exception as error:  # what a damaged file raises depends on where it is damaged: any error is one
-            return f"its {name} does not load ({first_line(error)})"
-    return None
-
-
-def resume(accelerator, checkpoint: Path, settings: dict) -> int:
-    """Restore LoRA, optimizer, LR scheduler and RNG states (checkpoint_fault has read them all); return the step the
-    checkpoint was written at."""
-    saved = json.loads((checkpoint / SETTINGS_NAME).read_text())
-    same = ("seed", "train_batch_size", "gradient_accumulation_steps", "num_processes", "resolution")
-    if differing := [key for key in same if saved.get(key) != settings.get(key)]:
-        logger.warning(
-            f"resuming with different {', '.join(differing)} than {checkpoint.name} was trained with: "
-            "the run will not match an uninterrupted one"
-        )
-    logger.info(f"Resuming from {checkpoint}")
-    # DeepSpeed checkpoints leave the frozen base model out (see save_checkpoint): load them non-strictly.
-    deepspeed = {"load_module_strict": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
-    try:
-        accelerator.load_state(str(checkpoint), **deepspeed)
-    except FileNotFoundError as error:
-        raise TrainingError(
-            f"checkpoint {checkpoint} is incomplete ({Path(error.filename or '?').name} is missing); "
-            "resume from an earlier one"
-        ) from error
-    return saved["global_step"]
-
-
-@contextlib.contextmanager
-def written_or_reported(output_dir: Path, target: Path):
-    """A failed write (a full disk, a lost mount) as one line that names what could not be written and how to go on
-    from the last complete checkpoint, which no write touches before its successor is complete. Only writes go
-    in here: any other error (out of memory while sampling) would be reported as a full disk."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except (OSError, RuntimeError, SafetensorError) as error:  # torch.save: a full disk is a RuntimeError
-        good = complete_checkpoints(output_dir)
-        how = "no checkpoint was complete yet: make room, then run the same command again"
-        if good:
-            how = f"the last complete checkpoint is {good[-1]}: make room, then run the same command with "
-            how += "--resume_from_checkpoint latest"
-        free = shutil.disk_usage(output_dir).free / 2**20 if output_dir.is_dir() else 0
-        raise TrainingError(f"cannot write {target} ({first_line(error)}; {free:.1f} MiB free there); {how}") from error
-
-
-def save_checkpoint(accelerator, output_dir: Path, step: int, settings: dict, limit, validation) -> Path:
-    """Write checkpoint-N into checkpoint-N.tmp, renamed into place when complete: every process its RNG state, the
-    save hook the LoRA, then the main process the validation grid (if given) and the settings, last. Then remove
-    the oldest checkpoints beyond `limit`."""
-    path = output_dir / f"checkpoint-{step}"
-    if validation:
-        validation.sample(step)
-    # DeepSpeed saves its engine's own checkpoint as well as calling the save hook: leave the frozen base model out.
-    deepspeed = {"exclude_frozen_parameters": True} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
-    main = accelerator.is_main_process
-    # The main process renames the folder; the others write their part into it under atomic_write's staging name.
-    folder = atomic_write(path) if main else contextlib.nullcontext(path.with_name(path.name + ".tmp"))
-    with written_or_reported(output_dir, path), folder as staging:
-        accelerator.save_state(str(staging), **deepspeed)
-        accelerator.wait_for_everyone()
-        if validation and validation.step == step:  # not when the grid gave way to a stop request
-            validation.write(staging / "validation.png")
-        if main:
-            write_json(staging / SETTINGS_NAME, {**settings, "global_step": step})
-    if main:
-        for old in complete_checkpoints(output_dir)[:-limit] if limit is not None else []:
-            shutil.rmtree(old)
-        logger.info(f"Saved {path}")
-    accelerator.wait_for_everyone()
-    return path
-
-
 class StopRequest:
     """Set by SIGTERM/SIGINT or by the death of the launcher; the loop checks it after every step and validation
     grid, latent caching between rounds, a validation grid between denoising steps."""
@@ -1688,49 +1559,6 @@ def stop_if_requested(stop: StopRequest, accelerator, phase: str):
             "step: nothing new was saved; run the same command to start again",
             exit_code=stop.exit_code(),
         )
-
-
-def save_final_lora(args, accelerator, models: Models, settings: dict, step: int, records: Records, validation):
-    """Save the final LoRA, its settings, its last validation grid and the model card (main process); every process
-    reports the checksum of its weights, which must agree."""
-    output_dir = Path(args.output_dir)
-    unet, text_encoder = accelerator.unwrap_model(models.unet), accelerator.unwrap_model(models.text_encoder)
-    accelerator.wait_for_everyone()
-    if args.verbose:
-        print(
-            f"process {accelerator.process_index}/{accelerator.num_processes} final LoRA checksum: "
-            f"{weights_digest(*lora_state_dicts(unet, text_encoder, args.train_text_encoder))[:16]}",
-            file=sys.stderr,
-            flush=True,
-        )
-    if accelerator.is_main_process:
-        grid = validation.save(grid_path(output_dir, step), step) if validation else None
-        lora_settings = {**settings, "global_step": step}
-        with written_or_reported(output_dir, output_dir / LORA_WEIGHTS_NAME):
-            with atomic_write(output_dir / LORA_WEIGHTS_NAME) as staging:
-                save_lora(staging, unet, text_encoder, args.train_text_encoder)
-            with atomic_write(output_dir / SETTINGS_NAME) as staging:
-                write_json(staging, lora_settings)
-            write_model_card(output_dir, args, records, lora_settings, grid)
-        logger.info(f"Saved the LoRA to {output_dir / LORA_WEIGHTS_NAME} after {step} steps")
-        total = time.perf_counter() - validation.started if validation else 0
-        if validation and validation.seconds > total / 3:
-            logger.info(
-                f"Validation took {validation.seconds:.0f} s of the {total:.0f} s of training and validation: shorten "
-                "it with --validation_inference_steps or --num_validation_images, or switch it off with "
-                "--validation_prompts none"
-            )
-        # tools/export_kohya.py is the one converter to kohya keys, as AUTOMATIC1111 and ComfyUI read them.
-        kohya = [
-            "python",
-            "tools/export_kohya.py",
-            f"{output_dir.resolve().name}.safetensors",
-            "--lora",
-            str(output_dir),
-        ]
-        print(f"For AUTOMATIC1111 and ComfyUI: {shlex.join(kohya)}", file=sys.stderr)
-        print(f"Next: {next_command(args)}", file=sys.stderr)
-    accelerator.wait_for_everyone()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1881,6 +1709,10 @@ def labelled_grid(rows: list, prompts: list, seeds: list, step: int) -> Image.Im
     return grid
 
 
+def grid_path(output_dir: Path, step: int) -> Path:
+    return output_dir / "validation" / f"step-{step:06d}.png"
+
+
 def load_validation_scorer(args, accelerator):
     """The --score_model CLIP model and processor for --validation_score, on the main process only (validation runs
     there), or None. Loaded before the data and the base model, so that a model that cannot load stops the run at
@@ -1938,7 +1770,7 @@ def clip_scores(scorer, rows: list, prompts: list, device) -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# Setup and the end of the run: preflight, accelerator, logging, model card, Hub, next commands
+# The run's setup: what is checked before anything loads, the processes, logging
 # ----------------------------------------------------------------------------------------------
 
 
@@ -2024,14 +1856,6 @@ def how_to_get(missing: dict) -> str:
     return f"run `{fetch}` where there is a network and use its cache here (HF_HOME, with HF_HUB_OFFLINE=1), or pass {folders}"
 
 
-def no_accelerator_device() -> bool:
-    return not (
-        torch.cuda.is_available()
-        or (hasattr(torch, "xpu") and torch.xpu.is_available())
-        or torch.backends.mps.is_available()
-    )
-
-
 def make_accelerator(args):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
@@ -2055,7 +1879,11 @@ def make_accelerator(args):
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir)
         ),
-        cpu=no_accelerator_device(),
+        cpu=not (
+            torch.cuda.is_available()
+            or (hasattr(torch, "xpu") and torch.xpu.is_available())
+            or torch.backends.mps.is_available()
+        ),
     )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != world_size:
@@ -2125,6 +1953,48 @@ def start_logging(args, accelerator, models: Models, scorer, stop):
     if args.validation_prompts and accelerator.is_main_process:
         return Validation(args, accelerator, models, scorer, stop)
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The end of the run: the final LoRA, its settings and model card, the Hub
+# ----------------------------------------------------------------------------------------------
+
+
+def save_final_lora(args, accelerator, models: Models, settings: dict, step: int, records: Records, validation):
+    """Save the final LoRA, its settings, its last validation grid and the model card (main process); every process
+    reports the checksum of its weights, which must agree."""
+    output_dir = Path(args.output_dir)
+    unet, text_encoder = accelerator.unwrap_model(models.unet), accelerator.unwrap_model(models.text_encoder)
+    accelerator.wait_for_everyone()
+    if args.verbose:
+        print(
+            f"process {accelerator.process_index}/{accelerator.num_processes} final LoRA checksum: "
+            f"{weights_digest(*lora_state_dicts(unet, text_encoder, args.train_text_encoder))[:16]}",
+            file=sys.stderr,
+            flush=True,
+        )
+    if accelerator.is_main_process:
+        grid = validation.save(grid_path(output_dir, step), step) if validation else None
+        lora_settings = {**settings, "global_step": step}
+        with written_or_reported(output_dir, output_dir / LORA_WEIGHTS_NAME):
+            with atomic_write(output_dir / LORA_WEIGHTS_NAME) as staging:
+                save_lora(staging, unet, text_encoder, args.train_text_encoder)
+            with atomic_write(output_dir / SETTINGS_NAME) as staging:
+                write_json(staging, lora_settings)
+            write_model_card(output_dir, args, records, lora_settings, grid)
+        logger.info(f"Saved the LoRA to {output_dir / LORA_WEIGHTS_NAME} after {step} steps")
+        total = time.perf_counter() - validation.started if validation else 0
+        if validation and validation.seconds > total / 3:
+            logger.info(
+                f"Validation took {validation.seconds:.0f} s of the {total:.0f} s of training and validation: shorten "
+                "it with --validation_inference_steps or --num_validation_images, or switch it off with "
+                "--validation_prompts none"
+            )
+        # tools/export_kohya.py is the one converter to kohya keys, as AUTOMATIC1111 and ComfyUI read them.
+        kohya = ["python", "tools/export_kohya.py", f"{output_dir.resolve().name}.safetensors", "--lora", output_dir]
+        print(f"For AUTOMATIC1111 and ComfyUI: {shlex.join(map(str, kohya))}", file=sys.stderr)
+        print(f"Next: {next_command(args)}", file=sys.stderr)
+    accelerator.wait_for_everyone()
 
 
 def training_settings(args, plan: Plan, records: Records) -> dict:
