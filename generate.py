@@ -457,12 +457,14 @@ def plan(args, prompts) -> tuple:
         )
     # A file name depends only on the image's place in the run and its cell, never on the number of processes; with
     # a lora axis it ends in the cell's LoRAs (-base for none), so that base and LoRA images differ by name.
-    lora_axis, width = any(axis.name == "lora" for axis in axes), ordinal_width(len(cells))
-    tags = [[slugify(lora_label(name, args.lora_weight_name), 30) for name, _ in cell.lora_scales] for cell in cells]
-    tags = ["-" + ("-".join(tag) or "base") if lora_axis else "" for tag in tags]
+    tags = {cell.lora_scales: "" for cell in cells}
+    if any(axis.name == "lora" for axis in axes):
+        tags = {key: "-".join(slugify(lora_label(name, args.lora_weight_name), 30) for name, _ in key) for key in tags}
+        tags = {key: f"-{tag or 'base'}" for key, tag in tags.items()}
+    width = ordinal_width(len(cells))
     return axes, [
-        (f"{number:0{width}d}-s{cell.seed}-{slugify(cell.prompt)}{tag}.png", cell)
-        for number, (cell, tag) in enumerate(zip(cells, tags, strict=True))
+        (f"{number:0{width}d}-s{cell.seed}-{slugify(cell.prompt)}{tags[cell.lora_scales]}.png", cell)
+        for number, cell in enumerate(cells)
     ]
 
 
@@ -537,9 +539,8 @@ def parse_axis(spec: str, args) -> Axis:
 
 def check_inputs(args, jobs) -> tuple:
     """Before a model is loaded: the --output_dir writable, a --base_model folder, or the Hub when the model is not
-    cached, asked once for all it must give (the base model, and the published LoRA if it is not here yet either);
-    then this process's accelerate state and device, the dtype, and the run's LoRAs read and checked. Returns
-    (state, device, dtype, {--lora value: LoraFile})."""
+    cached, asked once for all it must give (the base model, and the published LoRA if it is not here yet either).
+    Returns this process's accelerate state, its device, the dtype and {--lora value: LoraFile}."""
     from huggingface_hub import try_to_load_from_cache
 
     quiet_library_logs()  # before the first diffusers or transformers import: reading a LoRA warns too
@@ -659,8 +660,7 @@ def base_model_source(args) -> tuple:
 
 
 def from_cache_or_hub(fetch, hub_file: tuple):
-    """fetch(local_files_only=True) when the cache has it all, else fetch() from a Hub that answers (`hub_file`: the
-    arguments of check_hub_reachable)."""
+    """fetch(local_files_only=True) when the cache has it all, else fetch() if check_hub_reachable(*hub_file)."""
     try:
         return fetch(local_files_only=True)
     except OSError:  # not cached, or not all of it
@@ -817,8 +817,7 @@ def check_lora(tensors: dict) -> dict:
 
 
 class LoraFile(NamedTuple):
-    """A LoRA of the run, read and checked: its weights file, their sha256, and the layers it adapts in each of
-    LORA_COMPONENTS."""
+    """A LoRA of the run, read and checked: its weights file, their sha256, and its layer count per component."""
 
     path: Path
     sha256: str
@@ -956,8 +955,7 @@ class LoraSwitch:
         self.fused = lora_scales
 
     def fuse(self, lora_scales: tuple):
-        """Fold `lora_scales` ((--lora value, scale), ...) into the weights: sampling then costs what the base model
-        costs."""
+        """Fold `lora_scales` into the weights: sampling then costs what the base model costs."""
         names = [self.adapters[name] for name, _ in lora_scales]
         self.pipe.set_adapters(names, [scale for _, scale in lora_scales])
         self.pipe.fuse_lora(components=LORA_COMPONENTS, lora_scale=1.0, adapter_names=names)
@@ -1056,8 +1054,7 @@ def lock_holder(folder: Path) -> str:
 
 
 def setting_difference(key: str, here, there) -> str:
-    """One setting that differs, with both values when they are short; of a list, its length or the first element
-    that differs."""
+    """One setting that differs, with both values when short; of a list, its length or its first differing element."""
     if isinstance(here, list) and isinstance(there, list):
         if len(here) != len(there):
             return f"{key}: {len(here)} here, {len(there)} there"
@@ -1158,6 +1155,9 @@ def remove_damaged_images(output_dir: Path, names: set):
             (output_dir / name).unlink()
 
 
+# Sampling: batches of cells that share their LoRAs, sampler, steps and guidance, each image from its own seed
+
+
 def auto_batch_size(pipe, args, image_count: int) -> int:
     """--batch_size auto: off CUDA 1 (a CPU is busy with one image, a larger batch only adds memory); on CUDA as many
     images as 80% of the free memory holds, from the peak memory of one UNet step and one VAE decode of one image."""
@@ -1198,9 +1198,6 @@ def compile_models(pipe, cells, args):
     pipe.vae.decoder.compile(**options)
     sample(pipe, [cell._replace(steps=2, seed=0) for cell in cells], args.height, args.width)
     print(f"compiled the UNet and the VAE decoder in {time.perf_counter() - start:.1f} s (a 2-step warm-up batch)")
-
-
-# Sampling: batches of cells that share their LoRAs, sampler, steps and guidance, each image from its own seed
 
 
 def write_images(pipe, switch, own_batches, args, lora_files: dict, dtype, output_dir: Path):
@@ -1476,15 +1473,9 @@ def draw_figures(args, prompts, axes, jobs, command: str, output_dir: Path):
         cells = []
         for index, (image, file) in enumerate(zip(images, files, strict=True)):
             row, column = divmod(index, columns)
-            cells.append(
-                {
-                    "row": row,
-                    "column": column,
-                    "box": [left + column * width, top + row * height, width, height],
-                    "file": file,
-                }
-            )
-            figure.paste(image, cells[-1]["box"][:2])
+            box = [left + column * width, top + row * height, width, height]
+            figure.paste(image, box[:2])
+            cells.append({"row": row, "column": column, "box": box, "file": file})
         info = PngImagePlugin.PngInfo()
         info.add_text(PNG_GRID_KEY, json.dumps({"command": command, **axes_shown, "cells": cells}))
         write_new_file(output_dir / name, functools.partial(figure.save, format="PNG", pnginfo=info))
