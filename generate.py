@@ -412,11 +412,19 @@ class Axis(NamedTuple):
 
 
 def plan(args, prompts) -> tuple:
-    """The run's grid axes (rows first) and its images, (file name, Cell) pairs in file name order: prompt by prompt,
-    image by image (image i takes seed + i), and within a grid row by row. Every value is checked here, before any
-    model or LoRA is looked for: a figure of over MAX_CELLS images needs --yes, --compile the same LoRAs throughout."""
-    axes = grid_axes(args, prompts)
+    """The run's grid axes (rows first; none without --grid or --compare) and its images, (file name, Cell) pairs in
+    file name order: prompt by prompt, image by image (image i takes seed + i), and within a grid row by row. Every
+    value is checked here, before any model or LoRA is looked for: every {placeholder} needs an axis, a figure of
+    over MAX_CELLS images --yes, --compile the same LoRAs throughout."""
+    negatives = [record.get("negative_prompt", args.negative_prompt) for record in prompts]
+    texts = [record["prompt"] for record in prompts] + negatives
+    placeholders = {name for text in texts for name in PLACEHOLDER.findall(text)}
+    axes = grid_axes(args, placeholders) if args.grid or args.compare else []
+    missing = sorted(placeholders - {axis.name for axis in axes})
+    if missing:
+        raise GenerateError(f"{{{missing[0]}}} in the prompt has no grid axis: add --grid {missing[0]}=V1,V2,...")
     placeholder_axes = [axis for axis in axes if axis.name not in SETTING_AXES]
+    values = tuple((axis.name, tuple(axis.texts)) for axis in placeholder_axes)
     combinations = list(itertools.product(*(list(zip(axis.texts, axis.values, strict=True)) for axis in axes)))
     cells = []
     for record, image, combination in itertools.product(prompts, range(args.num_images), combinations):
@@ -433,7 +441,7 @@ def plan(args, prompts) -> tuple:
             lora_scales=lora_scales,
             template=record["prompt"],
             placeholders=tuple((axis.name, texts[axis.name]) for axis in placeholder_axes),
-            placeholder_values=tuple((axis.name, tuple(axis.texts)) for axis in placeholder_axes),
+            placeholder_values=values,
         )
         cells.append(cell)
     if axes and not args.no_figure and len(cells) > MAX_CELLS and not args.yes:
@@ -447,13 +455,13 @@ def plan(args, prompts) -> tuple:
         raise GenerateError(
             "--compile compiles the model with the LoRA fused in, and this grid switches LoRAs: drop --compile"
         )
-    width = ordinal_width(len(cells))
     # A file name depends only on the image's place in the run and its cell, never on the number of processes; with
     # a lora axis it ends in the cell's LoRAs (-base for none), so that base and LoRA images differ by name.
     tags = {cell.lora_scales: "" for cell in cells}
     if any(axis.name == "lora" for axis in axes):
-        labels = [[slugify(lora_label(name, args.lora_weight_name), 30) for name, _ in key] for key in tags]
-        tags = {key: "-" + ("-".join(label) or "base") for key, label in zip(tags, labels, strict=True)}
+        tags = {key: "-".join(slugify(lora_label(name, args.lora_weight_name), 30) for name, _ in key) for key in tags}
+        tags = {key: f"-{tag or 'base'}" for key, tag in tags.items()}
+    width = ordinal_width(len(cells))
     return axes, [
         (f"{number:0{width}d}-s{cell.seed}-{slugify(cell.prompt)}{tags[cell.lora_scales]}.png", cell)
         for number, cell in enumerate(cells)
@@ -473,9 +481,8 @@ def fill_placeholders(text: str, texts: dict) -> str:
     return PLACEHOLDER.sub(lambda match: texts.get(match.group(1), match.group(0)), text)
 
 
-def grid_axes(args, prompts) -> list:
-    """The grid's axes, rows first: each --grid, then --compare's; every {placeholder} must have one (a plain run
-    has none)."""
+def grid_axes(args, placeholders: set) -> list:
+    """The axes of --grid and --compare, rows first; each a setting or one of the prompts' `placeholders`."""
     axes = [parse_axis(spec, args) for spec in args.grid]
     if args.compare:
         lora_scales = run_lora_scales(args)
@@ -494,16 +501,9 @@ def grid_axes(args, prompts) -> list:
         raise GenerateError("--grid lora_scale=... sets the strength of each cell: drop --lora_scale")
     if "lora_scale" in names and "lora" not in names and args.lora == [NO_LORA]:
         raise GenerateError(f"--grid lora_scale=... needs a LoRA to scale, not --lora {NO_LORA}")
-    texts = [
-        text for record in prompts for text in (record["prompt"], record.get("negative_prompt", args.negative_prompt))
-    ]
-    placeholders = {name for text in texts for name in PLACEHOLDER.findall(text)}
     for name in names:
         if name not in SETTING_AXES and name not in placeholders:
             raise GenerateError(f"--grid {name}: unknown axis; no {{{name}}} in the prompts, no such setting")
-    missing = sorted(placeholders - set(names))
-    if missing:
-        raise GenerateError(f"{{{missing[0]}}} in the prompt has no grid axis: add --grid {missing[0]}=V1,V2,...")
     return axes
 
 
@@ -520,14 +520,13 @@ def parse_axis(spec: str, args) -> Axis:
         if len(args.lora_scale) != 1:
             raise GenerateError("--grid lora=... shows each LoRA alone: give one --lora_scale, the strength of each")
         return Axis(name, texts, [() if text == NO_LORA else ((text, args.lora_scale[0]),) for text in texts])
-    if name not in ("seed", "steps", "guidance_scale", "lora_scale", "scheduler"):  # a {placeholder}
+    if name not in SETTING_AXES:  # a {placeholder}
         return Axis(name, texts, texts)
+    kind = {"seed": int, "steps": int, "scheduler": str}.get(name, float)
     try:
         if name == "scheduler" and not set(texts) <= set(SCHEDULERS):
             raise ValueError(texts)
-        values = [
-            text if name == "scheduler" else int(text) if name in ("seed", "steps") else float(text) for text in texts
-        ]
+        values = [kind(text) for text in texts]
     except ValueError:
         raise GenerateError(f"--grid {spec}: {name} takes {SETTING_AXES[name]}") from None
     for value in values:
@@ -538,23 +537,32 @@ def parse_axis(spec: str, args) -> Axis:
 # Models and LoRAs: the device, the base pipeline, and each LoRA read, checked and fused into its weights
 
 
-def pick_dtype(name: str, device: torch.device, made_with: str | None = None) -> torch.dtype:
-    """The --dtype; auto is fp16 on cuda and fp32 elsewhere, or `made_with`, the --dtype of the --from_png image.
-    An fp16 image is rendered in fp32 on the CPU, which is slow in fp16: the pixels may then differ slightly."""
-    if name != "auto":
-        if name == "fp16" and device.type == "cpu":
-            print("warning: --dtype fp16 is slow on the CPU: drop it for fp32, the CPU's default", file=sys.stderr)
-        return DTYPES[name]
-    if made_with is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if made_with == "fp16" and device.type == "cpu":
-        print(
-            "warning: the PNG was made in fp16 (on a GPU); the CPU renders it in fp32, so the image may differ "
-            "slightly (--dtype fp16 forces fp16)",
-            file=sys.stderr,
-        )
-        return torch.float32
-    return DTYPES[made_with]
+def check_inputs(args, jobs) -> tuple:
+    """Before a model is loaded: the --output_dir writable, a --base_model folder, or the Hub when the model is not
+    cached, asked once for all it must give (the base model, and the published LoRA if it is not here yet either).
+    Returns this process's accelerate state, its device, the dtype and {--lora value: LoraFile}."""
+    from huggingface_hub import try_to_load_from_cache
+
+    quiet_library_logs()  # before the first diffusers or transformers import: reading a LoRA warns too
+    lora_names = dict.fromkeys(name for _, cell in jobs for name, _ in cell.lora_scales)
+    check_writable(args.output_dir or DEFAULT_OUTPUT_ROOT, "--output_dir")
+    folder, (repo_id, filename, needed, fix) = base_model_source(args)
+    if folder is None:
+        try:
+            cached = try_to_load_from_cache(args.base_model, "model_index.json")
+        except ValueError as error:  # a repo id the Hub would refuse
+            raise GenerateError(
+                f"--base_model {args.base_model} is no folder and no valid Hub id ({first_line(error)}): "
+                f"fix it, e.g. {DEFAULT_BASE_MODEL}"
+            ) from None
+        lora = Path(DEFAULT_LORA) / DEFAULT_LORA_WEIGHT_NAME
+        if DEFAULT_LORA in lora_names and args.lora_weight_name == lora.name and not lora.is_file():
+            needed += f", and the LoRA {LORA_HUB_REPO}/{DEFAULT_LORA}, not in {DEFAULT_LORA} yet"
+        if not isinstance(cached, str):
+            check_hub_reachable(repo_id, filename, needed, fix)
+    state, device = process_state(args.device)
+    dtype = pick_dtype(args.dtype, device, args.made_with)
+    return state, device, dtype, {name: read_lora(name, args.lora_weight_name, args.lora_sha256) for name in lora_names}
 
 
 def quiet_library_logs():
@@ -624,16 +632,6 @@ def check_hub_reachable(repo_id: str, filename: str, needed: str, fix: str, revi
         pass  # slow, overloaded or gated: the loaders retry and report it
 
 
-def from_cache_or_hub(fetch, hub_file: tuple):
-    """fetch(local_files_only=True) when the cache has it all, else fetch() from a Hub that answers (`hub_file`: the
-    arguments of check_hub_reachable)."""
-    try:
-        return fetch(local_files_only=True)
-    except OSError:  # not cached, or not all of it
-        check_hub_reachable(*hub_file)
-    return fetch(local_files_only=False)
-
-
 def base_model_source(args) -> tuple:
     """The local folder --base_model names (None for a Hub id; a path that does not exist is an error), and the
     arguments of check_hub_reachable for a Hub id and its --variant."""
@@ -661,64 +659,79 @@ def base_model_source(args) -> tuple:
     )
 
 
-def check_inputs(args, output_dir: Path, lora_names):
-    """Before a model is loaded: the --output_dir, a --base_model folder, or the Hub when the model is not cached,
-    asked once for all it must give (the base model, and the published LoRA if it is not here yet either)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    check_writable(output_dir, "--output_dir")
-    folder, (repo_id, filename, needed, fix) = base_model_source(args)
-    if folder is None:
-        try:
-            cached = try_to_load_from_cache(args.base_model, "model_index.json")
-        except ValueError as error:  # a repo id the Hub would refuse
-            raise GenerateError(
-                f"--base_model {args.base_model} is no folder and no valid Hub id ({first_line(error)}): "
-                f"fix it, e.g. {DEFAULT_BASE_MODEL}"
-            ) from None
-        lora = Path(DEFAULT_LORA) / DEFAULT_LORA_WEIGHT_NAME
-        if DEFAULT_LORA in lora_names and args.lora_weight_name == lora.name and not lora.is_file():
-            needed += f", and the LoRA {LORA_HUB_REPO}/{DEFAULT_LORA}, not in {DEFAULT_LORA} yet"
-        if not isinstance(cached, str):
-            check_hub_reachable(repo_id, filename, needed, fix)
-
-
-def load_pipeline(args, device: torch.device, dtype: torch.dtype):
-    """The --base_model pipeline (its folder, else the Hugging Face cache, else the Hub) on `device`, SDPA attention."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    folder, hub_file = base_model_source(args)
-    fetch = functools.partial(
-        StableDiffusionPipeline.from_pretrained,
-        folder or args.base_model,
-        dtype=dtype,
-        variant=args.variant,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
+def from_cache_or_hub(fetch, hub_file: tuple):
+    """fetch(local_files_only=True) when the cache has it all, else fetch() if check_hub_reachable(*hub_file)."""
     try:
-        pipe = fetch(local_files_only=True) if folder else from_cache_or_hub(fetch, hub_file)
-    except (OSError, ValueError) as error:
-        raise GenerateError(f"cannot load --base_model {args.base_model}: {first_line(error)}") from None
-    # SDPA is what diffusers and transformers pick today; set it explicitly so speed does not hang on their defaults.
-    pipe.unet.set_attn_processor(AttnProcessor2_0())
-    pipe.vae.set_attn_processor(AttnProcessor2_0())
-    pipe.text_encoder.set_attn_implementation("sdpa")
-    # Beneath the images bar; in a log file its redraws would bury everything else.
-    pipe.set_progress_bar_config(leave=False, desc="steps", position=1, disable=not sys.stderr.isatty())
-    return pipe.to(device)
+        return fetch(local_files_only=True)
+    except OSError:  # not cached, or not all of it
+        check_hub_reachable(*hub_file)
+    return fetch(local_files_only=False)
 
 
-def warn_long_prompts(tokenizer, cells):
-    """CLIP reads 77 tokens (start and end included); say which words of a longer prompt it never sees."""
-    limit = tokenizer.model_max_length
-    texts = [("prompt", cell.prompt) for cell in cells] + [("negative prompt", cell.negative_prompt) for cell in cells]
-    for kind, prompt in dict.fromkeys(texts):
-        ids = tokenizer(prompt).input_ids
-        if len(ids) > limit:
-            cut = f'"...{tokenizer.decode(ids[limit - 1 : -1])}"'
-            print(f"warning: {kind} is {len(ids)} CLIP tokens, over {limit}: its end is cut: {cut}", file=sys.stderr)
+def process_state(name: str) -> tuple:
+    """accelerate's state of this process (the one process under python, one of several under accelerate launch)
+    and its device: --device `name`, or with auto and several processes the device accelerate gives this one."""
+    from accelerate import PartialState
+
+    auto = name == "auto"
+    if auto:
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise GenerateError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():  # 0 without CUDA
+        raise GenerateError(f"--device {name}: no such CUDA device here (found {torch.cuda.device_count()})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise GenerateError("--device mps: Apple MPS is not available on this machine")
+    check_process_count()
+    state = PartialState(cpu=device.type == "cpu")  # on the CPU, several processes join over gloo
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != world_size:
+        raise GenerateError(
+            f"accelerate formed {state.num_processes} process(es) but WORLD_SIZE is {world_size}: check the launcher"
+        )
+    return state, state.device if auto and state.num_processes > 1 else device
+
+
+def check_process_count():
+    """`accelerate launch --num_processes N` without --multi_gpu starts N processes only on a host with N GPUs; on
+    others it starts one, which would then do the work of N alone."""
+    import psutil  # accelerate's dependency
+
+    if "WORLD_SIZE" in os.environ or "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        return  # several processes were started, or no accelerate launch
+    with contextlib.suppress(psutil.Error):
+        script = Path(sys.argv[0]).name
+        launcher = itertools.takewhile(lambda part: Path(part).name != script, psutil.Process().parent().cmdline())
+        flags = [part for flag in launcher for part in flag.split("=", 1)]
+        asked = flags[flags.index("--num_processes") + 1] if "--num_processes" in flags[:-1] else "1"
+        if asked.isdigit() and int(asked) > 1:
+            raise GenerateError(
+                f"accelerate launch --num_processes {asked} started 1 process, as it does without --multi_gpu where "
+                f"there are not {asked} GPUs: add --multi_gpu (it starts {asked} processes on CPUs too)"
+            )
+
+
+def pick_dtype(name: str, device: torch.device, made_with: str | None = None) -> torch.dtype:
+    """The --dtype; auto is fp16 on cuda and fp32 elsewhere, or `made_with`, the --dtype of the --from_png image.
+    An fp16 image is rendered in fp32 on the CPU, which is slow in fp16: the pixels may then differ slightly."""
+    if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            print("warning: --dtype fp16 is slow on the CPU: drop it for fp32, the CPU's default", file=sys.stderr)
+        return DTYPES[name]
+    if made_with is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if made_with == "fp16" and device.type == "cpu":
+        print(
+            "warning: the PNG was made in fp16 (on a GPU); the CPU renders it in fp32, so the image may differ "
+            "slightly (--dtype fp16 forces fp16)",
+            file=sys.stderr,
+        )
+        return torch.float32
+    return DTYPES[made_with]
 
 
 def resolve_lora(lora: str, weight_name: str) -> Path:
@@ -804,8 +817,7 @@ def check_lora(tensors: dict) -> dict:
 
 
 class LoraFile(NamedTuple):
-    """A LoRA of the run, read and checked: its weights file, their sha256, and the layers it adapts in each of
-    LORA_COMPONENTS."""
+    """A LoRA of the run, read and checked: its weights file, their sha256, and its layer count per component."""
 
     path: Path
     sha256: str
@@ -841,6 +853,44 @@ def read_lora(name: str, weight_name: str = DEFAULT_LORA_WEIGHT_NAME, expected_s
     if expected != sha256:
         raise GenerateError(f"LoRA {path} has sha256 {sha256[:12]}..., but the PNG was made with {expected[:12]}...")
     return LoraFile(path, sha256, layers)
+
+
+def load_pipeline(args, device: torch.device, dtype: torch.dtype):
+    """The --base_model pipeline (its folder, else the Hugging Face cache, else the Hub) on `device`, SDPA attention."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    folder, hub_file = base_model_source(args)
+    fetch = functools.partial(
+        StableDiffusionPipeline.from_pretrained,
+        folder or args.base_model,
+        dtype=dtype,
+        variant=args.variant,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    try:
+        pipe = fetch(local_files_only=True) if folder else from_cache_or_hub(fetch, hub_file)
+    except (OSError, ValueError) as error:
+        raise GenerateError(f"cannot load --base_model {args.base_model}: {first_line(error)}") from None
+    # SDPA is what diffusers and transformers pick today; set it explicitly so speed does not hang on their defaults.
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    pipe.vae.set_attn_processor(AttnProcessor2_0())
+    pipe.text_encoder.set_attn_implementation("sdpa")
+    # Beneath the images bar; in a log file its redraws would bury everything else.
+    pipe.set_progress_bar_config(leave=False, desc="steps", position=1, disable=not sys.stderr.isatty())
+    return pipe.to(device)
+
+
+def warn_long_prompts(tokenizer, cells):
+    """CLIP reads 77 tokens (start and end included); say which words of a longer prompt it never sees."""
+    limit = tokenizer.model_max_length
+    texts = [("prompt", cell.prompt) for cell in cells] + [("negative prompt", cell.negative_prompt) for cell in cells]
+    for kind, prompt in dict.fromkeys(texts):
+        ids = tokenizer(prompt).input_ids
+        if len(ids) > limit:
+            cut = f'"...{tokenizer.decode(ids[limit - 1 : -1])}"'
+            print(f"warning: {kind} is {len(ids)} CLIP tokens, over {limit}: its end is cut: {cut}", file=sys.stderr)
 
 
 class LoraSwitch:
@@ -905,66 +955,207 @@ class LoraSwitch:
         self.fused = lora_scales
 
     def fuse(self, lora_scales: tuple):
-        """Fold `lora_scales` ((--lora value, scale), ...) into the weights: sampling then costs what the base model
-        costs."""
+        """Fold `lora_scales` into the weights: sampling then costs what the base model costs."""
         names = [self.adapters[name] for name, _ in lora_scales]
         self.pipe.set_adapters(names, [scale for _, scale in lora_scales])
         self.pipe.fuse_lora(components=LORA_COMPONENTS, lora_scale=1.0, adapter_names=names)
 
 
-# Sampling: batches of cells that share their LoRAs, sampler, steps and guidance, each image from its own seed
+# The run's folder: named after its settings, locked, resumed from what it holds
 
 
-def write_images(pipe, switch, own_batches, args, lora_files: dict, dtype, output_dir: Path):
-    """Sample this process's batches of (file name, cell) pairs, writing each image with its settings as soon as its
-    batch is done, and yield the paths of each batch; an image a killed run wrote already is kept as it is."""
-    if not own_batches:  # without a pipeline when the folder held every image
-        return
-    import diffusers
+def run_folder(args, prompts, lora_files: dict, dtype, drawn: bool) -> tuple:
+    """The run's folder and the record of what decides its images, as generate_run.json keeps it. The batch size,
+    --device, the number of processes and --compile may change on resuming: they change pixels at most by
+    floating-point rounding. A folder base model is kept as its resolved path, a LoRA as its sha256, each prompt as a
+    short digest, so a difference names it. Without --output_dir, the folder is the run's own, named after its first
+    prompt and the record: the same command finds it again and adds what is missing, another command gets a folder
+    of its own, and --from_png always renders into a new one."""
+    folder, _ = base_model_source(args)
+    record = {
+        "prompts": [hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:16] for prompt in prompts],
+        "num_images": args.num_images,
+        "grid": args.grid,
+        "compare": args.compare,
+        "figures": drawn,
+        **{key: getattr(args, key) for key in PNG_FLAGS if key != "compile"},
+        "base_model": str(folder.resolve()) if folder is not None else args.base_model,
+        "loras": [
+            (lora_files[name].sha256 if name in lora_files else name, scale) for name, scale in run_lora_scales(args)
+        ],
+        "lora_sha256": sorted({lora.sha256 for lora in lora_files.values()}),  # the --grid lora files too
+        "dtype": DTYPE_FLAGS[str(dtype).removeprefix("torch.")],
+    }
+    record = json.loads(json.dumps(record))  # as it reads back from the file: tuples as lists
+    if args.output_dir is not None:
+        return args.output_dir, record
+    if args.from_png is not None:
+        again = (DEFAULT_OUTPUT_ROOT / "from_png" / f"{args.from_png.stem}-{n}" for n in itertools.count(1))
+        return next(folder for folder in again if not folder.exists()), record
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8]
+    return DEFAULT_OUTPUT_ROOT / f"{slugify(prompts[0]['prompt'], 40)}-{digest}", record
 
-    own = pipe.scheduler  # the base model's, named as AUTOMATIC1111 names its class, or by the class
-    own_name = type(own).__name__
-    own_name = next(
-        (label for name, overrides, label in SCHEDULERS.values() if (name, overrides) == (own_name, {})), own_name
-    )
-    for batch in own_batches:
-        first = batch[0][1]  # the cells of a batch share their LoRAs, scheduler, steps and guidance
-        switch.use(first.lora_scales)
-        pipe.scheduler, sampler = own, own_name
-        if first.scheduler is not None:
-            class_name, overrides, sampler = SCHEDULERS[first.scheduler]
-            pipe.scheduler = getattr(diffusers, class_name).from_config(own.config, **overrides)
-        images = sample(pipe, [cell for _, cell in batch], args.height, args.width)
-        written = []
-        for (name, cell), image in zip(batch, images, strict=True):
-            settings = image_settings(cell, args, sampler, lora_files, dtype)
-            path, save = output_dir / name, functools.partial(image.save, format="PNG", pnginfo=png_info(settings))
-            if write_new_file(path, save):
-                written.append(path)
-        yield written
+
+def lock_output_dir(output_dir: Path, state) -> tuple:
+    """One run writes a folder at a time: the main process creates --output_dir and locks it (lock_folder) until the
+    run ends, and a second run stops before it loads a model, every process with the main process's words. Returns
+    the lock and the folders created for it, which main() removes again if the run ends before writing to them."""
+    from accelerate.utils import broadcast_object_list
+
+    lock, created, refusal = None, [], [None]
+    if state.is_main_process:
+        created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            lock = lock_folder(output_dir, "--output_dir")
+        except OSError as error:
+            refusal = [f"cannot create --output_dir {output_dir}: {first_line(error)}"]
+        except GenerateError as error:
+            refusal = [str(error)]
+    if state.num_processes > 1:
+        broadcast_object_list(refusal)
+    if refusal[0]:
+        raise GenerateError(refusal[0])
+    return lock, created
 
 
-def sample(pipe, cells, height: int, width: int) -> list:
-    """The images of `cells`, which share steps and guidance; each from torch.Generator("cpu").manual_seed(its seed).
-    A batch with a pixel that is not finite is no image (it would be saved black): it is an error, naming it."""
-    pixels = pipe(
-        prompt=[cell.prompt for cell in cells],
-        negative_prompt=[cell.negative_prompt for cell in cells],
-        num_inference_steps=cells[0].steps,
-        guidance_scale=cells[0].guidance_scale,
-        height=height,
-        width=width,
-        generator=[torch.Generator("cpu").manual_seed(cell.seed) for cell in cells],
-        output_type="np",
-    ).images
-    for cell, image in zip(cells, pixels, strict=True):
-        if not np.isfinite(image).all():
+def lock_folder(folder: Path, flag: str):
+    """An exclusive OS lock (flock) on `folder`, held while the returned descriptor is open; None where there are no
+    such locks (Windows). The OS drops it when the process ends however it ends, so a killed run leaves no stale
+    lock, and nothing is written into the folder. On NFS and Lustre it holds only where the mount supports flock
+    (Lustre: -o flock); where it fails, the run goes on unlocked and says so."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise GenerateError(
+            f"{folder} is being written by another run ({lock_holder(folder)}): wait for it to end, or pass "
+            f"another {flag}"
+        ) from None
+    except OSError as error:
+        print(f"note: cannot lock {folder} ({first_line(error)}): make sure no other run writes there", file=sys.stderr)
+    return descriptor
+
+
+def lock_holder(folder: Path) -> str:
+    """The process that holds the flock on `folder`, as Linux lists it in /proc/locks (major:minor:inode)."""
+    device = os.stat(folder)
+    key = f"{os.major(device.st_dev):02x}:{os.minor(device.st_dev):02x}:{device.st_ino}"
+    with contextlib.suppress(OSError):
+        for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines()):
+            if fields[1:2] == ["FLOCK"] and fields[5] == key:
+                return f"process {fields[4]}"
+    return "another process"
+
+
+def setting_difference(key: str, here, there) -> str:
+    """One setting that differs, with both values when short; of a list, its length or its first differing element."""
+    if isinstance(here, list) and isinstance(there, list):
+        if len(here) != len(there):
+            return f"{key}: {len(here)} here, {len(there)} there"
+        number = next(number for number in range(1, len(here) + 1) if here[number - 1] != there[number - 1])
+        one, other = here[number - 1], there[number - 1]
+        if key == "prompts":
+            return f"prompt {number} differs"
+        if key == "loras":
+            which = "lora" if len(here) == 1 else f"lora {number}"
+            if one[0] != other[0]:
+                return f"{which} file (sha256 {one[0][:12]}... here, {other[0][:12]}... there)"
+            return f"{which} scale {one[1]} here, {other[1]} there"
+        return setting_difference(f"{key} {number}", one, other)
+    shown = [json.dumps(value) for value in (here, there)]
+    return key if max(map(len, shown)) > 40 else f"{key} {shown[0]} here, {shown[1]} there"
+
+
+def check_same_run(output_dir: Path, record: dict, names: set):
+    """Refuse an --output_dir whose generate_run.json holds other settings, naming them, or whose images came from a
+    run that kept no settings; before any model is loaded or anything written."""
+    path = output_dir / RUN_FILE_NAME
+    fix = "pass a new --output_dir"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if names & set(os.listdir(output_dir)):
             raise GenerateError(
-                f'the image of seed {cell.seed} for "{cell.prompt}" came out NaN or infinite and was not written: '
-                f"lower --guidance_scale ({cell.guidance_scale:g}) or the LoRA scale, or use --dtype fp32 (fp16 "
-                "overflows most often)"
-            )
-    return pipe.numpy_to_pil(pixels)
+                f"--output_dir {output_dir} holds this run's file names but no {RUN_FILE_NAME}: {fix}"
+            ) from None
+        return
+    except (OSError, ValueError) as error:
+        raise GenerateError(f"cannot read {path} ({first_line(error)}): {fix}") from None
+    differing = [key for key in {**saved, **record} if saved.get(key) != record.get(key)]
+    if differing:
+        shown = "; ".join(setting_difference(key, record.get(key), saved.get(key)) for key in differing)
+        raise GenerateError(
+            f"--output_dir {output_dir} holds a run with other settings ({shown}): {fix}, or that run's settings to "
+            "add its missing images"
+        )
+
+
+def start_run(args, output_dir: Path, record: dict, jobs, lora_files: dict, device, dtype, state) -> tuple:
+    """Refuse a folder of another run (check_same_run) and delete the damaged images of this one, load the pipeline
+    if an image is missing, save the settings in the folder and deal out the batches that lack a PNG. Returns (the
+    pipeline and its LoraSwitch, or two None; this process's batches; the run's images there already). --batch_size
+    auto takes the smallest of every process's, as all must cut the same batches, and the batches are cut from all
+    the jobs, so a resumed run keeps the pixels of one uninterrupted process."""
+    names, cells = {name for name, _ in jobs}, [cell for _, cell in jobs]
+    check_same_run(output_dir, record, names)
+    if state.is_main_process:
+        remove_damaged_images(output_dir, names)
+    state.wait_for_everyone()
+    pipe = switch = None  # the same command after a complete run only checks the folder: no model to load
+    if not names <= set(os.listdir(output_dir)):
+        pipe = load_pipeline(args, device, dtype)
+        warn_long_prompts(pipe.tokenizer, cells)
+        switch = LoraSwitch(pipe, lora_files, {cell.lora_scales for cell in cells})
+    if state.is_main_process:
+        text = json.dumps(record, indent=1, sort_keys=True)
+        write_new_file(output_dir / RUN_FILE_NAME, lambda staging: staging.write_text(text, "utf-8"))
+    batch_size = args.batch_size
+    if batch_size == "auto":
+        from accelerate.utils import gather_object
+
+        batch_size = min(gather_object([auto_batch_size(pipe, args, len(jobs)) if pipe else 1]))
+    state.wait_for_everyone()
+    present = set(os.listdir(output_dir))
+    # Batches one pipeline call samples: the same LoRAs, sampler, steps and guidance, in the order each first appears.
+    kinds = {}
+    for name, cell in jobs:
+        kinds.setdefault((cell.lora_scales, cell.scheduler, cell.steps, cell.guidance_scale), []).append((name, cell))
+    batches = [kind[start : start + batch_size] for kind in kinds.values() for start in range(0, len(kind), batch_size)]
+    mine = [batch for batch in batches if any(name not in present for name, _ in batch)]
+    mine, done = mine[state.process_index :: state.num_processes], len(names & present)
+    state.wait_for_everyone()  # every process has listed the folder before any writes to it
+    if state.is_main_process:
+        print(
+            f"{len(jobs)} image(s), {done} of them in {output_dir} already; the other {len(jobs) - done} on "
+            f"{state.num_processes} process(es), {device} ({str(dtype).removeprefix('torch.')}), "
+            f"batch size {batch_size}"
+        )
+    if args.compile and mine:
+        compile_models(pipe, [cell for _, cell in mine[0]], args)
+    return pipe, switch, mine, done
+
+
+def remove_damaged_images(output_dir: Path, names: set):
+    """Delete a killed run's temporary files and the images of this run in the folder that do not read whole (a
+    zero-byte or truncated PNG, as a full disk or a crashed file system leaves): they are sampled again."""
+    for staging in output_dir.glob("*.tmp"):
+        staging.unlink(missing_ok=True)
+    for name in sorted(names & set(os.listdir(output_dir))):
+        try:
+            with Image.open(output_dir / name) as image:
+                image.verify()  # every chunk's checksum, up to the end of the file, without decoding the pixels
+        except (OSError, SyntaxError, ValueError) as error:
+            print(f"warning: {output_dir / name} is damaged ({first_line(error)}): sampling it again", file=sys.stderr)
+            (output_dir / name).unlink()
+
+
+# Sampling: batches of cells that share their LoRAs, sampler, steps and guidance, each image from its own seed
 
 
 def auto_batch_size(pipe, args, image_count: int) -> int:
@@ -1007,6 +1198,58 @@ def compile_models(pipe, cells, args):
     pipe.vae.decoder.compile(**options)
     sample(pipe, [cell._replace(steps=2, seed=0) for cell in cells], args.height, args.width)
     print(f"compiled the UNet and the VAE decoder in {time.perf_counter() - start:.1f} s (a 2-step warm-up batch)")
+
+
+def write_images(pipe, switch, own_batches, args, lora_files: dict, dtype, output_dir: Path):
+    """Sample this process's batches of (file name, cell) pairs, writing each image with its settings as soon as its
+    batch is done, and yield the paths of each batch; an image a killed run wrote already is kept as it is."""
+    if not own_batches:  # without a pipeline when the folder held every image
+        return
+    import diffusers
+
+    own = pipe.scheduler  # the base model's, named as AUTOMATIC1111 names its class, or by the class
+    own_name = next(
+        (label for name, overrides, label in SCHEDULERS.values() if (name, overrides) == (type(own).__name__, {})),
+        type(own).__name__,
+    )
+    for batch in own_batches:
+        first = batch[0][1]  # the cells of a batch share their LoRAs, scheduler, steps and guidance
+        switch.use(first.lora_scales)
+        pipe.scheduler, sampler = own, own_name
+        if first.scheduler is not None:
+            class_name, overrides, sampler = SCHEDULERS[first.scheduler]
+            pipe.scheduler = getattr(diffusers, class_name).from_config(own.config, **overrides)
+        images = sample(pipe, [cell for _, cell in batch], args.height, args.width)
+        written = []
+        for (name, cell), image in zip(batch, images, strict=True):
+            settings = image_settings(cell, args, sampler, lora_files, dtype)
+            path, save = output_dir / name, functools.partial(image.save, format="PNG", pnginfo=png_info(settings))
+            if write_new_file(path, save):
+                written.append(path)
+        yield written
+
+
+def sample(pipe, cells, height: int, width: int) -> list:
+    """The images of `cells`, which share steps and guidance; each from torch.Generator("cpu").manual_seed(its seed).
+    A batch with a pixel that is not finite is no image (it would be saved black): it is an error, naming it."""
+    pixels = pipe(
+        prompt=[cell.prompt for cell in cells],
+        negative_prompt=[cell.negative_prompt for cell in cells],
+        num_inference_steps=cells[0].steps,
+        guidance_scale=cells[0].guidance_scale,
+        height=height,
+        width=width,
+        generator=[torch.Generator("cpu").manual_seed(cell.seed) for cell in cells],
+        output_type="np",
+    ).images
+    for cell, image in zip(cells, pixels, strict=True):
+        if not np.isfinite(image).all():
+            raise GenerateError(
+                f'the image of seed {cell.seed} for "{cell.prompt}" came out NaN or infinite and was not written: '
+                f"lower --guidance_scale ({cell.guidance_scale:g}) or the LoRA scale, or use --dtype fp32 (fp16 "
+                "overflows most often)"
+            )
+    return pipe.numpy_to_pil(pixels)
 
 
 # Saving: each image a new PNG that carries its settings, written whole or not at all
@@ -1066,6 +1309,11 @@ def slugify(prompt: str, limit: int = 60) -> str:
     return slug or "prompt"
 
 
+def ordinal_width(count: int) -> int:
+    """The digits of the file names' ordinals: 5, or as many as the largest of `count` needs, so names sort."""
+    return max(5, len(str(count - 1)))
+
+
 def write_new_file(path: Path, write) -> bool:
     """Write `path` with `write(staging)` to a temporary name beside it, then hard-link it into place; False if `path`
     exists: a file is never replaced, even by another process meanwhile, nor left half-written."""
@@ -1085,40 +1333,6 @@ def write_new_file(path: Path, write) -> bool:
         staging.unlink(missing_ok=True)
 
 
-def lock_folder(folder: Path, flag: str):
-    """An exclusive OS lock (flock) on `folder`, held while the returned descriptor is open; None where there are no
-    such locks (Windows). The OS drops it when the process ends however it ends, so a killed run leaves no stale
-    lock, and nothing is written into the folder. On NFS and Lustre it holds only where the mount supports flock
-    (Lustre: -o flock); where it fails, the run goes on unlocked and says so."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(descriptor)
-        raise GenerateError(
-            f"{folder} is being written by another run ({lock_holder(folder)}): wait for it to end, or pass "
-            f"another {flag}"
-        ) from None
-    except OSError as error:
-        print(f"note: cannot lock {folder} ({first_line(error)}): make sure no other run writes there", file=sys.stderr)
-    return descriptor
-
-
-def lock_holder(folder: Path) -> str:
-    """The process that holds the flock on `folder`, as Linux lists it in /proc/locks (major:minor:inode)."""
-    device = os.stat(folder)
-    key = f"{os.major(device.st_dev):02x}:{os.minor(device.st_dev):02x}:{device.st_ino}"
-    with contextlib.suppress(OSError):
-        for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines()):
-            if fields[1:2] == ["FLOCK"] and fields[5] == key:
-                return f"process {fields[4]}"
-    return "another process"
-
-
 @contextlib.contextmanager
 def atomic_write(path: Path):
     """Yield a staging path, `<path>.tmp`, to write `path` (a file or a folder) to; when the block ends, rename it to
@@ -1135,67 +1349,138 @@ def atomic_write(path: Path):
         raise
 
 
-# Grid figures: each prompt's cells, labelled, drawn from their PNGs once all are written
+# The end of a run: grid figures drawn from the cells' PNGs, metadata.jsonl rebuilt from the PNGs, the totals
+
+
+def finish_run(args, prompts, axes, jobs, output_dir: Path, sampled: int, elapsed: float, state, argv):
+    """On the main process: the grid figures (recording the command line `argv`), metadata.jsonl, the totals of the
+    `sampled` images, and the commands that score the folder and that train on it."""
+    if not state.is_main_process:
+        return
+    if axes and not args.no_figure:
+        draw_figures(args, prompts, axes, jobs, shlex.join(["python", "generate.py", *argv]), output_dir)
+    records = write_metadata(output_dir)
+    count = len(records)
+    if sampled:
+        print(
+            f"{sampled} image(s) in {elapsed:.1f} s, {elapsed / sampled:.1f} s/image, "
+            f"{sampled / elapsed:.2f} images/s on {state.num_processes} process(es)"
+        )
+    else:
+        print(f"nothing to sample: all {count} image(s) of this run are in {output_dir}")
+    if args.from_png is not None and len(jobs) == 1:
+        print(compare_with_source(output_dir / jobs[0][0], args.from_png))
+    if any(axis.name not in SETTING_AXES for axis in axes):
+        score = shlex.join(["python", "tools/score.py", str(output_dir)])
+        print(f"to score how well the images follow their {{placeholder}} values: {score}")
+    train = ["accelerate", "launch", "finetune_lora.py", "--train_data_dir", str(output_dir)]
+    if args.base_model != DEFAULT_BASE_MODEL:
+        train += ["--pretrained_model_name_or_path", args.base_model]
+    resolution = min(args.height, args.width)
+    if resolution != 768:  # finetune_lora.py's default, which would upscale smaller images
+        train += ["--resolution", str(resolution)]
+    models = sorted({record["lora"] for record in records})
+    if len(models) > 1:  # training on the base model's images and a LoRA's together would learn neither
+        print(
+            f"{count} captioned image(s) in {output_dir / METADATA_NAME}, made by {len(models)} models "
+            f"({', '.join(models)}; each line's lora says which): train on the images of one of them, not this folder"
+        )
+        return
+    print(f"{count} captioned image(s) in {output_dir / METADATA_NAME}; to train on them: {shlex.join(train)}")
+
+
+def write_metadata(output_dir: Path) -> list:
+    """metadata.jsonl rebuilt from the settings the folder's PNGs carry, replaced in one step; return its records. A
+    line an image, in file name order: file_name, text (the prompt as sampled), seed, lora (the LoRAs that made it,
+    `--lora value:scale` joined by " + ", or none for the base model) and each {placeholder}'s value, as
+    finetune_lora.py (and the Hugging Face imagefolder) reads them; grid figures and other programs' PNGs have none."""
+    records = []
+    for path in sorted(output_dir.glob("*.png")):
+        try:
+            with Image.open(path) as image:
+                settings = json.loads(image.info[PNG_SETTINGS_KEY])  # info: the text chunks before the pixels
+            loras = " + ".join(f"{entry['lora']}:{entry['scale']:g}" for entry in settings["loras"])
+            caption = {"file_name": path.name, "text": settings["prompt"], "seed": settings["seed"]}
+        except (OSError, KeyError, TypeError, ValueError):
+            continue
+        records.append({**settings.get("placeholders", {}), **caption, "lora": loras or NO_LORA})
+    path = output_dir / METADATA_NAME
+    try:
+        with atomic_write(path) as staging:
+            staging.write_text("".join(f"{json.dumps(record)}\n" for record in records), encoding="utf-8")
+    except OSError as error:
+        raise GenerateError(f"cannot write {path} ({first_line(error)}): free space or make it writable") from None
+    return records
+
+
+def compare_with_source(image: Path, source: Path) -> str:
+    """Whether a --from_png image came out as the image it was rendered from, pixel for pixel, or by how much not."""
+    with Image.open(image) as new, Image.open(source) as old:
+        new, old = np.asarray(new.convert("RGB"), dtype=np.int16), np.asarray(old.convert("RGB"), dtype=np.int16)
+    if new.shape != old.shape:
+        return f"{image} is {new.shape[1]}x{new.shape[0]}, {source} {old.shape[1]}x{old.shape[0]}"
+    differing = int((new != old).sum())
+    if not differing:
+        return f"{image} matches {source} pixel for pixel"
+    return (
+        f"{image} differs from {source} in {differing} of {new.size} subpixels, by up to "
+        f"{int(np.abs(new - old).max())} levels (flags given, another device or dtype, or other library versions)"
+    )
 
 
 def draw_figures(args, prompts, axes, jobs, command: str, output_dir: Path):
     """A figure per prompt and image number, the first of two axes down the rows and the last across the columns: a
     wrapped title and column labels above the cells, row labels left of them. Each records the command that made it
     (`command`) and each cell's box and file; a figure there already (a resumed run's) is kept."""
-    rows, columns = (axes[0] if len(axes) == 2 else None), axes[-1]
-    shown = {"rows": (rows, axis_labels(rows, args)), "columns": (columns, axis_labels(columns, args))}
-    (_, row_labels), (_, column_labels) = shown.values()
+    shown = {"rows": axes[0] if len(axes) == 2 else None, "columns": axes[-1]}
+    labels = {key: axis_labels(axis, args) for key, axis in shown.items()}
+    axes_shown = {
+        key: axis and {"axis": axis.name, "values": axis.texts, "labels": labels[key]} for key, axis in shown.items()
+    }
     figures = [
         (record, record.get("seed", args.seed) + image) for record in prompts for image in range(args.num_images)
     ]
-    per_figure = len(row_labels) * len(column_labels)
+    rows, columns = len(labels["rows"]), len(labels["columns"])
     for number, (record, seed) in enumerate(figures):
         name = f"{number:0{ordinal_width(len(figures))}d}-grid-s{seed}-{slugify(record['prompt'])}.png"
         if (output_dir / name).exists():
             continue
-        files = [name for name, _ in jobs[number * per_figure : (number + 1) * per_figure]]
+        files = [file for file, _ in jobs[number * rows * columns : (number + 1) * rows * columns]]
         images = [Image.open(output_dir / file) for file in files]
         width, height = images[0].size
         font = ImageFont.load_default(size=max(11, width // 32))
         line_height, margin = math.ceil(font.size * 1.25), max(4, width // 64)
-        row_lines = [label_lines(label, font, 2 * width) for label in row_labels]
-        column_lines = [label_lines(label, font, width - margin) for label in column_labels]
+        row_lines = [label_lines(label, font, 2 * width) for label in labels["rows"]]
+        column_lines = [label_lines(label, font, width - margin) for label in labels["columns"]]
         left = math.ceil(max(font.getlength(line) for lines in row_lines for line in lines)) + 2 * margin
-        title = (
-            record["prompt"] if "seed" in (rows and rows.name, columns.name) else f"{record['prompt']} (seed {seed})"
-        )
-        title_lines = wrap(title, font, left + len(column_labels) * width - 2 * margin, TITLE_LINES)
+        seeds_shown = "seed" in (axis and axis.name for axis in shown.values())
+        title = record["prompt"] if seeds_shown else f"{record['prompt']} (seed {seed})"
+        title_lines = wrap(title, font, left + columns * width - 2 * margin, TITLE_LINES)
         top = margin + (len(title_lines) + max(map(len, column_lines))) * line_height + margin
-        figure = Image.new("RGB", (left + len(column_labels) * width, top + len(row_labels) * height), "white")
-        draw = ImageDraw.Draw(figure)
-        # (x, y) of each line: the title's from the top; a column label's ending just above its cells, each line
-        # centred; a row label's centred beside its row.
-        texts = [((margin, margin + index * line_height), line) for index, line in enumerate(title_lines)]
+        figure = Image.new("RGB", (left + columns * width, top + rows * height), "white")
+        draw = functools.partial(ImageDraw.Draw(figure).text, fill="black", font=font)
+        # The title from the top; a column label ending just above its cells, each line centred; a row label centred
+        # beside its row.
+        for index, line in enumerate(title_lines):
+            draw((margin, margin + index * line_height), line)
         for column, lines in enumerate(column_lines):
             for index, line in enumerate(lines):
                 x = left + column * width + (width - font.getlength(line)) / 2
-                texts.append(((x, top - margin - (len(lines) - index) * line_height), line))
+                draw((x, top - margin - (len(lines) - index) * line_height), line)
         for row, lines in enumerate(row_lines):
             for index, line in enumerate(lines):
-                y = top + row * height + (height - len(lines) * line_height) / 2 + index * line_height
-                texts.append(((margin, y), line))
-        for xy, line in texts:
-            draw.text(xy, line, fill="black", font=font)
+                draw((margin, top + row * height + (height - len(lines) * line_height) / 2 + index * line_height), line)
         cells = []
         for index, (image, file) in enumerate(zip(images, files, strict=True)):
-            row, column = divmod(index, len(column_labels))
+            row, column = divmod(index, columns)
             box = [left + column * width, top + row * height, width, height]
             figure.paste(image, box[:2])
             cells.append({"row": row, "column": column, "box": box, "file": file})
         info = PngImagePlugin.PngInfo()
-        axes_shown = {
-            key: axis and {"axis": axis.name, "values": axis.texts, "labels": labels}
-            for key, (axis, labels) in shown.items()
-        }
         info.add_text(PNG_GRID_KEY, json.dumps({"command": command, **axes_shown, "cells": cells}))
         write_new_file(output_dir / name, functools.partial(figure.save, format="PNG", pnginfo=info))
-        labels = "; ".join(f"{key}: {', '.join(labels)}" for key, (axis, labels) in shown.items() if axis)
-        tqdm.write(f"wrote {output_dir / name} ({labels})")
+        shown_labels = "; ".join(f"{key}: {', '.join(labels[key])}" for key, axis in shown.items() if axis)
+        tqdm.write(f"wrote {output_dir / name} ({shown_labels})")
 
 
 def axis_labels(axis: Axis | None, args) -> list:
@@ -1274,314 +1559,23 @@ def wrap(text: str, font, max_width: float, max_lines: int) -> list:
     return lines
 
 
-# Datasets: a run's images split between the processes of `accelerate launch`, resumed from what its folder
-# holds, and captioned in metadata.jsonl (rebuilt from the PNGs) for finetune_lora.py
-
-
-def ordinal_width(count: int) -> int:
-    """The digits of the file names' ordinals: 5, or as many as the largest of `count` needs, so names sort."""
-    return max(5, len(str(count - 1)))
-
-
-def lock_output_dir(output_dir: Path, state) -> tuple:
-    """One run writes a folder at a time: the main process creates --output_dir and locks it (lock_folder) until the
-    run ends, and a second run stops before it loads a model, every process with the main process's words. Returns
-    the lock and the folders created for it, which main() removes again if the run ends before writing to them."""
-    from accelerate.utils import broadcast_object_list
-
-    lock, created, refusal = None, [], [None]
-    if state.is_main_process:
-        created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            lock = lock_folder(output_dir, "--output_dir")
-        except OSError as error:
-            refusal = [f"cannot create --output_dir {output_dir}: {first_line(error)}"]
-        except GenerateError as error:
-            refusal = [str(error)]
-    if state.num_processes > 1:
-        broadcast_object_list(refusal)
-    if refusal[0]:
-        raise GenerateError(refusal[0])
-    return lock, created
-
-
-def process_state(name: str) -> tuple:
-    """accelerate's state of this process (the one process under python, one of several under accelerate launch)
-    and its device: --device `name`, or with auto and several processes the device accelerate gives this one."""
-    from accelerate import PartialState
-
-    auto = name == "auto"
-    if auto:
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise GenerateError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():  # 0 without CUDA
-        raise GenerateError(f"--device {name}: no such CUDA device here (found {torch.cuda.device_count()})")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise GenerateError("--device mps: Apple MPS is not available on this machine")
-    check_process_count()
-    state = PartialState(cpu=device.type == "cpu")  # on the CPU, several processes join over gloo
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if state.num_processes != world_size:
-        raise GenerateError(
-            f"accelerate formed {state.num_processes} process(es) but WORLD_SIZE is {world_size}: check the launcher"
-        )
-    return state, state.device if auto and state.num_processes > 1 else device
-
-
-def check_process_count():
-    """`accelerate launch --num_processes N` without --multi_gpu starts N processes only on a host with N GPUs; on
-    others it starts one, which would then do the work of N alone."""
-    import psutil  # accelerate's dependency
-
-    if "WORLD_SIZE" in os.environ or "ACCELERATE_MIXED_PRECISION" not in os.environ:
-        return  # several processes were started, or no accelerate launch
-    with contextlib.suppress(psutil.Error):
-        script = Path(sys.argv[0]).name
-        launcher = itertools.takewhile(lambda part: Path(part).name != script, psutil.Process().parent().cmdline())
-        flags = [part for flag in launcher for part in flag.split("=", 1)]
-        asked = flags[flags.index("--num_processes") + 1] if "--num_processes" in flags[:-1] else "1"
-        if asked.isdigit() and int(asked) > 1:
-            raise GenerateError(
-                f"accelerate launch --num_processes {asked} started 1 process, as it does without --multi_gpu where "
-                f"there are not {asked} GPUs: add --multi_gpu (it starts {asked} processes on CPUs too)"
-            )
-
-
-def run_record(args, prompts, lora_files: dict, dtype, drawn: bool) -> dict:
-    """What decides the run's images, as generate_run.json keeps it. The batch size, --device, the number of processes
-    and --compile may change on resuming: they change pixels at most by floating-point rounding. A folder base model
-    is kept as its resolved path, a LoRA as its sha256, each prompt as a short digest, so a difference names it."""
-    folder, _ = base_model_source(args)
-    record = {
-        "prompts": [hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:16] for prompt in prompts],
-        "num_images": args.num_images,
-        "grid": args.grid,
-        "compare": args.compare,
-        "figures": drawn,
-        **{key: getattr(args, key) for key in PNG_FLAGS if key != "compile"},
-        "base_model": str(folder.resolve()) if folder is not None else args.base_model,
-        "loras": [
-            (lora_files[name].sha256 if name in lora_files else name, scale) for name, scale in run_lora_scales(args)
-        ],
-        "lora_sha256": sorted({lora.sha256 for lora in lora_files.values()}),  # the --grid lora files too
-        "dtype": DTYPE_FLAGS[str(dtype).removeprefix("torch.")],
-    }
-    return json.loads(json.dumps(record))  # as it reads back from the file: tuples as lists
-
-
-def setting_difference(key: str, here, there) -> str:
-    """One setting that differs, with both values when they are short; of a list, its length or the first element
-    that differs."""
-    if isinstance(here, list) and isinstance(there, list):
-        if len(here) != len(there):
-            return f"{key}: {len(here)} here, {len(there)} there"
-        number = next(number for number in range(1, len(here) + 1) if here[number - 1] != there[number - 1])
-        one, other = here[number - 1], there[number - 1]
-        if key == "prompts":
-            return f"prompt {number} differs"
-        if key == "loras":
-            which = "lora" if len(here) == 1 else f"lora {number}"
-            if one[0] != other[0]:
-                return f"{which} file (sha256 {one[0][:12]}... here, {other[0][:12]}... there)"
-            return f"{which} scale {one[1]} here, {other[1]} there"
-        return setting_difference(f"{key} {number}", one, other)
-    shown = [json.dumps(value) for value in (here, there)]
-    return key if max(map(len, shown)) > 40 else f"{key} {shown[0]} here, {shown[1]} there"
-
-
-def check_same_run(output_dir: Path, record: dict, jobs):
-    """Refuse an --output_dir whose generate_run.json holds other settings, naming them, or whose images came from a
-    run that kept no settings; before any model is loaded or anything written."""
-    path = output_dir / RUN_FILE_NAME
-    fix = "pass a new --output_dir"
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        if output_dir.is_dir() and any((output_dir / name).exists() for name, _ in jobs):
-            raise GenerateError(
-                f"--output_dir {output_dir} holds this run's file names but no {RUN_FILE_NAME}: {fix}"
-            ) from None
-        return
-    except (OSError, ValueError) as error:
-        raise GenerateError(f"cannot read {path} ({first_line(error)}): {fix}") from None
-    differing = [key for key in {**saved, **record} if saved.get(key) != record.get(key)]
-    if differing:
-        shown = "; ".join(setting_difference(key, record.get(key), saved.get(key)) for key in differing)
-        raise GenerateError(
-            f"--output_dir {output_dir} holds a run with other settings ({shown}): {fix}, or that run's settings to "
-            "add its missing images"
-        )
-
-
-def start_run(pipe, args, output_dir: Path, record: dict, jobs, state) -> tuple:
-    """Save the settings in the folder on the main process and deal out the batches that lack a PNG; return (this process's batches, the run's images there already, the
-    batch size). --batch_size auto takes the smallest of every process's, as all must cut the same batches, and the
-    batches are cut from all the jobs, so a resumed run keeps the pixels of one uninterrupted process."""
-    if state.is_main_process:
-        text = json.dumps(record, indent=1, sort_keys=True)
-        write_new_file(output_dir / RUN_FILE_NAME, lambda staging: staging.write_text(text, "utf-8"))
-    batch_size = args.batch_size
-    if batch_size == "auto":
-        from accelerate.utils import gather_object
-
-        batch_size = min(gather_object([auto_batch_size(pipe, args, len(jobs)) if pipe else 1]))
-    state.wait_for_everyone()
-    present = set(os.listdir(output_dir))
-    # Batches one pipeline call samples: the same LoRAs, sampler, steps and guidance, in the order each first appears.
-    kinds = {}
-    for name, cell in jobs:
-        kinds.setdefault((cell.lora_scales, cell.scheduler, cell.steps, cell.guidance_scale), []).append((name, cell))
-    batches = [kind[start : start + batch_size] for kind in kinds.values() for start in range(0, len(kind), batch_size)]
-    missing = [batch for batch in batches if any(name not in present for name, _ in batch)]
-    state.wait_for_everyone()  # every process has listed the folder before any writes to it
-    return missing[state.process_index :: state.num_processes], sum(name in present for name, _ in jobs), batch_size
-
-
-def remove_damaged_images(output_dir: Path, names: set):
-    """Delete a killed run's temporary files and the images of this run in the folder that do not read whole (a
-    zero-byte or truncated PNG, as a full disk or a crashed file system leaves): they are sampled again."""
-    for staging in output_dir.glob("*.tmp"):
-        staging.unlink(missing_ok=True)
-    for name in sorted(names & set(os.listdir(output_dir))):
-        try:
-            with Image.open(output_dir / name) as image:
-                image.verify()  # every chunk's checksum, up to the end of the file, without decoding the pixels
-        except (OSError, SyntaxError, ValueError) as error:
-            print(f"warning: {output_dir / name} is damaged ({first_line(error)}): sampling it again", file=sys.stderr)
-            (output_dir / name).unlink()
-
-
-def write_metadata(output_dir: Path) -> list:
-    """metadata.jsonl rebuilt from the settings the folder's PNGs carry, replaced in one step; return its records. A
-    line an image, in file name order: file_name, text (the prompt as sampled), seed, lora (the LoRAs that made it,
-    `--lora value:scale` joined by " + ", or none for the base model) and each {placeholder}'s value, as
-    finetune_lora.py (and the Hugging Face imagefolder) reads them; grid figures and other programs' PNGs have none."""
-    records = []
-    for path in sorted(output_dir.glob("*.png")):
-        try:
-            with Image.open(path) as image:
-                settings = json.loads(image.info[PNG_SETTINGS_KEY])  # info: the text chunks before the pixels
-            loras = " + ".join(f"{entry['lora']}:{entry['scale']:g}" for entry in settings["loras"])
-            caption = {"file_name": path.name, "text": settings["prompt"], "seed": settings["seed"]}
-        except (OSError, KeyError, TypeError, ValueError):
-            continue
-        records.append({**settings.get("placeholders", {}), **caption, "lora": loras or NO_LORA})
-    path = output_dir / METADATA_NAME
-    try:
-        with atomic_write(path) as staging:
-            staging.write_text("".join(f"{json.dumps(record)}\n" for record in records), encoding="utf-8")
-    except OSError as error:
-        raise GenerateError(f"cannot write {path} ({first_line(error)}): free space or make it writable") from None
-    return records
-
-
-def finish_run(args, prompts, axes, jobs, output_dir: Path, sampled: int, elapsed: float, state, command: str):
-    """On the main process: the grid figures (`command`: the generate.py command line they record), metadata.jsonl,
-    the totals of the `sampled` images, and the commands that score the folder and that train on it."""
-    if not state.is_main_process:
-        return
-    if axes and not args.no_figure:
-        draw_figures(args, prompts, axes, jobs, command, output_dir)
-    records = write_metadata(output_dir)
-    count = len(records)
-    if sampled:
-        print(
-            f"{sampled} image(s) in {elapsed:.1f} s, {elapsed / sampled:.1f} s/image, "
-            f"{sampled / elapsed:.2f} images/s on {state.num_processes} process(es)"
-        )
-    else:
-        print(f"nothing to sample: all {count} image(s) of this run are in {output_dir}")
-    if args.from_png is not None and len(jobs) == 1:
-        print(compare_with_source(output_dir / jobs[0][0], args.from_png))
-    if any(axis.name not in SETTING_AXES for axis in axes):
-        score = shlex.join(["python", "tools/score.py", str(output_dir)])
-        print(f"to score how well the images follow their {{placeholder}} values: {score}")
-    train = ["accelerate", "launch", "finetune_lora.py", "--train_data_dir", str(output_dir)]
-    if args.base_model != DEFAULT_BASE_MODEL:
-        train += ["--pretrained_model_name_or_path", args.base_model]
-    resolution = min(args.height, args.width)
-    if resolution != 768:  # finetune_lora.py's default, which would upscale smaller images
-        train += ["--resolution", str(resolution)]
-    models = sorted({record["lora"] for record in records})
-    if len(models) > 1:  # training on the base model's images and a LoRA's together would learn neither
-        print(
-            f"{count} captioned image(s) in {output_dir / METADATA_NAME}, made by {len(models)} models "
-            f"({', '.join(models)}; each line's lora says which): train on the images of one of them, not this folder"
-        )
-        return
-    print(f"{count} captioned image(s) in {output_dir / METADATA_NAME}; to train on them: {shlex.join(train)}")
-
-
-def compare_with_source(image: Path, source: Path) -> str:
-    """Whether a --from_png image came out as the image it was rendered from, pixel for pixel, or by how much not."""
-    with Image.open(image) as new, Image.open(source) as old:
-        new, old = np.asarray(new.convert("RGB"), dtype=np.int16), np.asarray(old.convert("RGB"), dtype=np.int16)
-    if new.shape != old.shape:
-        return f"{image} is {new.shape[1]}x{new.shape[0]}, {source} {old.shape[1]}x{old.shape[0]}"
-    differing = int((new != old).sum())
-    if not differing:
-        return f"{image} matches {source} pixel for pixel"
-    return (
-        f"{image} differs from {source} in {differing} of {new.size} subpixels, by up to "
-        f"{int(np.abs(new - old).max())} levels (flags given, another device or dtype, or other library versions)"
-    )
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     output_dir = state = lock = None
-    created = []  # the folders this run created for --output_dir: removed if it ends before writing to them
+    created, names, done = [], set(), 0  # folders made for --output_dir, the run's file names, those there before
     sampling = False  # whether processes may be writing images: a stop then captions what is on disk
-    done = 0  # the run's images in the folder before this command sampled any
     previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         args = parse_args(argv)
-        quiet_library_logs()  # before the first diffusers or transformers import: reading a LoRA warns too
         prompts = read_prompts(args)
         axes, jobs = plan(args, prompts)
-        names, cells = {name for name, _ in jobs}, [cell for _, cell in jobs]
-        lora_names = dict.fromkeys(name for cell in cells for name, _ in cell.lora_scales)
-        check_inputs(args, args.output_dir or DEFAULT_OUTPUT_ROOT, lora_names)
-        state, device = process_state(args.device)
-        dtype = pick_dtype(args.dtype, device, args.made_with)
-        lora_files = {name: read_lora(name, args.lora_weight_name, args.lora_sha256) for name in lora_names}
-        record = run_record(args, prompts, lora_files, dtype, bool(axes) and not args.no_figure)
-        # Without --output_dir, the run's own folder, named after its first prompt and settings: the same command
-        # finds it again and adds what is missing, another command gets a folder of its own.
-        digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8]
-        output_dir = args.output_dir or DEFAULT_OUTPUT_ROOT / f"{slugify(prompts[0]['prompt'], 40)}-{digest}"
-        if args.from_png is not None and args.output_dir is None:  # rendering again always renders: a new folder
-            again = (DEFAULT_OUTPUT_ROOT / "from_png" / f"{args.from_png.stem}-{n}" for n in itertools.count(1))
-            output_dir = next(folder for folder in again if not folder.exists())
-        lock, created = lock_output_dir(output_dir, state)
-        check_same_run(output_dir, record, jobs)
-        if state.is_main_process:
-            remove_damaged_images(output_dir, names)
-        state.wait_for_everyone()
+        names = {name for name, _ in jobs}
+        state, device, dtype, lora_files = check_inputs(args, jobs)
+        output_dir, record = run_folder(args, prompts, lora_files, dtype, bool(axes) and not args.no_figure)
+        lock, created = lock_output_dir(output_dir, state)  # created: removed if the run ends before writing to them
+        pipe, switch, mine, done = start_run(args, output_dir, record, jobs, lora_files, device, dtype, state)
 
-        pipe = switch = None  # the same command after a complete run only checks the folder: no model to load
-        if not names <= set(os.listdir(output_dir) if output_dir.is_dir() else []):
-            pipe = load_pipeline(args, device, dtype)
-            warn_long_prompts(pipe.tokenizer, cells)
-            switch = LoraSwitch(pipe, lora_files, {cell.lora_scales for cell in cells})
-        mine, done, batch_size = start_run(pipe, args, output_dir, record, jobs, state)
-        if state.is_main_process:
-            print(
-                f"{len(jobs)} image(s), {done} of them in {output_dir} already; the other {len(jobs) - done} on "
-                f"{state.num_processes} process(es), {device} ({str(dtype).removeprefix('torch.')}), "
-                f"batch size {batch_size}"
-            )
-        if args.compile and mine:
-            compile_models(pipe, [cell for _, cell in mine[0]], args)
-
-        sampling = True
-        start = time.perf_counter()
+        sampling, start = True, time.perf_counter()
         bar = tqdm(
             total=len(jobs), initial=done, desc="images", unit="image", position=0, disable=not state.is_main_process
         )
@@ -1594,9 +1588,7 @@ def main(argv=None) -> int:
                 elif state.is_main_process:  # every process's images show in the folder
                     bar.update(len(names.intersection(os.listdir(output_dir))) - bar.n)
             state.wait_for_everyone()
-        elapsed = time.perf_counter() - start
-        command = shlex.join(["python", "generate.py", *argv])
-        finish_run(args, prompts, axes, jobs, output_dir, len(jobs) - done, elapsed, state, command)
+        finish_run(args, prompts, axes, jobs, output_dir, len(jobs) - done, time.perf_counter() - start, state, argv)
         return 0
     except (GenerateError, KeyboardInterrupt) as error:
         interrupted = isinstance(error, KeyboardInterrupt)
