@@ -71,7 +71,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 VALIDATION_GRID_PATTERN = re.compile(r"^step-\d{6}\.(png|json)(\.tmp)?$")  # validation/step-N.png, its prompts
-VALIDATION_IMAGES_PER_CALL = 20  # the default 5 seeds x 4 prompts
+VALIDATION_IMAGES_PER_CALL = 20  # the default grid, 5 seeds x 4 prompts, in one call
 TRACKER_PROJECT = "text2face-lora"  # the tracker's run folder under --logging_dir
 DEFAULT_SCORE_MODEL = "openai/clip-vit-large-patch14"  # --score_model: CLIP ViT-L/14, as generate.py --score
 # Sampled into the validation grids unless --validation_prompts says otherwise: the published run's two prompts and
@@ -1659,27 +1659,29 @@ def validation_grid(args, accelerator, models: Models, step: int, stop) -> tuple
     )
     pipeline.set_progress_bar_config(disable=True)
     prompts, seeds = args.validation_prompts, [args.seed + row for row in range(args.num_validation_images)]
-    # Whole rows per call, the default grid in one call: on a small model the cost is per call more than per image;
-    # the cap bounds a larger grid's memory. Each image draws its noise from its row's seed alone, so a row's prompts
-    # start from the same noise.
-    rows_per_call = max(1, VALIDATION_IMAGES_PER_CALL // len(prompts))
+    # The grid's images row by row, each drawing its noise from its row's seed alone (a row's prompts start from the
+    # same noise), in calls of up to 20: on a small model a call costs about the same whatever its size.
+    cells = [(seed, prompt) for seed in seeds for prompt in prompts]
     images = []
-    models.vae.enable_slicing()  # decoded one by one: 20 images at 768 px at once would take gigabytes
-    try:
-        # A compiled UNet samples eagerly here: compiling its inference graph would cost more than the sampling saves.
-        with torch.no_grad(), accelerator.autocast(), torch.compiler.set_stance("force_eager"):
-            for first in range(0, len(seeds), rows_per_call):
-                call_seeds = [seed for seed in seeds[first : first + rows_per_call] for _ in prompts]
-                images += pipeline(
-                    prompts * (len(call_seeds) // len(prompts)),
-                    num_inference_steps=args.validation_inference_steps,
-                    height=args.resolution,
-                    width=args.resolution,
-                    generator=[torch.Generator("cpu").manual_seed(seed) for seed in call_seeds],
-                    callback_on_step_end=give_up_on_stop,
-                ).images
-    finally:
-        models.vae.disable_slicing()
+    # A compiled UNet samples eagerly here: compiling its inference graph would cost more than the sampling saves.
+    with torch.no_grad(), accelerator.autocast(), torch.compiler.set_stance("force_eager"):
+        for first in range(0, len(cells), VALIDATION_IMAGES_PER_CALL):
+            chunk = cells[first : first + VALIDATION_IMAGES_PER_CALL]
+            latents = pipeline(
+                [prompt for _, prompt in chunk],
+                num_inference_steps=args.validation_inference_steps,
+                height=args.resolution,
+                width=args.resolution,
+                generator=[torch.Generator("cpu").manual_seed(seed) for seed, _ in chunk],
+                output_type="latent",
+                callback_on_step_end=give_up_on_stop,
+            ).images
+            # Decoded one by one: a stop request waits for one decode at most, and 20 at 768 px need gigabytes.
+            for latent in latents:
+                if stop.requested():
+                    raise GaveUp
+                decoded = models.vae.decode(latent[None] / models.vae.config.scaling_factor).sample
+                images += pipeline.image_processor.postprocess(decoded)
     rows = [images[first : first + len(prompts)] for first in range(0, len(images), len(prompts))]
     return labelled_grid(rows, prompts, seeds, step), rows
 
