@@ -1334,7 +1334,7 @@ def complete_checkpoints(output_dir: Path, warn: bool = False) -> list:
     incomplete checkpoint-N (its run was killed while writing it) is named in a warning."""
     found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
     complete = [path for path in sorted(found, key=checkpoint_step) if is_complete_checkpoint(path)]
-    for path in sorted(set(found) - set(complete)) if warn else []:
+    for path in sorted(set(found) - set(complete), key=checkpoint_step) if warn else []:
         logger.warning(f"ignoring incomplete checkpoint {path} (its run was killed while writing it)")
     return complete
 

@@ -991,7 +991,7 @@ def run_folder(args, prompts, lora_files: dict, dtype, drawn: bool) -> tuple:
         return args.output_dir, record
     if args.from_png is not None:
         again = (DEFAULT_OUTPUT_ROOT / "from_png" / f"{args.from_png.stem}-{n}" for n in itertools.count(1))
-        return next(folder for folder in again if not folder.exists()), record
+        return next(candidate for candidate in again if not candidate.exists()), record
     digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:8]
     return DEFAULT_OUTPUT_ROOT / f"{slugify(prompts[0]['prompt'], 40)}-{digest}", record
 

@@ -1,4 +1,4 @@
-"""How fast `generate.py` and `finetune_lora.py` run against the chip's own limit, eager and `--compile` side by side.
+"""How fast `generate.py` and `finetune_lora.py` run against the chip's own limit, eager and `--compile`.
 
 One command for a CUDA machine. It builds SD2.1 with random weights from the reference configs (compute and
 memory are the real model's; see bench_common.py), then runs the real scripts as processes, each mode in turn:
@@ -214,8 +214,7 @@ def measure_training(args, mode: str, model_dir: Path, faces: Path, work_dir: Pa
     command += ["--validation_prompts", "none"]  # a grid after checkpoint K would fall inside the timed steps
     command += ["--compile"] if mode == "compile" else []
     output.parent.mkdir(parents=True, exist_ok=True)
-    env = {**ENV, "HF_DATASETS_CACHE": str(work_dir / "datasets-cache")}
-    run = run_measured(command, env, output.with_suffix(".log"), output)
+    run = run_measured(command, ENV, output.with_suffix(".log"), output)
     if sorted(run.checkpoints) != [k, 2 * k]:
         raise BenchError(f"finetune_lora.py wrote checkpoints {sorted(run.checkpoints)}, expected {[k, 2 * k]}")
     (first_start, first_end), (second_start, _) = run.checkpoints[k], run.checkpoints[2 * k]
@@ -253,7 +252,7 @@ def measure_mode(args, mode: str, model_dir: Path, lora: Path, faces: Path, work
     if "train" in args.parts:
         figures |= measure_training(args, mode, model_dir, faces, work_dir)
         figures["train_peak_percent"] = 100 * flops["train_image"] * figures["train_images_per_s"] / flops["peak"]
-    print(f"{mode}: " + ", ".join(f"{key} {value:.4g}" for key, value in figures.items() if isinstance(value, float)))
+    print(f"{mode}: {json.dumps(figures)}", flush=True)  # all of them, should a later mode not finish
     return figures
 
 
@@ -267,7 +266,7 @@ def gib(value) -> str:
 
 
 def report(args, figures: dict, flops: dict):
-    """A markdown table, eager and --compile side by side."""
+    """A markdown table, the modes run side by side."""
     rows = []
     if "generate" in args.parts:
         rows += [

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import finetune_lora
 
@@ -29,7 +30,10 @@ def test_a_dataset_becomes_the_folder_training_reads_with_its_files_and_captions
 
     folder = tmp_path / "written"
     assert hub_dataset.main(["imagefolder", str(folder), "--data_dir", str(source)]) == 0
-    assert f"--train_data_dir {folder}" in capfd.readouterr().err
+    assert (
+        f"(1 rows without an image or a caption left out)\nNext: accelerate launch finetune_lora.py --train_data_dir {folder}"
+        in capfd.readouterr().err
+    )
     assert sorted(p.name for p in folder.iterdir()) == ["000000.png", "000002.png", "metadata.jsonl"]
     assert (folder / "000002.png").read_bytes() == files[2].read_bytes()  # the file as stored, not decoded again
     args = finetune_lora.parse_args(["--train_data_dir", str(folder), "--validation_prompts", "none"])
@@ -43,6 +47,27 @@ def test_a_dataset_becomes_the_folder_training_reads_with_its_files_and_captions
         ["imagefolder", str(tmp_path / "other"), "--data_dir", str(source), "--caption_column", "x"]
     )
     assert "has no column 'x' (columns: " in capfd.readouterr().err
+
+
+def test_an_image_training_cannot_read_by_its_suffix_is_written_as_png_and_a_broken_one_is_one_line(tmp_path, capfd):
+    assert hub_dataset.TRAINABLE_SUFFIXES == finetune_lora.IMAGE_EXTENSIONS
+    source = tmp_path / "source"
+    source.mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(source / "0.gif")
+    (source / "metadata.jsonl").write_text(json.dumps({"file_name": "0.gif", "text": "a red face"}) + "\n")
+    folder = tmp_path / "written"
+    assert hub_dataset.main(["imagefolder", str(folder), "--data_dir", str(source)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["000000.png", "metadata.jsonl"]
+    assert Image.open(folder / "000000.png").convert("RGB").getpixel((3, 3)) == Image.open(source / "0.gif").convert(
+        "RGB"
+    ).getpixel((3, 3))
+
+    (source / "0.gif").write_bytes(b"GIF89a, then nothing")
+    broken = tmp_path / "broken"
+    assert hub_dataset.main(["imagefolder", str(broken), "--data_dir", str(source)]) == 1
+    line = capfd.readouterr().err.splitlines()[-1]  # after the datasets library's progress bar
+    assert line == "error: row 0: 0.gif cannot be read as an image; fix or remove that row"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source", "written"]  # no folder, no staging left
 
 
 @pytest.mark.parametrize("flag", ["--dataset_name", "--dataset_config_name=faces"])

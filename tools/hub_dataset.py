@@ -11,9 +11,14 @@ existing FOLDER is never written into.
 import argparse
 import io
 import json
+import shlex
 import shutil
 import sys
+import tempfile
 from pathlib import Path
+
+# The suffixes finetune_lora.py reads (its IMAGE_EXTENSIONS; tests/test_hub_dataset.py checks that they agree).
+TRAINABLE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 class DatasetError(Exception):
@@ -63,10 +68,9 @@ def captions_of(value) -> list:
     return [v for v in value if v.strip()]
 
 
-def write_folder(args) -> int:
-    """Write the image folder; return the number of images written."""
+def write_folder(args) -> tuple:
+    """Write the image folder, whole or not at all; return the number of images written and of rows left out."""
     import datasets
-    from PIL import Image
 
     if args.folder.exists():
         raise DatasetError(f"{args.folder} exists: pass a new folder")
@@ -83,41 +87,61 @@ def write_folder(args) -> int:
             )
     if isinstance(dataset.features[args.image_column], datasets.Image):  # the files as stored, not decoded again
         dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
-    staging = args.folder.with_name(args.folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    records = []
-    for index, row in enumerate(dataset):
-        captions = captions_of(row[args.caption_column]) if row[args.caption_column] is not None else []
-        if not captions:
-            continue
-        image = row[args.image_column]
-        path = image if isinstance(image, str) else image.get("path")
-        data = Path(path).read_bytes() if isinstance(image, str) or image.get("bytes") is None else image["bytes"]
-        suffix = Path(path).suffix if path else ""
-        if not suffix:
+    try:
+        args.folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{args.folder.name}.", dir=args.folder.parent))
+    except OSError as error:
+        raise DatasetError(f"cannot write into {args.folder.parent}: {first_line(error)}") from error
+    try:
+        records = [record for index, row in enumerate(dataset) if (record := write_row(args, staging, index, row))]
+        if not records:
+            raise DatasetError(f"no row of {args.dataset} has an image and a caption in column '{args.caption_column}'")
+        (staging / "metadata.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+        staging.rename(args.folder)
+    except OSError as error:
+        raise DatasetError(f"cannot write {args.folder}: {first_line(error)}; nothing was written") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return len(records), len(dataset) - len(records)
+
+
+def write_row(args, staging: Path, index: int, row: dict):
+    """Write one row's image into `staging` and return its metadata record, or None for a row without an image or
+    caption. A file finetune_lora.py cannot read by its suffix is written again as PNG."""
+    from PIL import Image, UnidentifiedImageError
+
+    captions = captions_of(row[args.caption_column]) if row[args.caption_column] is not None else []
+    image = row[args.image_column]
+    if not captions or not image:
+        return None
+    path = image if isinstance(image, str) else image.get("path")
+    data = Path(path).read_bytes() if isinstance(image, str) or image.get("bytes") is None else image["bytes"]
+    suffix = Path(path).suffix.lower() if path else ""
+    if suffix not in TRAINABLE_SUFFIXES:
+        try:
             with Image.open(io.BytesIO(data)) as opened:
-                suffix = f".{opened.format.lower()}"
-        name = f"{index:06d}{suffix.lower()}"
-        (staging / name).write_bytes(data)
-        records.append({"file_name": name, "text": captions if len(captions) > 1 else captions[0]})
-    if not records:
-        shutil.rmtree(staging)
-        raise DatasetError(f"no row of {args.dataset} has a caption in column '{args.caption_column}'")
-    (staging / "metadata.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
-    staging.rename(args.folder)
-    return len(records)
+                opened.load()
+                suffix, buffer = ".png", io.BytesIO()
+                opened.save(buffer, format="PNG")
+                data = buffer.getvalue()
+        except (UnidentifiedImageError, OSError) as error:
+            stored = Path(path).name if path else "its image"
+            raise DatasetError(f"row {index}: {stored} cannot be read as an image; fix or remove that row") from error
+    name = f"{index:06d}{suffix}"
+    (staging / name).write_bytes(data)
+    return {"file_name": name, "text": captions if len(captions) > 1 else captions[0]}
 
 
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
-        count = write_folder(args)
+        count, left_out = write_folder(args)
     except DatasetError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"Wrote {count} images and their captions to {args.folder}", file=sys.stderr)
-    print(f"Next: accelerate launch finetune_lora.py --train_data_dir {args.folder}", file=sys.stderr)
+    print(f"Wrote {count} images and their captions to {args.folder}", file=sys.stderr, end="")
+    print(f" ({left_out} rows without an image or a caption left out)" if left_out else "", file=sys.stderr)
+    print(f"Next: accelerate launch finetune_lora.py --train_data_dir {shlex.quote(str(args.folder))}", file=sys.stderr)
     return 0
 
 
