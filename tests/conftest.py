@@ -18,6 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tests compare pixels against CPU fp32 references; a GPU would switch the scripts to fp16.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
+from script_server import ScriptServer  # noqa: E402
 from tiny_sd21 import build_tiny_clip, build_tiny_sd21, make_face_folder  # noqa: E402
 
 
@@ -31,6 +32,15 @@ def tiny_model(tmp_path_factory):
 def tiny_clip(tmp_path_factory):
     """Path of a random-weight CLIPModel with its CLIPProcessor, loadable as --score_model (read-only)."""
     return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def script_server():
+    """Runs `python SCRIPT ARGS` as a process of its own forked from an interpreter that has imported torch
+    (tests/script_server.py): for scripts that must import huggingface_hub under an environment of their own."""
+    server = ScriptServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""`download.py` against a Hub look-alike on 127.0.0.1 (tests/hub_server.py), run as a real subprocess.
+"""`download.py` against a Hub look-alike on 127.0.0.1 (tests/hub_server.py), run as a process of its own.
 
 Each run gets its own HF_HOME and working folder, and `HF_ENDPOINT` pointing at the local server, so the
 huggingface_hub code paths are the ones a user hits on huggingface.co: HEAD for the ETag, GET with Range, the
@@ -22,6 +22,7 @@ import pytest
 from hub_server import FakeHub, commit_of
 from PIL import Image
 from safetensors.numpy import load_file, save_file
+from script_server import ScriptServer
 
 DOWNLOAD_PY = Path(__file__).resolve().parent.parent / "download.py"
 GENERATE_PY = DOWNLOAD_PY.parent / "generate.py"
@@ -93,18 +94,22 @@ def download_env(hub_url: str, workdir: Path, offline: bool = False) -> dict:
     return env
 
 
+SCRIPTS: ScriptServer  # the session's script_server, set by the fixture below
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _scripts(script_server):
+    global SCRIPTS
+    SCRIPTS = script_server
+
+
 def run_download(
     hub_url: str, workdir: Path, *args: str, offline: bool = False, umask: int | None = None
 ) -> subprocess.CompletedProcess:
-    """`python download.py ARGS` in `workdir`, with its own HF_HOME there and the Hub at `hub_url`."""
-    return subprocess.run(
-        [sys.executable, str(DOWNLOAD_PY), *args],
-        cwd=workdir,
-        env=download_env(hub_url, workdir, offline),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        preexec_fn=None if umask is None else lambda: os.umask(umask),
+    """`python download.py ARGS` in `workdir`, with its own HF_HOME there and the Hub at `hub_url`: a process of its
+    own (tests/script_server.py), which imports huggingface_hub under that environment."""
+    return SCRIPTS.run(
+        DOWNLOAD_PY, args, cwd=workdir, env=download_env(hub_url, workdir, offline), timeout=180, umask=umask
     )
 
 
