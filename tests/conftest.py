@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The tests compare pixels against CPU fp32 references; a GPU would switch the scripts to fp16.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-from script_server import ScriptServer  # noqa: E402
+from script_server import ScriptServers  # noqa: E402
 from tiny_sd21 import build_tiny_clip, build_tiny_sd21, make_face_folder  # noqa: E402
 
 
@@ -35,12 +35,12 @@ def tiny_clip(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def script_server():
-    """Runs `python SCRIPT ARGS` as a process of its own forked from an interpreter that has imported torch
-    (tests/script_server.py): for scripts that must import huggingface_hub under an environment of their own."""
-    server = ScriptServer()
-    yield server
-    server.close()
+def scripts():
+    """Runs `python SCRIPT ARGS` as a process of its own, forked from an interpreter that has imported torch (and, on
+    request, diffusers and transformers) already: tests/script_server.py."""
+    servers = ScriptServers()
+    yield servers
+    servers.close()
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,21 @@
 """`python SCRIPT ARGS` as a real process of its own, without paying for `import torch` in each one.
 
-A test that must run a script under environment variables that libraries read once, at import (huggingface_hub
-reads HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE then), cannot call the script's `main` in the pytest process; a fresh
-interpreter pays about 1.5 s importing torch before the script does anything. `ScriptServer` starts one interpreter
-that imports torch and the other modules named (none of which reads those variables) and then forks a child per
-run. The child is a process of its own, as `subprocess.run([sys.executable, SCRIPT, *args])` would start: it sets
-the run's environment, working folder and umask, writes to files that become `stdout` and `stderr`, imports
-everything else (huggingface_hub included) itself, runs SCRIPT as `__main__`, and ends as the interpreter would
-(the exit status of `sys.exit`, a traceback and status 1 for an uncaught exception, death by SIGINT for an uncaught
-KeyboardInterrupt, atexit handlers run).
+A test that runs a script under environment variables that libraries read once, at import (huggingface_hub reads
+HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE then), or that checks what the process prints and exits with, runs the
+script in a process of its own; a fresh interpreter pays about 1.5 s importing torch before the script does
+anything, and 3 s more for diffusers and transformers.
 
-The preloading interpreter is checked to print nothing: a warning printed at `import torch` would be printed once
-there and never by a child, where a fresh `python SCRIPT` prints it, so such a server refuses to start.
+`ScriptServer` starts one interpreter that imports a list of modules and then forks a child per run. The child is a
+process of its own, as `subprocess.run([sys.executable, SCRIPT, *args])` starts one: it sets the run's environment,
+working folder and umask, writes to files that become `stdout` and `stderr`, imports everything else itself, runs
+SCRIPT as `__main__`, and ends as the interpreter does (the exit status of `sys.exit`, a traceback and status 1 for
+an uncaught exception, a traceback and death by SIGINT for an uncaught KeyboardInterrupt, atexit handlers run).
+
+A run's environment must be the server's but for variables that none of the preloaded modules reads at import:
+TORCH serves any values of the Hub's variables (and is checked not to import huggingface_hub), LIBRARIES serves its
+own environment only. `ScriptServers` keeps a server per preload list and environment. The preloading interpreter
+is checked to print nothing: a warning printed at an import would be printed once there and never by a child,
+where a fresh `python SCRIPT` prints it, so such a server refuses to start.
 """
 
 import json
@@ -24,7 +28,28 @@ import sys
 import tempfile
 from pathlib import Path
 
-PRELOAD = ("torch", "numpy", "safetensors.torch", "PIL.Image")
+# What every script imports and no library reads an environment variable of ours for: the server for runs whose
+# environments differ only in the Hub's variables (HUB_VARIABLES).
+TORCH = ("torch", "numpy", "safetensors.torch", "PIL.Image")
+# ... and the libraries the scripts build on, up to (not including) the modules that print a warning when imported
+# (diffusers' pipelines import transformers' image processors, which warn that torchvision is missing: the scripts
+# silence that themselves, and the children must go through that). They read the environment at import
+# (huggingface_hub, HF_HOME and the caches): a server that preloads them serves runs under its own environment only.
+LIBRARIES = TORCH + (
+    "tqdm.auto",
+    "transformers",
+    "diffusers",
+    "diffusers.models.unets.unet_2d_condition",
+    "diffusers.models.autoencoders.autoencoder_kl",
+    "transformers.models.clip.modeling_clip",
+    "peft",
+    "accelerate",
+)
+HUB_VARIABLES = ("HF_", "HUGGINGFACE_")  # read by huggingface_hub and what is built on it, never by TORCH
+# pytest names the running test in its environment, so each test's differs; no library reads it at import (only
+# their testing helpers read it, when called).
+ALWAYS_FREE = ("PYTEST_CURRENT_TEST",)
+READ_AT_IMPORT = ("huggingface_hub", "diffusers", "transformers", "peft", "accelerate")
 
 
 def _decode(data: bytes) -> str:
@@ -39,15 +64,18 @@ def _default_sigint():
 
 
 class ScriptServer:
-    """Runs scripts in children forked from one interpreter that has imported PRELOAD; one run at a time."""
+    """Runs scripts in children forked from one interpreter that has imported `preload` under `env`; one run at a
+    time. A run's environment may differ from `env` only in the variables that start with `free`."""
 
-    def __init__(self, preload=PRELOAD):
+    def __init__(self, preload, env, free=()):
+        self.env, self.free = dict(env), (*free, *ALWAYS_FREE)
         self.process = subprocess.Popen(
             [sys.executable, __file__, *preload],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=self.env,
             preexec_fn=_default_sigint,
         )
         ready = self.process.stdout.readline()
@@ -55,8 +83,16 @@ class ScriptServer:
             self.process.wait(timeout=60)
             raise RuntimeError(f"the script server did not start: {ready}{self.process.stderr.read()}")
 
-    def run(self, script, args, *, cwd, env, timeout=180, umask=None) -> subprocess.CompletedProcess:
-        """`subprocess.run([sys.executable, script, *args], cwd=cwd, env=env, capture_output=True, text=True)`."""
+    def serves(self, env) -> bool:
+        """Whether a run under `env` is the run a fresh interpreter would make."""
+        names = set(env) | set(self.env)
+        return all(env.get(name) == self.env.get(name) for name in names if not name.startswith(self.free))
+
+    def run(self, script, args, *, cwd, env, timeout=300, umask=None, stderr_to_stdout=False):
+        """`subprocess.run([sys.executable, script, *args], cwd=cwd, env=env, capture_output=True, text=True)`, or
+        with `stderr=subprocess.STDOUT` if `stderr_to_stdout`: `stderr` is None then."""
+        if not self.serves(env):
+            raise ValueError(f"this server preloaded under another environment: it cannot run {script} as it is")
         command = [sys.executable, str(script), *map(str, args)]
         with tempfile.TemporaryDirectory(prefix="script-server-") as folder:
             stdout, stderr = Path(folder) / "stdout", Path(folder) / "stderr"
@@ -67,7 +103,7 @@ class ScriptServer:
                 "env": dict(env),
                 "umask": umask,
                 "stdout": str(stdout),
-                "stderr": str(stderr),
+                "stderr": None if stderr_to_stdout else str(stderr),
             }
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
@@ -78,9 +114,8 @@ class ScriptServer:
                 os.kill(pid, signal.SIGKILL)
                 self._reply(60)
                 raise subprocess.TimeoutExpired(command, timeout) from None
-            return subprocess.CompletedProcess(
-                command, returncode, _decode(stdout.read_bytes()), _decode(stderr.read_bytes())
-            )
+            errors = None if stderr_to_stdout else _decode(stderr.read_bytes())
+            return subprocess.CompletedProcess(command, returncode, _decode(stdout.read_bytes()), errors)
 
     def _reply(self, timeout) -> dict:
         ready, _, _ = select.select([self.process.stdout], [], [], timeout)
@@ -94,6 +129,35 @@ class ScriptServer:
     def close(self):
         self.process.stdin.close()
         self.process.wait(timeout=60)
+
+
+class ScriptServers:
+    """The session's servers, started on first use: one that preloads TORCH per environment outside the Hub's
+    variables, one that preloads LIBRARIES per environment."""
+
+    def __init__(self):
+        self.servers = []
+
+    def run(self, script, args, *, cwd=None, env=None, libraries=False, **options) -> subprocess.CompletedProcess:
+        """`python SCRIPT ARGS` in `cwd` under `env` (default: this process's folder and environment), as
+        `ScriptServer.run`.
+
+        `libraries`: from a server that has imported LIBRARIES too, for scripts that import them; the first run
+        under an environment starts that server (several seconds), so use it for environments that many runs share.
+        """
+        env = dict(os.environ if env is None else env)
+        cwd = os.getcwd() if cwd is None else cwd
+        preload, free = (LIBRARIES, ()) if libraries else (TORCH, HUB_VARIABLES)
+        server = next((s for s in self.servers if s.preload == preload and s.serves(env)), None)
+        if server is None:
+            server = ScriptServer(preload, env, free)
+            server.preload = preload
+            self.servers.append(server)
+        return server.run(script, args, cwd=cwd, env=env, **options)
+
+    def close(self):
+        for server in self.servers:
+            server.close()
 
 
 def _child(request: dict, control: list[int]):
@@ -114,6 +178,9 @@ def _child(request: dict, control: list[int]):
         (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
         (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
     ):
+        if path is None:  # stderr=subprocess.STDOUT
+            os.dup2(1, fd)
+            continue
         opened = os.open(path, flags, 0o600)
         os.dup2(opened, fd)
         os.close(opened)
@@ -171,9 +238,11 @@ def _serve(preload):
             os.close(saved_stderr)
         printed.seek(0)
         output = printed.read()
-    loaded = sorted(name for name in ("huggingface_hub", "diffusers", "transformers", "peft", "accelerate") if name in sys.modules)
-    if loaded:  # they read the environment at import: each child must import them under its own
-        sys.exit(f"importing {', '.join(preload)} imported {', '.join(loaded)}")
+    loaded = sorted(name for name in READ_AT_IMPORT if name in sys.modules)
+    if loaded and not set(preload) & set(
+        READ_AT_IMPORT
+    ):  # they read the environment at import: each child must import them under its own
+        sys.exit(f"importing {', '.join(preload)} imported {', '.join(loaded)} too")
     if output:
         sys.exit(f"importing {', '.join(preload)} printed something, which a fresh interpreter would print: {output!r}")
     replies.write("ready\n")

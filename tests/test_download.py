@@ -22,7 +22,7 @@ import pytest
 from hub_server import FakeHub, commit_of
 from PIL import Image
 from safetensors.numpy import load_file, save_file
-from script_server import ScriptServer
+from script_server import ScriptServers
 
 DOWNLOAD_PY = Path(__file__).resolve().parent.parent / "download.py"
 GENERATE_PY = DOWNLOAD_PY.parent / "generate.py"
@@ -94,13 +94,13 @@ def download_env(hub_url: str, workdir: Path, offline: bool = False) -> dict:
     return env
 
 
-SCRIPTS: ScriptServer  # the session's script_server, set by the fixture below
+SCRIPTS: ScriptServers  # the session's, set by the fixture below
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _scripts(script_server):
+def _scripts(scripts):
     global SCRIPTS
-    SCRIPTS = script_server
+    SCRIPTS = scripts
 
 
 def run_download(
@@ -681,9 +681,7 @@ def test_generate_runs_offline_on_the_fp16_files_that_download_fetched(hub, tmp_
     workdir = tmp_path / "work"
     assert run_download(hub.url, workdir, "--base_model", "--variant", "fp16").returncode == 0
 
-    command = [
-        sys.executable,
-        str(GENERATE_PY),
+    flags = [
         "--base_model",
         BASE_REPO,
         "--prompt",
@@ -700,13 +698,11 @@ def test_generate_runs_offline_on_the_fp16_files_that_download_fetched(hub, tmp_
         "cpu",
     ]
     env = dict(os.environ, HF_ENDPOINT=closed_port_url(), HF_HUB_OFFLINE="1", HF_HOME=str(workdir / "hf-home"))
-    plain = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    plain = SCRIPTS.run(GENERATE_PY, flags, cwd=workdir, env=env, timeout=300)
     assert plain.returncode != 0, "the full-precision weights were never fetched, yet generate.py found them"
     assert plain.stderr.splitlines()[-1].startswith(f"error: cannot load --base_model {BASE_REPO}")
 
-    fp16 = subprocess.run(
-        command + ["--variant", "fp16"], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
-    )
+    fp16 = SCRIPTS.run(GENERATE_PY, flags + ["--variant", "fp16"], cwd=workdir, env=env, timeout=300)
     assert fp16.returncode == 0, fp16.stderr
     (image,) = (workdir / "outputs").glob("*/*.png")  # the run's own folder
     assert json.loads(Image.open(image).text["text2face"])["variant"] == "fp16"
