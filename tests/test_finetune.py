@@ -623,7 +623,7 @@ class RefusingHub(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_failed_upload_after_training_is_one_line_and_keeps_the_lora(tiny_model, face_folder, tmp_path):
+def test_a_failed_upload_after_training_is_one_line_and_keeps_the_lora(scripts, tiny_model, face_folder, tmp_path):
     hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusingHub)
     threading.Thread(target=hub.serve_forever, daemon=True).start()
     output = tmp_path / "run"
@@ -636,26 +636,17 @@ def test_a_failed_upload_after_training_is_one_line_and_keeps_the_lora(tiny_mode
         "OMP_NUM_THREADS": "1",
     }
     try:
-        run = subprocess.run(
-            [
-                sys.executable,
-                str(SCRIPT),
-                *train_args(
-                    tiny_model,
-                    face_folder,
-                    output,
-                    "--max_train_steps",
-                    "1",
-                    "--push_to_hub",
-                    "--hub_model_id",
-                    "tester/text2face",
-                ),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
+        args = train_args(
+            tiny_model,
+            face_folder,
+            output,
+            "--max_train_steps",
+            "1",
+            "--push_to_hub",
+            "--hub_model_id",
+            "tester/text2face",
         )
+        run = scripts.run(SCRIPT, args, env=env, timeout=300)  # a process of its own: tests/script_server.py
     finally:
         hub.shutdown()
     assert run.returncode == 1, run.stderr[-3000:]
