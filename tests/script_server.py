@@ -68,7 +68,7 @@ class ScriptServer:
     time. A run's environment may differ from `env` only in the variables that start with `free`."""
 
     def __init__(self, preload, env, free=()):
-        self.env, self.free = dict(env), (*free, *ALWAYS_FREE)
+        self.preload, self.env, self.free = tuple(preload), dict(env), (*free, *ALWAYS_FREE)
         self.process = subprocess.Popen(
             [sys.executable, __file__, *preload],
             stdin=subprocess.PIPE,
@@ -88,9 +88,9 @@ class ScriptServer:
         names = set(env) | set(self.env)
         return all(env.get(name) == self.env.get(name) for name in names if not name.startswith(self.free))
 
-    def run(self, script, args, *, cwd, env, timeout=300, umask=None, stderr_to_stdout=False):
-        """`subprocess.run([sys.executable, script, *args], cwd=cwd, env=env, capture_output=True, text=True)`, or
-        with `stderr=subprocess.STDOUT` if `stderr_to_stdout`: `stderr` is None then."""
+    def run(self, script, args, *, cwd, env, timeout=300, umask=None):
+        """`subprocess.run([sys.executable, script, *args], cwd=cwd, env=env, capture_output=True, text=True)`, with
+        the child's umask set to `umask` if given."""
         if not self.serves(env):
             raise ValueError(f"this server preloaded under another environment: it cannot run {script} as it is")
         command = [sys.executable, str(script), *map(str, args)]
@@ -103,7 +103,7 @@ class ScriptServer:
                 "env": dict(env),
                 "umask": umask,
                 "stdout": str(stdout),
-                "stderr": None if stderr_to_stdout else str(stderr),
+                "stderr": str(stderr),
             }
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
@@ -114,8 +114,9 @@ class ScriptServer:
                 os.kill(pid, signal.SIGKILL)
                 self._reply(60)
                 raise subprocess.TimeoutExpired(command, timeout) from None
-            errors = None if stderr_to_stdout else _decode(stderr.read_bytes())
-            return subprocess.CompletedProcess(command, returncode, _decode(stdout.read_bytes()), errors)
+            return subprocess.CompletedProcess(
+                command, returncode, _decode(stdout.read_bytes()), _decode(stderr.read_bytes())
+            )
 
     def _reply(self, timeout) -> dict:
         ready, _, _ = select.select([self.process.stdout], [], [], timeout)
@@ -151,7 +152,6 @@ class ScriptServers:
         server = next((s for s in self.servers if s.preload == preload and s.serves(env)), None)
         if server is None:
             server = ScriptServer(preload, env, free)
-            server.preload = preload
             self.servers.append(server)
         return server.run(script, args, cwd=cwd, env=env, **options)
 
@@ -178,9 +178,6 @@ def _child(request: dict, control: list[int]):
         (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
         (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
     ):
-        if path is None:  # stderr=subprocess.STDOUT
-            os.dup2(1, fd)
-            continue
         opened = os.open(path, flags, 0o600)
         os.dup2(opened, fd)
         os.close(opened)
