@@ -1,4 +1,4 @@
-"""`download.py` against a Hub look-alike on 127.0.0.1 (tests/hub_server.py), run as a real subprocess.
+"""`download.py` against a Hub look-alike on 127.0.0.1 (tests/hub_server.py), run as a process of its own.
 
 Each run gets its own HF_HOME and working folder, and `HF_ENDPOINT` pointing at the local server, so the
 huggingface_hub code paths are the ones a user hits on huggingface.co: HEAD for the ETag, GET with Range, the
@@ -22,6 +22,7 @@ import pytest
 from hub_server import FakeHub, commit_of
 from PIL import Image
 from safetensors.numpy import load_file, save_file
+from script_server import ScriptServers
 
 DOWNLOAD_PY = Path(__file__).resolve().parent.parent / "download.py"
 GENERATE_PY = DOWNLOAD_PY.parent / "generate.py"
@@ -93,18 +94,22 @@ def download_env(hub_url: str, workdir: Path, offline: bool = False) -> dict:
     return env
 
 
+SCRIPTS: ScriptServers  # the session's, set by the fixture below
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _scripts(scripts):
+    global SCRIPTS
+    SCRIPTS = scripts
+
+
 def run_download(
     hub_url: str, workdir: Path, *args: str, offline: bool = False, umask: int | None = None
 ) -> subprocess.CompletedProcess:
-    """`python download.py ARGS` in `workdir`, with its own HF_HOME there and the Hub at `hub_url`."""
-    return subprocess.run(
-        [sys.executable, str(DOWNLOAD_PY), *args],
-        cwd=workdir,
-        env=download_env(hub_url, workdir, offline),
-        capture_output=True,
-        text=True,
-        timeout=180,
-        preexec_fn=None if umask is None else lambda: os.umask(umask),
+    """`python download.py ARGS` in `workdir`, with its own HF_HOME there and the Hub at `hub_url`: a process of its
+    own (tests/script_server.py), which imports huggingface_hub under that environment."""
+    return SCRIPTS.run(
+        DOWNLOAD_PY, args, cwd=workdir, env=download_env(hub_url, workdir, offline), timeout=180, umask=umask
     )
 
 
@@ -676,9 +681,7 @@ def test_generate_runs_offline_on_the_fp16_files_that_download_fetched(hub, tmp_
     workdir = tmp_path / "work"
     assert run_download(hub.url, workdir, "--base_model", "--variant", "fp16").returncode == 0
 
-    command = [
-        sys.executable,
-        str(GENERATE_PY),
+    flags = [
         "--base_model",
         BASE_REPO,
         "--prompt",
@@ -695,13 +698,11 @@ def test_generate_runs_offline_on_the_fp16_files_that_download_fetched(hub, tmp_
         "cpu",
     ]
     env = dict(os.environ, HF_ENDPOINT=closed_port_url(), HF_HUB_OFFLINE="1", HF_HOME=str(workdir / "hf-home"))
-    plain = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    plain = SCRIPTS.run(GENERATE_PY, flags, cwd=workdir, env=env, timeout=300)
     assert plain.returncode != 0, "the full-precision weights were never fetched, yet generate.py found them"
     assert plain.stderr.splitlines()[-1].startswith(f"error: cannot load --base_model {BASE_REPO}")
 
-    fp16 = subprocess.run(
-        command + ["--variant", "fp16"], cwd=workdir, env=env, capture_output=True, text=True, timeout=300
-    )
+    fp16 = SCRIPTS.run(GENERATE_PY, flags + ["--variant", "fp16"], cwd=workdir, env=env, timeout=300)
     assert fp16.returncode == 0, fp16.stderr
     (image,) = (workdir / "outputs").glob("*/*.png")  # the run's own folder
     assert json.loads(Image.open(image).text["text2face"])["variant"] == "fp16"

@@ -5,8 +5,6 @@ import hashlib
 import importlib.util
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -151,22 +149,18 @@ def test_bad_input_gets_one_line_and_nonzero_exit(loras, tmp_path, capsys, case)
         assert (tmp_path / "taken.safetensors").read_bytes() == b"keep me"
 
 
-def test_export_error_from_the_command_line_has_no_traceback(tmp_path):
+def test_export_error_from_the_command_line_has_no_traceback(scripts, tmp_path):
     path = non_lora_file(tmp_path)
-    result = subprocess.run(
-        [sys.executable, SCRIPT, "out.safetensors", "--lora", path],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = scripts.run(SCRIPT, ["out.safetensors", "--lora", path], cwd=tmp_path, libraries=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: none of the 1 keys")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.safetensors"]
 
 
-def test_the_help_ends_with_the_docstring_examples():
-    help_text = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, check=True).stdout
+def test_the_help_ends_with_the_docstring_examples(scripts):
+    result = scripts.run(SCRIPT, ["--help"], libraries=True)
+    assert result.returncode == 0, result.stderr
+    help_text = result.stdout
     assert help_text.rstrip().endswith(export_kohya.__doc__[export_kohya.__doc__.index("    python") :].rstrip())
 
 

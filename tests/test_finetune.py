@@ -11,7 +11,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -623,7 +622,7 @@ class RefusingHub(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_failed_upload_after_training_is_one_line_and_keeps_the_lora(tiny_model, face_folder, tmp_path):
+def test_a_failed_upload_after_training_is_one_line_and_keeps_the_lora(scripts, tiny_model, face_folder, tmp_path):
     hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusingHub)
     threading.Thread(target=hub.serve_forever, daemon=True).start()
     output = tmp_path / "run"
@@ -636,26 +635,17 @@ def test_a_failed_upload_after_training_is_one_line_and_keeps_the_lora(tiny_mode
         "OMP_NUM_THREADS": "1",
     }
     try:
-        run = subprocess.run(
-            [
-                sys.executable,
-                str(SCRIPT),
-                *train_args(
-                    tiny_model,
-                    face_folder,
-                    output,
-                    "--max_train_steps",
-                    "1",
-                    "--push_to_hub",
-                    "--hub_model_id",
-                    "tester/text2face",
-                ),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
+        args = train_args(
+            tiny_model,
+            face_folder,
+            output,
+            "--max_train_steps",
+            "1",
+            "--push_to_hub",
+            "--hub_model_id",
+            "tester/text2face",
         )
+        run = scripts.run(SCRIPT, args, env=env, timeout=300)  # a process of its own: tests/script_server.py
     finally:
         hub.shutdown()
     assert run.returncode == 1, run.stderr[-3000:]
@@ -667,13 +657,13 @@ def test_a_failed_upload_after_training_is_one_line_and_keeps_the_lora(tiny_mode
     assert (output / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_under_bf16_mixed_precision_the_lora_trains_and_is_saved_in_fp32(tiny_model, face_folder, tmp_path):
-    # A fresh process: accelerate's precision is fixed per process, and the other tests run in fp32.
+def test_under_bf16_mixed_precision_the_lora_trains_and_is_saved_in_fp32(scripts, tiny_model, face_folder, tmp_path):
+    # A process of its own: accelerate's precision is fixed per process, and the other tests run in fp32. Forked from
+    # an interpreter that has imported accelerate, not used it (tests/script_server.py).
     output = tmp_path / "run"
-    run = subprocess.run(
+    run = scripts.run(
+        SCRIPT,
         [
-            sys.executable,
-            str(SCRIPT),
             *train_args(
                 tiny_model,
                 face_folder,
@@ -693,10 +683,8 @@ def test_under_bf16_mixed_precision_the_lora_trains_and_is_saved_in_fp32(tiny_mo
                 "1",
             ),
         ],
-        capture_output=True,
-        text=True,
-        timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+        libraries=True,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     after_one, final = lora(output / "checkpoint-1"), lora(output)

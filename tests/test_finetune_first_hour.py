@@ -46,11 +46,11 @@ def online_env(hf_home: Path, endpoint: str) -> dict:
     }
 
 
-def run_script(args, env, timeout=300):
+def run_script(scripts, args, env, timeout=300):
+    """`python finetune_lora.py ARGS` under `env`, in a process of its own forked from an interpreter that has
+    imported torch (tests/script_server.py); (the result, its seconds)."""
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout
-    )
+    result = scripts.run(SCRIPT, args, env=env, timeout=timeout)
     return result, time.monotonic() - started
 
 
@@ -61,13 +61,16 @@ def error_lines(err: str) -> list:
 # ---------------------------------------------------------------------------------------------- the network
 
 
-def test_an_unreachable_hub_fails_at_once_in_one_line_that_names_the_model_and_the_fixes(face_folder, tmp_path):
+def test_an_unreachable_hub_fails_at_once_in_one_line_that_names_the_model_and_the_fixes(
+    scripts, face_folder, tmp_path
+):
     endpoint = f"http://127.0.0.1:{closed_port()}"
     result, seconds = run_script(
+        scripts,
         ["--train_data_dir", face_folder, "--output_dir", tmp_path / "run", "--resolution", "64"],
         online_env(tmp_path / "empty-hf-home", endpoint),
     )
-    print(f"failed after {seconds:.1f} s (interpreter and imports included)")
+    print(f"failed after {seconds:.1f} s (imports but torch's included)")
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()  # no retry warnings, nothing twice
     assert line.startswith(f"error: cannot reach the Hub at {endpoint} (")
@@ -77,7 +80,7 @@ def test_an_unreachable_hub_fails_at_once_in_one_line_that_names_the_model_and_t
     assert not (tmp_path / "run").exists()
 
 
-def test_a_cached_base_model_trains_with_no_hub_and_no_retries(tiny_model, face_folder, tmp_path):
+def test_a_cached_base_model_trains_with_no_hub_and_no_retries(scripts, tiny_model, face_folder, tmp_path):
     """The cache is filled from a loopback Hub the way download.py fills it; then the Hub is gone and the run,
     still online as far as huggingface_hub knows, must not ask it anything."""
     hf_home = tmp_path / "hf-home"
@@ -103,7 +106,7 @@ def test_a_cached_base_model_trains_with_no_hub_and_no_retries(tiny_model, face_
     assert fill.returncode == 0, fill.stderr[-3000:]
 
     args = train_args("tester/tiny-sd21", face_folder, tmp_path / "run", "--max_train_steps", "1")
-    result, seconds = run_script(args, online_env(hf_home, f"http://127.0.0.1:{closed_port()}"))
+    result, seconds = run_script(scripts, args, online_env(hf_home, f"http://127.0.0.1:{closed_port()}"))
     print(f"trained from the cache in {seconds:.1f} s")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Retrying" not in result.stderr and "thrown while requesting" not in result.stderr
@@ -111,9 +114,9 @@ def test_a_cached_base_model_trains_with_no_hub_and_no_retries(tiny_model, face_
     assert settings["base_model"] == "tester/tiny-sd21" and settings["global_step"] == 1
 
 
-def test_offline_without_the_model_in_the_cache_says_so_in_one_line(face_folder, tmp_path):
+def test_offline_without_the_model_in_the_cache_says_so_in_one_line(scripts, face_folder, tmp_path):
     env = {**online_env(tmp_path / "empty-hf-home", "http://127.0.0.1:9"), "HF_HUB_OFFLINE": "1"}
-    result, _ = run_script(["--train_data_dir", face_folder, "--output_dir", tmp_path / "run"], env)
+    result, _ = run_script(scripts, ["--train_data_dir", face_folder, "--output_dir", tmp_path / "run"], env)
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(
@@ -124,10 +127,12 @@ def test_offline_without_the_model_in_the_cache_says_so_in_one_line(face_folder,
     assert not (tmp_path / "run").exists()
 
 
-def test_offline_one_line_names_every_missing_model_and_the_one_command_that_fetches_them(face_folder, tmp_path):
+def test_offline_one_line_names_every_missing_model_and_the_one_command_that_fetches_them(
+    scripts, face_folder, tmp_path
+):
     env = {**online_env(tmp_path / "empty-hf-home", "http://127.0.0.1:9"), "HF_HUB_OFFLINE": "1"}
     result, _ = run_script(
-        ["--train_data_dir", face_folder, "--output_dir", tmp_path / "run", "--validation_score"], env
+        scripts, ["--train_data_dir", face_folder, "--output_dir", tmp_path / "run", "--validation_score"], env
     )
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -539,14 +537,8 @@ def test_grid_errors_come_before_any_model_or_lora_is_looked_at(tmp_path, capsys
     assert line.startswith("error: ") and message in line
 
 
-def test_a_grid_error_from_the_command_line_is_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "generate.py"), "--prompt", AGED, "--grid", "seed=1,2"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_a_grid_error_from_the_command_line_is_one_line(scripts, tmp_path):
+    result = scripts.run(REPO / "generate.py", ["--prompt", AGED, "--grid", "seed=1,2"], cwd=tmp_path, libraries=True)
     assert result.returncode == 1 and result.stderr.startswith(
         "error: {age} in the prompt has no grid axis: add --grid"
     )
@@ -565,15 +557,10 @@ def test_a_grid_error_from_the_command_line_is_one_line(tmp_path):
         (["--prompt", PROMPT, "--steps", "many"], "error: argument --steps: invalid int value: 'many'"),
     ],
 )
-def test_command_line_errors_print_one_line_and_no_traceback(tiny_model, tmp_path, flags, message):
+def test_command_line_errors_print_one_line_and_no_traceback(scripts, tiny_model, tmp_path, flags, message):
     corrupt_lora(tmp_path)
-    result = subprocess.run(
-        [sys.executable, str(REPO / "generate.py"), "--base_model", str(tiny_model), "--device", "cpu", *flags],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    flags = ["--base_model", str(tiny_model), "--device", "cpu", *flags]
+    result = scripts.run(REPO / "generate.py", flags, cwd=tmp_path, libraries=True)
     assert result.returncode != 0
     (line,) = result.stderr.splitlines()
     assert line.startswith(message)
@@ -581,17 +568,16 @@ def test_command_line_errors_print_one_line_and_no_traceback(tiny_model, tmp_pat
 
 
 @pytest.mark.parametrize("published", [True, False])
-def test_default_lora_is_fetched_from_the_hub_on_first_use(tiny_model, lora_file, tmp_path, published):
+def test_default_lora_is_fetched_from_the_hub_on_first_use(scripts, tiny_model, lora_file, tmp_path, published):
     lora_path = "checkpoints/lora30k/pytorch_lora_weights.safetensors"
     hub = FakeHub()
     if published:
         hub.add_repo("michaeltrs/text2face", {lora_path: lora_file.read_bytes()})
     try:
         env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}
-        result = subprocess.run(
+        result = scripts.run(
+            REPO / "generate.py",
             [
-                sys.executable,
-                str(REPO / "generate.py"),
                 "--base_model",
                 str(tiny_model),
                 "--prompt",
@@ -607,9 +593,6 @@ def test_default_lora_is_fetched_from_the_hub_on_first_use(tiny_model, lora_file
             ],
             cwd=tmp_path,
             env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
         )
     finally:
         hub.close()

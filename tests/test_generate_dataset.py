@@ -1,22 +1,26 @@
 """generate.py making a synthetic dataset (issue 16): `accelerate launch` shards the images between processes, a run
 killed with SIGKILL resumes to the same folder, other settings into that folder are refused, and finetune_lora.py
-trains on the folder as it is. Real processes over gloo, real PNGs, pixels compared exactly."""
+trains on the folder as it is. Real processes over gloo, real PNGs, pixels compared exactly (against one run of
+generate.main in this process)."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from train_helpers import accelerate_launch, train_args
 
+import finetune_lora
 import generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,10 +48,6 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
-
-
-def one_process(flags) -> list:
-    return [sys.executable, str(REPO / "generate.py"), *map(str, flags)]
 
 
 def two_processes(flags) -> list:
@@ -82,10 +82,17 @@ def assert_same_images(folder: Path, reference: Path):
 
 @pytest.fixture(scope="module")
 def reference(tiny_model, tmp_path_factory) -> Path:
-    """One uninterrupted run of the dataset in one process (`python generate.py`)."""
+    """One uninterrupted run of the dataset in one process: `generate.main` here, on one thread as the launched
+    processes (OMP_NUM_THREADS=1)."""
     output_dir = tmp_path_factory.mktemp("reference") / "synth"
-    result = run(one_process(dataset_flags(tiny_model, output_dir)))
-    assert f"{IMAGE_COUNT} image(s), 0 of them in {output_dir} already" in result.stdout
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            assert generate.main(list(map(str, dataset_flags(tiny_model, output_dir)))) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert f"{IMAGE_COUNT} image(s), 0 of them in {output_dir} already" in stdout.getvalue()
     return output_dir
 
 
@@ -180,17 +187,13 @@ def test_other_settings_into_the_folder_are_refused_in_one_line_and_nothing_is_w
     assert metadata(output_dir) == metadata(reference)
 
 
-def test_finetune_trains_on_the_folder_with_no_extra_flags(tiny_model, reference, tmp_path):
+def test_finetune_trains_on_the_folder_with_no_extra_flags(tiny_model, reference, tmp_path, caplog):
     output = tmp_path / "lora"
-    result = subprocess.run(
-        accelerate_launch(train_args(tiny_model, reference, output, "--max_train_steps", "2"), "--num_processes", "1"),
-        capture_output=True,
-        text=True,
-        env=env(),
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"{IMAGE_COUNT} images found under {reference}, {IMAGE_COUNT} with captions" in result.stderr
+    with caplog.at_level("INFO", logger="finetune_lora"):
+        assert (
+            finetune_lora.main(list(map(str, train_args(tiny_model, reference, output, "--max_train_steps", "2")))) == 0
+        )
+    assert f"{IMAGE_COUNT} images found under {reference}, {IMAGE_COUNT} with captions" in caplog.text
     assert (output / "pytorch_lora_weights.safetensors").is_file()
 
 

@@ -127,10 +127,8 @@ def test_no_line_breaks_the_images_bar(tiny_model, tmp_path):
     assert all(piece.startswith("images:") for piece in pieces if "images:" in piece)
 
 
-def test_help_ends_with_the_docstrings_examples(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "generate.py"), "--help"], cwd=tmp_path, capture_output=True, text=True
-    )
+def test_help_ends_with_the_docstrings_examples(scripts, tmp_path):
+    result = scripts.run(REPO / "generate.py", ["--help"], cwd=tmp_path, libraries=True)
     assert result.returncode == 0
     examples = generate.__doc__.split("\n\n", 1)[1].strip()
     assert result.stdout.strip().endswith(examples.splitlines()[-1].strip())

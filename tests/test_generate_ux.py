@@ -35,15 +35,11 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def run_script(*flags, cwd, env=None, timeout=300):
-    return subprocess.run(
-        [sys.executable, str(REPO / "generate.py"), *map(str, flags)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def run_script(scripts, *flags, cwd, env=None, timeout=300):
+    """`python generate.py FLAGS` in a process of its own (tests/script_server.py): under this process's environment
+    forked from an interpreter that has imported diffusers already, under another (the Hub's variables) from one that
+    has imported torch."""
+    return scripts.run(REPO / "generate.py", flags, cwd=cwd, env=env, libraries=env is None, timeout=timeout)
 
 
 def error_lines(stderr: str) -> list:
@@ -76,12 +72,12 @@ def tiny_lora(model_path, path):
     ],
 )
 def test_an_unreachable_hub_fails_fast_in_one_line_naming_the_model_and_the_fix(
-    tiny_model, tmp_path, needs, flags, named
+    scripts, tiny_model, tmp_path, needs, flags, named
 ):
     flags = [str(tiny_model) if flag == "TINY" else flag for flag in flags]
     env = {**os.environ, "HF_ENDPOINT": closed_port_url(), "HF_HUB_OFFLINE": "0"}
     start = time.perf_counter()
-    result = run_script("--prompt", PROMPT, *TINY_FLAGS, *flags, cwd=tmp_path, env=env)
+    result = run_script(scripts, "--prompt", PROMPT, *TINY_FLAGS, *flags, cwd=tmp_path, env=env)
     print(f"{needs}: failed after {time.perf_counter() - start:.1f} s")  # the issue's goal: within 10 s
     assert result.returncode == 1, result.stderr
     (line,) = error_lines(result.stderr)
@@ -257,8 +253,8 @@ def test_ctrl_c_or_sigterm_says_how_many_images_were_written_captions_them_and_e
         (["--guidance_scale", "-3"], 1, "error: --guidance_scale -3 is not a finite number"),
     ],
 )
-def test_exit_code_is_2_for_usage_and_1_for_failure(tmp_path, flags, code, message):
-    result = run_script("--prompt", PROMPT, *flags, cwd=tmp_path)
+def test_exit_code_is_2_for_usage_and_1_for_failure(scripts, tmp_path, flags, code, message):
+    result = run_script(scripts, "--prompt", PROMPT, *flags, cwd=tmp_path)
     assert result.returncode == code
     (line,) = result.stderr.splitlines()
     assert line.startswith(message)
@@ -272,8 +268,8 @@ def test_an_exception_with_no_text_is_named():
 # 7. --help shows every default.
 
 
-def test_help_shows_every_default(tmp_path):
-    result = run_script("--help", cwd=tmp_path)
+def test_help_shows_every_default(scripts, tmp_path):
+    result = run_script(scripts, "--help", cwd=tmp_path)
     assert result.returncode == 0
     text = result.stdout.split("options:", 1)[1]
     # One entry per flag: from its "  --flag" line to the next flag, group heading or blank line.
@@ -288,10 +284,20 @@ def test_help_shows_every_default(tmp_path):
 # 11. A quiet log; 10. seconds per image.
 
 
-def test_the_log_of_a_run_has_no_warnings_nested_bars_or_library_noise(tiny_model, tmp_path):
+def test_the_log_of_a_run_has_no_warnings_nested_bars_or_library_noise(scripts, tiny_model, tmp_path):
     lora = tiny_lora(tiny_model, tmp_path / "lora.safetensors")  # reading a LoRA imports what warns of torchvision
     result = run_script(
-        "--base_model", tiny_model, "--prompt", PROMPT, "--lora", lora, "--num_images", "2", *TINY_FLAGS, cwd=tmp_path
+        scripts,
+        "--base_model",
+        tiny_model,
+        "--prompt",
+        PROMPT,
+        "--lora",
+        lora,
+        "--num_images",
+        "2",
+        *TINY_FLAGS,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     # stderr is a pipe, as in a log file: only the images bar, which tqdm redraws with carriage returns.
@@ -303,9 +309,19 @@ def test_the_log_of_a_run_has_no_warnings_nested_bars_or_library_noise(tiny_mode
     assert re.fullmatch(r"2 captioned image\(s\) in outputs/\S+/metadata.jsonl; to train on them: .+", train)
 
 
-def test_fp16_on_the_cpu_is_one_warning_that_says_what_to_do(tiny_model, tmp_path):
+def test_fp16_on_the_cpu_is_one_warning_that_says_what_to_do(scripts, tiny_model, tmp_path):
     result = run_script(
-        "--base_model", tiny_model, "--prompt", PROMPT, "--lora", "none", "--dtype", "fp16", *TINY_FLAGS, cwd=tmp_path
+        scripts,
+        "--base_model",
+        tiny_model,
+        "--prompt",
+        PROMPT,
+        "--lora",
+        "none",
+        "--dtype",
+        "fp16",
+        *TINY_FLAGS,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "fp16" in line or "float16" in line]
@@ -350,8 +366,8 @@ def test_pngs_honour_the_umask(tiny_model, tmp_path):
         (["--export_kohya", "out.safetensors"], "`python tools/export_kohya.py OUT.safetensors --lora LORA`"),
     ],
 )
-def test_a_flag_that_moved_to_a_tool_fails_in_one_line_naming_its_command(tmp_path, flags, command):
-    result = run_script("--prompt", PROMPT, *flags, cwd=tmp_path)
+def test_a_flag_that_moved_to_a_tool_fails_in_one_line_naming_its_command(scripts, tmp_path, flags, command):
+    result = run_script(scripts, "--prompt", PROMPT, *flags, cwd=tmp_path)
     assert result.returncode == 2 and result.stdout == ""
     (line,) = result.stderr.splitlines()
     flag = flags[0].split("=")[0]

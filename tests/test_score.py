@@ -6,8 +6,6 @@ import csv
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -356,13 +354,13 @@ def test_misuse_of_the_score_tool_is_one_line(capsys, flags, message):
     assert message in one_error_line(capsys)
 
 
-def test_the_score_tool_runs_as_a_script_and_its_help_ends_with_its_examples():
-    help_text = subprocess.run(
-        [sys.executable, SCRIPT, "--help"], capture_output=True, text=True, check=True
-    ).stdout.rstrip()
+def test_the_score_tool_runs_as_a_script_and_its_help_ends_with_its_examples(scripts):
+    result = scripts.run(SCRIPT, ["--help"], libraries=True)
+    assert result.returncode == 0, result.stderr
+    help_text = result.stdout.rstrip()
     examples = score.__doc__[score.__doc__.index("    python") :].rstrip()
     assert help_text.endswith(examples)
-    bad = subprocess.run([sys.executable, SCRIPT, ".", "--no-such-flag"], capture_output=True, text=True)
+    bad = scripts.run(SCRIPT, [".", "--no-such-flag"], libraries=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert bad.stderr.startswith("error: unrecognized arguments: --no-such-flag")
 
