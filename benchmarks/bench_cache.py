@@ -79,6 +79,8 @@ def run(args, name: str, model: Path, faces: Path, cache: Path, work_dir: Path, 
     (first_start, first_end), (second_start, _) = measured.checkpoints[k], measured.checkpoints[2 * k]
     steps_per_s = k / (second_start - first_end)
     cpu_s_per_step = (measured.cpu_seconds_at(second_start) - measured.cpu_seconds_at(first_end)) / k
+    if cpu_s_per_step <= 0:  # CPU time is sampled every 0.1 s
+        raise BenchError(f"{name}'s {k} timed steps were too fast to time: raise --checkpointing_steps")
     figures = {
         "steps_per_s": steps_per_s,
         "startup_s": (first_start - measured.launched) - k / steps_per_s,
