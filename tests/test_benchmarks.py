@@ -79,16 +79,9 @@ def test_bench_generate_tiny_ends_with_the_ratios(tmp_path):
         assert len(list((tmp_path / "images" / folder).glob("*.png"))) == 2
 
 
-def test_bench_reports_a_missing_reference_folder_in_one_line(tmp_path):
-    result = run_bench(
-        "bench_generate.py",
-        "--config",
-        "small",
-        "--reference_dir",
-        str(tmp_path / "nowhere"),
-        "--work_dir",
-        str(tmp_path / "work"),
-    )
+def test_bench_reports_a_missing_reference_folder_in_one_line(tmp_path, scripts):
+    flags = ["--config", "small", "--reference_dir", tmp_path / "nowhere", "--work_dir", tmp_path / "work"]
+    result = scripts.run(REPO / "benchmarks" / "bench_generate.py", flags, env=ENV, libraries=True)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("bench_generate: no SD2.1 reference configs in")
     assert "Traceback" not in result.stderr
