@@ -1445,7 +1445,10 @@ def draw_figures(args, prompts, axes, jobs, command: str, output_dir: Path):
         if (output_dir / name).exists():
             continue
         files = [file for file, _ in jobs[number * rows * columns : (number + 1) * rows * columns]]
-        images = [Image.open(output_dir / file) for file in files]
+        images = []
+        for file in files:  # each read whole and closed: a figure of many cells would hold as many files open
+            with Image.open(output_dir / file) as cell:
+                images.append(cell.copy())
         width, height = images[0].size
         font = ImageFont.load_default(size=max(11, width // 32))
         line_height, margin = math.ceil(font.size * 1.25), max(4, width // 64)
