@@ -74,6 +74,12 @@ VALIDATION_GRID_PATTERN = re.compile(r"^step-\d{6}\.(png|json)(\.tmp)?$")  # val
 VALIDATION_IMAGES_PER_CALL = 20  # the default grid, 5 seeds x 4 prompts, in one call
 TRACKER_PROJECT = "text2face-lora"  # the tracker's run folder under --logging_dir
 DEFAULT_SCORE_MODEL = "openai/clip-vit-large-patch14"  # --score_model: CLIP ViT-L/14, as generate.py --score
+# Flags that moved to a tool of their own: what to run instead
+HUB_DATASET = "write the dataset as an image folder with `python tools/hub_dataset.py DATASET FOLDER"
+MOVED_FLAGS = {
+    "--dataset_name": f"{HUB_DATASET}`, then pass --train_data_dir FOLDER",
+    "--dataset_config_name": f"{HUB_DATASET} --config NAME`, then pass --train_data_dir FOLDER",
+}
 # Sampled into the validation grids unless --validation_prompts says otherwise: the published run's two prompts and
 # two more, in the caption style Text2Face learned.
 DEFAULT_VALIDATION_PROMPTS = [
@@ -260,12 +266,9 @@ def parse_args(argv=None):
     add("--hub_model_id", help="Hub repository of --push_to_hub (default: the output_dir name).")
     add("--verbose", action="store_true", help="Print each process's first batch and final LoRA checksum.")
     for arg in sys.argv[1:] if argv is None else argv:
-        if (flag := str(arg).split("=", 1)[0]) in ("--dataset_name", "--dataset_config_name"):
-            parser.exit(
-                2,
-                f"error: {flag} moved: write the dataset as an image folder with `python tools/hub_dataset.py "
-                "DATASET FOLDER [--config NAME]`, then pass --train_data_dir FOLDER\n",
-            )
+        flag = str(arg).split("=", 1)[0]
+        if flag in MOVED_FLAGS:
+            parser.exit(2, f"error: {flag} moved: {MOVED_FLAGS[flag]}\n")
     args = parser.parse_args(argv)
     if args.validation_prompts is None:
         args.validation_prompts = list(DEFAULT_VALIDATION_PROMPTS)
