@@ -1127,8 +1127,8 @@ def start_run(args, output_dir: Path, record: dict, jobs, lora_files: dict, devi
     for name, cell in jobs:
         kinds.setdefault((cell.lora_scales, cell.scheduler, cell.steps, cell.guidance_scale), []).append((name, cell))
     batches = [kind[start : start + batch_size] for kind in kinds.values() for start in range(0, len(kind), batch_size)]
-    mine = [batch for batch in batches if any(name not in present for name, _ in batch)]
-    mine, done = mine[state.process_index :: state.num_processes], len(names & present)
+    missing = [batch for batch in batches if any(name not in present for name, _ in batch)]
+    mine, done = missing[state.process_index :: state.num_processes], len(names & present)
     state.wait_for_everyone()  # every process has listed the folder before any writes to it
     if state.is_main_process:
         print(
