@@ -115,7 +115,10 @@ def write_row(args, staging: Path, index: int, row: dict):
     if not captions or not image:
         return None
     path = image if isinstance(image, str) else image.get("path")
-    data = Path(path).read_bytes() if isinstance(image, str) or image.get("bytes") is None else image["bytes"]
+    try:
+        data = Path(path).read_bytes() if isinstance(image, str) or image.get("bytes") is None else image["bytes"]
+    except OSError as error:
+        raise DatasetError(f"row {index}: cannot read its image {path}: {first_line(error)}") from error
     suffix = Path(path).suffix.lower() if path else ""
     if suffix not in TRAINABLE_SUFFIXES:
         try:
